@@ -1,0 +1,39 @@
+# Switchyard: the two commands a fresh machine needs are `make demo` and `make test`.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CARGO ?= cargo
+# Where hack/build-control-plane.sh puts etcd, kube-apiserver, kwok, helm, ...
+export SWITCHYARD_TOOLS_BIN ?= $(shell hack/build-control-plane.sh --print-bin-dir)
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+.PHONY: tools
+tools: ## Build the test control plane (etcd, kube-*, kwok, helm) from Go modules, cached by version
+	hack/build-control-plane.sh
+
+.PHONY: build
+build: ## Build every crate (CPU)
+	$(CARGO) build --workspace --bins
+
+.PHONY: fmt-check
+fmt-check: ## Check formatting
+	$(CARGO) fmt --all -- --check
+
+.PHONY: clippy
+clippy: ## Lint, warnings are errors
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: test
+test: tools fmt-check clippy ## Everything CI runs: format, lints, unit, control-plane, cluster and gRPC tests
+	@mkdir -p target
+	$(CARGO) test --workspace 2>&1 | tee target/test-output.log
+	@# cargo's last line is often an empty doc-test run; end with the total instead.
+	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "make test: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test-output.log
+
+.PHONY: demo
+demo: ## Start a worker on loopback and talk to it with the switchyard CLI
+	hack/demo.sh

@@ -1,0 +1,330 @@
+//! A real etcd + kube-apiserver on loopback, for tests that need the Kubernetes API.
+//!
+//! ```text
+//!   ControlPlane::shared()  (once per test binary)
+//!     ├─ TempDir: certs, kubeconfig, etcd data, logs
+//!     ├─ etcd            http://127.0.0.1:<free>   (no fsync)
+//!     └─ kube-apiserver  https://127.0.0.1:<free>  (RBAC, admin = system:masters cert)
+//!   each test: ControlPlane::namespace("prefix") -> TestNamespace { client, name }
+//! ```
+//!
+//! There is no controller-manager here: nothing garbage-collects, no Deployment gets pods,
+//! and namespaces never finish deleting. Use [`crate::Cluster`] for that.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
+use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::sync::OnceCell;
+
+use crate::error::{HarnessError, Result};
+use crate::pki::Pki;
+use crate::process::{ManagedProcess, TempDir, free_port};
+use crate::tools::tool;
+
+const ETCD_READY_TIMEOUT: Duration = Duration::from_secs(60);
+// Generous: on 2 cores the API server competes with the test build and other tests.
+const APISERVER_READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Label put on every namespace the harness creates.
+pub const TEST_NAMESPACE_LABEL: &str = "switchyard.dev/test";
+
+/// How long the parts of a start took.
+#[derive(Debug, Clone, Copy)]
+pub struct StartupTimes {
+    pub etcd: Duration,
+    pub apiserver: Duration,
+    pub total: Duration,
+}
+
+/// etcd and kube-apiserver, running until dropped (or until the test binary exits, for the
+/// shared one).
+#[derive(Debug)]
+pub struct ControlPlane {
+    // Field order is drop order: processes before the directory they write into.
+    apiserver: ManagedProcess,
+    etcd: ManagedProcess,
+    server: String,
+    kubeconfig: PathBuf,
+    pki: Pki,
+    startup: StartupTimes,
+    dir: TempDir,
+}
+
+/// A fresh namespace for one test, and a client made in that test's runtime.
+#[derive(Clone)]
+pub struct TestNamespace {
+    pub client: Client,
+    pub name: String,
+}
+
+impl std::fmt::Debug for TestNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestNamespace")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+static SHARED: OnceCell<std::result::Result<ControlPlane, String>> = OnceCell::const_new();
+
+impl ControlPlane {
+    /// The control plane of this test binary, started by the first test that asks for it.
+    /// If that start failed, every later call fails at once with the same cause.
+    pub async fn shared() -> Result<&'static ControlPlane> {
+        SHARED
+            .get_or_init(|| async { Self::start().await.map_err(|e| e.to_string()) })
+            .await
+            .as_ref()
+            .map_err(|e| HarnessError::SharedStartFailed(e.clone()))
+    }
+
+    /// Starts a new, private control plane. Prints how long the start took.
+    pub async fn start() -> Result<Self> {
+        let started = Instant::now();
+        let etcd_bin = tool("etcd")?;
+        let apiserver_bin = tool("kube-apiserver")?;
+        let dir = TempDir::new("cp")?;
+        let pki = Pki::write(dir.path())?;
+
+        let etcd_port = free_port()?;
+        let etcd_peer_port = free_port()?;
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
+        let etcd = ManagedProcess::start(
+            "etcd",
+            &etcd_bin,
+            &[
+                "--name=switchyard-test".into(),
+                format!("--data-dir={}", dir.path().join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=switchyard-test={peer_url}"),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+            dir.path().join("etcd.log"),
+        )?;
+        wait_for_etcd(&etcd, etcd_port).await?;
+        let etcd_time = started.elapsed();
+
+        let port = free_port()?;
+        let server = format!("https://127.0.0.1:{port}");
+        let apiserver = ManagedProcess::start(
+            "kube-apiserver",
+            &apiserver_bin,
+            &apiserver_args(&etcd_url, port, dir.path(), &pki),
+            dir.path().join("kube-apiserver.log"),
+        )?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, pki.kubeconfig(&server)).map_err(HarnessError::io(format!(
+            "writing {}",
+            kubeconfig.display()
+        )))?;
+        let apiserver_started = Instant::now();
+        wait_for_apiserver(&apiserver, &kubeconfig).await?;
+        let startup = StartupTimes {
+            etcd: etcd_time,
+            apiserver: apiserver_started.elapsed(),
+            total: started.elapsed(),
+        };
+        // Straight to stderr, past the test harness's output capture: this figure is
+        // recorded in hack/README.md.
+        let _ = writeln!(
+            std::io::stderr(),
+            "switchyard-tests: control plane ready in {:.1}s (etcd {:.1}s, kube-apiserver {:.1}s); files in {}",
+            startup.total.as_secs_f64(),
+            startup.etcd.as_secs_f64(),
+            startup.apiserver.as_secs_f64(),
+            dir.path().display()
+        );
+        Ok(Self {
+            apiserver,
+            etcd,
+            server,
+            kubeconfig,
+            pki,
+            startup,
+            dir,
+        })
+    }
+
+    /// A new client for the admin user. Make one per test: a client belongs to the tokio
+    /// runtime it was made in, and each `#[tokio::test]` has its own.
+    pub async fn client(&self) -> Result<Client> {
+        client_from_kubeconfig(&self.kubeconfig).await
+    }
+
+    /// Creates a namespace named `<prefix>-<random>` and returns it with a fresh client.
+    pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
+        self.check_running()?;
+        let client = self.client().await?;
+        let namespace = Namespace {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{prefix}-")),
+                labels: Some([(TEST_NAMESPACE_LABEL.to_string(), "true".to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        let created = Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .map_err(HarnessError::kube(format!(
+                "creating a namespace {prefix}-*"
+            )))?;
+        let name = created.metadata.name.ok_or_else(|| {
+            HarnessError::Kubeconfig("the API server returned a namespace without a name".into())
+        })?;
+        Ok(TestNamespace { client, name })
+    }
+
+    /// Fails with the dead component's log if etcd or the API server has exited.
+    pub fn check_running(&self) -> Result<()> {
+        self.etcd.check_running()?;
+        self.apiserver.check_running()
+    }
+
+    /// `https://127.0.0.1:<port>`
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// A kubeconfig file for kubectl, helm and the Go controllers.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    pub fn startup_times(&self) -> StartupTimes {
+        self.startup
+    }
+
+    /// The directory holding this control plane's files and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn apiserver_args(etcd_url: &str, port: u16, dir: &Path, pki: &Pki) -> Vec<String> {
+    vec![
+        format!("--etcd-servers={etcd_url}"),
+        "--bind-address=127.0.0.1".into(),
+        "--advertise-address=127.0.0.1".into(),
+        // The `kubernetes` Service may not point at loopback; nothing in-cluster needs it.
+        "--endpoint-reconciler-type=none".into(),
+        format!("--secure-port={port}"),
+        format!("--cert-dir={}", dir.join("apiserver-certs").display()),
+        format!("--tls-cert-file={}", pki.serving_cert.display()),
+        format!("--tls-private-key-file={}", pki.serving_key.display()),
+        format!("--client-ca-file={}", pki.client_ca.display()),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+        format!(
+            "--service-account-key-file={}",
+            pki.service_account_public_key.display()
+        ),
+        format!(
+            "--service-account-signing-key-file={}",
+            pki.service_account_key.display()
+        ),
+        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        "--allow-privileged=true".into(),
+        "--authorization-mode=RBAC".into(),
+        "--profiling=false".into(),
+    ]
+}
+
+pub(crate) async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| HarnessError::Kubeconfig(format!("{}: {e}", path.display())))?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .map_err(|e| HarnessError::Kubeconfig(format!("{}: {e}", path.display())))?;
+    Client::try_from(config).map_err(HarnessError::kube("building a client"))
+}
+
+/// Polls `check` every 100 ms until it returns `Ok(true)`, failing early if `process` dies.
+pub(crate) async fn wait_until<F, Fut>(
+    process: &ManagedProcess,
+    timeout: Duration,
+    mut check: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<bool, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("not checked yet");
+    loop {
+        process.check_running()?;
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = e,
+        }
+        if Instant::now() >= deadline {
+            return Err(HarnessError::NotReady {
+                component: process.name().to_string(),
+                timeout,
+                reason: last,
+                log: process.log_path().to_path_buf(),
+                log_tail: process.log_tail(15),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_for_etcd(etcd: &ManagedProcess, port: u16) -> Result<()> {
+    wait_until(etcd, ETCD_READY_TIMEOUT, || async move {
+        let body = http_get_plain(port, "/health").await?;
+        Ok(body.contains(r#""health":"true""#))
+    })
+    .await
+}
+
+async fn wait_for_apiserver(apiserver: &ManagedProcess, kubeconfig: &Path) -> Result<()> {
+    let client = client_from_kubeconfig(kubeconfig).await?;
+    wait_until(apiserver, APISERVER_READY_TIMEOUT, || {
+        let client = client.clone();
+        async move {
+            let request = http::Request::get("/readyz")
+                .body(Vec::new())
+                .map_err(|e| e.to_string())?;
+            match client.request_text(request).await {
+                Ok(body) => Ok(body.trim() == "ok"),
+                Err(e) => Err(format!("GET /readyz: {e}")),
+            }
+        }
+    })
+    .await
+}
+
+/// A minimal HTTP/1.0 GET against 127.0.0.1 (etcd's plain-HTTP health endpoint).
+async fn http_get_plain(port: u16, path: &str) -> std::result::Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("connecting to 127.0.0.1:{port}: {e}"))?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .map_err(|_| format!("GET {path}: no answer within 5s"))?
+        .map_err(|e| e.to_string())?;
+    Ok(response)
+}

@@ -1,0 +1,26 @@
+//! Switchyard's integration and end-to-end tests, and the harness they stand on.
+//!
+//! ```text
+//!   tools      where hack/build-control-plane.sh put etcd, kube-apiserver, kwok, ...
+//!   process    child processes: death signal, logs, cleanup at exit, temp dirs
+//!   pki        throwaway CAs and certificates, the admin kubeconfig
+//!   control_plane  ControlPlane: etcd + kube-apiserver        (tier 2 tests)
+//!   cluster        Cluster: + controller-manager, scheduler,  (tier 3 tests)
+//!                  kwok with fake nvidia.com/gpu nodes
+//! ```
+//!
+//! Each test binary under `tests/` starts at most one control plane (or cluster), on first
+//! use, and shares it between its tests; every test takes its own namespace. Everything the
+//! harness starts is killed, and its files removed, when the test binary exits — also after
+//! a panic, and (for processes) even when the binary itself is killed.
+
+pub mod cluster;
+pub mod control_plane;
+pub mod error;
+pub mod pki;
+pub mod process;
+pub mod tools;
+
+pub use cluster::Cluster;
+pub use control_plane::{ControlPlane, TestNamespace};
+pub use error::{HarnessError, Result};

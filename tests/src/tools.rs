@@ -1,0 +1,54 @@
+//! Where the control-plane binaries built by `hack/build-control-plane.sh` live.
+
+use std::path::PathBuf;
+
+use crate::error::{HarnessError, Result};
+
+/// The directory holding `etcd`, `kube-apiserver`, `kube-controller-manager`,
+/// `kube-scheduler`, `kubectl`, `kwok` and `helm`: `$SWITCHYARD_TOOLS_BIN` if set, else
+/// `$SWITCHYARD_CACHE_DIR/tools/bin`, else `~/.cache/switchyard/tools/bin` (the same rule as
+/// the build script's `--print-bin-dir`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SWITCHYARD_TOOLS_BIN") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("SWITCHYARD_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            PathBuf::from(home).join(".cache/switchyard")
+        });
+    cache.join("tools/bin")
+}
+
+/// The path of one tool, or an error naming it and the `make` target that builds it.
+pub fn tool(name: &str) -> Result<PathBuf> {
+    tool_in(&bin_dir(), name)
+}
+
+fn tool_in(dir: &std::path::Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    // `exists` follows the link that the build script leaves, so a dangling one counts as missing.
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(HarnessError::MissingTool {
+            name: name.to_string(),
+            path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_names_the_binary_and_the_make_target() {
+        let dir = std::env::temp_dir().join("switchyard-no-such-tools-dir");
+        let err = tool_in(&dir, "kube-apiserver").unwrap_err().to_string();
+        assert!(err.contains("`kube-apiserver` not found"), "{err}");
+        assert!(err.contains("make tools"), "{err}");
+        assert!(err.contains(&dir.display().to_string()), "{err}");
+    }
+}

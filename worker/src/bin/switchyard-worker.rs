@@ -1,0 +1,61 @@
+//! `switchyard-worker`: runs one worker process (a frontend or an expert shard).
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use clap::Parser;
+use switchyard_worker::server::{self, Role};
+
+/// A Switchyard worker: serves one role of a ModelDeployment over gRPC.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Which part of the model this process serves.
+    #[arg(long, env = "SWITCHYARD_ROLE", value_enum)]
+    role: Role,
+    /// Address to serve gRPC on (port 0 picks a free port and logs it).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax (e.g. `info,switchyard_worker=debug`).
+    #[arg(long, env = "SWITCHYARD_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?,
+        )
+        .init();
+    tracing::info!(role = %args.role, listen = %args.listen, "starting switchyard-worker");
+    let listener = server::bind(args.listen).await?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%addr, "listening");
+    server::serve(args.role, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested; draining in-flight calls");
+}

@@ -1,0 +1,90 @@
+//! Client-side calls to a worker's standard endpoints (health, reflection), shared by the
+//! `switchyard` CLI and the tests.
+
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+/// Why a call to a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0:?} is not a valid address: expected a URI like http://127.0.0.1:50051")]
+    Address(String),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{call} failed: {source}")]
+    Call {
+        call: &'static str,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("the server's reflection service answered a list request with something else")]
+    UnexpectedReflectionAnswer,
+}
+
+/// Connects to `addr` (`http://host:port`).
+pub async fn connect(addr: &str) -> Result<Channel, ClientError> {
+    let endpoint =
+        Channel::from_shared(addr.to_string()).map_err(|_| ClientError::Address(addr.into()))?;
+    endpoint
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// `grpc.health.v1.Health/Check` for `service` ("" = the whole server).
+pub async fn health(channel: Channel, service: &str) -> Result<ServingStatus, ClientError> {
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|source| ClientError::Call {
+            call: "grpc.health.v1.Health/Check",
+            source,
+        })?;
+    Ok(response.into_inner().status())
+}
+
+/// The services the server advertises through `grpc.reflection.v1`, sorted.
+pub async fn list_services(channel: Channel) -> Result<Vec<String>, ClientError> {
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let call = "grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .map_err(|source| ClientError::Call { call, source })?
+        .into_inner();
+    let answer = responses
+        .message()
+        .await
+        .map_err(|source| ClientError::Call { call, source })?
+        .and_then(|r| r.message_response);
+    match answer {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            Ok(names)
+        }
+        Some(MessageResponse::ErrorResponse(e)) => Err(ClientError::Call {
+            call,
+            source: tonic::Status::new(tonic::Code::from(e.error_code), e.error_message),
+        }),
+        _ => Err(ClientError::UnexpectedReflectionAnswer),
+    }
+}

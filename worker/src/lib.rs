@@ -1,0 +1,17 @@
+//! The Switchyard worker: one binary, two roles.
+//!
+//! ```text
+//!   client ──gRPC──> frontend (attention, KV cache, router, shared experts)
+//!                       │  per MoE layer: ExpertShard.Forward
+//!                       ▼
+//!                    expert shards (routed experts only, no per-request state)
+//! ```
+//!
+//! - [`server`]: the gRPC server both roles run (health, reflection, the role's service).
+//! - [`client`]: calls to a worker's standard endpoints, used by the `switchyard` CLI.
+//!
+//! The inference engine (model loading, MoE layers on candle, scheduling) and the role
+//! services land in their own modules as they are built; see `docs/architecture.md`.
+
+pub mod client;
+pub mod server;

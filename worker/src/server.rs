@@ -1,0 +1,107 @@
+//! The worker's gRPC server: what both roles serve, built in one place.
+//!
+//! ```text
+//!   TcpListener ──> tonic Server
+//!                     ├─ grpc.health.v1.Health          "" = the process is up (liveness)
+//!                     │                                 <role service> = ready for traffic
+//!                     ├─ grpc.reflection.v1 / v1alpha   advertises what is served
+//!                     └─ the role's service             (lands with the inference engine)
+//! ```
+//!
+//! Health follows the gRPC health protocol: Kubernetes' liveness probe checks the empty
+//! service name, the readiness probe checks the role's service name, which reports
+//! `NOT_SERVING` until the role's engine has loaded its model.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+/// What a worker process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Holds attention, the KV cache and the router; serves `switchyard.v1.Inference`.
+    Frontend,
+    /// Holds routed experts; serves `switchyard.expert.v1.ExpertShard` to frontends.
+    ExpertShard,
+}
+
+impl Role {
+    /// The fully-qualified gRPC service this role serves, also its readiness health key.
+    pub fn service_name(self) -> &'static str {
+        match self {
+            Role::Frontend => "switchyard.v1.Inference",
+            Role::ExpertShard => "switchyard.expert.v1.ExpertShard",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Frontend => "frontend",
+            Role::ExpertShard => "expert-shard",
+        })
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("binding the gRPC listener on {addr}: {source} (is the port in use, or not allowed?)")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds `addr` (port 0 picks a free one; see the returned listener's `local_addr`).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Serves `role`'s endpoints on `listener` until `shutdown` completes, then drains
+/// in-flight calls and returns.
+pub async fn serve(
+    role: Role,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    // Not ready until the role's engine has loaded a model; no engine is wired in yet.
+    health_reporter
+        .set_service_status(role.service_name(), ServingStatus::NotServing)
+        .await;
+
+    let health_service = "grpc.health.v1.Health";
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(health_service)
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    // v1alpha too: grpcurl and many deployed clients still ask for it.
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    tracing::info!(%role, addr = ?listener.local_addr().ok(), "serving gRPC");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    tracing::info!(%role, "gRPC server stopped");
+    Ok(())
+}
