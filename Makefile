@@ -34,6 +34,10 @@ test: tools fmt-check clippy ## Everything CI runs: format, lints, unit, control
 	@# cargo's last line is often an empty doc-test run; end with the total instead.
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "make test: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test-output.log
 
+.PHONY: crds
+crds: ## Regenerate crds/ from the operator's Rust types (a test fails when they drift)
+	$(CARGO) run --quiet -p switchyard-operator -- crd > crds/modeldeployment.yaml
+
 .PHONY: demo
 demo: ## Start a worker on loopback and talk to it with the switchyard CLI
 	hack/demo.sh

@@ -21,9 +21,10 @@
 //! generated Rust items. The code is generated at build time by `build.rs` with `protox`
 //! (a Rust protobuf compiler), so no system `protoc` is needed.
 //!
-//! Besides generated code, this crate has only [`expert::v1::Tensor`] validation
+//! Besides generated code, this crate has [`expert::v1::Tensor`] validation
 //! ([`expert::v1::TensorError`]), which shards need to check hidden rows before touching
-//! their bytes.
+//! their bytes, and [`worker_config`]: the file the operator mounts into every worker pod,
+//! the third contract between the two halves of the system.
 //!
 //! The two packages do not import each other, and must not: prost refers to another
 //! package by a relative module path that assumes modules named after the packages,
@@ -33,6 +34,7 @@
 #![warn(missing_docs)]
 
 mod tensor;
+pub mod worker_config;
 
 /// The public inference API, `switchyard.v1.Inference`, and its messages.
 pub mod inference {

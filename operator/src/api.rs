@@ -1,0 +1,663 @@
+//! The `ModelDeployment` API (`switchyard.dev/v1alpha1`): the Rust types the CRD is
+//! generated from.
+//!
+//! Every rule a user can break is in the schema (bounds, enums, patterns) or in a CEL rule
+//! (`x-kubernetes-validations`), so the API server itself refuses a bad manifest at
+//! `kubectl apply`, with a message that names the field. Defaults live here too (serde
+//! defaults become schema defaults), so what `kubectl get -o yaml` shows is what runs.
+//!
+//! ```text
+//!   ModelDeployment
+//!   ├─ spec.model        where the weights are (exactly one of pvc / hostPath / image), dtype, quantization
+//!   ├─ spec.image        the worker image
+//!   ├─ spec.frontend     replicas (the scale subresource), resources, scheduling
+//!   ├─ spec.experts      shards (expert-parallel degree), redundant expert slots, resources, scheduling
+//!   ├─ spec.serving      gRPC port, batch, context and KV-cache limits
+//!   ├─ spec.admission    API-key Secret, tiers (priority, weight, quotas), queue bounds
+//!   ├─ spec.autoscaling  bounds per role, signal, windows
+//!   └─ status            observedGeneration, conditions, per-role counts, endpoint, placement
+//! ```
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of every Switchyard resource.
+pub const GROUP: &str = "switchyard.dev";
+
+/// A Mixture-of-Experts model served by frontends (attention, KV cache, router) and expert
+/// shards (routed experts), with admission control and autoscaling.
+// clippy reads the several `printcolumn(type_ = ...)` entries as one duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "switchyard.dev",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    plural = "modeldeployments",
+    shortname = "md",
+    category = "switchyard",
+    namespaced,
+    status = "ModelDeploymentStatus",
+    derive = "PartialEq",
+    doc = "A Mixture-of-Experts model served by frontends and expert shards, with admission control and autoscaling.",
+    scale(
+        spec_replicas_path = ".spec.frontend.replicas",
+        status_replicas_path = ".status.frontend.replicas",
+        label_selector_path = ".status.frontend.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Frontends",
+        type_ = "string",
+        json_path = ".status.frontend.summary"
+    ),
+    printcolumn(
+        name = "Shards",
+        type_ = "string",
+        json_path = ".status.experts.summary"
+    ),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.autoscaling) || !self.autoscaling.enabled || (self.frontend.replicas >= self.autoscaling.frontend.minReplicas && self.frontend.replicas <= self.autoscaling.frontend.maxReplicas)"
+).message("frontend.replicas must lie within autoscaling.frontend.minReplicas..maxReplicas while autoscaling is enabled").field_path(".frontend.replicas"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.autoscaling) || !self.autoscaling.enabled || (self.experts.shards >= self.autoscaling.experts.minShards && self.experts.shards <= self.autoscaling.experts.maxShards)"
+).message("experts.shards must lie within autoscaling.experts.minShards..maxShards while autoscaling is enabled").field_path(".experts.shards"))]
+pub struct ModelDeploymentSpec {
+    /// Where the checkpoint is and how to load it.
+    pub model: ModelSpec,
+
+    /// The `switchyard-worker` container image both roles run.
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// Pull policy for `image`. Default: the Kubernetes default (`Always` for `:latest`,
+    /// else `IfNotPresent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+
+    /// The frontend pods: they hold attention, the KV cache and the router and serve the
+    /// gRPC endpoint. `spec.frontend.replicas` is what `kubectl scale` changes.
+    #[serde(default)]
+    pub frontend: FrontendSpec,
+
+    /// The expert-shard pods: they hold the routed experts.
+    #[serde(default)]
+    pub experts: ExpertsSpec,
+
+    /// Limits of the serving engine.
+    #[serde(default)]
+    pub serving: ServingSpec,
+
+    /// Who may call, and how much.
+    #[serde(default)]
+    pub admission: AdmissionSpec,
+
+    /// Bounds and behaviour of the autoscaler (off by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// Where the weights are and how to load them. Exactly one of `pvc`, `hostPath` and
+/// `image` must be set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "(has(self.pvc) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.image) ? 1 : 0) == 1"
+).message("exactly one model source must be set: model.pvc, model.hostPath or model.image"))]
+#[x_kube(validation = Rule::new(
+    "self.quantization == 'int4' || !has(self.quantizationGroupSize)"
+).message("model.quantizationGroupSize applies only with model.quantization: int4").field_path(".quantizationGroupSize"))]
+pub struct ModelSpec {
+    /// A PersistentVolumeClaim holding the checkpoint directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcSource>,
+    /// A directory on the node (for single-node and test setups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<HostPathSource>,
+    /// An OCI image (or artifact) mounted as a read-only image volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSource>,
+    /// The dtype weights and activations are computed in.
+    #[serde(default)]
+    pub dtype: Dtype,
+    /// Weight quantization applied at load.
+    #[serde(default)]
+    pub quantization: Quantization,
+    /// Weights per INT4 group (one scale per group). Only with `quantization: int4`;
+    /// default 128 there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_group_size: Option<QuantizationGroupSize>,
+}
+
+/// A checkpoint on a PersistentVolumeClaim.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSource {
+    /// Name of a PersistentVolumeClaim in the ModelDeployment's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Directory inside the volume that holds `config.json` and the `*.safetensors`.
+    #[serde(default = "default_model_path")]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('..')").message("model.pvc.path must be an absolute path without '..'"))]
+    pub path: String,
+}
+
+/// A checkpoint in a directory on the node.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPathSource {
+    /// Absolute path of the checkpoint directory on the node.
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('..')").message("model.hostPath.path must be an absolute path without '..'"))]
+    pub path: String,
+}
+
+/// A checkpoint packaged as an OCI image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    /// Image reference, e.g. `registry.example.com/models/olmoe:1b-7b`.
+    #[schemars(length(min = 1, max = 512))]
+    pub reference: String,
+    /// Directory inside the image that holds the checkpoint.
+    #[serde(default = "default_model_path")]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('..')").message("model.image.path must be an absolute path without '..'"))]
+    pub path: String,
+    /// Pull policy of the image volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+}
+
+fn default_model_path() -> String {
+    "/".into()
+}
+
+/// Image pull policy: `Always`, `IfNotPresent` or `Never`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+/// Compute dtype: `bf16`, `f16` or `f32`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    Bf16,
+    F16,
+    F32,
+}
+
+/// Weight quantization: `none` (weights as stored, converted to `dtype`) or `int4`
+/// (4-bit integers, group-wise, one scale per group).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    #[default]
+    None,
+    Int4,
+}
+
+/// INT4 group size.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct QuantizationGroupSize(pub u32);
+
+impl QuantizationGroupSize {
+    pub const ACCEPTED: [u32; 4] = [32, 64, 128, 256];
+}
+
+impl TryFrom<u32> for QuantizationGroupSize {
+    type Error = String;
+    fn try_from(v: u32) -> Result<Self, Self::Error> {
+        if Self::ACCEPTED.contains(&v) {
+            Ok(Self(v))
+        } else {
+            Err(format!(
+                "quantizationGroupSize {v} is not one of {:?}",
+                Self::ACCEPTED
+            ))
+        }
+    }
+}
+
+impl From<QuantizationGroupSize> for u32 {
+    fn from(v: QuantizationGroupSize) -> u32 {
+        v.0
+    }
+}
+
+impl schemars::JsonSchema for QuantizationGroupSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "QuantizationGroupSize".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "integer",
+            "format": "int32",
+            "enum": Self::ACCEPTED,
+            "description": "Weights per INT4 group: 32, 64, 128 or 256."
+        })
+    }
+}
+
+/// Resources and scheduling of one role's pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSettings {
+    /// CPU, memory and `nvidia.com/gpu` requests and limits of the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels the pods must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate (GPU nodes are often tainted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+/// The frontend role.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FrontendSpec {
+    /// Number of frontend pods (0 parks the deployment). Default 1.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    #[serde(flatten)]
+    pub pod: PodSettings,
+}
+
+impl Default for FrontendSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            pod: PodSettings::default(),
+        }
+    }
+}
+
+/// The expert-shard role.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertsSpec {
+    /// Number of expert shards: the expert-parallel degree. The routed experts of every
+    /// MoE layer are spread over them. Default 1.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 256))]
+    pub shards: i32,
+    /// Extra expert slots per MoE layer, filled with replicas of the most loaded experts.
+    /// Default 0.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1024))]
+    pub redundant_experts: i32,
+    #[serde(flatten)]
+    pub pod: PodSettings,
+}
+
+impl Default for ExpertsSpec {
+    fn default() -> Self {
+        Self {
+            shards: 1,
+            redundant_experts: 0,
+            pod: PodSettings::default(),
+        }
+    }
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// Limits of the serving engine on each frontend.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.maxContextLength) || self.maxTokensPerRequest <= self.maxContextLength"
+).message("serving.maxTokensPerRequest must not exceed serving.maxContextLength").field_path(".maxTokensPerRequest"))]
+pub struct ServingSpec {
+    /// gRPC port of both roles. Default 50051.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+    /// Most sequences decoded together in one batch. Default 64.
+    #[serde(default = "default_max_batch_size")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_batch_size: i32,
+    /// Most tokens (prefill + decode) in one forward step. Default 8192.
+    #[serde(default = "default_max_batch_tokens")]
+    #[schemars(range(min = 16, max = 1048576))]
+    pub max_batch_tokens: i32,
+    /// Longest prompt + completion. Default: the model's own context length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16, max = 1048576))]
+    pub max_context_length: Option<i32>,
+    /// Largest `max_tokens` a request may ask for. Default 4096.
+    #[serde(default = "default_max_tokens_per_request")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_tokens_per_request: i32,
+    /// Tokens of KV cache per frontend. Default: what fits in the frontend's memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 16))]
+    pub kv_cache_tokens: Option<i64>,
+}
+
+impl Default for ServingSpec {
+    fn default() -> Self {
+        Self {
+            port: default_port(),
+            max_batch_size: default_max_batch_size(),
+            max_batch_tokens: default_max_batch_tokens(),
+            max_context_length: None,
+            max_tokens_per_request: default_max_tokens_per_request(),
+            kv_cache_tokens: None,
+        }
+    }
+}
+
+fn default_port() -> i32 {
+    50051
+}
+fn default_max_batch_size() -> i32 {
+    64
+}
+fn default_max_batch_tokens() -> i32 {
+    8192
+}
+fn default_max_tokens_per_request() -> i32 {
+    4096
+}
+
+/// Who may call the endpoint and how much.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.defaultTier) || (has(self.tiers) && self.tiers.exists(t, t.name == self.defaultTier))"
+).message("admission.defaultTier must name one of admission.tiers").field_path(".defaultTier"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.apiKeySecret) || (has(self.tiers) && size(self.tiers) > 0)"
+).message("admission.tiers must list at least one tier when admission.apiKeySecret is set").field_path(".tiers"))]
+pub struct AdmissionSpec {
+    /// Secret in this namespace mapping API keys to tenants and tiers. Unset: no
+    /// authentication (every caller is one anonymous tenant in `defaultTier`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretRef>,
+    /// Service tiers; each key in the Secret names one. Names are unique.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub tiers: Vec<Tier>,
+    /// Tier for callers the Secret does not place (and for everyone without a Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub default_tier: Option<String>,
+    /// Bounds of the fair queue on each frontend.
+    #[serde(default)]
+    pub queue: QueueSpec,
+}
+
+/// A reference to a Secret in the ModelDeployment's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A service tier: how urgent its requests are, its share, and its quotas.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Tier {
+    /// Tier name, referenced by the API-key Secret and `defaultTier`.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Highest priority band this tier's requests may use. Default `normal`.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Share of capacity within its priority band, relative to other tenants. Default 1.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: i32,
+    /// Requests per minute per tenant. Unset: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub requests_per_minute: Option<i64>,
+    /// Tokens (prompt + max_tokens, refunded when unused) per minute per tenant. Unset:
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub tokens_per_minute: Option<i64>,
+}
+
+/// Priority bands, strict: a higher band is always served first. `low`, `normal`, `high`
+/// or `critical`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+    Critical,
+}
+
+/// Bounds of the fair queue.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueSpec {
+    /// Most requests waiting on one frontend; past it new requests get UNAVAILABLE at
+    /// once. Default 256.
+    #[serde(default = "default_max_queued")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_queued: i32,
+    /// Longest a request may wait for its first token when the client set no deadline.
+    /// Default 30.
+    #[serde(default = "default_deadline_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub default_deadline_seconds: i32,
+}
+
+impl Default for QueueSpec {
+    fn default() -> Self {
+        Self {
+            max_queued: default_max_queued(),
+            default_deadline_seconds: default_deadline_seconds(),
+        }
+    }
+}
+
+fn default_max_queued() -> i32 {
+    256
+}
+fn default_deadline_seconds() -> i32 {
+    30
+}
+
+/// How the autoscaler sizes each role.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.panicWindowSeconds < self.stableWindowSeconds")
+    .message("autoscaling.panicWindowSeconds must be shorter than autoscaling.stableWindowSeconds")
+    .field_path(".panicWindowSeconds"))]
+pub struct AutoscalingSpec {
+    /// Whether the operator changes replicas by itself. Default false.
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub frontend: FrontendScaling,
+    #[serde(default)]
+    pub experts: ExpertScaling,
+    /// Queued requests per ready frontend the autoscaler aims for. Default 5.
+    #[serde(default = "default_target_queue_depth")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub target_queue_depth: i32,
+    /// Window over which demand is averaged for normal decisions. Default 60.
+    #[serde(default = "default_stable_window")]
+    #[schemars(range(min = 6, max = 3600))]
+    pub stable_window_seconds: i32,
+    /// Short window that triggers fast scale-up on a spike. Default 6.
+    #[serde(default = "default_panic_window")]
+    #[schemars(range(min = 1, max = 600))]
+    pub panic_window_seconds: i32,
+    /// Demand must stay low this long before replicas are removed. Default 300.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub scale_down_delay_seconds: i32,
+}
+
+fn default_target_queue_depth() -> i32 {
+    5
+}
+fn default_stable_window() -> i32 {
+    60
+}
+fn default_panic_window() -> i32 {
+    6
+}
+fn default_scale_down_delay() -> i32 {
+    300
+}
+
+/// Frontend replica bounds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("autoscaling.frontend.minReplicas must not exceed autoscaling.frontend.maxReplicas")
+    .field_path(".minReplicas"))]
+pub struct FrontendScaling {
+    /// Default 1.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Default 4.
+    #[serde(default = "default_max_frontends")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+}
+
+impl Default for FrontendScaling {
+    fn default() -> Self {
+        Self {
+            min_replicas: 1,
+            max_replicas: default_max_frontends(),
+        }
+    }
+}
+
+fn default_max_frontends() -> i32 {
+    4
+}
+
+/// Expert-shard bounds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minShards <= self.maxShards")
+    .message("autoscaling.experts.minShards must not exceed autoscaling.experts.maxShards")
+    .field_path(".minShards"))]
+pub struct ExpertScaling {
+    /// Default 1.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 256))]
+    pub min_shards: i32,
+    /// Default 8.
+    #[serde(default = "default_max_shards")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_shards: i32,
+}
+
+impl Default for ExpertScaling {
+    fn default() -> Self {
+        Self {
+            min_shards: 1,
+            max_shards: default_max_shards(),
+        }
+    }
+}
+
+fn default_max_shards() -> i32 {
+    8
+}
+
+/// What the operator observed and did.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Frontend pods.
+    #[serde(default)]
+    pub frontend: RoleStatus,
+    /// Expert-shard pods.
+    #[serde(default)]
+    pub experts: RoleStatus,
+    /// The client endpoint: `<service>.<namespace>.svc:<port>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Which shard holds which experts, in short.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSummary>,
+}
+
+/// Replica counts of one role.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleStatus {
+    /// Pods the role's workload has (the scale subresource's status replicas).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Pods wanted.
+    #[serde(default)]
+    pub desired_replicas: i32,
+    /// `ready/desired`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// Label selector of the role's pods (the scale subresource's selector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+}
+
+/// A short description of the current placement.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSummary {
+    /// Digest of the placement the ConfigMap holds; changes roll the pods.
+    pub revision: String,
+    /// Number of shards the experts are spread over.
+    pub shards: i32,
+    /// Expert slots per shard (over all MoE layers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slots_per_shard: Vec<i32>,
+}

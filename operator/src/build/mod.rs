@@ -1,0 +1,348 @@
+//! The pure half of reconciling: a `ModelDeployment` in, the objects it should own out.
+//! No client, no I/O; unit-tested from the YAML fixtures in `operator/tests/fixtures/`.
+//!
+//! ```text
+//!   ModelDeployment "<md>"
+//!   ├─ ServiceAccount  <md>-worker       no API token mounted
+//!   ├─ ConfigMap       <md>-config       worker.json (the worker contract), placement
+//!   ├─ Deployment      <md>-frontend     frontends; template hash of worker.json rolls them
+//!   ├─ Service         <md>              the client endpoint (gRPC, appProtocol h2c)
+//!   ├─ StatefulSet     <md>-experts      expert shards, pod index = shard index
+//!   ├─ Service         <md>-experts      headless: shard discovery
+//!   ├─ PDB             <md>-frontend, <md>-experts
+//!   └─ NetworkPolicy   <md>-frontend (anyone → gRPC port), <md>-experts (frontends only)
+//! ```
+//!
+//! Every object carries the standard labels and a controller owner reference to the
+//! ModelDeployment, so deleting it garbage-collects everything.
+
+mod config;
+mod pods;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount, ServicePort, ServiceSpec};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::api::ModelDeployment;
+
+pub use config::{config_hash, worker_config};
+
+/// Field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "switchyard-operator";
+/// Label naming the owning ModelDeployment on every object and pod.
+pub const MODEL_DEPLOYMENT_LABEL: &str = "switchyard.dev/model-deployment";
+/// Pod-template annotation holding the digest of `worker.json`.
+pub const CONFIG_HASH_ANNOTATION: &str = "switchyard.dev/config-hash";
+/// Name of the gRPC port on containers and Services.
+pub const GRPC_PORT_NAME: &str = "grpc";
+
+/// The two kinds of worker pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Frontend,
+    ExpertShard,
+}
+
+impl Component {
+    /// `app.kubernetes.io/component`, and the worker's `--role`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Frontend => "frontend",
+            Component::ExpertShard => "expert-shard",
+        }
+    }
+
+    /// The gRPC service the role serves: its readiness health key.
+    pub fn grpc_service(self) -> &'static str {
+        match self {
+            Component::Frontend => "switchyard.v1.Inference",
+            Component::ExpertShard => "switchyard.expert.v1.ExpertShard",
+        }
+    }
+}
+
+/// Why desired objects could not be built.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BuildError {
+    /// The object lacks something the API server always sets; it was not read from it.
+    #[error("ModelDeployment has no {0}: it must come from the API server")]
+    MissingMetadata(&'static str),
+}
+
+/// Names of the owned objects, derived from the ModelDeployment's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub deployment: String,
+    pub namespace: String,
+    pub frontend: String,
+    pub client_service: String,
+    pub experts: String,
+    pub config: String,
+    pub service_account: String,
+}
+
+impl Names {
+    pub fn new(md: &ModelDeployment) -> Result<Self, BuildError> {
+        let name = md
+            .metadata
+            .name
+            .clone()
+            .ok_or(BuildError::MissingMetadata("metadata.name"))?;
+        let namespace = md
+            .metadata
+            .namespace
+            .clone()
+            .ok_or(BuildError::MissingMetadata("metadata.namespace"))?;
+        Ok(Self {
+            frontend: format!("{name}-frontend"),
+            client_service: name.clone(),
+            experts: format!("{name}-experts"),
+            config: format!("{name}-config"),
+            service_account: format!("{name}-worker"),
+            deployment: name,
+            namespace,
+        })
+    }
+
+    /// `<service>.<namespace>.svc:<port>`: what clients dial.
+    pub fn endpoint(&self, port: i32) -> String {
+        format!("{}.{}.svc:{port}", self.client_service, self.namespace)
+    }
+}
+
+/// Everything one ModelDeployment owns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub service_account: ServiceAccount,
+    pub config: ConfigMap,
+    pub frontend: Deployment,
+    pub client_service: Service,
+    pub experts: StatefulSet,
+    pub experts_service: Service,
+    pub frontend_pdb: PodDisruptionBudget,
+    pub experts_pdb: PodDisruptionBudget,
+    pub frontend_policy: NetworkPolicy,
+    pub experts_policy: NetworkPolicy,
+}
+
+/// Builds the desired objects of `md`.
+pub fn desired(md: &ModelDeployment) -> Result<Desired, BuildError> {
+    let names = Names::new(md)?;
+    let owner = md
+        .controller_owner_ref(&())
+        .ok_or(BuildError::MissingMetadata("metadata.uid"))?;
+    let spec = &md.spec;
+    let port = spec.serving.port;
+    let config = worker_config(md, &names);
+    let config_json =
+        serde_json::to_string_pretty(&config).expect("the worker config always serializes to JSON");
+    let hash = config_hash(&config_json);
+    let meta = |name: &str, component: Option<Component>| {
+        object_meta(name, &names, component, owner.clone())
+    };
+
+    let frontend_selector = selector_labels(&names, Component::Frontend);
+    let experts_selector = selector_labels(&names, Component::ExpertShard);
+
+    let config_map = ConfigMap {
+        metadata: meta(&names.config, None),
+        data: Some(
+            [(
+                switchyard_proto::worker_config::CONFIG_FILE.to_string(),
+                config_json,
+            )]
+            .into(),
+        ),
+        ..ConfigMap::default()
+    };
+
+    let frontend = Deployment {
+        metadata: meta(&names.frontend, Some(Component::Frontend)),
+        spec: DeploymentSpec {
+            replicas: Some(spec.frontend.replicas),
+            selector: label_selector(&frontend_selector),
+            template: pods::template(md, &names, Component::Frontend, &hash),
+            ..DeploymentSpec::default()
+        },
+        ..Deployment::default()
+    };
+
+    let experts = StatefulSet {
+        metadata: meta(&names.experts, Some(Component::ExpertShard)),
+        spec: StatefulSetSpec {
+            replicas: Some(spec.experts.shards),
+            selector: label_selector(&experts_selector),
+            service_name: Some(names.experts.clone()),
+            // Shards keep no per-request state: start and replace them all at once.
+            pod_management_policy: Some("Parallel".into()),
+            template: pods::template(md, &names, Component::ExpertShard, &hash),
+            ..StatefulSetSpec::default()
+        },
+        ..StatefulSet::default()
+    };
+
+    let grpc_port = ServicePort {
+        name: Some(GRPC_PORT_NAME.into()),
+        port,
+        target_port: Some(IntOrString::String(GRPC_PORT_NAME.into())),
+        protocol: Some("TCP".into()),
+        app_protocol: Some("kubernetes.io/h2c".into()),
+        ..ServicePort::default()
+    };
+    let client_service = Service {
+        metadata: meta(&names.client_service, Some(Component::Frontend)),
+        spec: Some(ServiceSpec {
+            selector: Some(frontend_selector.clone()),
+            ports: Some(vec![grpc_port.clone()]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let experts_service = Service {
+        metadata: meta(&names.experts, Some(Component::ExpertShard)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(experts_selector.clone()),
+            ports: Some(vec![grpc_port]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+
+    let pdb = |name: &str, component, selector: &BTreeMap<String, String>| PodDisruptionBudget {
+        metadata: meta(name, Some(component)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(label_selector(selector)),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
+
+    let grpc_only = || NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    };
+    let frontend_policy = NetworkPolicy {
+        metadata: meta(&names.frontend, Some(Component::Frontend)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(label_selector(&frontend_selector)),
+            policy_types: Some(vec!["Ingress".into()]),
+            // Clients (any pod, any namespace) reach the gRPC port and nothing else.
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                ports: Some(vec![grpc_only()]),
+                from: None,
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    };
+    let experts_policy = NetworkPolicy {
+        metadata: meta(&names.experts, Some(Component::ExpertShard)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(label_selector(&experts_selector)),
+            policy_types: Some(vec!["Ingress".into()]),
+            // Only this deployment's frontends reach the shards.
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                ports: Some(vec![grpc_only()]),
+                from: Some(vec![NetworkPolicyPeer {
+                    pod_selector: Some(label_selector(&frontend_selector)),
+                    ..NetworkPolicyPeer::default()
+                }]),
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    };
+
+    Ok(Desired {
+        service_account: ServiceAccount {
+            metadata: meta(&names.service_account, None),
+            automount_service_account_token: Some(false),
+            ..ServiceAccount::default()
+        },
+        config: config_map,
+        frontend,
+        client_service,
+        experts,
+        experts_service,
+        frontend_pdb: pdb(&names.frontend, Component::Frontend, &frontend_selector),
+        experts_pdb: pdb(&names.experts, Component::ExpertShard, &experts_selector),
+        frontend_policy,
+        experts_policy,
+    })
+}
+
+/// The labels every owned object carries.
+pub fn labels(names: &Names, component: Option<Component>) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = [
+        ("app.kubernetes.io/name", "switchyard"),
+        ("app.kubernetes.io/instance", names.deployment.as_str()),
+        ("app.kubernetes.io/managed-by", FIELD_MANAGER),
+        (MODEL_DEPLOYMENT_LABEL, names.deployment.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    if let Some(component) = component {
+        labels.insert(
+            "app.kubernetes.io/component".into(),
+            component.as_str().into(),
+        );
+    }
+    labels
+}
+
+/// The labels that select one role's pods (a subset of [`labels`] that never changes).
+pub fn selector_labels(names: &Names, component: Component) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "switchyard"),
+        ("app.kubernetes.io/instance", names.deployment.as_str()),
+        ("app.kubernetes.io/component", component.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// `k=v,k=v` form of [`selector_labels`], as the scale subresource reports it.
+pub fn selector_string(names: &Names, component: Component) -> String {
+    selector_labels(names, component)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn label_selector(labels: &BTreeMap<String, String>) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(labels.clone()),
+        ..LabelSelector::default()
+    }
+}
+
+fn object_meta(
+    name: &str,
+    names: &Names,
+    component: Option<Component>,
+    owner: OwnerReference,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(names.namespace.clone()),
+        labels: Some(labels(names, component)),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

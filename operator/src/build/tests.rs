@@ -1,0 +1,304 @@
+//! The builder, from the manifests in `examples/` (the same files users apply).
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use switchyard_proto::worker_config::{CONFIG_FILE, WorkerConfig};
+
+use super::*;
+
+fn example(file: &str) -> ModelDeployment {
+    let path = format!("{}/../examples/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut md: ModelDeployment =
+        serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // What the API server adds.
+    md.metadata.namespace = Some("serving".into());
+    md.metadata.uid = Some("0b5c2f1e-7a43-4e8e-9d0c-5f0a6e7b8c9d".into());
+    md
+}
+
+fn pod(template: &PodTemplateSpec) -> &k8s_openapi::api::core::v1::PodSpec {
+    template.spec.as_ref().unwrap()
+}
+
+fn all_metadata(d: &Desired) -> Vec<(&'static str, &ObjectMeta)> {
+    vec![
+        ("ServiceAccount", &d.service_account.metadata),
+        ("ConfigMap", &d.config.metadata),
+        ("Deployment", &d.frontend.metadata),
+        ("Service", &d.client_service.metadata),
+        ("StatefulSet", &d.experts.metadata),
+        ("Service(headless)", &d.experts_service.metadata),
+        ("PDB(frontend)", &d.frontend_pdb.metadata),
+        ("PDB(experts)", &d.experts_pdb.metadata),
+        ("NetworkPolicy(frontend)", &d.frontend_policy.metadata),
+        ("NetworkPolicy(experts)", &d.experts_policy.metadata),
+    ]
+}
+
+#[test]
+fn every_object_is_owned_labelled_and_in_the_deployment_namespace() {
+    let md = example("minimal.yaml");
+    let d = desired(&md).unwrap();
+    for (kind, meta) in all_metadata(&d) {
+        assert_eq!(meta.namespace.as_deref(), Some("serving"), "{kind}");
+        let owners = meta.owner_references.as_ref().unwrap();
+        assert_eq!(owners.len(), 1, "{kind}");
+        let owner = &owners[0];
+        assert_eq!(owner.kind, "ModelDeployment", "{kind}");
+        assert_eq!(owner.api_version, "switchyard.dev/v1alpha1", "{kind}");
+        assert_eq!(owner.name, "olmoe-tiny", "{kind}");
+        assert_eq!(owner.uid, md.metadata.uid.clone().unwrap(), "{kind}");
+        assert_eq!(owner.controller, Some(true), "{kind}");
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(labels["app.kubernetes.io/name"], "switchyard", "{kind}");
+        assert_eq!(labels["app.kubernetes.io/instance"], "olmoe-tiny", "{kind}");
+        assert_eq!(
+            labels["app.kubernetes.io/managed-by"], FIELD_MANAGER,
+            "{kind}"
+        );
+        assert_eq!(labels[MODEL_DEPLOYMENT_LABEL], "olmoe-tiny", "{kind}");
+    }
+    assert_eq!(
+        d.frontend.metadata.name.as_deref(),
+        Some("olmoe-tiny-frontend")
+    );
+    assert_eq!(
+        d.client_service.metadata.name.as_deref(),
+        Some("olmoe-tiny")
+    );
+    assert_eq!(
+        d.experts.metadata.name.as_deref(),
+        Some("olmoe-tiny-experts")
+    );
+    assert_eq!(
+        Names::new(&md).unwrap().endpoint(md.spec.serving.port),
+        "olmoe-tiny.serving.svc:50051"
+    );
+}
+
+#[test]
+fn pods_are_hardened_and_probed_on_grpc_health() {
+    let md = example("minimal.yaml");
+    let d = desired(&md).unwrap();
+    for (component, template) in [
+        (Component::Frontend, &d.frontend.spec.template),
+        (Component::ExpertShard, &d.experts.spec.template),
+    ] {
+        let spec = pod(template);
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert_eq!(
+            spec.service_account_name.as_deref(),
+            Some("olmoe-tiny-worker")
+        );
+        let psc = spec.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        let [c] = &spec.containers[..] else {
+            panic!("one container")
+        };
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        let liveness = c.liveness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
+        assert_eq!(
+            (liveness.port, liveness.service.as_deref()),
+            (50051, Some(""))
+        );
+        let readiness = c.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
+        assert_eq!(readiness.service.as_deref(), Some(component.grpc_service()));
+        // The pod's labels include the selector, or the workload would never own its pods.
+        let pod_labels = template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        for (k, v) in selector_labels(&Names::new(&md).unwrap(), component) {
+            assert_eq!(pod_labels.get(&k), Some(&v), "{component:?} {k}");
+        }
+        let env: Vec<_> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert!(env.contains(&"SWITCHYARD_POD_NAME"), "{env:?}");
+        assert_eq!(
+            env.contains(&"SWITCHYARD_SHARD_INDEX"),
+            component == Component::ExpertShard,
+            "{env:?}"
+        );
+        assert!(
+            c.resources.is_none(),
+            "the minimal example asks for no resources"
+        );
+    }
+    // The model PVC is mounted read-only at the checkpoint's sub-directory.
+    let spec = pod(&d.frontend.spec.template);
+    let model = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "model")
+        .unwrap();
+    assert_eq!(
+        model.persistent_volume_claim.as_ref().unwrap().claim_name,
+        "models"
+    );
+    let mounts = spec.containers[0].volume_mounts.as_ref().unwrap();
+    let model_mount = mounts.iter().find(|m| m.name == "model").unwrap();
+    assert_eq!(model_mount.sub_path.as_deref(), Some("olmoe-1b-7b"));
+    assert_eq!(model_mount.read_only, Some(true));
+}
+
+#[test]
+fn the_full_example_asks_for_gpus_and_mounts_api_keys_on_frontends_only() {
+    let md = example("full.yaml");
+    let d = desired(&md).unwrap();
+    assert_eq!(d.frontend.spec.replicas, Some(2));
+    assert_eq!(d.experts.spec.replicas, Some(4));
+    assert_eq!(
+        d.experts.spec.service_name.as_deref(),
+        Some("deepseek-v2-lite-experts")
+    );
+    for template in [&d.frontend.spec.template, &d.experts.spec.template] {
+        let spec = pod(template);
+        let limits = spec.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
+        assert_eq!(limits["nvidia.com/gpu"].0, "1");
+        assert_eq!(
+            spec.tolerations.as_ref().unwrap()[0].key.as_deref(),
+            Some("nvidia.com/gpu")
+        );
+        assert_eq!(
+            spec.node_selector.as_ref().unwrap()["nvidia.com/gpu.present"],
+            "true"
+        );
+    }
+    let has_keys = |t: &PodTemplateSpec| {
+        pod(t).volumes.as_ref().unwrap().iter().any(|v| {
+            v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("deepseek-api-keys")
+        })
+    };
+    assert!(has_keys(&d.frontend.spec.template));
+    assert!(
+        !has_keys(&d.experts.spec.template),
+        "shards never see API keys"
+    );
+
+    let config: WorkerConfig =
+        serde_json::from_str(&d.config.data.as_ref().unwrap()[CONFIG_FILE]).unwrap();
+    assert_eq!(config.model.quantization, "int4");
+    assert_eq!(config.model.quantization_group_size, Some(128));
+    assert_eq!(config.shards.count, 4);
+    assert_eq!(
+        config.shards.service,
+        "deepseek-v2-lite-experts.serving.svc"
+    );
+    assert_eq!(config.placement.redundant_experts, 8);
+    assert_eq!(config.admission.tiers.len(), 3);
+    assert_eq!(config.admission.tiers[0].requests_per_minute, Some(60));
+    assert_eq!(config.admission.tiers[2].requests_per_minute, None);
+    assert_eq!(config.admission.default_tier.as_deref(), Some("free"));
+    assert!(config.admission.api_keys_dir.is_some());
+}
+
+#[test]
+fn shards_admit_only_this_deployments_frontends_on_the_grpc_port() {
+    let md = example("minimal.yaml");
+    let d = desired(&md).unwrap();
+    let names = Names::new(&md).unwrap();
+    let rule = &d
+        .experts_policy
+        .spec
+        .as_ref()
+        .unwrap()
+        .ingress
+        .as_ref()
+        .unwrap()[0];
+    let from = rule.from.as_ref().unwrap();
+    assert_eq!(from.len(), 1);
+    assert_eq!(
+        from[0].pod_selector.as_ref().unwrap().match_labels.as_ref(),
+        Some(&selector_labels(&names, Component::Frontend))
+    );
+    assert!(from[0].namespace_selector.is_none(), "same namespace only");
+    let ports = rule.ports.as_ref().unwrap();
+    assert_eq!(ports[0].port, Some(IntOrString::Int(50051)));
+    // Frontends accept anyone, but only on the gRPC port.
+    let frontend_rule = &d
+        .frontend_policy
+        .spec
+        .as_ref()
+        .unwrap()
+        .ingress
+        .as_ref()
+        .unwrap()[0];
+    assert!(frontend_rule.from.is_none());
+    assert_eq!(
+        frontend_rule.ports.as_ref().unwrap()[0].port,
+        Some(IntOrString::Int(50051))
+    );
+}
+
+#[test]
+fn a_config_change_rolls_the_pods_and_a_replica_change_does_not() {
+    let hash = |md: &ModelDeployment| {
+        let d = desired(md).unwrap();
+        let annotations = |t: &PodTemplateSpec| {
+            t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH_ANNOTATION]
+                .clone()
+        };
+        let (f, e) = (
+            annotations(&d.frontend.spec.template),
+            annotations(&d.experts.spec.template),
+        );
+        assert_eq!(f, e, "both roles read the same file");
+        f
+    };
+    let base = example("minimal.yaml");
+    let mut scaled = base.clone();
+    scaled.spec.frontend.replicas = 5;
+    assert_eq!(hash(&base), hash(&scaled));
+    let mut reconfigured = base.clone();
+    reconfigured.spec.serving.max_batch_size = 8;
+    assert_ne!(hash(&base), hash(&reconfigured));
+    let mut resharded = base.clone();
+    resharded.spec.experts.shards = 3;
+    assert_ne!(
+        hash(&base),
+        hash(&resharded),
+        "the placement is in the config"
+    );
+}
+
+#[test]
+fn an_object_not_from_the_api_server_is_refused() {
+    let mut md = example("minimal.yaml");
+    md.metadata.uid = None;
+    assert_eq!(
+        desired(&md).unwrap_err(),
+        BuildError::MissingMetadata("metadata.uid")
+    );
+    md.metadata.namespace = None;
+    assert_eq!(
+        desired(&md).unwrap_err(),
+        BuildError::MissingMetadata("metadata.namespace")
+    );
+}
+
+#[test]
+fn config_hash_is_stable() {
+    // Pinned: a change here rolls every worker pod in every cluster on upgrade.
+    assert_eq!(config_hash(""), "cbf29ce484222325");
+    assert_eq!(config_hash("a"), "af63dc4c8601ec8c");
+}

@@ -1,0 +1,237 @@
+//! The worker contract: the configuration file the operator mounts into every worker pod.
+//!
+//! ```text
+//!   ModelDeployment ──operator──> ConfigMap <name>-config, key `worker.json`
+//!                                   └─ mounted at /etc/switchyard/worker.json (both roles)
+//!   pod-specific facts come from the downward API, not the file:
+//!     SWITCHYARD_POD_NAME, SWITCHYARD_POD_NAMESPACE, SWITCHYARD_POD_IP,
+//!     SWITCHYARD_SHARD_INDEX (expert shards: the StatefulSet pod index)
+//! ```
+//!
+//! One definition, compiled into both the operator (which writes it) and the worker (which
+//! reads it). The file is JSON; unknown fields are refused so a version skew between
+//! operator and worker fails loudly at start-up instead of silently ignoring a setting.
+
+use serde::{Deserialize, Serialize};
+
+/// Directory the config file is mounted in.
+pub const CONFIG_DIR: &str = "/etc/switchyard";
+/// Key in the ConfigMap and file name in [`CONFIG_DIR`].
+pub const CONFIG_FILE: &str = "worker.json";
+/// Where the model volume is mounted in both roles.
+pub const MODEL_MOUNT: &str = "/models";
+/// Where the API-key Secret is mounted on frontends.
+pub const API_KEYS_DIR: &str = "/etc/switchyard/api-keys";
+/// Downward API: the pod's name.
+pub const ENV_POD_NAME: &str = "SWITCHYARD_POD_NAME";
+/// Downward API: the pod's namespace.
+pub const ENV_POD_NAMESPACE: &str = "SWITCHYARD_POD_NAMESPACE";
+/// Downward API: the pod's IP.
+pub const ENV_POD_IP: &str = "SWITCHYARD_POD_IP";
+/// Expert shards only: the StatefulSet pod index, which is the shard index.
+pub const ENV_SHARD_INDEX: &str = "SWITCHYARD_SHARD_INDEX";
+/// The only version of the file format so far.
+pub const CONFIG_VERSION: u32 = 1;
+
+/// Everything a worker needs to know that is the same for all pods of a deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Format version, [`CONFIG_VERSION`].
+    pub version: u32,
+    /// Name of the ModelDeployment.
+    pub deployment: String,
+    /// The checkpoint.
+    pub model: ModelConfig,
+    /// Engine limits.
+    pub serving: ServingConfig,
+    /// Admission control (frontends).
+    pub admission: AdmissionConfig,
+    /// Where the expert shards are.
+    pub shards: ShardsConfig,
+    /// Which shard holds which experts.
+    pub placement: PlacementConfig,
+}
+
+/// The checkpoint and how to load it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Directory holding `config.json`, `*.safetensors` and `tokenizer.json`.
+    pub path: String,
+    /// `bf16`, `f16` or `f32`.
+    pub dtype: String,
+    /// `none` or `int4`.
+    pub quantization: String,
+    /// Weights per INT4 group; set exactly when `quantization` is `int4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_group_size: Option<u32>,
+}
+
+/// Engine limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServingConfig {
+    /// gRPC port of both roles.
+    pub port: u16,
+    /// Most sequences decoded together.
+    pub max_batch_size: u32,
+    /// Most tokens in one forward step.
+    pub max_batch_tokens: u32,
+    /// Unset: the model's own context length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_context_length: Option<u32>,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens_per_request: u32,
+    /// Unset: what fits in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_tokens: Option<u64>,
+}
+
+/// Admission control on frontends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdmissionConfig {
+    /// Directory of the mounted API-key Secret; unset: no authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys_dir: Option<String>,
+    #[serde(default)]
+    /// Service tiers.
+    pub tiers: Vec<TierConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Tier of callers the key file does not place.
+    pub default_tier: Option<String>,
+    /// Most requests waiting per frontend.
+    pub max_queued: u32,
+    /// Deadline for requests that set none.
+    pub default_deadline_seconds: u32,
+}
+
+/// One service tier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierConfig {
+    /// Tier name.
+    pub name: String,
+    /// `low`, `normal`, `high` or `critical`.
+    pub priority: String,
+    /// Share within its priority band.
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Request quota per tenant; unset: unlimited.
+    pub requests_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Token quota per tenant; unset: unlimited.
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// How frontends find the expert shards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShardsConfig {
+    /// Number of expert shards.
+    pub count: u32,
+    /// Headless Service of the shards; shard `i` is `<podPrefix><i>.<service>:<port>`.
+    pub service: String,
+    /// StatefulSet pod name prefix (`<statefulset>-`).
+    pub pod_prefix: String,
+    /// gRPC port of the shards.
+    pub port: u16,
+}
+
+impl ShardsConfig {
+    /// The gRPC address of shard `index`.
+    pub fn address(&self, index: u32) -> String {
+        format!(
+            "http://{}{index}.{}:{}",
+            self.pod_prefix, self.service, self.port
+        )
+    }
+}
+
+/// Which shard holds which routed experts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PlacementConfig {
+    /// How experts are assigned; see [`PlacementStrategy`].
+    pub strategy: PlacementStrategy,
+    /// Extra expert slots per MoE layer for replicas of hot experts.
+    pub redundant_experts: u32,
+    /// Changes whenever the placement changes (it rolls the pods).
+    pub revision: String,
+}
+
+/// Placement strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PlacementStrategy {
+    /// The routed experts of every MoE layer in contiguous, near-equal blocks over the
+    /// shards ([`even_spread`]). The operator cannot read the checkpoint, so the expert
+    /// count is applied by the worker, which can.
+    EvenSpread,
+}
+
+/// Expert ids `0..num_experts` in `shards` contiguous blocks whose sizes differ by at most
+/// one (the first `num_experts % shards` blocks get the extra expert). A shard beyond the
+/// expert count gets none.
+pub fn even_spread(num_experts: u32, shards: u32) -> Vec<std::ops::Range<u32>> {
+    if shards == 0 {
+        return Vec::new();
+    }
+    let base = num_experts / shards;
+    let extra = num_experts % shards;
+    let mut start = 0;
+    (0..shards)
+        .map(|i| {
+            let len = base + u32::from(i < extra);
+            let range = start..start + len;
+            start += len;
+            range
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn even_spread_covers_every_expert_once_in_near_equal_blocks() {
+        for experts in [1, 7, 8, 60, 64, 256] {
+            for shards in 1..=9 {
+                let blocks = even_spread(experts, shards);
+                assert_eq!(blocks.len(), shards as usize);
+                let all: Vec<u32> = blocks.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(all, (0..experts).collect::<Vec<_>>(), "{experts}/{shards}");
+                let sizes: Vec<u32> = blocks.iter().map(|r| r.end - r.start).collect();
+                let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+                assert!(max - min <= 1, "{experts}/{shards}: {sizes:?}");
+            }
+        }
+        assert_eq!(even_spread(10, 4), [0..3, 3..6, 6..8, 8..10]);
+        assert!(even_spread(4, 0).is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_str::<PlacementConfig>(
+            r#"{"strategy":"evenSpread","redundantExperts":0,"revision":"r","extra":1}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `extra`"), "{err}");
+    }
+
+    #[test]
+    fn shard_addresses_use_the_headless_service() {
+        let shards = ShardsConfig {
+            count: 2,
+            service: "md-experts.ns.svc".into(),
+            pod_prefix: "md-experts-".into(),
+            port: 50051,
+        };
+        assert_eq!(
+            shards.address(1),
+            "http://md-experts-1.md-experts.ns.svc:50051"
+        );
+    }
+}
