@@ -9,14 +9,20 @@
 //! - [`api`]: the `ModelDeployment` types; the CRD (`crds/modeldeployment.yaml`) is
 //!   generated from them by `switchyard-operator crd`, and a test fails when it drifts.
 //! - [`build`]: spec → desired objects, pure, unit-tested from the manifests in `examples/`.
+//! - [`status`]: workloads' status → the ModelDeployment's status and conditions, pure.
+//! - [`reconcile`]: the shell: server-side apply, status write, events.
+//! - [`leader`]: leader election on a Lease; [`metrics`]: Prometheus and health endpoints.
 //!
-//! The apply/status shell and the autoscaler land next to `api` as they are
-//! built. This crate depends on `kube` and `k8s-openapi`, never on the inference engine, so
+//! The autoscaler lands here too as it is built. This crate depends on `kube` and `k8s-openapi`, never on the inference engine, so
 //! the operator image stays free of candle and CUDA.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod build;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod status;
 
 use kube::CustomResourceExt;
 

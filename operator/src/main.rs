@@ -1,6 +1,24 @@
 //! `switchyard-operator`: the Switchyard Kubernetes operator.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, ListParams};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use switchyard_operator::api::ModelDeployment;
+use switchyard_operator::build::FIELD_MANAGER;
+use switchyard_operator::leader::{Elector, LeaseConfig};
+use switchyard_operator::metrics::{self, Metrics, OBJECTS_PER_DEPLOYMENT};
+use switchyard_operator::reconcile::{self, Context};
 
 /// The Switchyard operator.
 #[derive(Debug, Parser)]
@@ -14,11 +32,228 @@ struct Cli {
 enum Command {
     /// Print the ModelDeployment CustomResourceDefinition as YAML (for `kubectl apply -f -`).
     Crd,
+    /// Run the controller (uses the in-cluster config, or KUBECONFIG / ~/.kube/config).
+    Run(RunArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "SWITCHYARD_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "SWITCHYARD_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader among replicas on a coordination.k8s.io Lease.
+    #[arg(long, env = "SWITCHYARD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "SWITCHYARD_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "SWITCHYARD_LEASE_NAME",
+        default_value = "switchyard-operator"
+    )]
+    lease_name: String,
+    /// Seconds a leader's lease lasts without renewal: how long a standby waits after the
+    /// leader dies.
+    #[arg(long, env = "SWITCHYARD_LEASE_DURATION_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+    lease_duration_seconds: u64,
+    /// This replica's identity in the Lease (default: the pod name, else host name + pid).
+    #[arg(long, env = "SWITCHYARD_IDENTITY")]
+    identity: Option<String>,
+    /// Log filter (`tracing_subscriber::EnvFilter` syntax).
+    #[arg(long, env = "SWITCHYARD_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crd => print!("{}", switchyard_operator::crd_yaml()),
+        Command::Crd => {
+            print!("{}", switchyard_operator::crd_yaml());
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
     }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?,
+        )
+        .init();
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::env::var("POD_NAME").unwrap_or_else(|_| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "switchyard-operator".into());
+            format!("{host}-{}", std::process::id())
+        })
+    });
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| "default".into());
+    tracing::info!(
+        namespace = args.namespace.as_deref().unwrap_or("(all)"),
+        metrics_addr = %args.metrics_addr,
+        leader_election = args.leader_election,
+        lease = %format!("{lease_namespace}/{}", args.lease_name),
+        lease_duration_seconds = args.lease_duration_seconds,
+        %identity,
+        "starting switchyard-operator"
+    );
+
+    let client = kube::Client::try_default().await.context(
+        "connecting to the Kubernetes API (in-cluster config, KUBECONFIG or ~/.kube/config)",
+    )?;
+    let mds: Api<ModelDeployment> = scoped(&client, args.namespace.as_deref());
+    check_crd_installed(&mds).await?;
+
+    let metrics = Arc::new(Metrics::new());
+    let listener = metrics::bind(args.metrics_addr).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tokio::spawn(metrics::serve(listener, metrics.clone(), stopped()));
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let elector = args.leader_election.then(|| {
+        let duration = Duration::from_secs(args.lease_duration_seconds);
+        Elector::new(
+            client.clone(),
+            LeaseConfig {
+                namespace: lease_namespace,
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                duration,
+                renew_every: duration / 3,
+                retry_every: Duration::from_secs(2).min(duration / 3),
+            },
+        )
+    });
+    if let Some(elector) = &elector {
+        // A standby is healthy and ready: it is doing its job by waiting.
+        metrics.set_ready(true);
+        tracing::info!("waiting to become the leader");
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = stopped() => return Ok(()),
+        }
+        tracing::info!("became the leader");
+        metrics.leader.set(1);
+    }
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        metrics: metrics.clone(),
+    });
+    let ns = args.namespace.as_deref();
+    let owned =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=switchyard-operator");
+    let controller = Controller::new(mds, watcher::Config::default())
+        .owns(scoped::<Deployment>(&client, ns), owned.clone())
+        .owns(scoped::<StatefulSet>(&client, ns), owned.clone())
+        .owns(scoped::<Service>(&client, ns), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
+        .owns(scoped::<ServiceAccount>(&client, ns), owned.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, ns), owned.clone())
+        .owns(scoped::<NetworkPolicy>(&client, ns), owned)
+        .graceful_shutdown_on(stopped());
+    let store = controller.store();
+    metrics.set_ready(true);
+    let run = controller
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| {
+            metrics
+                .managed_objects
+                .set(store.state().len() as i64 * OBJECTS_PER_DEPLOYMENT);
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+            std::future::ready(())
+        });
+
+    match &elector {
+        None => run.await,
+        Some(elector) => {
+            tokio::select! {
+                () = run => {}
+                () = elector.hold() => {
+                    metrics.leader.set(0);
+                    anyhow::bail!("lost the leader lease {}; exiting so only one replica reconciles", elector.config().name);
+                }
+            }
+            elector.release().await;
+            metrics.leader.set(0);
+        }
+    }
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// An API for `K` in the watched namespace, or in all of them.
+fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Fails with what to do when the ModelDeployment CRD is missing.
+async fn check_crd_installed(mds: &Api<ModelDeployment>) -> anyhow::Result<()> {
+    match mds.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => anyhow::bail!(
+            "the ModelDeployment CRD (modeldeployments.switchyard.dev) is not installed in this cluster: \
+             install it with `kubectl apply -f crds/modeldeployment.yaml` \
+             (or `switchyard-operator crd | kubectl apply -f -`), then start the operator again"
+        ),
+        Err(e) => Err(e).context("listing ModelDeployments to check that the CRD is installed"),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested");
 }

@@ -184,6 +184,36 @@ impl ControlPlane {
         Ok(TestNamespace { client, name })
     }
 
+    /// Installs the CustomResourceDefinition in the YAML file at `path` unless it exists,
+    /// and waits until the API server serves it (condition `Established`). Idempotent, so
+    /// every test can call it.
+    pub async fn install_crd(&self, path: &Path) -> Result<()> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let text = std::fs::read_to_string(path)
+            .map_err(HarnessError::io(format!("reading {}", path.display())))?;
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&text)
+            .map_err(|e| HarnessError::Kubeconfig(format!("{}: not a CRD: {e}", path.display())))?;
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client().await?);
+        match crds.create(&PostParams::default(), &crd).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(e) => return Err(HarnessError::kube(format!("creating CRD {name}"))(e)),
+        }
+        wait_until(&self.apiserver, Duration::from_secs(60), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let crd = crds.get(&name).await.map_err(|e| e.to_string())?;
+                Ok(crd.status.and_then(|s| s.conditions).is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                }))
+            }
+        })
+        .await
+    }
+
     /// Fails with the dead component's log if etcd or the API server has exited.
     pub fn check_running(&self) -> Result<()> {
         self.etcd.check_running()?;
@@ -312,7 +342,7 @@ async fn wait_for_apiserver(apiserver: &ManagedProcess, kubeconfig: &Path) -> Re
 }
 
 /// A minimal HTTP/1.0 GET against 127.0.0.1 (etcd's plain-HTTP health endpoint).
-async fn http_get_plain(port: u16, path: &str) -> std::result::Result<String, String> {
+pub(crate) async fn http_get_plain(port: u16, path: &str) -> std::result::Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

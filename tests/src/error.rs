@@ -17,6 +17,14 @@ pub enum HarnessError {
     )]
     MissingTool { name: String, path: PathBuf },
 
+    /// A binary of this workspace has not been built.
+    #[error(
+        "`{name}` not found at {}: build it with `cargo build --bins` \
+         (`cargo test --workspace` and `make test` do)",
+        path.display()
+    )]
+    MissingWorkspaceBinary { name: String, path: PathBuf },
+
     /// A component exited, or never became ready.
     #[error("{component} did not become ready within {timeout:?}: {reason}\n--- last lines of {} ---\n{log_tail}", log.display())]
     NotReady {

@@ -7,6 +7,7 @@
 //!   control_plane  ControlPlane: etcd + kube-apiserver        (tier 2 tests)
 //!   cluster        Cluster: + controller-manager, scheduler,  (tier 3 tests)
 //!                  kwok with fake nvidia.com/gpu nodes
+//!   operator   switchyard-operator as a child process, one namespace each
 //! ```
 //!
 //! Each test binary under `tests/` starts at most one control plane (or cluster), on first
@@ -17,6 +18,7 @@
 pub mod cluster;
 pub mod control_plane;
 pub mod error;
+pub mod operator;
 pub mod pki;
 pub mod process;
 pub mod tools;
@@ -24,3 +26,4 @@ pub mod tools;
 pub use cluster::Cluster;
 pub use control_plane::{ControlPlane, TestNamespace};
 pub use error::{HarnessError, Result};
+pub use operator::OperatorProcess;

@@ -195,8 +195,17 @@ pub struct ManagedProcess {
 }
 
 impl ManagedProcess {
-    /// Starts `binary args...` with stdout and stderr appended to `log`.
+    /// Starts `binary args...` with stdout and stderr written to `log`.
     pub fn start(name: &str, binary: &Path, args: &[String], log: PathBuf) -> Result<Self> {
+        let mut command = Command::new(binary);
+        command.args(args);
+        Self::spawn(name, command, log)
+    }
+
+    /// Starts `command` (its program, arguments and environment as set by the caller) with
+    /// stdout and stderr written to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Result<Self> {
+        let binary = PathBuf::from(command.get_program());
         let out = File::create(&log).map_err(HarnessError::io(format!(
             "creating log file {}",
             log.display()
@@ -204,12 +213,7 @@ impl ManagedProcess {
         let err = out
             .try_clone()
             .map_err(HarnessError::io("duplicating a log file handle"))?;
-        let mut command = Command::new(binary);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+        command.stdin(Stdio::null()).stdout(out).stderr(err);
         ensure_exit_handler();
         let (reply, result) = mpsc::channel();
         let spawned = spawner()

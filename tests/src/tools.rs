@@ -39,6 +39,28 @@ fn tool_in(dir: &std::path::Path, name: &str) -> Result<PathBuf> {
     }
 }
 
+/// A binary of this workspace (`switchyard-operator`, `switchyard-worker`), from the
+/// target directory the running test binary was built into. `cargo test --workspace`
+/// (what `make test` runs) builds them; a missing one is an error that says so.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().map_err(HarnessError::io("locating the test binary"))?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let path = dir.join(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(HarnessError::MissingWorkspaceBinary {
+            name: name.to_string(),
+            path,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

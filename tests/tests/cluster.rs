@@ -193,3 +193,115 @@ async fn default_pool_nodes_advertise_gpus() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_model_deployment_runs_on_kwok_gpu_nodes_becomes_ready_and_is_garbage_collected() {
+    use switchyard_operator::api::ModelDeployment;
+    let cluster = Cluster::shared().await.unwrap();
+    let cp = cluster.control_plane();
+    cp.install_crd(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/modeldeployment.yaml"
+    )))
+    .await
+    .unwrap();
+    let ns = cluster.namespace("md-cluster").await.unwrap();
+    let _operator =
+        switchyard_tests::OperatorProcess::start(cp, &ns.name, "op", Duration::from_secs(4))
+            .await
+            .unwrap();
+    let md: ModelDeployment = serde_yaml::from_str(
+        "
+apiVersion: switchyard.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: gpu-md}
+spec:
+  image: switchyard/worker:test
+  model: {hostPath: {path: /models/tiny}}
+  frontend:
+    replicas: 2
+    resources: {limits: {nvidia.com/gpu: '1'}}
+    nodeSelector: {switchyard.dev/test-pool: default}
+    tolerations: [{key: kwok.x-k8s.io/node, operator: Exists, effect: NoSchedule}]
+  experts:
+    shards: 2
+    resources: {limits: {nvidia.com/gpu: '1'}}
+    nodeSelector: {switchyard.dev/test-pool: default}
+    tolerations: [{key: kwok.x-k8s.io/node, operator: Exists, effect: NoSchedule}]
+",
+    )
+    .unwrap();
+    let mds: Api<ModelDeployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    mds.create(&PostParams::default(), &md).await.unwrap();
+
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    eventually(&pods, "4 Running GPU pods on kwok nodes", |pods| {
+        let running = pods
+            .iter()
+            .filter(|p| phase(p) == "Running" && is_ready(p))
+            .filter(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .is_some_and(|n| n.starts_with("kwok-default-"))
+            })
+            .count();
+        (running == 4).then_some(())
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let md = mds.get("gpu-md").await.unwrap();
+        let ready = md
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status.clone());
+        if ready.as_deref() == Some("True") {
+            let status = md.status.unwrap();
+            assert_eq!(status.frontend.summary.as_deref(), Some("2/2"));
+            assert_eq!(status.experts.summary.as_deref(), Some("2/2"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Ready never became True: {:?}",
+            md.status
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    mds.delete("gpu-md", &DeleteParams::background())
+        .await
+        .unwrap();
+    eventually(&pods, "every pod garbage-collected", |pods| {
+        pods.is_empty().then_some(())
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deployments
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len()
+            + configmaps
+                .list(&ListParams::default().labels("switchyard.dev/model-deployment=gpu-md"))
+                .await
+                .unwrap()
+                .items
+                .len();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} owned objects left"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,49 +1,20 @@
 //! Tier 2: the ModelDeployment CRD installed in the real API server, which validates and
 //! defaults objects itself (OpenAPI schema + CEL).
 
-use std::time::Duration;
-
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::ApiResource;
 use switchyard_operator::api::ModelDeployment;
 use switchyard_tests::{ControlPlane, TestNamespace};
-use tokio::sync::OnceCell;
 
-static CRD: OnceCell<()> = OnceCell::const_new();
-
-/// Installs the checked-in CRD once per test binary and waits until it is Established.
+/// A namespace in a control plane that serves the checked-in ModelDeployment CRD.
 async fn namespace_with_crd(prefix: &str) -> TestNamespace {
     let cp = ControlPlane::shared().await.unwrap();
-    CRD.get_or_init(|| async {
-        let client = cp.client().await.unwrap();
-        let crd: CustomResourceDefinition = serde_yaml::from_str(
-            &std::fs::read_to_string(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../crds/modeldeployment.yaml"
-            ))
-            .unwrap(),
-        )
-        .unwrap();
-        let crds: Api<CustomResourceDefinition> = Api::all(client);
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .expect("the API server accepts the generated CRD");
-        let name = crd.metadata.name.unwrap();
-        for _ in 0..300 {
-            let current = crds.get(&name).await.unwrap();
-            let established = current.status.and_then(|s| s.conditions).is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-            if established {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("CRD {name} never became Established");
-    })
-    .await;
+    cp.install_crd(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/modeldeployment.yaml"
+    )))
+    .await
+    .unwrap();
     cp.namespace(prefix).await.unwrap()
 }
 

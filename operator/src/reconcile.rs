@@ -1,0 +1,260 @@
+//! The shell around [`crate::build`]: apply the desired objects, read back what the
+//! workloads report, write status, record events.
+//!
+//! ```text
+//!   Controller<ModelDeployment>  (+ .owns() watches on every child kind)
+//!     └─ reconcile(md)
+//!          1. build::desired(md)                      pure
+//!          2. server-side apply each child            field manager switchyard-operator, forced
+//!          3. status::derive(md, workloads, error)    pure
+//!          4. server-side apply status subresource
+//!          5. events for changes and failures
+//! ```
+//!
+//! Server-side apply with a forced field manager makes every reconcile idempotent: a
+//! restarted operator, a deleted child and a hand edit all converge to the same objects.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::ModelDeployment;
+use crate::build::{self, Desired, FIELD_MANAGER, Names};
+use crate::metrics::Metrics;
+use crate::status::{self, Observed};
+
+/// What every reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+/// Why a reconcile failed. The variant name is the `reason` label of the error metric.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("building the desired objects: {0}")]
+    Build(#[from] build::BuildError),
+    #[error("applying {kind} {name}: {source}")]
+    Apply {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("reading {kind} {name}: {source}")]
+    Read {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing status: {0}")]
+    Status(#[source] kube::Error),
+}
+
+impl Error {
+    /// A short, stable name for metrics and event reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Build(_) => "Build",
+            Error::Apply { .. } => "Apply",
+            Error::Read { .. } => "Read",
+            Error::Status(_) => "Status",
+        }
+    }
+}
+
+/// How often a converged object is looked at again even without a watch event.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Reconciles one ModelDeployment.
+pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&md, &ctx).await;
+    ctx.metrics
+        .observe_reconcile(started.elapsed(), result.as_ref().err());
+    result
+}
+
+async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
+    let names = Names::new(md)?;
+    let desired = build::desired(md)?;
+    let apply_result = apply_all(&ctx.client, &names.namespace, &desired).await;
+    let apply_error = apply_result.as_ref().err().map(ToString::to_string);
+
+    let frontend = get_opt::<Deployment>(&ctx.client, &names.namespace, &names.frontend).await?;
+    let experts = get_opt::<StatefulSet>(&ctx.client, &names.namespace, &names.experts).await?;
+    let observed = Observed {
+        frontend: frontend.as_ref(),
+        experts: experts.as_ref(),
+        apply_error: apply_error.clone(),
+        placement_revision: build::worker_config(md, &names).placement.revision.into(),
+    };
+    let new_status = status::derive(
+        md,
+        &names,
+        &observed,
+        Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let changed = md.status.as_ref() != Some(&new_status);
+    if changed {
+        let generation_changed =
+            md.status.as_ref().and_then(|s| s.observed_generation) != md.metadata.generation;
+        write_status(&ctx.client, md, &new_status).await?;
+        if generation_changed && apply_error.is_none() {
+            publish(
+                ctx,
+                md,
+                EventType::Normal,
+                "Applied",
+                format!(
+                    "applied generation {}: {} frontend(s), {} expert shard(s)",
+                    md.metadata.generation.unwrap_or_default(),
+                    md.spec.frontend.replicas,
+                    md.spec.experts.shards
+                ),
+            )
+            .await;
+        }
+    }
+    apply_result?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// On failure: a warning event and a retry in 10 s (the error is also in the status when
+/// it came from applying children).
+pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %md.name_any(), namespace = ?md.namespace(), %error, "reconcile failed");
+    let ctx2 = ctx.clone();
+    let md2 = md.clone();
+    let reason = error.reason();
+    let note = error.to_string();
+    tokio::spawn(async move {
+        publish(
+            &ctx2,
+            &md2,
+            EventType::Warning,
+            &format!("{reason}Failed"),
+            note,
+        )
+        .await;
+    });
+    Action::requeue(Duration::from_secs(10))
+}
+
+async fn publish(
+    ctx: &Context,
+    md: &ModelDeployment,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &md.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not record an event");
+    }
+}
+
+/// Applies every child, in dependency order (config before the pods that mount it).
+async fn apply_all(client: &Client, namespace: &str, d: &Desired) -> Result<(), Error> {
+    apply(client, namespace, &d.service_account).await?;
+    apply(client, namespace, &d.config).await?;
+    apply(client, namespace, &d.client_service).await?;
+    apply(client, namespace, &d.experts_service).await?;
+    apply(client, namespace, &d.frontend).await?;
+    apply(client, namespace, &d.experts).await?;
+    apply(client, namespace, &d.frontend_pdb).await?;
+    apply(client, namespace, &d.experts_pdb).await?;
+    apply(client, namespace, &d.frontend_policy).await?;
+    apply(client, namespace, &d.experts_policy).await?;
+    Ok(())
+}
+
+async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    // Server-side apply needs apiVersion and kind in the body; typed objects omit them.
+    let mut body = serde_json::to_value(object).expect("k8s objects serialize");
+    body["apiVersion"] = K::api_version(&()).into();
+    body["kind"] = K::kind(&()).into();
+    Api::<K>::namespaced(client.clone(), namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Apply {
+            kind: K::kind(&()).to_string(),
+            name,
+            source,
+        })
+}
+
+async fn get_opt<K>(client: &Client, namespace: &str, name: &str) -> Result<Option<K>, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::Read {
+            kind: K::kind(&()).to_string(),
+            name: name.to_string(),
+            source,
+        })
+}
+
+async fn write_status(
+    client: &Client,
+    md: &ModelDeployment,
+    status: &crate::api::ModelDeploymentStatus,
+) -> Result<(), Error> {
+    let api: Api<ModelDeployment> =
+        Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    let body = serde_json::json!({
+        "apiVersion": ModelDeployment::api_version(&()),
+        "kind": ModelDeployment::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &md.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map(|_| ())
+    .map_err(Error::Status)
+}

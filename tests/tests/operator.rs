@@ -1,0 +1,431 @@
+//! Tier 2: `switchyard-operator run` against the real API server: owned objects, updates,
+//! repair, `kubectl scale`, leader election and restarts. (No controller-manager here, so
+//! workloads get no pods; the cluster tests cover pods and garbage collection.)
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+use switchyard_operator::api::ModelDeployment;
+use switchyard_proto::worker_config::{CONFIG_FILE, WorkerConfig};
+use switchyard_tests::{ControlPlane, OperatorProcess, TestNamespace};
+
+const WAIT: Duration = Duration::from_secs(60);
+const LEASE: Duration = Duration::from_secs(4);
+
+async fn setup(prefix: &str) -> (&'static ControlPlane, TestNamespace) {
+    let cp = ControlPlane::shared().await.unwrap();
+    cp.install_crd(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/modeldeployment.yaml"
+    )))
+    .await
+    .unwrap();
+    let ns = cp.namespace(prefix).await.unwrap();
+    (cp, ns)
+}
+
+fn example(file: &str) -> ModelDeployment {
+    let path = format!("{}/../examples/{file}", env!("CARGO_MANIFEST_DIR"));
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Polls `f` every 200 ms until it yields `Some`, or panics naming `what`.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn get<K>(ns: &TestNamespace, name: &str) -> Option<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(ns.client.clone(), &ns.name)
+        .get_opt(name)
+        .await
+        .unwrap()
+}
+
+fn owned_by(meta: &kube::api::ObjectMeta, md: &ModelDeployment) -> bool {
+    meta.owner_references.as_ref().is_some_and(|o| {
+        o.len() == 1 && o[0].uid == md.uid().unwrap() && o[0].controller == Some(true)
+    })
+}
+
+async fn create(ns: &TestNamespace, md: &ModelDeployment) -> ModelDeployment {
+    Api::<ModelDeployment>::namespaced(ns.client.clone(), &ns.name)
+        .create(&PostParams::default(), md)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_examples_get_every_owned_object_and_a_status() {
+    let (cp, ns) = setup("op-objects").await;
+    let operator = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    for file in ["minimal.yaml", "full.yaml"] {
+        let md = create(&ns, &example(file)).await;
+        let name = md.name_any();
+        let ready = eventually(&format!("{file}: all owned objects"), || async {
+            let sa = get::<ServiceAccount>(&ns, &format!("{name}-worker")).await?;
+            let cm = get::<ConfigMap>(&ns, &format!("{name}-config")).await?;
+            let dep = get::<Deployment>(&ns, &format!("{name}-frontend")).await?;
+            let svc = get::<Service>(&ns, &name).await?;
+            let sts = get::<StatefulSet>(&ns, &format!("{name}-experts")).await?;
+            let headless = get::<Service>(&ns, &format!("{name}-experts")).await?;
+            let pdbs = [
+                get::<PodDisruptionBudget>(&ns, &format!("{name}-frontend")).await?,
+                get::<PodDisruptionBudget>(&ns, &format!("{name}-experts")).await?,
+            ];
+            let policies = [
+                get::<NetworkPolicy>(&ns, &format!("{name}-frontend")).await?,
+                get::<NetworkPolicy>(&ns, &format!("{name}-experts")).await?,
+            ];
+            let mut metas = vec![
+                sa.metadata.clone(),
+                cm.metadata.clone(),
+                dep.metadata.clone(),
+                svc.metadata.clone(),
+                sts.metadata.clone(),
+                headless.metadata.clone(),
+            ];
+            metas.extend(pdbs.iter().map(|p| p.metadata.clone()));
+            metas.extend(policies.iter().map(|p| p.metadata.clone()));
+            Some((metas, sa, dep, sts, headless))
+        })
+        .await;
+        let (metas, sa, dep, sts, headless) = ready;
+        for meta in &metas {
+            assert!(
+                owned_by(meta, &md),
+                "{file}: {:?} not owned by {name}",
+                meta.name
+            );
+            let labels = meta.labels.as_ref().unwrap();
+            assert_eq!(
+                labels["app.kubernetes.io/managed-by"],
+                "switchyard-operator"
+            );
+            assert_eq!(labels["switchyard.dev/model-deployment"], name);
+        }
+        assert_eq!(sa.automount_service_account_token, Some(false));
+        assert_eq!(dep.spec.replicas, Some(md.spec.frontend.replicas));
+        assert_eq!(sts.spec.replicas, Some(md.spec.experts.shards));
+        assert_eq!(headless.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+        let pod = dep.spec.template.spec.unwrap();
+        let container = &pod.containers[0];
+        assert_eq!(container.image.as_deref(), Some(md.spec.image.as_str()));
+        assert!(container.readiness_probe.as_ref().unwrap().grpc.is_some());
+        assert_eq!(
+            container
+                .security_context
+                .as_ref()
+                .unwrap()
+                .read_only_root_filesystem,
+            Some(true)
+        );
+        assert_eq!(
+            pod.security_context.unwrap().seccomp_profile.unwrap().type_,
+            "RuntimeDefault"
+        );
+
+        // Status: no pods in this tier, so not Ready, but observed, with the endpoint.
+        let status = eventually(&format!("{file}: status"), || async {
+            let md = get::<ModelDeployment>(&ns, &name).await?;
+            let status = md.status?;
+            (status.observed_generation == md.metadata.generation).then_some(status)
+        })
+        .await;
+        assert_eq!(
+            status.endpoint.as_deref(),
+            Some(format!("{name}.{}.svc:50051", ns.name).as_str())
+        );
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.reason, "ReplicasNotReady");
+        assert!(status.placement.is_some());
+    }
+    let metrics = operator.metrics().await.unwrap();
+    assert!(
+        metrics.contains("switchyard_operator_reconciles_total{result=\"success\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_operator_leader 1"),
+        "{metrics}"
+    );
+    operator.check_running().unwrap();
+}
+
+#[tokio::test]
+async fn spec_changes_roll_out_and_hand_edits_and_deletions_are_repaired() {
+    let (cp, ns) = setup("op-update").await;
+    let _operator = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    let mut md = example("minimal.yaml");
+    md.spec.experts.shards = 2;
+    let md = create(&ns, &md).await;
+    let name = md.name_any();
+    let mds: Api<ModelDeployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    let shards = |n: i32| {
+        let ns = ns.clone();
+        let name = name.clone();
+        async move {
+            let sts = get::<StatefulSet>(&ns, &format!("{name}-experts")).await?;
+            let cm = get::<ConfigMap>(&ns, &format!("{name}-config")).await?;
+            let config: WorkerConfig =
+                serde_json::from_str(&cm.data.as_ref()?[CONFIG_FILE]).ok()?;
+            (sts.spec.replicas == Some(n) && config.shards.count == n as u32).then_some(sts)
+        }
+    };
+    let before = eventually("2 shards", || shards(2)).await;
+
+    mds.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({
+            "spec": {"image": "switchyard/worker:v2", "experts": {"shards": 3}}
+        })),
+    )
+    .await
+    .unwrap();
+    let after = eventually("3 shards in the StatefulSet and the placement", || {
+        shards(3)
+    })
+    .await;
+    let hash = |s: &StatefulSet| {
+        s.spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()["switchyard.dev/config-hash"]
+            .clone()
+    };
+    assert_ne!(
+        hash(&before),
+        hash(&after),
+        "a new placement rolls the shards"
+    );
+    eventually("the new image on the frontends", || async {
+        let dep = get::<Deployment>(&ns, &format!("{name}-frontend")).await?;
+        let image = dep.spec.template.spec?.containers[0].image.clone()?;
+        (image == "switchyard/worker:v2").then_some(())
+    })
+    .await;
+
+    // A deleted child comes back.
+    let configmaps: Api<ConfigMap> = Api::namespaced(ns.client.clone(), &ns.name);
+    let old_uid = configmaps
+        .get(&format!("{name}-config"))
+        .await
+        .unwrap()
+        .uid();
+    configmaps
+        .delete(&format!("{name}-config"), &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the deleted ConfigMap recreated", || async {
+        let cm = get::<ConfigMap>(&ns, &format!("{name}-config")).await?;
+        (cm.uid() != old_uid).then_some(())
+    })
+    .await;
+
+    // A hand edit is reverted.
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    deployments
+        .patch(
+            &format!("{name}-frontend"),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 7}})),
+        )
+        .await
+        .unwrap();
+    eventually("the hand-edited replicas restored", || async {
+        let dep = get::<Deployment>(&ns, &format!("{name}-frontend")).await?;
+        (dep.spec.replicas == Some(1)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kubectl_scale_changes_the_frontend_deployment() {
+    let (cp, ns) = setup("op-scale").await;
+    let _operator = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    let md = create(&ns, &example("minimal.yaml")).await;
+    let name = md.name_any();
+    // The scale subresource reads status.frontend.selector: wait for the first status.
+    eventually("a first status", || async {
+        get::<ModelDeployment>(&ns, &name).await?.status.map(|_| ())
+    })
+    .await;
+    let kubectl = switchyard_tests::tools::tool("kubectl").unwrap();
+    let output = tokio::process::Command::new(kubectl)
+        .env("KUBECONFIG", cp.kubeconfig())
+        .args([
+            "scale",
+            &format!("md/{name}"),
+            "--replicas=3",
+            "-n",
+            &ns.name,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl scale failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eventually("3 frontend replicas", || async {
+        let dep = get::<Deployment>(&ns, &format!("{name}-frontend")).await?;
+        (dep.spec.replicas == Some(3)).then_some(())
+    })
+    .await;
+    let md = get::<ModelDeployment>(&ns, &name).await.unwrap();
+    assert_eq!(md.spec.frontend.replicas, 3);
+}
+
+async fn lease_holder(ns: &TestNamespace) -> Option<String> {
+    get::<Lease>(ns, "switchyard-operator")
+        .await?
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
+    let (cp, ns) = setup("op-leader").await;
+    let first = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    eventually("op-a to hold the lease", || async {
+        (lease_holder(&ns).await? == "op-a").then_some(())
+    })
+    .await;
+    let second = OperatorProcess::start(cp, &ns.name, "op-b", LEASE)
+        .await
+        .unwrap();
+    let md = create(&ns, &example("minimal.yaml")).await;
+    let name = md.name_any();
+    eventually("the leader's objects", || async {
+        get::<Deployment>(&ns, &format!("{name}-frontend")).await
+    })
+    .await;
+    let managers = |dep: &Deployment| -> Vec<String> {
+        dep.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|f| f.manager.clone())
+            .collect()
+    };
+    let dep = get::<Deployment>(&ns, &format!("{name}-frontend"))
+        .await
+        .unwrap();
+    assert_eq!(managers(&dep), ["switchyard-operator"]);
+    let standby = second.metrics().await.unwrap();
+    assert!(
+        standby.contains("switchyard_operator_leader 0"),
+        "{standby}"
+    );
+    assert!(
+        !standby.contains("switchyard_operator_reconciles_total"),
+        "the standby must not reconcile: {standby}"
+    );
+
+    // The leader dies without releasing its lease; the standby takes over after it expires.
+    first.kill();
+    let killed = tokio::time::Instant::now();
+    eventually("op-b to take the lease", || async {
+        (lease_holder(&ns).await? == "op-b").then_some(())
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took <= LEASE + Duration::from_secs(5),
+        "takeover took {took:?}, lease is {LEASE:?}"
+    );
+    // ... and reconciles: a new object gets its children.
+    let mut other = example("minimal.yaml");
+    other.metadata.name = Some("after-failover".into());
+    create(&ns, &other).await;
+    eventually("the new leader's objects", || async {
+        get::<StatefulSet>(&ns, "after-failover-experts").await
+    })
+    .await;
+    second.check_running().unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_operator_converges_to_the_same_objects() {
+    let (cp, ns) = setup("op-restart").await;
+    let first = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    let mut md = example("full.yaml");
+    md.metadata.name = Some("restart".into());
+    create(&ns, &md).await;
+    let snapshot = || async {
+        let dep = get::<Deployment>(&ns, "restart-frontend").await?;
+        let sts = get::<StatefulSet>(&ns, "restart-experts").await?;
+        let cm = get::<ConfigMap>(&ns, "restart-config").await?;
+        Some((dep, sts, cm))
+    };
+    // Kill it as soon as the first objects exist: mid-reconcile, most likely.
+    eventually("the first child", || async {
+        get::<ServiceAccount>(&ns, "restart-worker").await
+    })
+    .await;
+    first.kill();
+    let _second = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    let (dep, sts, cm) = eventually("every child after the restart", snapshot).await;
+
+    // Exactly one of each, owned once, with the content the spec asks for.
+    let lp = ListParams::default().labels("switchyard.dev/model-deployment=restart");
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(deployments.list(&lp).await.unwrap().items.len(), 1);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(statefulsets.list(&lp).await.unwrap().items.len(), 1);
+    assert_eq!(dep.spec.replicas, Some(2));
+    assert_eq!(sts.spec.replicas, Some(4));
+    let config: WorkerConfig = serde_json::from_str(&cm.data.unwrap()[CONFIG_FILE]).unwrap();
+    assert_eq!(config.shards.count, 4);
+    assert_eq!(dep.owner_references().len(), 1);
+}
