@@ -4,7 +4,9 @@
 //! Every rule a user can break is in the schema (bounds, enums, patterns) or in a CEL rule
 //! (`x-kubernetes-validations`), so the API server itself refuses a bad manifest at
 //! `kubectl apply`, with a message that names the field. Defaults live here too (serde
-//! defaults become schema defaults), so what `kubectl get -o yaml` shows is what runs.
+//! defaults become schema defaults), so `kubectl get -o yaml` shows them; the few
+//! optional fields whose default depends on the model or the cluster (context length,
+//! KV-cache size, pull policy, INT4 group size) stay unset and say so in their docs.
 //!
 //! ```text
 //!   ModelDeployment
@@ -155,7 +157,7 @@ pub struct PvcSource {
     pub claim_name: String,
     /// Directory inside the volume that holds `config.json` and the `*.safetensors`.
     #[serde(default = "default_model_path")]
-    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('..')").message("model.pvc.path must be an absolute path without '..'"))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')").message("model.pvc.path must be an absolute path without '..' segments"))]
     pub path: String,
 }
 
@@ -164,7 +166,7 @@ pub struct PvcSource {
 #[serde(rename_all = "camelCase")]
 pub struct HostPathSource {
     /// Absolute path of the checkpoint directory on the node.
-    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('..')").message("model.hostPath.path must be an absolute path without '..'"))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')").message("model.hostPath.path must be an absolute path without '..' segments"))]
     pub path: String,
 }
 
@@ -177,9 +179,10 @@ pub struct ImageSource {
     pub reference: String,
     /// Directory inside the image that holds the checkpoint.
     #[serde(default = "default_model_path")]
-    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('..')").message("model.image.path must be an absolute path without '..'"))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')").message("model.image.path must be an absolute path without '..' segments"))]
     pub path: String,
-    /// Pull policy of the image volume.
+    /// Pull policy of the image volume. Unset: the Kubernetes default (`Always` for
+    /// `:latest`, else `IfNotPresent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_policy: Option<PullPolicy>,
 }
@@ -400,7 +403,8 @@ fn default_max_tokens_per_request() -> i32 {
 ).message("admission.tiers must list at least one tier when admission.apiKeySecret is set").field_path(".tiers"))]
 pub struct AdmissionSpec {
     /// Secret in this namespace mapping API keys to tenants and tiers. Unset: no
-    /// authentication (every caller is one anonymous tenant in `defaultTier`).
+    /// authentication; every caller is one anonymous tenant, in `defaultTier` if set, else
+    /// in a built-in tier with priority `normal`, weight 1 and no quotas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret: Option<SecretRef>,
     /// Service tiers; each key in the Secret names one. Names are unique.
@@ -408,7 +412,8 @@ pub struct AdmissionSpec {
     #[schemars(length(max = 32))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub tiers: Vec<Tier>,
-    /// Tier for callers the Secret does not place (and for everyone without a Secret).
+    /// Tier for keys the Secret lists without a tier, and for everyone when there is no
+    /// Secret. A key the Secret does not list is refused (UNAUTHENTICATED) either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub default_tier: Option<String>,
@@ -439,7 +444,8 @@ pub struct Tier {
     /// Highest priority band this tier's requests may use. Default `normal`.
     #[serde(default)]
     pub priority: Priority,
-    /// Share of capacity within its priority band, relative to other tenants. Default 1.
+    /// Fair-share weight of each tenant in this tier, against the other tenants in the
+    /// same priority band. Default 1.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1000))]
     pub weight: i32,

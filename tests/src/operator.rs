@@ -63,6 +63,11 @@ impl OperatorProcess {
         http_get_plain(self.metrics_port, "/metrics").await
     }
 
+    /// Peak resident memory of the operator so far, in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.process.peak_rss_kib()
+    }
+
     /// Kills the process at once (no lease release: a crash, as far as the others know).
     pub fn kill(&self) {
         self.process.kill();

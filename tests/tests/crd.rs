@@ -186,6 +186,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "{pvc: {claimName: models, path: models/x}}",
         "spec.model.pvc.path",
     ),
+    (
+        "a '..' segment in a model path",
+        "model",
+        "{hostPath: {path: /models/../etc}}",
+        "spec.model.hostPath.path",
+    ),
     ("an empty image", "image", "''", "spec.image"),
 ];
 

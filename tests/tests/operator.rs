@@ -318,6 +318,30 @@ async fn kubectl_scale_changes_the_frontend_deployment() {
     .await;
     let md = get::<ModelDeployment>(&ns, &name).await.unwrap();
     assert_eq!(md.spec.frontend.replicas, 3);
+
+    // `kubectl get md` shows the printer columns.
+    let output = tokio::process::Command::new(switchyard_tests::tools::tool("kubectl").unwrap())
+        .env("KUBECONFIG", cp.kubeconfig())
+        .args(["get", "md", &name, "-n", &ns.name])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "FRONTENDS", "SHARDS", "ENDPOINT", "AGE"],
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("{name}.{}.svc:50051", ns.name)),
+        "{table}"
+    );
 }
 
 async fn lease_holder(ns: &TestNamespace) -> Option<String> {

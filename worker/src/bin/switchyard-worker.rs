@@ -16,6 +16,10 @@ struct Args {
     /// Address to serve gRPC on (port 0 picks a free port and logs it).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
+    /// The worker contract file the operator mounts (`worker.json`). Optional when run by
+    /// hand; when given, a file that does not parse stops the worker at start-up.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: Option<std::path::PathBuf>,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax (e.g. `info,switchyard_worker=debug`).
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info")]
     log: String,
@@ -32,7 +36,19 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?,
         )
         .init();
-    tracing::info!(role = %args.role, listen = %args.listen, "starting switchyard-worker");
+    tracing::info!(role = %args.role, listen = %args.listen, config = ?args.config, "starting switchyard-worker");
+    if let Some(path) = &args.config {
+        let config = switchyard_worker::config::load(path)?;
+        tracing::info!(
+            deployment = %config.deployment,
+            model = %config.model.path,
+            dtype = %config.model.dtype,
+            quantization = %config.model.quantization,
+            shards = config.shards.count,
+            placement = %config.placement.revision,
+            "loaded the worker config"
+        );
+    }
     let listener = server::bind(args.listen).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, "listening");
