@@ -38,6 +38,11 @@ test: tools fmt-check clippy ## Everything CI runs: format, lints, unit, control
 crds: ## Regenerate crds/ from the operator's Rust types (a test fails when they drift)
 	$(CARGO) run --quiet -p switchyard-operator -- crd > crds/modeldeployment.yaml
 
+.PHONY: bench
+bench: tools ## Operator scale benchmark: 200 ModelDeployments against a real API server (docs/benchmarks.md)
+	$(CARGO) build --release -p switchyard-operator
+	$(CARGO) bench -p switchyard-tests --bench operator_scale
+
 .PHONY: demo
 demo: ## Start a worker on loopback and talk to it with the switchyard CLI
 	hack/demo.sh
