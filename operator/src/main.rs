@@ -20,6 +20,10 @@ use switchyard_operator::leader::{Elector, LeaseConfig};
 use switchyard_operator::metrics::{self, Metrics, OBJECTS_PER_DEPLOYMENT};
 use switchyard_operator::reconcile::{self, Context};
 
+/// How long in-flight reconciles may run after SIGTERM before the operator stops anyway
+/// (well inside Kubernetes' default 30 s termination grace period).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// The Switchyard operator.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -184,6 +188,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .graceful_shutdown_on(stopped());
     let store = controller.store();
     metrics.set_ready(true);
+    // kube-runtime's graceful shutdown waits for the cache's first sync, which never comes
+    // once shutdown has cut the watches: a SIGTERM during start-up would hang until the
+    // kubelet's SIGKILL. So: once shutdown is requested, stop at once if the cache was not
+    // ready yet (nothing can be in flight), else give in-flight reconciles SHUTDOWN_GRACE.
+    let cache = store.clone();
+    let stuck_shutdown = {
+        let stopped = stopped();
+        async move {
+            stopped.await;
+            let ready = tokio::time::timeout(Duration::ZERO, cache.wait_until_ready())
+                .await
+                .is_ok();
+            if ready {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                tracing::warn!(
+                    "in-flight reconciles did not finish within {SHUTDOWN_GRACE:?}; stopping anyway"
+                );
+            }
+        }
+    };
     let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| {
@@ -196,6 +220,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             std::future::ready(())
         });
 
+    let run = async {
+        tokio::select! {
+            () = run => {}
+            () = stuck_shutdown => {}
+        }
+    };
     match &elector {
         None => run.await,
         Some(elector) => {

@@ -73,6 +73,11 @@ impl OperatorProcess {
         self.process.kill();
     }
 
+    /// SIGTERM, then waits for a graceful exit; `None` if it had to be killed.
+    pub fn terminate(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.process.terminate(timeout)
+    }
+
     /// Fails with the log if the operator has exited.
     pub fn check_running(&self) -> Result<()> {
         self.process.check_running()

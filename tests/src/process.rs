@@ -283,6 +283,34 @@ impl ManagedProcess {
         let _ = child.wait();
         lock_registry().pids.retain(|p| *p != pid);
     }
+
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit on its own; returns
+    /// its exit status, or `None` if it had to be killed.
+    pub fn terminate(&self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.pid() as i32;
+        // SAFETY: a plain kill(2) on our own child.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            let status = self
+                .child
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_wait()
+                .ok()
+                .flatten();
+            if let Some(status) = status {
+                lock_registry().pids.retain(|p| *p != pid);
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
 }
 
 impl Drop for ManagedProcess {

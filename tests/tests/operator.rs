@@ -453,3 +453,62 @@ async fn a_restarted_operator_converges_to_the_same_objects() {
     assert_eq!(config.shards.count, 4);
     assert_eq!(dep.owner_references().len(), 1);
 }
+
+/// Sends SIGTERM; panics with the log unless the operator exits 0 within 20 s.
+async fn terminate(operator: OperatorProcess) {
+    let operator = std::sync::Arc::new(operator);
+    let stopping = operator.clone();
+    let status = tokio::task::spawn_blocking(move || stopping.terminate(Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| {
+            panic!(
+                "the operator did not exit within 20 s of SIGTERM; log:\n{}",
+                operator.log_tail(30)
+            )
+        });
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_leader_cleanly_and_releases_its_lease() {
+    let (cp, ns) = setup("op-sigterm").await;
+    let operator = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    let md = create(&ns, &example("minimal.yaml")).await;
+    eventually("the leader at work", || async {
+        get::<Deployment>(&ns, &format!("{}-frontend", md.name_any())).await
+    })
+    .await;
+    terminate(operator).await;
+    // Released: a standby need not wait for the lease to expire.
+    assert_eq!(lease_holder(&ns).await, None);
+}
+
+#[tokio::test]
+async fn sigterm_right_after_start_up_does_not_hang() {
+    // The cache has not synced yet: the case kube-runtime's graceful shutdown waits on.
+    let (cp, ns) = setup("op-sigterm-early").await;
+    let operator = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    terminate(operator).await;
+}
+
+#[tokio::test]
+async fn without_the_crd_the_operator_refuses_to_start_and_says_how_to_install_it() {
+    // A private control plane: the shared one has the CRD.
+    let cp = ControlPlane::start().await.unwrap();
+    let ns = cp.namespace("no-crd").await.unwrap();
+    let err = OperatorProcess::start(&cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exited with exit status: 1"), "{err}");
+    assert!(err.contains("modeldeployments.switchyard.dev"), "{err}");
+    assert!(
+        err.contains("kubectl apply -f crds/modeldeployment.yaml"),
+        "{err}"
+    );
+}
