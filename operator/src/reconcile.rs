@@ -104,7 +104,7 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         frontend: frontend.as_ref(),
         experts: experts.as_ref(),
         apply_error: apply_error.clone(),
-        placement_revision: build::worker_config(md, &names).placement.revision.into(),
+        placement_revision: Some(desired.placement_revision.clone()),
     };
     let new_status = status::derive(
         md,

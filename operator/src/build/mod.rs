@@ -132,6 +132,8 @@ pub struct Desired {
     pub experts_pdb: PodDisruptionBudget,
     pub frontend_policy: NetworkPolicy,
     pub experts_policy: NetworkPolicy,
+    /// The placement revision written into `worker.json` (reported in status).
+    pub placement_revision: String,
 }
 
 /// Builds the desired objects of `md`.
@@ -143,6 +145,7 @@ pub fn desired(md: &ModelDeployment) -> Result<Desired, BuildError> {
     let spec = &md.spec;
     let port = spec.serving.port;
     let config = worker_config(md, &names);
+    let placement_revision = config.placement.revision.clone();
     let config_json =
         serde_json::to_string_pretty(&config).expect("the worker config always serializes to JSON");
     let hash = config_hash(&config_json);
@@ -278,6 +281,7 @@ pub fn desired(md: &ModelDeployment) -> Result<Desired, BuildError> {
         experts_pdb: pdb(&names.experts, Component::ExpertShard, &experts_selector),
         frontend_policy,
         experts_policy,
+        placement_revision,
     })
 }
 
