@@ -400,6 +400,13 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     })
     .await;
     let took = killed.elapsed();
+    // Past the output capture: the figure goes in the closing notes.
+    let _ = std::io::Write::write_fmt(
+        &mut std::io::stderr(),
+        format_args!(
+            "leader failover: standby holds the lease {took:?} after the kill (lease {LEASE:?})\n"
+        ),
+    );
     assert!(
         took <= LEASE + Duration::from_secs(5),
         "takeover took {took:?}, lease is {LEASE:?}"
