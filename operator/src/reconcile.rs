@@ -97,9 +97,14 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     let desired = build::desired(md)?;
     let apply_result = apply_all(&ctx.client, &names.namespace, &desired).await;
     let apply_error = apply_result.as_ref().err().map(ToString::to_string);
-
-    let frontend = get_opt::<Deployment>(&ctx.client, &names.namespace, &names.frontend).await?;
-    let experts = get_opt::<StatefulSet>(&ctx.client, &names.namespace, &names.experts).await?;
+    // The apply answers carry the workloads' status; read them only if it failed midway.
+    let (frontend, experts) = match &apply_result {
+        Ok((frontend, experts)) => (Some(frontend.clone()), Some(experts.clone())),
+        Err(_) => (
+            get_opt::<Deployment>(&ctx.client, &names.namespace, &names.frontend).await?,
+            get_opt::<StatefulSet>(&ctx.client, &names.namespace, &names.experts).await?,
+        ),
+    };
     let observed = Observed {
         frontend: frontend.as_ref(),
         experts: experts.as_ref(),
@@ -177,22 +182,27 @@ async fn publish(
     }
 }
 
-/// Applies every child, in dependency order (config before the pods that mount it).
-async fn apply_all(client: &Client, namespace: &str, d: &Desired) -> Result<(), Error> {
+/// Applies every child, in dependency order (config before the pods that mount it), and
+/// returns the two workloads as the API server answered (with their status).
+async fn apply_all(
+    client: &Client,
+    namespace: &str,
+    d: &Desired,
+) -> Result<(Deployment, StatefulSet), Error> {
     apply(client, namespace, &d.service_account).await?;
     apply(client, namespace, &d.config).await?;
     apply(client, namespace, &d.client_service).await?;
     apply(client, namespace, &d.experts_service).await?;
-    apply(client, namespace, &d.frontend).await?;
-    apply(client, namespace, &d.experts).await?;
+    let frontend = apply(client, namespace, &d.frontend).await?;
+    let experts = apply(client, namespace, &d.experts).await?;
     apply(client, namespace, &d.frontend_pdb).await?;
     apply(client, namespace, &d.experts_pdb).await?;
     apply(client, namespace, &d.frontend_policy).await?;
     apply(client, namespace, &d.experts_policy).await?;
-    Ok(())
+    Ok((frontend, experts))
 }
 
-async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<(), Error>
+async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Serialize
@@ -212,7 +222,6 @@ where
             &Patch::Apply(body),
         )
         .await
-        .map(|_| ())
         .map_err(|source| Error::Apply {
             kind: K::kind(&()).to_string(),
             name,
