@@ -30,6 +30,9 @@ clippy: ## Lint, warnings are errors
 .PHONY: test
 test: tools fmt-check clippy ## Everything CI runs: format, lints, unit, control-plane, cluster and gRPC tests
 	@mkdir -p target
+	@# The tests start switchyard-operator as a process; `cargo test` does not build other
+	@# packages' binaries, so build them first.
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace 2>&1 | tee target/test-output.log
 	@# cargo's last line is often an empty doc-test run; end with the total instead.
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "make test: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test-output.log

@@ -19,8 +19,8 @@ pub enum HarnessError {
 
     /// A binary of this workspace has not been built.
     #[error(
-        "`{name}` not found at {}: build it with `cargo build --bins` \
-         (`cargo test --workspace` and `make test` do)",
+        "`{name}` not found at {}: build it with `cargo build --workspace --bins` \
+         (`make test` does; `cargo test` alone does not build other packages' binaries)",
         path.display()
     )]
     MissingWorkspaceBinary { name: String, path: PathBuf },

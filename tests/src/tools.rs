@@ -40,8 +40,9 @@ fn tool_in(dir: &std::path::Path, name: &str) -> Result<PathBuf> {
 }
 
 /// A binary of this workspace (`switchyard-operator`, `switchyard-worker`), from the
-/// target directory the running test binary was built into. `cargo test --workspace`
-/// (what `make test` runs) builds them; a missing one is an error that says so.
+/// target directory the running test binary was built into. `make test` builds them
+/// first (`cargo test` alone does not build other packages' binaries); a missing one is an
+/// error that says so.
 pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(HarnessError::io("locating the test binary"))?;
     // target/<profile>/deps/<test> -> target/<profile>/<name>
