@@ -74,14 +74,40 @@ struct RunArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+async fn main() -> std::process::ExitCode {
+    exit_with(match Cli::parse().command {
         Command::Crd => {
             print!("{}", switchyard_operator::crd_yaml());
             Ok(())
         }
         Command::Run(args) => run(args).await,
+    })
+}
+
+/// Errors are printed as one line of causes (`a: b: c`), without a backtrace: they are
+/// for the person running the command, who needs what went wrong and what to do. A cause
+/// whose text the line already holds (many errors quote their source) is not repeated.
+fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_line(&e));
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+/// The error and its causes on one line, without repeats.
+fn error_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

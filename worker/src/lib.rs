@@ -8,12 +8,14 @@
 //! ```
 //!
 //! - [`server`]: the gRPC server both roles run (health, reflection, the role's service).
+//! - [`cli`]: error reporting shared by the binaries.
 //! - [`client`]: calls to a worker's standard endpoints, used by the `switchyard` CLI.
 //! - [`config`]: loading `worker.json`, the contract file the operator mounts.
 //!
 //! The inference engine (model loading, MoE layers on candle, scheduling) and the role
 //! services land in their own modules as they are built; see `docs/architecture.md`.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod server;

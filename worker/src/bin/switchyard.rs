@@ -33,8 +33,11 @@ enum Command {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> std::process::ExitCode {
+    switchyard_worker::cli::exit_with(run(Cli::parse()).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let channel = client::connect(&cli.addr).await?;
     match cli.command {
         Command::Health { service } => {

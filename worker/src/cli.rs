@@ -1,0 +1,52 @@
+//! What the worker's two binaries (`switchyard-worker`, `switchyard`) share at their edge:
+//! how an error reaches the person who ran them.
+
+/// Errors are printed as one line of causes (`a: b: c`), without a backtrace: they are
+/// for the person running the command, who needs what went wrong and what to do. A cause
+/// whose text the line already holds (many errors quote their source) is not repeated.
+pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, without repeats.
+pub fn error_line(error: &anyhow::Error) -> String {
+    let mut line = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connecting to {addr}: {source}")]
+    struct Outer {
+        addr: &'static str,
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn causes_are_chained_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(Outer {
+            addr: "x",
+            source: io,
+        })
+        .context("health check");
+        assert_eq!(error_line(&e), "health check: connecting to x: refused");
+    }
+}
