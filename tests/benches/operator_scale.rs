@@ -8,7 +8,6 @@
 //! (defaults 200 and 20). Prints a Markdown table for docs/benchmarks.md.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -114,12 +113,9 @@ async fn main() {
     let idle_samples = numbers.get(1).copied().unwrap_or(20);
 
     let cp = ControlPlane::start().await.expect("control plane");
-    cp.install_crd(Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/modeldeployment.yaml"
-    )))
-    .await
-    .expect("CRD");
+    cp.install_crd(switchyard_tests::MODEL_DEPLOYMENT_CRD)
+        .await
+        .expect("CRD");
     let ns = cp.namespace("bench").await.expect("namespace");
     let operator = OperatorProcess::start(&cp, &ns.name, "bench", Duration::from_secs(15))
         .await

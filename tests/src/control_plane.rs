@@ -187,7 +187,8 @@ impl ControlPlane {
     /// Installs the CustomResourceDefinition in the YAML file at `path` unless it exists,
     /// and waits until the API server serves it (condition `Established`). Idempotent, so
     /// every test can call it.
-    pub async fn install_crd(&self, path: &Path) -> Result<()> {
+    pub async fn install_crd(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
         use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
         let text = std::fs::read_to_string(path)
             .map_err(HarnessError::io(format!("reading {}", path.display())))?;
@@ -212,6 +213,19 @@ impl ControlPlane {
             }
         })
         .await
+    }
+
+    /// Runs the built `kubectl` against this control plane.
+    pub async fn kubectl(&self, args: &[&str]) -> Result<std::process::Output> {
+        tokio::process::Command::new(tool("kubectl")?)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(args)
+            .output()
+            .await
+            .map_err(HarnessError::io(format!(
+                "running kubectl {}",
+                args.join(" ")
+            )))
     }
 
     /// Fails with the dead component's log if etcd or the API server has exited.

@@ -26,4 +26,9 @@ pub mod tools;
 pub use cluster::Cluster;
 pub use control_plane::{ControlPlane, TestNamespace};
 pub use error::{HarnessError, Result};
+
+/// The checked-in ModelDeployment CRD (`crds/modeldeployment.yaml`), for
+/// [`ControlPlane::install_crd`].
+pub const MODEL_DEPLOYMENT_CRD: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/modeldeployment.yaml");
 pub use operator::OperatorProcess;

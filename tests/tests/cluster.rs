@@ -199,12 +199,9 @@ async fn a_model_deployment_runs_on_kwok_gpu_nodes_becomes_ready_and_is_garbage_
     use switchyard_operator::api::ModelDeployment;
     let cluster = Cluster::shared().await.unwrap();
     let cp = cluster.control_plane();
-    cp.install_crd(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/modeldeployment.yaml"
-    )))
-    .await
-    .unwrap();
+    cp.install_crd(switchyard_tests::MODEL_DEPLOYMENT_CRD)
+        .await
+        .unwrap();
     let ns = cluster.namespace("md-cluster").await.unwrap();
     let _operator =
         switchyard_tests::OperatorProcess::start(cp, &ns.name, "op", Duration::from_secs(4))

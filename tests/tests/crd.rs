@@ -9,12 +9,9 @@ use switchyard_tests::{ControlPlane, TestNamespace};
 /// A namespace in a control plane that serves the checked-in ModelDeployment CRD.
 async fn namespace_with_crd(prefix: &str) -> TestNamespace {
     let cp = ControlPlane::shared().await.unwrap();
-    cp.install_crd(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/modeldeployment.yaml"
-    )))
-    .await
-    .unwrap();
+    cp.install_crd(switchyard_tests::MODEL_DEPLOYMENT_CRD)
+        .await
+        .unwrap();
     cp.namespace(prefix).await.unwrap()
 }
 

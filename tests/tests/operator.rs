@@ -3,7 +3,6 @@
 //! workloads get no pods; the cluster tests cover pods and garbage collection.)
 
 use std::future::Future;
-use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -22,12 +21,9 @@ const LEASE: Duration = Duration::from_secs(4);
 
 async fn setup(prefix: &str) -> (&'static ControlPlane, TestNamespace) {
     let cp = ControlPlane::shared().await.unwrap();
-    cp.install_crd(Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../crds/modeldeployment.yaml"
-    )))
-    .await
-    .unwrap();
+    cp.install_crd(switchyard_tests::MODEL_DEPLOYMENT_CRD)
+        .await
+        .unwrap();
     let ns = cp.namespace(prefix).await.unwrap();
     (cp, ns)
 }
@@ -293,17 +289,14 @@ async fn kubectl_scale_changes_the_frontend_deployment() {
         get::<ModelDeployment>(&ns, &name).await?.status.map(|_| ())
     })
     .await;
-    let kubectl = switchyard_tests::tools::tool("kubectl").unwrap();
-    let output = tokio::process::Command::new(kubectl)
-        .env("KUBECONFIG", cp.kubeconfig())
-        .args([
+    let output = cp
+        .kubectl(&[
             "scale",
             &format!("md/{name}"),
             "--replicas=3",
             "-n",
             &ns.name,
         ])
-        .output()
         .await
         .unwrap();
     assert!(
@@ -320,10 +313,8 @@ async fn kubectl_scale_changes_the_frontend_deployment() {
     assert_eq!(md.spec.frontend.replicas, 3);
 
     // `kubectl get md` shows the printer columns.
-    let output = tokio::process::Command::new(switchyard_tests::tools::tool("kubectl").unwrap())
-        .env("KUBECONFIG", cp.kubeconfig())
-        .args(["get", "md", &name, "-n", &ns.name])
-        .output()
+    let output = cp
+        .kubectl(&["get", "md", &name, "-n", &ns.name])
         .await
         .unwrap();
     let table = String::from_utf8_lossy(&output.stdout);
