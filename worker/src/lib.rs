@@ -19,3 +19,8 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod server;
+pub mod engine;
+pub mod frontend;
+pub mod loadgen;
+pub mod model;
+pub mod text;
