@@ -49,3 +49,12 @@ bench: tools ## Operator scale benchmark: 200 ModelDeployments against a real AP
 .PHONY: demo
 demo: ## Start a worker on loopback and talk to it with the switchyard CLI
 	hack/demo.sh
+
+.PHONY: fixtures
+fixtures: ## Regenerate the tiny HF checkpoints + transformers references in worker/tests/fixtures/models (CI never runs this)
+	@venv="$${SWITCHYARD_FIXTURES_VENV:-$$HOME/.cache/switchyard/venv-fixtures}"; \
+	if [ ! -x "$$venv/bin/python" ]; then \
+		"$$(command -v python3.11 || command -v python3)" -m venv "$$venv"; \
+	fi; \
+	"$$venv/bin/pip" install --quiet --disable-pip-version-check -r hack/fixtures/requirements.txt; \
+	"$$venv/bin/python" hack/fixtures/generate.py
