@@ -1,1 +1,526 @@
-//! (being built)
+//! The inference engine: continuous batching over one model and one paged KV cache.
+//!
+//! ```text
+//!  EngineHandle::submit ──cmd──> engine thread ──────────────────────────────────────┐
+//!   (any task)                    │ admit: waiting → running when KV blocks suffice  │
+//!                                 │ plan:  every decode + prefill chunks ≤ budget    │
+//!                                 │ run:   Transformer::forward(ForwardBatch, PagedKv)│
+//!                                 │ sample, stop checks, free blocks of ended seqs   │
+//!  Receiver<Event> <──Token/Finished/Failed──────────────────────────────────────────┘
+//! ```
+//!
+//! One OS thread owns the model, the cache and every sequence; callers talk to it through
+//! channels, so there is no lock on the hot path. A sequence joins the batch between two
+//! steps; long prompts are prefilled in chunks so running decodes keep moving. Dropping
+//! the event receiver (client gone, deadline passed) cancels the sequence: its blocks are
+//! back in the pool before the next step runs.
+
+pub mod bench;
+pub mod kv_cache;
+pub mod sampling;
+pub mod scheduler;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::model::attention::{ForwardBatch, PagedKv, SeqStep};
+use crate::model::transformer::{StepRoutes, Transformer};
+use kv_cache::{BlockAllocator, blocks_for_tokens};
+use sampling::{Sampler, SamplingConfig};
+use scheduler::{Plan, SeqState};
+
+/// Sizes of the engine's resources.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Token positions per KV block.
+    pub block_size: usize,
+    /// Blocks in the KV cache (its memory budget divided by a block's bytes).
+    pub kv_blocks: usize,
+    /// Sequences in the batch at most.
+    pub max_running: usize,
+    /// New tokens per step at most (decodes first, then prefill chunks).
+    pub step_token_budget: usize,
+    /// Longest context (prompt + output) a sequence may reach.
+    pub max_context: usize,
+}
+
+/// One generation to run.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Prompt token ids (non-empty).
+    pub prompt: Vec<u32>,
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// How to pick each token.
+    pub sampling: SamplingConfig,
+    /// Tokens that end the sequence (EOS unless ignored, plus the caller's).
+    pub stop_token_ids: Vec<u32>,
+    /// Drop the sequence (with [`FinishReason::Deadline`]) once this passes.
+    pub deadline: Option<Instant>,
+}
+
+/// Why a sequence ended normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It produced one of its stop tokens (sent as its last token, with `stop` set).
+    StopToken(u32),
+    /// It produced `max_tokens` tokens.
+    Length,
+    /// It reached the model's context length.
+    ContextLength,
+    /// Its deadline passed before it finished.
+    Deadline,
+}
+
+/// What the engine tells a caller about its sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The sequence left the queue and joined the batch.
+    Started {
+        /// From submission to admission.
+        queue_time: Duration,
+    },
+    /// A new token.
+    Token {
+        /// The token id.
+        id: u32,
+        /// It is one of the sequence's stop tokens, whose text is not part of the output.
+        stop: bool,
+        /// It is the sequence's last token: `Finished` follows.
+        last: bool,
+    },
+    /// The sequence ended; no further events follow.
+    Finished {
+        /// Why.
+        reason: FinishReason,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens, including a final stop token.
+        completion_tokens: usize,
+        /// From submission to the sequence's first step.
+        queue_time: Duration,
+    },
+    /// The model failed on a step this sequence was in; no further events follow.
+    Failed {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The prompt is empty.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// Prompt + max_tokens exceed the context.
+    #[error(
+        "prompt ({prompt} tokens) + max_tokens ({max_tokens}) exceeds the context length {context}"
+    )]
+    TooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested output tokens.
+        max_tokens: usize,
+        /// The engine's context length.
+        context: usize,
+    },
+    /// The request needs more KV blocks than the whole cache has.
+    #[error("the request needs {needed} KV-cache blocks but the cache has {total}")]
+    CacheTooSmall {
+        /// Blocks needed.
+        needed: usize,
+        /// Blocks in the cache.
+        total: usize,
+    },
+    /// The engine thread has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// One step's numbers, for metrics.
+#[derive(Debug)]
+pub struct StepReport<'a> {
+    /// Wall time of the model step.
+    pub duration: Duration,
+    /// Sequences in the batch.
+    pub sequences: usize,
+    /// New tokens in the batch.
+    pub tokens: usize,
+    /// Tokens sampled.
+    pub sampled: usize,
+    /// The routes each MoE layer chose.
+    pub routes: &'a StepRoutes,
+}
+
+/// The engine's occupancy, reported after every change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Sequences in the batch.
+    pub running: usize,
+    /// Sequences admitted by the caller but waiting for KV blocks or a batch slot.
+    pub waiting: usize,
+    /// KV blocks held.
+    pub kv_used: usize,
+    /// KV blocks free.
+    pub kv_free: usize,
+}
+
+/// Receives the engine's numbers (the frontend's Prometheus metrics implement it).
+pub trait EngineObserver: Send + Sync {
+    /// After each model step.
+    fn step(&self, report: &StepReport<'_>);
+    /// Whenever the occupancy changes.
+    fn occupancy(&self, occupancy: Occupancy);
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Clone, Copy)]
+pub struct NoObserver;
+
+impl EngineObserver for NoObserver {
+    fn step(&self, _: &StepReport<'_>) {}
+    fn occupancy(&self, _: Occupancy) {}
+}
+
+enum Command {
+    Submit(Box<Pending>),
+}
+
+struct Pending {
+    request: GenerationRequest,
+    events: mpsc::UnboundedSender<Event>,
+    submitted: Instant,
+}
+
+/// A cheap, cloneable handle to the engine thread.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    commands: std_mpsc::Sender<Command>,
+    config: Arc<EngineConfig>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread for `model`.
+    pub fn start(
+        model: Arc<Transformer>,
+        config: EngineConfig,
+        observer: Arc<dyn EngineObserver>,
+    ) -> candle_core::Result<Self> {
+        let slots = config.kv_blocks * config.block_size;
+        let kv = PagedKv::new(model.config(), slots, model.dtype(), model.device())?;
+        let (tx, rx) = std_mpsc::channel();
+        let config = Arc::new(config);
+        let mut engine = Engine {
+            model,
+            kv,
+            blocks: BlockAllocator::new(config.kv_blocks, config.block_size),
+            config: config.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            observer,
+            commands: rx,
+            last_occupancy: None,
+        };
+        std::thread::Builder::new()
+            .name("switchyard-engine".into())
+            .spawn(move || engine.run())
+            .map_err(|e| candle_core::Error::Msg(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            commands: tx,
+            config,
+        })
+    }
+
+    /// The engine's limits.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Checks `request` against the engine's limits and queues it. Events arrive on the
+    /// returned receiver; dropping it cancels the sequence.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        self.check(&request)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.commands
+            .send(Command::Submit(Box::new(Pending {
+                request,
+                events: tx,
+                submitted: Instant::now(),
+            })))
+            .map_err(|_| SubmitError::Stopped)?;
+        Ok(rx)
+    }
+
+    /// Whether `request` could ever run on this engine.
+    pub fn check(&self, request: &GenerationRequest) -> Result<(), SubmitError> {
+        let c = &self.config;
+        if request.prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let total = request.prompt.len() + request.max_tokens;
+        if total > c.max_context {
+            return Err(SubmitError::TooLong {
+                prompt: request.prompt.len(),
+                max_tokens: request.max_tokens,
+                context: c.max_context,
+            });
+        }
+        let needed = blocks_for_tokens(total, c.block_size);
+        if needed > c.kv_blocks {
+            return Err(SubmitError::CacheTooSmall {
+                needed,
+                total: c.kv_blocks,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A sequence the engine is running.
+struct Sequence {
+    state: SeqState,
+    sampler: Sampler,
+    stop_token_ids: Vec<u32>,
+    events: mpsc::UnboundedSender<Event>,
+    submitted: Instant,
+    queue_time: Duration,
+    deadline: Option<Instant>,
+    blocks: Vec<u32>,
+}
+
+struct Engine {
+    model: Arc<Transformer>,
+    kv: PagedKv,
+    blocks: BlockAllocator,
+    config: Arc<EngineConfig>,
+    waiting: VecDeque<Pending>,
+    running: Vec<Sequence>,
+    observer: Arc<dyn EngineObserver>,
+    commands: std_mpsc::Receiver<Command>,
+    last_occupancy: Option<Occupancy>,
+}
+
+impl Engine {
+    fn run(&mut self) {
+        loop {
+            let idle = self.running.is_empty() && self.waiting.is_empty();
+            if idle {
+                // Nothing to do: sleep until a request arrives (or every handle is gone).
+                match self.commands.recv() {
+                    Ok(cmd) => self.accept(cmd),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(cmd) => self.accept(cmd),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) if idle => return,
+                    Err(std_mpsc::TryRecvError::Disconnected) => break,
+                }
+            }
+            self.drop_gone();
+            self.admit();
+            self.report_occupancy();
+            if !self.running.is_empty() {
+                self.step();
+            } else if !self.waiting.is_empty() {
+                // Waiting work that cannot be admitted with nothing running cannot happen
+                // (submit rejects what never fits); guard against a busy loop regardless.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn accept(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(p) => self.waiting.push_back(*p),
+        }
+    }
+
+    /// Ends sequences whose caller went away or whose deadline passed, and frees their
+    /// blocks.
+    fn drop_gone(&mut self) {
+        let now = Instant::now();
+        self.waiting.retain(|p| {
+            if p.events.is_closed() {
+                return false;
+            }
+            if p.request.deadline.is_some_and(|d| d <= now) {
+                let _ = p.events.send(Event::Finished {
+                    reason: FinishReason::Deadline,
+                    prompt_tokens: p.request.prompt.len(),
+                    completion_tokens: 0,
+                    queue_time: now - p.submitted,
+                });
+                return false;
+            }
+            true
+        });
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            if s.events.is_closed() {
+                let s = self.running.remove(i);
+                self.blocks.release(s.blocks);
+            } else if s.deadline.is_some_and(|d| d <= now) {
+                self.finish(i, FinishReason::Deadline);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Moves waiting requests into the batch, oldest first, while blocks and slots last.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let r = &front.request;
+            let needed = blocks_for_tokens(r.prompt.len() + r.max_tokens, self.config.block_size);
+            let Some(blocks) = self.blocks.allocate(needed) else {
+                break;
+            };
+            let Some(p) = self.waiting.pop_front() else {
+                break;
+            };
+            let queue_time = p.submitted.elapsed();
+            let _ = p.events.send(Event::Started { queue_time });
+            let mut sampler = Sampler::new(&p.request.sampling);
+            sampler.set_prompt_len(p.request.prompt.len());
+            self.running.push(Sequence {
+                sampler,
+                state: SeqState::new(p.request.prompt, p.request.max_tokens),
+                stop_token_ids: p.request.stop_token_ids,
+                events: p.events,
+                submitted: p.submitted,
+                queue_time,
+                deadline: p.request.deadline,
+                blocks,
+            });
+        }
+    }
+
+    fn report_occupancy(&mut self) {
+        let now = Occupancy {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            kv_used: self.blocks.used(),
+            kv_free: self.blocks.free(),
+        };
+        if self.last_occupancy != Some(now) {
+            self.observer.occupancy(now);
+            self.last_occupancy = Some(now);
+        }
+    }
+
+    fn step(&mut self) {
+        let states: Vec<&SeqState> = self.running.iter().map(|s| &s.state).collect();
+        let plan = Plan::new(&states, self.config.step_token_budget);
+        let steps: Vec<SeqStep<'_>> = plan
+            .entries
+            .iter()
+            .map(|e| {
+                let s = &self.running[e.seq];
+                SeqStep {
+                    tokens: s.state.next_tokens(e.tokens),
+                    cached: s.state.cached,
+                    blocks: &s.blocks,
+                    logits: e.logits,
+                }
+            })
+            .collect();
+        let started = Instant::now();
+        let result = ForwardBatch::new(&steps, self.config.block_size, self.model.device())
+            .and_then(|batch| self.model.forward(&batch, &self.kv))
+            .and_then(|(logits, routes)| Ok((logits.to_vec2::<f32>()?, routes)));
+        let duration = started.elapsed();
+        let (mut logits, routes) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::error!(error = %e, "model step failed; failing the sequences in it");
+                let mut idx: Vec<usize> = plan.entries.iter().map(|e| e.seq).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let s = self.running.remove(i);
+                    let _ = s.events.send(Event::Failed {
+                        message: format!("model step failed: {e}"),
+                    });
+                    self.blocks.release(s.blocks);
+                }
+                return;
+            }
+        };
+        let mut sampled = 0;
+        let mut rows = logits.iter_mut();
+        let mut finished = Vec::new();
+        for e in &plan.entries {
+            let s = &mut self.running[e.seq];
+            s.state.cached += e.tokens;
+            if e.logits == crate::model::attention::LogitRows::None {
+                continue;
+            }
+            let Some(row) = rows.next() else { break };
+            let token = s.sampler.sample(row, s.state.history());
+            sampled += 1;
+            s.state.push(token);
+            let stop = s.stop_token_ids.contains(&token);
+            let end = if stop {
+                Some(FinishReason::StopToken(token))
+            } else if s.state.generated() >= s.state.max_tokens {
+                Some(FinishReason::Length)
+            } else if s.state.len() >= self.config.max_context {
+                Some(FinishReason::ContextLength)
+            } else {
+                None
+            };
+            let _ = s.events.send(Event::Token {
+                id: token,
+                stop,
+                last: end.is_some(),
+            });
+            if let Some(reason) = end {
+                finished.push((e.seq, reason));
+            }
+        }
+        self.observer.step(&StepReport {
+            duration,
+            sequences: plan.entries.len(),
+            tokens: plan.tokens(),
+            sampled,
+            routes: &routes,
+        });
+        // Highest index first so remove keeps the others' indices valid.
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, reason) in finished {
+            self.finish(i, reason);
+        }
+    }
+
+    fn finish(&mut self, i: usize, reason: FinishReason) {
+        let s = self.running.remove(i);
+        let _ = s.events.send(Event::Finished {
+            reason,
+            prompt_tokens: s.state.prompt_len(),
+            completion_tokens: s.state.generated(),
+            queue_time: s.queue_time,
+        });
+        let _ = s.submitted;
+        self.blocks.release(s.blocks);
+    }
+}

@@ -1,1 +1,172 @@
-//! (being built)
+//! Hugging Face checkpoints on candle: loading and running the supported families.
+//!
+//! ```text
+//!  <dir>/config.json ──config::load──> ModelConfig ─┐
+//!  <dir>/*.safetensors ──Checkpoint::open (mmap)────┼──> Transformer::load ─┐
+//!                      └─ LocalExperts::load ───────┘   (+ ExpertBackend)  │
+//!  engine: ForwardBatch (flat tokens, slots) + PagedKv ──> Transformer::forward ──> logits
+//! ```
+//!
+//! - [`config`]: `config.json` → [`ModelConfig`], family defaults resolved and validated.
+//! - [`checkpoint`]: the weight files, memory-mapped, tensors by name with shape checks.
+//! - [`layers`]: linear, RMSNorm, SwiGLU MLP, rotary tables.
+//! - [`attention`]: attention over the paged KV cache; the flat batch layout.
+//! - [`moe`]: routers, the [`moe::ExpertBackend`] trait and its in-process implementation.
+//! - [`transformer`]: the decoder stack.
+//! - [`demo`]: the deterministic random checkpoint `make demo` runs.
+//!
+//! Every error a checkpoint can cause names the file, the key and what was expected.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod demo;
+pub mod layers;
+pub mod moe;
+pub mod transformer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+pub use config::{Family, ModelConfig};
+pub use transformer::Transformer;
+
+/// Why a checkpoint could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("{}: {source}", file.display())]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A JSON file did not parse.
+    #[error("{}: not valid JSON: {message}", file.display())]
+    Json {
+        /// The file.
+        file: PathBuf,
+        /// serde's message, with line and column.
+        message: String,
+    },
+    /// A config key is missing or out of range.
+    #[error("{}: `{key}` must be {expected}", file.display())]
+    Config {
+        /// The file.
+        file: PathBuf,
+        /// The key, dotted for nested ones.
+        key: String,
+        /// What would be accepted.
+        expected: String,
+    },
+    /// Something the checkpoint asks for is not implemented.
+    #[error("{}: unsupported {what}", file.display())]
+    Unsupported {
+        /// The file (or directory).
+        file: PathBuf,
+        /// What, and what is supported.
+        what: String,
+    },
+    /// A tensor the architecture needs is not in any weight file.
+    #[error("{}: tensor `{name}` is missing (expected shape {expected})", dir.display())]
+    MissingTensor {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape it should have.
+        expected: String,
+    },
+    /// A tensor has the wrong shape for the config.
+    #[error("{}: tensor `{name}` has shape {found}, config.json implies {expected}", file.display())]
+    TensorShape {
+        /// The weight file.
+        file: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: String,
+        /// The saved shape.
+        found: String,
+    },
+    /// A tensor could not be read or converted.
+    #[error("{}: tensor `{name}`: {message}", file.display())]
+    Tensor {
+        /// The weight file.
+        file: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// candle's message.
+        message: String,
+    },
+}
+
+/// Parses a dtype name as users write it (`f32`, `bf16`, `float16`, `auto`...); `auto`
+/// means f32 on CPU, where candle has no fast bf16 GEMM, and the checkpoint's own dtype on
+/// GPUs.
+pub fn parse_dtype(name: &str, device: &Device) -> Result<Option<DType>, String> {
+    Ok(Some(match name.to_ascii_lowercase().as_str() {
+        "" | "auto" => {
+            return Ok(if device.is_cpu() {
+                Some(DType::F32)
+            } else {
+                None
+            });
+        }
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" | "half" => DType::F16,
+        other => {
+            return Err(format!(
+                "dtype {other:?}: expected one of auto, f32, bf16, f16"
+            ));
+        }
+    }))
+}
+
+/// A checkpoint loaded for serving: its config and the model.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// Where it was loaded from.
+    pub dir: PathBuf,
+    /// The architecture.
+    pub config: ModelConfig,
+    /// The model.
+    pub transformer: Transformer,
+    /// The dtypes found in the weight files.
+    pub saved_dtypes: Vec<String>,
+}
+
+impl LoadedModel {
+    /// Loads `dir` with every expert local. `dtype` `None` keeps the checkpoint's own.
+    pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Self, ModelError> {
+        let config = config::load(dir)?;
+        let ckpt = checkpoint::Checkpoint::open(dir)?;
+        let dtype = match dtype {
+            Some(d) => d,
+            None => saved_dtype(&config, &ckpt),
+        };
+        let experts = Arc::new(moe::LocalExperts::load(&config, &ckpt, dtype, device)?);
+        let transformer = Transformer::load(&config, &ckpt, experts, dtype, device)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            saved_dtypes: ckpt.saved_dtypes().into_iter().collect(),
+            config,
+            transformer,
+        })
+    }
+}
+
+fn saved_dtype(config: &ModelConfig, ckpt: &checkpoint::Checkpoint) -> DType {
+    let name = config.saved_dtype.clone().unwrap_or_default();
+    match name.as_str() {
+        "bfloat16" => DType::BF16,
+        "float16" => DType::F16,
+        "float32" => DType::F32,
+        _ if ckpt.saved_dtypes().contains("bf16") => DType::BF16,
+        _ => DType::F32,
+    }
+}

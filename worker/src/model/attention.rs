@@ -1,0 +1,386 @@
+//! Attention over a paged KV cache, for a batch that mixes prefill chunks and decode
+//! tokens of many sequences.
+//!
+//! The batch is flat: `n` new tokens of all sequences one after another. Projections, norms
+//! and rotary run once over all of them; each new key/value row is written to its *slot*
+//! (`block · block_size + offset`) of the layer's cache; then each sequence attends from its
+//! new rows over its whole context, gathered from the cache by slot.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use super::ModelError;
+use super::checkpoint::Checkpoint;
+use super::config::ModelConfig;
+use super::layers::{Linear, RmsNorm, Rotary};
+
+/// One layer's keys and values, `[slots, kv_heads, head_dim]` each, written in place.
+#[derive(Debug)]
+pub struct PagedKv {
+    /// Per layer: `(keys, values)`.
+    layers: Vec<(Tensor, Tensor)>,
+    slots: usize,
+}
+
+impl PagedKv {
+    /// Zeroed storage for `slots` token positions in every layer.
+    pub fn new(cfg: &ModelConfig, slots: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let shape = (slots, cfg.num_kv_heads, cfg.head_dim);
+        let layers = (0..cfg.num_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros(shape, dtype, device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, slots })
+    }
+
+    /// Token positions each layer can hold.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Bytes one token position costs across all layers.
+    pub fn bytes_per_slot(cfg: &ModelConfig, dtype: DType) -> usize {
+        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.size_in_bytes()
+    }
+}
+
+/// One sequence's part of a [`ForwardBatch`].
+#[derive(Debug, Clone)]
+pub struct SeqSlice {
+    /// First row of this sequence in the flat batch.
+    pub start: usize,
+    /// New tokens of this sequence in this step.
+    pub len: usize,
+    /// Context after this step (cached tokens + new ones).
+    pub context_len: usize,
+    /// Slots of positions `0..context_len` (`u32 [context_len]`), `None` when the step is the
+    /// whole context (a first prefill), which attends over the fresh rows directly.
+    pub context_slots: Option<Tensor>,
+    /// Additive causal mask `[len, context_len]` when `len > 1`.
+    pub mask: Option<Tensor>,
+}
+
+/// The input of one model step.
+#[derive(Debug, Clone)]
+pub struct ForwardBatch {
+    /// `u32 [n]` token ids.
+    pub tokens: Tensor,
+    /// `u32 [n]` absolute positions.
+    pub positions: Tensor,
+    /// Runs of consecutive slots: `(first row, first slot, length)`.
+    pub writes: Vec<(usize, usize, usize)>,
+    /// The sequences, in row order.
+    pub seqs: Vec<SeqSlice>,
+    /// `u32 [m]` rows whose logits are wanted.
+    pub logit_rows: Tensor,
+    /// Number of new tokens.
+    pub num_tokens: usize,
+}
+
+/// What the engine knows about one sequence in a step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqStep<'a> {
+    /// The tokens to run now.
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in the cache.
+    pub cached: usize,
+    /// The sequence's blocks, in order.
+    pub blocks: &'a [u32],
+    /// Which of the new tokens' logits are wanted.
+    pub logits: LogitRows,
+}
+
+/// Which rows of a sequence's step produce logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// None: a prefill chunk that does not reach the end of the prompt.
+    None,
+    /// The last new token's (the next token is sampled from it).
+    Last,
+    /// Every new token's (reference tests).
+    All,
+}
+
+impl ForwardBatch {
+    /// Lays out `steps` for a cache of `block_size`-token blocks.
+    pub fn new(steps: &[SeqStep<'_>], block_size: usize, device: &Device) -> Result<Self> {
+        let slot_of = |blocks: &[u32], pos: usize| -> Result<usize> {
+            blocks
+                .get(pos / block_size)
+                .map(|b| *b as usize * block_size + pos % block_size)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no KV block for position {pos}")))
+        };
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut writes: Vec<(usize, usize, usize)> = Vec::new();
+        let mut seqs = Vec::with_capacity(steps.len());
+        let mut logit_rows = Vec::new();
+        for step in steps {
+            let start = tokens.len();
+            let len = step.tokens.len();
+            let context_len = step.cached + len;
+            for (i, &t) in step.tokens.iter().enumerate() {
+                let pos = step.cached + i;
+                let slot = slot_of(step.blocks, pos)?;
+                let row = start + i;
+                match writes.last_mut() {
+                    Some((r0, s0, n)) if *r0 + *n == row && *s0 + *n == slot => *n += 1,
+                    _ => writes.push((row, slot, 1)),
+                }
+                tokens.push(t);
+                positions.push(pos as u32);
+            }
+            match step.logits {
+                LogitRows::All => logit_rows.extend((start..start + len).map(|r| r as u32)),
+                LogitRows::Last if len > 0 => logit_rows.push((start + len - 1) as u32),
+                LogitRows::Last | LogitRows::None => {}
+            }
+            let context_slots = if step.cached == 0 {
+                None
+            } else {
+                let slots = (0..context_len)
+                    .map(|p| slot_of(step.blocks, p).map(|s| s as u32))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::new(slots.as_slice(), device)?)
+            };
+            let mask = if len > 1 {
+                let mut m = vec![0f32; len * context_len];
+                for i in 0..len {
+                    for j in (step.cached + i + 1)..context_len {
+                        m[i * context_len + j] = f32::NEG_INFINITY;
+                    }
+                }
+                Some(Tensor::from_vec(m, (len, context_len), device)?)
+            } else {
+                None
+            };
+            seqs.push(SeqSlice {
+                start,
+                len,
+                context_len,
+                context_slots,
+                mask,
+            });
+        }
+        Ok(Self {
+            num_tokens: tokens.len(),
+            tokens: Tensor::new(tokens.as_slice(), device)?,
+            positions: Tensor::new(positions.as_slice(), device)?,
+            writes,
+            seqs,
+            logit_rows: Tensor::new(logit_rows.as_slice(), device)?,
+        })
+    }
+}
+
+/// Where the q/k RMSNorm applies, if the family has one.
+#[derive(Debug, Clone)]
+enum QkNorm {
+    None,
+    /// Qwen3: each head normalised over `head_dim`.
+    PerHead(RmsNorm, RmsNorm),
+    /// OLMoE: the whole projection normalised over `heads · head_dim`.
+    Full(RmsNorm, RmsNorm),
+}
+
+/// Self-attention of one decoder layer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    qk_norm: QkNorm,
+    clip_qkv: Option<f64>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    layer: usize,
+}
+
+impl Attention {
+    /// Loads `model.layers.<layer>.self_attn.*`.
+    pub fn load(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        layer: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
+        let p = format!("model.layers.{layer}.self_attn");
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (qw, kvw) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        let q = Linear::load(ckpt, &format!("{p}.q_proj"), (qw, d), dtype, device)?;
+        let k = Linear::load(ckpt, &format!("{p}.k_proj"), (kvw, d), dtype, device)?;
+        let v = Linear::load(ckpt, &format!("{p}.v_proj"), (kvw, d), dtype, device)?;
+        let o = Linear::load(ckpt, &format!("{p}.o_proj"), (d, qw), dtype, device)?;
+        let (qn, kn) = (format!("{p}.q_norm.weight"), format!("{p}.k_norm.weight"));
+        let eps = cfg.rms_norm_eps;
+        // The saved shape says which kind of q/k norm this is.
+        let qk_norm = match ckpt.shape(&qn) {
+            None => QkNorm::None,
+            Some([n]) if *n == hd => QkNorm::PerHead(
+                RmsNorm::load(ckpt, &qn, hd, eps, dtype, device)?,
+                RmsNorm::load(ckpt, &kn, hd, eps, dtype, device)?,
+            ),
+            Some(_) => QkNorm::Full(
+                RmsNorm::load(ckpt, &qn, qw, eps, dtype, device)?,
+                RmsNorm::load(ckpt, &kn, kvw, eps, dtype, device)?,
+            ),
+        };
+        Ok(Self {
+            q,
+            k,
+            v,
+            o,
+            qk_norm,
+            clip_qkv: cfg.clip_qkv,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f64).sqrt(),
+            layer,
+        })
+    }
+
+    /// `xs` is `[n, hidden]` (normed); writes this step's keys/values into `kv` and returns
+    /// `[n, hidden]`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        batch: &ForwardBatch,
+        cos_sin: &(Tensor, Tensor),
+        kv: &PagedKv,
+    ) -> Result<Tensor> {
+        let n = batch.num_tokens;
+        let (hd, h, kvh) = (self.head_dim, self.heads, self.kv_heads);
+        let mut q = self.q.forward(xs)?;
+        let mut k = self.k.forward(xs)?;
+        let mut v = self.v.forward(xs)?;
+        if let Some(c) = self.clip_qkv {
+            q = q.clamp(-c, c)?;
+            k = k.clamp(-c, c)?;
+            v = v.clamp(-c, c)?;
+        }
+        if let QkNorm::Full(qn, kn) = &self.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let mut q = q.reshape((n, h, hd))?;
+        let mut k = k.reshape((n, kvh, hd))?;
+        let v = v.reshape((n, kvh, hd))?.contiguous()?;
+        if let QkNorm::PerHead(qn, kn) = &self.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let (cos, sin) = cos_sin;
+        let q = Rotary::apply(&q, cos, sin)?;
+        let k = Rotary::apply(&k, cos, sin)?.contiguous()?;
+
+        let (k_cache, v_cache) = &kv.layers[self.layer];
+        for &(row, slot, len) in &batch.writes {
+            k_cache.slice_set(&k.narrow(0, row, len)?, 0, slot)?;
+            v_cache.slice_set(&v.narrow(0, row, len)?, 0, slot)?;
+        }
+
+        let group = h / kvh;
+        let mut outs = Vec::with_capacity(batch.seqs.len());
+        for seq in &batch.seqs {
+            let (len, ctx) = (seq.len, seq.context_len);
+            let (ks, vs) = match &seq.context_slots {
+                Some(slots) => (
+                    k_cache.index_select(slots, 0)?,
+                    v_cache.index_select(slots, 0)?,
+                ),
+                None => (k.narrow(0, seq.start, len)?, v.narrow(0, seq.start, len)?),
+            };
+            // [len, kvh·group, hd] → [kvh, group·len, hd]: query heads of one KV head side by side.
+            let qs = q
+                .narrow(0, seq.start, len)?
+                .reshape((len, kvh, group, hd))?
+                .permute((1, 2, 0, 3))?
+                .reshape((kvh, group * len, hd))?;
+            let ks = ks.transpose(0, 1)?.contiguous()?; // [kvh, ctx, hd]
+            let vs = vs.transpose(0, 1)?.contiguous()?;
+            let mut scores = (qs.matmul(&ks.t()?)? * self.scale)?.to_dtype(DType::F32)?;
+            if let Some(mask) = &seq.mask {
+                scores = scores
+                    .reshape((kvh, group, len, ctx))?
+                    .broadcast_add(mask)?
+                    .reshape((kvh, group * len, ctx))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
+            let out = probs
+                .matmul(&vs)? // [kvh, group·len, hd]
+                .reshape((kvh, group, len, hd))?
+                .permute((2, 0, 1, 3))?
+                .reshape((len, h * hd))?;
+            outs.push(out);
+        }
+        let attn = Tensor::cat(&outs, 0)?;
+        self.o.forward(&attn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_layout_merges_consecutive_slots_and_masks_causally() -> Result<()> {
+        let dev = Device::Cpu;
+        // Sequence A: 3 cached tokens, 2 new, blocks [5, 2] of size 4 → positions 3, 4 are
+        // slots 23 and 8. Sequence B: first prefill of 3 tokens in block 7 → 28, 29, 30.
+        let steps = [
+            SeqStep {
+                tokens: &[10, 11],
+                cached: 3,
+                blocks: &[5, 2],
+                logits: LogitRows::Last,
+            },
+            SeqStep {
+                tokens: &[1, 2, 3],
+                cached: 0,
+                blocks: &[7],
+                logits: LogitRows::All,
+            },
+        ];
+        let b = ForwardBatch::new(&steps, 4, &dev)?;
+        assert_eq!(b.writes, vec![(0, 23, 1), (1, 8, 1), (2, 28, 3)]);
+        assert_eq!(b.positions.to_vec1::<u32>()?, vec![3, 4, 0, 1, 2]);
+        assert_eq!(b.logit_rows.to_vec1::<u32>()?, vec![1, 2, 3, 4]);
+        let a = &b.seqs[0];
+        assert_eq!(
+            a.context_slots
+                .as_ref()
+                .map(|t| t.to_vec1::<u32>())
+                .transpose()?,
+            Some(vec![20, 21, 22, 23, 8])
+        );
+        let mask = a
+            .mask
+            .as_ref()
+            .map(|m| m.to_vec2::<f32>())
+            .transpose()?
+            .unwrap_or_default();
+        assert_eq!(mask[0][3], 0.0);
+        assert_eq!(mask[0][4], f32::NEG_INFINITY);
+        assert!(b.seqs[1].context_slots.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn missing_block_is_an_error() {
+        let steps = [SeqStep {
+            tokens: &[1, 2],
+            cached: 3,
+            blocks: &[0],
+            logits: LogitRows::Last,
+        }];
+        assert!(ForwardBatch::new(&steps, 4, &Device::Cpu).is_err());
+    }
+}

@@ -1,0 +1,242 @@
+//! The safetensors files of a checkpoint directory: found, memory-mapped, indexed by tensor
+//! name, and read with shape checks that name the file and the key.
+//!
+//! `model.safetensors`, or shards listed by `model.safetensors.index.json`, or (as some
+//! repositories ship) several `*.safetensors` with no index. Files are mapped, not read:
+//! only the tensors the model asks for are touched, each copied once into device memory in
+//! the dtype the engine computes in.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use super::ModelError;
+
+/// The mapped weight files of one checkpoint.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: MmapedSafetensors,
+    /// Tensor name → the file that holds it (for messages) and its shape.
+    index: HashMap<String, (PathBuf, Vec<usize>)>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("tensors", &self.index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct IndexFile {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Maps the weight files of `dir`.
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let files = weight_files(dir)?;
+        let mapped = map_files(&files)?;
+        let mut index = HashMap::new();
+        for file in &files {
+            // Each file's own header is the truth about what it holds.
+            let bytes = std::fs::File::open(file).map_err(|source| ModelError::Io {
+                file: file.clone(),
+                source,
+            })?;
+            for (name, shape) in read_header(file, bytes)? {
+                index.insert(name, (file.clone(), shape));
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files: mapped,
+            index,
+        })
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The saved shape of a tensor, if it exists.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|(_, s)| s.as_slice())
+    }
+
+    /// Reads `name`, checks it has `shape`, converts it to `dtype` on `device`.
+    pub fn tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
+        let Some((file, saved)) = self.index.get(name) else {
+            return Err(ModelError::MissingTensor {
+                dir: self.dir.clone(),
+                name: name.to_string(),
+                expected: format!("{shape:?}"),
+            });
+        };
+        if saved.as_slice() != shape {
+            return Err(ModelError::TensorShape {
+                file: file.clone(),
+                name: name.to_string(),
+                expected: format!("{shape:?}"),
+                found: format!("{saved:?}"),
+            });
+        }
+        self.load(name, dtype, device)
+    }
+
+    /// Reads `name` whatever its shape (the caller checks it), in `dtype` on `device`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
+        let file = self
+            .index
+            .get(name)
+            .map(|(f, _)| f.clone())
+            .unwrap_or_else(|| self.dir.clone());
+        let wrap = |e: candle_core::Error| ModelError::Tensor {
+            file: file.clone(),
+            name: name.to_string(),
+            message: e.to_string(),
+        };
+        // Convert on the CPU side first when the device differs, so a bf16 file becomes an
+        // f32 device tensor without a device round trip.
+        let tensor = self.files.load(name, &Device::Cpu).map_err(wrap)?;
+        let tensor = if tensor.dtype() == dtype {
+            tensor
+        } else {
+            tensor.to_dtype(dtype).map_err(wrap)?
+        };
+        tensor.to_device(device).map_err(wrap)
+    }
+
+    /// The dtypes the weight files hold (for the start-up log and `ListModels`).
+    pub fn saved_dtypes(&self) -> BTreeSet<String> {
+        self.files
+            .tensors()
+            .iter()
+            .map(|(_, view)| format!("{:?}", view.dtype()).to_lowercase())
+            .collect()
+    }
+}
+
+/// The weight files of `dir`, in a stable order.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            file: index.clone(),
+            source,
+        })?;
+        let parsed: IndexFile = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+            file: index.clone(),
+            message: e.to_string(),
+        })?;
+        let names: BTreeSet<String> = parsed.weight_map.into_values().collect();
+        let mut files = Vec::new();
+        for name in names {
+            let path = dir.join(&name);
+            if !path.is_file() {
+                return Err(ModelError::Config {
+                    file: index.clone(),
+                    key: "weight_map".into(),
+                    expected: format!("files that exist in {} (missing: {name})", dir.display()),
+                });
+            }
+            files.push(path);
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| ModelError::Io {
+            file: dir.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::Unsupported {
+            file: dir.to_path_buf(),
+            what: "a directory without weights: expected model.safetensors, or shards listed \
+                   in model.safetensors.index.json (PyTorch .bin checkpoints are not read)"
+                .into(),
+        });
+    }
+    Ok(files)
+}
+
+#[allow(unsafe_code)]
+fn map_files(files: &[PathBuf]) -> Result<MmapedSafetensors, ModelError> {
+    // SAFETY: the files are mapped read-only; candle copies each tensor out of the map when
+    // it is loaded. The contract mmap asks of us is that nobody truncates or rewrites the
+    // files while they are mapped: checkpoints are read-only volumes in a pod, and the
+    // README says not to rewrite a checkpoint under a running worker.
+    unsafe { MmapedSafetensors::multi(files) }.map_err(|e| ModelError::Tensor {
+        file: files.first().cloned().unwrap_or_default(),
+        name: String::new(),
+        message: format!("not a valid safetensors file: {e}"),
+    })
+}
+
+/// Tensor names and shapes from a safetensors header (8-byte length + JSON), without
+/// reading the data.
+fn read_header(file: &Path, mut f: std::fs::File) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
+    use std::io::Read as _;
+    let io = |source| ModelError::Io {
+        file: file.to_path_buf(),
+        source,
+    };
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(ModelError::Tensor {
+            file: file.to_path_buf(),
+            name: String::new(),
+            message: format!("header of {len} bytes: not a safetensors file"),
+        });
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let parsed: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| ModelError::Json {
+            file: file.to_path_buf(),
+            message: format!("safetensors header: {e}"),
+        })?;
+    Ok(parsed
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, info)| {
+            let shape = info
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .map(|dims| {
+                    dims.iter()
+                        .filter_map(|d| d.as_u64())
+                        .map(|d| d as usize)
+                        .collect()
+                })
+                .unwrap_or_default();
+            (name, shape)
+        })
+        .collect())
+}

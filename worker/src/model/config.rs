@@ -1,0 +1,648 @@
+//! `config.json` → [`ModelConfig`]: one validated description of the architecture, whatever
+//! the family spelled its keys as.
+//!
+//! Each family keeps its own key names (`num_local_experts` for Mixtral, `num_experts` for
+//! Qwen and OLMoE, `rope_parameters` in transformers v5 versus `rope_theta` + `rope_scaling`
+//! before it). Everything is read into [`RawConfig`], a serde struct named after the
+//! checkpoint's own keys, then checked and resolved here, so the model code never looks at
+//! a family name to decide a shape.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::ModelError;
+
+/// Architectures this engine runs, by `config.json`'s `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Dense Llama (1–3.x), incl. `llama3` rope scaling.
+    Llama,
+    /// Dense Qwen2 / Qwen2.5 (q/k/v biases).
+    Qwen2,
+    /// Dense Qwen3 (per-head q/k RMSNorm).
+    Qwen3,
+    /// Mixtral: softmax top-k, always renormalised.
+    Mixtral,
+    /// Qwen1.5/2-MoE: shared expert behind a sigmoid gate.
+    Qwen2Moe,
+    /// Qwen3-MoE: per-head q/k norm, no shared expert.
+    Qwen3Moe,
+    /// OLMoE: q/k norm over the whole projection.
+    Olmoe,
+}
+
+impl Family {
+    /// Every supported `model_type`, for error messages.
+    pub const SUPPORTED: &'static str = "llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe";
+
+    fn from_model_type(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "llama" => Self::Llama,
+            "qwen2" => Self::Qwen2,
+            "qwen3" => Self::Qwen3,
+            "mixtral" => Self::Mixtral,
+            "qwen2_moe" => Self::Qwen2Moe,
+            "qwen3_moe" => Self::Qwen3Moe,
+            "olmoe" => Self::Olmoe,
+            _ => return None,
+        })
+    }
+
+    /// The `model_type` string.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Mixtral => "mixtral",
+            Self::Qwen2Moe => "qwen2_moe",
+            Self::Qwen3Moe => "qwen3_moe",
+            Self::Olmoe => "olmoe",
+        }
+    }
+
+    /// Whether the router renormalises the top-k weights when the config does not say.
+    fn default_norm_topk_prob(self) -> bool {
+        // Mixtral always renormalises (it has no key); transformers' defaults for the others.
+        match self {
+            Self::Mixtral => true,
+            Self::Qwen2Moe | Self::Qwen3Moe | Self::Olmoe => false,
+            Self::Llama | Self::Qwen2 | Self::Qwen3 => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// How rotary position frequencies are computed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Positions divided by `factor` (`"linear"`).
+    Linear {
+        /// Divisor of every frequency.
+        factor: f64,
+    },
+    /// Llama 3.1's band-wise scaling (`"llama3"`).
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f64,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled.
+        low_freq_factor: f64,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The pre-training context length.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The routed-expert part of a sparse model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Routed experts per MoE layer.
+    pub num_experts: usize,
+    /// Experts chosen per token.
+    pub top_k: usize,
+    /// Hidden width of one routed expert.
+    pub expert_intermediate_size: usize,
+    /// Renormalise the chosen experts' weights to sum to one.
+    pub norm_topk_prob: bool,
+    /// Hidden width of the always-on shared expert, if the family has one.
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// Per layer: whether it is an MoE layer (else a dense MLP of `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
+}
+
+/// Everything the model code needs to know about an architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// The family, from `model_type`.
+    pub family: Family,
+    /// Rows of the embedding and the LM head.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the dense MLPs (dense models, and dense layers of sparse ones).
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA when fewer than `num_heads`).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Epsilon of every RMSNorm.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE frequency scaling.
+    pub rope_scaling: RopeScaling,
+    /// Longest context the model supports (capped by a sliding window when one applies).
+    pub max_position_embeddings: usize,
+    /// The LM head is the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// OLMoE clamps q, k and v to ±this.
+    pub clip_qkv: Option<f64>,
+    /// Present for MoE families.
+    pub moe: Option<MoeConfig>,
+    /// `torch_dtype` / `dtype` as saved (informational; the weights' own dtypes rule).
+    pub saved_dtype: Option<String>,
+    /// `bos_token_id` from config.json.
+    pub bos_token_id: Option<u32>,
+    /// `eos_token_id` from config.json (one or several).
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// An integer or a list of integers, as `eos_token_id` is saved.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// `"eos_token_id": 2`
+    One(u32),
+    /// `"eos_token_id": [128001, 128009]`
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    /// The ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// `config.json` as the families write it: every key any supported family uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    clip_qkv: Option<f64>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    hidden_act: Option<String>,
+    // MoE
+    num_local_experts: Option<usize>,
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    shared_expert_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
+    // Informational
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+    bos_token_id: Option<OneOrMany>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+/// Reads and validates `<dir>/config.json`.
+pub fn load(dir: &Path) -> Result<ModelConfig, ModelError> {
+    let file = dir.join("config.json");
+    let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io {
+        file: file.clone(),
+        source,
+    })?;
+    let raw: RawConfig = serde_json::from_str(&text).map_err(|e| ModelError::Json {
+        file: file.clone(),
+        message: e.to_string(),
+    })?;
+    resolve(&file, raw)
+}
+
+struct Checker<'a> {
+    file: &'a Path,
+}
+
+impl Checker<'_> {
+    fn bad(&self, key: &str, expected: impl Into<String>) -> ModelError {
+        ModelError::Config {
+            file: self.file.to_path_buf(),
+            key: key.to_string(),
+            expected: expected.into(),
+        }
+    }
+
+    fn required(&self, value: Option<usize>, key: &str) -> Result<usize, ModelError> {
+        match value {
+            Some(v) if v > 0 => Ok(v),
+            Some(_) => Err(self.bad(key, "a positive integer")),
+            None => Err(self.bad(key, "a positive integer (the key is missing)")),
+        }
+    }
+}
+
+/// Checks a parsed `config.json` and resolves family defaults; `file` names it in errors.
+pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
+    let c = Checker { file };
+    let model_type = raw
+        .model_type
+        .as_deref()
+        .ok_or_else(|| c.bad("model_type", format!("one of: {}", Family::SUPPORTED)))?;
+    let family = Family::from_model_type(model_type).ok_or_else(|| ModelError::Unsupported {
+        file: file.to_path_buf(),
+        what: format!(
+            "model_type {model_type:?} (supported: {}; deepseek_v2/v3 have their own issue)",
+            Family::SUPPORTED
+        ),
+    })?;
+    if let Some(act) = raw.hidden_act.as_deref()
+        && act != "silu"
+    {
+        return Err(c.bad("hidden_act", format!("\"silu\" (got {act:?})")));
+    }
+    let vocab_size = c.required(raw.vocab_size, "vocab_size")?;
+    let hidden_size = c.required(raw.hidden_size, "hidden_size")?;
+    let num_layers = c.required(raw.num_hidden_layers, "num_hidden_layers")?;
+    let num_heads = c.required(raw.num_attention_heads, "num_attention_heads")?;
+    let num_kv_heads = c.required(
+        raw.num_key_value_heads.or(Some(num_heads)),
+        "num_key_value_heads",
+    )?;
+    if num_heads % num_kv_heads != 0 {
+        return Err(c.bad(
+            "num_key_value_heads",
+            format!("a divisor of num_attention_heads = {num_heads} (got {num_kv_heads})"),
+        ));
+    }
+    let head_dim = match raw.head_dim {
+        Some(d) => c.required(Some(d), "head_dim")?,
+        None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+        None => {
+            return Err(c.bad(
+                "head_dim",
+                "present, since hidden_size is not a multiple of num_attention_heads",
+            ));
+        }
+    };
+    if head_dim % 2 != 0 {
+        return Err(c.bad(
+            "head_dim",
+            format!("even, for rotary embeddings (got {head_dim})"),
+        ));
+    }
+    let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+    if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
+        return Err(c.bad("rms_norm_eps", "a positive number"));
+    }
+    let (rope_theta, rope_scaling) = resolve_rope(&c, &raw)?;
+    let mut max_position_embeddings = c.required(
+        raw.max_position_embeddings.or(Some(4096)),
+        "max_position_embeddings",
+    )?;
+    // A sliding window only changes attention beyond its length; capping the context at the
+    // window keeps the semantics exact without implementing windowed attention.
+    let window_applies = match family {
+        Family::Qwen2 | Family::Qwen2Moe | Family::Qwen3 | Family::Qwen3Moe => {
+            raw.use_sliding_window.unwrap_or(false)
+                && raw.max_window_layers.is_none_or(|n| n < num_layers)
+        }
+        _ => true,
+    };
+    if window_applies && let Some(window) = raw.sliding_window.filter(|w| *w > 0) {
+        max_position_embeddings = max_position_embeddings.min(window);
+    }
+    let moe = resolve_moe(&c, &raw, family, num_layers)?;
+    let intermediate_size = match (&moe, raw.intermediate_size) {
+        (_, Some(n)) => c.required(Some(n), "intermediate_size")?,
+        // An all-sparse model needs no dense width.
+        (Some(moe), None) if moe.sparse_layers.iter().all(|s| *s) => 0,
+        _ => c.required(None, "intermediate_size")?,
+    };
+    if let Some(clip) = raw.clip_qkv
+        && (clip.is_nan() || clip <= 0.0)
+    {
+        return Err(c.bad("clip_qkv", "a positive number or null"));
+    }
+    Ok(ModelConfig {
+        family,
+        vocab_size,
+        hidden_size,
+        intermediate_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps,
+        rope_theta,
+        rope_scaling,
+        max_position_embeddings,
+        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+        clip_qkv: raw.clip_qkv,
+        moe,
+        saved_dtype: raw.dtype.or(raw.torch_dtype),
+        bos_token_id: raw.bos_token_id.and_then(|b| b.to_vec().first().copied()),
+        eos_token_ids: raw.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),
+    })
+}
+
+fn resolve_rope(c: &Checker<'_>, raw: &RawConfig) -> Result<(f64, RopeScaling), ModelError> {
+    // transformers v5 folds rope_theta and rope_scaling into one `rope_parameters` object.
+    let (key, params) = match (&raw.rope_parameters, &raw.rope_scaling) {
+        (Some(p), _) if !p.is_null() => ("rope_parameters", Some(p)),
+        (_, Some(s)) if !s.is_null() => ("rope_scaling", Some(s)),
+        _ => ("rope_scaling", None),
+    };
+    let field = |name: &str| {
+        params
+            .and_then(|p| p.get(name))
+            .and_then(serde_json::Value::as_f64)
+    };
+    let theta = field("rope_theta").or(raw.rope_theta).unwrap_or(10_000.0);
+    if !(theta > 0.0 && theta.is_finite()) {
+        return Err(c.bad("rope_theta", "a positive number"));
+    }
+    let Some(params) = params else {
+        return Ok((theta, RopeScaling::None));
+    };
+    let kind = params
+        .get("rope_type")
+        .or_else(|| params.get("type"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("default");
+    let factor = || {
+        field("factor")
+            .filter(|f| *f > 0.0)
+            .ok_or_else(|| c.bad(&format!("{key}.factor"), "a positive number"))
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "llama3" => {
+            let need = |name: &str| {
+                field(name)
+                    .filter(|v| *v > 0.0)
+                    .ok_or_else(|| c.bad(&format!("{key}.{name}"), "a positive number"))
+            };
+            let (low, high) = (need("low_freq_factor")?, need("high_freq_factor")?);
+            if high <= low {
+                return Err(c.bad(
+                    &format!("{key}.high_freq_factor"),
+                    format!("greater than low_freq_factor = {low}"),
+                ));
+            }
+            RopeScaling::Llama3 {
+                factor: factor()?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: need("original_max_position_embeddings")?,
+            }
+        }
+        other => {
+            return Err(ModelError::Unsupported {
+                file: c.file.to_path_buf(),
+                what: format!("{key} type {other:?} (supported: default, linear, llama3)"),
+            });
+        }
+    };
+    Ok((theta, scaling))
+}
+
+fn resolve_moe(
+    c: &Checker<'_>,
+    raw: &RawConfig,
+    family: Family,
+    num_layers: usize,
+) -> Result<Option<MoeConfig>, ModelError> {
+    // Read either spelling for every family: transformers v5 writes `num_local_experts` for
+    // Qwen3-MoE (and Mixtral) but `num_experts` for Qwen2-MoE and OLMoE.
+    let (experts_key, num_experts) = match family {
+        Family::Llama | Family::Qwen2 | Family::Qwen3 => return Ok(None),
+        Family::Mixtral => (
+            "num_local_experts",
+            raw.num_local_experts.or(raw.num_experts),
+        ),
+        Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
+            ("num_experts", raw.num_experts.or(raw.num_local_experts))
+        }
+    };
+    let num_experts = c.required(num_experts, experts_key)?;
+    let top_k = c.required(raw.num_experts_per_tok, "num_experts_per_tok")?;
+    if top_k > num_experts {
+        return Err(c.bad(
+            "num_experts_per_tok",
+            format!("at most {experts_key} = {num_experts} (got {top_k})"),
+        ));
+    }
+    let expert_intermediate_size = match family {
+        Family::Mixtral | Family::Olmoe => {
+            c.required(raw.intermediate_size, "intermediate_size")?
+        }
+        _ => c.required(raw.moe_intermediate_size, "moe_intermediate_size")?,
+    };
+    let shared_expert_intermediate_size = match family {
+        Family::Qwen2Moe => raw.shared_expert_intermediate_size.filter(|n| *n > 0),
+        _ => None,
+    };
+    let sparse_layers = match family {
+        Family::Qwen2Moe | Family::Qwen3Moe => {
+            let step = raw.decoder_sparse_step.unwrap_or(1);
+            if step == 0 {
+                return Err(c.bad("decoder_sparse_step", "a positive integer"));
+            }
+            let dense = raw.mlp_only_layers.clone().unwrap_or_default();
+            if let Some(bad) = dense.iter().find(|l| **l >= num_layers) {
+                return Err(c.bad(
+                    "mlp_only_layers",
+                    format!("layer indices below num_hidden_layers = {num_layers} (got {bad})"),
+                ));
+            }
+            (0..num_layers)
+                .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
+                .collect()
+        }
+        _ => vec![true; num_layers],
+    };
+    Ok(Some(MoeConfig {
+        num_experts,
+        top_k,
+        expert_intermediate_size,
+        norm_topk_prob: raw
+            .norm_topk_prob
+            .unwrap_or(family.default_norm_topk_prob())
+            || family == Family::Mixtral,
+        shared_expert_intermediate_size,
+        sparse_layers,
+    }))
+}
+
+impl ModelConfig {
+    /// Query heads per key/value head.
+    pub fn gqa_group(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+
+    /// Parameters, counted from the shapes (routed experts included).
+    pub fn parameter_count(&self) -> u64 {
+        let (d, v) = (self.hidden_size as u64, self.vocab_size as u64);
+        let hd = self.head_dim as u64;
+        let attn = d * hd * (self.num_heads as u64 * 2 + self.num_kv_heads as u64 * 2);
+        let mut total = v * d * if self.tie_word_embeddings { 1 } else { 2 };
+        for layer in 0..self.num_layers {
+            total += attn + 2 * d;
+            total += match &self.moe {
+                Some(moe) if moe.sparse_layers[layer] => {
+                    let expert = 3 * d * moe.expert_intermediate_size as u64;
+                    let shared = moe
+                        .shared_expert_intermediate_size
+                        .map_or(0, |n| 3 * d * n as u64 + d);
+                    moe.num_experts as u64 * (expert + d) + shared
+                }
+                _ => 3 * d * self.intermediate_size as u64,
+            };
+        }
+        total
+    }
+}
+
+/// The config file of a checkpoint directory, for messages.
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("config.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: serde_json::Value) -> Result<ModelConfig, ModelError> {
+        resolve(
+            Path::new("config.json"),
+            serde_json::from_value(json).expect("raw config"),
+        )
+    }
+
+    fn base(model_type: &str) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": model_type, "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-5
+        })
+    }
+
+    #[test]
+    fn dense_llama_defaults() {
+        let c = parse(base("llama")).expect("valid");
+        assert_eq!((c.head_dim, c.gqa_group(), c.rope_theta), (8, 2, 10_000.0));
+        assert!(c.moe.is_none());
+    }
+
+    #[test]
+    fn unknown_family_names_supported_ones() {
+        let e = parse(base("gpt2")).expect_err("unsupported").to_string();
+        assert!(e.contains("\"gpt2\"") && e.contains("mixtral"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_names_it() {
+        let mut j = base("llama");
+        j.as_object_mut().expect("object").remove("hidden_size");
+        let e = parse(j).expect_err("missing").to_string();
+        assert!(
+            e.contains("hidden_size") && e.contains("config.json"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn qwen2_moe_sparse_layers_and_shared_expert() {
+        let mut j = base("qwen2_moe");
+        let o = j.as_object_mut().expect("object");
+        o.insert("num_hidden_layers".into(), 4.into());
+        o.insert("num_experts".into(), 8.into());
+        o.insert("num_experts_per_tok".into(), 2.into());
+        o.insert("moe_intermediate_size".into(), 16.into());
+        o.insert("shared_expert_intermediate_size".into(), 32.into());
+        o.insert("decoder_sparse_step".into(), 2.into());
+        o.insert("mlp_only_layers".into(), serde_json::json!([3]));
+        let c = parse(j).expect("valid");
+        let moe = c.moe.expect("moe");
+        assert_eq!(moe.sparse_layers, vec![false, true, false, false]);
+        assert_eq!(moe.shared_expert_intermediate_size, Some(32));
+        assert!(!moe.norm_topk_prob);
+    }
+
+    #[test]
+    fn mixtral_always_renormalises() {
+        let mut j = base("mixtral");
+        let o = j.as_object_mut().expect("object");
+        o.insert("num_local_experts".into(), 4.into());
+        o.insert("num_experts_per_tok".into(), 2.into());
+        let moe = parse(j).expect("valid").moe.expect("moe");
+        assert!(moe.norm_topk_prob);
+        assert_eq!(moe.expert_intermediate_size, 64);
+    }
+
+    #[test]
+    fn top_k_above_experts_is_rejected() {
+        let mut j = base("olmoe");
+        let o = j.as_object_mut().expect("object");
+        o.insert("num_experts".into(), 4.into());
+        o.insert("num_experts_per_tok".into(), 5.into());
+        let e = parse(j).expect_err("bad top-k").to_string();
+        assert!(
+            e.contains("num_experts_per_tok") && e.contains("at most"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rope_parameters_v5_and_llama3_scaling() {
+        let mut j = base("llama");
+        j.as_object_mut().expect("object").insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}),
+        );
+        let c = parse(j).expect("valid");
+        assert_eq!(c.rope_theta, 500_000.0);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn unsupported_rope_type_is_named() {
+        let mut j = base("qwen2");
+        j.as_object_mut().expect("object").insert(
+            "rope_scaling".into(),
+            serde_json::json!({"type": "dynamic", "factor": 2.0}),
+        );
+        let e = parse(j).expect_err("unsupported").to_string();
+        assert!(
+            e.contains("\"dynamic\"") && e.contains("rope_scaling"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sliding_window_caps_the_context() {
+        let mut j = base("mixtral");
+        let o = j.as_object_mut().expect("object");
+        o.insert("num_local_experts".into(), 4.into());
+        o.insert("num_experts_per_tok".into(), 2.into());
+        o.insert("max_position_embeddings".into(), 32768.into());
+        o.insert("sliding_window".into(), 4096.into());
+        assert_eq!(parse(j).expect("valid").max_position_embeddings, 4096);
+    }
+}

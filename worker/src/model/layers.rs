@@ -1,0 +1,287 @@
+//! The small building blocks every family shares: projections, RMSNorm, rotary tables and
+//! the SwiGLU MLP (dense layers, routed experts and shared experts are all one [`Mlp`]).
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+
+use super::ModelError;
+use super::checkpoint::Checkpoint;
+use super::config::RopeScaling;
+
+/// `y = x Wᵀ (+ b)`, the weight kept as saved (`[out, in]`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `<prefix>.weight` (`[out, in]`) and, when `bias` is true or the checkpoint has
+    /// one, `<prefix>.bias`.
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        out_in: (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
+        let weight = ckpt.tensor(
+            &format!("{prefix}.weight"),
+            &[out_in.0, out_in.1],
+            dtype,
+            device,
+        )?;
+        let bias_name = format!("{prefix}.bias");
+        let bias = if ckpt.contains(&bias_name) {
+            Some(ckpt.tensor(&bias_name, &[out_in.0], dtype, device)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// From an existing `[out, in]` weight.
+    pub fn from_weight(weight: Tensor) -> Self {
+        Self { weight, bias: None }
+    }
+
+    /// The `[out, in]` weight.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = xs.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(b),
+            None => Ok(ys),
+        }
+    }
+}
+
+/// RMSNorm over the last dimension, computed in f32 as transformers does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    /// Loads `<name>` of length `dim`.
+    pub fn load(
+        ckpt: &Checkpoint,
+        name: &str,
+        dim: usize,
+        eps: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
+        Ok(Self {
+            weight: ckpt.tensor(name, &[dim], dtype, device)?,
+            eps: eps as f32,
+        })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = xs.contiguous()?;
+        candle_nn::ops::rms_norm(&xs, &self.weight, self.eps)
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) · up(x))`, gate and up fused into one `[2·ff, d]` matrix
+/// so a token row costs two GEMMs, not three.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_up: Tensor,
+    down: Tensor,
+    ff: usize,
+}
+
+impl Mlp {
+    /// From separate `[ff, d]` gate and up weights and a `[d, ff]` down weight.
+    pub fn new(gate: &Tensor, up: &Tensor, down: Tensor) -> Result<Self> {
+        let ff = gate.dim(0)?;
+        Ok(Self {
+            gate_up: Tensor::cat(&[gate, up], 0)?,
+            down,
+            ff,
+        })
+    }
+
+    /// From an already fused `[2·ff, d]` gate+up weight (gate rows first).
+    pub fn from_fused(gate_up: Tensor, down: Tensor) -> Result<Self> {
+        let ff = gate_up.dim(0)? / 2;
+        Ok(Self { gate_up, down, ff })
+    }
+
+    /// Loads `<prefix>.{gate,up,down}_proj.weight` (or Mixtral's `w1`/`w3`/`w2` when
+    /// `mixtral_names`).
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        d: usize,
+        ff: usize,
+        mixtral_names: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
+        let (g, u, dn) = if mixtral_names {
+            ("w1", "w3", "w2")
+        } else {
+            ("gate_proj", "up_proj", "down_proj")
+        };
+        let gate = ckpt.tensor(&format!("{prefix}.{g}.weight"), &[ff, d], dtype, device)?;
+        let up = ckpt.tensor(&format!("{prefix}.{u}.weight"), &[ff, d], dtype, device)?;
+        let down = ckpt.tensor(&format!("{prefix}.{dn}.weight"), &[d, ff], dtype, device)?;
+        Self::new(&gate, &up, down).map_err(|e| ModelError::Tensor {
+            file: ckpt.dir().to_path_buf(),
+            name: format!("{prefix}.{g}.weight"),
+            message: e.to_string(),
+        })
+    }
+
+    /// Bytes of weights one token reads.
+    pub fn weight_bytes(&self) -> usize {
+        (self.gate_up.elem_count() + self.down.elem_count()) * self.gate_up.dtype().size_in_bytes()
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = xs.matmul(&self.gate_up.t()?)?;
+        let gate = h.narrow(D::Minus1, 0, self.ff)?;
+        let up = h.narrow(D::Minus1, self.ff, self.ff)?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        act.matmul(&self.down.t()?)
+    }
+}
+
+/// Precomputed rotary `cos`/`sin` tables, `[max_positions, head_dim / 2]`.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// The rotary inverse frequencies for `head_dim`, as transformers computes them (f32).
+pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
+    let base: Vec<f32> = (0..head_dim / 2)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    match *scaling {
+        RopeScaling::None => base,
+        RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let (factor, low, high) = (
+                factor as f32,
+                low_freq_factor as f32,
+                high_freq_factor as f32,
+            );
+            let old = original_max_position_embeddings as f32;
+            let low_freq_wavelen = old / low;
+            let high_freq_wavelen = old / high;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+impl Rotary {
+    /// Tables for positions `0..max_positions`.
+    pub fn new(
+        head_dim: usize,
+        max_positions: usize,
+        theta: f64,
+        scaling: &RopeScaling,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let inv = inverse_frequencies(head_dim, theta, scaling);
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv {
+                // transformers multiplies in f32; so do we.
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// `(cos, sin)` rows for `positions` (`u32 [n]`).
+    pub fn at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
+    }
+
+    /// Rotates `xs` (`[n, heads, head_dim]`) with per-row tables from [`Rotary::at`].
+    pub fn apply(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope_thd(&xs.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let base = inverse_frequencies(128, 500_000.0, &RopeScaling::None);
+        let scaled = inverse_frequencies(128, 500_000.0, &scaling);
+        assert_eq!(scaled[0], base[0], "highest frequency untouched");
+        let last = base.len() - 1;
+        assert!(
+            (scaled[last] - base[last] / 8.0).abs() < 1e-12,
+            "lowest frequency / factor"
+        );
+        // Some band in between is smoothed: strictly between the two.
+        assert!(
+            base.iter()
+                .zip(&scaled)
+                .any(|(b, s)| *s < *b && *s > *b / 8.0)
+        );
+    }
+
+    #[test]
+    fn rotary_position_zero_is_identity() -> Result<()> {
+        let rot = Rotary::new(8, 4, 10_000.0, &RopeScaling::None, DType::F32, &Device::Cpu)?;
+        let xs = Tensor::arange(0f32, 16.0, &Device::Cpu)?.reshape((1, 2, 8))?;
+        let (cos, sin) = rot.at(&Tensor::new(&[0u32], &Device::Cpu)?)?;
+        let ys = Rotary::apply(&xs, &cos, &sin)?;
+        assert_eq!(ys.to_vec3::<f32>()?, xs.to_vec3::<f32>()?);
+        Ok(())
+    }
+}

@@ -1,0 +1,215 @@
+//! The decoder stack every supported family shares: embeddings → N × (RMSNorm → attention,
+//! RMSNorm → dense MLP or MoE) → RMSNorm → LM head. Families differ only in what
+//! [`ModelConfig`] and the checkpoint's tensors say, never in code paths chosen by name.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+
+use super::ModelError;
+use super::attention::{Attention, ForwardBatch, PagedKv};
+use super::checkpoint::Checkpoint;
+use super::config::ModelConfig;
+use super::layers::{Linear, Mlp, RmsNorm, Rotary};
+use super::moe::{ExpertBackend, MoeBlock, Routes};
+
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    attention: Attention,
+    post_norm: RmsNorm,
+    ff: FeedForward,
+}
+
+/// The routes one step chose, per MoE layer (for expert-load metrics).
+pub type StepRoutes = Vec<(usize, Routes)>;
+
+/// A loaded model, ready to run steps against a [`PagedKv`].
+#[derive(Debug)]
+pub struct Transformer {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    experts: Arc<dyn ExpertBackend>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Transformer {
+    /// Loads everything but the routed experts, which `experts` runs.
+    pub fn load(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        experts: Arc<dyn ExpertBackend>,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let embed = ckpt.tensor("model.embed_tokens.weight", &[v, d], dtype, device)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let eps = cfg.rms_norm_eps;
+            let ff = match &cfg.moe {
+                Some(moe) if moe.sparse_layers[l] => {
+                    FeedForward::Moe(MoeBlock::load(cfg, moe, ckpt, l, dtype, device)?)
+                }
+                _ => FeedForward::Dense(Mlp::load(
+                    ckpt,
+                    &format!("{p}.mlp"),
+                    d,
+                    cfg.intermediate_size,
+                    false,
+                    dtype,
+                    device,
+                )?),
+            };
+            layers.push(Layer {
+                input_norm: RmsNorm::load(
+                    ckpt,
+                    &format!("{p}.input_layernorm.weight"),
+                    d,
+                    eps,
+                    dtype,
+                    device,
+                )?,
+                attention: Attention::load(cfg, ckpt, l, dtype, device)?,
+                post_norm: RmsNorm::load(
+                    ckpt,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    d,
+                    eps,
+                    dtype,
+                    device,
+                )?,
+                ff,
+            });
+        }
+        let norm = RmsNorm::load(
+            ckpt,
+            "model.norm.weight",
+            d,
+            cfg.rms_norm_eps,
+            dtype,
+            device,
+        )?;
+        // Tied checkpoints usually omit lm_head; some save a copy anyway.
+        let lm_head = if ckpt.contains("lm_head.weight") {
+            Linear::load(ckpt, "lm_head", (v, d), dtype, device)?
+        } else if cfg.tie_word_embeddings {
+            Linear::from_weight(embed.clone())
+        } else {
+            return Err(ModelError::MissingTensor {
+                dir: ckpt.dir().to_path_buf(),
+                name: "lm_head.weight".into(),
+                expected: format!("[{v}, {d}] (config.json has tie_word_embeddings: false)"),
+            });
+        };
+        let rotary = Rotary::new(
+            cfg.head_dim,
+            cfg.max_position_embeddings,
+            cfg.rope_theta,
+            &cfg.rope_scaling,
+            dtype,
+            device,
+        )
+        .map_err(|e| ModelError::Tensor {
+            file: ckpt.dir().to_path_buf(),
+            name: "rotary tables".into(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            experts,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The dtype activations and weights are computed in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The backend running routed experts.
+    pub fn experts(&self) -> &Arc<dyn ExpertBackend> {
+        &self.experts
+    }
+
+    /// Runs one step: writes the batch's keys/values into `kv` and returns f32 logits
+    /// `[batch.logit_rows, vocab]` plus the routes each MoE layer chose.
+    pub fn forward(&self, batch: &ForwardBatch, kv: &PagedKv) -> Result<(Tensor, StepRoutes)> {
+        let mut xs = self.embed.index_select(&batch.tokens, 0)?;
+        let cos_sin = self.rotary.at(&batch.positions)?;
+        let mut routes = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&xs)?;
+            let h = layer.attention.forward(&h, batch, &cos_sin, kv)?;
+            xs = (xs + h)?;
+            let h = layer.post_norm.forward(&xs)?;
+            let h = match &layer.ff {
+                FeedForward::Dense(mlp) => mlp.forward(&h)?,
+                FeedForward::Moe(block) => {
+                    let (ys, r) = block.forward(l, &h, self.experts.as_ref())?;
+                    routes.push((l, r));
+                    ys
+                }
+            };
+            xs = (xs + h)?;
+        }
+        let rows = xs.index_select(&batch.logit_rows, 0)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&rows)?)?;
+        Ok((logits.to_dtype(DType::F32)?, routes))
+    }
+
+    /// Bytes of weights one decode step reads for `distinct_experts` routed experts per MoE
+    /// layer (attention, norms, router, shared expert, dense MLPs and the LM head always).
+    pub fn weight_bytes_per_step(&self, distinct_experts: usize) -> u64 {
+        let c = &self.cfg;
+        let bytes = self.dtype.size_in_bytes() as u64;
+        let (d, hd) = (c.hidden_size as u64, c.head_dim as u64);
+        let attn = d * hd * (2 * c.num_heads as u64 + 2 * c.num_kv_heads as u64);
+        let mut total = c.vocab_size as u64 * d; // LM head (embedding rows are a gather)
+        for (l, layer) in self.layers.iter().enumerate() {
+            total += attn;
+            total += match (&layer.ff, &c.moe) {
+                (FeedForward::Dense(m), _) => m.weight_bytes() as u64 / bytes,
+                (FeedForward::Moe(_), Some(moe)) => {
+                    let shared = moe.shared_expert_intermediate_size.unwrap_or(0) as u64 * 3 * d;
+                    let routed = distinct_experts.min(moe.num_experts) as u64
+                        * 3
+                        * d
+                        * moe.expert_intermediate_size as u64;
+                    let _ = l;
+                    shared + routed + moe.num_experts as u64 * d
+                }
+                (FeedForward::Moe(_), None) => 0,
+            };
+        }
+        total * bytes
+    }
+}
