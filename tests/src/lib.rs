@@ -22,6 +22,7 @@ pub mod operator;
 pub mod pki;
 pub mod process;
 pub mod tools;
+pub mod worker;
 
 pub use cluster::Cluster;
 pub use control_plane::{ControlPlane, TestNamespace};
@@ -32,3 +33,4 @@ pub use error::{HarnessError, Result};
 pub const MODEL_DEPLOYMENT_CRD: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/modeldeployment.yaml");
 pub use operator::OperatorProcess;
+pub use worker::FrontendProcess;

@@ -28,7 +28,7 @@ async fn start_worker(
         .unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server::serve(role, listener, async {
+    let task = tokio::spawn(server::serve(role, listener, None, async {
         let _ = stopped.await;
     }));
     (addr, stop, task)

@@ -18,9 +18,9 @@
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod server;
 pub mod engine;
 pub mod frontend;
 pub mod loadgen;
 pub mod model;
+pub mod server;
 pub mod text;

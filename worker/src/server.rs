@@ -5,12 +5,12 @@
 //!                     ├─ grpc.health.v1.Health          "" = the process is up (liveness)
 //!                     │                                 <role service> = ready for traffic
 //!                     ├─ grpc.reflection.v1 / v1alpha   advertises what is served
-//!                     └─ the role's service             (lands with the inference engine)
+//!                     └─ the role's service             (Inference, ExpertShard)
 //! ```
 //!
 //! Health follows the gRPC health protocol: Kubernetes' liveness probe checks the empty
 //! service name, the readiness probe checks the role's service name, which reports
-//! `NOT_SERVING` until the role's engine has loaded its model.
+//! `NOT_SERVING` until the role's service is given (its engine has loaded the model).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -62,6 +62,21 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Accepted connections, with Nagle's algorithm off: a streamed token is a few dozen bytes
+/// and must leave at once, not wait up to 40 ms for the previous one's ACK.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+        }
+        Ok(conn)
+    })
+}
+
 /// Binds `addr` (port 0 picks a free one; see the returned listener's `local_addr`).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
@@ -70,26 +85,38 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 }
 
 /// Serves `role`'s endpoints on `listener` until `shutdown` completes, then drains
-/// in-flight calls and returns.
+/// in-flight calls and returns. `role_service` is the role's own gRPC service, once its
+/// engine is up; without it the role's health reports `NOT_SERVING`.
 pub async fn serve(
     role: Role,
     listener: TcpListener,
+    role_service: Option<tonic::service::Routes>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    // Not ready until the role's engine has loaded a model; no engine is wired in yet.
+    let status = if role_service.is_some() {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
     health_reporter
-        .set_service_status(role.service_name(), ServingStatus::NotServing)
+        .set_service_status(role.service_name(), status)
         .await;
+    let serving_role = role_service.is_some();
 
     let health_service = "grpc.health.v1.Health";
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
+        let builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(health_service)
             .with_service_name("grpc.reflection.v1.ServerReflection")
-            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        if serving_role {
+            builder.with_service_name(role.service_name())
+        } else {
+            builder
+        }
     };
     let reflection_v1 = reflection().build_v1()?;
     // v1alpha too: grpcurl and many deployed clients still ask for it.
@@ -97,10 +124,11 @@ pub async fn serve(
 
     tracing::info!(%role, addr = ?listener.local_addr().ok(), "serving gRPC");
     tonic::transport::Server::builder()
+        .add_routes(role_service.unwrap_or_default())
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     tracing::info!(%role, "gRPC server stopped");
     Ok(())

@@ -4,15 +4,21 @@ use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use clap::Parser;
+use std::path::PathBuf;
+
+use switchyard_proto::inference::v1::inference_server::InferenceServer;
+use switchyard_worker::frontend::{self, FrontendOptions};
 use switchyard_worker::server::{self, Role};
 
 /// A Switchyard worker: serves one role of a ModelDeployment over gRPC.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Which part of the model this process serves.
+    /// Which part of the model this process serves (required unless a subcommand is given).
     #[arg(long, env = "SWITCHYARD_ROLE", value_enum)]
-    role: Role,
+    role: Option<Role>,
+    #[command(subcommand)]
+    command: Option<Tool>,
     /// Address to serve gRPC on (port 0 picks a free port and logs it).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -23,6 +29,187 @@ struct Args {
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax (e.g. `info,switchyard_worker=debug`).
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info")]
     log: String,
+    /// Address of the Prometheus `/metrics` and `/healthz` endpoint.
+    #[arg(
+        long,
+        env = "SWITCHYARD_METRICS_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    metrics_listen: SocketAddr,
+    #[command(flatten)]
+    frontend: FrontendArgs,
+}
+
+/// Offline tools that share the worker's model code.
+#[derive(Debug, clap::Subcommand)]
+enum Tool {
+    /// Measure the engine in process (no gRPC): prefill and decode tokens/s at several
+    /// batch sizes, and the fraction of the memory-bandwidth bound; prints JSON on stdout.
+    Bench {
+        /// Checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Compute dtype: auto, f32, bf16 or f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// Decode batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        batch: Vec<usize>,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Tokens each sequence decodes in the timed window.
+        #[arg(long, default_value_t = 32)]
+        decode_len: usize,
+    },
+    /// Write a deterministic random checkpoint (Hugging Face layout, qwen3_moe) to a
+    /// directory: `demo` (what `make demo` serves) or `bench` (about 0.5 B parameters).
+    MakeCheckpoint {
+        /// Which shape.
+        #[arg(long, value_parser = ["demo", "bench"], default_value = "demo")]
+        shape: String,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Frontend settings for local use; `--config` (the operator's worker.json) replaces them.
+#[derive(Debug, clap::Args)]
+struct FrontendArgs {
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json), or `demo` for the
+    /// built-in random demo model (generated into the cache on first use).
+    #[arg(long, env = "SWITCHYARD_MODEL")]
+    model: Option<PathBuf>,
+    /// The model id clients name; default: the directory's name.
+    #[arg(long, env = "SWITCHYARD_MODEL_ID")]
+    model_id: Option<String>,
+    /// Compute dtype: auto (f32 on CPU), f32, bf16 or f16.
+    #[arg(long, env = "SWITCHYARD_DTYPE", default_value = "auto")]
+    dtype: String,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 32)]
+    max_batch_size: usize,
+    /// New tokens per engine step at most (prefill chunks share it with decodes).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Context length; default: the model's.
+    #[arg(long)]
+    max_context: Option<usize>,
+    /// Largest `max_tokens` per request (also the default).
+    #[arg(long, default_value_t = 1024)]
+    max_tokens_per_request: usize,
+    /// KV-cache capacity in tokens; default: max batch size × min(context, 2048).
+    #[arg(long, env = "SWITCHYARD_KV_CACHE_TOKENS")]
+    kv_cache_tokens: Option<u64>,
+    /// Tokens per KV-cache block.
+    #[arg(long, default_value_t = 16)]
+    kv_block_size: usize,
+    /// Where the demo model is generated.
+    #[arg(long, env = "SWITCHYARD_CACHE")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl FrontendArgs {
+    fn options(&self) -> anyhow::Result<FrontendOptions> {
+        let Some(model) = &self.model else {
+            anyhow::bail!(
+                "the frontend needs a model: pass --model DIR (or --model demo), or --config worker.json"
+            );
+        };
+        let model = if model.as_os_str() == "demo" {
+            let cache = match &self.cache_dir {
+                Some(dir) => dir.clone(),
+                None => default_cache_dir()?,
+            };
+            tracing::info!(cache = %cache.display(), "using the built-in demo model (random weights)");
+            switchyard_worker::model::demo::ensure(&cache)
+                .with_context(|| format!("generating the demo model under {}", cache.display()))?
+        } else {
+            model.clone()
+        };
+        let model_id = self.model_id.clone().unwrap_or_else(|| {
+            model
+                .file_name()
+                .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+        });
+        Ok(FrontendOptions {
+            model,
+            model_id,
+            dtype: self.dtype.clone(),
+            max_batch_size: self.max_batch_size,
+            max_batch_tokens: self.max_batch_tokens,
+            max_context_length: self.max_context,
+            max_tokens_per_request: self.max_tokens_per_request,
+            kv_cache_tokens: self.kv_cache_tokens,
+            kv_block_size: self.kv_block_size,
+        })
+    }
+}
+
+fn run_tool(tool: Tool) -> anyhow::Result<()> {
+    use switchyard_worker::engine::bench;
+    use switchyard_worker::model::{LoadedModel, demo, parse_dtype};
+    match tool {
+        Tool::Bench {
+            model,
+            dtype,
+            batch,
+            prompt_len,
+            decode_len,
+        } => {
+            let device = candle_core::Device::Cpu;
+            let dtype = parse_dtype(&dtype, &device).map_err(anyhow::Error::msg)?;
+            eprintln!("measuring copy bandwidth...");
+            let bandwidth = bench::copy_bandwidth();
+            eprintln!(
+                "copy bandwidth: {:.1} GB/s; loading {}",
+                bandwidth / 1e9,
+                model.display()
+            );
+            let loaded = LoadedModel::load(&model, dtype, &device)?;
+            let vocab = loaded.config.vocab_size;
+            let config = loaded.config.clone();
+            let dtype_name = format!("{:?}", loaded.transformer.dtype()).to_lowercase();
+            let figures = bench::run(
+                std::sync::Arc::new(loaded.transformer),
+                &bench::BenchConfig {
+                    batches: batch,
+                    prompt_len,
+                    decode_len,
+                    vocab,
+                },
+                bandwidth,
+                |line| eprintln!("{line}"),
+            )?;
+            let report = serde_json::json!({
+                "engine": "switchyard",
+                "model": model.display().to_string(),
+                "parameters": config.parameter_count(),
+                "dtype": dtype_name,
+                "prompt_len": prompt_len,
+                "decode_len": decode_len,
+                "copy_bandwidth_gb_s": bandwidth / 1e9,
+                "figures": figures,
+            });
+            println!("{report}");
+            Ok(())
+        }
+        Tool::MakeCheckpoint { shape, out } => {
+            let shape = if shape == "bench" {
+                demo::BENCH
+            } else {
+                demo::DEMO
+            };
+            eprintln!("writing a random {shape:?} checkpoint to {}", out.display());
+            demo::write(&out, &shape)
+        }
+    }
+}
+
+fn default_cache_dir() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set; pass --cache-dir")?;
+    Ok(PathBuf::from(home).join(".cache/switchyard"))
 }
 
 #[tokio::main]
@@ -39,9 +226,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?,
         )
         .init();
-    tracing::info!(role = %args.role, listen = %args.listen, config = ?args.config, "starting switchyard-worker");
+    if let Some(tool) = args.command {
+        return tokio::task::spawn_blocking(move || run_tool(tool))
+            .await
+            .context("the tool panicked")?;
+    }
+    let Some(role) = args.role else {
+        anyhow::bail!(
+            "--role is required (frontend or expert-shard), or give a subcommand; see --help"
+        );
+    };
+    tracing::info!(%role, listen = %args.listen, config = ?args.config, "starting switchyard-worker");
+    let mut frontend_options = None;
     if let Some(path) = &args.config {
         let config = switchyard_worker::config::load(path)?;
+        frontend_options = Some(FrontendOptions::from_worker_config(&config));
         tracing::info!(
             deployment = %config.deployment,
             model = %config.model.path,
@@ -52,10 +251,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "loaded the worker config"
         );
     }
+    let role_service = match role {
+        Role::Frontend => {
+            let options = match frontend_options {
+                Some(o) => o,
+                None => args.frontend.options()?,
+            };
+            let started = tokio::task::spawn_blocking(move || frontend::start(&options))
+                .await
+                .context("the model loading task panicked")??;
+            let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+                .await
+                .with_context(|| {
+                    format!("binding the metrics listener on {}", args.metrics_listen)
+                })?;
+            tracing::info!(addr = ?metrics_listener.local_addr().ok(), "serving /metrics");
+            let registry = started.metrics.registry().clone();
+            tokio::spawn(async move {
+                if let Err(e) = frontend::metrics::serve_metrics(
+                    metrics_listener,
+                    registry,
+                    std::future::pending(),
+                )
+                .await
+                {
+                    tracing::error!(error = %e, "metrics endpoint stopped");
+                }
+            });
+            let mut routes = tonic::service::RoutesBuilder::default();
+            routes.add_service(
+                InferenceServer::new(started.service).max_decoding_message_size(16 << 20),
+            );
+            Some(routes.routes())
+        }
+        Role::ExpertShard => None,
+    };
     let listener = server::bind(args.listen).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, "listening");
-    server::serve(args.role, listener, shutdown_signal()).await?;
+    server::serve(role, listener, role_service, shutdown_signal()).await?;
     Ok(())
 }
 

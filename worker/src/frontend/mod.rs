@@ -1,1 +1,177 @@
-//! (being built)
+//! The frontend role: one model behind `switchyard.v1.Inference`.
+//!
+//! ```text
+//!  FrontendOptions (worker.json or flags)
+//!     └─ start(): LoadedModel + Tokenizer → EngineHandle (engine thread) → Frontend
+//!  gRPC ─> service::Frontend ─ validate ─> engine ─ tokens ─> detokenize, stop strings ─> client
+//!  HTTP ─> metrics::serve_metrics  (/metrics, /healthz)
+//! ```
+//!
+//! - [`validate`]: request checks, each failure naming the field and the accepted range.
+//! - [`service`]: the `Inference` implementation.
+//! - [`metrics`]: the Prometheus metrics and their HTTP endpoint.
+
+pub mod metrics;
+pub mod service;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use switchyard_proto::inference::v1 as pb;
+use switchyard_proto::worker_config::WorkerConfig;
+
+use crate::engine::{EngineConfig, EngineHandle};
+use crate::model::LoadedModel;
+use crate::model::attention::PagedKv;
+use crate::text::Tokenizer;
+pub use metrics::FrontendMetrics;
+pub use service::Frontend;
+
+/// Everything the frontend needs to start.
+#[derive(Debug, Clone)]
+pub struct FrontendOptions {
+    /// Checkpoint directory.
+    pub model: PathBuf,
+    /// The id clients use (`ListModels`, `GenerateRequest.model`).
+    pub model_id: String,
+    /// `auto`, `f32`, `bf16` or `f16`.
+    pub dtype: String,
+    /// Sequences decoded together at most.
+    pub max_batch_size: usize,
+    /// New tokens per engine step at most (bounds how long a prefill chunk stalls decodes).
+    pub max_batch_tokens: usize,
+    /// Context length; `None` = the model's.
+    pub max_context_length: Option<usize>,
+    /// Largest `max_tokens` (also the default when a request sets none).
+    pub max_tokens_per_request: usize,
+    /// KV-cache capacity in tokens; `None` = `max_batch_size` × min(context, 2048).
+    pub kv_cache_tokens: Option<u64>,
+    /// Tokens per KV block.
+    pub kv_block_size: usize,
+}
+
+impl FrontendOptions {
+    /// Options from the operator's `worker.json`.
+    pub fn from_worker_config(config: &WorkerConfig) -> Self {
+        let s = &config.serving;
+        Self {
+            model: PathBuf::from(&config.model.path),
+            model_id: config.deployment.clone(),
+            dtype: config.model.dtype.clone(),
+            max_batch_size: s.max_batch_size as usize,
+            max_batch_tokens: s.max_batch_tokens as usize,
+            max_context_length: s.max_context_length.map(|n| n as usize),
+            max_tokens_per_request: s.max_tokens_per_request as usize,
+            kv_cache_tokens: s.kv_cache_tokens,
+            kv_block_size: 16,
+        }
+    }
+}
+
+/// A started frontend: the service to serve and its metrics.
+#[derive(Debug)]
+pub struct Started {
+    /// The `Inference` service.
+    pub service: Frontend,
+    /// Its metrics (serve with [`metrics::serve_metrics`]).
+    pub metrics: Arc<FrontendMetrics>,
+    /// What `ListModels` reports.
+    pub info: pb::ModelInfo,
+    /// KV-cache blocks and their size.
+    pub kv_blocks: usize,
+}
+
+/// Loads the model and tokenizer and starts the engine.
+pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
+    use anyhow::Context as _;
+    let device = Device::Cpu;
+    let dtype = crate::model::parse_dtype(&opts.dtype, &device).map_err(anyhow::Error::msg)?;
+    let t0 = Instant::now();
+    let loaded = LoadedModel::load(&opts.model, dtype, &device)?;
+    let tokenizer = Arc::new(
+        Tokenizer::load(&opts.model)
+            .with_context(|| format!("loading the tokenizer of {}", opts.model.display()))?,
+    );
+    let cfg = loaded.config.clone();
+    let dtype = loaded.transformer.dtype();
+    let context = opts
+        .max_context_length
+        .map_or(cfg.max_position_embeddings, |n| {
+            n.min(cfg.max_position_embeddings)
+        });
+    anyhow::ensure!(
+        opts.kv_block_size > 0,
+        "the KV block size must be at least 1"
+    );
+    anyhow::ensure!(opts.max_batch_size > 0, "maxBatchSize must be at least 1");
+    anyhow::ensure!(
+        opts.max_batch_tokens > 0,
+        "maxBatchTokens must be at least 1"
+    );
+    let kv_tokens = opts
+        .kv_cache_tokens
+        .unwrap_or((opts.max_batch_size * context.min(2048)) as u64);
+    let kv_blocks = (kv_tokens as usize).div_ceil(opts.kv_block_size);
+    let kv_bytes = kv_blocks * opts.kv_block_size * PagedKv::bytes_per_slot(&cfg, dtype);
+    tracing::info!(
+        model = %opts.model.display(),
+        family = %cfg.family,
+        parameters = cfg.parameter_count(),
+        dtype = ?dtype,
+        saved = ?loaded.saved_dtypes,
+        context,
+        kv_blocks,
+        kv_block_size = opts.kv_block_size,
+        kv_mib = kv_bytes >> 20,
+        took_ms = t0.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    let metrics = Arc::new(FrontendMetrics::new(
+        cfg.num_layers,
+        cfg.moe.as_ref().map_or(0, |m| m.num_experts),
+    ));
+    metrics.set_kv_block_size(opts.kv_block_size as u64);
+    metrics.set_kv_blocks(0, kv_blocks as u64);
+    let engine = EngineHandle::start(
+        Arc::new(loaded.transformer),
+        EngineConfig {
+            block_size: opts.kv_block_size,
+            kv_blocks,
+            max_running: opts.max_batch_size,
+            step_token_budget: opts.max_batch_tokens,
+            max_context: context,
+        },
+        metrics.clone(),
+    )
+    .context("starting the engine")?;
+    let info = pb::ModelInfo {
+        id: opts.model_id.clone(),
+        model_type: cfg.family.model_type().into(),
+        context_length: context as u32,
+        max_tokens_per_request: opts.max_tokens_per_request as u32,
+        vocab_size: cfg.vocab_size as u32,
+        dtype: format!("{dtype:?}").to_lowercase(),
+        quantization: "none".into(),
+        quantization_group_size: 0,
+        num_experts: cfg.moe.as_ref().map_or(0, |m| m.num_experts as u32),
+        experts_per_token: cfg.moe.as_ref().map_or(0, |m| m.top_k as u32),
+        has_chat_template: tokenizer.chat_template().is_some(),
+    };
+    let limits = validate::Limits {
+        model_id: opts.model_id.clone(),
+        context_length: context,
+        vocab_size: cfg.vocab_size,
+        default_max_tokens: opts.max_tokens_per_request,
+        max_tokens_per_request: opts.max_tokens_per_request,
+    };
+    let service = Frontend::new(engine, tokenizer, limits, info.clone(), metrics.clone());
+    Ok(Started {
+        service,
+        metrics,
+        info,
+        kv_blocks,
+    })
+}

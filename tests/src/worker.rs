@@ -1,0 +1,93 @@
+//! `switchyard-worker --role frontend` as a child process on loopback ports, for
+//! end-to-end tests over real gRPC.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::control_plane::{http_get_plain, wait_until};
+use crate::error::Result;
+use crate::process::{ManagedProcess, TempDir, free_port};
+use crate::tools::workspace_binary;
+
+/// A committed fixture checkpoint of the worker crate (`worker/tests/fixtures/models/<name>`).
+pub fn fixture_model(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../worker/tests/fixtures/models")
+        .join(name)
+}
+
+/// A running frontend.
+#[derive(Debug)]
+pub struct FrontendProcess {
+    process: ManagedProcess,
+    grpc_port: u16,
+    metrics_port: u16,
+    _dir: TempDir,
+}
+
+impl FrontendProcess {
+    /// Starts a frontend serving `model` with `extra` flags; returns once gRPC accepts
+    /// connections (the model is loaded by then).
+    pub async fn start(model: &Path, extra: &[&str]) -> Result<Self> {
+        let binary = workspace_binary("switchyard-worker")?;
+        let dir = TempDir::new("frontend")?;
+        let (grpc_port, metrics_port) = (free_port()?, free_port()?);
+        let mut command = Command::new(binary);
+        command
+            .args(["--role", "frontend", "--log", "info"])
+            .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .arg("--model")
+            .arg(model)
+            .arg("--cache-dir")
+            .arg(dir.path())
+            .args(extra)
+            .env_remove("SWITCHYARD_CONFIG");
+        let process = ManagedProcess::spawn(
+            "switchyard-worker (frontend)",
+            command,
+            dir.path().join("frontend.log"),
+        )?;
+        wait_until(&process, Duration::from_secs(120), || async move {
+            match tokio::net::TcpStream::connect(("127.0.0.1", grpc_port)).await {
+                Ok(_) => Ok(true),
+                Err(e) => Err(format!("gRPC port {grpc_port}: {e}")),
+            }
+        })
+        .await?;
+        Ok(Self {
+            process,
+            grpc_port,
+            metrics_port,
+            _dir: dir,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> std::result::Result<String, String> {
+        http_get_plain(self.metrics_port, "/metrics").await
+    }
+
+    /// The value of one metric series (`name{labels}` exactly as exposed), if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics().await.ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    /// The process (for its log, or to kill it).
+    pub fn process(&self) -> &ManagedProcess {
+        &self.process
+    }
+}

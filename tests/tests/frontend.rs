@@ -1,0 +1,484 @@
+//! Tier 4: a real `switchyard-worker --role frontend` process serving a committed fixture
+//! checkpoint, called over gRPC: generation (unary, streaming, chat), tokenization, every
+//! invalid-argument case, cancellation freeing KV blocks, and KV-cache exhaustion.
+
+use std::time::{Duration, Instant};
+
+use switchyard_proto::inference::v1::{
+    self as pb, generate_request::Input, generate_stream_response::Event,
+    inference_client::InferenceClient,
+};
+use switchyard_tests::FrontendProcess;
+use switchyard_tests::worker::fixture_model;
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+const MODEL: &str = "qwen3_moe";
+
+async fn client(frontend: &FrontendProcess) -> InferenceClient<Channel> {
+    InferenceClient::connect(frontend.endpoint())
+        .await
+        .expect("connect to the frontend")
+}
+
+fn prompt(text: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(Input::Prompt(text.into())),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(max_tokens),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn chat(messages: &[(pb::Role, &str)]) -> Input {
+    Input::Chat(pb::ChatMessages {
+        messages: messages
+            .iter()
+            .map(|(role, content)| pb::ChatMessage {
+                role: *role as i32,
+                content: (*content).into(),
+            })
+            .collect(),
+    })
+}
+
+/// Streams `req`; returns the concatenated text, token ids and the summary.
+async fn stream_all(
+    client: &mut InferenceClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Result<(String, Vec<u32>, pb::GenerateSummary), tonic::Status> {
+    let mut stream = client.generate_stream(req).await?.into_inner();
+    let (mut text, mut ids) = (String::new(), Vec::new());
+    while let Some(msg) = stream.next().await {
+        match msg?.event {
+            Some(Event::Chunk(c)) => {
+                text.push_str(&c.text);
+                ids.extend(c.token_ids);
+            }
+            Some(Event::Summary(s)) => return Ok((text, ids, s)),
+            None => panic!("an empty stream message"),
+        }
+    }
+    panic!("the stream ended without a summary")
+}
+
+#[tokio::test]
+async fn generation_unary_streaming_chat_tokenize_and_models() {
+    let frontend = FrontendProcess::start(&fixture_model(MODEL), &["--model-id", "tiny"])
+        .await
+        .expect("frontend");
+    let mut c = client(&frontend).await;
+
+    let models = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(models.models.len(), 1);
+    let info = &models.models[0];
+    assert_eq!(
+        (info.id.as_str(), info.model_type.as_str()),
+        ("tiny", "qwen3_moe")
+    );
+    assert!(info.num_experts > 0 && info.experts_per_token > 0 && info.has_chat_template);
+
+    // Unary and streaming give the same greedy tokens and text.
+    let unary = c
+        .generate(prompt("The quick brown fox", 12))
+        .await
+        .expect("generate")
+        .into_inner();
+    let summary = unary.summary.clone().expect("summary");
+    assert_eq!(summary.finish_reason, pb::FinishReason::Length as i32);
+    let usage = summary.usage.expect("usage");
+    assert_eq!(usage.completion_tokens, 12);
+    assert_eq!(unary.token_ids.len(), 12);
+    let (text, ids, s) = stream_all(&mut c, prompt("The quick brown fox", 12))
+        .await
+        .expect("stream");
+    assert_eq!(ids, unary.token_ids);
+    assert_eq!(text, unary.text);
+    assert_eq!(s.usage.expect("usage").prompt_tokens, usage.prompt_tokens);
+    let timings = s.timings.expect("timings");
+    assert!(
+        timings.time_to_first_token_us > 0
+            && timings.total_time_us >= timings.time_to_first_token_us
+    );
+
+    // A stop token ends generation: its id is the last of `token_ids` and counted, its text
+    // is not returned.
+    let k = (1..ids.len())
+        .find(|&k| !ids[..k].contains(&ids[k]))
+        .expect("a token not seen before it");
+    let mut stopping = prompt("The quick brown fox", 12);
+    stopping.sampling.as_mut().expect("sampling").stop_token_ids = vec![ids[k]];
+    let stopped = c
+        .generate(stopping.clone())
+        .await
+        .expect("stop token")
+        .into_inner();
+    let s = stopped.summary.expect("summary");
+    assert_eq!(s.finish_reason, pb::FinishReason::Stop as i32);
+    assert_eq!(s.stop_token_id, Some(ids[k]));
+    assert_eq!(stopped.token_ids, ids[..=k].to_vec());
+    assert_eq!(s.usage.expect("usage").completion_tokens as usize, k + 1);
+    let (streamed_text, streamed_ids, _) = stream_all(&mut c, stopping).await.expect("stream");
+    assert_eq!(
+        (streamed_text, streamed_ids),
+        (stopped.text.clone(), stopped.token_ids.clone())
+    );
+    assert!(
+        text.starts_with(&stopped.text),
+        "{text:?} vs {:?}",
+        stopped.text
+    );
+
+    // Token ids in, and a seeded sampled generation is reproducible.
+    let mut seeded = pb::GenerateRequest {
+        input: Some(Input::TokenIds(pb::TokenIds {
+            ids: ids[..4].to_vec(),
+        })),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(10),
+            temperature: Some(0.9),
+            top_p: Some(0.95),
+            top_k: 50,
+            seed: Some(7),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let a = c
+        .generate(seeded.clone())
+        .await
+        .expect("seeded")
+        .into_inner();
+    let b = c
+        .generate(seeded.clone())
+        .await
+        .expect("seeded")
+        .into_inner();
+    assert_eq!(a.token_ids, b.token_ids, "same seed, same tokens");
+    seeded.request_id = Some("mine".into());
+    let named = c.generate(seeded).await.expect("named").into_inner();
+    assert_eq!(named.summary.expect("summary").request_id, "mine");
+
+    // Chat: rendered with the checkpoint's template; Tokenize agrees with what was run.
+    let messages = [
+        (pb::Role::System, "Be brief."),
+        (pb::Role::User, "Hello there"),
+    ];
+    let tokenized = c
+        .tokenize(pb::TokenizeRequest {
+            input: Some(pb::tokenize_request::Input::Chat(pb::ChatMessages {
+                messages: messages
+                    .iter()
+                    .map(|(r, t)| pb::ChatMessage {
+                        role: *r as i32,
+                        content: (*t).into(),
+                    })
+                    .collect(),
+            })),
+            return_token_strings: true,
+            ..Default::default()
+        })
+        .await
+        .expect("tokenize chat")
+        .into_inner();
+    assert_eq!(tokenized.token_ids.len(), tokenized.token_strings.len());
+    let mut chat_req = prompt("", 5);
+    chat_req.input = Some(chat(&messages));
+    let reply = c.generate(chat_req).await.expect("chat").into_inner();
+    assert_eq!(
+        reply
+            .summary
+            .expect("summary")
+            .usage
+            .expect("usage")
+            .prompt_tokens as usize,
+        tokenized.token_ids.len()
+    );
+
+    // Tokenize text round trip.
+    let t = c
+        .tokenize(pb::TokenizeRequest {
+            input: Some(pb::tokenize_request::Input::Text("hello world".into())),
+            add_special_tokens: Some(false),
+            return_token_strings: true,
+            ..Default::default()
+        })
+        .await
+        .expect("tokenize")
+        .into_inner();
+    assert_eq!(t.token_strings.concat(), "hello world");
+
+    // Stop strings end the generation and are not returned.
+    let mut full = prompt("The quick brown fox", 12);
+    let whole = c
+        .generate(full.clone())
+        .await
+        .expect("generate")
+        .into_inner()
+        .text;
+    // A stop string from the middle of that text: two characters, not all whitespace.
+    let chars: Vec<char> = whole.chars().collect();
+    let stop: String = (2..chars.len().saturating_sub(1))
+        .map(|i| chars[i..i + 2].iter().collect::<String>())
+        .find(|s| !s.trim().is_empty() && !whole[..whole.find(s.as_str()).unwrap_or(0)].is_empty())
+        .unwrap_or_else(|| panic!("no usable stop string in {whole:?}"));
+    full.sampling.as_mut().expect("sampling").stop = vec![stop.clone()];
+    let cut = c.generate(full).await.expect("stopped").into_inner();
+    let s = cut.summary.expect("summary");
+    assert_eq!(
+        s.finish_reason,
+        pb::FinishReason::Stop as i32,
+        "{whole:?} stop {stop:?}"
+    );
+    assert_eq!(s.stop_sequence.as_deref(), Some(stop.as_str()));
+    assert!(
+        whole.starts_with(&cut.text) && !cut.text.contains(&stop),
+        "{whole:?} → {:?}",
+        cut.text
+    );
+    assert!(
+        cut.token_ids.len() < 12,
+        "generation ended at the stop string"
+    );
+}
+
+#[tokio::test]
+async fn every_invalid_argument_names_its_field() {
+    let frontend =
+        FrontendProcess::start(&fixture_model(MODEL), &["--max-tokens-per-request", "64"])
+            .await
+            .expect("frontend");
+    let mut c = client(&frontend).await;
+    let models = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let info = models.models[0].clone();
+    let context = info.context_length;
+    let sampling = |f: &dyn Fn(&mut pb::SamplingParams)| {
+        let mut r = prompt("hello", 4);
+        f(r.sampling.as_mut().expect("sampling"));
+        r
+    };
+    let long_ids = vec![5u32; context as usize];
+    let cases: Vec<(&str, pb::GenerateRequest, &str)> = vec![
+        ("no input", pb::GenerateRequest::default(), "input"),
+        ("empty prompt", prompt("", 4), "prompt"),
+        (
+            "max_tokens 0",
+            sampling(&|s| s.max_tokens = Some(0)),
+            "sampling.max_tokens",
+        ),
+        (
+            "max_tokens over the limit",
+            sampling(&|s| s.max_tokens = Some(65)),
+            "sampling.max_tokens",
+        ),
+        (
+            "temperature negative",
+            sampling(&|s| s.temperature = Some(-0.5)),
+            "sampling.temperature",
+        ),
+        (
+            "temperature NaN",
+            sampling(&|s| s.temperature = Some(f32::NAN)),
+            "sampling.temperature",
+        ),
+        (
+            "top_p zero",
+            sampling(&|s| s.top_p = Some(0.0)),
+            "sampling.top_p",
+        ),
+        (
+            "top_p above one",
+            sampling(&|s| s.top_p = Some(1.5)),
+            "sampling.top_p",
+        ),
+        (
+            "repetition penalty zero",
+            sampling(&|s| s.repetition_penalty = Some(0.0)),
+            "sampling.repetition_penalty",
+        ),
+        (
+            "empty stop string",
+            sampling(&|s| s.stop = vec![String::new()]),
+            "sampling.stop[0]",
+        ),
+        (
+            "stop token outside vocab",
+            sampling(&|s| s.stop_token_ids = vec![info.vocab_size]),
+            "sampling.stop_token_ids[0]",
+        ),
+        (
+            "unknown model",
+            pb::GenerateRequest {
+                model: "nope".into(),
+                ..prompt("hello", 4)
+            },
+            "model",
+        ),
+        (
+            "token id outside vocab",
+            pb::GenerateRequest {
+                input: Some(Input::TokenIds(pb::TokenIds {
+                    ids: vec![1, info.vocab_size + 3],
+                })),
+                ..prompt("", 4)
+            },
+            "token_ids.ids[1]",
+        ),
+        (
+            "empty token ids",
+            pb::GenerateRequest {
+                input: Some(Input::TokenIds(pb::TokenIds { ids: vec![] })),
+                ..prompt("", 4)
+            },
+            "token_ids.ids",
+        ),
+        (
+            "prompt longer than the context",
+            pb::GenerateRequest {
+                input: Some(Input::TokenIds(pb::TokenIds { ids: long_ids })),
+                ..prompt("", 4)
+            },
+            "prompt",
+        ),
+        (
+            "max_tokens beyond the context",
+            pb::GenerateRequest {
+                input: Some(Input::TokenIds(pb::TokenIds {
+                    ids: vec![5; context as usize - 10],
+                })),
+                ..prompt("", 40)
+            },
+            "sampling.max_tokens",
+        ),
+        (
+            "no chat messages",
+            pb::GenerateRequest {
+                input: Some(Input::Chat(pb::ChatMessages { messages: vec![] })),
+                ..prompt("", 4)
+            },
+            "chat.messages",
+        ),
+        (
+            "chat role unset",
+            pb::GenerateRequest {
+                input: Some(chat(&[(pb::Role::Unspecified, "hi")])),
+                ..prompt("", 4)
+            },
+            "chat.messages[0].role",
+        ),
+    ];
+    for (what, req, field) in cases {
+        let err = c.generate(req.clone()).await.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{what}: message should name `{field}`: {:?}",
+            err.message()
+        );
+        // The streaming call checks the same way, before any stream starts.
+        let err = c.generate_stream(req).await.expect_err(what);
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{what} (stream): {err:?}"
+        );
+    }
+    let counted = frontend
+        .metric("switchyard_requests_total{status=\"invalid_argument\"}")
+        .await
+        .expect("request counter");
+    assert!(counted >= 36.0, "invalid requests are counted: {counted}");
+}
+
+#[tokio::test]
+async fn cancelling_a_stream_frees_its_kv_blocks() {
+    let frontend = FrontendProcess::start(&fixture_model(MODEL), &["--kv-block-size", "16"])
+        .await
+        .expect("frontend");
+    let mut c = client(&frontend).await;
+    let used = "switchyard_kv_cache_blocks{state=\"used\"}";
+    let mut stream = c
+        .generate_stream(prompt("Once upon a time", 200))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = stream.next().await.expect("a first message").expect("ok");
+    assert!(matches!(first.event, Some(Event::Chunk(_))));
+    let held = frontend.metric(used).await.expect("kv metric");
+    assert!(
+        held >= 13.0,
+        "a 200-token budget holds at least 13 blocks of 16: {held}"
+    );
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = frontend.metric(used).await.expect("kv metric");
+        if now == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "KV blocks still held 10 s after cancelling: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled = frontend
+        .metric("switchyard_requests_total{status=\"cancelled\"}")
+        .await;
+    assert_eq!(cancelled, Some(1.0), "the cancelled stream is counted once");
+}
+
+#[tokio::test]
+async fn an_exhausted_kv_cache_makes_requests_wait_then_complete() {
+    // 3 blocks of 16 tokens: each request below needs 3 (≈5 prompt + 40 output), so they
+    // can only run one at a time.
+    let frontend = FrontendProcess::start(
+        &fixture_model(MODEL),
+        &["--kv-cache-tokens", "48", "--kv-block-size", "16"],
+    )
+    .await
+    .expect("frontend");
+    let c = client(&frontend).await;
+    let calls: Vec<_> = (0..3)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move { c.generate(prompt(&format!("request {i}"), 40)).await })
+        })
+        .collect();
+    let mut summaries = Vec::new();
+    for call in calls {
+        let reply = call.await.expect("task").expect("generate").into_inner();
+        assert_eq!(reply.token_ids.len(), 40);
+        summaries.push(reply.summary.expect("summary").timings.expect("timings"));
+    }
+    summaries.sort_by_key(|t| t.queue_time_us);
+    let first_run = summaries[0].total_time_us - summaries[0].queue_time_us;
+    assert!(
+        summaries[2].queue_time_us >= first_run,
+        "the last request waited for the first to finish: {summaries:?}"
+    );
+    // Too big for the whole cache: refused up front, not queued forever.
+    let err = client(&frontend)
+        .await
+        .generate(prompt("x", 60))
+        .await
+        .expect_err("too big");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("KV-cache blocks"),
+        "{}",
+        err.message()
+    );
+}

@@ -1,0 +1,626 @@
+//! Prometheus metrics of a frontend, and the small HTTP server that exposes them.
+//!
+//! ```text
+//!   GET /metrics   switchyard_* (Prometheus text exposition format)
+//!   GET /healthz   200 "ok" while the process runs
+//!   anything else  404 (405 for a method other than GET)
+//! ```
+//!
+//! [`FrontendMetrics`] owns its own [`Registry`] (prefix `switchyard_`) and one typed handle
+//! per metric; the server and the engine call its plainly named methods
+//! ([`FrontendMetrics::observe_ttft`], [`FrontendMetrics::set_kv_blocks`], ...).
+//! [`serve_metrics`] serves any registry, so a process may register more collectors.
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `switchyard_requests_total` | counter | `status`: gRPC code, [`status_label`] |
+//! | `switchyard_time_to_first_token_seconds` | histogram | |
+//! | `switchyard_inter_token_latency_seconds` | histogram | |
+//! | `switchyard_request_duration_seconds` | histogram | |
+//! | `switchyard_prompt_tokens_total` | counter | |
+//! | `switchyard_generated_tokens_total` | counter | |
+//! | `switchyard_running_sequences` | gauge | |
+//! | `switchyard_waiting_sequences` | gauge | |
+//! | `switchyard_kv_cache_blocks` | gauge | `state`: `used`, `free` |
+//! | `switchyard_kv_cache_block_size_tokens` | gauge | |
+//! | `switchyard_batch_size` | histogram | |
+//! | `switchyard_batch_tokens` | histogram | |
+//! | `switchyard_engine_step_duration_seconds` | histogram | |
+//! | `switchyard_expert_tokens_total` | counter | `layer`, `expert` |
+
+use std::convert::Infallible;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// Prefix of every metric name (`switchyard_requests_total`, ...).
+pub const PREFIX: &str = "switchyard";
+
+/// Time to first token: 1 ms to 5 minutes (queueing under load can take minutes).
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
+    3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// Inter-token latency: 1 ms to 2 s, finest around typical decode steps (10–100 ms).
+pub const ITL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075, 0.1,
+    0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0,
+];
+
+/// Whole-request duration: 10 ms to 20 minutes.
+pub const REQUEST_DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0,
+    120.0, 180.0, 300.0, 600.0, 1200.0,
+];
+
+/// Sequences in one engine step: powers of two up to 1024.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+/// Tokens in one engine step (decode tokens plus prefill chunks): powers of two up to 32768.
+pub const BATCH_TOKENS_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+    16384.0, 32768.0,
+];
+
+/// One engine step: 0.5 ms to 10 s.
+pub const ENGINE_STEP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Every gRPC status code, in code order.
+const ALL_CODES: [tonic::Code; 17] = [
+    tonic::Code::Ok,
+    tonic::Code::Cancelled,
+    tonic::Code::Unknown,
+    tonic::Code::InvalidArgument,
+    tonic::Code::DeadlineExceeded,
+    tonic::Code::NotFound,
+    tonic::Code::AlreadyExists,
+    tonic::Code::PermissionDenied,
+    tonic::Code::ResourceExhausted,
+    tonic::Code::FailedPrecondition,
+    tonic::Code::Aborted,
+    tonic::Code::OutOfRange,
+    tonic::Code::Unimplemented,
+    tonic::Code::Internal,
+    tonic::Code::Unavailable,
+    tonic::Code::DataLoss,
+    tonic::Code::Unauthenticated,
+];
+
+/// The label of a gRPC status code: its canonical name in snake case (`ok`,
+/// `invalid_argument`, `resource_exhausted`, ...). Used for `requests_total{status}` and by
+/// the `switchyard` CLI, so client reports and server metrics name errors alike.
+pub fn status_label(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "ok",
+        tonic::Code::Cancelled => "cancelled",
+        tonic::Code::Unknown => "unknown",
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::DeadlineExceeded => "deadline_exceeded",
+        tonic::Code::NotFound => "not_found",
+        tonic::Code::AlreadyExists => "already_exists",
+        tonic::Code::PermissionDenied => "permission_denied",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::FailedPrecondition => "failed_precondition",
+        tonic::Code::Aborted => "aborted",
+        tonic::Code::OutOfRange => "out_of_range",
+        tonic::Code::Unimplemented => "unimplemented",
+        tonic::Code::Internal => "internal",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::DataLoss => "data_loss",
+        tonic::Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// The metrics of one frontend process: a registry and a typed handle per metric.
+///
+/// Cheap to share (`Arc<FrontendMetrics>`); every method takes `&self` and only touches
+/// atomics, except the first observation of each `(layer, expert)` pair, which creates
+/// its series once.
+#[derive(Debug)]
+pub struct FrontendMetrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    /// One handle per status code, in [`ALL_CODES`] order (`tonic::Code as usize`).
+    requests_by_code: Vec<IntCounter>,
+    ttft: Histogram,
+    itl: Histogram,
+    request_duration: Histogram,
+    prompt_tokens: IntCounter,
+    generated_tokens: IntCounter,
+    running_sequences: IntGauge,
+    waiting_sequences: IntGauge,
+    kv_used: IntGauge,
+    kv_free: IntGauge,
+    kv_block_size: IntGauge,
+    batch_size: Histogram,
+    batch_tokens: Histogram,
+    engine_step: Histogram,
+    expert_tokens: IntCounterVec,
+    num_layers: usize,
+    num_experts: usize,
+    /// `num_layers * num_experts` lazily created series, indexed `layer * num_experts + expert`.
+    expert_series: Vec<OnceLock<IntCounter>>,
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("static metric options are valid")
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("static metric options are valid")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("static metric options are valid")
+}
+
+/// Saturating `u64` → `i64` for gauges.
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl FrontendMetrics {
+    /// Creates the metrics of a frontend serving a model with `num_layers` decoder layers and
+    /// `num_experts` routed experts per MoE layer (both 0 for a dense model). The expert
+    /// counter's `layer` and `expert` labels only ever take values below these, so its
+    /// series are bounded by the model's size.
+    pub fn new(num_layers: usize, num_experts: usize) -> Self {
+        let registry = Registry::new_custom(Some(PREFIX.into()), None)
+            .expect("static registry options are valid");
+
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "requests_total",
+                "Finished Inference requests, by gRPC status code (ok, invalid_argument, ...)",
+            ),
+            &["status"],
+        )
+        .expect("static metric options are valid");
+        // Every code's series exists from the start, so rate() and absent() behave.
+        let requests_by_code = ALL_CODES
+            .iter()
+            .map(|&code| requests.with_label_values(&[status_label(code)]))
+            .collect();
+        let ttft = histogram(
+            "time_to_first_token_seconds",
+            "Time from receiving a request to its first generated token (queueing and prefill)",
+            TTFT_BUCKETS,
+        );
+        let itl = histogram(
+            "inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request",
+            ITL_BUCKETS,
+        );
+        let request_duration = histogram(
+            "request_duration_seconds",
+            "Time from receiving a request to its end, whatever the outcome",
+            REQUEST_DURATION_BUCKETS,
+        );
+        let prompt_tokens = counter("prompt_tokens_total", "Prompt tokens of admitted requests");
+        let generated_tokens = counter(
+            "generated_tokens_total",
+            "Tokens generated; its rate is the output tokens per second",
+        );
+        let running_sequences = gauge(
+            "running_sequences",
+            "Sequences in the running batch (prefilling or decoding)",
+        );
+        let waiting_sequences = gauge(
+            "waiting_sequences",
+            "Admitted sequences waiting for the scheduler",
+        );
+        let kv_blocks = IntGaugeVec::new(
+            Opts::new("kv_cache_blocks", "KV cache blocks, by state (used, free)"),
+            &["state"],
+        )
+        .expect("static metric options are valid");
+        let kv_used = kv_blocks.with_label_values(&["used"]);
+        let kv_free = kv_blocks.with_label_values(&["free"]);
+        let kv_block_size = gauge(
+            "kv_cache_block_size_tokens",
+            "Tokens held by one KV cache block",
+        );
+        let batch_size = histogram(
+            "batch_size",
+            "Sequences in one engine step",
+            BATCH_SIZE_BUCKETS,
+        );
+        let batch_tokens = histogram(
+            "batch_tokens",
+            "Tokens computed in one engine step (decode tokens plus prefill tokens)",
+            BATCH_TOKENS_BUCKETS,
+        );
+        let engine_step = histogram(
+            "engine_step_duration_seconds",
+            "Wall time of one engine step (one forward pass of the batch and sampling)",
+            ENGINE_STEP_BUCKETS,
+        );
+        let expert_tokens = IntCounterVec::new(
+            Opts::new(
+                "expert_tokens_total",
+                "Tokens routed to each routed expert, by decoder layer and expert index",
+            ),
+            &["layer", "expert"],
+        )
+        .expect("static metric options are valid");
+
+        let collectors: [Box<dyn Collector>; 14] = [
+            Box::new(requests.clone()),
+            Box::new(ttft.clone()),
+            Box::new(itl.clone()),
+            Box::new(request_duration.clone()),
+            Box::new(prompt_tokens.clone()),
+            Box::new(generated_tokens.clone()),
+            Box::new(running_sequences.clone()),
+            Box::new(waiting_sequences.clone()),
+            Box::new(kv_blocks),
+            Box::new(kv_block_size.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(batch_tokens.clone()),
+            Box::new(engine_step.clone()),
+            Box::new(expert_tokens.clone()),
+        ];
+        for collector in collectors {
+            registry
+                .register(collector)
+                .expect("each metric is registered once");
+        }
+        let series = num_layers.saturating_mul(num_experts);
+        Self {
+            registry,
+            requests,
+            requests_by_code,
+            ttft,
+            itl,
+            request_duration,
+            prompt_tokens,
+            generated_tokens,
+            running_sequences,
+            waiting_sequences,
+            kv_used,
+            kv_free,
+            kv_block_size,
+            batch_size,
+            batch_tokens,
+            engine_step,
+            expert_tokens,
+            num_layers,
+            num_experts,
+            expert_series: (0..series).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The registry holding every metric, for [`serve_metrics`] (a clone shares it).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The current values in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+
+    /// Counts one finished request with its final gRPC status.
+    pub fn count_request(&self, code: tonic::Code) {
+        match self.requests_by_code.get(code as usize) {
+            Some(counter) => counter.inc(),
+            None => self.requests.with_label_values(&[status_label(code)]).inc(),
+        }
+    }
+
+    /// Time from receiving a request to its first generated token.
+    pub fn observe_ttft(&self, ttft: Duration) {
+        self.ttft.observe(ttft.as_secs_f64());
+    }
+
+    /// Time between two consecutive tokens of one request. For tokens produced together
+    /// (a step that yielded several), call it once per token with the gap divided among them.
+    pub fn observe_itl(&self, gap: Duration) {
+        self.itl.observe(gap.as_secs_f64());
+    }
+
+    /// Time from receiving a request to its end, whatever its status.
+    pub fn observe_request_duration(&self, took: Duration) {
+        self.request_duration.observe(took.as_secs_f64());
+    }
+
+    /// Adds the prompt tokens of an admitted request.
+    pub fn add_prompt_tokens(&self, tokens: u64) {
+        self.prompt_tokens.inc_by(tokens);
+    }
+
+    /// Adds newly generated tokens.
+    pub fn add_generated_tokens(&self, tokens: u64) {
+        self.generated_tokens.inc_by(tokens);
+    }
+
+    /// Sequences running and waiting, as the scheduler sees them now.
+    pub fn set_sequences(&self, running: u64, waiting: u64) {
+        self.running_sequences.set(gauge_value(running));
+        self.waiting_sequences.set(gauge_value(waiting));
+    }
+
+    /// KV cache blocks in use and free.
+    pub fn set_kv_blocks(&self, used: u64, free: u64) {
+        self.kv_used.set(gauge_value(used));
+        self.kv_free.set(gauge_value(free));
+    }
+
+    /// Tokens per KV cache block (set once the cache is allocated).
+    pub fn set_kv_block_size(&self, tokens: u64) {
+        self.kv_block_size.set(gauge_value(tokens));
+    }
+
+    /// One engine step: how many sequences and tokens it computed, and how long it took.
+    pub fn observe_step(&self, sequences: u64, tokens: u64, took: Duration) {
+        // Batch sizes stay far below 2^53, so the conversions are exact.
+        self.batch_size.observe(sequences as f64);
+        self.batch_tokens.observe(tokens as f64);
+        self.engine_step.observe(took.as_secs_f64());
+    }
+
+    /// Adds `tokens` routed to `expert` of decoder layer `layer`. A pair outside the shape
+    /// given to [`FrontendMetrics::new`] is ignored (it would be a bug in the caller, and must
+    /// not grow the label set).
+    pub fn add_expert_tokens(&self, layer: usize, expert: usize, tokens: u64) {
+        if layer >= self.num_layers || expert >= self.num_experts || tokens == 0 {
+            return;
+        }
+        let series = self.expert_series[layer * self.num_experts + expert].get_or_init(|| {
+            self.expert_tokens
+                .with_label_values(&[layer.to_string(), expert.to_string()])
+        });
+        series.inc_by(tokens);
+    }
+
+    /// Adds one layer's routing counts at once: `tokens[e]` tokens went to expert `e`.
+    /// Entries past the model's expert count are ignored, as in
+    /// [`FrontendMetrics::add_expert_tokens`].
+    pub fn add_layer_expert_tokens(&self, layer: usize, tokens: &[u64]) {
+        for (expert, &count) in tokens.iter().enumerate() {
+            self.add_expert_tokens(layer, expert, count);
+        }
+    }
+}
+
+/// `registry`'s current values in the Prometheus text exposition format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .expect("encoding to a Vec cannot fail");
+    // The text encoder writes UTF-8 only (names, label values and help are Rust strings).
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Serves `GET /metrics` (`registry` in the text exposition format) and `GET /healthz`
+/// (200 `ok`) on `listener` until `shutdown` completes; other paths are 404, other methods
+/// 405. Connections already open when `shutdown` completes finish their current request.
+///
+/// Returns `Ok(())` once `shutdown` completes. A failed `accept` (for example, too many
+/// open files) is logged and retried after a short pause rather than ending the server,
+/// so no error ends it today; the `Result` leaves room for ones that should.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener: accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let response = route(&request, &registry);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+fn route<B>(request: &Request<B>, registry: &Registry) -> Response<Full<Bytes>> {
+    let (status, content_type, body): (StatusCode, &str, Vec<u8>) =
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/metrics") => (
+                StatusCode::OK,
+                prometheus::TEXT_FORMAT,
+                render(registry).into_bytes(),
+            ),
+            (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", b"ok".to_vec()),
+            (_, "/metrics" | "/healthz") => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                b"method not allowed: use GET".to_vec(),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"not found: try /metrics or /healthz".to_vec(),
+            ),
+        };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn status_labels_cover_every_code_in_order() {
+        for (i, code) in ALL_CODES.iter().enumerate() {
+            assert_eq!(*code as usize, i);
+        }
+        assert_eq!(status_label(tonic::Code::Ok), "ok");
+        assert_eq!(
+            status_label(tonic::Code::ResourceExhausted),
+            "resource_exhausted"
+        );
+    }
+
+    #[test]
+    fn render_has_names_and_labels() {
+        let m = FrontendMetrics::new(4, 8);
+        m.count_request(tonic::Code::Ok);
+        m.count_request(tonic::Code::Ok);
+        m.count_request(tonic::Code::InvalidArgument);
+        m.observe_ttft(Duration::from_millis(120));
+        m.observe_itl(Duration::from_millis(20));
+        m.observe_request_duration(Duration::from_secs(2));
+        m.add_prompt_tokens(100);
+        m.add_generated_tokens(64);
+        m.set_sequences(3, 5);
+        m.set_kv_blocks(40, 60);
+        m.set_kv_block_size(16);
+        m.observe_step(3, 130, Duration::from_millis(25));
+        m.add_expert_tokens(1, 7, 10);
+        m.add_layer_expert_tokens(2, &[0, 3]);
+        // Outside the model's shape: ignored.
+        m.add_expert_tokens(4, 0, 1);
+        m.add_expert_tokens(0, 8, 1);
+
+        let text = m.render();
+        for expected in [
+            "switchyard_requests_total{status=\"ok\"} 2",
+            "switchyard_requests_total{status=\"invalid_argument\"} 1",
+            "switchyard_requests_total{status=\"unavailable\"} 0",
+            "switchyard_time_to_first_token_seconds_bucket{le=\"0.15\"} 1",
+            "switchyard_time_to_first_token_seconds_count 1",
+            "switchyard_inter_token_latency_seconds_bucket{le=\"0.02\"} 1",
+            "switchyard_request_duration_seconds_sum 2",
+            "switchyard_prompt_tokens_total 100",
+            "switchyard_generated_tokens_total 64",
+            "switchyard_running_sequences 3",
+            "switchyard_waiting_sequences 5",
+            "switchyard_kv_cache_blocks{state=\"used\"} 40",
+            "switchyard_kv_cache_blocks{state=\"free\"} 60",
+            "switchyard_kv_cache_block_size_tokens 16",
+            "switchyard_batch_size_bucket{le=\"4\"} 1",
+            "switchyard_batch_tokens_sum 130",
+            "switchyard_engine_step_duration_seconds_count 1",
+            "switchyard_expert_tokens_total{expert=\"7\",layer=\"1\"} 10",
+            "switchyard_expert_tokens_total{expert=\"1\",layer=\"2\"} 3",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        // Zero counts and out-of-shape pairs create no series.
+        assert!(!text.contains("expert=\"0\",layer=\"2\""), "{text}");
+        assert!(!text.contains("layer=\"4\""), "{text}");
+        assert!(!text.contains("expert=\"8\""), "{text}");
+    }
+
+    async fn http_get(addr: std::net::SocketAddr, request: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .expect("read response");
+        String::from_utf8(response).expect("utf-8 response")
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_healthz_and_404() {
+        let metrics = FrontendMetrics::new(1, 2);
+        metrics.add_generated_tokens(7);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_metrics(
+            listener,
+            metrics.registry().clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+
+        let response = http_get(
+            addr,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(
+            response.contains("content-type: text/plain; version=0.0.4"),
+            "{response}"
+        );
+        assert!(
+            response.contains("switchyard_generated_tokens_total 7"),
+            "{response}"
+        );
+
+        let response = http_get(
+            addr,
+            "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(response.ends_with("\r\n\r\nok"), "{response}");
+
+        let response = http_get(
+            addr,
+            "GET /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(response.starts_with("HTTP/1.1 404 "), "{response}");
+
+        let response = http_get(
+            addr,
+            "POST /metrics HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(response.starts_with("HTTP/1.1 405 "), "{response}");
+
+        stop.send(()).expect("server still running");
+        server
+            .await
+            .expect("server task")
+            .expect("server ends cleanly");
+    }
+}

@@ -1,0 +1,428 @@
+//! `switchyard.v1.Inference` on top of the engine: requests are checked
+//! ([`super::validate`]), tokenized, submitted, and the engine's token events turned into
+//! text chunks (incremental detokenization, stop strings) and a summary.
+//!
+//! Every accepted request ends exactly once: a summary, or an error status. A client that
+//! goes away (stream dropped, deadline) drops the engine receiver, which cancels the
+//! sequence and frees its KV blocks before the next step.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use switchyard_proto::inference::v1::{self as pb, inference_server::Inference};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+use super::metrics::FrontendMetrics;
+use super::validate::{self, Checked, Limits};
+use crate::engine::{EngineHandle, Event, FinishReason, Occupancy, StepReport, SubmitError};
+use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome, Tokenizer};
+
+/// The `Inference` service of one model.
+#[derive(Debug, Clone)]
+pub struct Frontend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    engine: EngineHandle,
+    tokenizer: Arc<Tokenizer>,
+    limits: Limits,
+    info: pb::ModelInfo,
+    metrics: Arc<FrontendMetrics>,
+    next_seed: AtomicU64,
+}
+
+impl Frontend {
+    /// Serves `engine`'s model under `info.id`.
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        limits: Limits,
+        info: pb::ModelInfo,
+        metrics: Arc<FrontendMetrics>,
+    ) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Self {
+            inner: Arc::new(Inner {
+                engine,
+                tokenizer,
+                limits,
+                info,
+                metrics,
+                next_seed: AtomicU64::new(seed),
+            }),
+        }
+    }
+
+    /// The checked request, or the status to answer with (counted in metrics).
+    fn admit<T>(
+        &self,
+        request: &Request<T>,
+        body: &pb::GenerateRequest,
+    ) -> Result<Checked, Status> {
+        let deadline = validate::grpc_deadline(request.metadata(), Instant::now());
+        let seed = self
+            .inner
+            .next_seed
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        validate::check(
+            body,
+            &self.inner.tokenizer,
+            &self.inner.limits,
+            deadline,
+            seed,
+        )
+    }
+
+    fn fail(&self, status: Status) -> Status {
+        self.inner.metrics.count_request(status.code());
+        status
+    }
+
+    /// Runs one checked request, sending chunks to `out` as they are ready; returns the
+    /// summary, or the status the request ends with.
+    async fn run(
+        &self,
+        checked: Checked,
+        model: String,
+        priority: i32,
+        out: &mut dyn ChunkSink,
+    ) -> Result<pb::GenerateSummary, Status> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let prompt_tokens = checked.engine.prompt.len();
+        let mut rx = inner.engine.submit(checked.engine).map_err(|e| match e {
+            SubmitError::Stopped => Status::unavailable("the engine has stopped"),
+            other => Status::invalid_argument(other.to_string()),
+        })?;
+        inner.metrics.add_prompt_tokens(prompt_tokens as u64);
+        let mut decoder = IncrementalDecoder::new();
+        let mut stops = StopMatcher::new(&checked.stop);
+        let mut index = 0u32;
+        let mut first_token: Option<Instant> = None;
+        let mut last_token = started;
+        let mut completion_ids: Vec<u32> = Vec::new();
+        let summary = |reason: pb::FinishReason,
+                       completion: usize,
+                       queue: Duration,
+                       first: Option<Instant>,
+                       stop_sequence: Option<String>,
+                       stop_token_id: Option<u32>| pb::GenerateSummary {
+            finish_reason: reason as i32,
+            usage: Some(pb::Usage {
+                prompt_tokens: prompt_tokens as u32,
+                cached_prompt_tokens: 0,
+                completion_tokens: completion as u32,
+            }),
+            timings: Some(pb::Timings {
+                queue_time_us: queue.as_micros() as u64,
+                time_to_first_token_us: first.map_or(0, |f| (f - started).as_micros() as u64),
+                total_time_us: started.elapsed().as_micros() as u64,
+            }),
+            request_id: checked.request_id.clone(),
+            model: model.clone(),
+            priority,
+            stop_sequence,
+            stop_token_id,
+            error_message: String::new(),
+        };
+        let mut queue_time = Duration::ZERO;
+        let detok = |e: crate::text::TextError| Status::internal(format!("detokenizing: {e}"));
+        while let Some(event) = rx.recv().await {
+            match event {
+                Event::Started { queue_time: q } => queue_time = q,
+                Event::Token { id, stop, last } => {
+                    let now = Instant::now();
+                    match first_token {
+                        None => {
+                            first_token = Some(now);
+                            inner.metrics.observe_ttft(now - started);
+                        }
+                        Some(_) => inner.metrics.observe_itl(now - last_token),
+                    }
+                    last_token = now;
+                    inner.metrics.add_generated_tokens(1);
+                    completion_ids.push(id);
+                    // A stop token's id is reported, its text is not part of the output.
+                    let mut text = if stop {
+                        String::new()
+                    } else {
+                        decoder.step(&inner.tokenizer, id).map_err(detok)?
+                    };
+                    if last || stop {
+                        text.push_str(&decoder.finish(&inner.tokenizer).map_err(detok)?);
+                    }
+                    match stops.push(&text) {
+                        StopOutcome::Continue(mut text) => {
+                            if last || stop {
+                                text.push_str(&stops.finish());
+                            }
+                            let chunk = pb::TokenChunk {
+                                text,
+                                token_ids: vec![id],
+                                index,
+                            };
+                            if !out.send(chunk).await {
+                                return Err(Status::cancelled("the client went away"));
+                            }
+                            index += 1;
+                        }
+                        StopOutcome::Stopped { text, stop } => {
+                            let chunk = pb::TokenChunk {
+                                text,
+                                token_ids: vec![id],
+                                index,
+                            };
+                            if !out.send(chunk).await {
+                                return Err(Status::cancelled("the client went away"));
+                            }
+                            // Dropping `rx` on return cancels the sequence in the engine.
+                            return Ok(summary(
+                                pb::FinishReason::Stop,
+                                completion_ids.len(),
+                                queue_time,
+                                first_token,
+                                Some(stop),
+                                None,
+                            ));
+                        }
+                    }
+                }
+                Event::Finished {
+                    reason,
+                    completion_tokens,
+                    ..
+                } => {
+                    let (reason, stop_token) = match reason {
+                        FinishReason::StopToken(id) => (pb::FinishReason::Stop, Some(id)),
+                        FinishReason::Length => (pb::FinishReason::Length, None),
+                        FinishReason::ContextLength => (pb::FinishReason::ContextLength, None),
+                        FinishReason::Deadline => {
+                            return Err(Status::deadline_exceeded(format!(
+                                "the deadline passed after {completion_tokens} generated tokens \
+                                 ({} ms in the queue)",
+                                queue_time.as_millis()
+                            )));
+                        }
+                    };
+                    return Ok(summary(
+                        reason,
+                        completion_tokens,
+                        queue_time,
+                        first_token,
+                        None,
+                        stop_token,
+                    ));
+                }
+                Event::Failed { message } => return Err(Status::internal(message)),
+            }
+        }
+        Err(Status::internal(
+            "the engine dropped the request without an answer",
+        ))
+    }
+}
+
+/// Where [`Frontend::run`] puts text chunks: the client's stream, or a buffer for the
+/// unary call. `send` returns false once the receiver is gone.
+#[tonic::async_trait]
+trait ChunkSink: Send {
+    async fn send(&mut self, chunk: pb::TokenChunk) -> bool;
+}
+
+#[derive(Default)]
+struct Collect {
+    text: String,
+    ids: Vec<u32>,
+}
+
+#[tonic::async_trait]
+impl ChunkSink for Collect {
+    async fn send(&mut self, chunk: pb::TokenChunk) -> bool {
+        self.text.push_str(&chunk.text);
+        self.ids.extend(chunk.token_ids);
+        true
+    }
+}
+
+#[tonic::async_trait]
+impl ChunkSink for mpsc::Sender<Result<pb::GenerateStreamResponse, Status>> {
+    async fn send(&mut self, chunk: pb::TokenChunk) -> bool {
+        // A full buffer (slow reader) waits rather than dropping tokens.
+        mpsc::Sender::send(
+            self,
+            Ok(pb::GenerateStreamResponse {
+                event: Some(pb::generate_stream_response::Event::Chunk(chunk)),
+            }),
+        )
+        .await
+        .is_ok()
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for Frontend {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let started = Instant::now();
+        let body = request.get_ref().clone();
+        let checked = self.admit(&request, &body).map_err(|s| self.fail(s))?;
+        let mut collected = Collect::default();
+        let result = self
+            .run(
+                checked,
+                self.inner.info.id.clone(),
+                body.priority,
+                &mut collected,
+            )
+            .await;
+        self.inner
+            .metrics
+            .observe_request_duration(started.elapsed());
+        match result {
+            Ok(summary) => {
+                self.inner.metrics.count_request(tonic::Code::Ok);
+                Ok(Response::new(pb::GenerateResponse {
+                    text: collected.text,
+                    token_ids: collected.ids,
+                    summary: Some(summary),
+                }))
+            }
+            Err(status) => Err(self.fail(status)),
+        }
+    }
+
+    type GenerateStreamStream = ChunkStream;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let started = Instant::now();
+        let body = request.get_ref().clone();
+        let checked = self.admit(&request, &body).map_err(|s| self.fail(s))?;
+        let (tx, rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut sink = tx.clone();
+            let run = this.run(
+                checked,
+                this.inner.info.id.clone(),
+                body.priority,
+                &mut sink,
+            );
+            // The client dropping the stream must cancel even while nothing is produced
+            // (queued, or prefilling), not only at the next token.
+            let result = tokio::select! {
+                r = run => r,
+                () = tx.closed() => Err(Status::cancelled("the client went away")),
+            };
+            this.inner
+                .metrics
+                .observe_request_duration(started.elapsed());
+            match result {
+                Ok(summary) => {
+                    this.inner.metrics.count_request(tonic::Code::Ok);
+                    let _ = tx
+                        .send(Ok(pb::GenerateStreamResponse {
+                            event: Some(pb::generate_stream_response::Event::Summary(summary)),
+                        }))
+                        .await;
+                }
+                Err(status) => {
+                    let status = this.fail(status);
+                    let _ = tx.send(Err(status)).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let body = request.into_inner();
+        let inner = &self.inner;
+        validate::check_model(&body.model, &inner.limits).map_err(|s| self.fail(s))?;
+        let ids = match body.input {
+            None => Err(Status::invalid_argument(
+                "input: one of text or chat is required",
+            )),
+            Some(pb::tokenize_request::Input::Text(text)) => inner
+                .tokenizer
+                .encode(&text, body.add_special_tokens.unwrap_or(true))
+                .map_err(|e| Status::internal(format!("tokenizing: {e}"))),
+            Some(pb::tokenize_request::Input::Chat(chat)) => validate::chat_ids(
+                &chat,
+                &inner.tokenizer,
+                body.add_generation_prompt.unwrap_or(true),
+            ),
+        }
+        .map_err(|s| self.fail(s))?;
+        let token_strings = if body.return_token_strings {
+            inner
+                .tokenizer
+                .token_strings(&ids)
+                .map_err(|e| self.fail(Status::internal(format!("decoding: {e}"))))?
+        } else {
+            Vec::new()
+        };
+        inner.metrics.count_request(tonic::Code::Ok);
+        Ok(Response::new(pb::TokenizeResponse {
+            token_ids: ids,
+            token_strings,
+            model: inner.info.id.clone(),
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Ok(Response::new(pb::ListModelsResponse {
+            models: vec![self.inner.info.clone()],
+        }))
+    }
+}
+
+impl crate::engine::EngineObserver for FrontendMetrics {
+    fn step(&self, report: &StepReport<'_>) {
+        self.observe_step(
+            report.sequences as u64,
+            report.tokens as u64,
+            report.duration,
+        );
+        for (layer, routes) in report.routes {
+            let mut counts: Vec<u64> = Vec::new();
+            for &e in &routes.experts {
+                let e = e as usize;
+                if counts.len() <= e {
+                    counts.resize(e + 1, 0);
+                }
+                counts[e] += 1;
+            }
+            for (expert, n) in counts.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+                self.add_expert_tokens(*layer, expert, n);
+            }
+        }
+    }
+
+    fn occupancy(&self, o: Occupancy) {
+        self.set_sequences(o.running as u64, o.waiting as u64);
+        self.set_kv_blocks(o.kv_used as u64, o.kv_free as u64);
+    }
+}
