@@ -1,8 +1,28 @@
 //! `switchyard`: the command-line client for a Switchyard endpoint.
+//!
+//! ```text
+//!   switchyard health | services              standard gRPC endpoints
+//!   switchyard generate [PROMPT] [--chat ...]  one completion, streamed (or --json)
+//!   switchyard bench --concurrency N | --rate R  load generator and report
+//! ```
+//!
+//! See `docs/cli.md` for every flag and report column.
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use std::io::{IsTerminal as _, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use switchyard_proto::inference::v1::inference_client::InferenceClient;
+use switchyard_proto::inference::v1::{ChatMessage, ListModelsRequest, ModelInfo, Priority, Role};
 use switchyard_worker::client;
+use switchyard_worker::loadgen::generate::{self, GenerateOptions, Input};
+use switchyard_worker::loadgen::{
+    self, ApiKey, BenchConfig, Load, ProgressMode, Scenario, Tenant, VocabRange, Workload,
+    describe_status, parse_duration, parse_priority,
+};
+use tonic::transport::Channel;
 
 /// Talk to a Switchyard worker or deployment endpoint over gRPC.
 #[derive(Debug, Parser)]
@@ -30,17 +50,194 @@ enum Command {
     },
     /// List the gRPC services the endpoint advertises (server reflection).
     Services,
+    /// Generate one completion: streams the text to stdout as it is produced and prints a
+    /// summary line to stderr (or, with --json, prints one JSON object).
+    Generate(GenerateArgs),
+    /// Load-test the endpoint with synthetic token-id prompts and report throughput and
+    /// latency percentiles, in total and per tenant.
+    Bench(BenchArgs),
 }
 
-#[tokio::main(flavor = "current_thread")]
+/// The API key flag shared by `generate` and `bench`.
+#[derive(Debug, Args)]
+struct KeyArgs {
+    /// API key, sent as `authorization: Bearer <KEY>`.
+    #[arg(
+        long,
+        env = "SWITCHYARD_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    api_key: Option<String>,
+}
+
+impl KeyArgs {
+    fn key(&self) -> anyhow::Result<Option<ApiKey>> {
+        self.api_key
+            .as_deref()
+            .map(|k| ApiKey::new(k).map_err(|e| anyhow!("--api-key (or SWITCHYARD_API_KEY): {e}")))
+            .transpose()
+    }
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// The prompt (plain text, no chat template); `-` reads it from stdin.
+    #[arg(value_name = "PROMPT")]
+    prompt: Option<String>,
+    /// The prompt, as a flag instead of the positional argument.
+    #[arg(long = "prompt", value_name = "TEXT", conflicts_with = "prompt")]
+    prompt_flag: Option<String>,
+    /// Send the prompt as a user message rendered with the model's chat template.
+    /// Implied by --system, --user, --assistant and --messages.
+    #[arg(long)]
+    chat: bool,
+    /// A system message (repeatable; messages keep their command-line order).
+    #[arg(long, value_name = "TEXT")]
+    system: Vec<String>,
+    /// A user message (repeatable). A PROMPT given too becomes the last user message.
+    #[arg(long, value_name = "TEXT")]
+    user: Vec<String>,
+    /// An earlier assistant reply (repeatable), for multi-turn conversations.
+    #[arg(long, value_name = "TEXT")]
+    assistant: Vec<String>,
+    /// Chat messages from a JSON file (`-`: stdin): an array of {"role", "content"}
+    /// objects, or {"messages": [...]}.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "prompt_flag", "system", "user", "assistant"])]
+    messages: Option<PathBuf>,
+    /// Model id; empty selects the deployment's only model.
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Most tokens to generate (server default: the model's max_tokens_per_request).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_tokens: Option<u32>,
+    /// Sampling temperature, >= 0; 0 is greedy (server default: 1.0).
+    #[arg(long, value_name = "T", value_parser = parse_temperature)]
+    temperature: Option<f32>,
+    /// Keep only the K most likely tokens; 0 disables the filter.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    top_k: u32,
+    /// Nucleus sampling probability mass, in (0, 1] (server default: 1.0, disabled).
+    #[arg(long, value_name = "P", value_parser = parse_top_p)]
+    top_p: Option<f32>,
+    /// Sampler seed, for reproducible sampling (server default: random).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// A string that ends generation (repeatable, up to 16).
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
+    /// Scheduling priority: low, normal, high, critical, or unspecified (the tier's default).
+    #[arg(long, value_parser = parse_priority, default_value = "unspecified")]
+    priority: Priority,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Use the unary Generate call and print one JSON object (text, token_ids, summary,
+    /// latency_ms) instead of streaming.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this long (e.g. 30s, 2m); sent as the gRPC deadline. Default: none.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Closed loop: keep N requests in flight (default 1 when --rate is not given).
+    #[arg(long, value_name = "N", conflicts_with = "rate", value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: Option<u64>,
+    /// Open loop: send requests as a Poisson process at R per second on average.
+    #[arg(long, value_name = "R", value_parser = parse_rate)]
+    rate: Option<f64>,
+    /// Stop sending after this long (after the warmup), e.g. 60s, 5m.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Stop after this many measured requests. With --duration too, whichever comes first;
+    /// with neither, 100.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    requests: Option<u64>,
+    /// Send requests for this long first without counting them (e.g. 10s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
+    warmup: Duration,
+    /// Prompt length in tokens (prompts are token ids, so the length is exact).
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    prompt_tokens: u32,
+    /// Draw each prompt's length uniformly from prompt-tokens ± this.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    prompt_tokens_jitter: u32,
+    /// Tokens to generate per request (sent as max_tokens with ignore_eos, so exact).
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    output_tokens: u32,
+    /// Token ids prompts are drawn from, START..END (END excluded). Default 1000..8000, or
+    /// the middle half of the vocabulary when the model reports fewer than 8000 ids.
+    #[arg(long, value_name = "START..END")]
+    vocab_range: Option<VocabRange>,
+    /// Model id; empty selects the deployment's only model.
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Scheduling priority of every request: low, normal, high, critical, or unspecified.
+    #[arg(long, value_parser = parse_priority, default_value = "unspecified")]
+    priority: Priority,
+    /// Tenants as NAME:KEY[:WEIGHT],... : requests split by weight, each carrying its
+    /// tenant's key. Replaces --api-key.
+    #[arg(long, value_name = "LIST", conflicts_with = "api_keys_file")]
+    tenants: Option<String>,
+    /// Tenants from a file, one NAME:KEY[:WEIGHT] per line (# comments).
+    #[arg(long, value_name = "FILE")]
+    api_keys_file: Option<PathBuf>,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Per-request timeout, sent as the gRPC deadline (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5m")]
+    timeout: Duration,
+    /// HTTP/2 connections to spread requests over.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    connections: u64,
+    /// Seed for prompts, the tenant split and arrival times.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the report as JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// No progress line on stderr.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err("expected a finite number >= 0 (0 is greedy), e.g. 0.7".into()),
+    }
+}
+
+fn parse_top_p(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err("expected a number in (0, 1], e.g. 0.9".into()),
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err("expected a positive number of requests per second, e.g. 20 or 0.5".into()),
+    }
+}
+
+#[tokio::main]
 async fn main() -> std::process::ExitCode {
-    switchyard_worker::cli::exit_with(run(Cli::parse()).await)
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    switchyard_worker::cli::exit_with(run(cli, &matches).await)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let channel = client::connect(&cli.addr).await?;
+async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     match cli.command {
         Command::Health { service } => {
+            let channel = client::connect(&cli.addr).await?;
             let status = client::health(channel, &service)
                 .await
                 .with_context(|| format!("health check of {:?} at {}", service, cli.addr))?;
@@ -55,10 +252,322 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Services => {
+            let channel = client::connect(&cli.addr).await?;
             for name in client::list_services(channel).await? {
                 println!("{name}");
             }
         }
+        Command::Generate(args) => {
+            let sub = matches
+                .subcommand_matches("generate")
+                .context("internal: the generate arguments are missing")?;
+            run_generate(&cli.addr, args, sub).await?;
+        }
+        Command::Bench(args) => run_bench(&cli.addr, args).await?,
     }
     Ok(())
+}
+
+/// Reads a file, or stdin for `-`, naming it in the error.
+fn read_input(path: &Path, what: &str) -> anyhow::Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading {what} from stdin"))?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+/// The prompt input: `--messages`, or chat messages from the flags (in command-line order)
+/// with the prompt as the last user message, or the plain prompt.
+fn generate_input(args: &GenerateArgs, matches: &ArgMatches) -> anyhow::Result<Input> {
+    if let Some(path) = &args.messages {
+        let text = read_input(path, "--messages")?;
+        let source = format!("--messages {}", path.display());
+        return Ok(Input::Chat(generate::parse_messages_json(&text, &source)?));
+    }
+    let prompt = match args.prompt.as_deref().or(args.prompt_flag.as_deref()) {
+        Some("-") => Some(read_input(Path::new("-"), "the prompt")?),
+        other => other.map(String::from),
+    };
+    let mut flagged: Vec<(usize, Role, String)> = Vec::new();
+    for (id, role, values) in [
+        ("system", Role::System, &args.system),
+        ("user", Role::User, &args.user),
+        ("assistant", Role::Assistant, &args.assistant),
+    ] {
+        let indices = matches.indices_of(id).into_iter().flatten();
+        flagged.extend(
+            indices
+                .zip(values)
+                .map(|(index, text)| (index, role, text.clone())),
+        );
+    }
+    flagged.sort_by_key(|&(index, _, _)| index);
+    if flagged.is_empty() && !args.chat {
+        return prompt.map(Input::Prompt).ok_or_else(|| {
+            anyhow!(
+                "no prompt: give PROMPT (or - for stdin), --prompt TEXT, --user TEXT or \
+                 --messages FILE"
+            )
+        });
+    }
+    let mut messages: Vec<ChatMessage> = flagged
+        .into_iter()
+        .map(|(_, role, content)| ChatMessage {
+            role: role as i32,
+            content,
+        })
+        .collect();
+    if let Some(prompt) = prompt {
+        messages.push(ChatMessage {
+            role: Role::User as i32,
+            content: prompt,
+        });
+    }
+    if messages.is_empty() {
+        bail!("--chat without messages: give PROMPT, --user TEXT or --messages FILE");
+    }
+    Ok(Input::Chat(messages))
+}
+
+async fn run_generate(addr: &str, args: GenerateArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    let options = GenerateOptions {
+        model: args.model.clone(),
+        input: generate_input(&args, matches)?,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop: args.stop.clone(),
+        priority: args.priority,
+    };
+    let key = args.key.key()?;
+    let channel = client::connect(addr).await?;
+    let request = options.request();
+
+    if args.json {
+        let mut call = tonic::Request::new(request);
+        if let Some(timeout) = args.timeout {
+            call.set_timeout(timeout);
+        }
+        loadgen::workload::authorize(&mut call, key.as_ref());
+        let sent = Instant::now();
+        let response = InferenceClient::new(channel)
+            .generate(call)
+            .await
+            .map_err(|status| anyhow!(describe_status(&status)))?
+            .into_inner();
+        let latency = sent.elapsed();
+        println!("{}", generate::response_json(&response, latency));
+        return match response.summary {
+            Some(s) if loadgen::finish_reason_name(s.finish_reason) == "error" => bail!(
+                "generation failed after {} tokens: {}",
+                response.token_ids.len(),
+                s.error_message
+            ),
+            _ => Ok(()),
+        };
+    }
+
+    let mut stdout = std::io::stdout().lock();
+    let mut last_char = '\n';
+    let measurement = loadgen::measure_stream(
+        InferenceClient::new(channel),
+        request,
+        key.as_ref(),
+        args.timeout,
+        |chunk| {
+            if let Some(c) = chunk.text.chars().last() {
+                last_char = c;
+            }
+            // A closed stdout (`| head`) is not an error of the generation.
+            let _ = stdout.write_all(chunk.text.as_bytes());
+            let _ = stdout.flush();
+        },
+    )
+    .await;
+    if last_char != '\n' && stdout.is_terminal() {
+        let _ = writeln!(stdout);
+    }
+    drop(stdout);
+    if let Some(summary) = &measurement.summary {
+        eprintln!("{}", generate::summary_line(summary, &measurement));
+    }
+    if let Err(e) = &measurement.result {
+        bail!("{e}");
+    }
+    match &measurement.summary {
+        Some(s) if loadgen::finish_reason_name(s.finish_reason) == "error" => bail!(
+            "generation failed after {} tokens: {}",
+            measurement.output_tokens,
+            s.error_message
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn bench_tenants(args: &BenchArgs) -> anyhow::Result<Vec<Tenant>> {
+    if let Some(list) = &args.tenants {
+        return Ok(loadgen::parse_tenant_list(list)?);
+    }
+    if let Some(path) = &args.api_keys_file {
+        let text = read_input(path, "--api-keys-file")?;
+        let source = format!("--api-keys-file {}", path.display());
+        return Ok(loadgen::parse_tenant_file(&text, &source)?);
+    }
+    Ok(vec![Tenant {
+        name: "default".into(),
+        api_key: args.key.key()?,
+        weight: 1,
+    }])
+}
+
+/// The deployment's description of the model the benchmark targets, if it answers
+/// `ListModels`; `None` when it does not (the benchmark then runs unchecked).
+async fn target_model(channel: Channel, model: &str, key: Option<&ApiKey>) -> Option<ModelInfo> {
+    let mut request = tonic::Request::new(ListModelsRequest {});
+    request.set_timeout(Duration::from_secs(10));
+    loadgen::workload::authorize(&mut request, key);
+    let models = InferenceClient::new(channel)
+        .list_models(request)
+        .await
+        .ok()?
+        .into_inner()
+        .models;
+    match model {
+        "" if models.len() == 1 => models.into_iter().next(),
+        "" => None,
+        id => models.into_iter().find(|m| m.id == id),
+    }
+}
+
+async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
+    let tenants = bench_tenants(&args)?;
+    let mut workload = Workload {
+        model: args.model.clone(),
+        prompt_tokens: args.prompt_tokens,
+        prompt_tokens_jitter: args.prompt_tokens_jitter,
+        output_tokens: args.output_tokens,
+        vocab: args.vocab_range.unwrap_or(VocabRange {
+            start: 1000,
+            end: 8000,
+        }),
+        priority: args.priority,
+    };
+    let load = match (args.rate, args.concurrency) {
+        (Some(rate), _) => Load::Open { rate },
+        (None, concurrency) => Load::Closed {
+            concurrency: usize::try_from(concurrency.unwrap_or(1)).unwrap_or(usize::MAX),
+        },
+    };
+    let requests = match (args.duration, args.requests) {
+        (None, None) => Some(100),
+        (_, requests) => requests,
+    };
+
+    let mut channels = Vec::new();
+    for _ in 0..args.connections {
+        channels.push(client::connect(addr).await?);
+    }
+    if let Some(model) = target_model(
+        channels[0].clone(),
+        &args.model,
+        tenants[0].api_key.as_ref(),
+    )
+    .await
+    {
+        if args.vocab_range.is_none() && model.vocab_size > 0 && model.vocab_size < 8000 {
+            let v = model.vocab_size;
+            workload.vocab = VocabRange {
+                start: v / 4,
+                end: (v / 4 * 3).max(v / 4 + 1),
+            };
+        }
+        workload.check_against(&model)?;
+    }
+
+    let progress = if args.no_progress {
+        ProgressMode::Off
+    } else if std::io::stderr().is_terminal() {
+        ProgressMode::InPlace
+    } else {
+        ProgressMode::Lines
+    };
+    let config = BenchConfig {
+        scenario: Scenario::uniform(tenants, workload),
+        load,
+        duration: args.duration,
+        requests,
+        warmup: args.warmup,
+        timeout: args.timeout,
+        seed: args.seed,
+        progress,
+    };
+    if !args.no_progress {
+        eprintln!("{}", start_line(&config, addr));
+    }
+    let interrupt = async {
+        // If the handler cannot be installed, run without Ctrl-C handling.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let report = loadgen::run_bench(channels, config, interrupt).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report as JSON")?
+        );
+    } else {
+        print!("{}", loadgen::format_report(&report));
+    }
+    let total = &report.total;
+    if total.ok == 0 && total.failed > 0 {
+        let errors: Vec<String> = total
+            .errors
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        bail!("no request succeeded ({})", errors.join(", "));
+    }
+    Ok(())
+}
+
+/// What is about to run, printed to stderr before the first request.
+fn start_line(config: &BenchConfig, addr: &str) -> String {
+    let load = match config.load {
+        Load::Closed { concurrency } => format!("closed loop, concurrency {concurrency}"),
+        Load::Open { rate } => format!("open loop, {rate} req/s"),
+    };
+    let stop = match (config.duration, config.requests) {
+        (Some(d), Some(n)) => format!("{n} requests or {d:?}"),
+        (Some(d), None) => format!("{d:?}"),
+        (None, Some(n)) => format!("{n} requests"),
+        (None, None) => "no limit".into(),
+    };
+    let tenants = config.scenario.tenants.len();
+    let shape = config
+        .scenario
+        .tenants
+        .first()
+        .map_or_else(String::new, |t| {
+            let w = &t.workload;
+            let jitter = if w.prompt_tokens_jitter > 0 {
+                format!(" ± {}", w.prompt_tokens_jitter)
+            } else {
+                String::new()
+            };
+            format!(
+                ", prompts {}{jitter} tokens, outputs {} tokens",
+                w.prompt_tokens, w.output_tokens
+            )
+        });
+    format!(
+        "bench {addr}: {load}, {stop}, {tenants} tenant{}{shape}",
+        if tenants == 1 { "" } else { "s" }
+    )
 }
