@@ -145,7 +145,9 @@ pub fn run(
             block_size: block,
             kv_blocks: per_seq * max_batch.max(1) + 1,
             max_running: max_batch.max(1),
-            step_token_budget: cfg.prompt_len.max(max_batch),
+            // Every prompt of a batch prefills in one step, so the timed window is pure
+            // decode of all B sequences in lock-step.
+            step_token_budget: cfg.prompt_len * max_batch.max(1),
             max_context: c.max_position_embeddings,
         },
         recorder.clone(),

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 /// Bump when the generated files change, so old caches are not reused.
-const VERSION: &str = "v1";
+const VERSION: &str = "v2";
 
 /// Shape of the demo model.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +35,9 @@ pub struct DemoShape {
     pub expert_ff: usize,
     /// Rows of the embedding (at least the tokenizer's 259).
     pub vocab: usize,
+    /// Bias the random model towards letters and spaces, so its (meaningless) output is
+    /// readable text instead of invalid UTF-8.
+    pub readable: bool,
 }
 
 /// The shape `make demo` uses: about 14 M parameters, quick on two CPU cores.
@@ -48,6 +51,7 @@ pub const DEMO: DemoShape = DemoShape {
     top_k: 4,
     expert_ff: 256,
     vocab: 320,
+    readable: true,
 };
 
 /// The benchmark shape (`docs/benchmarks.md`): OLMoE's proportions scaled down to about
@@ -62,6 +66,7 @@ pub const BENCH: DemoShape = DemoShape {
     top_k: 4,
     expert_ff: 640,
     vocab: 32_000,
+    readable: false,
 };
 
 const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -227,8 +232,73 @@ pub fn write(dir: &Path, shape: &DemoShape) -> anyhow::Result<()> {
     for (name, n) in norms {
         t.insert(name, ones(n)?);
     }
+    if s.readable {
+        make_readable(&mut t, s)?;
+    }
     candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
     Ok(())
+}
+
+/// Keeps hidden dimension 0 at a large positive value through the whole network (every
+/// embedding has it, no layer writes to it), then gives each token an LM-head weight on it
+/// from English letter frequencies: printable letters, spaces and punctuation win, other
+/// bytes never do. Everything else stays random.
+fn make_readable(t: &mut HashMap<String, Tensor>, s: &DemoShape) -> anyhow::Result<()> {
+    let mut edit = |name: &str, f: &dyn Fn(&mut [f32], usize)| -> anyhow::Result<()> {
+        let old = t.remove(name).ok_or_else(|| anyhow::anyhow!("no {name}"))?;
+        let shape = old.dims().to_vec();
+        let cols = shape.get(1).copied().unwrap_or(1);
+        let mut data = old.flatten_all()?.to_vec1::<f32>()?;
+        f(&mut data, cols);
+        t.insert(
+            name.to_string(),
+            Tensor::from_vec(data, shape, &Device::Cpu)?,
+        );
+        Ok(())
+    };
+    edit("model.embed_tokens.weight", &|w, cols| {
+        w.chunks_mut(cols).for_each(|row| row[0] = 10.0)
+    })?;
+    let zero_row0 = |w: &mut [f32], cols: usize| w[..cols].iter_mut().for_each(|x| *x = 0.0);
+    for l in 0..s.layers {
+        edit(
+            &format!("model.layers.{l}.self_attn.o_proj.weight"),
+            &zero_row0,
+        )?;
+        for e in 0..s.experts {
+            edit(
+                &format!("model.layers.{l}.mlp.experts.{e}.down_proj.weight"),
+                &zero_row0,
+            )?;
+        }
+    }
+    // Relative frequencies (per mille) of letters in English text, then space and a few
+    // punctuation marks.
+    const LETTERS: &[u8; 26] = b"etaoinshrdlcumwfgypbvkjxqz";
+    const FREQ: [f32; 26] = [
+        127.0, 91.0, 82.0, 75.0, 70.0, 67.0, 63.0, 61.0, 60.0, 43.0, 40.0, 28.0, 28.0, 24.0, 24.0,
+        22.0, 20.0, 20.0, 19.0, 15.0, 10.0, 8.0, 2.0, 2.0, 1.0, 1.0,
+    ];
+    edit("lm_head.weight", &|w, cols| {
+        for (id, row) in w.chunks_mut(cols).enumerate() {
+            let byte = u8::try_from(id).ok();
+            let freq = match byte {
+                Some(b' ') => 180.0,
+                Some(b'.' | b',') => 12.0,
+                Some(b) => LETTERS
+                    .iter()
+                    .position(|l| *l == b)
+                    .map_or(0.0, |i| FREQ[i]),
+                None => 0.0,
+            };
+            // ≈ log-frequency on a dimension that is ≈ +8.5 after the final norm.
+            row[0] = if freq > 0.0 {
+                0.25 * f32::ln(freq)
+            } else {
+                -4.0
+            };
+        }
+    })
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {

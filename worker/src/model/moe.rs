@@ -208,9 +208,9 @@ fn load_layer_experts(
         let down = ckpt.tensor(&fused_down, &[n, d, ff], dtype, device)?;
         return (0..n)
             .map(|e| {
-                let gu = gate_up.i(e).and_then(|t| t.contiguous());
-                let dn = down.i(e).and_then(|t| t.contiguous());
-                gu.and_then(|gu| Mlp::from_fused(gu, dn?))
+                let gu = gate_up.i(e);
+                let dn = down.i(e);
+                gu.and_then(|gu| Mlp::from_fused(&gu, &dn?))
                     .map_err(|err| tensor_err(&fused_gate_up, err))
             })
             .collect();
@@ -240,16 +240,33 @@ impl ExpertBackend for LocalExperts {
             .ok_or_else(|| {
                 candle_core::Error::Msg(format!("layer {layer} has no routed experts"))
             })?;
-        let mut out = xs.zeros_like()?;
-        for (expert, rows, weights) in routes.by_expert(experts.len()) {
-            let idx = Tensor::new(rows.as_slice(), xs.device())?;
-            let w = Tensor::new(weights.as_slice(), xs.device())?
-                .to_dtype(xs.dtype())?
-                .unsqueeze(1)?;
-            let ys = experts[expert as usize].forward(&xs.index_select(&idx, 0)?)?;
-            out = out.index_add(&idx, &ys.broadcast_mul(&w)?, 0)?;
+        // One gather, one weighting and one scatter-add for the whole layer (not one per
+        // expert): rows grouped by expert in ascending order, so each row's partial sums
+        // are still added in ascending expert order.
+        let groups = routes.by_expert(experts.len());
+        let mut rows = Vec::with_capacity(routes.experts.len());
+        let mut weights = Vec::with_capacity(routes.experts.len());
+        for (_, r, w) in &groups {
+            rows.extend_from_slice(r);
+            weights.extend_from_slice(w);
         }
-        Ok(out)
+        let out = xs.zeros_like()?;
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let idx = Tensor::new(rows.as_slice(), xs.device())?;
+        let gathered = xs.index_select(&idx, 0)?;
+        let mut ys = Vec::with_capacity(groups.len());
+        let mut at = 0;
+        for (expert, r, _) in &groups {
+            ys.push(experts[*expert as usize].forward(&gathered.narrow(0, at, r.len())?)?);
+            at += r.len();
+        }
+        let w = Tensor::new(weights.as_slice(), xs.device())?
+            .to_dtype(xs.dtype())?
+            .unsqueeze(1)?;
+        let ys = Tensor::cat(&ys, 0)?.broadcast_mul(&w)?;
+        out.index_add(&idx, &ys, 0)
     }
 
     fn num_experts(&self) -> usize {
@@ -410,7 +427,7 @@ mod tests {
             let gate = (Tensor::eye(d, DType::F32, &dev)? * 50.0)?;
             let up = (Tensor::eye(d, DType::F32, &dev)? * f64::from(scale))?;
             let down = (Tensor::eye(d, DType::F32, &dev)? / 50.0)?;
-            Mlp::new(&gate, &up, down)
+            Mlp::new(&gate, &up, &down)
         };
         let experts = LocalExperts {
             layers: vec![vec![mk(1.0)?, mk(2.0)?]],

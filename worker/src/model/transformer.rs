@@ -106,7 +106,11 @@ impl Transformer {
         let lm_head = if ckpt.contains("lm_head.weight") {
             Linear::load(ckpt, "lm_head", (v, d), dtype, device)?
         } else if cfg.tie_word_embeddings {
-            Linear::from_weight(embed.clone())
+            Linear::from_weight(&embed).map_err(|e| ModelError::Tensor {
+                file: ckpt.dir().to_path_buf(),
+                name: "model.embed_tokens.weight".into(),
+                message: e.to_string(),
+            })?
         } else {
             return Err(ModelError::MissingTensor {
                 dir: ckpt.dir().to_path_buf(),
