@@ -251,6 +251,47 @@ async fn generation_unary_streaming_chat_tokenize_and_models() {
 }
 
 #[tokio::test]
+async fn the_cli_streams_and_prints_json_against_a_real_frontend() {
+    let frontend = FrontendProcess::start(&fixture_model(MODEL), &[])
+        .await
+        .expect("frontend");
+    let cli = switchyard_tests::tools::workspace_binary("switchyard").expect("switchyard CLI");
+    let run = |args: &[&str]| {
+        std::process::Command::new(&cli)
+            .args(["--addr", &frontend.endpoint()])
+            .args(args)
+            .output()
+            .expect("run the CLI")
+    };
+    let out = run(&["generate", "--json", "--max-tokens", "6", "The router"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(
+        json["token_ids"].as_array().map(Vec::len),
+        Some(6),
+        "{json}"
+    );
+    let streamed = run(&["generate", "--max-tokens", "6", "The router"]);
+    assert!(streamed.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&streamed.stdout).trim_end(),
+        json["text"].as_str().expect("text").trim_end()
+    );
+    // A server-side refusal: non-zero exit, the status and the field on stderr.
+    let bad = run(&["generate", "--model", "nope", "x"]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("invalid") && stderr.contains("model"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn every_invalid_argument_names_its_field() {
     let frontend =
         FrontendProcess::start(&fixture_model(MODEL), &["--max-tokens-per-request", "64"])

@@ -256,3 +256,69 @@ family_tests!(
     olmoe,
     olmoe_bf16,
 );
+
+/// A copy of a fixture with `edit` applied to its config.json, or with a file removed.
+fn broken_copy(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+    remove: Option<&str>,
+) -> PathBuf {
+    let src = fixture_dir(name);
+    let dst = std::env::temp_dir().join(format!("switchyard-broken-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).expect("temp dir");
+    for entry in std::fs::read_dir(&src).expect("fixture dir") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dst.join(path.file_name().expect("name"))).expect("copy");
+    }
+    let config = dst.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).expect("config")).expect("json");
+    edit(&mut json);
+    std::fs::write(&config, json.to_string()).expect("write config");
+    if let Some(file) = remove {
+        std::fs::remove_file(dst.join(file)).expect("remove");
+    }
+    dst
+}
+
+fn load_error(dir: &Path) -> String {
+    let err = LoadedModel::load(dir, Some(DType::F32), &Device::Cpu).expect_err("must not load");
+    let _ = std::fs::remove_dir_all(dir);
+    err.to_string()
+}
+
+#[test]
+fn malformed_checkpoints_fail_with_the_file_the_key_and_the_expectation() {
+    // The config disagrees with the weights: the tensor, its file and both shapes.
+    let dir = broken_copy("mixtral", |c| c["num_key_value_heads"] = 2.into(), None);
+    let e = load_error(&dir);
+    assert!(
+        e.contains("model-0000") && e.contains("k_proj.weight") && e.contains("[32, 64]"),
+        "{e}"
+    );
+    // A tensor is missing: its name and expected shape.
+    let dir = broken_copy("qwen3", |c| c["tie_word_embeddings"] = false.into(), None);
+    let e = load_error(&dir);
+    assert!(
+        e.contains("lm_head.weight") && e.contains("tie_word_embeddings"),
+        "{e}"
+    );
+    // An unsupported family, and a bad value.
+    let dir = broken_copy("olmoe", |c| c["model_type"] = "gpt_neox".into(), None);
+    let e = load_error(&dir);
+    assert!(
+        e.contains("config.json") && e.contains("\"gpt_neox\"") && e.contains("supported"),
+        "{e}"
+    );
+    let dir = broken_copy("olmoe", |c| c["num_experts_per_tok"] = 9.into(), None);
+    let e = load_error(&dir);
+    assert!(
+        e.contains("num_experts_per_tok") && e.contains("at most"),
+        "{e}"
+    );
+    // No weights at all.
+    let dir = broken_copy("qwen2", |_| {}, Some("model.safetensors"));
+    let e = load_error(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+}

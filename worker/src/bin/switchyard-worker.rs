@@ -87,6 +87,9 @@ struct FrontendArgs {
     /// Compute dtype: auto (f32 on CPU), f32, bf16 or f16.
     #[arg(long, env = "SWITCHYARD_DTYPE", default_value = "auto")]
     dtype: String,
+    /// Compute device: auto (a CUDA GPU when built with the `cuda` feature), cpu, cuda:N.
+    #[arg(long, env = "SWITCHYARD_DEVICE", default_value = "auto")]
+    device: String,
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 32)]
     max_batch_size: usize,
@@ -137,6 +140,7 @@ impl FrontendArgs {
             model,
             model_id,
             dtype: self.dtype.clone(),
+            device: self.device.clone(),
             max_batch_size: self.max_batch_size,
             max_batch_tokens: self.max_batch_tokens,
             max_context_length: self.max_context,

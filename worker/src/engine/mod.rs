@@ -446,9 +446,23 @@ impl Engine {
             })
             .collect();
         let started = Instant::now();
-        let result = ForwardBatch::new(&steps, self.config.block_size, self.model.device())
-            .and_then(|batch| self.model.forward(&batch, &self.kv))
-            .and_then(|(logits, routes)| Ok((logits.to_vec2::<f32>()?, routes)));
+        // A panic inside a kernel must fail this step's sequences, not kill the engine
+        // thread (which would leave the frontend up but unable to serve).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ForwardBatch::new(&steps, self.config.block_size, self.model.device())
+                .and_then(|batch| self.model.forward(&batch, &self.kv))
+                .and_then(|(logits, routes)| Ok((logits.to_vec2::<f32>()?, routes)))
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(candle_core::Error::Msg(format!(
+                "panic in the model step: {what}"
+            )))
+        });
         let duration = started.elapsed();
         let (mut logits, routes) = match result {
             Ok(ok) => ok,

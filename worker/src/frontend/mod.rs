@@ -39,6 +39,9 @@ pub struct FrontendOptions {
     pub model_id: String,
     /// `auto`, `f32`, `bf16` or `f16`.
     pub dtype: String,
+    /// `auto` (the first CUDA GPU when built with the `cuda` feature and one is present,
+    /// else the CPU), `cpu`, or `cuda:<ordinal>`.
+    pub device: String,
     /// Sequences decoded together at most.
     pub max_batch_size: usize,
     /// New tokens per engine step at most (bounds how long a prefill chunk stalls decodes).
@@ -61,6 +64,7 @@ impl FrontendOptions {
             model: PathBuf::from(&config.model.path),
             model_id: config.deployment.clone(),
             dtype: config.model.dtype.clone(),
+            device: "auto".into(),
             max_batch_size: s.max_batch_size as usize,
             max_batch_tokens: s.max_batch_tokens as usize,
             max_context_length: s.max_context_length.map(|n| n as usize),
@@ -84,10 +88,32 @@ pub struct Started {
     pub kv_blocks: usize,
 }
 
+/// The compute device for `--device`.
+pub fn parse_device(name: &str) -> anyhow::Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "auto" | "" => Device::cuda_if_available(0)?,
+        other => {
+            let ordinal = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--device {other:?}: expected auto, cpu or cuda:<ordinal>")
+                })?;
+            Device::new_cuda(ordinal).map_err(|e| {
+                anyhow::anyhow!(
+                    "--device {other}: {e} (is this build compiled with --features cuda, \
+                     and is the GPU visible?)"
+                )
+            })?
+        }
+    })
+}
+
 /// Loads the model and tokenizer and starts the engine.
 pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
     use anyhow::Context as _;
-    let device = Device::Cpu;
+    let device = parse_device(&opts.device)?;
     let dtype = crate::model::parse_dtype(&opts.dtype, &device).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
     let loaded = LoadedModel::load(&opts.model, dtype, &device)?;

@@ -170,7 +170,13 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
             source,
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        // Only `model*.safetensors`: repositories also ship other safetensors files
+        // (`consolidated.safetensors`, adapters) that are not this layout's weights.
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "safetensors")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("model"))
+        })
         .collect();
     files.sort();
     if files.is_empty() {

@@ -10,6 +10,7 @@
 //! - [`config`]: `config.json` → [`ModelConfig`], family defaults resolved and validated.
 //! - [`checkpoint`]: the weight files, memory-mapped, tensors by name with shape checks.
 //! - [`layers`]: linear, RMSNorm, SwiGLU MLP, rotary tables.
+//! - [`matmul`]: `x · Wᵀ`, with a CPU kernel for the few-row products of decode.
 //! - [`attention`]: attention over the paged KV cache; the flat batch layout.
 //! - [`moe`]: routers, the [`moe::ExpertBackend`] trait and its in-process implementation.
 //! - [`transformer`]: the decoder stack.
@@ -22,6 +23,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod layers;
+pub mod matmul;
 pub mod moe;
 pub mod transformer;
 
