@@ -322,3 +322,33 @@ fn malformed_checkpoints_fail_with_the_file_the_key_and_the_expectation() {
     let e = load_error(&dir);
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+#[test]
+fn bf16_weights_on_the_cpu_match_the_reference() {
+    // olmoe_bf16's reference was computed from its bf16 weights upcast to f32, which is
+    // exactly what the CPU's bf16 mode multiplies by (f32 arithmetic, bf16 storage).
+    let name = "olmoe_bf16";
+    let model = LoadedModel::load(&fixture_dir(name), Some(DType::BF16), &Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading {name} as bf16: {e}"));
+    assert_eq!(model.transformer.precision().weights, DType::BF16);
+    assert_eq!(model.transformer.dtype(), DType::F32);
+    let r = reference(&fixture_dir(name));
+    let (kv, table) = kv_for(&model, r.input_ids.len());
+    for (pos, want) in r.logits.iter().enumerate() {
+        let got = run(&model, &kv, &table, pos, &r.input_ids[pos..=pos]);
+        let d = max_diff(&got[0], want);
+        assert!(
+            d <= TOLERANCE_F32,
+            "{name} (bf16 weights): decode position {pos}: max |Δlogit| = {d}"
+        );
+    }
+    let (kv, table) = kv_for(&model, r.input_ids.len());
+    let prefill = run(&model, &kv, &table, 0, &r.input_ids);
+    for (pos, (got, want)) in prefill.iter().zip(&r.logits).enumerate() {
+        let d = max_diff(got, want);
+        assert!(
+            d <= TOLERANCE_F32,
+            "{name} (bf16 weights): prefill position {pos}: max |Δlogit| = {d}"
+        );
+    }
+}

@@ -116,6 +116,34 @@ pub fn copy_bandwidth() -> f64 {
     2.0 * (n * 4) as f64 / best
 }
 
+/// Memory read bandwidth in bytes/s: every core summing its share of a 512 MiB array (best
+/// of a few passes). Decode streams weights without writing them back, so this, not the
+/// copy figure, is the bound it can reach.
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = 128 << 20; // f32s = 512 MiB
+    let data = vec![1.0f32; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum: f32 = data
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0f32; 16];
+                for chunk in c.chunks_exact(16) {
+                    for i in 0..16 {
+                        acc[i] += chunk[i];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(sum);
+    }
+    (n * 4) as f64 / best
+}
+
 /// Runs the benchmark; `progress` gets a line per phase.
 pub fn run(
     model: Arc<Transformer>,
@@ -124,7 +152,7 @@ pub fn run(
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<Vec<Figure>> {
     let c = model.config().clone();
-    let bytes = model.dtype().size_in_bytes() as f64;
+    let bytes = model.precision().weights.size_in_bytes() as f64;
     let d = c.hidden_size as f64;
     let per_expert = c
         .moe

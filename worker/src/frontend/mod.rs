@@ -122,7 +122,9 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
             .with_context(|| format!("loading the tokenizer of {}", opts.model.display()))?,
     );
     let cfg = loaded.config.clone();
+    // The KV cache is in the activations' dtype; ListModels reports the weights'.
     let dtype = loaded.transformer.dtype();
+    let weights_dtype = loaded.transformer.precision().weights;
     let context = opts
         .max_context_length
         .map_or(cfg.max_position_embeddings, |n| {
@@ -146,7 +148,8 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
         model = %opts.model.display(),
         family = %cfg.family,
         parameters = cfg.parameter_count(),
-        dtype = ?dtype,
+        weights = ?weights_dtype,
+        activations = ?dtype,
         saved = ?loaded.saved_dtypes,
         context,
         kv_blocks,
@@ -179,7 +182,7 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
         context_length: context as u32,
         max_tokens_per_request: opts.max_tokens_per_request as u32,
         vocab_size: cfg.vocab_size as u32,
-        dtype: format!("{dtype:?}").to_lowercase(),
+        dtype: format!("{weights_dtype:?}").to_lowercase(),
         quantization: "none".into(),
         quantization_group_size: 0,
         num_experts: cfg.moe.as_ref().map_or(0, |m| m.num_experts as u32),

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use super::ModelError;
 use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;
-use super::layers::{Linear, RmsNorm, Rotary};
+use super::layers::{Linear, Precision, RmsNorm, Rotary};
 
 /// One layer's keys and values, `[slots, kv_heads, head_dim]` each, written in place.
 #[derive(Debug)]
@@ -211,7 +211,7 @@ impl Attention {
         cfg: &ModelConfig,
         ckpt: &Checkpoint,
         layer: usize,
-        dtype: DType,
+        dtype: Precision,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let p = format!("model.layers.{layer}.self_attn");

@@ -8,6 +8,28 @@ use super::checkpoint::Checkpoint;
 use super::config::RopeScaling;
 use super::matmul::linear;
 
+/// The dtypes a model is computed in: weight matrices, and everything else (activations,
+/// norms, biases, embeddings, the KV cache). They differ on the CPU for bf16/f16
+/// checkpoints: matrices stay 16-bit (half the bytes to stream per token) while the
+/// arithmetic runs in f32, since candle has no 16-bit GEMM on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    /// Linear layers, experts, the LM head.
+    pub weights: DType,
+    /// Activations and every other tensor.
+    pub acts: DType,
+}
+
+impl Precision {
+    /// One dtype for everything.
+    pub fn uniform(dtype: DType) -> Self {
+        Self {
+            weights: dtype,
+            acts: dtype,
+        }
+    }
+}
+
 /// `y = x Wᵀ (+ b)`, the weight kept as saved (`[out, in]`); the product is
 /// [`linear`], which picks the fastest path for the batch's shape.
 #[derive(Debug, Clone)]
@@ -24,18 +46,18 @@ impl Linear {
         ckpt: &Checkpoint,
         prefix: &str,
         out_in: (usize, usize),
-        dtype: DType,
+        dtype: Precision,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let weight = ckpt.tensor(
             &format!("{prefix}.weight"),
             &[out_in.0, out_in.1],
-            dtype,
+            dtype.weights,
             device,
         )?;
         let bias_name = format!("{prefix}.bias");
         let bias = if ckpt.contains(&bias_name) {
-            Some(ckpt.tensor(&bias_name, &[out_in.0], dtype, device)?)
+            Some(ckpt.tensor(&bias_name, &[out_in.0], dtype.acts, device)?)
         } else {
             None
         };
@@ -80,11 +102,11 @@ impl RmsNorm {
         name: &str,
         dim: usize,
         eps: f64,
-        dtype: DType,
+        dtype: Precision,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         Ok(Self {
-            weight: ckpt.tensor(name, &[dim], dtype, device)?,
+            weight: ckpt.tensor(name, &[dim], dtype.acts, device)?,
             eps: eps as f32,
         })
     }
@@ -132,7 +154,7 @@ impl Mlp {
         d: usize,
         ff: usize,
         mixtral_names: bool,
-        dtype: DType,
+        dtype: Precision,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let (g, u, dn) = if mixtral_names {
@@ -140,9 +162,10 @@ impl Mlp {
         } else {
             ("gate_proj", "up_proj", "down_proj")
         };
-        let gate = ckpt.tensor(&format!("{prefix}.{g}.weight"), &[ff, d], dtype, device)?;
-        let up = ckpt.tensor(&format!("{prefix}.{u}.weight"), &[ff, d], dtype, device)?;
-        let down = ckpt.tensor(&format!("{prefix}.{dn}.weight"), &[d, ff], dtype, device)?;
+        let w = dtype.weights;
+        let gate = ckpt.tensor(&format!("{prefix}.{g}.weight"), &[ff, d], w, device)?;
+        let up = ckpt.tensor(&format!("{prefix}.{u}.weight"), &[ff, d], w, device)?;
+        let down = ckpt.tensor(&format!("{prefix}.{dn}.weight"), &[d, ff], w, device)?;
         Self::new(&gate, &up, &down).map_err(|e| ModelError::Tensor {
             file: ckpt.dir().to_path_buf(),
             name: format!("{prefix}.{g}.weight"),

@@ -28,11 +28,18 @@ pub fn linear(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     if rows <= SMALL_ROWS
         && xs.device().is_cpu()
         && xs.dtype() == DType::F32
-        && w.dtype() == DType::F32
+        && matches!(w.dtype(), DType::F32 | DType::BF16)
         && let Some(ys) = small_rows_cpu(xs, w)?
     {
         return Ok(ys);
     }
+    // 16-bit weights with f32 activations (the CPU's bf16/f16 mode): widen for this product,
+    // as candle's own CPU bf16 GEMM does internally.
+    let w = if w.dtype() == xs.dtype() {
+        w.clone()
+    } else {
+        w.to_dtype(xs.dtype())?
+    };
     w.matmul(&xs.t()?)?.t()?.contiguous()
 }
 
@@ -53,13 +60,33 @@ fn small_rows_cpu(xs: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         return Ok(None);
     };
-    let wd = &cpu.as_slice::<f32>()?[layout.start_offset()..][..n * k];
     // Output rows of the weight in chunks, one task each: [n, rows] (transposed result).
     const CHUNK: usize = 64;
     let mut yt = vec![0f32; n * rows];
-    yt.par_chunks_mut(CHUNK * rows)
-        .zip(wd.par_chunks(CHUNK * k))
-        .for_each(|(out, w_rows)| kernel::rows_dot(&x, rows, k, w_rows, out));
+    let at = layout.start_offset();
+    match w.dtype() {
+        DType::BF16 => {
+            let wd = &cpu.as_slice::<half::bf16>()?[at..][..n * k];
+            yt.par_chunks_mut(CHUNK * rows)
+                .zip(wd.par_chunks(CHUNK * k))
+                .for_each(|(out, w_rows)| {
+                    // Widen one weight row at a time; the row stays in L1 for its dots.
+                    let mut row = vec![0f32; k];
+                    for (w, o) in w_rows.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+                        for (dst, src) in row.iter_mut().zip(w) {
+                            *dst = src.to_f32();
+                        }
+                        kernel::rows_dot(&x, rows, k, &row, o);
+                    }
+                });
+        }
+        _ => {
+            let wd = &cpu.as_slice::<f32>()?[at..][..n * k];
+            yt.par_chunks_mut(CHUNK * rows)
+                .zip(wd.par_chunks(CHUNK * k))
+                .for_each(|(out, w_rows)| kernel::rows_dot(&x, rows, k, w_rows, out));
+        }
+    }
     if rows == 1 {
         return Ok(Some(Tensor::from_vec(yt, (1, n), xs.device())?));
     }
@@ -198,13 +225,22 @@ mod tests {
     fn both_paths_match_a_plain_matmul() -> Result<()> {
         let dev = Device::Cpu;
         // Odd sizes: a partial chunk of weight rows, a dot-product tail.
-        let w = Tensor::randn(0f32, 1.0, (131, 200), &dev)?;
-        for rows in [1, 2, 5, 8, 9, 33] {
-            let xs = Tensor::randn(0f32, 1.0, (rows, 200), &dev)?;
-            let got = linear(&xs, &w)?.to_vec2::<f32>()?;
-            let want = reference(&xs, &w);
-            for (g, r) in got.iter().flatten().zip(want.iter().flatten()) {
-                assert!((g - r).abs() < 1e-3, "rows {rows}: {g} vs {r}");
+        let w32 = Tensor::randn(0f32, 1.0, (131, 200), &dev)?;
+        // bf16 weights: compared with the same rounded weights in f32.
+        let w16 = w32.to_dtype(candle_core::DType::BF16)?;
+        let w16_as_32 = w16.to_dtype(candle_core::DType::F32)?;
+        for (w, exact) in [(&w32, &w32), (&w16, &w16_as_32)] {
+            for rows in [1, 2, 5, 8, 9, 33] {
+                let xs = Tensor::randn(0f32, 1.0, (rows, 200), &dev)?;
+                let got = linear(&xs, w)?.to_vec2::<f32>()?;
+                let want = reference(&xs, exact);
+                for (g, r) in got.iter().flatten().zip(want.iter().flatten()) {
+                    assert!(
+                        (g - r).abs() < 1e-3,
+                        "{:?} rows {rows}: {g} vs {r}",
+                        w.dtype()
+                    );
+                }
             }
         }
         Ok(())

@@ -143,7 +143,9 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads `dir` with every expert local. `dtype` `None` keeps the checkpoint's own.
+    /// Loads `dir` with every expert local. `dtype` `None` keeps the checkpoint's own. On
+    /// the CPU a 16-bit dtype applies to the weight matrices only; activations are f32
+    /// (see [`layers::Precision`]).
     pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Self, ModelError> {
         let config = config::load(dir)?;
         let ckpt = checkpoint::Checkpoint::open(dir)?;
@@ -151,8 +153,16 @@ impl LoadedModel {
             Some(d) => d,
             None => saved_dtype(&config, &ckpt),
         };
-        let experts = Arc::new(moe::LocalExperts::load(&config, &ckpt, dtype, device)?);
-        let transformer = Transformer::load(&config, &ckpt, experts, dtype, device)?;
+        let precision = if device.is_cpu() {
+            layers::Precision {
+                weights: dtype,
+                acts: DType::F32,
+            }
+        } else {
+            layers::Precision::uniform(dtype)
+        };
+        let experts = Arc::new(moe::LocalExperts::load(&config, &ckpt, precision, device)?);
+        let transformer = Transformer::load(&config, &ckpt, experts, precision, device)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             saved_dtypes: ckpt.saved_dtypes().into_iter().collect(),

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use super::ModelError;
 use super::checkpoint::Checkpoint;
 use super::config::{Family, ModelConfig, MoeConfig};
-use super::layers::{Linear, Mlp};
+use super::layers::{Linear, Mlp, Precision};
 
 /// The experts chosen for each row of a batch: `top_k` `(expert, weight)` pairs per row,
 /// flattened row-major.
@@ -147,7 +147,7 @@ impl LocalExperts {
     pub fn load(
         cfg: &ModelConfig,
         ckpt: &Checkpoint,
-        dtype: DType,
+        dtype: Precision,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let Some(moe) = &cfg.moe else {
@@ -186,7 +186,7 @@ fn load_layer_experts(
     moe: &MoeConfig,
     ckpt: &Checkpoint,
     layer: usize,
-    dtype: DType,
+    dtype: Precision,
     device: &Device,
 ) -> std::result::Result<Vec<Mlp>, ModelError> {
     let prefix = moe_prefix(ckpt, layer);
@@ -204,8 +204,8 @@ fn load_layer_experts(
     if ckpt.contains(&fused_gate_up) {
         // transformers v5 layout: [E, 2·ff, d] (gate rows first) and [E, d, ff].
         let fused_down = format!("{prefix}.experts.down_proj");
-        let gate_up = ckpt.tensor(&fused_gate_up, &[n, 2 * ff, d], dtype, device)?;
-        let down = ckpt.tensor(&fused_down, &[n, d, ff], dtype, device)?;
+        let gate_up = ckpt.tensor(&fused_gate_up, &[n, 2 * ff, d], dtype.weights, device)?;
+        let down = ckpt.tensor(&fused_down, &[n, d, ff], dtype.weights, device)?;
         return (0..n)
             .map(|e| {
                 let gu = gate_up.i(e);
@@ -290,7 +290,7 @@ impl MoeBlock {
         moe: &MoeConfig,
         ckpt: &Checkpoint,
         layer: usize,
-        dtype: DType,
+        dtype: Precision,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let prefix = moe_prefix(ckpt, layer);
@@ -301,7 +301,7 @@ impl MoeBlock {
             ckpt,
             &format!("{prefix}.gate"),
             (moe.num_experts, d),
-            DType::F32,
+            Precision::uniform(DType::F32),
             device,
         )?;
         let shared = match (cfg.family, moe.shared_expert_intermediate_size) {

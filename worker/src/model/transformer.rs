@@ -10,7 +10,7 @@ use super::ModelError;
 use super::attention::{Attention, ForwardBatch, PagedKv};
 use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;
-use super::layers::{Linear, Mlp, RmsNorm, Rotary};
+use super::layers::{Linear, Mlp, Precision, RmsNorm, Rotary};
 use super::moe::{ExpertBackend, MoeBlock, Routes};
 
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ pub struct Transformer {
     lm_head: Linear,
     rotary: Rotary,
     experts: Arc<dyn ExpertBackend>,
-    dtype: DType,
+    precision: Precision,
     device: Device,
 }
 
@@ -50,11 +50,11 @@ impl Transformer {
         cfg: &ModelConfig,
         ckpt: &Checkpoint,
         experts: Arc<dyn ExpertBackend>,
-        dtype: DType,
+        dtype: Precision,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = ckpt.tensor("model.embed_tokens.weight", &[v, d], dtype, device)?;
+        let embed = ckpt.tensor("model.embed_tokens.weight", &[v, d], dtype.acts, device)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -103,27 +103,35 @@ impl Transformer {
             device,
         )?;
         // Tied checkpoints usually omit lm_head; some save a copy anyway.
-        let lm_head = if ckpt.contains("lm_head.weight") {
-            Linear::load(ckpt, "lm_head", (v, d), dtype, device)?
-        } else if cfg.tie_word_embeddings {
-            Linear::from_weight(&embed).map_err(|e| ModelError::Tensor {
-                file: ckpt.dir().to_path_buf(),
-                name: "model.embed_tokens.weight".into(),
-                message: e.to_string(),
-            })?
-        } else {
-            return Err(ModelError::MissingTensor {
-                dir: ckpt.dir().to_path_buf(),
-                name: "lm_head.weight".into(),
-                expected: format!("[{v}, {d}] (config.json has tie_word_embeddings: false)"),
-            });
-        };
+        let lm_head =
+            if ckpt.contains("lm_head.weight") {
+                Linear::load(ckpt, "lm_head", (v, d), dtype, device)?
+            } else if cfg.tie_word_embeddings {
+                Linear::from_weight(&embed.to_dtype(dtype.weights).map_err(|e| {
+                    ModelError::Tensor {
+                        file: ckpt.dir().to_path_buf(),
+                        name: "model.embed_tokens.weight".into(),
+                        message: e.to_string(),
+                    }
+                })?)
+                .map_err(|e| ModelError::Tensor {
+                    file: ckpt.dir().to_path_buf(),
+                    name: "model.embed_tokens.weight".into(),
+                    message: e.to_string(),
+                })?
+            } else {
+                return Err(ModelError::MissingTensor {
+                    dir: ckpt.dir().to_path_buf(),
+                    name: "lm_head.weight".into(),
+                    expected: format!("[{v}, {d}] (config.json has tie_word_embeddings: false)"),
+                });
+            };
         let rotary = Rotary::new(
             cfg.head_dim,
             cfg.max_position_embeddings,
             cfg.rope_theta,
             &cfg.rope_scaling,
-            dtype,
+            dtype.acts,
             device,
         )
         .map_err(|e| ModelError::Tensor {
@@ -139,7 +147,7 @@ impl Transformer {
             lm_head,
             rotary,
             experts,
-            dtype,
+            precision: dtype,
             device: device.clone(),
         })
     }
@@ -149,9 +157,14 @@ impl Transformer {
         &self.cfg
     }
 
-    /// The dtype activations and weights are computed in.
+    /// The dtype activations (and the KV cache) are computed in.
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.precision.acts
+    }
+
+    /// The dtypes of weights and activations.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The device the model runs on.
@@ -194,7 +207,7 @@ impl Transformer {
     /// layer (attention, norms, router, shared expert, dense MLPs and the LM head always).
     pub fn weight_bytes_per_step(&self, distinct_experts: usize) -> u64 {
         let c = &self.cfg;
-        let bytes = self.dtype.size_in_bytes() as u64;
+        let bytes = self.precision.weights.size_in_bytes() as u64;
         let (d, hd) = (c.hidden_size as u64, c.head_dim as u64);
         let attn = d * hd * (2 * c.num_heads as u64 + 2 * c.num_kv_heads as u64);
         let mut total = c.vocab_size as u64 * d; // LM head (embedding rows are a gather)
