@@ -443,6 +443,25 @@ async fn every_invalid_argument_names_its_field() {
     assert!(counted >= 36.0, "invalid requests are counted: {counted}");
 }
 
+/// Waits until the frontend reports no KV blocks in use; fails after 10 s naming `after`.
+async fn wait_for_free_kv(frontend: &FrontendProcess, after: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let used = frontend
+            .metric("switchyard_kv_cache_blocks{state=\"used\"}")
+            .await
+            .expect("kv metric");
+        if used == 0.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "KV blocks still held 10 s after {after}: {used}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn cancelling_a_stream_frees_its_kv_blocks() {
     let frontend = FrontendProcess::start(&fixture_model(MODEL), &["--kv-block-size", "16"])
@@ -463,22 +482,26 @@ async fn cancelling_a_stream_frees_its_kv_blocks() {
         "a 200-token budget holds at least 13 blocks of 16: {held}"
     );
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = frontend.metric(used).await.expect("kv metric");
-        if now == 0.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "KV blocks still held 10 s after cancelling: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_free_kv(&frontend, "cancelling").await;
     let cancelled = frontend
         .metric("switchyard_requests_total{status=\"cancelled\"}")
         .await;
     assert_eq!(cancelled, Some(1.0), "the cancelled stream is counted once");
+
+    // A deadline (`grpc-timeout`) that passes mid-generation ends the request and frees its
+    // blocks just the same. The client's own timer and the server's fire together, so the
+    // caller sees DEADLINE_EXCEEDED or CANCELLED.
+    let mut late = tonic::Request::new(prompt("Once upon a time", 480));
+    late.set_timeout(Duration::from_millis(100));
+    let err = c.generate(late).await.expect_err("deadline");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    wait_for_free_kv(&frontend, "the deadline").await;
 }
 
 #[tokio::test]

@@ -22,5 +22,6 @@ pub mod engine;
 pub mod frontend;
 pub mod loadgen;
 pub mod model;
+pub mod rng;
 pub mod server;
 pub mod text;

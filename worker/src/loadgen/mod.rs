@@ -29,7 +29,7 @@
 pub mod call;
 pub mod generate;
 pub mod report;
-pub mod rng;
+pub use crate::rng;
 pub mod run;
 pub mod schedule;
 pub mod stats;
