@@ -46,8 +46,12 @@ bench: tools ## Operator scale benchmark: 200 ModelDeployments against a real AP
 	$(CARGO) build --release -p switchyard-operator
 	$(CARGO) bench -p switchyard-tests --bench operator_scale
 
+.PHONY: bench-engine
+bench-engine: ## Engine vs Python transformers on a generated 0.5B MoE checkpoint, f32 and bf16 (docs/benchmarks.md)
+	hack/bench/engine-vs-transformers.sh
+
 .PHONY: demo
-demo: ## Start a worker on loopback and talk to it with the switchyard CLI
+demo: ## Serve the built-in demo model (or MODEL=dir) on loopback and stream a completion through the CLI
 	hack/demo.sh
 
 .PHONY: fixtures
