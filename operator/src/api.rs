@@ -339,8 +339,11 @@ fn one() -> i32 {
 #[x_kube(validation = Rule::new(
     "!has(self.maxContextLength) || self.maxTokensPerRequest <= self.maxContextLength"
 ).message("serving.maxTokensPerRequest must not exceed serving.maxContextLength").field_path(".maxTokensPerRequest"))]
+#[x_kube(validation = Rule::new("self.port != 9090")
+    .message("serving.port must not be 9090: the workers serve /metrics there")
+    .field_path(".port"))]
 pub struct ServingSpec {
-    /// gRPC port of both roles. Default 50051.
+    /// gRPC port of both roles (not 9090, the workers' metrics port). Default 50051.
     #[serde(default = "default_port")]
     #[schemars(range(min = 1024, max = 65535))]
     pub port: i32,

@@ -30,6 +30,14 @@ impl FrontendProcess {
     /// Starts a frontend serving `model` with `extra` flags; returns once gRPC accepts
     /// connections (the model is loaded by then).
     pub async fn start(model: &Path, extra: &[&str]) -> Result<Self> {
+        let mut args: Vec<std::ffi::OsString> = vec!["--model".into(), model.into()];
+        args.extend(extra.iter().map(Into::into));
+        Self::start_with(&args).await
+    }
+
+    /// Starts a frontend with exactly `args` (besides the ports, log and cache flags), e.g.
+    /// `--config worker.json`.
+    pub async fn start_with(args: &[std::ffi::OsString]) -> Result<Self> {
         let binary = workspace_binary("switchyard-worker")?;
         let dir = TempDir::new("frontend")?;
         let (grpc_port, metrics_port) = (free_port()?, free_port()?);
@@ -38,11 +46,9 @@ impl FrontendProcess {
             .args(["--role", "frontend", "--log", "info"])
             .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .arg("--model")
-            .arg(model)
             .arg("--cache-dir")
             .arg(dir.path())
-            .args(extra)
+            .args(args)
             .env_remove("SWITCHYARD_CONFIG");
         let process = ManagedProcess::spawn(
             "switchyard-worker (frontend)",

@@ -160,6 +160,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.serving.port",
     ),
     (
+        "the workers' metrics port as the gRPC port",
+        "serving.port",
+        "9090",
+        "spec.serving.port",
+    ),
+    (
         "a request limit above the context length",
         "serving",
         "{maxContextLength: 1024, maxTokensPerRequest: 2048}",

@@ -292,6 +292,51 @@ async fn the_cli_streams_and_prints_json_against_a_real_frontend() {
 }
 
 #[tokio::test]
+async fn the_operators_worker_json_configures_the_frontend() {
+    use switchyard_operator::build::{Names, worker_config};
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/minimal.yaml");
+    let mut md: switchyard_operator::api::ModelDeployment =
+        serde_yaml::from_str(&std::fs::read_to_string(example).expect("example")).expect("yaml");
+    md.metadata.namespace = Some("default".into());
+    let mut config = worker_config(&md, &Names::new(&md).expect("names"));
+    config.model.path = fixture_model(MODEL).display().to_string();
+    config.serving.max_tokens_per_request = 32;
+    config.serving.max_context_length = Some(128);
+    let dir = std::env::temp_dir().join(format!("switchyard-worker-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("worker.json");
+    std::fs::write(&path, serde_json::to_string(&config).expect("json")).expect("write");
+    let frontend = FrontendProcess::start_with(&["--config".into(), path.clone().into()])
+        .await
+        .expect("frontend");
+    let mut c = client(&frontend).await;
+    let info = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .models;
+    assert_eq!(
+        info[0].id, config.deployment,
+        "the model id is the deployment's name"
+    );
+    assert_eq!(
+        (info[0].max_tokens_per_request, info[0].context_length),
+        (32, 128)
+    );
+    let err = c
+        .generate(prompt("hello", 33))
+        .await
+        .expect_err("over the limit");
+    assert!(
+        err.message().starts_with("sampling.max_tokens:"),
+        "{}",
+        err.message()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn every_invalid_argument_names_its_field() {
     let frontend =
         FrontendProcess::start(&fixture_model(MODEL), &["--max-tokens-per-request", "64"])

@@ -44,6 +44,10 @@ pub const MODEL_DEPLOYMENT_LABEL: &str = "switchyard.dev/model-deployment";
 pub const CONFIG_HASH_ANNOTATION: &str = "switchyard.dev/config-hash";
 /// Name of the gRPC port on containers and Services.
 pub const GRPC_PORT_NAME: &str = "grpc";
+/// Name and number of the workers' Prometheus port (`/metrics`, `/healthz`).
+pub const METRICS_PORT_NAME: &str = "metrics";
+/// See [`METRICS_PORT_NAME`].
+pub const METRICS_PORT: i32 = 9090;
 
 /// The two kinds of worker pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,10 @@ use switchyard_proto::worker_config::{
     ENV_SHARD_INDEX, MODEL_MOUNT,
 };
 
-use super::{CONFIG_HASH_ANNOTATION, Component, GRPC_PORT_NAME, Names, labels};
+use super::{
+    CONFIG_HASH_ANNOTATION, Component, GRPC_PORT_NAME, METRICS_PORT, METRICS_PORT_NAME, Names,
+    labels,
+};
 use crate::api::{ModelDeployment, PodSettings, PullPolicy};
 
 /// The non-root user the worker runs as (the distroless `nonroot` user).
@@ -38,6 +41,10 @@ pub fn template(
         field_env(ENV_POD_IP, "status.podIP"),
         plain_env("SWITCHYARD_ROLE", component.as_str()),
         plain_env("SWITCHYARD_LISTEN", &format!("0.0.0.0:{port}")),
+        plain_env(
+            "SWITCHYARD_METRICS_LISTEN",
+            &format!("0.0.0.0:{METRICS_PORT}"),
+        ),
         plain_env("SWITCHYARD_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
     ];
     if component == Component::ExpertShard {
@@ -99,12 +106,20 @@ pub fn template(
         name: "worker".into(),
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(pull_policy),
-        ports: Some(vec![ContainerPort {
-            name: Some(GRPC_PORT_NAME.into()),
-            container_port: port,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(GRPC_PORT_NAME.into()),
+                container_port: port,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some(METRICS_PORT_NAME.into()),
+                container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
         env: Some(env),
         resources: settings.resources.clone(),
         volume_mounts: Some(mounts),

@@ -130,7 +130,7 @@ pub trait ExpertBackend: Send + Sync + Debug {
     /// `xs` is `[rows, hidden]`; returns `[rows, hidden]` in `xs`'s dtype.
     fn forward(&self, layer: usize, xs: &Tensor, routes: &Routes) -> Result<Tensor>;
 
-    /// Tokens each expert of `layer` was sent so far (for metrics and placement), if kept.
+    /// Routed experts per MoE layer.
     fn num_experts(&self) -> usize;
 }
 
@@ -157,7 +157,18 @@ impl LocalExperts {
             });
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
+        let started = std::time::Instant::now();
+        let every = cfg.num_layers.div_ceil(10).max(1);
         for (layer, sparse) in moe.sparse_layers.iter().enumerate() {
+            // The routed experts are most of a checkpoint's bytes: report progress.
+            if layer > 0 && layer % every == 0 {
+                tracing::info!(
+                    layer,
+                    of = cfg.num_layers,
+                    secs = started.elapsed().as_secs(),
+                    "loading routed experts"
+                );
+            }
             layers.push(if *sparse {
                 load_layer_experts(cfg, moe, ckpt, layer, dtype, device)?
             } else {

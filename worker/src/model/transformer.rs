@@ -56,7 +56,18 @@ impl Transformer {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let embed = ckpt.tensor("model.embed_tokens.weight", &[v, d], dtype.acts, device)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
+        let started = std::time::Instant::now();
+        let every = cfg.num_layers.div_ceil(10).max(1);
         for l in 0..cfg.num_layers {
+            // Large checkpoints take minutes: say how far loading has got.
+            if l > 0 && l % every == 0 {
+                tracing::info!(
+                    layer = l,
+                    of = cfg.num_layers,
+                    secs = started.elapsed().as_secs(),
+                    "loading decoder layers"
+                );
+            }
             let p = format!("model.layers.{l}");
             let eps = cfg.rms_norm_eps;
             let ff = match &cfg.moe {
