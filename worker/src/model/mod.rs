@@ -12,7 +12,8 @@
 //! - [`layers`]: linear, RMSNorm, SwiGLU MLP, rotary tables.
 //! - [`matmul`]: `x · Wᵀ`, with a CPU kernel for the few-row products of decode.
 //! - [`attention`]: attention over the paged KV cache; the flat batch layout.
-//! - [`moe`]: routers, the [`moe::ExpertBackend`] trait and its in-process implementation.
+//! - [`router`]: each family's routing rule (pure).
+//! - [`moe`]: the [`moe::ExpertBackend`] trait, its in-process implementation, the MoE block.
 //! - [`transformer`]: the decoder stack.
 //! - [`demo`]: the deterministic random checkpoint `make demo` runs.
 //!
@@ -25,6 +26,7 @@ pub mod demo;
 pub mod layers;
 pub mod matmul;
 pub mod moe;
+pub mod router;
 pub mod transformer;
 
 use std::path::{Path, PathBuf};

@@ -21,6 +21,7 @@ use super::ModelError;
 use super::checkpoint::Checkpoint;
 use super::config::{Family, ModelConfig, MoeConfig};
 use super::layers::{Linear, Mlp, Precision};
+pub use super::router::RouterRule;
 
 /// The experts chosen for each row of a batch: `top_k` `(expert, weight)` pairs per row,
 /// flattened row-major.
@@ -58,67 +59,6 @@ impl Routes {
             .filter(|(_, (r, _))| !r.is_empty())
             .map(|(e, (r, w))| (e as u32, r, w))
             .collect()
-    }
-}
-
-/// How a family turns router logits into routes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RouterRule {
-    /// Experts per token.
-    pub top_k: usize,
-    /// Renormalise the chosen softmax probabilities to sum to one.
-    pub norm_topk_prob: bool,
-}
-
-impl RouterRule {
-    /// The rule of a family's MoE config.
-    pub fn of(moe: &MoeConfig) -> Self {
-        Self {
-            top_k: moe.top_k,
-            norm_topk_prob: moe.norm_topk_prob,
-        }
-    }
-
-    /// Routes every row of `logits` (`rows × num_experts`, row-major, f32): softmax over
-    /// all experts, the `top_k` largest (ties to the lower index, as `torch.topk` on CPU),
-    /// renormalised iff `norm_topk_prob`.
-    pub fn route(&self, logits: &[f32], num_experts: usize) -> Routes {
-        let rows = logits.len() / num_experts.max(1);
-        let mut experts = Vec::with_capacity(rows * self.top_k);
-        let mut weights = Vec::with_capacity(rows * self.top_k);
-        let mut probs = vec![0f32; num_experts];
-        let mut order: Vec<usize> = (0..num_experts).collect();
-        for row in logits.chunks_exact(num_experts) {
-            softmax_into(row, &mut probs);
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-            let chosen = &order[..self.top_k];
-            let sum: f32 = chosen.iter().map(|&e| probs[e]).sum();
-            for &e in chosen {
-                experts.push(e as u32);
-                weights.push(if self.norm_topk_prob {
-                    probs[e] / sum
-                } else {
-                    probs[e]
-                });
-            }
-        }
-        Routes {
-            top_k: self.top_k,
-            experts,
-            weights,
-        }
-    }
-}
-
-fn softmax_into(row: &[f32], out: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for (o, &x) in out.iter_mut().zip(row) {
-        *o = (x - max).exp();
-        sum += *o;
-    }
-    for o in out.iter_mut() {
-        *o /= sum;
     }
 }
 
@@ -338,7 +278,10 @@ impl MoeBlock {
         };
         Ok(Self {
             gate,
-            rule: RouterRule::of(moe),
+            rule: RouterRule::Softmax {
+                top_k: moe.top_k,
+                norm_topk_prob: moe.norm_topk_prob,
+            },
             num_experts: moe.num_experts,
             shared,
         })
@@ -374,43 +317,6 @@ impl MoeBlock {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top_k_without_renormalisation_keeps_softmax_mass() {
-        let rule = RouterRule {
-            top_k: 2,
-            norm_topk_prob: false,
-        };
-        let logits = [0.0f32, 2.0, 1.0, -1.0];
-        let r = rule.route(&logits, 4);
-        assert_eq!(r.experts, vec![1, 2]);
-        let z: f32 = logits.iter().map(|x| x.exp()).sum();
-        assert!((r.weights[0] - 2f32.exp() / z).abs() < 1e-6);
-        assert!((r.weights[1] - 1f32.exp() / z).abs() < 1e-6);
-    }
-
-    #[test]
-    fn renormalised_weights_sum_to_one() {
-        let rule = RouterRule {
-            top_k: 2,
-            norm_topk_prob: true,
-        };
-        let r = rule.route(&[0.5, 0.1, 3.0, 2.0, 1.0, 0.0, -2.0, 4.0], 4);
-        assert_eq!(r.experts, vec![2, 3, 3, 0]);
-        for pair in r.weights.chunks(2) {
-            assert!((pair.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        }
-        assert!((r.weights[0] - 1.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
-    }
-
-    #[test]
-    fn ties_go_to_the_lower_index() {
-        let rule = RouterRule {
-            top_k: 1,
-            norm_topk_prob: true,
-        };
-        assert_eq!(rule.route(&[1.0, 3.0, 3.0], 3).experts, vec![1]);
-    }
 
     #[test]
     fn by_expert_groups_rows_in_order() {

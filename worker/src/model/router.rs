@@ -1,0 +1,371 @@
+//! Routers: router logits → the experts each token goes to and their weights. Pure
+//! functions of the logits, one rule per family, written to match Hugging Face
+//! `transformers` exactly (the checkpoints are validated with it).
+//!
+//! | rule | scores | selection | weights |
+//! |---|---|---|---|
+//! | `Softmax` (Mixtral, Qwen-MoE, OLMoE) | softmax | top-k | renormalised iff `norm_topk_prob` |
+//! | `DeepSeekV2` | softmax | top-k, or top-k inside the `topk_group` groups with the highest max score | renormalised iff `norm_topk_prob`, else × `routed_scaling_factor` |
+//! | `DeepSeekV3` | sigmoid | score + `e_score_correction_bias`; groups ranked by the sum of their top-2 biased scores; top-k inside the kept groups | the *unbiased* scores, renormalised iff `norm_topk_prob`, then always × `routed_scaling_factor` |
+//!
+//! Dropped groups are masked with `0.0`, as transformers does (the authors' code uses
+//! `-inf`; the two differ when kept scores are negative, which the V3 bias makes possible).
+//! Ties go to the lower expert index.
+
+use super::moe::Routes;
+
+/// How a family turns router logits into routes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouterRule {
+    /// Softmax over the experts, top-k.
+    Softmax {
+        /// Experts per token.
+        top_k: usize,
+        /// Renormalise the chosen probabilities to sum to one.
+        norm_topk_prob: bool,
+    },
+    /// DeepSeek-V2: softmax, `greedy` or `group_limited_greedy`.
+    DeepSeekV2 {
+        /// Experts per token.
+        top_k: usize,
+        /// Renormalise the chosen probabilities (and then do not scale).
+        norm_topk_prob: bool,
+        /// Multiplier of the weights when they are not renormalised.
+        routed_scaling_factor: f32,
+        /// `Some((n_group, topk_group))` for `group_limited_greedy`.
+        groups: Option<(usize, usize)>,
+    },
+    /// DeepSeek-V3: sigmoid scores, bias for selection only, group-limited top-k.
+    DeepSeekV3 {
+        /// Experts per token.
+        top_k: usize,
+        /// Renormalise the chosen (unbiased) scores.
+        norm_topk_prob: bool,
+        /// Always multiplies the final weights.
+        routed_scaling_factor: f32,
+        /// Groups of experts.
+        n_group: usize,
+        /// Groups kept per token.
+        topk_group: usize,
+        /// `e_score_correction_bias`, one per expert (this layer's).
+        bias: Vec<f32>,
+    },
+}
+
+impl RouterRule {
+    /// Experts per token.
+    pub fn top_k(&self) -> usize {
+        match self {
+            Self::Softmax { top_k, .. }
+            | Self::DeepSeekV2 { top_k, .. }
+            | Self::DeepSeekV3 { top_k, .. } => *top_k,
+        }
+    }
+
+    /// Routes every row of `logits` (`rows × num_experts`, row-major, f32).
+    pub fn route(&self, logits: &[f32], num_experts: usize) -> Routes {
+        let top_k = self.top_k();
+        let rows = logits.len() / num_experts.max(1);
+        let mut experts = Vec::with_capacity(rows * top_k);
+        let mut weights = Vec::with_capacity(rows * top_k);
+        let mut scores = vec![0f32; num_experts];
+        let mut choice = vec![0f32; num_experts];
+        for row in logits.chunks_exact(num_experts) {
+            match self {
+                Self::Softmax { .. } | Self::DeepSeekV2 { .. } => {
+                    softmax_into(row, &mut scores);
+                    choice.copy_from_slice(&scores);
+                }
+                Self::DeepSeekV3 { bias, .. } => {
+                    for ((s, c), (&x, &b)) in
+                        scores.iter_mut().zip(&mut choice).zip(row.iter().zip(bias))
+                    {
+                        *s = 1.0 / (1.0 + (-x).exp());
+                        *c = *s + b;
+                    }
+                }
+            }
+            match self {
+                Self::DeepSeekV2 {
+                    groups: Some((n_group, topk_group)),
+                    ..
+                } => mask_groups(&mut choice, *n_group, *topk_group, GroupScore::Max),
+                Self::DeepSeekV3 {
+                    n_group,
+                    topk_group,
+                    ..
+                } => mask_groups(&mut choice, *n_group, *topk_group, GroupScore::SumTop2),
+                _ => {}
+            }
+            let chosen = top_indices(&choice, top_k);
+            // Weights come from the unbiased scores, in the order chosen.
+            let mut w: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
+            let (norm, scale) = match self {
+                Self::Softmax { norm_topk_prob, .. } => (*norm_topk_prob, None),
+                Self::DeepSeekV2 {
+                    norm_topk_prob,
+                    routed_scaling_factor,
+                    ..
+                } => {
+                    // V2 renormalises only with more than one expert, and scales only
+                    // when it does not renormalise.
+                    let norm = *norm_topk_prob && top_k > 1;
+                    (norm, (!norm).then_some(*routed_scaling_factor))
+                }
+                Self::DeepSeekV3 {
+                    norm_topk_prob,
+                    routed_scaling_factor,
+                    ..
+                } => (*norm_topk_prob, Some(*routed_scaling_factor)),
+            };
+            if norm {
+                let eps = if matches!(self, Self::Softmax { .. }) {
+                    0.0
+                } else {
+                    1e-20
+                };
+                let sum: f32 = w.iter().sum::<f32>() + eps;
+                w.iter_mut().for_each(|x| *x /= sum);
+            }
+            if let Some(s) = scale {
+                w.iter_mut().for_each(|x| *x *= s);
+            }
+            experts.extend(chosen.iter().map(|&e| e as u32));
+            weights.extend(w);
+        }
+        Routes {
+            top_k,
+            experts,
+            weights,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum GroupScore {
+    /// V2: a group's best expert.
+    Max,
+    /// V3: the sum of a group's two best experts.
+    SumTop2,
+}
+
+/// Keeps the `keep` best of `n_group` equal groups of `scores`; the others' scores become
+/// 0.0 (transformers' `masked_fill(…, 0.0)`).
+fn mask_groups(scores: &mut [f32], n_group: usize, keep: usize, how: GroupScore) {
+    // A config whose experts do not split into `n_group` groups is refused at load time.
+    if n_group <= 1 || keep >= n_group || !scores.len().is_multiple_of(n_group) {
+        return;
+    }
+    let size = scores.len() / n_group;
+    let group_scores: Vec<f32> = scores
+        .chunks_exact(size)
+        .map(|g| match how {
+            GroupScore::Max => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            GroupScore::SumTop2 => top_indices(g, 2.min(size)).iter().map(|&i| g[i]).sum(),
+        })
+        .collect();
+    let kept = top_indices(&group_scores, keep);
+    for (gi, g) in scores.chunks_exact_mut(size).enumerate() {
+        if !kept.contains(&gi) {
+            g.iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
+
+/// Indices of the `k` largest values, largest first, ties to the lower index.
+fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order
+}
+
+fn softmax_into(row: &[f32], out: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = (x - max).exp();
+        sum += *o;
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn softmax(row: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; row.len()];
+        softmax_into(row, &mut out);
+        out
+    }
+
+    fn sigmoid(x: f32) -> f32 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    }
+
+    #[test]
+    fn softmax_top_k_without_renormalisation_keeps_softmax_mass() {
+        let rule = RouterRule::Softmax {
+            top_k: 2,
+            norm_topk_prob: false,
+        };
+        let logits = [0.0f32, 2.0, 1.0, -1.0];
+        let r = rule.route(&logits, 4);
+        assert_eq!(r.experts, vec![1, 2]);
+        let p = softmax(&logits);
+        assert!(close(&r.weights, &[p[1], p[2]]));
+    }
+
+    #[test]
+    fn softmax_renormalised_weights_sum_to_one_and_ties_go_low() {
+        let rule = RouterRule::Softmax {
+            top_k: 2,
+            norm_topk_prob: true,
+        };
+        let r = rule.route(&[0.5, 0.1, 3.0, 2.0, 1.0, 0.0, -2.0, 4.0], 4);
+        assert_eq!(r.experts, vec![2, 3, 3, 0]);
+        for pair in r.weights.chunks(2) {
+            assert!((pair.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+        let one = RouterRule::Softmax {
+            top_k: 1,
+            norm_topk_prob: true,
+        };
+        assert_eq!(one.route(&[1.0, 3.0, 3.0], 3).experts, vec![1]);
+    }
+
+    /// 8 experts in 4 groups of 2; group maxima (by logit) g0 = 2.0, g1 = 3.0, g2 = 1.0,
+    /// g3 = 2.5, so keeping 2 groups keeps g1 and g3. Expert 0 is the third best overall but
+    /// its group is dropped: the naive top-3 {2, 7, 0} becomes {2, 7, 6}.
+    #[test]
+    fn v2_group_limited_greedy_masks_dropped_groups() {
+        let logits = [2.0f32, -1.0, 3.0, 0.0, 1.0, 0.5, 1.8, 2.5];
+        let rule = RouterRule::DeepSeekV2 {
+            top_k: 3,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+            groups: Some((4, 2)),
+        };
+        let r = rule.route(&logits, 8);
+        assert_eq!(r.experts, vec![2, 7, 6]);
+        let greedy = RouterRule::DeepSeekV2 {
+            top_k: 3,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.0,
+            groups: None,
+        };
+        assert_eq!(
+            greedy.route(&logits, 8).experts,
+            vec![2, 7, 0],
+            "the naive answer differs"
+        );
+        // Weights are the softmax over all experts (not over the kept ones).
+        let p = softmax(&logits);
+        assert!(close(&r.weights, &[p[2], p[7], p[6]]));
+    }
+
+    #[test]
+    fn v2_scales_only_when_it_does_not_renormalise() {
+        let logits = [1.0f32, 0.0, 2.0, -1.0];
+        let p = softmax(&logits);
+        let scaled = RouterRule::DeepSeekV2 {
+            top_k: 2,
+            norm_topk_prob: false,
+            routed_scaling_factor: 16.0,
+            groups: None,
+        };
+        assert!(close(
+            &scaled.route(&logits, 4).weights,
+            &[16.0 * p[2], 16.0 * p[0]]
+        ));
+        let normed = RouterRule::DeepSeekV2 {
+            top_k: 2,
+            norm_topk_prob: true,
+            routed_scaling_factor: 16.0,
+            groups: None,
+        };
+        let w = normed.route(&logits, 4).weights;
+        assert!(
+            close(&w, &[p[2] / (p[2] + p[0]), p[0] / (p[2] + p[0])]),
+            "no scaling: {w:?}"
+        );
+    }
+
+    fn v3(
+        top_k: usize,
+        norm: bool,
+        n_group: usize,
+        topk_group: usize,
+        bias: Vec<f32>,
+    ) -> RouterRule {
+        RouterRule::DeepSeekV3 {
+            top_k,
+            norm_topk_prob: norm,
+            routed_scaling_factor: 2.5,
+            n_group,
+            topk_group,
+            bias,
+        }
+    }
+
+    #[test]
+    fn v3_bias_selects_but_does_not_weigh_and_scaling_applies_once() {
+        // Expert 3 has the lowest score but a large bias: it is chosen, weighted by its
+        // own (small) sigmoid score.
+        let logits = [1.0f32, 0.5, 0.0, -2.0];
+        let bias = vec![0.0, 0.0, 0.0, 2.0];
+        let r = v3(2, true, 1, 1, bias.clone()).route(&logits, 4);
+        assert_eq!(r.experts, vec![3, 0]);
+        let (s3, s0) = (sigmoid(-2.0), sigmoid(1.0));
+        let want = [2.5 * s3 / (s3 + s0), 2.5 * s0 / (s3 + s0)];
+        assert!(close(&r.weights, &want), "{:?} vs {want:?}", r.weights);
+        // The naive variants give other numbers: biased weights, or scaling twice.
+        let biased = [
+            2.5 * (s3 + 2.0) / (s3 + 2.0 + s0),
+            2.5 * s0 / (s3 + 2.0 + s0),
+        ];
+        assert!(!close(&r.weights, &biased));
+        assert!(!close(&r.weights, &want.map(|w| w * 2.5)));
+        // Without renormalisation the scores are scaled, still once.
+        let r = v3(2, false, 1, 1, bias).route(&logits, 4);
+        assert!(close(&r.weights, &[2.5 * s3, 2.5 * s0]));
+    }
+
+    #[test]
+    fn v3_ranks_groups_by_the_sum_of_their_top_two() {
+        // Group 0 = experts 0..3 has the single best score; group 1 = experts 3..6 has the
+        // better top-2 sum. Keeping one group: sum-of-top-2 keeps group 1 (max would keep 0).
+        let logits = [3.0f32, -3.0, -3.0, 1.5, 1.5, -3.0];
+        let r = v3(2, true, 2, 1, vec![0.0; 6]).route(&logits, 6);
+        assert_eq!(r.experts, vec![3, 4]);
+    }
+
+    #[test]
+    fn v3_masks_dropped_groups_with_zero_like_transformers() {
+        // When the kept group's biased scores are negative, the dropped group's experts,
+        // masked to 0.0, win the top-k: that is what transformers does (masking with -inf,
+        // as the authors' code does, would choose experts 0 and 1).
+        let logits = [4.0f32, 3.0, 0.0, 0.0];
+        let bias = vec![-0.5, -0.5, -3.0, -3.0];
+        // Group sums: g0 = (σ4−.5)+(σ3−.5) > 0; g1 = 2(σ0−3) < 0: keep g0 only.
+        let r = v3(2, false, 2, 1, bias).route(&logits, 4);
+        assert_eq!(
+            r.experts,
+            vec![0, 1],
+            "kept group's biased scores are positive here"
+        );
+        let bias = vec![-2.0, -2.0, -3.0, -3.0];
+        // Now g0's biased scores are negative (σ−2 < 0) but g0 still ranks first; g1 is
+        // masked to 0.0, which beats the negative kept scores.
+        let r = v3(2, false, 2, 1, bias).route(&logits, 4);
+        assert_eq!(r.experts, vec![2, 3]);
+        assert!(close(&r.weights, &[2.5 * sigmoid(0.0), 2.5 * sigmoid(0.0)]));
+    }
+}
