@@ -100,6 +100,43 @@ pub enum RopeScaling {
         /// The pre-training context length.
         original_max_position_embeddings: f64,
     },
+    /// YaRN (`"yarn"`): interpolate low frequencies, extrapolate high ones, with a linear
+    /// ramp between (Qwen2.5/Qwen3 long-context configs, DeepSeek-V2/V3).
+    Yarn {
+        /// Context extension factor.
+        factor: f64,
+        /// The pre-training context length.
+        original_max_position_embeddings: f64,
+        /// Rotations above which frequencies are kept (default 32).
+        beta_fast: f64,
+        /// Rotations below which frequencies are interpolated (default 1).
+        beta_slow: f64,
+        /// Multiplier of cos and sin (given, or from `factor`, `mscale`, `mscale_all_dim`).
+        attention_factor: f64,
+        /// Round the ramp's ends to whole dimensions (default true).
+        truncate: bool,
+    },
+}
+
+impl RopeScaling {
+    /// The factor cos and sin are multiplied by (YaRN's attention scaling; 1 otherwise).
+    pub fn attention_factor(&self) -> f64 {
+        match self {
+            Self::Yarn {
+                attention_factor, ..
+            } => *attention_factor,
+            _ => 1.0,
+        }
+    }
+}
+
+/// YaRN's attention-scale term: `0.1 · mscale · ln(scale) + 1` (1 when not extending).
+pub fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
 }
 
 /// The routed-expert part of a sparse model.
@@ -307,7 +344,7 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
     if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
         return Err(c.bad("rms_norm_eps", "a positive number"));
     }
-    let (rope_theta, rope_scaling) = resolve_rope(&c, &raw)?;
+    let (rope_theta, rope_scaling) = resolve_rope(&c, &raw, raw.max_position_embeddings)?;
     let mut max_position_embeddings = c.required(
         raw.max_position_embeddings.or(Some(4096)),
         "max_position_embeddings",
@@ -358,7 +395,11 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
     })
 }
 
-fn resolve_rope(c: &Checker<'_>, raw: &RawConfig) -> Result<(f64, RopeScaling), ModelError> {
+fn resolve_rope(
+    c: &Checker<'_>,
+    raw: &RawConfig,
+    max_position_embeddings: Option<usize>,
+) -> Result<(f64, RopeScaling), ModelError> {
     // transformers v5 folds rope_theta and rope_scaling into one `rope_parameters` object.
     let (key, params) = match (&raw.rope_parameters, &raw.rope_scaling) {
         (Some(p), _) if !p.is_null() => ("rope_parameters", Some(p)),
@@ -410,10 +451,52 @@ fn resolve_rope(c: &Checker<'_>, raw: &RawConfig) -> Result<(f64, RopeScaling), 
                 original_max_position_embeddings: need("original_max_position_embeddings")?,
             }
         }
+        "yarn" => {
+            let original = field("original_max_position_embeddings")
+                .or(max_position_embeddings.map(|m| m as f64))
+                .filter(|v| *v > 0.0)
+                .ok_or_else(|| {
+                    c.bad(
+                        &format!("{key}.original_max_position_embeddings"),
+                        "a positive number",
+                    )
+                })?;
+            // transformers: a missing factor is max_position_embeddings / original.
+            let factor = match field("factor") {
+                Some(f) if f > 0.0 => f,
+                Some(_) => return Err(c.bad(&format!("{key}.factor"), "a positive number")),
+                None => max_position_embeddings.map_or(1.0, |m| m as f64 / original),
+            };
+            let positive_or =
+                |name: &str, default: f64| field(name).filter(|v| *v != 0.0).unwrap_or(default);
+            let attention_factor = match field("attention_factor") {
+                Some(a) => a,
+                None => {
+                    let (m, m_all) = (field("mscale"), field("mscale_all_dim"));
+                    match (m.filter(|v| *v != 0.0), m_all.filter(|v| *v != 0.0)) {
+                        (Some(m), Some(m_all)) => {
+                            yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
+                        }
+                        _ => yarn_mscale(factor, 1.0),
+                    }
+                }
+            };
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast: positive_or("beta_fast", 32.0),
+                beta_slow: positive_or("beta_slow", 1.0),
+                attention_factor,
+                truncate: params
+                    .get("truncate")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(true),
+            }
+        }
         other => {
             return Err(ModelError::Unsupported {
                 file: c.file.to_path_buf(),
-                what: format!("{key} type {other:?} (supported: default, linear, llama3)"),
+                what: format!("{key} type {other:?} (supported: default, linear, llama3, yarn)"),
             });
         }
     };
@@ -619,6 +702,30 @@ mod tests {
         let c = parse(j).expect("valid");
         assert_eq!(c.rope_theta, 500_000.0);
         assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn yarn_defaults_and_attention_factor_follow_transformers() {
+        let mut j = base("qwen2");
+        j.as_object_mut().expect("object").insert(
+            "rope_scaling".into(),
+            serde_json::json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+        );
+        let c = parse(j).expect("valid");
+        // transformers 5.24: attention_factor = 0.1·ln(4) + 1 with no mscale given.
+        assert!((c.rope_scaling.attention_factor() - 1.138_629_436_111_989).abs() < 1e-12);
+        assert!(
+            matches!(c.rope_scaling, RopeScaling::Yarn { beta_fast, beta_slow, truncate: true, .. }
+            if beta_fast == 32.0 && beta_slow == 1.0)
+        );
+        let mut j = base("qwen2");
+        j.as_object_mut().expect("object").insert(
+            "rope_scaling".into(),
+            serde_json::json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                "mscale": 1.0, "mscale_all_dim": 0.8}),
+        );
+        let c = parse(j).expect("valid");
+        assert!((c.rope_scaling.attention_factor() - 1.024_957_960_796_966_8).abs() < 1e-12);
     }
 
     #[test]

@@ -232,6 +232,41 @@ pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -
                 })
                 .collect()
         }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => {
+            // transformers' _compute_yarn_parameters: the ramp's ends in f64, the
+            // frequencies in f32.
+            let dim = head_dim as f64;
+            let correction_dim = |rotations: f64| {
+                dim * (original_max_position_embeddings / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln()
+                    / (2.0 * theta.ln())
+            };
+            let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+            if truncate {
+                low = low.floor();
+                high = high.ceil();
+            }
+            let (low, mut high) = (low.max(0.0) as f32, high.min(dim - 1.0) as f32);
+            if low == high {
+                high += 0.001;
+            }
+            base.iter()
+                .enumerate()
+                .map(|(i, &extrapolation)| {
+                    let interpolation = extrapolation / factor as f32;
+                    let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp;
+                    interpolation * (1.0 - keep) + extrapolation * keep
+                })
+                .collect()
+        }
     }
 }
 
@@ -247,14 +282,15 @@ impl Rotary {
     ) -> Result<Self> {
         let inv = inverse_frequencies(head_dim, theta, scaling);
         let half = inv.len();
+        let attention_factor = scaling.attention_factor() as f32;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
             for f in &inv {
                 // transformers multiplies in f32; so do we.
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * attention_factor);
+                sin.push(angle.sin() * attention_factor);
             }
         }
         Ok(Self {
@@ -303,6 +339,34 @@ mod tests {
                 .zip(&scaled)
                 .any(|(b, s)| *s < *b && *s > *b / 8.0)
         );
+    }
+
+    #[test]
+    fn yarn_frequencies_match_transformers() {
+        // transformers 5.24 `ROPE_INIT_FUNCTIONS["yarn"]` for head_dim 16, theta 1e4,
+        // factor 4, original 32 (defaults beta 32/1, truncate).
+        let want = [
+            1.0f32,
+            0.197_642_36,
+            0.025,
+            0.007_905_695,
+            0.0025,
+            0.000_790_569_5,
+            0.000_25,
+            7.905_695e-5,
+        ];
+        let scaling = RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 32.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: 1.0,
+            truncate: true,
+        };
+        let got = inverse_frequencies(16, 10_000.0, &scaling);
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-6 * w.max(1e-3), "{got:?}");
+        }
     }
 
     #[test]
