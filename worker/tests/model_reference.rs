@@ -29,6 +29,7 @@ const FIXTURES: &[&str] = &[
     "qwen3_moe",
     "olmoe",
     "olmoe_bf16",
+    "deepseek_v2_greedy",
 ];
 
 fn fixture_dir(name: &str) -> PathBuf {
@@ -255,6 +256,7 @@ family_tests!(
     qwen3_moe,
     olmoe,
     olmoe_bf16,
+    deepseek_v2_greedy,
 );
 
 /// A copy of a fixture with `edit` applied to its config.json, or with a file removed.

@@ -24,16 +24,29 @@ pub struct PagedKv {
 impl PagedKv {
     /// Zeroed storage for `slots` token positions in every layer.
     pub fn new(cfg: &ModelConfig, slots: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let shape = (slots, cfg.num_kv_heads, cfg.head_dim);
+        let ((kh, kd), (vh, vd)) = Self::row_shapes(cfg);
         let layers = (0..cfg.num_layers)
             .map(|_| {
                 Ok((
-                    Tensor::zeros(shape, dtype, device)?,
-                    Tensor::zeros(shape, dtype, device)?,
+                    Tensor::zeros((slots, kh, kd), dtype, device)?,
+                    Tensor::zeros((slots, vh, vd), dtype, device)?,
                 ))
             })
             .collect::<Result<_>>()?;
         Ok(Self { layers, slots })
+    }
+
+    /// What one token position stores per layer, as `(heads, width)` of the two tensors:
+    /// keys and values per KV head, or for MLA the compressed latent and the shared rotary
+    /// key (`kv_lora_rank + qk_rope_head_dim` values, whatever the head count).
+    pub fn row_shapes(cfg: &ModelConfig) -> ((usize, usize), (usize, usize)) {
+        match &cfg.mla {
+            Some(mla) => ((1, mla.kv_lora_rank), (1, mla.qk_rope_head_dim)),
+            None => (
+                (cfg.num_kv_heads, cfg.head_dim),
+                (cfg.num_kv_heads, cfg.head_dim),
+            ),
+        }
     }
 
     /// Token positions each layer can hold.
@@ -41,9 +54,16 @@ impl PagedKv {
         self.slots
     }
 
+    /// Layer `l`'s two tensors.
+    pub fn layer(&self, l: usize) -> (&Tensor, &Tensor) {
+        let (k, v) = &self.layers[l];
+        (k, v)
+    }
+
     /// Bytes one token position costs across all layers.
     pub fn bytes_per_slot(cfg: &ModelConfig, dtype: DType) -> usize {
-        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.size_in_bytes()
+        let ((kh, kd), (vh, vd)) = Self::row_shapes(cfg);
+        cfg.num_layers * (kh * kd + vh * vd) * dtype.size_in_bytes()
     }
 }
 

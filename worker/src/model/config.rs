@@ -30,11 +30,16 @@ pub enum Family {
     Qwen3Moe,
     /// OLMoE: q/k norm over the whole projection.
     Olmoe,
+    /// DeepSeek-V2 / V2-Lite: MLA, softmax router (greedy or group-limited), shared experts.
+    DeepseekV2,
+    /// DeepSeek-V3 / R1: MLA, sigmoid router with correction bias and groups.
+    DeepseekV3,
 }
 
 impl Family {
     /// Every supported `model_type`, for error messages.
-    pub const SUPPORTED: &'static str = "llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe";
+    pub const SUPPORTED: &'static str =
+        "llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3";
 
     fn from_model_type(model_type: &str) -> Option<Self> {
         Some(match model_type {
@@ -45,6 +50,8 @@ impl Family {
             "qwen2_moe" => Self::Qwen2Moe,
             "qwen3_moe" => Self::Qwen3Moe,
             "olmoe" => Self::Olmoe,
+            "deepseek_v2" => Self::DeepseekV2,
+            "deepseek_v3" => Self::DeepseekV3,
             _ => return None,
         })
     }
@@ -59,6 +66,8 @@ impl Family {
             Self::Qwen2Moe => "qwen2_moe",
             Self::Qwen3Moe => "qwen3_moe",
             Self::Olmoe => "olmoe",
+            Self::DeepseekV2 => "deepseek_v2",
+            Self::DeepseekV3 => "deepseek_v3",
         }
     }
 
@@ -68,6 +77,7 @@ impl Family {
         match self {
             Self::Mixtral => true,
             Self::Qwen2Moe | Self::Qwen3Moe | Self::Olmoe => false,
+            Self::DeepseekV2 | Self::DeepseekV3 => false,
             Self::Llama | Self::Qwen2 | Self::Qwen3 => false,
         }
     }
@@ -154,6 +164,51 @@ pub struct MoeConfig {
     pub shared_expert_intermediate_size: Option<usize>,
     /// Per layer: whether it is an MoE layer (else a dense MLP of `intermediate_size`).
     pub sparse_layers: Vec<bool>,
+    /// How experts are chosen and weighted.
+    pub routing: Routing,
+}
+
+/// The routing method of an MoE family (see `model::router`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Routing {
+    /// Softmax, top-k (Mixtral, Qwen-MoE, OLMoE).
+    Softmax,
+    /// DeepSeek-V2: softmax, `greedy` (`groups` none) or `group_limited_greedy`.
+    DeepSeekV2 {
+        /// `routed_scaling_factor`.
+        routed_scaling_factor: f32,
+        /// `(n_group, topk_group)` for group-limited greedy.
+        groups: Option<(usize, usize)>,
+    },
+    /// DeepSeek-V3 (`noaux_tc`): sigmoid, correction bias, groups.
+    DeepSeekV3 {
+        /// `routed_scaling_factor`.
+        routed_scaling_factor: f32,
+        /// `n_group`.
+        n_group: usize,
+        /// `topk_group`.
+        topk_group: usize,
+    },
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3) dimensions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MlaConfig {
+    /// Rank of the query compression; `None` = a direct `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the key/value latent (what the KV cache stores, with the rope part).
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without rotary embedding.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query/key width with rotary embedding (shared across heads for keys).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value width.
+    pub v_head_dim: usize,
+    /// Extra softmax scale factor (YaRN's `mscale_all_dim` term, squared), 1 without it.
+    pub softmax_mscale: f64,
+    /// The rotary dimensions are interleaved pairs (V2 always; V3 unless
+    /// `rope_interleave: false`).
+    pub rope_interleave: bool,
 }
 
 /// Everything the model code needs to know about an architecture.
@@ -189,6 +244,8 @@ pub struct ModelConfig {
     pub clip_qkv: Option<f64>,
     /// Present for MoE families.
     pub moe: Option<MoeConfig>,
+    /// Present for DeepSeek's multi-head latent attention.
+    pub mla: Option<MlaConfig>,
     /// `torch_dtype` / `dtype` as saved (informational; the weights' own dtypes rule).
     pub saved_dtype: Option<String>,
     /// `bos_token_id` from config.json.
@@ -248,6 +305,22 @@ pub struct RawConfig {
     norm_topk_prob: Option<bool>,
     decoder_sparse_step: Option<usize>,
     mlp_only_layers: Option<Vec<usize>>,
+    // DeepSeek
+    n_routed_experts: Option<usize>,
+    n_shared_experts: Option<usize>,
+    first_k_dense_replace: Option<usize>,
+    moe_layer_freq: Option<usize>,
+    topk_method: Option<String>,
+    scoring_func: Option<String>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    routed_scaling_factor: Option<f64>,
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: Option<usize>,
+    qk_nope_head_dim: Option<usize>,
+    qk_rope_head_dim: Option<usize>,
+    v_head_dim: Option<usize>,
+    rope_interleave: Option<bool>,
     // Informational
     torch_dtype: Option<String>,
     dtype: Option<String>,
@@ -301,7 +374,7 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
     let family = Family::from_model_type(model_type).ok_or_else(|| ModelError::Unsupported {
         file: file.to_path_buf(),
         what: format!(
-            "model_type {model_type:?} (supported: {}; deepseek_v2/v3 have their own issue)",
+            "model_type {model_type:?} (supported: {})",
             Family::SUPPORTED
         ),
     })?;
@@ -324,7 +397,10 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
             format!("a divisor of num_attention_heads = {num_heads} (got {num_kv_heads})"),
         ));
     }
+    let is_deepseek = matches!(family, Family::DeepseekV2 | Family::DeepseekV3);
     let head_dim = match raw.head_dim {
+        // MLA: rotary embeddings apply to the `qk_rope_head_dim` part only.
+        _ if is_deepseek => c.required(raw.qk_rope_head_dim, "qk_rope_head_dim")?,
         Some(d) => c.required(Some(d), "head_dim")?,
         None if hidden_size % num_heads == 0 => hidden_size / num_heads,
         None => {
@@ -362,6 +438,36 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
         max_position_embeddings = max_position_embeddings.min(window);
     }
     let moe = resolve_moe(&c, &raw, family, num_layers)?;
+    let mla = if is_deepseek {
+        let rank = |v: Option<usize>, key: &str| c.required(v, key);
+        // DeepSeek scales the softmax by YaRN's mscale(factor, mscale_all_dim), squared.
+        let softmax_mscale = match (&rope_scaling, &raw.rope_parameters, &raw.rope_scaling) {
+            (RopeScaling::Yarn { factor, .. }, p, s) => {
+                let params = p.as_ref().filter(|v| !v.is_null()).or(s.as_ref());
+                let all_dim = params
+                    .and_then(|v| v.get("mscale_all_dim"))
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0);
+                if all_dim != 0.0 {
+                    yarn_mscale(*factor, all_dim).powi(2)
+                } else {
+                    1.0
+                }
+            }
+            _ => 1.0,
+        };
+        Some(MlaConfig {
+            q_lora_rank: raw.q_lora_rank.filter(|r| *r > 0),
+            kv_lora_rank: rank(raw.kv_lora_rank, "kv_lora_rank")?,
+            qk_nope_head_dim: rank(raw.qk_nope_head_dim, "qk_nope_head_dim")?,
+            qk_rope_head_dim: head_dim,
+            v_head_dim: rank(raw.v_head_dim, "v_head_dim")?,
+            softmax_mscale,
+            rope_interleave: family == Family::DeepseekV2 || raw.rope_interleave.unwrap_or(true),
+        })
+    } else {
+        None
+    };
     let intermediate_size = match (&moe, raw.intermediate_size) {
         (_, Some(n)) => c.required(Some(n), "intermediate_size")?,
         // An all-sparse model needs no dense width.
@@ -389,6 +495,7 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
         tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
         clip_qkv: raw.clip_qkv,
         moe,
+        mla,
         saved_dtype: raw.dtype.or(raw.torch_dtype),
         bos_token_id: raw.bos_token_id.and_then(|b| b.to_vec().first().copied()),
         eos_token_ids: raw.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),
@@ -520,6 +627,7 @@ fn resolve_moe(
         Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
             ("num_experts", raw.num_experts.or(raw.num_local_experts))
         }
+        Family::DeepseekV2 | Family::DeepseekV3 => ("n_routed_experts", raw.n_routed_experts),
     };
     let num_experts = c.required(num_experts, experts_key)?;
     let top_k = c.required(raw.num_experts_per_tok, "num_experts_per_tok")?;
@@ -537,8 +645,14 @@ fn resolve_moe(
     };
     let shared_expert_intermediate_size = match family {
         Family::Qwen2Moe => raw.shared_expert_intermediate_size.filter(|n| *n > 0),
+        // DeepSeek: n_shared_experts experts fused into one MLP, always on, no gate.
+        Family::DeepseekV2 | Family::DeepseekV3 => raw
+            .n_shared_experts
+            .filter(|n| *n > 0)
+            .map(|n| n * expert_intermediate_size),
         _ => None,
     };
+    let routing = resolve_routing(c, raw, family, num_experts)?;
     let sparse_layers = match family {
         Family::Qwen2Moe | Family::Qwen3Moe => {
             let step = raw.decoder_sparse_step.unwrap_or(1);
@@ -556,6 +670,16 @@ fn resolve_moe(
                 .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
                 .collect()
         }
+        Family::DeepseekV2 | Family::DeepseekV3 => {
+            let first_dense = raw.first_k_dense_replace.unwrap_or(0);
+            let freq = raw.moe_layer_freq.unwrap_or(1);
+            if freq == 0 {
+                return Err(c.bad("moe_layer_freq", "a positive integer"));
+            }
+            (0..num_layers)
+                .map(|l| l >= first_dense && l % freq == 0)
+                .collect()
+        }
         _ => vec![true; num_layers],
     };
     Ok(Some(MoeConfig {
@@ -568,7 +692,70 @@ fn resolve_moe(
             || family == Family::Mixtral,
         shared_expert_intermediate_size,
         sparse_layers,
+        routing,
     }))
+}
+
+fn resolve_routing(
+    c: &Checker<'_>,
+    raw: &RawConfig,
+    family: Family,
+    num_experts: usize,
+) -> Result<Routing, ModelError> {
+    let scale = raw.routed_scaling_factor.unwrap_or(1.0) as f32;
+    if !(scale > 0.0 && scale.is_finite()) {
+        return Err(c.bad("routed_scaling_factor", "a positive number"));
+    }
+    let groups = || -> Result<(usize, usize), ModelError> {
+        let n_group = c.required(raw.n_group, "n_group")?;
+        let topk_group = c.required(raw.topk_group, "topk_group")?;
+        if !num_experts.is_multiple_of(n_group) {
+            return Err(c.bad(
+                "n_group",
+                format!("a divisor of the expert count {num_experts} (got {n_group})"),
+            ));
+        }
+        if topk_group > n_group {
+            return Err(c.bad(
+                "topk_group",
+                format!("at most n_group = {n_group} (got {topk_group})"),
+            ));
+        }
+        Ok((n_group, topk_group))
+    };
+    // Saved configs may omit the method and scoring: default them from the family.
+    let (default_method, default_scoring) = match family {
+        Family::DeepseekV3 => ("noaux_tc", "sigmoid"),
+        Family::DeepseekV2 => ("greedy", "softmax"),
+        _ => return Ok(Routing::Softmax),
+    };
+    let method = raw.topk_method.as_deref().unwrap_or(default_method);
+    let scoring = raw.scoring_func.as_deref().unwrap_or(default_scoring);
+    match (method, scoring) {
+        ("greedy", "softmax") => Ok(Routing::DeepSeekV2 {
+            routed_scaling_factor: scale,
+            groups: None,
+        }),
+        ("group_limited_greedy", "softmax") => Ok(Routing::DeepSeekV2 {
+            routed_scaling_factor: scale,
+            groups: Some(groups()?),
+        }),
+        ("noaux_tc", "sigmoid") => {
+            let (n_group, topk_group) = groups()?;
+            Ok(Routing::DeepSeekV3 {
+                routed_scaling_factor: scale,
+                n_group,
+                topk_group,
+            })
+        }
+        (m, s) => Err(ModelError::Unsupported {
+            file: c.file.to_path_buf(),
+            what: format!(
+                "topk_method {m:?} with scoring_func {s:?} (supported: greedy or \
+                 group_limited_greedy with softmax, noaux_tc with sigmoid)"
+            ),
+        }),
+    }
 }
 
 impl ModelConfig {
@@ -726,6 +913,58 @@ mod tests {
         );
         let c = parse(j).expect("valid");
         assert!((c.rope_scaling.attention_factor() - 1.024_957_960_796_966_8).abs() < 1e-12);
+    }
+
+    fn deepseek(model_type: &str) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": model_type, "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 96, "moe_intermediate_size": 24, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
+            "n_shared_experts": 2, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+            "moe_layer_freq": 1, "kv_lora_rank": 16, "q_lora_rank": null,
+            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+            "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5
+        })
+    }
+
+    #[test]
+    fn deepseek_defaults_come_from_the_family() {
+        let c = parse(deepseek("deepseek_v3")).expect("valid");
+        let moe = c.moe.expect("moe");
+        assert_eq!(moe.sparse_layers, vec![false, true, true, true]);
+        assert_eq!(moe.shared_expert_intermediate_size, Some(48));
+        assert!(matches!(
+            moe.routing,
+            Routing::DeepSeekV3 {
+                n_group: 4,
+                topk_group: 2,
+                ..
+            }
+        ));
+        let mla = c.mla.expect("mla");
+        assert_eq!(
+            (mla.q_lora_rank, mla.kv_lora_rank, c.head_dim),
+            (None, 16, 4)
+        );
+        assert!(mla.rope_interleave);
+        let c = parse(deepseek("deepseek_v2")).expect("valid");
+        assert!(matches!(
+            c.moe.expect("moe").routing,
+            Routing::DeepSeekV2 { groups: None, .. }
+        ));
+    }
+
+    #[test]
+    fn deepseek_routing_settings_are_checked() {
+        let mut j = deepseek("deepseek_v2");
+        j["topk_method"] = "group_limited_greedy".into();
+        j["n_group"] = 3.into();
+        let e = parse(j).expect_err("8 experts in 3 groups").to_string();
+        assert!(e.contains("n_group") && e.contains("divisor"), "{e}");
+        let mut j = deepseek("deepseek_v3");
+        j["scoring_func"] = "softmax".into();
+        let e = parse(j).expect_err("v3 with softmax").to_string();
+        assert!(e.contains("noaux_tc") && e.contains("softmax"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`layers`]: linear, RMSNorm, SwiGLU MLP, rotary tables.
 //! - [`matmul`]: `x · Wᵀ`, with a CPU kernel for the few-row products of decode.
 //! - [`attention`]: attention over the paged KV cache; the flat batch layout.
+//! - [`mla`]: DeepSeek's multi-head latent attention over a cache of latents.
 //! - [`router`]: each family's routing rule (pure).
 //! - [`moe`]: the [`moe::ExpertBackend`] trait, its in-process implementation, the MoE block.
 //! - [`transformer`]: the decoder stack.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod demo;
 pub mod layers;
 pub mod matmul;
+pub mod mla;
 pub mod moe;
 pub mod router;
 pub mod transformer;

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
 use super::ModelError;
 use super::checkpoint::Checkpoint;
-use super::config::{Family, ModelConfig, MoeConfig};
+use super::config::{Family, ModelConfig, MoeConfig, Routing};
 use super::layers::{Linear, Mlp, Precision};
 pub use super::router::RouterRule;
 
@@ -235,7 +235,8 @@ pub struct MoeBlock {
 }
 
 impl MoeBlock {
-    /// Loads the router (and Qwen2-MoE's shared expert and its gate) of `layer`.
+    /// Loads the router (its rule from the family; DeepSeek-V3's correction bias) and the
+    /// shared expert (Qwen2-MoE's gated one, DeepSeek's always-on ones) of `layer`.
     pub fn load(
         cfg: &ModelConfig,
         moe: &MoeConfig,
@@ -274,14 +275,63 @@ impl MoeBlock {
                 };
                 Some((mlp, gate))
             }
+            // DeepSeek: `n_shared_experts` fused into one always-on MLP, no gate.
+            (Family::DeepseekV2 | Family::DeepseekV3, Some(ff)) => Some((
+                Mlp::load(
+                    ckpt,
+                    &format!("{prefix}.shared_experts"),
+                    d,
+                    ff,
+                    false,
+                    dtype,
+                    device,
+                )?,
+                None,
+            )),
             _ => None,
+        };
+        let (top_k, norm_topk_prob) = (moe.top_k, moe.norm_topk_prob);
+        let rule = match moe.routing {
+            Routing::Softmax => RouterRule::Softmax {
+                top_k,
+                norm_topk_prob,
+            },
+            Routing::DeepSeekV2 {
+                routed_scaling_factor,
+                groups,
+            } => RouterRule::DeepSeekV2 {
+                top_k,
+                norm_topk_prob,
+                routed_scaling_factor,
+                groups,
+            },
+            Routing::DeepSeekV3 {
+                routed_scaling_factor,
+                n_group,
+                topk_group,
+            } => {
+                let name = format!("{prefix}.gate.e_score_correction_bias");
+                let bias = ckpt
+                    .tensor(&name, &[moe.num_experts], DType::F32, &Device::Cpu)?
+                    .to_vec1::<f32>()
+                    .map_err(|e| ModelError::Tensor {
+                        file: ckpt.dir().to_path_buf(),
+                        name,
+                        message: e.to_string(),
+                    })?;
+                RouterRule::DeepSeekV3 {
+                    top_k,
+                    norm_topk_prob,
+                    routed_scaling_factor,
+                    n_group,
+                    topk_group,
+                    bias,
+                }
+            }
         };
         Ok(Self {
             gate,
-            rule: RouterRule::Softmax {
-                top_k: moe.top_k,
-                norm_topk_prob: moe.norm_topk_prob,
-            },
+            rule,
             num_experts: moe.num_experts,
             shared,
         })

@@ -11,6 +11,7 @@ use super::attention::{Attention, ForwardBatch, PagedKv};
 use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;
 use super::layers::{Linear, Mlp, Precision, RmsNorm, Rotary};
+use super::mla::Mla;
 use super::moe::{ExpertBackend, MoeBlock, Routes};
 
 #[derive(Debug, Clone)]
@@ -20,9 +21,15 @@ enum FeedForward {
 }
 
 #[derive(Debug, Clone)]
+enum SelfAttention {
+    Mha(Attention),
+    Mla(Mla),
+}
+
+#[derive(Debug, Clone)]
 struct Layer {
     input_norm: RmsNorm,
-    attention: Attention,
+    attention: SelfAttention,
     post_norm: RmsNorm,
     ff: FeedForward,
 }
@@ -93,7 +100,18 @@ impl Transformer {
                     dtype,
                     device,
                 )?,
-                attention: Attention::load(cfg, ckpt, l, dtype, device)?,
+                attention: match cfg.mla {
+                    Some(mla) => SelfAttention::Mla(Mla::load(
+                        cfg,
+                        mla,
+                        mla.rope_interleave,
+                        ckpt,
+                        l,
+                        dtype,
+                        device,
+                    )?),
+                    None => SelfAttention::Mha(Attention::load(cfg, ckpt, l, dtype, device)?),
+                },
                 post_norm: RmsNorm::load(
                     ckpt,
                     &format!("{p}.post_attention_layernorm.weight"),
@@ -196,7 +214,10 @@ impl Transformer {
         let mut routes = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&xs)?;
-            let h = layer.attention.forward(&h, batch, &cos_sin, kv)?;
+            let h = match &layer.attention {
+                SelfAttention::Mha(a) => a.forward(&h, batch, &cos_sin, kv)?,
+                SelfAttention::Mla(a) => a.forward(&h, batch, &cos_sin, kv)?,
+            };
             xs = (xs + h)?;
             let h = layer.post_norm.forward(&xs)?;
             let h = match &layer.ff {
