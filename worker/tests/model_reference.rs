@@ -30,6 +30,9 @@ const FIXTURES: &[&str] = &[
     "olmoe",
     "olmoe_bf16",
     "deepseek_v2_greedy",
+    "deepseek_v2_group",
+    "deepseek_v3",
+    "deepseek_v3_yarn",
 ];
 
 fn fixture_dir(name: &str) -> PathBuf {
@@ -257,6 +260,9 @@ family_tests!(
     olmoe,
     olmoe_bf16,
     deepseek_v2_greedy,
+    deepseek_v2_group,
+    deepseek_v3,
+    deepseek_v3_yarn,
 );
 
 /// A copy of a fixture with `edit` applied to its config.json, or with a file removed.

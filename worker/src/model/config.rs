@@ -77,7 +77,8 @@ impl Family {
         match self {
             Self::Mixtral => true,
             Self::Qwen2Moe | Self::Qwen3Moe | Self::Olmoe => false,
-            Self::DeepseekV2 | Self::DeepseekV3 => false,
+            Self::DeepseekV2 => false,
+            Self::DeepseekV3 => true,
             Self::Llama | Self::Qwen2 | Self::Qwen3 => false,
         }
     }
@@ -702,13 +703,20 @@ fn resolve_routing(
     family: Family,
     num_experts: usize,
 ) -> Result<Routing, ModelError> {
-    let scale = raw.routed_scaling_factor.unwrap_or(1.0) as f32;
+    // transformers' defaults when a config omits them.
+    let default_scale = if family == Family::DeepseekV3 {
+        2.5
+    } else {
+        1.0
+    };
+    let scale = raw.routed_scaling_factor.unwrap_or(default_scale) as f32;
     if !(scale > 0.0 && scale.is_finite()) {
         return Err(c.bad("routed_scaling_factor", "a positive number"));
     }
     let groups = || -> Result<(usize, usize), ModelError> {
-        let n_group = c.required(raw.n_group, "n_group")?;
-        let topk_group = c.required(raw.topk_group, "topk_group")?;
+        let v3 = family == Family::DeepseekV3;
+        let n_group = c.required(raw.n_group.or(v3.then_some(8)), "n_group")?;
+        let topk_group = c.required(raw.topk_group.or(v3.then_some(4)), "topk_group")?;
         if !num_experts.is_multiple_of(n_group) {
             return Err(c.bad(
                 "n_group",

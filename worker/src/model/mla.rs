@@ -22,6 +22,10 @@ use super::checkpoint::Checkpoint;
 use super::config::{MlaConfig, ModelConfig};
 use super::layers::{Linear, Precision, RmsNorm, Rotary};
 
+/// The epsilon of `q_a_layernorm` and `kv_a_layernorm`: transformers builds them without
+/// one, so they use its default whatever `rms_norm_eps` says.
+const LORA_NORM_EPS: f64 = 1e-6;
+
 #[derive(Debug, Clone)]
 enum QueryProj {
     Direct(Linear),
@@ -59,7 +63,7 @@ impl Mla {
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let p = format!("model.layers.{layer}.self_attn");
-        let (d, h, eps) = (cfg.hidden_size, cfg.num_heads, cfg.rms_norm_eps);
+        let (d, h) = (cfg.hidden_size, cfg.num_heads);
         let qk = dims.qk_nope_head_dim + dims.qk_rope_head_dim;
         let q = match dims.q_lora_rank {
             None => QueryProj::Direct(Linear::load(
@@ -75,7 +79,7 @@ impl Mla {
                     ckpt,
                     &format!("{p}.q_a_layernorm.weight"),
                     r,
-                    eps,
+                    LORA_NORM_EPS,
                     dtype,
                     device,
                 )?,
@@ -94,7 +98,7 @@ impl Mla {
             ckpt,
             &format!("{p}.kv_a_layernorm.weight"),
             r,
-            eps,
+            LORA_NORM_EPS,
             dtype,
             device,
         )?;

@@ -301,7 +301,6 @@ impl MoeBlock {
                 groups,
             } => RouterRule::DeepSeekV2 {
                 top_k,
-                norm_topk_prob,
                 routed_scaling_factor,
                 groups,
             },

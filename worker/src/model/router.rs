@@ -5,12 +5,13 @@
 //! | rule | scores | selection | weights |
 //! |---|---|---|---|
 //! | `Softmax` (Mixtral, Qwen-MoE, OLMoE) | softmax | top-k | renormalised iff `norm_topk_prob` |
-//! | `DeepSeekV2` | softmax | top-k, or top-k inside the `topk_group` groups with the highest max score | renormalised iff `norm_topk_prob`, else × `routed_scaling_factor` |
+//! | `DeepSeekV2` | softmax | top-k, or top-k inside the `topk_group` groups with the highest max score | × `routed_scaling_factor` (transformers never renormalises V2) |
 //! | `DeepSeekV3` | sigmoid | score + `e_score_correction_bias`; groups ranked by the sum of their top-2 biased scores; top-k inside the kept groups | the *unbiased* scores, renormalised iff `norm_topk_prob`, then always × `routed_scaling_factor` |
 //!
-//! Dropped groups are masked with `0.0`, as transformers does (the authors' code uses
-//! `-inf`; the two differ when kept scores are negative, which the V3 bias makes possible).
-//! Ties go to the lower expert index.
+//! Dropped groups are masked as transformers 5.24 masks them: `0.0` for V2 (its softmax
+//! scores are positive, so it makes no difference) and `-inf` for V3, where it does: with
+//! `0.0`, a dropped expert beats kept ones whose biased scores are negative. Ties go to the
+//! lower expert index.
 
 use super::moe::Routes;
 
@@ -28,9 +29,7 @@ pub enum RouterRule {
     DeepSeekV2 {
         /// Experts per token.
         top_k: usize,
-        /// Renormalise the chosen probabilities (and then do not scale).
-        norm_topk_prob: bool,
-        /// Multiplier of the weights when they are not renormalised.
+        /// Multiplier of the chosen probabilities (never renormalised, as in transformers).
         routed_scaling_factor: f32,
         /// `Some((n_group, topk_group))` for `group_limited_greedy`.
         groups: Option<(usize, usize)>,
@@ -89,12 +88,18 @@ impl RouterRule {
                 Self::DeepSeekV2 {
                     groups: Some((n_group, topk_group)),
                     ..
-                } => mask_groups(&mut choice, *n_group, *topk_group, GroupScore::Max),
+                } => mask_groups(&mut choice, *n_group, *topk_group, GroupScore::Max, 0.0),
                 Self::DeepSeekV3 {
                     n_group,
                     topk_group,
                     ..
-                } => mask_groups(&mut choice, *n_group, *topk_group, GroupScore::SumTop2),
+                } => mask_groups(
+                    &mut choice,
+                    *n_group,
+                    *topk_group,
+                    GroupScore::SumTop2,
+                    f32::NEG_INFINITY,
+                ),
                 _ => {}
             }
             let chosen = top_indices(&choice, top_k);
@@ -102,16 +107,14 @@ impl RouterRule {
             let mut w: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
             let (norm, scale) = match self {
                 Self::Softmax { norm_topk_prob, .. } => (*norm_topk_prob, None),
+                // transformers' V2 router never renormalises (it does not read
+                // norm_topk_prob) and always scales; DeepSeek's own code renormalises when
+                // norm_topk_prob is set and then does not scale. The two agree on every
+                // published V2 checkpoint (norm_topk_prob false); we follow transformers.
                 Self::DeepSeekV2 {
-                    norm_topk_prob,
                     routed_scaling_factor,
                     ..
-                } => {
-                    // V2 renormalises only with more than one expert, and scales only
-                    // when it does not renormalise.
-                    let norm = *norm_topk_prob && top_k > 1;
-                    (norm, (!norm).then_some(*routed_scaling_factor))
-                }
+                } => (false, Some(*routed_scaling_factor)),
                 Self::DeepSeekV3 {
                     norm_topk_prob,
                     routed_scaling_factor,
@@ -150,8 +153,8 @@ enum GroupScore {
 }
 
 /// Keeps the `keep` best of `n_group` equal groups of `scores`; the others' scores become
-/// 0.0 (transformers' `masked_fill(…, 0.0)`).
-fn mask_groups(scores: &mut [f32], n_group: usize, keep: usize, how: GroupScore) {
+/// `fill`.
+fn mask_groups(scores: &mut [f32], n_group: usize, keep: usize, how: GroupScore, fill: f32) {
     // A config whose experts do not split into `n_group` groups is refused at load time.
     if n_group <= 1 || keep >= n_group || !scores.len().is_multiple_of(n_group) {
         return;
@@ -167,7 +170,7 @@ fn mask_groups(scores: &mut [f32], n_group: usize, keep: usize, how: GroupScore)
     let kept = top_indices(&group_scores, keep);
     for (gi, g) in scores.chunks_exact_mut(size).enumerate() {
         if !kept.contains(&gi) {
-            g.iter_mut().for_each(|x| *x = 0.0);
+            g.iter_mut().for_each(|x| *x = fill);
         }
     }
 }
@@ -249,7 +252,6 @@ mod tests {
         let logits = [2.0f32, -1.0, 3.0, 0.0, 1.0, 0.5, 1.8, 2.5];
         let rule = RouterRule::DeepSeekV2 {
             top_k: 3,
-            norm_topk_prob: false,
             routed_scaling_factor: 1.0,
             groups: Some((4, 2)),
         };
@@ -257,7 +259,6 @@ mod tests {
         assert_eq!(r.experts, vec![2, 7, 6]);
         let greedy = RouterRule::DeepSeekV2 {
             top_k: 3,
-            norm_topk_prob: false,
             routed_scaling_factor: 1.0,
             groups: None,
         };
@@ -272,29 +273,20 @@ mod tests {
     }
 
     #[test]
-    fn v2_scales_only_when_it_does_not_renormalise() {
+    fn v2_scales_and_never_renormalises() {
         let logits = [1.0f32, 0.0, 2.0, -1.0];
         let p = softmax(&logits);
-        let scaled = RouterRule::DeepSeekV2 {
+        let rule = RouterRule::DeepSeekV2 {
             top_k: 2,
-            norm_topk_prob: false,
             routed_scaling_factor: 16.0,
             groups: None,
         };
-        assert!(close(
-            &scaled.route(&logits, 4).weights,
-            &[16.0 * p[2], 16.0 * p[0]]
-        ));
-        let normed = RouterRule::DeepSeekV2 {
-            top_k: 2,
-            norm_topk_prob: true,
-            routed_scaling_factor: 16.0,
-            groups: None,
-        };
-        let w = normed.route(&logits, 4).weights;
+        let w = rule.route(&logits, 4).weights;
+        assert!(close(&w, &[16.0 * p[2], 16.0 * p[0]]), "{w:?}");
+        let renormalised = [16.0 * p[2] / (p[2] + p[0]), 16.0 * p[0] / (p[2] + p[0])];
         assert!(
-            close(&w, &[p[2] / (p[2] + p[0]), p[0] / (p[2] + p[0])]),
-            "no scaling: {w:?}"
+            !close(&w, &renormalised),
+            "the renormalising variant differs"
         );
     }
 
@@ -348,24 +340,14 @@ mod tests {
     }
 
     #[test]
-    fn v3_masks_dropped_groups_with_zero_like_transformers() {
-        // When the kept group's biased scores are negative, the dropped group's experts,
-        // masked to 0.0, win the top-k: that is what transformers does (masking with -inf,
-        // as the authors' code does, would choose experts 0 and 1).
+    fn v3_masks_dropped_groups_with_minus_infinity_like_transformers() {
+        // Group 0 (experts 0, 1) ranks first but its biased scores are negative (σ − 2 < 0);
+        // keeping one group, transformers 5.24 masks group 1 with -inf, so experts 0 and 1
+        // are chosen. Masking with 0.0 would choose the dropped experts 2 and 3.
         let logits = [4.0f32, 3.0, 0.0, 0.0];
-        let bias = vec![-0.5, -0.5, -3.0, -3.0];
-        // Group sums: g0 = (σ4−.5)+(σ3−.5) > 0; g1 = 2(σ0−3) < 0: keep g0 only.
-        let r = v3(2, false, 2, 1, bias).route(&logits, 4);
-        assert_eq!(
-            r.experts,
-            vec![0, 1],
-            "kept group's biased scores are positive here"
-        );
         let bias = vec![-2.0, -2.0, -3.0, -3.0];
-        // Now g0's biased scores are negative (σ−2 < 0) but g0 still ranks first; g1 is
-        // masked to 0.0, which beats the negative kept scores.
         let r = v3(2, false, 2, 1, bias).route(&logits, 4);
-        assert_eq!(r.experts, vec![2, 3]);
-        assert!(close(&r.weights, &[2.5 * sigmoid(0.0), 2.5 * sigmoid(0.0)]));
+        assert_eq!(r.experts, vec![0, 1]);
+        assert!(close(&r.weights, &[2.5 * sigmoid(4.0), 2.5 * sigmoid(3.0)]));
     }
 }
