@@ -591,3 +591,31 @@ async fn an_exhausted_kv_cache_makes_requests_wait_then_complete() {
         err.message()
     );
 }
+
+#[tokio::test]
+async fn a_deepseek_v3_checkpoint_streams_like_any_other_family() {
+    // MLA with a latent cache, sigmoid router with correction bias and groups.
+    let frontend = FrontendProcess::start(&fixture_model("deepseek_v3"), &[])
+        .await
+        .expect("frontend");
+    let mut c = client(&frontend).await;
+    let info = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .models;
+    assert_eq!(info[0].model_type, "deepseek_v3");
+    let (text, ids, summary) = stream_all(&mut c, prompt("Once upon a time", 16))
+        .await
+        .expect("stream");
+    assert_eq!(ids.len(), 16);
+    assert_eq!(summary.finish_reason, pb::FinishReason::Length as i32);
+    let unary = c
+        .generate(prompt("Once upon a time", 16))
+        .await
+        .expect("unary")
+        .into_inner();
+    assert_eq!((unary.text, unary.token_ids), (text, ids));
+    wait_for_free_kv(&frontend, "the generations").await;
+}

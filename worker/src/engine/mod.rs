@@ -338,6 +338,9 @@ impl Engine {
             self.report_occupancy();
             if !self.running.is_empty() {
                 self.step();
+                // Sequences that just ended freed their blocks: report it now, not when the
+                // next request arrives (the engine may go idle right after this step).
+                self.report_occupancy();
             } else if !self.waiting.is_empty() {
                 // Waiting work that cannot be admitted with nothing running cannot happen
                 // (submit rejects what never fits); guard against a busy loop regardless.
