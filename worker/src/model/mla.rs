@@ -230,3 +230,47 @@ impl Mla {
         self.o.forward(&Tensor::cat(&outs, 0)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::DType;
+
+    use crate::model::attention::PagedKv;
+    use crate::model::config::{RawConfig, resolve};
+
+    /// The cache rows of the published shapes: DeepSeek-V2-Lite (27 layers, 16 heads) and
+    /// V3 (61 layers, 128 heads), both kv_lora_rank 512, qk_rope 64, qk_nope 128, v 128.
+    fn shape(layers: usize, heads: usize) -> crate::model::ModelConfig {
+        let raw: RawConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+            "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": heads, "n_routed_experts": 256, "n_shared_experts": 1,
+            "num_experts_per_tok": 8, "first_k_dense_replace": 3, "kv_lora_rank": 512,
+            "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "v_head_dim": 128, "n_group": 8, "topk_group": 4
+        }))
+        .expect("raw");
+        resolve(Path::new("config.json"), raw).expect("valid")
+    }
+
+    #[test]
+    fn the_cache_holds_the_latent_not_per_head_keys_and_values() {
+        for (layers, heads) in [(27, 16), (61, 128)] {
+            let cfg = shape(layers, heads);
+            let ((kh, kd), (vh, vd)) = PagedKv::row_shapes(&cfg);
+            assert_eq!(
+                kh * kd + vh * vd,
+                576,
+                "kv_lora_rank + qk_rope_head_dim per token and layer"
+            );
+            let latent = PagedKv::bytes_per_slot(&cfg, DType::BF16);
+            assert_eq!(latent, 576 * 2 * layers);
+            // Per-head keys (128 + 64) and values (128) for every head, as MHA would cache.
+            let per_head = layers * heads * (192 + 128) * 2;
+            assert!(per_head / latent >= 8, "{per_head} vs {latent}");
+        }
+    }
+}
