@@ -63,10 +63,11 @@ enum Tool {
         decode_len: usize,
     },
     /// Write a deterministic random checkpoint (Hugging Face layout, qwen3_moe) to a
-    /// directory: `demo` (what `make demo` serves) or `bench` (about 0.5 B parameters).
+    /// directory: `demo` (what `make demo` serves), `bench` (about 0.5 B parameters) or
+    /// `deepseek-bench` (DeepSeek-V2-Lite proportions, MLA, about 0.45 B parameters).
     MakeCheckpoint {
         /// Which shape.
-        #[arg(long, value_parser = ["demo", "bench"], default_value = "demo")]
+        #[arg(long, value_parser = ["demo", "bench", "deepseek-bench"], default_value = "demo")]
         shape: String,
         /// Output directory (created).
         #[arg(long)]
@@ -204,6 +205,13 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
             });
             println!("{report}");
             Ok(())
+        }
+        Tool::MakeCheckpoint { shape, out } if shape == "deepseek-bench" => {
+            eprintln!(
+                "writing a random DeepSeek-V2-Lite-shaped checkpoint to {}",
+                out.display()
+            );
+            demo::write_deepseek_bench(&out)
         }
         Tool::MakeCheckpoint { shape, out } => {
             let shape = if shape == "bench" {

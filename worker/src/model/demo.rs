@@ -302,6 +302,99 @@ fn make_readable(t: &mut HashMap<String, Tensor>, s: &DemoShape) -> anyhow::Resu
     })
 }
 
+/// A DeepSeek-V2-Lite-proportioned checkpoint scaled to fit a small machine (about 0.45 B
+/// parameters): MLA with kv_lora_rank 256, 32 routed experts (top-4) plus 2 shared, the
+/// first layer dense, vocabulary 32 000. Random weights, the byte-level demo tokenizer.
+pub fn write_deepseek_bench(dir: &Path) -> anyhow::Result<()> {
+    let (d, layers, heads, vocab) = (1024usize, 8usize, 8usize, 32_000usize);
+    let (kv_lora, nope, rope, v) = (256usize, 64usize, 32usize, 64usize);
+    let (experts, top_k, shared, ff, dense_ff) = (32usize, 4usize, 2usize, 512usize, 2816usize);
+    std::fs::create_dir_all(dir)?;
+    write_json(
+        &dir.join("config.json"),
+        &serde_json::json!({
+            "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+            "vocab_size": vocab, "hidden_size": d, "intermediate_size": dense_ff,
+            "moe_intermediate_size": ff, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads,
+            "n_routed_experts": experts, "n_shared_experts": shared,
+            "num_experts_per_tok": top_k, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+            "topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": false,
+            "routed_scaling_factor": 1.0, "q_lora_rank": null, "kv_lora_rank": kv_lora,
+            "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "v_head_dim": v,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 8192,
+            "tie_word_embeddings": false, "hidden_act": "silu", "torch_dtype": "float32",
+            "bos_token_id": 256, "eos_token_id": 258,
+        }),
+    )?;
+    write_json(&dir.join("tokenizer.json"), &byte_level_tokenizer())?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &serde_json::json!({"eos_token": "<|im_end|>", "chat_template": CHATML}),
+    )?;
+    let mut rng = Rng::new(0xdee9_5eed);
+    let dev = Device::Cpu;
+    let mut t = HashMap::new();
+    let mut put = |name: String, shape: &[usize], std: f32| -> anyhow::Result<()> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| normal(&mut rng) * std).collect();
+        t.insert(name, Tensor::from_vec(data, shape, &dev)?);
+        Ok(())
+    };
+    let w = 1.0 / (d as f32).sqrt();
+    put("model.embed_tokens.weight".into(), &[vocab, d], 1.0)?;
+    put("lm_head.weight".into(), &[vocab, d], 0.05)?;
+    let mut norms = vec![("model.norm.weight".to_string(), d)];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[heads * (nope + rope), d],
+            w,
+        )?;
+        put(
+            format!("{p}.self_attn.kv_a_proj_with_mqa.weight"),
+            &[kv_lora + rope, d],
+            w,
+        )?;
+        put(
+            format!("{p}.self_attn.kv_b_proj.weight"),
+            &[heads * (nope + v), kv_lora],
+            1.0 / (kv_lora as f32).sqrt(),
+        )?;
+        put(format!("{p}.self_attn.o_proj.weight"), &[d, heads * v], w)?;
+        norms.push((format!("{p}.self_attn.kv_a_layernorm.weight"), kv_lora));
+        norms.push((format!("{p}.input_layernorm.weight"), d));
+        norms.push((format!("{p}.post_attention_layernorm.weight"), d));
+        let mlp = |put: &mut dyn FnMut(String, &[usize], f32) -> anyhow::Result<()>,
+                   prefix: String,
+                   width: usize|
+         -> anyhow::Result<()> {
+            put(format!("{prefix}.gate_proj.weight"), &[width, d], w)?;
+            put(format!("{prefix}.up_proj.weight"), &[width, d], w)?;
+            put(
+                format!("{prefix}.down_proj.weight"),
+                &[d, width],
+                1.0 / (width as f32).sqrt(),
+            )
+        };
+        if l == 0 {
+            mlp(&mut put, format!("{p}.mlp"), dense_ff)?;
+        } else {
+            put(format!("{p}.mlp.gate.weight"), &[experts, d], 4.0 * w)?;
+            for e in 0..experts {
+                mlp(&mut put, format!("{p}.mlp.experts.{e}"), ff)?;
+            }
+            mlp(&mut put, format!("{p}.mlp.shared_experts"), ff * shared)?;
+        }
+    }
+    for (name, n) in norms {
+        t.insert(name, Tensor::ones(n, DType::F32, &Device::Cpu)?);
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    Ok(())
+}
+
 fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(value)?)?;
     Ok(())
