@@ -302,6 +302,9 @@ fn make_readable(t: &mut HashMap<String, Tensor>, s: &DemoShape) -> anyhow::Resu
     })
 }
 
+/// Adds one random tensor (name, shape, standard deviation) to a checkpoint being written.
+type PutTensor<'a> = dyn FnMut(String, &[usize], f32) -> anyhow::Result<()> + 'a;
+
 /// A DeepSeek-V2-Lite-proportioned checkpoint scaled to fit a small machine (about 0.45 B
 /// parameters): MLA with kv_lora_rank 256, 32 routed experts (top-4) plus 2 shared, the
 /// first layer dense, vocabulary 32 000. Random weights, the byte-level demo tokenizer.
@@ -366,10 +369,7 @@ pub fn write_deepseek_bench(dir: &Path) -> anyhow::Result<()> {
         norms.push((format!("{p}.self_attn.kv_a_layernorm.weight"), kv_lora));
         norms.push((format!("{p}.input_layernorm.weight"), d));
         norms.push((format!("{p}.post_attention_layernorm.weight"), d));
-        let mlp = |put: &mut dyn FnMut(String, &[usize], f32) -> anyhow::Result<()>,
-                   prefix: String,
-                   width: usize|
-         -> anyhow::Result<()> {
+        let mlp = |put: &mut PutTensor<'_>, prefix: String, width: usize| -> anyhow::Result<()> {
             put(format!("{prefix}.gate_proj.weight"), &[width, d], w)?;
             put(format!("{prefix}.up_proj.weight"), &[width, d], w)?;
             put(
