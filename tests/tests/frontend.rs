@@ -45,6 +45,14 @@ fn chat(messages: &[(pb::Role, &str)]) -> Input {
     })
 }
 
+/// A request with `input` and otherwise `prompt`'s settings.
+fn with_input(input: Input, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(input),
+        ..prompt("", max_tokens)
+    }
+}
+
 /// Streams `req`; returns the concatenated text, token ids and the summary.
 async fn stream_all(
     client: &mut InferenceClient<Channel>,
@@ -414,54 +422,42 @@ async fn every_invalid_argument_names_its_field() {
         ),
         (
             "token id outside vocab",
-            pb::GenerateRequest {
-                input: Some(Input::TokenIds(pb::TokenIds {
+            with_input(
+                Input::TokenIds(pb::TokenIds {
                     ids: vec![1, info.vocab_size + 3],
-                })),
-                ..prompt("", 4)
-            },
+                }),
+                4,
+            ),
             "token_ids.ids[1]",
         ),
         (
             "empty token ids",
-            pb::GenerateRequest {
-                input: Some(Input::TokenIds(pb::TokenIds { ids: vec![] })),
-                ..prompt("", 4)
-            },
+            with_input(Input::TokenIds(pb::TokenIds { ids: vec![] }), 4),
             "token_ids.ids",
         ),
         (
             "prompt longer than the context",
-            pb::GenerateRequest {
-                input: Some(Input::TokenIds(pb::TokenIds { ids: long_ids })),
-                ..prompt("", 4)
-            },
+            with_input(Input::TokenIds(pb::TokenIds { ids: long_ids }), 4),
             "prompt",
         ),
         (
             "max_tokens beyond the context",
-            pb::GenerateRequest {
-                input: Some(Input::TokenIds(pb::TokenIds {
+            with_input(
+                Input::TokenIds(pb::TokenIds {
                     ids: vec![5; context as usize - 10],
-                })),
-                ..prompt("", 40)
-            },
+                }),
+                40,
+            ),
             "sampling.max_tokens",
         ),
         (
             "no chat messages",
-            pb::GenerateRequest {
-                input: Some(Input::Chat(pb::ChatMessages { messages: vec![] })),
-                ..prompt("", 4)
-            },
+            with_input(Input::Chat(pb::ChatMessages { messages: vec![] }), 4),
             "chat.messages",
         ),
         (
             "chat role unset",
-            pb::GenerateRequest {
-                input: Some(chat(&[(pb::Role::Unspecified, "hi")])),
-                ..prompt("", 4)
-            },
+            with_input(chat(&[(pb::Role::Unspecified, "hi")]), 4),
             "chat.messages[0].role",
         ),
     ];

@@ -114,13 +114,17 @@ fn kv_for(model: &LoadedModel, tokens: usize) -> (PagedKv, Vec<u32>) {
 }
 
 fn check_logits(name: &str) {
-    let model = load(name);
-    let r = reference(&fixture_dir(name));
+    check_against_reference(name, &load(name), &reference(&fixture_dir(name)));
+}
+
+/// Logits within tolerance at every position: full prefill, token by token through the
+/// cache, and one chunked step. `name` labels the failures.
+fn check_against_reference(name: &str, model: &LoadedModel, r: &Reference) {
     assert_eq!(r.logits.len(), r.input_ids.len());
 
     // Full prefill.
-    let (kv, table) = kv_for(&model, r.input_ids.len());
-    let prefill = run(&model, &kv, &table, 0, &r.input_ids);
+    let (kv, table) = kv_for(model, r.input_ids.len());
+    let prefill = run(model, &kv, &table, 0, &r.input_ids);
     for (pos, (got, want)) in prefill.iter().zip(&r.logits).enumerate() {
         let d = max_diff(got, want);
         assert!(
@@ -130,18 +134,18 @@ fn check_logits(name: &str) {
     }
 
     // Token by token through the cache, plus one chunked step (prefill 3, then 2 at once).
-    let (kv, table) = kv_for(&model, r.input_ids.len());
+    let (kv, table) = kv_for(model, r.input_ids.len());
     for (pos, want) in r.logits.iter().enumerate() {
-        let got = run(&model, &kv, &table, pos, &r.input_ids[pos..=pos]);
+        let got = run(model, &kv, &table, pos, &r.input_ids[pos..=pos]);
         let d = max_diff(&got[0], want);
         assert!(
             d <= TOLERANCE_F32,
             "{name}: decode position {pos}: max |Δlogit| = {d}"
         );
     }
-    let (kv, table) = kv_for(&model, r.input_ids.len());
-    run(&model, &kv, &table, 0, &r.input_ids[..3]);
-    let got = run(&model, &kv, &table, 3, &r.input_ids[3..5]);
+    let (kv, table) = kv_for(model, r.input_ids.len());
+    run(model, &kv, &table, 0, &r.input_ids[..3]);
+    let got = run(model, &kv, &table, 3, &r.input_ids[3..5]);
     for (i, row) in got.iter().enumerate() {
         let d = max_diff(row, &r.logits[3 + i]);
         assert!(
@@ -340,23 +344,9 @@ fn bf16_weights_on_the_cpu_match_the_reference() {
         .unwrap_or_else(|e| panic!("loading {name} as bf16: {e}"));
     assert_eq!(model.transformer.precision().weights, DType::BF16);
     assert_eq!(model.transformer.dtype(), DType::F32);
-    let r = reference(&fixture_dir(name));
-    let (kv, table) = kv_for(&model, r.input_ids.len());
-    for (pos, want) in r.logits.iter().enumerate() {
-        let got = run(&model, &kv, &table, pos, &r.input_ids[pos..=pos]);
-        let d = max_diff(&got[0], want);
-        assert!(
-            d <= TOLERANCE_F32,
-            "{name} (bf16 weights): decode position {pos}: max |Δlogit| = {d}"
-        );
-    }
-    let (kv, table) = kv_for(&model, r.input_ids.len());
-    let prefill = run(&model, &kv, &table, 0, &r.input_ids);
-    for (pos, (got, want)) in prefill.iter().zip(&r.logits).enumerate() {
-        let d = max_diff(got, want);
-        assert!(
-            d <= TOLERANCE_F32,
-            "{name} (bf16 weights): prefill position {pos}: max |Δlogit| = {d}"
-        );
-    }
+    check_against_reference(
+        &format!("{name} (bf16 weights)"),
+        &model,
+        &reference(&fixture_dir(name)),
+    );
 }

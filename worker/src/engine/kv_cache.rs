@@ -6,11 +6,6 @@
 //! context) when it is admitted, so a running sequence can never run out of cache and
 //! nothing is ever overwritten or preempted: when the pool is short, new work waits.
 
-/// How many cache blocks a budget of memory buys.
-pub fn blocks_for_budget(budget_bytes: u64, bytes_per_token: u64, block_size: usize) -> usize {
-    (budget_bytes / (bytes_per_token.max(1) * block_size as u64)) as usize
-}
-
 /// Blocks needed for `tokens` token positions.
 pub fn blocks_for_tokens(tokens: usize, block_size: usize) -> usize {
     tokens.div_ceil(block_size)
@@ -100,6 +95,5 @@ mod tests {
     fn budget_arithmetic() {
         assert_eq!(blocks_for_tokens(17, 16), 2);
         assert_eq!(blocks_for_tokens(16, 16), 1);
-        assert_eq!(blocks_for_budget(1 << 20, 1024, 16), 64);
     }
 }

@@ -242,11 +242,6 @@ impl EngineHandle {
         })
     }
 
-    /// The engine's limits.
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
-    }
-
     /// Checks `request` against the engine's limits and queues it. Events arrive on the
     /// returned receiver; dropping it cancels the sequence.
     pub fn submit(

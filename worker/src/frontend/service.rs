@@ -108,7 +108,7 @@ impl Frontend {
         let mut index = 0u32;
         let mut first_token: Option<Instant> = None;
         let mut last_token = started;
-        let mut completion_ids: Vec<u32> = Vec::new();
+        let mut completion = 0usize;
         let summary = |reason: pb::FinishReason,
                        completion: usize,
                        queue: Duration,
@@ -149,7 +149,7 @@ impl Frontend {
                     }
                     last_token = now;
                     inner.metrics.add_generated_tokens(1);
-                    completion_ids.push(id);
+                    completion += 1;
                     // A stop token's id is reported, its text is not part of the output.
                     let mut text = if stop {
                         String::new()
@@ -159,40 +159,34 @@ impl Frontend {
                     if last || stop {
                         text.push_str(&decoder.finish(&inner.tokenizer).map_err(detok)?);
                     }
-                    match stops.push(&text) {
+                    let (text, matched) = match stops.push(&text) {
                         StopOutcome::Continue(mut text) => {
                             if last || stop {
                                 text.push_str(&stops.finish());
                             }
-                            let chunk = pb::TokenChunk {
-                                text,
-                                token_ids: vec![id],
-                                index,
-                            };
-                            if !out.send(chunk).await {
-                                return Err(Status::cancelled("the client went away"));
-                            }
-                            index += 1;
+                            (text, None)
                         }
-                        StopOutcome::Stopped { text, stop } => {
-                            let chunk = pb::TokenChunk {
-                                text,
-                                token_ids: vec![id],
-                                index,
-                            };
-                            if !out.send(chunk).await {
-                                return Err(Status::cancelled("the client went away"));
-                            }
-                            // Dropping `rx` on return cancels the sequence in the engine.
-                            return Ok(summary(
-                                pb::FinishReason::Stop,
-                                completion_ids.len(),
-                                queue_time,
-                                first_token,
-                                Some(stop),
-                                None,
-                            ));
-                        }
+                        StopOutcome::Stopped { text, stop } => (text, Some(stop)),
+                    };
+                    let chunk = pb::TokenChunk {
+                        text,
+                        token_ids: vec![id],
+                        index,
+                    };
+                    if !out.send(chunk).await {
+                        return Err(Status::cancelled("the client went away"));
+                    }
+                    index += 1;
+                    if let Some(stop) = matched {
+                        // Dropping `rx` on return cancels the sequence in the engine.
+                        return Ok(summary(
+                            pb::FinishReason::Stop,
+                            completion,
+                            queue_time,
+                            first_token,
+                            Some(stop),
+                            None,
+                        ));
                     }
                 }
                 Event::Finished {

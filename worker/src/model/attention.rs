@@ -18,7 +18,6 @@ use super::layers::{Linear, Precision, RmsNorm, Rotary};
 pub struct PagedKv {
     /// Per layer: `(keys, values)`.
     layers: Vec<(Tensor, Tensor)>,
-    slots: usize,
 }
 
 impl PagedKv {
@@ -33,7 +32,7 @@ impl PagedKv {
                 ))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { layers, slots })
+        Ok(Self { layers })
     }
 
     /// What one token position stores per layer, as `(heads, width)` of the two tensors:
@@ -47,11 +46,6 @@ impl PagedKv {
                 (cfg.num_kv_heads, cfg.head_dim),
             ),
         }
-    }
-
-    /// Token positions each layer can hold.
-    pub fn slots(&self) -> usize {
-        self.slots
     }
 
     /// Layer `l`'s two tensors.

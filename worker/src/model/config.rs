@@ -7,7 +7,7 @@
 //! checkpoint's own keys, then checked and resolved here, so the model code never looks at
 //! a family name to decide a shape.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
@@ -793,11 +793,6 @@ impl ModelConfig {
         }
         total
     }
-}
-
-/// The config file of a checkpoint directory, for messages.
-pub fn config_path(dir: &Path) -> PathBuf {
-    dir.join("config.json")
 }
 
 #[cfg(test)]

@@ -36,11 +36,6 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Rows routed.
-    pub fn rows(&self) -> usize {
-        self.experts.len().checked_div(self.top_k).unwrap_or(0)
-    }
-
     /// For each expert that has work: the rows it serves and their weights, experts in
     /// ascending order and rows in batch order (the fixed order partial sums are added in).
     pub fn by_expert(&self, num_experts: usize) -> Vec<(u32, Vec<u32>, Vec<f32>)> {
@@ -69,9 +64,6 @@ impl Routes {
 pub trait ExpertBackend: Send + Sync + Debug {
     /// `xs` is `[rows, hidden]`; returns `[rows, hidden]` in `xs`'s dtype.
     fn forward(&self, layer: usize, xs: &Tensor, routes: &Routes) -> Result<Tensor>;
-
-    /// Routed experts per MoE layer.
-    fn num_experts(&self) -> usize;
 }
 
 /// Every routed expert of every MoE layer, in this process.
@@ -79,7 +71,6 @@ pub trait ExpertBackend: Send + Sync + Debug {
 pub struct LocalExperts {
     /// `layers[l]` is empty for dense layers.
     layers: Vec<Vec<Mlp>>,
-    num_experts: usize,
 }
 
 impl LocalExperts {
@@ -91,10 +82,7 @@ impl LocalExperts {
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let Some(moe) = &cfg.moe else {
-            return Ok(Self {
-                layers: Vec::new(),
-                num_experts: 0,
-            });
+            return Ok(Self { layers: Vec::new() });
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         let started = std::time::Instant::now();
@@ -115,10 +103,7 @@ impl LocalExperts {
                 Vec::new()
             });
         }
-        Ok(Self {
-            layers,
-            num_experts: moe.num_experts,
-        })
+        Ok(Self { layers })
     }
 }
 
@@ -218,10 +203,6 @@ impl ExpertBackend for LocalExperts {
             .unsqueeze(1)?;
         let ys = Tensor::cat(&ys, 0)?.broadcast_mul(&w)?;
         out.index_add(&idx, &ys, 0)
-    }
-
-    fn num_experts(&self) -> usize {
-        self.num_experts
     }
 }
 
@@ -397,7 +378,6 @@ mod tests {
         };
         let experts = LocalExperts {
             layers: vec![vec![mk(1.0)?, mk(2.0)?]],
-            num_experts: 2,
         };
         let xs = Tensor::new(&[[1f32, 1.0], [2.0, 2.0]], &dev)?;
         let routes = Routes {

@@ -201,11 +201,6 @@ impl Transformer {
         &self.device
     }
 
-    /// The backend running routed experts.
-    pub fn experts(&self) -> &Arc<dyn ExpertBackend> {
-        &self.experts
-    }
-
     /// Runs one step: writes the batch's keys/values into `kv` and returns f32 logits
     /// `[batch.logit_rows, vocab]` plus the routes each MoE layer chose.
     pub fn forward(&self, batch: &ForwardBatch, kv: &PagedKv) -> Result<(Tensor, StepRoutes)> {
