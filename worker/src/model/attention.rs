@@ -264,6 +264,14 @@ impl Attention {
         })
     }
 
+    /// Bytes of weights one token reads.
+    pub fn weight_bytes(&self) -> usize {
+        [&self.q, &self.k, &self.v, &self.o]
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum()
+    }
+
     /// `xs` is `[n, hidden]` (normed); writes this step's keys/values into `kv` and returns
     /// `[n, hidden]`.
     pub fn forward(
@@ -387,32 +395,43 @@ fn decode_attention_cpu(
             for head in 0..h {
                 let kv_head = head / group;
                 let qh = &qv[(seq.start * h + head) * hd..][..hd];
-                let mut max = f32::NEG_INFINITY;
                 for (score, &slot) in scores.iter_mut().zip(&seq.slots) {
                     let k = &kd[(slot as usize * kvh + kv_head) * hd..][..hd];
                     *score = dot(qh, k) * scale;
-                    max = max.max(*score);
                 }
-                let mut sum = 0f32;
-                for score in scores.iter_mut() {
-                    *score = (*score - max).exp();
-                    sum += *score;
-                }
+                softmax_in_place(&mut scores);
                 let oh = &mut o[head * hd..][..hd];
-                for (p, &slot) in scores.iter().zip(&seq.slots) {
-                    let v = &vd[(slot as usize * kvh + kv_head) * hd..][..hd];
-                    let w = p / sum;
-                    for (acc, x) in oh.iter_mut().zip(v) {
-                        *acc += w * x;
-                    }
+                for (&p, &slot) in scores.iter().zip(&seq.slots) {
+                    axpy(oh, p, &vd[(slot as usize * kvh + kv_head) * hd..][..hd]);
                 }
             }
         });
     Ok(Some(Tensor::from_vec(out, (n, h * hd), q.device())?))
 }
 
+/// `scores ← softmax(scores)`.
+pub(super) fn softmax_in_place(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+}
+
+/// `acc ← acc + w · x`.
+pub(super) fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
+    for (a, x) in acc.iter_mut().zip(x) {
+        *a += w * x;
+    }
+}
+
 /// Dot product with independent accumulators, so the compiler vectorises it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca

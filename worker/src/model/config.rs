@@ -775,23 +775,54 @@ impl ModelConfig {
     /// Parameters, counted from the shapes (routed experts included).
     pub fn parameter_count(&self) -> u64 {
         let (d, v) = (self.hidden_size as u64, self.vocab_size as u64);
-        let hd = self.head_dim as u64;
-        let attn = d * hd * (self.num_heads as u64 * 2 + self.num_kv_heads as u64 * 2);
         let mut total = v * d * if self.tie_word_embeddings { 1 } else { 2 };
         for layer in 0..self.num_layers {
-            total += attn + 2 * d;
+            total += self.attention_parameters() + 2 * d;
             total += match &self.moe {
                 Some(moe) if moe.sparse_layers[layer] => {
+                    let n = moe.num_experts as u64;
                     let expert = 3 * d * moe.expert_intermediate_size as u64;
-                    let shared = moe
-                        .shared_expert_intermediate_size
-                        .map_or(0, |n| 3 * d * n as u64 + d);
-                    moe.num_experts as u64 * (expert + d) + shared
+                    let shared = moe.shared_expert_intermediate_size.map_or(0, |ff| {
+                        // Qwen2-MoE gates its shared expert; DeepSeek's are always on.
+                        let gate = if self.family == Family::Qwen2Moe {
+                            d
+                        } else {
+                            0
+                        };
+                        3 * d * ff as u64 + gate
+                    });
+                    let bias = match moe.routing {
+                        Routing::DeepSeekV3 { .. } => n,
+                        _ => 0,
+                    };
+                    n * (expert + d) + shared + bias
                 }
                 _ => 3 * d * self.intermediate_size as u64,
             };
         }
         total
+    }
+
+    /// Parameters of one layer's attention: q, k, v and o for every head, or MLA's
+    /// low-rank projections and their norms.
+    fn attention_parameters(&self) -> u64 {
+        let (d, h) = (self.hidden_size as u64, self.num_heads as u64);
+        let Some(m) = &self.mla else {
+            let hd = self.head_dim as u64;
+            return d * hd * (2 * h + 2 * self.num_kv_heads as u64);
+        };
+        let (nope, rope, v) = (
+            m.qk_nope_head_dim as u64,
+            m.qk_rope_head_dim as u64,
+            m.v_head_dim as u64,
+        );
+        let r = m.kv_lora_rank as u64;
+        let q_out = h * (nope + rope);
+        let q = match m.q_lora_rank {
+            Some(ql) => d * ql as u64 + ql as u64 + ql as u64 * q_out,
+            None => d * q_out,
+        };
+        q + d * (r + rope) + r + r * h * (nope + v) + h * v * d
     }
 }
 
@@ -955,6 +986,35 @@ mod tests {
             c.moe.expect("moe").routing,
             Routing::DeepSeekV2 { groups: None, .. }
         ));
+    }
+
+    /// The published totals: DeepSeek-V2-Lite 15.7 B, V3 671 B (without its MTP layer).
+    #[test]
+    fn deepseek_parameter_counts_match_the_published_totals() {
+        let lite = parse(serde_json::json!({
+            "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048,
+            "intermediate_size": 10944, "moe_intermediate_size": 1408,
+            "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+            "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": null,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "topk_method": "greedy", "n_group": 1, "topk_group": 1
+        }))
+        .expect("V2-Lite");
+        let v3 = parse(serde_json::json!({
+            "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+            "intermediate_size": 18432, "moe_intermediate_size": 2048,
+            "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+            "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
+            "first_k_dense_replace": 3, "kv_lora_rank": 512, "q_lora_rank": 1536,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "n_group": 8, "topk_group": 4
+        }))
+        .expect("V3");
+        for (c, published) in [(lite, 15.7e9), (v3, 671e9)] {
+            let n = c.parameter_count() as f64;
+            assert!((n / published - 1.0).abs() < 0.005, "{n} vs {published}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::ModelError;
-use super::attention::{ForwardBatch, PagedKv};
+use super::attention::{ForwardBatch, PagedKv, axpy, dot, softmax_in_place};
 use super::checkpoint::Checkpoint;
 use super::config::{MlaConfig, ModelConfig};
 use super::layers::{Linear, Precision, RmsNorm, Rotary};
@@ -49,6 +49,8 @@ pub struct Mla {
     /// The rotary part is stored as interleaved pairs (DeepSeek's layout).
     interleaved: bool,
     layer: usize,
+    /// Largest score matrix (elements) the prefill path builds at once.
+    score_elements: usize,
 }
 
 impl Mla {
@@ -130,7 +132,19 @@ impl Mla {
             scale: dims.softmax_mscale / (qk as f64).sqrt(),
             interleaved,
             layer,
+            score_elements: SCORE_ELEMENTS,
         })
+    }
+
+    /// Bytes of weights one token reads.
+    pub fn weight_bytes(&self) -> usize {
+        let q = match &self.q {
+            QueryProj::Direct(q) => q.weight_bytes(),
+            QueryProj::LowRank { a, b, .. } => a.weight_bytes() + b.weight_bytes(),
+        };
+        let absorbed =
+            (self.w_uk.elem_count() + self.w_uv_t.elem_count()) * self.w_uk.dtype().size_in_bytes();
+        q + self.kv_a.weight_bytes() + absorbed + self.o.weight_bytes()
     }
 
     /// Interleaved pairs `(x0, x1), (x2, x3)…` → `[x0, x2, … | x1, x3, …]`, the layout the
@@ -198,37 +212,139 @@ impl Mla {
         // Queries in the latent space: [h, n, r].
         let q_lat = q_nope.transpose(0, 1)?.contiguous()?.matmul(&self.w_uk)?;
         let q_rope = q_rope.transpose(0, 1)?.contiguous()?; // [h, n, rope]
-        let mut outs = Vec::with_capacity(batch.seqs.len());
-        for seq in &batch.seqs {
-            let (len, ctx) = (seq.len, seq.context_len);
-            let (c_ctx, rope_ctx) = match &seq.context_slots {
-                Some(slots) => (
-                    c_cache.index_select(slots, 0)?.reshape((ctx, r))?,
-                    rope_cache.index_select(slots, 0)?.reshape((ctx, rope))?,
-                ),
-                None => (
-                    c.narrow(0, seq.start, len)?.reshape((ctx, r))?,
-                    k_rope.narrow(0, seq.start, len)?.reshape((ctx, rope))?,
-                ),
-            };
-            let ql = q_lat.narrow(1, seq.start, len)?;
-            let qr = q_rope.narrow(1, seq.start, len)?;
-            let scores =
-                (ql.broadcast_matmul(&c_ctx.t()?)? + qr.broadcast_matmul(&rope_ctx.t()?)?)?;
-            let mut scores = (scores * self.scale)?.to_dtype(DType::F32)?;
-            if let Some(mask) = &seq.mask {
-                scores = scores.broadcast_add(mask)?;
+        let scale = self.scale;
+        let latent = match decode_latent_cpu(&q_lat, &q_rope, batch, c_cache, rope_cache, scale)? {
+            Some(lat) => lat.transpose(0, 1)?.contiguous()?,
+            None => {
+                let mut outs = Vec::with_capacity(batch.seqs.len());
+                for seq in &batch.seqs {
+                    let (len, ctx) = (seq.len, seq.context_len);
+                    let (c_ctx, rope_ctx) = match &seq.context_slots {
+                        Some(slots) => (
+                            c_cache.index_select(slots, 0)?.reshape((ctx, r))?,
+                            rope_cache.index_select(slots, 0)?.reshape((ctx, rope))?,
+                        ),
+                        None => (
+                            c.narrow(0, seq.start, len)?.reshape((ctx, r))?,
+                            k_rope.narrow(0, seq.start, len)?.reshape((ctx, rope))?,
+                        ),
+                    };
+                    let (c_t, rope_t) = (c_ctx.t()?, rope_ctx.t()?);
+                    // Query rows in chunks, so one chunk's scores ([h, rows, ctx]) stay
+                    // bounded however long the prompt and however many heads.
+                    let rows = (self.score_elements / (h * ctx).max(1)).clamp(1, len);
+                    for r0 in (0..len).step_by(rows) {
+                        let m = rows.min(len - r0);
+                        // [h, m, ·] → [h·m, ·]: one 2-D product per chunk for all heads,
+                        // since every head attends over the same latent rows.
+                        let ql = q_lat.narrow(1, seq.start + r0, m)?.contiguous()?;
+                        let qr = q_rope.narrow(1, seq.start + r0, m)?.contiguous()?;
+                        let scores = (ql.reshape((h * m, r))?.matmul(&c_t)?
+                            + qr.reshape((h * m, rope))?.matmul(&rope_t)?)?;
+                        let mut scores = (scores * scale)?
+                            .to_dtype(DType::F32)?
+                            .reshape((h, m, ctx))?;
+                        if let Some(mask) = &seq.mask {
+                            scores = scores.broadcast_add(&mask.narrow(0, r0, m)?)?;
+                        }
+                        let probs = candle_nn::ops::softmax_last_dim(&scores)?
+                            .to_dtype(c_ctx.dtype())?
+                            .reshape((h * m, ctx))?;
+                        outs.push(probs.matmul(&c_ctx)?.reshape((h, m, r))?);
+                    }
+                }
+                Tensor::cat(&outs, 1)?
             }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(c_ctx.dtype())?;
-            let out = probs
-                .broadcast_matmul(&c_ctx.contiguous()?)? // [h, len, r]
-                .matmul(&self.w_uv_t)? // [h, len, v]
-                .transpose(0, 1)?
-                .reshape((len, h * d.v_head_dim))?;
-            outs.push(out);
-        }
-        self.o.forward(&Tensor::cat(&outs, 0)?)
+        };
+        // Back out of the latent space per head: [h, n, r] · [h, r, v] → [n, h·v].
+        let out = latent
+            .matmul(&self.w_uv_t)?
+            .transpose(0, 1)?
+            .reshape((n, h * d.v_head_dim))?;
+        self.o.forward(&out)
     }
+}
+
+/// Largest score matrix (elements) the prefill path builds at once: 64 MiB in f32.
+const SCORE_ELEMENTS: usize = 1 << 24;
+
+/// Latent attention for a batch of pure decode steps on the CPU in f32, read straight from
+/// the cache: each context row (`c_kv`, `k_rope`) is loaded once for all heads of a work
+/// item, no context is gathered and no per-head copy is made. Returns the latent output
+/// `[n, h, r]`, or `None` when the batch or device does not qualify (the generic path then
+/// runs).
+///
+/// Work is split by sequence and, when there are fewer sequences than threads, by runs of
+/// heads, so batch 1 uses every core.
+fn decode_latent_cpu(
+    q_lat: &Tensor,
+    q_rope: &Tensor,
+    batch: &ForwardBatch,
+    c_cache: &Tensor,
+    rope_cache: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    if !q_lat.device().is_cpu()
+        || q_lat.dtype() != DType::F32
+        || c_cache.dtype() != DType::F32
+        || batch.seqs.iter().any(|s| s.len != 1)
+    {
+        return Ok(None);
+    }
+    let (h, n, r) = q_lat.dims3()?;
+    let rope = q_rope.dim(2)?;
+    let (ql, qr) = (
+        q_lat.flatten_all()?.to_vec1::<f32>()?,
+        q_rope.flatten_all()?.to_vec1::<f32>()?,
+    );
+    let (c_store, c_layout) = c_cache.storage_and_layout();
+    let (r_store, r_layout) = rope_cache.storage_and_layout();
+    let (candle_core::Storage::Cpu(cs), candle_core::Storage::Cpu(rs)) = (&*c_store, &*r_store)
+    else {
+        return Ok(None);
+    };
+    let cd = &cs.as_slice::<f32>()?[c_layout.start_offset()..];
+    let rd = &rs.as_slice::<f32>()?[r_layout.start_offset()..];
+    let scale = scale as f32;
+    let splits = (2 * rayon::current_num_threads())
+        .div_ceil(n.max(1))
+        .clamp(1, h);
+    let heads_per_item = h.div_ceil(splits);
+    let mut out = vec![0f32; n * h * r];
+    out.par_chunks_mut(h * r)
+        .zip(batch.seqs.par_iter())
+        .for_each(|(o, seq)| {
+            o.par_chunks_mut(heads_per_item * r)
+                .enumerate()
+                .for_each(|(item, o)| {
+                    let h0 = item * heads_per_item;
+                    let k = o.len() / r;
+                    let ctx = seq.slots.len();
+                    // scores[j · ctx + t]: head h0 + j at context position t.
+                    let mut scores = vec![0f32; k * ctx];
+                    for (t, &slot) in seq.slots.iter().enumerate() {
+                        let c = &cd[slot as usize * r..][..r];
+                        let kr = &rd[slot as usize * rope..][..rope];
+                        for j in 0..k {
+                            let qi = (h0 + j) * n + seq.start;
+                            scores[j * ctx + t] = (dot(&ql[qi * r..][..r], c)
+                                + dot(&qr[qi * rope..][..rope], kr))
+                                * scale;
+                        }
+                    }
+                    for row in scores.chunks_mut(ctx) {
+                        softmax_in_place(row);
+                    }
+                    for (t, &slot) in seq.slots.iter().enumerate() {
+                        let c = &cd[slot as usize * r..][..r];
+                        for (j, oh) in o.chunks_mut(r).enumerate() {
+                            axpy(oh, scores[j * ctx + t], c);
+                        }
+                    }
+                });
+        });
+    Ok(Some(Tensor::from_vec(out, (n, h, r), q_lat.device())?))
 }
 
 #[cfg(test)]
@@ -237,8 +353,57 @@ mod tests {
 
     use candle_core::DType;
 
-    use crate::model::attention::PagedKv;
-    use crate::model::config::{RawConfig, resolve};
+    use candle_core::{Device, Tensor};
+
+    use super::Mla;
+    use crate::model::attention::{ForwardBatch, LogitRows, PagedKv, SeqStep};
+    use crate::model::checkpoint::Checkpoint;
+    use crate::model::config::{self, RawConfig, resolve};
+    use crate::model::layers::{Precision, Rotary};
+
+    /// A long prompt's scores are built a few query rows at a time; the result must not
+    /// depend on where the chunks fall (including a short last chunk).
+    #[test]
+    fn prefill_in_row_chunks_matches_one_pass() -> candle_core::Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/deepseek_v3");
+        let cfg = config::load(&dir).expect("config");
+        let ckpt = Checkpoint::open(&dir).expect("checkpoint");
+        let dims = cfg.mla.expect("an MLA fixture");
+        let dev = Device::Cpu;
+        let prec = Precision::uniform(DType::F32);
+        let mut mla =
+            Mla::load(&cfg, dims, dims.rope_interleave, &ckpt, 0, prec, &dev).expect("layer 0");
+        let rotary = Rotary::new(
+            cfg.head_dim,
+            64,
+            cfg.rope_theta,
+            &cfg.rope_scaling,
+            DType::F32,
+            &dev,
+        )?;
+        let n = 11;
+        let tokens: Vec<u32> = (0..n as u32).collect();
+        let batch = ForwardBatch::new(
+            &[SeqStep {
+                tokens: &tokens,
+                cached: 0,
+                blocks: &[0, 1, 2],
+                logits: LogitRows::All,
+            }],
+            4,
+            &dev,
+        )?;
+        let xs = Tensor::randn(0f32, 1.0, (n, cfg.hidden_size), &dev)?;
+        let cos_sin = rotary.at(&batch.positions)?;
+        let kv = PagedKv::new(&cfg, 12, DType::F32, &dev)?;
+        let whole = mla.forward(&xs, &batch, &cos_sin, &kv)?;
+        // Three query rows per chunk: 3 + 3 + 3 + 2.
+        mla.score_elements = cfg.num_heads * n * 3;
+        let chunked = mla.forward(&xs, &batch, &cos_sin, &kv)?;
+        let diff = (whole - chunked)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "chunked prefill differs by {diff}");
+        Ok(())
+    }
 
     /// The cache rows of the published shapes: DeepSeek-V2-Lite (27 layers, 16 heads) and
     /// V3 (61 layers, 128 heads), both kv_lora_rank 512, qk_rope 64, qk_nope 128, v 128.

@@ -317,6 +317,15 @@ impl MoeBlock {
         })
     }
 
+    /// Bytes of weights every token reads whatever its routes: the router and the shared
+    /// expert (with its gate).
+    pub fn always_read_bytes(&self) -> usize {
+        self.gate.weight_bytes()
+            + self.shared.as_ref().map_or(0, |(mlp, gate)| {
+                mlp.weight_bytes() + gate.as_ref().map_or(0, Linear::weight_bytes)
+            })
+    }
+
     /// The routes of every row of `xs`.
     pub fn route(&self, xs: &Tensor) -> Result<Routes> {
         let logits = self.gate.forward(&xs.to_dtype(DType::F32)?)?;

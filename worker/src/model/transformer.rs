@@ -231,29 +231,28 @@ impl Transformer {
     }
 
     /// Bytes of weights one decode step reads for `distinct_experts` routed experts per MoE
-    /// layer (attention, norms, router, shared expert, dense MLPs and the LM head always).
+    /// layer: attention, router, shared experts, dense MLPs and the LM head always, counted
+    /// from the loaded tensors (norms and the embedding gather are left out).
     pub fn weight_bytes_per_step(&self, distinct_experts: usize) -> u64 {
         let c = &self.cfg;
-        let bytes = self.precision.weights.size_in_bytes() as u64;
-        let (d, hd) = (c.hidden_size as u64, c.head_dim as u64);
-        let attn = d * hd * (2 * c.num_heads as u64 + 2 * c.num_kv_heads as u64);
-        let mut total = c.vocab_size as u64 * d; // LM head (embedding rows are a gather)
-        for (l, layer) in self.layers.iter().enumerate() {
-            total += attn;
-            total += match (&layer.ff, &c.moe) {
-                (FeedForward::Dense(m), _) => m.weight_bytes() as u64 / bytes,
-                (FeedForward::Moe(_), Some(moe)) => {
-                    let shared = moe.shared_expert_intermediate_size.unwrap_or(0) as u64 * 3 * d;
-                    let routed = distinct_experts.min(moe.num_experts) as u64
-                        * 3
-                        * d
-                        * moe.expert_intermediate_size as u64;
-                    let _ = l;
-                    shared + routed + moe.num_experts as u64 * d
-                }
-                (FeedForward::Moe(_), None) => 0,
+        let bytes = self.precision.weights.size_in_bytes();
+        let per_expert = c.moe.as_ref().map_or(0, |m| {
+            (3 * c.hidden_size * m.expert_intermediate_size * bytes) as u64
+        });
+        let routed = c.moe.as_ref().map_or(0, |m| {
+            distinct_experts.min(m.num_experts) as u64 * per_expert
+        });
+        let mut total = self.lm_head.weight_bytes() as u64;
+        for layer in &self.layers {
+            total += match &layer.attention {
+                SelfAttention::Mha(a) => a.weight_bytes(),
+                SelfAttention::Mla(a) => a.weight_bytes(),
+            } as u64;
+            total += match &layer.ff {
+                FeedForward::Dense(m) => m.weight_bytes() as u64,
+                FeedForward::Moe(m) => m.always_read_bytes() as u64 + routed,
             };
         }
-        total * bytes
+        total
     }
 }
