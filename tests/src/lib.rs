@@ -33,4 +33,4 @@ pub use error::{HarnessError, Result};
 pub const MODEL_DEPLOYMENT_CRD: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/modeldeployment.yaml");
 pub use operator::OperatorProcess;
-pub use worker::FrontendProcess;
+pub use worker::{FrontendProcess, ShardProcess};

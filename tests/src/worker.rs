@@ -1,5 +1,5 @@
-//! `switchyard-worker --role frontend` as a child process on loopback ports, for
-//! end-to-end tests over real gRPC.
+//! `switchyard-worker --role frontend` and `--role expert-shard` as child processes on
+//! loopback ports, for end-to-end tests over real gRPC.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -82,14 +82,95 @@ impl FrontendProcess {
 
     /// The value of one metric series (`name{labels}` exactly as exposed), if present.
     pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self.metrics().await.ok()?;
-        text.lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
+        metric_value(&self.metrics().await.ok()?, series)
+    }
+
+    /// The process (for its log, or to kill it).
+    pub fn process(&self) -> &ManagedProcess {
+        &self.process
+    }
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) in a metrics text.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// A running expert shard.
+#[derive(Debug)]
+pub struct ShardProcess {
+    process: ManagedProcess,
+    grpc_port: u16,
+    metrics_port: u16,
+    _dir: TempDir,
+}
+
+impl ShardProcess {
+    /// Starts `--role expert-shard --model model` with `extra` flags (e.g. `--placement
+    /// FILE --shard-index 1`); returns once gRPC accepts connections (its experts are
+    /// loaded by then).
+    pub async fn start(model: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_on(free_port()?, model, extra).await
+    }
+
+    /// [`start`](Self::start) on a given gRPC port (to restart a shard where frontends
+    /// expect it).
+    pub async fn start_on(grpc_port: u16, model: &Path, extra: &[&str]) -> Result<Self> {
+        let binary = workspace_binary("switchyard-worker")?;
+        let dir = TempDir::new("shard")?;
+        let metrics_port = free_port()?;
+        let mut command = Command::new(binary);
+        command
+            .args(["--role", "expert-shard", "--log", "info"])
+            .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .arg("--model")
+            .arg(model)
+            .args(extra)
+            .env_remove("SWITCHYARD_CONFIG")
+            .env_remove("SWITCHYARD_SHARD_INDEX");
+        let process = ManagedProcess::spawn(
+            "switchyard-worker (expert shard)",
+            command,
+            dir.path().join("shard.log"),
+        )?;
+        wait_until(&process, Duration::from_secs(120), || async move {
+            match tokio::net::TcpStream::connect(("127.0.0.1", grpc_port)).await {
+                Ok(_) => Ok(true),
+                Err(e) => Err(format!("gRPC port {grpc_port}: {e}")),
+            }
         })
+        .await?;
+        Ok(Self {
+            process,
+            grpc_port,
+            metrics_port,
+            _dir: dir,
+        })
+    }
+
+    /// `127.0.0.1:<port>`, as `--expert-shards` takes it.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// The gRPC port.
+    pub fn port(&self) -> u16 {
+        self.grpc_port
+    }
+
+    /// The value of one of its metric series, if present.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(
+            &http_get_plain(self.metrics_port, "/metrics").await.ok()?,
+            series,
+        )
     }
 
     /// The process (for its log, or to kill it).

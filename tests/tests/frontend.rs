@@ -310,6 +310,9 @@ async fn the_operators_worker_json_configures_the_frontend() {
     config.model.path = fixture_model(MODEL).display().to_string();
     config.serving.max_tokens_per_request = 32;
     config.serving.max_context_length = Some(128);
+    // No shard processes here (tests/experts.rs runs those): the frontend holds every
+    // expert itself, as it does when the deployment has no shards.
+    config.shards.count = 0;
     let dir = std::env::temp_dir().join(format!("switchyard-worker-json-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("worker.json");

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod experts;
 pub mod frontend;
 pub mod loadgen;
 pub mod model;

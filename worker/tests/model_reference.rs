@@ -93,7 +93,10 @@ fn run(
         logits: LogitRows::All,
     };
     let batch = ForwardBatch::new(&[step], BLOCK, &Device::Cpu).expect("batch");
-    let (logits, _) = model.transformer.forward(&batch, kv).expect("forward");
+    let (logits, _) = model
+        .transformer
+        .forward(std::slice::from_ref(&batch), kv)
+        .expect("forward");
     logits.to_vec2::<f32>().expect("logits")
 }
 
@@ -167,6 +170,7 @@ fn engine(model: &LoadedModel) -> EngineHandle {
             max_running: 16,
             step_token_budget: 16,
             max_context: model.config.max_position_embeddings,
+            overlap: false,
         },
         Arc::new(NoObserver),
     )
@@ -190,7 +194,7 @@ async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Vec<u32
             Event::Token { id, .. } => out.push(id),
             Event::Started { .. } => {}
             Event::Finished { .. } => return out,
-            Event::Failed { message } => panic!("generation failed: {message}"),
+            Event::Failed { message, .. } => panic!("generation failed: {message}"),
         }
     }
     panic!("the engine dropped the sequence without finishing it")

@@ -6,7 +6,17 @@ use anyhow::Context as _;
 use clap::Parser;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_proto::expert::v1::expert_shard_server::ExpertShardServer;
 use switchyard_proto::inference::v1::inference_server::InferenceServer;
+use switchyard_worker::experts::{
+    self,
+    placement::PlacementSource,
+    remote::{RemoteExperts, RemoteOptions, ShardTargets},
+    shard::ShardOptions,
+};
 use switchyard_worker::frontend::{self, FrontendOptions};
 use switchyard_worker::server::{self, Role};
 
@@ -61,6 +71,19 @@ enum Tool {
         /// Tokens each sequence decodes in the timed window.
         #[arg(long, default_value_t = 32)]
         decode_len: usize,
+        /// Run the routed experts on these expert shards (as `--expert-shards` of a
+        /// frontend) instead of in process.
+        #[arg(long)]
+        expert_shards: Option<String>,
+        /// Hidden rows' dtype on the wire to shards: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        expert_wire_dtype: String,
+        /// Split decode steps into two micro-batches that overlap with remote experts.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        overlap: bool,
+        /// The model id the shards serve (default: the directory's name).
+        #[arg(long)]
+        model_id: Option<String>,
     },
     /// Write a deterministic random checkpoint (Hugging Face layout, qwen3_moe) to a
     /// directory: `demo` (what `make demo` serves), `bench` (about 0.5 B parameters) or
@@ -75,7 +98,8 @@ enum Tool {
     },
 }
 
-/// Frontend settings for local use; `--config` (the operator's worker.json) replaces them.
+/// Model and serving settings for local use; `--config` (the operator's worker.json)
+/// replaces them.
 #[derive(Debug, clap::Args)]
 struct FrontendArgs {
     /// Checkpoint directory (config.json, *.safetensors, tokenizer.json), or `demo` for the
@@ -112,6 +136,37 @@ struct FrontendArgs {
     /// Where the demo model is generated.
     #[arg(long, env = "SWITCHYARD_CACHE")]
     cache_dir: Option<PathBuf>,
+    /// Frontend: run the routed experts on expert shards: comma-separated `host:port`
+    /// addresses, or `dns:///NAME:PORT` for every address behind a (headless Service)
+    /// name, re-resolved every second. Unset: every expert in this process.
+    #[arg(long, env = "SWITCHYARD_EXPERT_SHARDS")]
+    expert_shards: Option<String>,
+    /// Frontend: dtype of hidden rows on the wire to shards: f32 (exact), bf16 or f16
+    /// (half the bytes).
+    #[arg(long, default_value = "f32")]
+    expert_wire_dtype: String,
+    /// Frontend: deadline of one call to a shard, in milliseconds; a shard that misses it
+    /// is routed around.
+    #[arg(long, default_value_t = 5000)]
+    expert_timeout_ms: u64,
+    /// Frontend: how long start-up waits for every routed expert to have a shard, in
+    /// seconds, before serving anyway.
+    #[arg(long, default_value_t = 120)]
+    expert_wait_secs: u64,
+    /// Frontend: split decode steps into two micro-batches so one's attention overlaps
+    /// the other's remote experts (`--overlap false` to turn off).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    overlap: bool,
+    /// Expert shard: this shard's index in the deployment (its entry in the placement).
+    #[arg(long, env = "SWITCHYARD_SHARD_INDEX", default_value_t = 0)]
+    shard_index: u32,
+    /// Expert shard: the placement file (JSON; see docs/experts.md), re-read on change.
+    /// Unset (and no worker.json): the shard holds every routed expert.
+    #[arg(long, env = "SWITCHYARD_PLACEMENT")]
+    placement: Option<PathBuf>,
+    /// Expert shard, fault injection for tests: delay every Forward by this many ms.
+    #[arg(long, hide = true)]
+    debug_forward_delay_ms: Option<u64>,
 }
 
 impl FrontendArgs {
@@ -137,7 +192,18 @@ impl FrontendArgs {
                 .file_name()
                 .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
         });
+        let experts = match &self.expert_shards {
+            None => None,
+            Some(spec) => Some(remote_options(
+                spec,
+                &self.expert_wire_dtype,
+                self.expert_timeout_ms,
+                self.expert_wait_secs,
+            )?),
+        };
         Ok(FrontendOptions {
+            experts,
+            overlap: self.overlap,
             model,
             model_id,
             dtype: self.dtype.clone(),
@@ -152,6 +218,83 @@ impl FrontendArgs {
     }
 }
 
+impl FrontendArgs {
+    /// The model directory and id (the demo model generated on first use).
+    fn model_and_id(&self) -> anyhow::Result<(PathBuf, String)> {
+        let o = self.options()?;
+        Ok((o.model, o.model_id))
+    }
+
+    fn shard_options(&self) -> anyhow::Result<ShardOptions> {
+        let (model, model_id) = self.model_and_id()?;
+        Ok(ShardOptions {
+            model,
+            model_id,
+            dtype: self.dtype.clone(),
+            device: self.device.clone(),
+            shard_index: self.shard_index,
+            placement: match &self.placement {
+                Some(path) => PlacementSource::File {
+                    path: path.clone(),
+                    shard: self.shard_index,
+                },
+                None => PlacementSource::All,
+            },
+            max_request_bytes: SHARD_MAX_REQUEST_BYTES,
+            forward_delay: self.debug_forward_delay_ms.map(Duration::from_millis),
+        })
+    }
+}
+
+impl FrontendArgs {
+    /// A shard's options from the operator's worker.json: its even spread over
+    /// `shards.count`, at the index the pod's environment gives.
+    fn shard_options_from(
+        &self,
+        config: &switchyard_proto::worker_config::WorkerConfig,
+    ) -> anyhow::Result<ShardOptions> {
+        Ok(ShardOptions {
+            model: PathBuf::from(&config.model.path),
+            model_id: config.deployment.clone(),
+            dtype: config.model.dtype.clone(),
+            device: self.device.clone(),
+            shard_index: self.shard_index,
+            placement: match &self.placement {
+                Some(path) => PlacementSource::File {
+                    path: path.clone(),
+                    shard: self.shard_index,
+                },
+                None => PlacementSource::EvenSpread {
+                    shards: config.shards.count.max(1),
+                    shard: self.shard_index,
+                    revision: config.placement.revision.clone(),
+                },
+            },
+            max_request_bytes: SHARD_MAX_REQUEST_BYTES,
+            forward_delay: None,
+        })
+    }
+}
+
+/// The largest `ForwardRequest` a shard accepts.
+const SHARD_MAX_REQUEST_BYTES: usize = 256 << 20;
+
+fn remote_options(
+    spec: &str,
+    wire: &str,
+    timeout_ms: u64,
+    wait_secs: u64,
+) -> anyhow::Result<RemoteOptions> {
+    Ok(RemoteOptions {
+        targets: ShardTargets::parse(spec).map_err(|e| anyhow::anyhow!("--expert-shards {e}"))?,
+        wire: switchyard_worker::experts::wire::parse_dtype(wire)
+            .map_err(|e| anyhow::anyhow!("--expert-wire-dtype: {e}"))?,
+        timeout: Duration::from_millis(timeout_ms.max(1)),
+        refresh: Duration::from_secs(1),
+        wait: Duration::from_secs(wait_secs),
+    })
+}
+
 fn run_tool(tool: Tool) -> anyhow::Result<()> {
     use switchyard_worker::engine::bench;
     use switchyard_worker::model::{LoadedModel, demo, parse_dtype};
@@ -162,6 +305,10 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
             batch,
             prompt_len,
             decode_len,
+            expert_shards,
+            expert_wire_dtype,
+            overlap,
+            model_id,
         } => {
             let device = candle_core::Device::Cpu;
             let dtype = parse_dtype(&dtype, &device).map_err(anyhow::Error::msg)?;
@@ -176,7 +323,30 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
                 read / 1e9,
                 model.display()
             );
-            let loaded = LoadedModel::load(&model, dtype, &device)?;
+            let loaded = match &expert_shards {
+                None => LoadedModel::load(&model, dtype, &device)?,
+                Some(spec) => {
+                    let remote = remote_options(spec, &expert_wire_dtype, 5000, 60)?;
+                    let model_id = model_id.clone().unwrap_or_else(|| {
+                        model
+                            .file_name()
+                            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+                    });
+                    let rt = tokio::runtime::Handle::current();
+                    let registry = prometheus::Registry::new();
+                    LoadedModel::load_with(&model, dtype, &device, |cfg, ckpt, precision| {
+                        let identity = experts::identity(&model_id, ckpt, precision.weights)?;
+                        rt.block_on(RemoteExperts::connect(cfg, identity, remote, &registry))
+                            .map(|b| {
+                                Arc::new(b) as Arc<dyn switchyard_worker::model::moe::ExpertBackend>
+                            })
+                            .map_err(|e| switchyard_worker::model::ModelError::Unsupported {
+                                file: model.clone(),
+                                what: format!("expert shards: {e:#}"),
+                            })
+                    })?
+                }
+            };
             let vocab = loaded.config.vocab_size;
             let config = loaded.config.clone();
             let dtype_name = format!("{:?}", loaded.transformer.precision().weights).to_lowercase();
@@ -187,6 +357,7 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
                     prompt_len,
                     decode_len,
                     vocab,
+                    overlap,
                 },
                 bandwidth,
                 |line| eprintln!("{line}"),
@@ -197,6 +368,8 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
                 "parameters": config.parameter_count(),
                 "dtype": dtype_name,
                 "prompt_len": prompt_len,
+                "expert_shards": expert_shards,
+                "overlap": overlap,
                 "decode_len": decode_len,
                 "copy_bandwidth_gb_s": copy / 1e9,
                 "read_bandwidth_gb_s": read / 1e9,
@@ -278,36 +451,60 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let started = tokio::task::spawn_blocking(move || frontend::start(&options))
                 .await
                 .context("the model loading task panicked")??;
-            let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
-                .await
-                .with_context(|| {
-                    format!("binding the metrics listener on {}", args.metrics_listen)
-                })?;
-            tracing::info!(addr = ?metrics_listener.local_addr().ok(), "serving /metrics");
-            let registry = started.metrics.registry().clone();
-            tokio::spawn(async move {
-                if let Err(e) = frontend::metrics::serve_metrics(
-                    metrics_listener,
-                    registry,
-                    std::future::pending(),
-                )
-                .await
-                {
-                    tracing::error!(error = %e, "metrics endpoint stopped");
-                }
-            });
+            serve_metrics_on(args.metrics_listen, started.metrics.registry().clone()).await?;
             let mut routes = tonic::service::RoutesBuilder::default();
             routes.add_service(
                 InferenceServer::new(started.service).max_decoding_message_size(16 << 20),
             );
             Some(routes.routes())
         }
-        Role::ExpertShard => None,
+        Role::ExpertShard => {
+            let options = match &args.config {
+                Some(path) => {
+                    let config = switchyard_worker::config::load(path)?;
+                    let mut o = args.frontend.shard_options_from(&config)?;
+                    o.forward_delay = args
+                        .frontend
+                        .debug_forward_delay_ms
+                        .map(Duration::from_millis);
+                    o
+                }
+                None => args.frontend.shard_options()?,
+            };
+            let started = tokio::task::spawn_blocking(move || experts::shard::start(&options))
+                .await
+                .context("the expert loading task panicked")??;
+            started.service.spawn_background(Duration::from_secs(2));
+            serve_metrics_on(args.metrics_listen, started.registry.clone()).await?;
+            let mut routes = tonic::service::RoutesBuilder::default();
+            routes.add_service(
+                ExpertShardServer::new(started.service)
+                    .max_decoding_message_size(SHARD_MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(SHARD_MAX_REQUEST_BYTES),
+            );
+            Some(routes.routes())
+        }
     };
     let listener = server::bind(args.listen).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, "listening");
     server::serve(role, listener, role_service, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Serves `/metrics` and `/healthz` for `registry` on `addr` in the background.
+async fn serve_metrics_on(addr: SocketAddr, registry: prometheus::Registry) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics listener on {addr}"))?;
+    tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+    tokio::spawn(async move {
+        if let Err(e) =
+            frontend::metrics::serve_metrics(listener, registry, std::future::pending()).await
+        {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
     Ok(())
 }
 

@@ -30,6 +30,8 @@ pub struct BenchConfig {
     pub decode_len: usize,
     /// Vocabulary rows to draw prompt ids from.
     pub vocab: usize,
+    /// Overlap micro-batches with remote experts (see [`EngineConfig::overlap`]).
+    pub overlap: bool,
 }
 
 /// One measured figure.
@@ -177,6 +179,7 @@ pub fn run(
             // decode of all B sequences in lock-step.
             step_token_budget: cfg.prompt_len * max_batch.max(1),
             max_context: c.max_position_embeddings,
+            overlap: cfg.overlap,
         },
         recorder.clone(),
     )?;
@@ -236,7 +239,7 @@ pub fn run(
                             Event::Token { .. } => times.push(Instant::now()),
                             Event::Started { .. } => {}
                             Event::Finished { .. } => return Ok(times),
-                            Event::Failed { message } => return Err(anyhow::anyhow!(message)),
+                            Event::Failed { message, .. } => return Err(anyhow::anyhow!(message)),
                         }
                     }
                     Err(anyhow::anyhow!("the engine dropped a sequence"))
@@ -296,7 +299,7 @@ async fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> anyhow::R
         match ev {
             Event::Token { .. } | Event::Started { .. } => {}
             Event::Finished { .. } => return Ok(t.elapsed()),
-            Event::Failed { message } => anyhow::bail!(message),
+            Event::Failed { message, .. } => anyhow::bail!(message),
         }
     }
     anyhow::bail!("the engine dropped a sequence")

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::model::attention::{ForwardBatch, PagedKv, SeqStep};
+use crate::model::moe::ExpertError;
 use crate::model::transformer::{StepRoutes, Transformer};
 use kv_cache::{BlockAllocator, blocks_for_tokens};
 use sampling::{Sampler, SamplingConfig};
@@ -46,6 +47,9 @@ pub struct EngineConfig {
     pub step_token_budget: usize,
     /// Longest context (prompt + output) a sequence may reach.
     pub max_context: usize,
+    /// Split a decode step into two micro-batches when the routed experts are remote, so
+    /// one micro-batch's attention runs while the other's experts are computed.
+    pub overlap: bool,
 }
 
 /// One generation to run.
@@ -108,6 +112,9 @@ pub enum Event {
     Failed {
         /// What went wrong.
         message: String,
+        /// Whether the cause is capacity that may come back (routed experts with no
+        /// reachable shard: `UNAVAILABLE`), rather than a fault (`INTERNAL`).
+        unavailable: bool,
     },
 }
 
@@ -189,6 +196,12 @@ impl EngineObserver for NoObserver {
 
 enum Command {
     Submit(Box<Pending>),
+}
+
+/// Why a step must be run again.
+enum Retry {
+    /// Without these sequences (indices into `running`), which fail with this message.
+    Without(Vec<usize>, String),
 }
 
 struct Pending {
@@ -428,6 +441,37 @@ impl Engine {
     }
 
     fn step(&mut self) {
+        // Sequences whose routed experts have no reachable shard fail alone: the step is
+        // run again without them (the others' cache writes are simply redone).
+        for _ in 0..=self.running.len() {
+            match self.try_step() {
+                Ok(()) => return,
+                Err(Retry::Without(seqs, message)) => {
+                    tracing::warn!(failed = seqs.len(), %message, "routed experts unavailable; failing the sequences that need them");
+                    self.fail(seqs, &message, true);
+                    if self.running.is_empty() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes sequences `seqs` (indices into `running`), telling each why.
+    fn fail(&mut self, mut seqs: Vec<usize>, message: &str, unavailable: bool) {
+        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        seqs.dedup();
+        for i in seqs {
+            let s = self.running.remove(i);
+            let _ = s.events.send(Event::Failed {
+                message: message.to_string(),
+                unavailable,
+            });
+            self.blocks.release(s.blocks);
+        }
+    }
+
+    fn try_step(&mut self) -> Result<(), Retry> {
         let states: Vec<&SeqState> = self.running.iter().map(|s| &s.state).collect();
         let plan = Plan::new(&states, self.config.step_token_budget);
         let steps: Vec<SeqStep<'_>> = plan
@@ -443,13 +487,36 @@ impl Engine {
                 }
             })
             .collect();
+        // Two micro-batches when that can hide remote expert latency: a pure decode step
+        // of at least two sequences (prefill chunks are compute-bound already).
+        let split = if self.config.overlap
+            && steps.len() >= 2
+            && self.model.experts_are_remote()
+            && steps.iter().all(|s| s.tokens.len() == 1)
+        {
+            steps.len() / 2
+        } else {
+            steps.len()
+        };
         let started = Instant::now();
         // A panic inside a kernel must fail this step's sequences, not kill the engine
         // thread (which would leave the frontend up but unable to serve).
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            ForwardBatch::new(&steps, self.config.block_size, self.model.device())
-                .and_then(|batch| self.model.forward(&batch, &self.kv))
-                .and_then(|(logits, routes)| Ok((logits.to_vec2::<f32>()?, routes)))
+            let device = self.model.device();
+            let mut parts = vec![ForwardBatch::new(
+                &steps[..split],
+                self.config.block_size,
+                device,
+            )?];
+            if split < steps.len() {
+                parts.push(ForwardBatch::new(
+                    &steps[split..],
+                    self.config.block_size,
+                    device,
+                )?);
+            }
+            let (logits, routes) = self.model.forward(&parts, &self.kv)?;
+            Ok((logits.to_vec2::<f32>()?, routes))
         }))
         .unwrap_or_else(|panic| {
             let what = panic
@@ -457,25 +524,34 @@ impl Engine {
                 .map(|s| (*s).to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(candle_core::Error::Msg(format!(
+            Err(ExpertError::Compute(candle_core::Error::Msg(format!(
                 "panic in the model step: {what}"
-            )))
+            ))))
         });
         let duration = started.elapsed();
         let (mut logits, routes) = match result {
             Ok(ok) => ok,
-            Err(e) => {
-                tracing::error!(error = %e, "model step failed; failing the sequences in it");
-                let mut idx: Vec<usize> = plan.entries.iter().map(|e| e.seq).collect();
-                idx.sort_unstable_by(|a, b| b.cmp(a));
-                for i in idx {
-                    let s = self.running.remove(i);
-                    let _ = s.events.send(Event::Failed {
-                        message: format!("model step failed: {e}"),
-                    });
-                    self.blocks.release(s.blocks);
+            Err(ExpertError::Unavailable { rows, message }) => {
+                // Rows are the step's new tokens in plan order: find their sequences.
+                let mut at = 0u32;
+                let mut hit = Vec::new();
+                for e in &plan.entries {
+                    let end = at + e.tokens as u32;
+                    if rows.iter().any(|r| (at..end).contains(r)) {
+                        hit.push(e.seq);
+                    }
+                    at = end;
                 }
-                return;
+                if hit.is_empty() {
+                    hit = plan.entries.iter().map(|e| e.seq).collect();
+                }
+                return Err(Retry::Without(hit, message));
+            }
+            Err(ExpertError::Compute(e)) => {
+                tracing::error!(error = %e, "model step failed; failing the sequences in it");
+                let idx = plan.entries.iter().map(|e| e.seq).collect();
+                self.fail(idx, &format!("model step failed: {e}"), false);
+                return Ok(());
             }
         };
         let mut sampled = 0;
@@ -522,6 +598,7 @@ impl Engine {
         for (i, reason) in finished {
             self.finish(i, reason);
         }
+        Ok(())
     }
 
     fn finish(&mut self, i: usize, reason: FinishReason) {

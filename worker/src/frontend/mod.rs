@@ -54,6 +54,10 @@ pub struct FrontendOptions {
     pub kv_cache_tokens: Option<u64>,
     /// Tokens per KV block.
     pub kv_block_size: usize,
+    /// Routed experts on expert shards; `None`: all in this process.
+    pub experts: Option<crate::experts::remote::RemoteOptions>,
+    /// Split decode steps into two micro-batches to overlap attention with remote experts.
+    pub overlap: bool,
 }
 
 impl FrontendOptions {
@@ -71,6 +75,18 @@ impl FrontendOptions {
             max_tokens_per_request: s.max_tokens_per_request as usize,
             kv_cache_tokens: s.kv_cache_tokens,
             kv_block_size: 16,
+            experts: (config.shards.count > 0).then(|| crate::experts::remote::RemoteOptions {
+                targets: crate::experts::remote::ShardTargets::Static(
+                    (0..config.shards.count)
+                        .map(|i| config.shards.address(i))
+                        .collect(),
+                ),
+                wire: switchyard_proto::expert::v1::Dtype::F32,
+                timeout: std::time::Duration::from_secs(5),
+                refresh: std::time::Duration::from_secs(1),
+                wait: std::time::Duration::from_secs(300),
+            }),
+            overlap: true,
         }
     }
 }
@@ -116,7 +132,56 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
     let device = parse_device(&opts.device)?;
     let dtype = crate::model::parse_dtype(&opts.dtype, &device).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
-    let loaded = LoadedModel::load(&opts.model, dtype, &device)?;
+    let cfg = crate::model::config::load(&opts.model)?;
+    let metrics = Arc::new(FrontendMetrics::new(
+        cfg.num_layers,
+        cfg.moe.as_ref().map_or(0, |m| m.num_experts),
+    ));
+    let loaded = match &opts.experts {
+        None => LoadedModel::load(&opts.model, dtype, &device)?,
+        Some(remote) if cfg.moe.is_some() => {
+            let rt = tokio::runtime::Handle::try_current()
+                .context("expert shards need a tokio runtime")?;
+            let mut failure = None;
+            let loaded = LoadedModel::load_with(
+                &opts.model,
+                dtype,
+                &device,
+                |cfg, ckpt, precision| {
+                    let identity =
+                        crate::experts::identity(&opts.model_id, ckpt, precision.weights)?;
+                    tracing::info!(model = %crate::experts::describe_identity(Some(&identity)), targets = ?remote.targets, "routed experts are on expert shards");
+                    match rt.block_on(crate::experts::remote::RemoteExperts::connect(
+                        cfg,
+                        identity,
+                        remote.clone(),
+                        metrics.registry(),
+                    )) {
+                        Ok(backend) => Ok(Arc::new(backend)),
+                        Err(e) => {
+                            let message = format!("{e:#}");
+                            failure = Some(e);
+                            Err(crate::model::ModelError::Unsupported {
+                                file: opts.model.clone(),
+                                what: format!("expert shards: {message}"),
+                            })
+                        }
+                    }
+                },
+            );
+            match (loaded, failure) {
+                (Ok(l), _) => l,
+                (Err(_), Some(e)) => return Err(e.context("connecting to the expert shards")),
+                (Err(e), None) => return Err(e.into()),
+            }
+        }
+        Some(_) => {
+            tracing::warn!(
+                "the model is dense: it has no routed experts to put on shards; running it whole"
+            );
+            LoadedModel::load(&opts.model, dtype, &device)?
+        }
+    };
     let tokenizer = Arc::new(
         Tokenizer::load(&opts.model)
             .with_context(|| format!("loading the tokenizer of {}", opts.model.display()))?,
@@ -158,10 +223,6 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
         took_ms = t0.elapsed().as_millis() as u64,
         "model loaded"
     );
-    let metrics = Arc::new(FrontendMetrics::new(
-        cfg.num_layers,
-        cfg.moe.as_ref().map_or(0, |m| m.num_experts),
-    ));
     metrics.set_kv_block_size(opts.kv_block_size as u64);
     metrics.set_kv_blocks(0, kv_blocks as u64);
     let engine = EngineHandle::start(
@@ -172,6 +233,7 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
             max_running: opts.max_batch_size,
             step_token_budget: opts.max_batch_tokens,
             max_context: context,
+            overlap: opts.overlap,
         },
         metrics.clone(),
     )

@@ -215,7 +215,16 @@ impl Frontend {
                         stop_token,
                     ));
                 }
-                Event::Failed { message } => return Err(Status::internal(message)),
+                Event::Failed {
+                    message,
+                    unavailable,
+                } => {
+                    return Err(if unavailable {
+                        Status::unavailable(message)
+                    } else {
+                        Status::internal(message)
+                    });
+                }
             }
         }
         Err(Status::internal(

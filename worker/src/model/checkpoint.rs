@@ -18,6 +18,8 @@ use super::ModelError;
 pub struct Checkpoint {
     dir: PathBuf,
     files: MmapedSafetensors,
+    /// The weight files, in a stable order.
+    paths: Vec<PathBuf>,
     /// Tensor name → the file that holds it (for messages) and its shape.
     index: HashMap<String, (PathBuf, Vec<usize>)>,
 }
@@ -55,6 +57,7 @@ impl Checkpoint {
         Ok(Self {
             dir: dir.to_path_buf(),
             files: mapped,
+            paths: files,
             index,
         })
     }
@@ -98,6 +101,103 @@ impl Checkpoint {
             });
         }
         self.load(name, dtype, device)
+    }
+
+    /// Reads entry `index` of the first dimension of `name` (one expert of a fused
+    /// `[experts, …]` tensor), checking the whole tensor has `shape`; the other entries
+    /// are not read, so a shard holding a few experts holds only their bytes.
+    pub fn tensor_row(
+        &self,
+        name: &str,
+        shape: &[usize],
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
+        let Some((file, saved)) = self.index.get(name) else {
+            return Err(ModelError::MissingTensor {
+                dir: self.dir.clone(),
+                name: name.to_string(),
+                expected: format!("{shape:?}"),
+            });
+        };
+        if saved.as_slice() != shape || index >= shape.first().copied().unwrap_or(0) {
+            return Err(ModelError::TensorShape {
+                file: file.clone(),
+                name: name.to_string(),
+                expected: format!("{shape:?} (reading entry {index})"),
+                found: format!("{saved:?}"),
+            });
+        }
+        let wrap = |e: candle_core::Error| ModelError::Tensor {
+            file: file.clone(),
+            name: name.to_string(),
+            message: e.to_string(),
+        };
+        let view = self.files.get(name).map_err(wrap)?;
+        let saved_dtype = DType::try_from(view.dtype()).map_err(wrap)?;
+        let row_shape = &shape[1..];
+        let row_bytes = row_shape.iter().product::<usize>() * saved_dtype.size_in_bytes();
+        let data = view
+            .data()
+            .get(index * row_bytes..(index + 1) * row_bytes)
+            .ok_or_else(|| {
+                wrap(candle_core::Error::Msg(
+                    "the data is shorter than the shape".into(),
+                ))
+            })?;
+        let tensor =
+            Tensor::from_raw_buffer(data, saved_dtype, row_shape, &Device::Cpu).map_err(wrap)?;
+        let tensor = if tensor.dtype() == dtype {
+            tensor
+        } else {
+            tensor.to_dtype(dtype).map_err(wrap)?
+        };
+        tensor.to_device(device).map_err(wrap)
+    }
+
+    /// A 64-bit fingerprint of the checkpoint's content: `config.json`, and for every weight
+    /// file its length, its whole header (names, shapes, dtypes, offsets) and 64 KiB read
+    /// at 17 evenly spaced offsets. Reading a sample rather than every byte keeps it to
+    /// milliseconds on a terabyte checkpoint, yet it changes when a file is replaced by one
+    /// with other weights. Frontends and expert shards compare fingerprints so that they
+    /// never combine experts of different checkpoints.
+    pub fn fingerprint(&self) -> Result<u64, ModelError> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let mut hash = Fnv1a::default();
+        let config = self.dir.join("config.json");
+        hash.write(&std::fs::read(&config).map_err(|source| ModelError::Io {
+            file: config.clone(),
+            source,
+        })?);
+        const SAMPLE: u64 = 64 << 10;
+        for path in &self.paths {
+            let io = |source| ModelError::Io {
+                file: path.clone(),
+                source,
+            };
+            let mut f = std::fs::File::open(path).map_err(io)?;
+            let len = f.metadata().map_err(io)?.len();
+            hash.write(&len.to_le_bytes());
+            let mut header_len = [0u8; 8];
+            f.read_exact(&mut header_len).map_err(io)?;
+            let header_len = u64::from_le_bytes(header_len).min(len);
+            let mut header = Vec::new();
+            (&mut f)
+                .take(header_len)
+                .read_to_end(&mut header)
+                .map_err(io)?;
+            hash.write(&header);
+            let mut buf = Vec::with_capacity(SAMPLE as usize);
+            for i in 0..=16u64 {
+                let at = len.saturating_sub(SAMPLE) * i / 16;
+                f.seek(SeekFrom::Start(at)).map_err(io)?;
+                buf.clear();
+                (&mut f).take(SAMPLE).read_to_end(&mut buf).map_err(io)?;
+                hash.write(&buf);
+            }
+        }
+        Ok(hash.0)
     }
 
     /// Reads `name` whatever its shape (the caller checks it), in `dtype` on `device`.
@@ -245,4 +345,23 @@ fn read_header(file: &Path, mut f: std::fs::File) -> Result<Vec<(String, Vec<usi
             (name, shape)
         })
         .collect())
+}
+
+/// FNV-1a, 64-bit: a hash whose value is fixed by its definition (unlike std's), so every
+/// build computes the same fingerprint.
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }

@@ -151,21 +151,34 @@ impl LoadedModel {
     /// the CPU a 16-bit dtype applies to the weight matrices only; activations are f32
     /// (see [`layers::Precision`]).
     pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(dir, dtype, device, |config, ckpt, precision| {
+            Ok(Arc::new(moe::LocalExperts::load(
+                config, ckpt, precision, device,
+            )?))
+        })
+    }
+
+    /// Loads `dir` with the routed experts run by the backend `experts` builds (from the
+    /// config, the checkpoint and the precision); the routed experts' weights are read
+    /// only if it reads them.
+    pub fn load_with(
+        dir: &Path,
+        dtype: Option<DType>,
+        device: &Device,
+        experts: impl FnOnce(
+            &ModelConfig,
+            &checkpoint::Checkpoint,
+            layers::Precision,
+        ) -> Result<Arc<dyn moe::ExpertBackend>, ModelError>,
+    ) -> Result<Self, ModelError> {
         let config = config::load(dir)?;
         let ckpt = checkpoint::Checkpoint::open(dir)?;
         let dtype = match dtype {
             Some(d) => d,
             None => saved_dtype(&config, &ckpt),
         };
-        let precision = if device.is_cpu() {
-            layers::Precision {
-                weights: dtype,
-                acts: DType::F32,
-            }
-        } else {
-            layers::Precision::uniform(dtype)
-        };
-        let experts = Arc::new(moe::LocalExperts::load(&config, &ckpt, precision, device)?);
+        let precision = precision_for(dtype, device);
+        let experts = experts(&config, &ckpt, precision)?;
         let transformer = Transformer::load(&config, &ckpt, experts, precision, device)?;
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -176,7 +189,21 @@ impl LoadedModel {
     }
 }
 
-fn saved_dtype(config: &ModelConfig, ckpt: &checkpoint::Checkpoint) -> DType {
+/// Weights in `dtype`; activations in f32 on the CPU (no fast 16-bit GEMM there), else in
+/// `dtype` too.
+pub fn precision_for(dtype: DType, device: &Device) -> layers::Precision {
+    if device.is_cpu() {
+        layers::Precision {
+            weights: dtype,
+            acts: DType::F32,
+        }
+    } else {
+        layers::Precision::uniform(dtype)
+    }
+}
+
+/// The dtype the checkpoint's config (or its files) say the weights are in.
+pub fn saved_dtype(config: &ModelConfig, ckpt: &checkpoint::Checkpoint) -> DType {
     let name = config.saved_dtype.clone().unwrap_or_default();
     match name.as_str() {
         "bfloat16" => DType::BF16,

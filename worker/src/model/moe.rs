@@ -15,7 +15,7 @@
 
 use std::fmt::Debug;
 
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::ModelError;
 use super::checkpoint::Checkpoint;
@@ -36,41 +36,150 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// Rows of the batch.
+    pub fn rows(&self) -> usize {
+        self.experts.len().checked_div(self.top_k).unwrap_or(0)
+    }
+
+    /// Every `(row, expert, weight)`, row-major.
+    pub fn pairs(&self) -> impl Iterator<Item = (u32, u32, f32)> + '_ {
+        self.experts
+            .iter()
+            .zip(&self.weights)
+            .enumerate()
+            .map(|(i, (&e, &w))| ((i / self.top_k) as u32, e, w))
+    }
+
     /// For each expert that has work: the rows it serves and their weights, experts in
     /// ascending order and rows in batch order (the fixed order partial sums are added in).
-    pub fn by_expert(&self, num_experts: usize) -> Vec<(u32, Vec<u32>, Vec<f32>)> {
-        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); num_experts];
-        let mut weights: Vec<Vec<f32>> = vec![Vec::new(); num_experts];
-        for (i, (&e, &w)) in self.experts.iter().zip(&self.weights).enumerate() {
-            let e = e as usize;
-            if e < num_experts {
-                rows[e].push((i / self.top_k) as u32);
-                weights[e].push(w);
-            }
+    pub fn by_expert(&self, num_experts: usize) -> Vec<ExpertRows> {
+        group_by_expert(self.pairs(), num_experts)
+    }
+}
+
+/// One expert's share of a batch: `(expert, rows, weights)`.
+pub type ExpertRows = (u32, Vec<u32>, Vec<f32>);
+
+/// Groups `(row, expert, weight)` pairs by expert: experts ascending, rows in the order
+/// given. Experts `>= num_experts` are left out.
+pub fn group_by_expert(
+    pairs: impl Iterator<Item = (u32, u32, f32)>,
+    num_experts: usize,
+) -> Vec<ExpertRows> {
+    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); num_experts];
+    let mut weights: Vec<Vec<f32>> = vec![Vec::new(); num_experts];
+    for (row, e, w) in pairs {
+        let e = e as usize;
+        if e < num_experts {
+            rows[e].push(row);
+            weights[e].push(w);
         }
-        rows.into_iter()
-            .zip(weights)
-            .enumerate()
-            .filter(|(_, (r, _))| !r.is_empty())
-            .map(|(e, (r, w))| (e as u32, r, w))
-            .collect()
+    }
+    rows.into_iter()
+        .zip(weights)
+        .enumerate()
+        .filter(|(_, (r, _))| !r.is_empty())
+        .map(|(e, (r, w))| (e as u32, r, w))
+        .collect()
+}
+
+/// Why routed experts could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExpertError {
+    /// The arithmetic failed (a bug or a device error).
+    #[error(transparent)]
+    Compute(#[from] candle_core::Error),
+    /// No reachable holder for some routed experts: the rows routed to them cannot be
+    /// computed now; every other row could be.
+    #[error("{message}")]
+    Unavailable {
+        /// Rows of the batch (as given to the backend) that need a missing expert.
+        rows: Vec<u32>,
+        /// Names the missing `(layer, expert)` pairs and why.
+        message: String,
+    },
+}
+
+impl ExpertError {
+    /// The same error with its rows moved by `by` (a micro-batch's place in its step).
+    pub fn shifted(self, by: u32) -> Self {
+        match self {
+            ExpertError::Unavailable { rows, message } => ExpertError::Unavailable {
+                rows: rows.into_iter().map(|r| r + by).collect(),
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Routed-expert output that may still be in flight (on expert shards); [`Pending::wait`]
+/// blocks until it is there.
+pub enum Pending {
+    /// Computed in place.
+    Ready(Tensor),
+    /// Computed elsewhere; the closure blocks until the result arrives.
+    Waiting(Box<dyn FnOnce() -> std::result::Result<Tensor, ExpertError> + Send>),
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pending::Ready(_) => "Pending::Ready",
+            Pending::Waiting(_) => "Pending::Waiting",
+        })
+    }
+}
+
+impl Pending {
+    /// The `[rows, hidden]` output.
+    pub fn wait(self) -> std::result::Result<Tensor, ExpertError> {
+        match self {
+            Pending::Ready(t) => Ok(t),
+            Pending::Waiting(f) => f(),
+        }
     }
 }
 
 /// Runs the routed experts of one MoE layer. The in-process implementation holds every
 /// expert; the remote one (expert parallelism) sends rows to the shards that hold them.
-/// Both must return, for each row, `Σ weight · expert(row)` over its routes, added in
-/// ascending expert order, so they give the same tokens.
+/// Both return, for each row, `Σ weight · expert(row)` over its routes, so they give the
+/// same tokens.
 pub trait ExpertBackend: Send + Sync + Debug {
-    /// `xs` is `[rows, hidden]`; returns `[rows, hidden]` in `xs`'s dtype.
-    fn forward(&self, layer: usize, xs: &Tensor, routes: &Routes) -> Result<Tensor>;
+    /// Starts the routed experts of `layer` on `xs` (`[rows, hidden]`); the output
+    /// (`[rows, hidden]` in `xs`'s dtype) comes from [`Pending::wait`]. A backend that
+    /// computes in place returns [`Pending::Ready`]; a remote one returns at once so the
+    /// caller can work (attention of another micro-batch) while the shards compute.
+    fn dispatch(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routes: &Routes,
+    ) -> std::result::Result<Pending, ExpertError>;
+
+    /// [`dispatch`](Self::dispatch) and wait.
+    fn forward(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routes: &Routes,
+    ) -> std::result::Result<Tensor, ExpertError> {
+        self.dispatch(layer, xs, routes)?.wait()
+    }
+
+    /// Whether [`dispatch`](Self::dispatch) returns before the experts are done, so that
+    /// splitting a batch into micro-batches can overlap attention with expert work.
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
-/// Every routed expert of every MoE layer, in this process.
-#[derive(Debug)]
+/// Routed experts in this process: every one (single-process mode), or the subset an
+/// expert shard's placement assigns it.
+#[derive(Debug, Clone, Default)]
 pub struct LocalExperts {
-    /// `layers[l]` is empty for dense layers.
-    layers: Vec<Vec<Mlp>>,
+    /// `layers[l][e]`: `None` for experts not held; `layers[l]` is empty for dense layers.
+    layers: Vec<Vec<Option<Mlp>>>,
 }
 
 impl LocalExperts {
@@ -81,8 +190,22 @@ impl LocalExperts {
         dtype: Precision,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
+        Self::load_subset(cfg, ckpt, dtype, device, &|_, _| true, None)
+    }
+
+    /// Loads the routed experts `wanted(layer, expert)` selects. Experts already in
+    /// `reuse` are taken from it instead of being read again (a placement change only
+    /// reads what is new).
+    pub fn load_subset(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        dtype: Precision,
+        device: &Device,
+        wanted: &dyn Fn(usize, u32) -> bool,
+        reuse: Option<&LocalExperts>,
+    ) -> std::result::Result<Self, ModelError> {
         let Some(moe) = &cfg.moe else {
-            return Ok(Self { layers: Vec::new() });
+            return Ok(Self::default());
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         let started = std::time::Instant::now();
@@ -97,13 +220,165 @@ impl LocalExperts {
                     "loading routed experts"
                 );
             }
-            layers.push(if *sparse {
-                load_layer_experts(cfg, moe, ckpt, layer, dtype, device)?
-            } else {
-                Vec::new()
-            });
+            if !*sparse {
+                layers.push(Vec::new());
+                continue;
+            }
+            let mut held = Vec::with_capacity(moe.num_experts);
+            let mut fused = None;
+            for e in 0..moe.num_experts as u32 {
+                if !wanted(layer, e) {
+                    held.push(None);
+                    continue;
+                }
+                if let Some(mlp) = reuse.and_then(|r| r.get(layer, e)) {
+                    held.push(Some(mlp.clone()));
+                    continue;
+                }
+                let src = fused.get_or_insert_with(|| ExpertSource::find(ckpt, layer));
+                held.push(Some(src.load(cfg, moe, ckpt, e, dtype, device)?));
+            }
+            layers.push(held);
         }
         Ok(Self { layers })
+    }
+
+    /// Expert `expert` of `layer`, if held.
+    pub fn get(&self, layer: usize, expert: u32) -> Option<&Mlp> {
+        self.layers.get(layer)?.get(expert as usize)?.as_ref()
+    }
+
+    /// The held experts of each layer that has any, ascending.
+    pub fn held(&self) -> Vec<(usize, Vec<u32>)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(l, experts)| {
+                let ids: Vec<u32> = experts
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| m.is_some())
+                    .map(|(e, _)| e as u32)
+                    .collect();
+                (!ids.is_empty()).then_some((l, ids))
+            })
+            .collect()
+    }
+
+    /// Bytes of the held experts' weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(Mlp::weight_bytes)
+            .sum()
+    }
+
+    /// `Σ weight · expert(row)` for each row of `xs` over `groups` (from
+    /// [`group_by_expert`]), added in the groups' order. Every expert must be held.
+    pub fn forward_groups(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        groups: &[ExpertRows],
+    ) -> Result<Tensor> {
+        // One gather, one weighting and one scatter-add for the whole layer (not one per
+        // expert): rows grouped by expert in ascending order, so each row's partial sums
+        // are still added in ascending expert order.
+        let mut rows = Vec::new();
+        let mut weights = Vec::new();
+        for (_, r, w) in groups {
+            rows.extend_from_slice(r);
+            weights.extend_from_slice(w);
+        }
+        let out = xs.zeros_like()?;
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let idx = Tensor::new(rows.as_slice(), xs.device())?;
+        let gathered = xs.index_select(&idx, 0)?;
+        let mut ys = Vec::with_capacity(groups.len());
+        let mut at = 0;
+        for (expert, r, _) in groups {
+            let mlp = self.get(layer, *expert).ok_or_else(|| {
+                candle_core::Error::Msg(format!("expert {expert} of layer {layer} is not held"))
+            })?;
+            ys.push(mlp.forward(&gathered.narrow(0, at, r.len())?)?);
+            at += r.len();
+        }
+        let w = Tensor::new(weights.as_slice(), xs.device())?
+            .to_dtype(xs.dtype())?
+            .unsqueeze(1)?;
+        let ys = Tensor::cat(&ys, 0)?.broadcast_mul(&w)?;
+        out.index_add(&idx, &ys, 0)
+    }
+}
+
+/// Where one layer's routed experts are stored: per-expert tensors (Mixtral's `w1/w2/w3`
+/// or `gate/up/down_proj`), or transformers v5's fused `[E, …]` tensors, of which only the
+/// wanted expert's rows are read.
+enum ExpertSource {
+    PerExpert { prefix: String, mixtral_names: bool },
+    Fused { gate_up: String, down: String },
+}
+
+impl ExpertSource {
+    fn find(ckpt: &Checkpoint, layer: usize) -> Self {
+        let prefix = moe_prefix(ckpt, layer);
+        let gate_up = format!("{prefix}.experts.gate_up_proj");
+        if ckpt.contains(&gate_up) {
+            return Self::Fused {
+                gate_up,
+                down: format!("{prefix}.experts.down_proj"),
+            };
+        }
+        let mixtral_names = ckpt.contains(&format!("{prefix}.experts.0.w1.weight"));
+        Self::PerExpert {
+            prefix,
+            mixtral_names,
+        }
+    }
+
+    fn load(
+        &self,
+        cfg: &ModelConfig,
+        moe: &MoeConfig,
+        ckpt: &Checkpoint,
+        expert: u32,
+        dtype: Precision,
+        device: &Device,
+    ) -> std::result::Result<Mlp, ModelError> {
+        let (d, ff, n) = (
+            cfg.hidden_size,
+            moe.expert_intermediate_size,
+            moe.num_experts,
+        );
+        match self {
+            Self::PerExpert {
+                prefix,
+                mixtral_names,
+            } => Mlp::load(
+                ckpt,
+                &format!("{prefix}.experts.{expert}"),
+                d,
+                ff,
+                *mixtral_names,
+                dtype,
+                device,
+            ),
+            // [E, 2·ff, d] (gate rows first) and [E, d, ff].
+            Self::Fused { gate_up, down } => {
+                let e = expert as usize;
+                let gu = ckpt.tensor_row(gate_up, &[n, 2 * ff, d], e, dtype.weights, device)?;
+                let dn = ckpt.tensor_row(down, &[n, d, ff], e, dtype.weights, device)?;
+                Mlp::from_fused(&gu, &dn).map_err(|err| ModelError::Tensor {
+                    file: ckpt.dir().to_path_buf(),
+                    name: gate_up.clone(),
+                    message: err.to_string(),
+                })
+            }
+        }
     }
 }
 
@@ -117,58 +392,13 @@ pub fn moe_prefix(ckpt: &Checkpoint, layer: usize) -> String {
     }
 }
 
-fn load_layer_experts(
-    cfg: &ModelConfig,
-    moe: &MoeConfig,
-    ckpt: &Checkpoint,
-    layer: usize,
-    dtype: Precision,
-    device: &Device,
-) -> std::result::Result<Vec<Mlp>, ModelError> {
-    let prefix = moe_prefix(ckpt, layer);
-    let (d, ff, n) = (
-        cfg.hidden_size,
-        moe.expert_intermediate_size,
-        moe.num_experts,
-    );
-    let fused_gate_up = format!("{prefix}.experts.gate_up_proj");
-    let tensor_err = |name: &str, e: candle_core::Error| ModelError::Tensor {
-        file: ckpt.dir().to_path_buf(),
-        name: name.to_string(),
-        message: e.to_string(),
-    };
-    if ckpt.contains(&fused_gate_up) {
-        // transformers v5 layout: [E, 2·ff, d] (gate rows first) and [E, d, ff].
-        let fused_down = format!("{prefix}.experts.down_proj");
-        let gate_up = ckpt.tensor(&fused_gate_up, &[n, 2 * ff, d], dtype.weights, device)?;
-        let down = ckpt.tensor(&fused_down, &[n, d, ff], dtype.weights, device)?;
-        return (0..n)
-            .map(|e| {
-                let gu = gate_up.i(e);
-                let dn = down.i(e);
-                gu.and_then(|gu| Mlp::from_fused(&gu, &dn?))
-                    .map_err(|err| tensor_err(&fused_gate_up, err))
-            })
-            .collect();
-    }
-    let mixtral_names = ckpt.contains(&format!("{prefix}.experts.0.w1.weight"));
-    (0..n)
-        .map(|e| {
-            Mlp::load(
-                ckpt,
-                &format!("{prefix}.experts.{e}"),
-                d,
-                ff,
-                mixtral_names,
-                dtype,
-                device,
-            )
-        })
-        .collect()
-}
-
 impl ExpertBackend for LocalExperts {
-    fn forward(&self, layer: usize, xs: &Tensor, routes: &Routes) -> Result<Tensor> {
+    fn dispatch(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        routes: &Routes,
+    ) -> std::result::Result<Pending, ExpertError> {
         let experts = self
             .layers
             .get(layer)
@@ -176,33 +406,8 @@ impl ExpertBackend for LocalExperts {
             .ok_or_else(|| {
                 candle_core::Error::Msg(format!("layer {layer} has no routed experts"))
             })?;
-        // One gather, one weighting and one scatter-add for the whole layer (not one per
-        // expert): rows grouped by expert in ascending order, so each row's partial sums
-        // are still added in ascending expert order.
         let groups = routes.by_expert(experts.len());
-        let mut rows = Vec::with_capacity(routes.experts.len());
-        let mut weights = Vec::with_capacity(routes.experts.len());
-        for (_, r, w) in &groups {
-            rows.extend_from_slice(r);
-            weights.extend_from_slice(w);
-        }
-        let out = xs.zeros_like()?;
-        if rows.is_empty() {
-            return Ok(out);
-        }
-        let idx = Tensor::new(rows.as_slice(), xs.device())?;
-        let gathered = xs.index_select(&idx, 0)?;
-        let mut ys = Vec::with_capacity(groups.len());
-        let mut at = 0;
-        for (expert, r, _) in &groups {
-            ys.push(experts[*expert as usize].forward(&gathered.narrow(0, at, r.len())?)?);
-            at += r.len();
-        }
-        let w = Tensor::new(weights.as_slice(), xs.device())?
-            .to_dtype(xs.dtype())?
-            .unsqueeze(1)?;
-        let ys = Tensor::cat(&ys, 0)?.broadcast_mul(&w)?;
-        out.index_add(&idx, &ys, 0)
+        Ok(Pending::Ready(self.forward_groups(layer, xs, &groups)?))
     }
 }
 
@@ -333,23 +538,57 @@ impl MoeBlock {
         Ok(self.rule.route(&flat, self.num_experts))
     }
 
+    /// Routes `xs`, starts its routed experts on `backend` and computes the shared expert
+    /// meanwhile; [`PendingMoe::wait`] gives the block's output.
+    pub fn dispatch(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        backend: &dyn ExpertBackend,
+    ) -> std::result::Result<(PendingMoe, Routes), ExpertError> {
+        let routes = self.route(xs)?;
+        let routed = backend.dispatch(layer, xs, &routes)?;
+        let shared = match &self.shared {
+            Some((mlp, gate)) => {
+                let mut shared = mlp.forward(xs)?;
+                if let Some(gate) = gate {
+                    shared = shared.broadcast_mul(&candle_nn::ops::sigmoid(&gate.forward(xs)?)?)?;
+                }
+                Some(shared)
+            }
+            None => None,
+        };
+        Ok((PendingMoe { routed, shared }, routes))
+    }
+
     /// Routed experts through `backend`, plus the shared expert.
     pub fn forward(
         &self,
         layer: usize,
         xs: &Tensor,
         backend: &dyn ExpertBackend,
-    ) -> Result<(Tensor, Routes)> {
-        let routes = self.route(xs)?;
-        let mut ys = backend.forward(layer, xs, &routes)?;
-        if let Some((mlp, gate)) = &self.shared {
-            let mut shared = mlp.forward(xs)?;
-            if let Some(gate) = gate {
-                shared = shared.broadcast_mul(&candle_nn::ops::sigmoid(&gate.forward(xs)?)?)?;
-            }
-            ys = (ys + shared)?;
-        }
-        Ok((ys, routes))
+    ) -> std::result::Result<(Tensor, Routes), ExpertError> {
+        let (pending, routes) = self.dispatch(layer, xs, backend)?;
+        Ok((pending.wait()?, routes))
+    }
+}
+
+/// A MoE block's output in the making: routed experts maybe still in flight, the shared
+/// expert done.
+#[derive(Debug)]
+pub struct PendingMoe {
+    routed: Pending,
+    shared: Option<Tensor>,
+}
+
+impl PendingMoe {
+    /// Routed plus shared output, `[rows, hidden]`.
+    pub fn wait(self) -> std::result::Result<Tensor, ExpertError> {
+        let ys = self.routed.wait()?;
+        Ok(match self.shared {
+            Some(shared) => (ys + shared)?,
+            None => ys,
+        })
     }
 }
 
@@ -386,7 +625,7 @@ mod tests {
             Mlp::new(&gate, &up, &down)
         };
         let experts = LocalExperts {
-            layers: vec![vec![mk(1.0)?, mk(2.0)?]],
+            layers: vec![vec![Some(mk(1.0)?), Some(mk(2.0)?)]],
         };
         let xs = Tensor::new(&[[1f32, 1.0], [2.0, 2.0]], &dev)?;
         let routes = Routes {
@@ -394,7 +633,10 @@ mod tests {
             experts: vec![0, 1, 1, 0],
             weights: vec![0.5, 0.5, 1.0, 0.0],
         };
-        let ys = experts.forward(0, &xs, &routes)?.to_vec2::<f32>()?;
+        let ys = experts
+            .forward(0, &xs, &routes)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .to_vec2::<f32>()?;
         // row 0: 0.5·(50·1)·1/50 + 0.5·(50·2)·1/50 = 1.5 (silu(50) ≈ 50).
         assert!((ys[0][0] - 1.5).abs() < 1e-3, "{ys:?}");
         // row 1: 1.0 · expert 1 on x=2: 2·(2·50)/50·... = silu(100)·4/50 = 8.

@@ -12,7 +12,7 @@ use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;
 use super::layers::{Linear, Mlp, Precision, RmsNorm, Rotary};
 use super::mla::Mla;
-use super::moe::{ExpertBackend, MoeBlock, Routes};
+use super::moe::{ExpertBackend, ExpertError, MoeBlock, PendingMoe, Routes};
 
 #[derive(Debug, Clone)]
 enum FeedForward {
@@ -201,33 +201,81 @@ impl Transformer {
         &self.device
     }
 
-    /// Runs one step: writes the batch's keys/values into `kv` and returns f32 logits
-    /// `[batch.logit_rows, vocab]` plus the routes each MoE layer chose.
-    pub fn forward(&self, batch: &ForwardBatch, kv: &PagedKv) -> Result<(Tensor, StepRoutes)> {
-        let mut xs = self.embed.index_select(&batch.tokens, 0)?;
-        let cos_sin = self.rotary.at(&batch.positions)?;
-        let mut routes = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(&xs)?;
-            let h = match &layer.attention {
-                SelfAttention::Mha(a) => a.forward(&h, batch, &cos_sin, kv)?,
-                SelfAttention::Mla(a) => a.forward(&h, batch, &cos_sin, kv)?,
-            };
-            xs = (xs + h)?;
-            let h = layer.post_norm.forward(&xs)?;
-            let h = match &layer.ff {
-                FeedForward::Dense(mlp) => mlp.forward(&h)?,
-                FeedForward::Moe(block) => {
-                    let (ys, r) = block.forward(l, &h, self.experts.as_ref())?;
-                    routes.push((l, r));
-                    ys
-                }
-            };
-            xs = (xs + h)?;
+    /// Runs one step over `parts` (one batch, or micro-batches of one step): writes their
+    /// keys/values into `kv` and returns f32 logits `[Σ logit_rows, vocab]` (parts in
+    /// order) plus the routes each MoE layer chose.
+    ///
+    /// With several parts the layers are interleaved so that one part's routed experts
+    /// are in flight while the next part's attention runs: for each layer and part, wait
+    /// for that part's experts of the previous layer, then run this layer's attention and
+    /// dispatch its experts. With a backend that computes in place this is the plain
+    /// sequential order; with expert shards it hides their latency behind attention.
+    /// [`ExpertError::Unavailable`] rows are rows of the concatenated parts.
+    pub fn forward(
+        &self,
+        parts: &[ForwardBatch],
+        kv: &PagedKv,
+    ) -> std::result::Result<(Tensor, StepRoutes), ExpertError> {
+        let mut offsets = Vec::with_capacity(parts.len());
+        let mut total = 0u32;
+        for b in parts {
+            offsets.push(total);
+            total += b.num_tokens as u32;
         }
-        let rows = xs.index_select(&batch.logit_rows, 0)?;
+        let mut xs = parts
+            .iter()
+            .map(|b| self.embed.index_select(&b.tokens, 0))
+            .collect::<Result<Vec<_>>>()?;
+        let cos_sin = parts
+            .iter()
+            .map(|b| self.rotary.at(&b.positions))
+            .collect::<Result<Vec<_>>>()?;
+        let mut pending: Vec<Option<PendingMoe>> =
+            std::iter::repeat_with(|| None).take(parts.len()).collect();
+        let mut routes = Vec::new();
+        let finish = |x: &Tensor, p: PendingMoe, at: u32| {
+            let ys = p.wait().map_err(|e| e.shifted(at))?;
+            Ok::<_, ExpertError>((x + ys)?)
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (i, batch) in parts.iter().enumerate() {
+                if let Some(p) = pending[i].take() {
+                    xs[i] = finish(&xs[i], p, offsets[i])?;
+                }
+                let h = layer.input_norm.forward(&xs[i])?;
+                let h = match &layer.attention {
+                    SelfAttention::Mha(a) => a.forward(&h, batch, &cos_sin[i], kv)?,
+                    SelfAttention::Mla(a) => a.forward(&h, batch, &cos_sin[i], kv)?,
+                };
+                xs[i] = (&xs[i] + h)?;
+                let h = layer.post_norm.forward(&xs[i])?;
+                match &layer.ff {
+                    FeedForward::Dense(mlp) => xs[i] = (&xs[i] + mlp.forward(&h)?)?,
+                    FeedForward::Moe(block) => {
+                        let (p, r) = block
+                            .dispatch(l, &h, self.experts.as_ref())
+                            .map_err(|e| e.shifted(offsets[i]))?;
+                        routes.push((l, r));
+                        pending[i] = Some(p);
+                    }
+                }
+            }
+        }
+        let mut rows = Vec::with_capacity(parts.len());
+        for (i, batch) in parts.iter().enumerate() {
+            if let Some(p) = pending[i].take() {
+                xs[i] = finish(&xs[i], p, offsets[i])?;
+            }
+            rows.push(xs[i].index_select(&batch.logit_rows, 0)?);
+        }
+        let rows = Tensor::cat(&rows, 0)?;
         let logits = self.lm_head.forward(&self.norm.forward(&rows)?)?;
         Ok((logits.to_dtype(DType::F32)?, routes))
+    }
+
+    /// Whether the routed experts run elsewhere (so micro-batches can overlap with them).
+    pub fn experts_are_remote(&self) -> bool {
+        self.experts.is_remote()
     }
 
     /// Bytes of weights one decode step reads for `distinct_experts` routed experts per MoE

@@ -1,0 +1,342 @@
+//! Which routed experts an expert shard holds.
+//!
+//! Three sources, in the order a shard looks for them:
+//! - a **placement file** (`--placement FILE`), JSON, for the whole deployment:
+//!   ```json
+//!   { "revision": "r7",
+//!     "shards": [ { "experts": { "*": "0-31" } },
+//!                 { "experts": { "*": "32-63", "5": "0-3,40-63" } } ] }
+//!   ```
+//!   `shards[i]` is shard `i`'s assignment: per MoE layer (its decoder index as a string,
+//!   or `"*"` for every MoE layer not listed) a list of expert ids and inclusive ranges.
+//!   The same expert on several shards is a replica. The file is re-read while the shard
+//!   runs, so a changed placement takes effect without a restart.
+//! - the operator's **even spread** (`worker.json`: `placement.strategy: evenSpread` over
+//!   `shards.count`): contiguous near-equal blocks of every MoE layer's experts.
+//! - nothing: the shard holds every routed expert (single-shard setups and tests).
+//!
+//! Every id is checked against the checkpoint: an expert it lacks, or a layer that is not
+//! a MoE layer, stops the shard with a message naming it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::model::ModelConfig;
+
+/// Where a shard's assignment comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementSource {
+    /// Every routed expert.
+    All,
+    /// Entry `shard` of a placement file.
+    File {
+        /// The file (re-read on change).
+        path: PathBuf,
+        /// This shard's index in `shards`.
+        shard: u32,
+    },
+    /// The operator's even spread of every MoE layer over `shards` shards.
+    EvenSpread {
+        /// Shards in the deployment.
+        shards: u32,
+        /// This shard's index.
+        shard: u32,
+        /// The placement revision the operator wrote.
+        revision: String,
+    },
+}
+
+/// What one shard holds: per MoE layer, the expert ids, ascending.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Assignment {
+    /// Reported by `Describe`; empty when every expert is held without a placement.
+    pub revision: String,
+    /// Layer → experts held.
+    pub layers: BTreeMap<usize, BTreeSet<u32>>,
+}
+
+impl Assignment {
+    /// Whether `(layer, expert)` is assigned.
+    pub fn holds(&self, layer: usize, expert: u32) -> bool {
+        self.layers.get(&layer).is_some_and(|e| e.contains(&expert))
+    }
+
+    /// `(layer, expert)` pairs assigned.
+    pub fn len(&self) -> usize {
+        self.layers.values().map(BTreeSet::len).sum()
+    }
+
+    /// Whether nothing is assigned.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a placement cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    /// The file could not be read.
+    #[error("placement file {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid, or names something the checkpoint lacks.
+    #[error("placement file {}: {message}", path.display())]
+    Invalid {
+        /// The file (or `worker.json` for the even spread).
+        path: PathBuf,
+        /// Which field, what was found and what is accepted.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlacementFile {
+    revision: String,
+    shards: Vec<ShardEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShardEntry {
+    experts: BTreeMap<String, String>,
+}
+
+impl PlacementSource {
+    /// The assignment for `cfg`'s model, checked against it.
+    pub fn resolve(&self, cfg: &ModelConfig) -> Result<Assignment, PlacementError> {
+        let moe_layers = moe_layers(cfg);
+        let num_experts = cfg.moe.as_ref().map_or(0, |m| m.num_experts) as u32;
+        match self {
+            PlacementSource::All => Ok(Assignment {
+                revision: String::new(),
+                layers: moe_layers
+                    .iter()
+                    .map(|&l| (l, (0..num_experts).collect()))
+                    .collect(),
+            }),
+            PlacementSource::EvenSpread {
+                shards,
+                shard,
+                revision,
+            } => {
+                let invalid = |message: String| PlacementError::Invalid {
+                    path: PathBuf::from("worker.json"),
+                    message,
+                };
+                if shard >= shards {
+                    return Err(invalid(format!(
+                        "shard index {shard} is not below shards.count {shards}"
+                    )));
+                }
+                let block = switchyard_proto::worker_config::even_spread(num_experts, *shards)
+                    .into_iter()
+                    .nth(*shard as usize)
+                    .unwrap_or_default();
+                Ok(Assignment {
+                    revision: revision.clone(),
+                    layers: moe_layers
+                        .iter()
+                        .map(|&l| (l, block.clone().collect()))
+                        .filter(|(_, e): &(usize, BTreeSet<u32>)| !e.is_empty())
+                        .collect(),
+                })
+            }
+            PlacementSource::File { path, shard } => {
+                let text = std::fs::read_to_string(path).map_err(|source| PlacementError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                parse(path, &text, *shard, cfg)
+            }
+        }
+    }
+}
+
+fn moe_layers(cfg: &ModelConfig) -> Vec<usize> {
+    cfg.moe.as_ref().map_or_else(Vec::new, |m| {
+        m.sparse_layers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s)
+            .map(|(l, _)| l)
+            .collect()
+    })
+}
+
+/// Shard `shard`'s assignment from a placement file's text.
+pub fn parse(
+    path: &Path,
+    text: &str,
+    shard: u32,
+    cfg: &ModelConfig,
+) -> Result<Assignment, PlacementError> {
+    let invalid = |message: String| PlacementError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file: PlacementFile =
+        serde_json::from_str(text).map_err(|e| invalid(format!("not valid: {e}")))?;
+    let entry = file.shards.get(shard as usize).ok_or_else(|| {
+        invalid(format!(
+            "shards has {} entries; this is shard {shard}",
+            file.shards.len()
+        ))
+    })?;
+    let moe_layers = moe_layers(cfg);
+    let num_experts = cfg.moe.as_ref().map_or(0, |m| m.num_experts) as u32;
+    let mut layers = BTreeMap::new();
+    let mut default = None;
+    for (key, list) in &entry.experts {
+        let field = format!("shards[{shard}].experts[{key:?}]");
+        let experts = parse_ids(list).map_err(|e| invalid(format!("{field}: {e}")))?;
+        if let Some(&bad) = experts.iter().find(|&&e| e >= num_experts) {
+            return Err(invalid(format!(
+                "{field}: expert {bad} does not exist: the checkpoint has {num_experts} routed experts per layer (0-{})",
+                num_experts.saturating_sub(1)
+            )));
+        }
+        if key == "*" {
+            default = Some(experts);
+            continue;
+        }
+        let layer: usize = key.parse().map_err(|_| {
+            invalid(format!(
+                "{field}: a layer is a decoder layer index or \"*\""
+            ))
+        })?;
+        if !moe_layers.contains(&layer) {
+            return Err(invalid(format!(
+                "{field}: layer {layer} is not a MoE layer of this checkpoint (MoE layers: {})",
+                describe_layers(&moe_layers)
+            )));
+        }
+        layers.insert(layer, experts);
+    }
+    if let Some(default) = default {
+        for &l in &moe_layers {
+            layers.entry(l).or_insert_with(|| default.clone());
+        }
+    }
+    layers.retain(|_, e| !e.is_empty());
+    Ok(Assignment {
+        revision: file.revision,
+        layers,
+    })
+}
+
+/// `"0-3,7,9-10"` → {0, 1, 2, 3, 7, 9, 10}.
+pub fn parse_ids(list: &str) -> Result<BTreeSet<u32>, String> {
+    let mut ids = BTreeSet::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let number = |s: &str| {
+            s.trim().parse::<u32>().map_err(|_| {
+                format!("{s:?} is not an expert id (expected ids and ranges like \"0-7,12\")")
+            })
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    return Err(format!("range {part:?} is empty (start above end)"));
+                }
+                ids.extend(a..=b);
+            }
+            None => {
+                ids.insert(number(part)?);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+fn describe_layers(layers: &[usize]) -> String {
+    match (layers.first(), layers.last()) {
+        (Some(a), Some(b)) if layers.len() == b - a + 1 => format!("{a}-{b}"),
+        _ => layers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{RawConfig, resolve};
+
+    /// 4 layers, the first dense, 8 experts.
+    fn cfg() -> ModelConfig {
+        let raw: RawConfig = serde_json::from_value(serde_json::json!({
+            "model_type": "deepseek_v3", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 96, "moe_intermediate_size": 24, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8,
+            "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+            "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+            "v_head_dim": 8, "n_group": 4, "topk_group": 2
+        }))
+        .expect("raw");
+        resolve(Path::new("config.json"), raw).expect("valid")
+    }
+
+    #[test]
+    fn file_with_default_and_per_layer_entries() {
+        let text = r#"{"revision": "r1", "shards": [
+            {"experts": {"*": "0-3"}},
+            {"experts": {"*": "4-7", "2": "0,6-7"}}]}"#;
+        let a = parse(Path::new("p.json"), text, 1, &cfg()).expect("valid");
+        assert_eq!(a.revision, "r1");
+        assert_eq!(a.layers[&1], BTreeSet::from([4, 5, 6, 7]));
+        assert_eq!(a.layers[&2], BTreeSet::from([0, 6, 7]));
+        assert!(!a.layers.contains_key(&0), "layer 0 is dense");
+        assert_eq!(a.len(), 4 + 3 + 4);
+    }
+
+    #[test]
+    fn an_expert_the_checkpoint_lacks_is_named() {
+        let text = r#"{"revision": "r1", "shards": [{"experts": {"*": "0-8"}}]}"#;
+        let e = parse(Path::new("p.json"), text, 0, &cfg())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("expert 8 does not exist") && e.contains("8 routed experts per layer (0-7)"),
+            "{e}"
+        );
+        let text = r#"{"revision": "r1", "shards": [{"experts": {"0": "1"}}]}"#;
+        let e = parse(Path::new("p.json"), text, 0, &cfg())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer 0 is not a MoE layer") && e.contains("1-3"),
+            "{e}"
+        );
+        let e = parse(Path::new("p.json"), text, 3, &cfg())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shards has 1 entries; this is shard 3"), "{e}");
+        assert!(parse_ids("3-1").unwrap_err().contains("empty"));
+        assert!(parse_ids("a").unwrap_err().contains("not an expert id"));
+    }
+
+    #[test]
+    fn even_spread_and_all() {
+        let src = PlacementSource::EvenSpread {
+            shards: 3,
+            shard: 2,
+            revision: "abc".into(),
+        };
+        let a = src.resolve(&cfg()).expect("valid");
+        assert_eq!(a.layers[&3], BTreeSet::from([6, 7]));
+        assert_eq!(a.revision, "abc");
+        let all = PlacementSource::All.resolve(&cfg()).expect("valid");
+        assert_eq!(all.len(), 3 * 8);
+        assert!(all.holds(1, 7) && !all.holds(0, 0));
+    }
+}

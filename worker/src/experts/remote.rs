@@ -1,0 +1,794 @@
+//! [`RemoteExperts`]: the frontend's [`ExpertBackend`] over expert-shard processes.
+//!
+//! ```text
+//!  dispatch(layer, rows, routes)            (engine thread; returns at once)
+//!    └─ task on the runtime: plan → one Forward per shard, all at once
+//!         plan: per routed expert, the up shard holding it with the least outstanding
+//!               work (rows in flight + rows planned), ties to the lowest address
+//!         a call fails → that shard is benched (backoff) and its experts re-planned on
+//!               the other holders; none left → Unavailable for the rows that need them
+//!  Pending::wait → partial sums added on the host in a fixed order (by smallest expert)
+//!  refresh task: resolve DNS (optional), Describe each shard every `refresh`
+//! ```
+//!
+//! Results do not depend on which replica served an expert: replicas compute the same
+//! function, each shard sums its experts in ascending order, and the frontend adds the
+//! shards' partial sums in the order of their smallest expert, whichever shard it was.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use switchyard_proto::expert::v1 as pb;
+use switchyard_proto::expert::v1::expert_shard_client::ExpertShardClient;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{describe_identity, wire};
+use crate::model::ModelConfig;
+use crate::model::moe::{ExpertBackend, ExpertError, Pending, Routes};
+
+/// Where the shards are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardTargets {
+    /// Fixed gRPC addresses (`http://host:port`).
+    Static(Vec<String>),
+    /// Every address a DNS name resolves to (a headless Service), re-resolved on each
+    /// refresh.
+    Dns {
+        /// The name.
+        host: String,
+        /// The shards' gRPC port.
+        port: u16,
+    },
+}
+
+impl ShardTargets {
+    /// Parses `--expert-shards`: comma-separated addresses, or `dns:///NAME:PORT`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        if let Some(rest) = spec.strip_prefix("dns:///") {
+            let (host, port) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| format!("{spec:?}: expected dns:///NAME:PORT"))?;
+            let port = port
+                .parse()
+                .map_err(|_| format!("{spec:?}: {port:?} is not a port"))?;
+            return Ok(Self::Dns {
+                host: host.to_string(),
+                port,
+            });
+        }
+        let addrs: Vec<String> = spec
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                if a.contains("://") {
+                    a.to_string()
+                } else {
+                    format!("http://{a}")
+                }
+            })
+            .collect();
+        if addrs.is_empty() {
+            return Err("expected at least one shard address (host:port, comma-separated) or dns:///NAME:PORT".into());
+        }
+        Ok(Self::Static(addrs))
+    }
+}
+
+/// How the frontend talks to shards.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// Where the shards are.
+    pub targets: ShardTargets,
+    /// The dtype hidden rows travel in.
+    pub wire: pb::Dtype,
+    /// Deadline of one `Forward` call.
+    pub timeout: Duration,
+    /// How often every shard is asked `Describe` (and DNS re-resolved).
+    pub refresh: Duration,
+    /// How long start-up waits for every routed expert to have a holder.
+    pub wait: Duration,
+}
+
+/// Routed experts on expert shards.
+#[derive(Debug, Clone)]
+pub struct RemoteExperts {
+    inner: Arc<Inner>,
+    rt: tokio::runtime::Handle,
+}
+
+#[derive(Debug)]
+struct Inner {
+    identity: pb::ModelIdentity,
+    hidden: usize,
+    moe_layers: Vec<usize>,
+    num_experts: u32,
+    opts: RemoteOptions,
+    links: RwLock<Vec<Arc<Link>>>,
+    metrics: RemoteMetrics,
+}
+
+#[derive(Debug)]
+struct Link {
+    addr: String,
+    client: ExpertShardClient<Channel>,
+    state: Mutex<LinkState>,
+    /// Rows in flight to this shard.
+    outstanding: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    up: bool,
+    holds: HashSet<(u32, u32)>,
+    revision: String,
+    max_request_bytes: u64,
+    last_error: String,
+    /// Benched after a failed `Forward` until then.
+    down_until: Option<Instant>,
+    /// Consecutive failed calls (the bench doubles with each, up to 30 s).
+    failures: u32,
+}
+
+/// One shard's answer for one layer: rows (of the dispatched batch) and their partial
+/// sums, keyed by the smallest expert it computed (the fixed adding order).
+#[derive(Debug)]
+struct Part {
+    key: u32,
+    rows: Vec<u32>,
+    data: Vec<f32>,
+}
+
+impl RemoteExperts {
+    /// Connects to the shards of `cfg`'s model and waits (up to `opts.wait`) until every
+    /// routed expert has a holder, logging progress; after that it serves anyway (the
+    /// requests that need a missing expert fail with `UNAVAILABLE`) and keeps looking.
+    pub async fn connect(
+        cfg: &ModelConfig,
+        identity: pb::ModelIdentity,
+        opts: RemoteOptions,
+        registry: &Registry,
+    ) -> anyhow::Result<Self> {
+        let moe = cfg.moe.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("a dense model has no routed experts to put on shards")
+        })?;
+        let inner = Arc::new(Inner {
+            identity,
+            hidden: cfg.hidden_size,
+            moe_layers: moe
+                .sparse_layers
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| **s)
+                .map(|(l, _)| l)
+                .collect(),
+            num_experts: moe.num_experts as u32,
+            opts,
+            links: RwLock::new(Vec::new()),
+            metrics: RemoteMetrics::new(registry)?,
+        });
+        inner.refresh().await;
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        loop {
+            let missing = inner.missing();
+            if missing == 0 {
+                break;
+            }
+            if started.elapsed() >= inner.opts.wait {
+                tracing::warn!(
+                    missing,
+                    shards = %inner.describe_links(),
+                    "serving without every routed expert: requests that need a missing one fail with UNAVAILABLE until a shard holding it is up"
+                );
+                break;
+            }
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                tracing::info!(missing, shards = %inner.describe_links(), "waiting for expert shards");
+                last_log = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            inner.refresh().await;
+        }
+        tracing::info!(shards = %inner.describe_links(), "expert shards ready");
+        let refresher = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = refresher.upgrade() else {
+                    return;
+                };
+                let every = inner.opts.refresh;
+                inner.refresh().await;
+                drop(inner);
+                tokio::time::sleep(every).await;
+            }
+        });
+        Ok(Self {
+            inner,
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+}
+
+impl Inner {
+    fn links(&self) -> Vec<Arc<Link>> {
+        self.links
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `(layer, expert)` pairs without an up holder.
+    fn missing(&self) -> usize {
+        let links = self.links();
+        let states: Vec<_> = links.iter().map(|l| l.lock()).collect();
+        let mut missing = 0;
+        for &layer in &self.moe_layers {
+            for e in 0..self.num_experts {
+                if !states
+                    .iter()
+                    .any(|s| s.up && s.holds.contains(&(layer as u32, e)))
+                {
+                    missing += 1;
+                }
+            }
+        }
+        missing
+    }
+
+    fn describe_links(&self) -> String {
+        let links = self.links();
+        if links.is_empty() {
+            return "none found".into();
+        }
+        links
+            .iter()
+            .map(|l| {
+                let s = l.lock();
+                if s.up {
+                    format!("{} up ({} experts)", l.addr, s.holds.len())
+                } else {
+                    format!("{} down ({})", l.addr, s.last_error)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Re-resolves the targets and asks every shard what it holds.
+    async fn refresh(&self) {
+        let addrs = match &self.opts.targets {
+            ShardTargets::Static(a) => a.clone(),
+            ShardTargets::Dns { host, port } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(found) => {
+                        let mut a: Vec<String> = found.map(|sa| format!("http://{sa}")).collect();
+                        a.sort();
+                        a.dedup();
+                        a
+                    }
+                    Err(e) => {
+                        tracing::warn!(%host, error = %e, "cannot resolve the expert shards' name; keeping the shards known");
+                        self.links().iter().map(|l| l.addr.clone()).collect()
+                    }
+                }
+            }
+        };
+        let links = {
+            let mut links = self
+                .links
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            links.retain(|l| addrs.contains(&l.addr));
+            for a in &addrs {
+                if links.iter().any(|l| &l.addr == a) {
+                    continue;
+                }
+                match Endpoint::from_shared(a.clone()) {
+                    Ok(ep) => {
+                        let channel = ep
+                            .connect_timeout(Duration::from_secs(1))
+                            .tcp_nodelay(true)
+                            .connect_lazy();
+                        links.push(Arc::new(Link {
+                            addr: a.clone(),
+                            client: ExpertShardClient::new(channel)
+                                .max_decoding_message_size(usize::MAX)
+                                .max_encoding_message_size(usize::MAX),
+                            state: Mutex::new(LinkState::default()),
+                            outstanding: AtomicU64::new(0),
+                        }));
+                    }
+                    Err(e) => tracing::error!(addr = %a, error = %e, "not a valid shard address"),
+                }
+            }
+            links.sort_by(|a, b| a.addr.cmp(&b.addr));
+            links.clone()
+        };
+        let calls = links.iter().map(|l| async move {
+            let mut req = tonic::Request::new(pb::DescribeRequest {});
+            req.set_timeout(Duration::from_secs(2));
+            let answer =
+                tokio::time::timeout(Duration::from_secs(2), l.client.clone().describe(req)).await;
+            (l, answer)
+        });
+        for (link, answer) in futures::future::join_all(calls).await {
+            let mut s = link.lock();
+            let was_up = s.up;
+            let benched = s.down_until.is_some_and(|t| Instant::now() < t);
+            match answer {
+                Ok(Ok(resp)) => {
+                    let d = resp.into_inner();
+                    if d.model.as_ref() != Some(&self.identity) {
+                        s.up = false;
+                        s.last_error = format!(
+                            "serves {}, not {}",
+                            describe_identity(d.model.as_ref()),
+                            describe_identity(Some(&self.identity))
+                        );
+                    } else {
+                        s.holds = d
+                            .layers
+                            .iter()
+                            .flat_map(|l| l.experts.iter().map(move |&e| (l.layer, e)))
+                            .collect();
+                        s.revision = d.placement_revision;
+                        s.max_request_bytes = d.max_request_bytes;
+                        s.up = !benched;
+                        if !benched {
+                            s.last_error.clear();
+                        }
+                    }
+                }
+                Ok(Err(status)) => {
+                    s.up = false;
+                    s.last_error = format!("{:?}: {}", status.code(), status.message());
+                }
+                Err(_) => {
+                    s.up = false;
+                    s.last_error = "Describe timed out".into();
+                }
+            }
+            self.metrics
+                .up
+                .with_label_values(&[&link.addr])
+                .set(i64::from(s.up));
+            if was_up != s.up {
+                if s.up {
+                    tracing::info!(shard = %link.addr, experts = s.holds.len(), revision = %s.revision, "expert shard up");
+                } else {
+                    tracing::warn!(shard = %link.addr, reason = %s.last_error, "expert shard down");
+                }
+            }
+        }
+    }
+
+    /// Runs one layer's routed experts for `pairs` (row, expert, weight) of the `rows ×
+    /// hidden` f32 matrix `host`, failing over between holders.
+    async fn run_layer(
+        self: Arc<Self>,
+        layer: usize,
+        host: Arc<Vec<f32>>,
+        pairs: Vec<(u32, u32, f32)>,
+    ) -> Result<Vec<Part>, ExpertError> {
+        let mut todo = pairs;
+        let mut excluded: HashSet<String> = HashSet::new();
+        let mut parts = Vec::new();
+        let links = self.links();
+        for _ in 0..=links.len() {
+            let links = self.links();
+            let (plan, missing) = self.plan(layer, &links, &todo, &excluded);
+            if !missing.is_empty() {
+                return Err(self.unavailable(layer, &todo, &missing, &links));
+            }
+            let calls = plan
+                .into_iter()
+                .map(|(link, pairs)| self.call(layer, link, &host, pairs));
+            let mut retry = Vec::new();
+            for (link, result) in futures::future::join_all(calls).await {
+                match result {
+                    Ok(part) => parts.push(part),
+                    Err((status, pairs)) => {
+                        self.bench(&link, &status);
+                        self.metrics
+                            .failovers
+                            .with_label_values(&[&link.addr])
+                            .inc();
+                        excluded.insert(link.addr.clone());
+                        retry.extend(pairs);
+                    }
+                }
+            }
+            if retry.is_empty() {
+                return Ok(parts);
+            }
+            todo = retry;
+        }
+        Err(self.unavailable(layer, &todo, &BTreeSet::new(), &self.links()))
+    }
+
+    /// Picks a holder for each expert of `pairs`: among up, not excluded shards holding
+    /// it, the one with the least outstanding plus already planned rows. Returns the
+    /// pairs per chosen shard, and the experts with no holder.
+    #[allow(clippy::type_complexity)]
+    fn plan(
+        &self,
+        layer: usize,
+        links: &[Arc<Link>],
+        pairs: &[(u32, u32, f32)],
+        excluded: &HashSet<String>,
+    ) -> (Vec<(Arc<Link>, Vec<(u32, u32, f32)>)>, BTreeSet<u32>) {
+        let mut by_expert: BTreeMap<u32, Vec<(u32, u32, f32)>> = BTreeMap::new();
+        for &p in pairs {
+            by_expert.entry(p.1).or_default().push(p);
+        }
+        let usable: Vec<(usize, HashSet<(u32, u32)>)> = links
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !excluded.contains(&l.addr))
+            .filter_map(|(i, l)| {
+                let s = l.lock();
+                s.up.then(|| (i, s.holds.clone()))
+            })
+            .collect();
+        let mut planned = vec![0u64; links.len()];
+        let mut out: BTreeMap<usize, Vec<(u32, u32, f32)>> = BTreeMap::new();
+        let mut missing = BTreeSet::new();
+        for (expert, ps) in by_expert {
+            let best = usable
+                .iter()
+                .filter(|(_, holds)| holds.contains(&(layer as u32, expert)))
+                .min_by_key(|(i, _)| {
+                    (
+                        links[*i].outstanding.load(Ordering::Relaxed) + planned[*i],
+                        *i,
+                    )
+                })
+                .map(|(i, _)| *i);
+            match best {
+                Some(i) => {
+                    planned[i] += ps.len() as u64;
+                    out.entry(i).or_default().extend(ps);
+                }
+                None => {
+                    missing.insert(expert);
+                }
+            }
+        }
+        let plan = out
+            .into_iter()
+            .map(|(i, ps)| (links[i].clone(), ps))
+            .collect();
+        (plan, missing)
+    }
+
+    fn unavailable(
+        &self,
+        layer: usize,
+        todo: &[(u32, u32, f32)],
+        missing: &BTreeSet<u32>,
+        links: &[Arc<Link>],
+    ) -> ExpertError {
+        let experts: BTreeSet<u32> = if missing.is_empty() {
+            todo.iter().map(|p| p.1).collect()
+        } else {
+            missing.clone()
+        };
+        let rows: BTreeSet<u32> = todo
+            .iter()
+            .filter(|p| experts.contains(&p.1))
+            .map(|p| p.0)
+            .collect();
+        let list = experts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let shards = if links.is_empty() {
+            "no shards found".to_string()
+        } else {
+            self.describe_links()
+        };
+        ExpertError::Unavailable {
+            rows: rows.into_iter().collect(),
+            message: format!(
+                "no reachable expert shard holds layer {layer} expert(s) {list} (shards: {shards})"
+            ),
+        }
+    }
+
+    /// Benches a shard after a failed call: no traffic until a later `Describe`
+    /// succeeds and the backoff (1 s, doubling per consecutive failure, at most 30 s) has
+    /// passed.
+    fn bench(&self, link: &Link, status: &tonic::Status) {
+        let mut s = link.lock();
+        s.failures = s.failures.saturating_add(1);
+        let backoff = Duration::from_secs(1 << s.failures.saturating_sub(1).min(5))
+            .min(Duration::from_secs(30));
+        s.down_until = Some(Instant::now() + backoff);
+        s.up = false;
+        s.last_error = format!("{:?}: {}", status.code(), status.message());
+        self.metrics.up.with_label_values(&[&link.addr]).set(0);
+        tracing::warn!(shard = %link.addr, code = ?status.code(), error = %status.message(), backoff_ms = backoff.as_millis() as u64, "expert shard call failed; routing around it");
+    }
+
+    /// One `Forward` to `link` for `pairs`; on failure, the status and the pairs to
+    /// re-plan.
+    async fn call(
+        &self,
+        layer: usize,
+        link: Arc<Link>,
+        host: &[f32],
+        pairs: Vec<(u32, u32, f32)>,
+    ) -> (
+        Arc<Link>,
+        Result<Part, (tonic::Status, Vec<(u32, u32, f32)>)>,
+    ) {
+        let h = self.hidden;
+        // The rows this shard needs, ascending, and each one's routes.
+        let mut routes: BTreeMap<u32, Vec<pb::ExpertRoute>> = BTreeMap::new();
+        for &(row, expert, weight) in &pairs {
+            routes
+                .entry(row)
+                .or_default()
+                .push(pb::ExpertRoute { expert, weight });
+        }
+        let rows: Vec<u32> = routes.keys().copied().collect();
+        let routes: Vec<Vec<pb::ExpertRoute>> = routes.into_values().collect();
+        // Rows per call within the shard's message limit (prefill chunks of a large model
+        // can exceed it), sent one after another: still one call in flight per shard.
+        let per_row = h * self.opts.wire.size_bytes().unwrap_or(4)
+            + 16 * (pairs.len() / rows.len().max(1) + 1);
+        let limit = link.lock().max_request_bytes as usize;
+        let chunk = if limit == 0 {
+            rows.len()
+        } else {
+            (limit * 9 / 10 / per_row).max(1)
+        };
+        let key = pairs.iter().map(|p| p.1).min().unwrap_or(0);
+        let n = rows.len() as u64;
+        link.outstanding.fetch_add(n, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut values = Vec::with_capacity(rows.len() * h);
+        let mut sent = 0;
+        let mut received = 0;
+        let mut failure = None;
+        for (rs, routes) in rows.chunks(chunk).zip(routes.chunks(chunk)) {
+            let mut data = Vec::with_capacity(rs.len() * h);
+            for &r in rs {
+                data.extend_from_slice(&host[r as usize * h..][..h]);
+            }
+            let hidden = wire::encode_f32(&data, rs.len(), h, self.opts.wire);
+            sent += hidden.data.len() as u64;
+            let request = pb::ForwardRequest {
+                model: Some(self.identity.clone()),
+                layer: layer as u32,
+                hidden: Some(hidden),
+                routes: routes
+                    .iter()
+                    .map(|r| pb::RowRoutes { routes: r.clone() })
+                    .collect(),
+            };
+            match self.forward_once(&link, request, rs.len()).await {
+                Ok((v, bytes)) => {
+                    values.extend(v);
+                    received += bytes;
+                }
+                Err(status) => {
+                    failure = Some(status);
+                    break;
+                }
+            }
+        }
+        link.outstanding.fetch_sub(n, Ordering::Relaxed);
+        let m = &self.metrics;
+        if let Some(status) = failure {
+            return (link, Err((status, pairs)));
+        }
+        m.latency
+            .with_label_values(&[&link.addr])
+            .observe(started.elapsed().as_secs_f64());
+        m.bytes_sent.with_label_values(&[&link.addr]).inc_by(sent);
+        m.bytes_received
+            .with_label_values(&[&link.addr])
+            .inc_by(received);
+        m.expert_rows
+            .with_label_values(&[&link.addr])
+            .inc_by(pairs.len() as u64);
+        link.lock().failures = 0;
+        (
+            link,
+            Ok(Part {
+                key,
+                rows,
+                data: values,
+            }),
+        )
+    }
+
+    /// One `Forward` call with its deadline; the output's values and byte size.
+    async fn forward_once(
+        &self,
+        link: &Link,
+        request: pb::ForwardRequest,
+        n: usize,
+    ) -> Result<(Vec<f32>, u64), tonic::Status> {
+        let h = self.hidden;
+        let mut req = tonic::Request::new(request);
+        req.set_timeout(self.opts.timeout);
+        // The client-side timeout bounds the call even if the shard ignores grpc-timeout.
+        let answer = tokio::time::timeout(self.opts.timeout, link.client.clone().forward(req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {} ms",
+                    self.opts.timeout.as_millis()
+                )))
+            });
+        let code = match &answer {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics
+            .calls
+            .with_label_values(&[&link.addr, crate::frontend::metrics::status_label(code)])
+            .inc();
+        let out = answer?
+            .into_inner()
+            .output
+            .ok_or_else(|| tonic::Status::internal("the shard answered without an output"))?;
+        if out.shape != [n as u64, h as u64] {
+            return Err(tonic::Status::internal(format!(
+                "the shard's output has shape {:?}, expected [{n}, {h}]",
+                out.shape
+            )));
+        }
+        let values = wire::decode_f32(&out)
+            .map_err(|e| tonic::Status::internal(format!("the shard's output: {e}")))?;
+        Ok((values, out.data.len() as u64))
+    }
+}
+
+impl Link {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ExpertBackend for RemoteExperts {
+    fn dispatch(&self, layer: usize, xs: &Tensor, routes: &Routes) -> Result<Pending, ExpertError> {
+        let (rows, hidden) = xs.dims2()?;
+        let host = Arc::new(xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        let pairs: Vec<(u32, u32, f32)> = routes.pairs().collect();
+        let (device, dtype) = (xs.device().clone(), xs.dtype());
+        let task = self
+            .rt
+            .spawn(self.inner.clone().run_layer(layer, host, pairs));
+        let rt = self.rt.clone();
+        Ok(Pending::Waiting(Box::new(move || {
+            let mut parts = rt.block_on(task).map_err(|e| {
+                ExpertError::Compute(candle_core::Error::Msg(format!(
+                    "the expert dispatch task failed: {e}"
+                )))
+            })??;
+            // A fixed adding order, whichever shards answered.
+            parts.sort_by_key(|p| p.key);
+            let mut out = vec![0f32; rows * hidden];
+            for p in parts {
+                for (i, &r) in p.rows.iter().enumerate() {
+                    let dst = &mut out[r as usize * hidden..][..hidden];
+                    for (o, x) in dst.iter_mut().zip(&p.data[i * hidden..][..hidden]) {
+                        *o += x;
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(out, (rows, hidden), &device)?.to_dtype(dtype)?)
+        })))
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+}
+
+/// The frontend's metrics about shards, registered into its registry.
+///
+/// | metric | type | labels |
+/// | --- | --- | --- |
+/// | `switchyard_expert_rpc_duration_seconds` | histogram | `shard` |
+/// | `switchyard_expert_rpcs_total` | counter | `shard`, `status` |
+/// | `switchyard_expert_rpc_bytes_sent_total`, `_received_total` | counter | `shard` |
+/// | `switchyard_expert_shard_rows_total` | counter | `shard`: (token, expert) pairs served |
+/// | `switchyard_expert_failovers_total` | counter | `shard`: calls rerouted away from it |
+/// | `switchyard_expert_shard_up` | gauge | `shard` |
+#[derive(Debug, Clone)]
+struct RemoteMetrics {
+    latency: HistogramVec,
+    calls: IntCounterVec,
+    bytes_sent: IntCounterVec,
+    bytes_received: IntCounterVec,
+    expert_rows: IntCounterVec,
+    failovers: IntCounterVec,
+    up: IntGaugeVec,
+}
+
+impl RemoteMetrics {
+    fn new(registry: &Registry) -> anyhow::Result<Self> {
+        let shard = &["shard"];
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "expert_rpc_duration_seconds",
+                "Time of one successful ExpertShard.Forward call as the frontend sees it (dispatch + compute + combine transport)",
+            )
+            .buckets(vec![
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0,
+            ]),
+            shard,
+        )?;
+        let calls = IntCounterVec::new(
+            Opts::new(
+                "expert_rpcs_total",
+                "ExpertShard.Forward calls, by shard and gRPC status",
+            ),
+            &["shard", "status"],
+        )?;
+        let bytes_sent = IntCounterVec::new(
+            Opts::new(
+                "expert_rpc_bytes_sent_total",
+                "Hidden-row bytes sent to each shard",
+            ),
+            shard,
+        )?;
+        let bytes_received = IntCounterVec::new(
+            Opts::new(
+                "expert_rpc_bytes_received_total",
+                "Partial-sum bytes received from each shard",
+            ),
+            shard,
+        )?;
+        let expert_rows = IntCounterVec::new(
+            Opts::new(
+                "expert_shard_rows_total",
+                "(token, expert) pairs each shard computed",
+            ),
+            shard,
+        )?;
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "expert_failovers_total",
+                "Forward calls that failed and whose experts were re-planned on other holders",
+            ),
+            shard,
+        )?;
+        let up = IntGaugeVec::new(
+            Opts::new(
+                "expert_shard_up",
+                "1 while a shard is reachable, serves this model and is not benched",
+            ),
+            shard,
+        )?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(calls.clone()))?;
+        registry.register(Box::new(bytes_sent.clone()))?;
+        registry.register(Box::new(bytes_received.clone()))?;
+        registry.register(Box::new(expert_rows.clone()))?;
+        registry.register(Box::new(failovers.clone()))?;
+        registry.register(Box::new(up.clone()))?;
+        Ok(Self {
+            latency,
+            calls,
+            bytes_sent,
+            bytes_received,
+            expert_rows,
+            failovers,
+            up,
+        })
+    }
+}
