@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# `make demo`: builds the worker and the CLI, starts a frontend on free loopback ports
-# serving the built-in demo model (or MODEL=<checkpoint dir>), streams a completion through
-# the `switchyard` CLI, then prints a short summary from the frontend's /metrics: tokens/s
-# and which experts the tokens were routed to. Stops the worker on exit, whatever happens.
+# `make demo`: builds the worker and the CLI, starts two expert-shard processes (each
+# holding half of every MoE layer's routed experts) and a frontend that calls them, all on
+# free loopback ports, serving the built-in demo model (or MODEL=<checkpoint dir>); streams
+# a completion through the `switchyard` CLI, then prints a short summary from the
+# frontend's /metrics: tokens/s, which experts the tokens were routed to and how much work
+# each shard did. Stops every process on exit, whatever happens. SHARDS=0 runs the
+# frontend alone with every expert in process.
 #
 #   make demo                          # the demo model: random weights, meaningless text
 #   MODEL=/path/to/checkpoint make demo
@@ -20,13 +23,48 @@ cargo build --quiet --release -p switchyard-worker --bins
 bin="$repo/target/release"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+shards=${SHARDS:-2}
+logdir=$(mktemp -d -t switchyard-demo.XXXXXX)
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$logdir"' EXIT
+
+# wait_ready ADDR SERVICE PID LOG: until the gRPC health check of SERVICE says SERVING.
+wait_ready() {
+  for _ in $(seq 600); do
+    "$bin/switchyard" --addr "$1" health --service "$2" >/dev/null 2>&1 && return 0
+    kill -0 "$3" 2>/dev/null || { echo "the worker exited:"; cat "$4"; exit 1; }
+    sleep 0.2
+  done
+  echo "$2 on $1 did not become ready:"; cat "$4"; exit 1
+}
+
+shard_addrs=()
+if [ "$shards" -gt 0 ]; then
+  echo "==> starting $shards expert shards, each holding 1/$shards of every MoE layer's routed experts"
+fi
+for i in $(seq 0 $((shards - 1))); do
+  sport=$(free_port)
+  "$bin/switchyard-worker" --role expert-shard --model "$model" \
+    --shard-count "$shards" --shard-index "$i" \
+    --listen "127.0.0.1:$sport" --metrics-listen "127.0.0.1:$(free_port)" >"$logdir/shard-$i.log" 2>&1 &
+  pids+=($!)
+  # The first shard generates the demo checkpoint if needed; the others wait for it.
+  wait_ready "http://127.0.0.1:$sport" switchyard.expert.v1.ExpertShard "${pids[-1]}" "$logdir/shard-$i.log"
+  grep -m1 'routed experts loaded' "$logdir/shard-$i.log" | sed "s/^.*routed experts loaded /    shard $i on 127.0.0.1:$sport: /"
+  shard_addrs+=("127.0.0.1:$sport")
+done
+
 port=$(free_port)
 metrics_port=$(free_port)
-log=$(mktemp -t switchyard-demo.XXXXXX.log)
-"$bin/switchyard-worker" --role frontend --model "$model" \
+log="$logdir/frontend.log"
+expert_flags=()
+if [ "$shards" -gt 0 ]; then
+  expert_flags=(--expert-shards "$(IFS=,; echo "${shard_addrs[*]}")")
+fi
+"$bin/switchyard-worker" --role frontend --model "$model" "${expert_flags[@]}" \
   --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" >"$log" 2>&1 &
 worker=$!
-trap 'kill $worker 2>/dev/null; wait $worker 2>/dev/null; rm -f "$log"' EXIT
+pids+=($worker)
 
 addr="http://127.0.0.1:$port"
 if [ "$model" = demo ]; then
@@ -36,13 +74,7 @@ if [ "$model" = demo ]; then
 else
   echo "==> starting a frontend on $addr with $model"
 fi
-for _ in $(seq 600); do
-  "$bin/switchyard" --addr "$addr" health --service switchyard.v1.Inference >/dev/null 2>&1 && break
-  kill -0 $worker 2>/dev/null || { echo "the worker exited:"; cat "$log"; exit 1; }
-  sleep 0.2
-done
-"$bin/switchyard" --addr "$addr" health --service switchyard.v1.Inference >/dev/null ||
-  { echo "the frontend did not become ready:"; cat "$log"; exit 1; }
+wait_ready "$addr" switchyard.v1.Inference "$worker" "$log"
 grep -m1 'model loaded' "$log" | sed 's/^.*model loaded /    model loaded: /'
 
 echo "==> switchyard generate --max-tokens $max_tokens \"$prompt\""
@@ -67,6 +99,10 @@ for expert, layer, n in re.findall(r'^switchyard_expert_tokens_total\{expert="(\
 print(f"    generated tokens : {tokens:.0f} in {steps:.0f} engine steps ({step_sum:.2f} s of model time)")
 if step_sum > 0:
     print(f"    decode speed     : {tokens / step_sum:.1f} tokens/s of model time; time to first token {ttft * 1000:.0f} ms")
+shards = re.findall(r'^switchyard_expert_shard_rows_total\{shard="([^"]+)"\} (\S+)$', text, re.M)
+for shard, n in shards:
+    calls = sum(float(c) for c in re.findall(rf'^switchyard_expert_rpcs_total\{{shard="{re.escape(shard)}",status="ok"\}} (\S+)$', text, re.M))
+    print(f"    expert shard     : {shard} computed {float(n):.0f} (token, expert) pairs in {calls:.0f} calls")
 if experts:
     layers = sorted({l for (_, l) in experts})
     print(f"    experts used     : {sum(1 for v in experts.values() if v > 0)} (layer, expert) pairs across {len(layers)} MoE layers")

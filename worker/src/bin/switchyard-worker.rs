@@ -85,12 +85,37 @@ enum Tool {
         #[arg(long)]
         model_id: Option<String>,
     },
+    /// Time one MoE layer's routed experts (dispatch, expert compute, combine) for
+    /// batches of random hidden rows with random top-k routes: on expert shards
+    /// (`--expert-shards`) or in process; prints p50/p99 per batch size as JSON on stdout.
+    BenchExperts {
+        /// Checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Shard addresses (as a frontend's `--expert-shards`); unset: in process.
+        #[arg(long)]
+        expert_shards: Option<String>,
+        /// Hidden rows' dtype on the wire: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        expert_wire_dtype: String,
+        /// Tokens per call, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
+        tokens: Vec<usize>,
+        /// Timed calls per batch size.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// The model id the shards serve (default: the directory's name).
+        #[arg(long)]
+        model_id: Option<String>,
+    },
     /// Write a deterministic random checkpoint (Hugging Face layout, qwen3_moe) to a
-    /// directory: `demo` (what `make demo` serves), `bench` (about 0.5 B parameters) or
-    /// `deepseek-bench` (DeepSeek-V2-Lite proportions, MLA, about 0.45 B parameters).
+    /// directory: `demo` (what `make demo` serves), `bench` (about 0.5 B parameters),
+    /// `deepseek-bench` (DeepSeek-V2-Lite proportions, MLA, about 0.45 B parameters) or
+    /// `ep-bench` (one MoE layer at hidden 2048, 64 narrow experts, top-8: expert-parallel
+    /// dispatch and combine).
     MakeCheckpoint {
         /// Which shape.
-        #[arg(long, value_parser = ["demo", "bench", "deepseek-bench"], default_value = "demo")]
+        #[arg(long, value_parser = ["demo", "bench", "deepseek-bench", "ep-bench"], default_value = "demo")]
         shape: String,
         /// Output directory (created).
         #[arg(long)]
@@ -160,8 +185,13 @@ struct FrontendArgs {
     /// Expert shard: this shard's index in the deployment (its entry in the placement).
     #[arg(long, env = "SWITCHYARD_SHARD_INDEX", default_value_t = 0)]
     shard_index: u32,
+    /// Expert shard: hold an even share of every MoE layer's experts, as shard
+    /// `--shard-index` of this many (contiguous near-equal blocks). Ignored with
+    /// `--placement`.
+    #[arg(long)]
+    shard_count: Option<u32>,
     /// Expert shard: the placement file (JSON; see docs/experts.md), re-read on change.
-    /// Unset (and no worker.json): the shard holds every routed expert.
+    /// Unset (and no --shard-count or worker.json): the shard holds every routed expert.
     #[arg(long, env = "SWITCHYARD_PLACEMENT")]
     placement: Option<PathBuf>,
     /// Expert shard, fault injection for tests: delay every Forward by this many ms.
@@ -238,7 +268,14 @@ impl FrontendArgs {
                     path: path.clone(),
                     shard: self.shard_index,
                 },
-                None => PlacementSource::All,
+                None => match self.shard_count {
+                    Some(n) => PlacementSource::EvenSpread {
+                        shards: n,
+                        shard: self.shard_index,
+                        revision: format!("even-{n}"),
+                    },
+                    None => PlacementSource::All,
+                },
             },
             max_request_bytes: SHARD_MAX_REQUEST_BYTES,
             forward_delay: self.debug_forward_delay_ms.map(Duration::from_millis),
@@ -379,6 +416,64 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
+        Tool::BenchExperts {
+            model,
+            expert_shards,
+            expert_wire_dtype,
+            tokens,
+            iterations,
+            model_id,
+        } => {
+            let device = candle_core::Device::Cpu;
+            let cfg = switchyard_worker::model::config::load(&model)?;
+            let ckpt = switchyard_worker::model::checkpoint::Checkpoint::open(&model)?;
+            let precision =
+                switchyard_worker::model::precision_for(candle_core::DType::F32, &device);
+            let backend: Arc<dyn switchyard_worker::model::moe::ExpertBackend> =
+                match &expert_shards {
+                    None => Arc::new(switchyard_worker::model::moe::LocalExperts::load(
+                        &cfg, &ckpt, precision, &device,
+                    )?),
+                    Some(spec) => {
+                        let remote = remote_options(spec, &expert_wire_dtype, 10_000, 60)?;
+                        let model_id = model_id.unwrap_or_else(|| {
+                            model.file_name().map_or_else(
+                                || "model".into(),
+                                |n| n.to_string_lossy().into_owned(),
+                            )
+                        });
+                        let identity = experts::identity(&model_id, &ckpt, precision.weights)?;
+                        let registry = prometheus::Registry::new();
+                        Arc::new(
+                            tokio::runtime::Handle::current().block_on(RemoteExperts::connect(
+                                &cfg, identity, remote, &registry,
+                            ))?,
+                        )
+                    }
+                };
+            let mut results = Vec::new();
+            for t in tokens {
+                let stats = experts::bench::layer_latency(backend.as_ref(), &cfg, t, iterations)?;
+                eprintln!(
+                    "{t} tokens: p50 {:.0} us, p99 {:.0} us, mean {:.0} us",
+                    stats.p50_us, stats.p99_us, stats.mean_us
+                );
+                results.push(stats);
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": model.display().to_string(),
+                    "hidden": cfg.hidden_size,
+                    "top_k": cfg.moe.as_ref().map(|m| m.top_k),
+                    "experts": cfg.moe.as_ref().map(|m| m.num_experts),
+                    "expert_shards": expert_shards,
+                    "wire": expert_wire_dtype,
+                    "results": results,
+                })
+            );
+            Ok(())
+        }
         Tool::MakeCheckpoint { shape, out } if shape == "deepseek-bench" => {
             eprintln!(
                 "writing a random DeepSeek-V2-Lite-shaped checkpoint to {}",
@@ -387,10 +482,10 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
             demo::write_deepseek_bench(&out)
         }
         Tool::MakeCheckpoint { shape, out } => {
-            let shape = if shape == "bench" {
-                demo::BENCH
-            } else {
-                demo::DEMO
+            let shape = match shape.as_str() {
+                "bench" => demo::BENCH,
+                "ep-bench" => demo::EP_BENCH,
+                _ => demo::DEMO,
             };
             eprintln!("writing a random {shape:?} checkpoint to {}", out.display());
             demo::write(&out, &shape)

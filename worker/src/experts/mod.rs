@@ -20,6 +20,7 @@
 //! A shard and a frontend only work together when their [`identity`] is equal: the same
 //! model id, checkpoint content and weight dtype.
 
+pub mod bench;
 pub mod placement;
 pub mod remote;
 pub mod shard;

@@ -71,6 +71,22 @@ pub const BENCH: DemoShape = DemoShape {
     readable: false,
 };
 
+/// The expert-parallel benchmark shape (`docs/benchmarks.md`): one MoE layer at hidden
+/// 2048 with 64 experts, top-8, like the DeepEP low-latency setting, and experts only 16
+/// wide so that a call's time is dispatch and combine rather than expert arithmetic.
+pub const EP_BENCH: DemoShape = DemoShape {
+    hidden: 2048,
+    layers: 1,
+    heads: 16,
+    kv_heads: 4,
+    head_dim: 128,
+    experts: 64,
+    top_k: 8,
+    expert_ff: 16,
+    vocab: 512,
+    readable: false,
+};
+
 const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 /// Returns the demo checkpoint directory under `cache`, generating it on first use.
