@@ -62,3 +62,7 @@ fixtures: ## Regenerate the tiny HF checkpoints + transformers references in wor
 	fi; \
 	"$$venv/bin/pip" install --quiet --disable-pip-version-check -r hack/fixtures/requirements.txt; \
 	"$$venv/bin/python" hack/fixtures/generate.py
+
+.PHONY: bench-experts
+bench-experts: ## Expert-parallel figures: one MoE layer on 2/4 shards, decode on 2 shards (docs/benchmarks.md)
+	hack/bench/expert-parallel.sh

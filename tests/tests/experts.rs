@@ -406,6 +406,28 @@ async fn without_a_replica_the_request_fails_unavailable_and_a_restart_recovers(
 }
 
 #[tokio::test]
+async fn shards_behind_a_dns_name_are_found() {
+    let model = fixture_model("qwen3_moe");
+    let shard = ShardProcess::start(&model, &[]).await.expect("shard");
+    // `localhost` stands in for a headless Service's name: every address it resolves to
+    // is a candidate shard (an IPv6 one with no listener is simply down).
+    let spec = format!("dns:///localhost:{}", shard.port());
+    let frontend = FrontendProcess::start(&model, &["--expert-shards", &spec])
+        .await
+        .expect("frontend");
+    let got = generate_all(&frontend, 4).await;
+    assert!(got.iter().all(|ids| ids.len() == 4), "{got:?}");
+    let rows = frontend
+        .metric(&format!(
+            "switchyard_expert_shard_rows_total{{shard=\"http://127.0.0.1:{}\"}}",
+            shard.port()
+        ))
+        .await
+        .unwrap_or(0.0);
+    assert!(rows > 0.0, "the shard found by name served the experts");
+}
+
+#[tokio::test]
 async fn a_slow_shard_fails_over_or_fails_fast() {
     let model = fixture_model("qwen3_moe");
     let local = FrontendProcess::start(&model, &[]).await.expect("local");

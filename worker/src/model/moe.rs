@@ -613,6 +613,33 @@ mod tests {
         );
     }
 
+    /// A shard's memory is its share: half the experts, half the bytes, from the fused
+    /// `[E, …]` tensors (qwen3_moe fixture) and the per-expert ones (mixtral fixture).
+    #[test]
+    fn a_subset_holds_only_its_experts_bytes() {
+        for name in ["qwen3_moe", "mixtral"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models")
+                .join(name);
+            let cfg = super::super::config::load(&dir).expect("config");
+            let ckpt = Checkpoint::open(&dir).expect("checkpoint");
+            let p = Precision::uniform(DType::F32);
+            let all = LocalExperts::load(&cfg, &ckpt, p, &Device::Cpu).expect("all");
+            let half = LocalExperts::load_subset(&cfg, &ckpt, p, &Device::Cpu, &|_, e| e < 4, None)
+                .expect("half");
+            assert_eq!(half.weight_bytes() * 2, all.weight_bytes(), "{name}");
+            assert!(
+                half.get(1, 3).is_some() && half.get(1, 4).is_none(),
+                "{name}"
+            );
+            // Reused experts are the same tensors, not new reads.
+            let more =
+                LocalExperts::load_subset(&cfg, &ckpt, p, &Device::Cpu, &|_, e| e < 6, Some(&half))
+                    .expect("more");
+            assert_eq!(more.held()[0].1, vec![0, 1, 2, 3, 4, 5], "{name}");
+        }
+    }
+
     #[test]
     fn local_experts_weight_and_sum() -> Result<()> {
         let dev = Device::Cpu;
