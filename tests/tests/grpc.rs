@@ -28,9 +28,15 @@ async fn start_worker(
         .unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server::serve(role, listener, None, async {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(server::serve(
+        role,
+        listener,
+        None,
+        Default::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     (addr, stop, task)
 }
 

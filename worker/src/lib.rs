@@ -15,6 +15,7 @@
 //! The inference engine (model loading, MoE layers on candle, scheduling) and the role
 //! services land in their own modules as they are built; see `docs/architecture.md`.
 
+pub mod admission;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -583,7 +583,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = server::bind(args.listen).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, "listening");
-    server::serve(role, listener, role_service, shutdown_signal()).await?;
+    server::serve(
+        role,
+        listener,
+        role_service,
+        server::TransportLimits::default(),
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

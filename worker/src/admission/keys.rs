@@ -1,0 +1,328 @@
+//! API keys: who a caller is (tenant) and which tier it is in.
+//!
+//! The operator mounts the ModelDeployment's API-key Secret as a directory; every file in it
+//! (every Secret entry) holds lines of
+//!
+//! ```text
+//! # comments and blank lines are skipped
+//! TENANT:KEY          # in the default tier
+//! TENANT:KEY:TIER
+//! ```
+//!
+//! A tenant may have several keys (rotation). Keys are compared in constant time and never
+//! logged or echoed: errors name the file and line, not the key.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::path::{Path, PathBuf};
+
+/// Who a key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyOwner {
+    /// Tenant name (quotas, fairness and metrics are per tenant).
+    pub tenant: String,
+    /// Tier name.
+    pub tier: String,
+}
+
+/// The keys of one deployment, looked up without timing leaks.
+pub struct KeyRing {
+    /// Buckets by a secretly keyed hash of the key, so the lookup's timing says nothing
+    /// useful about the keys; within a bucket every candidate is compared in full.
+    buckets: HashMap<u64, Vec<(Vec<u8>, KeyOwner)>>,
+    hasher: std::collections::hash_map::RandomState,
+    count: usize,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print keys.
+        f.debug_struct("KeyRing")
+            .field("keys", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the key files cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A file could not be read.
+    #[error("API keys {}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A line is malformed (the key itself is never shown).
+    #[error("API keys {}:{line}: {message}", path.display())]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong and what is accepted.
+        message: String,
+    },
+}
+
+/// Shortest key accepted: shorter ones are guessable.
+pub const MIN_KEY_LEN: usize = 16;
+
+impl KeyRing {
+    /// Reads every file of `dir` (skipping Kubernetes' `..data` links and hidden files).
+    /// `tiers` are the valid tier names; `default_tier` places keys listed without one.
+    pub fn load(
+        dir: &Path,
+        tiers: &[String],
+        default_tier: Option<&str>,
+    ) -> Result<Self, KeyError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| KeyError::Io { path, source }
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        let mut ring = Self::empty();
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+            ring.add_text(&file, &text, tiers, default_tier)?;
+        }
+        Ok(ring)
+    }
+
+    /// A ring with no keys.
+    pub fn empty() -> Self {
+        Self {
+            buckets: HashMap::new(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            count: 0,
+        }
+    }
+
+    /// Adds the keys of one file's text.
+    pub fn add_text(
+        &mut self,
+        path: &Path,
+        text: &str,
+        tiers: &[String],
+        default_tier: Option<&str>,
+    ) -> Result<(), KeyError> {
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = |message: String| KeyError::Line {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message,
+            };
+            let mut parts = line.split(':');
+            let (tenant, key, tier) = (parts.next(), parts.next(), parts.next());
+            if parts.next().is_some() {
+                return Err(bad(
+                    "expected TENANT:KEY or TENANT:KEY:TIER (keys cannot contain ':')".into(),
+                ));
+            }
+            let (Some(tenant), Some(key)) = (tenant.map(str::trim), key.map(str::trim)) else {
+                return Err(bad("expected TENANT:KEY or TENANT:KEY:TIER".into()));
+            };
+            if tenant.is_empty()
+                || tenant.len() > 63
+                || !tenant
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(bad(format!(
+                    "tenant {tenant:?}: 1-63 characters of letters, digits, '-', '_' or '.'"
+                )));
+            }
+            if key.len() < MIN_KEY_LEN || key.chars().any(char::is_whitespace) {
+                return Err(bad(format!(
+                    "the key of tenant {tenant:?} must be at least {MIN_KEY_LEN} characters without spaces"
+                )));
+            }
+            let tier = match tier.map(str::trim) {
+                Some(t) if tiers.iter().any(|n| n == t) => t.to_string(),
+                Some(t) => {
+                    return Err(bad(format!(
+                        "tier {t:?} of tenant {tenant:?} is not one of the configured tiers ({})",
+                        tiers.join(", ")
+                    )));
+                }
+                None => default_tier.map(str::to_string).ok_or_else(|| {
+                    bad(format!(
+                        "tenant {tenant:?} names no tier and there is no default tier"
+                    ))
+                })?,
+            };
+            if self.lookup(key).is_some() {
+                return Err(bad(format!(
+                    "the key of tenant {tenant:?} is already listed (each key must be unique)"
+                )));
+            }
+            let bucket = self.hasher.hash_one(key.as_bytes());
+            self.buckets.entry(bucket).or_default().push((
+                key.as_bytes().to_vec(),
+                KeyOwner {
+                    tenant: tenant.to_string(),
+                    tier,
+                },
+            ));
+            self.count += 1;
+        }
+        Ok(())
+    }
+
+    /// The owner of `key`, if it is listed.
+    pub fn lookup(&self, key: &str) -> Option<&KeyOwner> {
+        let bucket = self.hasher.hash_one(key.as_bytes());
+        let mut found = None;
+        // Compare every candidate in full, whatever matched, so the time does not depend on
+        // which one (if any) equals the key.
+        for (k, owner) in self.buckets.get(&bucket)? {
+            if constant_time_eq(k, key.as_bytes()) {
+                found = Some(owner);
+            }
+        }
+        found
+    }
+
+    /// Keys listed.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether no key is listed.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Equality whose time depends only on the lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// The key in `authorization: Bearer <key>` metadata, if present and well-formed.
+pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    let value = metadata.get("authorization")?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiers() -> Vec<String> {
+        vec!["free".into(), "pro".into()]
+    }
+
+    #[test]
+    fn lines_map_keys_to_tenants_and_tiers() {
+        let mut ring = KeyRing::empty();
+        ring.add_text(
+            Path::new("keys"),
+            "# comment\n\nacme:aaaaaaaaaaaaaaaa1:pro\nbeta:bbbbbbbbbbbbbbbb2 # default tier\nacme:aaaaaaaaaaaaaaaa3:free\n",
+            &tiers(),
+            Some("free"),
+        )
+        .expect("valid");
+        assert_eq!(ring.len(), 3);
+        let owner = ring.lookup("aaaaaaaaaaaaaaaa1").expect("listed");
+        assert_eq!(
+            (owner.tenant.as_str(), owner.tier.as_str()),
+            ("acme", "pro")
+        );
+        assert_eq!(
+            ring.lookup("bbbbbbbbbbbbbbbb2").map(|o| o.tier.as_str()),
+            Some("free")
+        );
+        assert!(
+            ring.lookup("bbbbbbbbbbbbbbbb").is_none(),
+            "a prefix is not a key"
+        );
+        assert!(ring.lookup("").is_none());
+    }
+
+    #[test]
+    fn bad_lines_name_the_line_never_the_key() {
+        let cases = [
+            ("acme:short", "at least 16 characters"),
+            ("acme:cccccccccccccccc4:gold", "tier \"gold\""),
+            ("a b:cccccccccccccccc4", "tenant \"a b\""),
+            ("acme:cccccccccccccccc4:pro:x", "cannot contain ':'"),
+            ("acme", "expected TENANT:KEY"),
+        ];
+        for (line, want) in cases {
+            let mut ring = KeyRing::empty();
+            let e = ring
+                .add_text(
+                    Path::new("keys"),
+                    &format!("\n{line}\n"),
+                    &tiers(),
+                    Some("free"),
+                )
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("API keys keys:2: ") && e.contains(want),
+                "{line}: {e}"
+            );
+            assert!(!e.contains("cccccccccccccccc4"), "the key leaked: {e}");
+        }
+        let mut ring = KeyRing::empty();
+        let e = ring
+            .add_text(
+                Path::new("k"),
+                "a:dddddddddddddddd5\nb:dddddddddddddddd5\n",
+                &tiers(),
+                Some("free"),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("k:2") && e.contains("already listed"), "{e}");
+        let e = KeyRing::empty()
+            .add_text(Path::new("k"), "a:dddddddddddddddd5\n", &tiers(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no default tier"), "{e}");
+    }
+
+    #[test]
+    fn bearer_metadata() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(bearer(&m), None);
+        m.insert("authorization", "Bearer  abc ".parse().expect("ascii"));
+        assert_eq!(bearer(&m), Some("abc"));
+        m.insert("authorization", "Basic abc".parse().expect("ascii"));
+        assert_eq!(bearer(&m), None);
+        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn a_directory_of_secret_entries() {
+        let dir = std::env::temp_dir().join(format!("switchyard-keys-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("..data")).expect("dir");
+        std::fs::write(dir.join("team-a"), "a:eeeeeeeeeeeeeeee6:pro\n").expect("write");
+        std::fs::write(dir.join("team-b"), "b:ffffffffffffffff7\n").expect("write");
+        std::fs::write(dir.join(".hidden"), "not a key file").expect("write");
+        let ring = KeyRing::load(&dir, &tiers(), Some("free")).expect("load");
+        assert_eq!(ring.len(), 2);
+        assert_eq!(format!("{ring:?}"), "KeyRing { keys: 2, .. }");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
