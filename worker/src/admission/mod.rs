@@ -21,6 +21,9 @@
 //! - [`gcra`]: per-tenant quotas (the GCRA arithmetic).
 //! - [`fair_queue`]: the bounded fair queue.
 
+pub mod control;
 pub mod fair_queue;
 pub mod gcra;
 pub mod keys;
+
+pub use control::{Admission, AdmissionOptions, Caller, Outcome, Rejection, Slot, Turn};

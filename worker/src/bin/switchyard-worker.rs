@@ -182,6 +182,16 @@ struct FrontendArgs {
     /// the other's remote experts (`--overlap false` to turn off).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     overlap: bool,
+    /// Frontend: admission settings as JSON, in the shape of worker.json's `admission`
+    /// object (`apiKeysDir`, `tiers`, `defaultTier`, `maxQueued`,
+    /// `defaultDeadlineSeconds`; see docs/admission.md). Unset: no API keys (callers are
+    /// anonymous, keyed by address), one unlimited tier, 256 queued, 30 s.
+    #[arg(long, env = "SWITCHYARD_ADMISSION_CONFIG")]
+    admission_config: Option<PathBuf>,
+    /// Frontend: requests running in the engine at most (the rest wait in the fair
+    /// queue); default: --max-batch-size.
+    #[arg(long)]
+    max_inflight: Option<usize>,
     /// Expert shard: this shard's index in the deployment (its entry in the placement).
     #[arg(long, env = "SWITCHYARD_SHARD_INDEX", default_value_t = 0)]
     shard_index: u32,
@@ -231,7 +241,19 @@ impl FrontendArgs {
                 self.expert_wait_secs,
             )?),
         };
+        let mut admission =
+            switchyard_worker::admission::AdmissionOptions::open(self.max_batch_size);
+        if let Some(path) = &self.admission_config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --admission-config {}", path.display()))?;
+            admission.config = serde_json::from_str(&text)
+                .with_context(|| format!("--admission-config {}", path.display()))?;
+        }
+        if let Some(n) = self.max_inflight {
+            admission.max_inflight = n;
+        }
         Ok(FrontendOptions {
+            admission,
             experts,
             overlap: self.overlap,
             model,

@@ -58,6 +58,8 @@ pub struct FrontendOptions {
     pub experts: Option<crate::experts::remote::RemoteOptions>,
     /// Split decode steps into two micro-batches to overlap attention with remote experts.
     pub overlap: bool,
+    /// API keys, tiers, quotas, the fair queue and the cap on requests in the engine.
+    pub admission: crate::admission::AdmissionOptions,
 }
 
 impl FrontendOptions {
@@ -87,6 +89,11 @@ impl FrontendOptions {
                 wait: std::time::Duration::from_secs(300),
             }),
             overlap: true,
+            admission: crate::admission::AdmissionOptions {
+                config: config.admission.clone(),
+                max_inflight: s.max_batch_size as usize,
+                min_service: std::time::Duration::from_millis(10),
+            },
         }
     }
 }
@@ -258,7 +265,22 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
         default_max_tokens: opts.max_tokens_per_request,
         max_tokens_per_request: opts.max_tokens_per_request,
     };
-    let service = Frontend::new(engine, tokenizer, limits, info.clone(), metrics.clone());
+    let admission = crate::admission::Admission::new(&opts.admission, metrics.registry())
+        .context("configuring admission")?;
+    admission.spawn_housekeeping();
+    tracing::info!(
+        admission = ?admission,
+        max_queued = opts.admission.config.max_queued,
+        "admission control ready"
+    );
+    let service = Frontend::new(
+        engine,
+        tokenizer,
+        limits,
+        info.clone(),
+        metrics.clone(),
+        admission,
+    );
     Ok(Started {
         service,
         metrics,

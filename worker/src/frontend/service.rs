@@ -18,6 +18,9 @@ use tonic::{Request, Response, Status};
 
 use super::metrics::FrontendMetrics;
 use super::validate::{self, Checked, Limits};
+use crate::admission::control::quota_metadata;
+use crate::admission::gcra::Remaining;
+use crate::admission::{Admission, Caller, Outcome, Rejection, Slot, Turn};
 use crate::engine::{EngineHandle, Event, FinishReason, Occupancy, StepReport, SubmitError};
 use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome, Tokenizer};
 
@@ -29,6 +32,7 @@ pub struct Frontend {
 
 #[derive(Debug)]
 struct Inner {
+    admission: Arc<Admission>,
     engine: EngineHandle,
     tokenizer: Arc<Tokenizer>,
     limits: Limits,
@@ -45,12 +49,14 @@ impl Frontend {
         limits: Limits,
         info: pb::ModelInfo,
         metrics: Arc<FrontendMetrics>,
+        admission: Arc<Admission>,
     ) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Self {
             inner: Arc::new(Inner {
+                admission,
                 engine,
                 tokenizer,
                 limits,
@@ -61,8 +67,8 @@ impl Frontend {
         }
     }
 
-    /// The checked request, or the status to answer with (counted in metrics).
-    fn admit<T>(
+    /// The checked request, or the status to answer with.
+    fn check<T>(
         &self,
         request: &Request<T>,
         body: &pb::GenerateRequest,
@@ -81,6 +87,100 @@ impl Frontend {
         )
     }
 
+    /// Identity, validation, quotas and a place in the fair queue, in that order; every
+    /// refusal is counted (by status and by tenant outcome) and returned with its metadata.
+    fn admit<T>(
+        &self,
+        request: &Request<T>,
+        body: &pb::GenerateRequest,
+    ) -> Result<Admitted, Status> {
+        let adm = &self.inner.admission;
+        let refuse = |caller: Option<&Caller>, r: Rejection| {
+            adm.record(caller, r.outcome);
+            self.fail(r.status)
+        };
+        let caller = adm
+            .identify(request.metadata(), request.remote_addr())
+            .map_err(|r| refuse(None, r))?;
+        let checked = self.check(request, body).map_err(|status| {
+            adm.record(Some(&caller), Outcome::of_status(&status));
+            self.fail(status)
+        })?;
+        let prompt = checked.engine.prompt.len() as u64;
+        let reserved = prompt + checked.engine.max_tokens as u64;
+        let remaining = adm
+            .charge(&caller, reserved)
+            .map_err(|r| refuse(Some(&caller), r))?;
+        adm.record_accepted(&caller);
+        let turn = adm
+            .enter(
+                &caller,
+                body.priority,
+                prompt,
+                reserved,
+                checked.engine.deadline,
+            )
+            .map_err(|r| refuse(Some(&caller), r))?;
+        Ok(Admitted {
+            caller,
+            checked,
+            turn,
+            remaining,
+        })
+    }
+
+    /// Waits for the request's turn, runs it, and counts how it ended.
+    async fn run_admitted(
+        &self,
+        admitted: Admitted,
+        priority: i32,
+        out: &mut dyn ChunkSink,
+    ) -> Result<pb::GenerateSummary, Status> {
+        let adm = &self.inner.admission;
+        let Admitted {
+            caller,
+            checked,
+            turn,
+            ..
+        } = admitted;
+        let prompt = checked.engine.prompt.len() as u64;
+        let result = match turn.slot().await {
+            Ok(mut slot) => {
+                let r = self
+                    .run(checked, self.inner.info.id.clone(), priority, out, &slot)
+                    .await;
+                let completion = match &r {
+                    Ok(s) => s
+                        .usage
+                        .as_ref()
+                        .map_or(0, |u| u64::from(u.completion_tokens)),
+                    Err(_) => 0,
+                };
+                slot.finish(prompt + completion);
+                adm.record_usage(&caller, prompt, 0, completion);
+                r
+            }
+            Err(r) => {
+                adm.record(Some(&caller), r.outcome);
+                return Err(r.status);
+            }
+        };
+        let outcome = match &result {
+            Ok(_) => Outcome::Completed,
+            Err(status) => Outcome::of_status(status),
+        };
+        adm.record(Some(&caller), outcome);
+        result
+    }
+
+    /// Calls other than generation need a valid key too (when keys are configured).
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        self.inner
+            .admission
+            .identify(request.metadata(), request.remote_addr())
+            .map_err(|r| self.fail(r.status))
+    }
+
     fn fail(&self, status: Status) -> Status {
         self.inner.metrics.count_request(status.code());
         status
@@ -94,6 +194,7 @@ impl Frontend {
         model: String,
         priority: i32,
         out: &mut dyn ChunkSink,
+        slot: &Slot,
     ) -> Result<pb::GenerateSummary, Status> {
         let inner = &self.inner;
         let started = Instant::now();
@@ -149,6 +250,7 @@ impl Frontend {
                     }
                     last_token = now;
                     inner.metrics.add_generated_tokens(1);
+                    slot.generated(1);
                     completion += 1;
                     // A stop token's id is reported, its text is not part of the output.
                     let mut text = if stop {
@@ -233,6 +335,15 @@ impl Frontend {
     }
 }
 
+/// A request past identity, validation and quota, with its place in the queue.
+#[derive(Debug)]
+struct Admitted {
+    caller: Caller,
+    checked: Checked,
+    turn: Turn,
+    remaining: Remaining,
+}
+
 /// Where [`Frontend::run`] puts text chunks: the client's stream, or a buffer for the
 /// unary call. `send` returns false once the receiver is gone.
 #[tonic::async_trait]
@@ -280,15 +391,11 @@ impl Inference for Frontend {
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let started = Instant::now();
         let body = request.get_ref().clone();
-        let checked = self.admit(&request, &body).map_err(|s| self.fail(s))?;
+        let admitted = self.admit(&request, &body)?;
+        let (caller, tier) = (admitted.caller.clone(), admitted.caller.tier.clone());
         let mut collected = Collect::default();
         let result = self
-            .run(
-                checked,
-                self.inner.info.id.clone(),
-                body.priority,
-                &mut collected,
-            )
+            .run_admitted(admitted, body.priority, &mut collected)
             .await;
         self.inner
             .metrics
@@ -296,11 +403,14 @@ impl Inference for Frontend {
         match result {
             Ok(summary) => {
                 self.inner.metrics.count_request(tonic::Code::Ok);
-                Ok(Response::new(pb::GenerateResponse {
+                let mut response = Response::new(pb::GenerateResponse {
                     text: collected.text,
                     token_ids: collected.ids,
                     summary: Some(summary),
-                }))
+                });
+                let remaining = self.inner.admission.remaining(&caller);
+                quota_metadata(response.metadata_mut(), &tier, &remaining);
+                Ok(response)
             }
             Err(status) => Err(self.fail(status)),
         }
@@ -314,17 +424,13 @@ impl Inference for Frontend {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let started = Instant::now();
         let body = request.get_ref().clone();
-        let checked = self.admit(&request, &body).map_err(|s| self.fail(s))?;
+        let admitted = self.admit(&request, &body)?;
+        let (tier, remaining) = (admitted.caller.tier.clone(), admitted.remaining);
         let (tx, rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(64);
         let this = self.clone();
         tokio::spawn(async move {
             let mut sink = tx.clone();
-            let run = this.run(
-                checked,
-                this.inner.info.id.clone(),
-                body.priority,
-                &mut sink,
-            );
+            let run = this.run_admitted(admitted, body.priority, &mut sink);
             // The client dropping the stream must cancel even while nothing is produced
             // (queued, or prefilling), not only at the next token.
             let result = tokio::select! {
@@ -349,15 +455,17 @@ impl Inference for Frontend {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let mut response =
+            Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ChunkStream);
+        quota_metadata(response.metadata_mut(), &tier, &remaining);
+        Ok(response)
     }
 
     async fn tokenize(
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        self.authenticate(&request)?;
         let body = request.into_inner();
         let inner = &self.inner;
         validate::check_model(&body.model, &inner.limits).map_err(|s| self.fail(s))?;
@@ -394,8 +502,9 @@ impl Inference for Frontend {
 
     async fn list_models(
         &self,
-        _request: Request<pb::ListModelsRequest>,
+        request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.authenticate(&request)?;
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![self.inner.info.clone()],
         }))
