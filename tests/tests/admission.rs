@@ -1,0 +1,312 @@
+//! Tier 4: admission control on a real frontend process — every rejection type with its
+//! status code and metadata, remaining-quota metadata on success, deadlines in the queue,
+//! shedding by band, and the accounting invariant on `/metrics`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use switchyard_proto::inference::v1::{
+    self as pb, generate_request::Input, generate_stream_response::Event,
+    inference_client::InferenceClient,
+};
+use switchyard_tests::FrontendProcess;
+use switchyard_tests::process::TempDir;
+use switchyard_tests::worker::fixture_model;
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+const FREE_KEY: &str = "free-key-0123456789";
+const PRO_KEY: &str = "pro-key-0123456789ab";
+const LOW_KEY: &str = "low-key-0123456789ab";
+
+/// Tiers: `free` (3 requests a minute, 300 tokens a minute), `pro` (high priority,
+/// unlimited), `batch` (low priority, unlimited).
+fn setup(dir: &Path, max_queued: u32) -> PathBuf {
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    std::fs::write(
+        keys.join("tenants"),
+        format!("acme:{FREE_KEY}:free\nbig:{PRO_KEY}:pro\nnightly:{LOW_KEY}:batch\n"),
+    )
+    .expect("keys");
+    let config = serde_json::json!({
+        "apiKeysDir": keys,
+        "defaultTier": "free",
+        "tiers": [
+            {"name": "free", "priority": "normal", "weight": 1, "requestsPerMinute": 3, "tokensPerMinute": 300},
+            {"name": "pro", "priority": "high", "weight": 4},
+            {"name": "batch", "priority": "low", "weight": 1}
+        ],
+        "maxQueued": max_queued,
+        "defaultDeadlineSeconds": 30
+    });
+    let path = dir.join("admission.json");
+    std::fs::write(&path, config.to_string()).expect("admission config");
+    path
+}
+
+async fn frontend(dir: &Path, max_queued: u32, max_inflight: u32) -> FrontendProcess {
+    let config = setup(dir, max_queued);
+    FrontendProcess::start(
+        &fixture_model("qwen3_moe"),
+        &[
+            "--admission-config",
+            config.to_str().expect("utf-8"),
+            "--max-inflight",
+            &max_inflight.to_string(),
+        ],
+    )
+    .await
+    .expect("frontend")
+}
+
+fn request(key: Option<&str>, max_tokens: u32) -> tonic::Request<pb::GenerateRequest> {
+    let mut r = tonic::Request::new(pb::GenerateRequest {
+        input: Some(Input::Prompt("hello there".into())),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    if let Some(key) = key {
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {key}").parse().expect("ascii"),
+        );
+    }
+    r
+}
+
+async fn client(f: &FrontendProcess) -> InferenceClient<Channel> {
+    InferenceClient::connect(f.endpoint())
+        .await
+        .expect("connect")
+}
+
+fn md(status: &tonic::Status, name: &str) -> Option<String> {
+    status
+        .metadata()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Starts a long streaming request and returns once its first token arrived (so it holds
+/// the engine slot); the stream keeps running in the background.
+async fn occupy(
+    f: &FrontendProcess,
+    key: &str,
+    tokens: u32,
+) -> tokio::task::JoinHandle<Result<(), tonic::Status>> {
+    let mut c = client(f).await;
+    let mut stream = c
+        .generate_stream(request(Some(key), tokens))
+        .await
+        .expect("long request")
+        .into_inner();
+    let first = stream.next().await.expect("a first message").expect("ok");
+    assert!(matches!(first.event, Some(Event::Chunk(_))));
+    tokio::spawn(async move {
+        while let Some(m) = stream.next().await {
+            m?;
+        }
+        Ok(())
+    })
+}
+
+#[tokio::test]
+async fn missing_and_unknown_keys_are_unauthenticated() {
+    let dir = TempDir::new("admission").expect("dir");
+    let f = frontend(dir.path(), 16, 4).await;
+    let mut c = client(&f).await;
+    for (key, want) in [
+        (None, "an API key is required"),
+        (Some("not-a-key-0123456789"), "the API key is not valid"),
+    ] {
+        let err = c.generate(request(key, 2)).await.expect_err("refused");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        assert!(err.message().contains(want), "{}", err.message());
+        assert_eq!(md(&err, "www-authenticate").as_deref(), Some("Bearer"));
+        assert!(
+            !err.message().contains("not-a-key"),
+            "the key is never echoed"
+        );
+    }
+    // Other calls need a key too.
+    let err = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .expect_err("no key");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn quotas_answer_resource_exhausted_with_pushback_and_remaining_quota() {
+    let dir = TempDir::new("admission").expect("dir");
+    let f = frontend(dir.path(), 16, 4).await;
+    let mut c = client(&f).await;
+    // Success carries the remaining quota.
+    let ok = c.generate(request(Some(FREE_KEY), 4)).await.expect("first");
+    let remaining = |name: &str| {
+        ok.metadata()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert_eq!(remaining("x-ratelimit-limit-requests"), Some(3));
+    assert_eq!(remaining("x-ratelimit-remaining-requests"), Some(2));
+    let tokens_left = remaining("x-ratelimit-remaining-tokens").expect("tokens");
+    assert!(
+        tokens_left > 280 && tokens_left < 300,
+        "unused tokens were refunded: {tokens_left}"
+    );
+    c.generate(request(Some(FREE_KEY), 4))
+        .await
+        .expect("second");
+    c.generate(request(Some(FREE_KEY), 4)).await.expect("third");
+    // The burst (3) is spent: refused at once, with the exact wait.
+    let started = Instant::now();
+    let err = c
+        .generate(request(Some(FREE_KEY), 4))
+        .await
+        .expect_err("fourth");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let pushback: u64 = md(&err, "grpc-retry-pushback-ms")
+        .and_then(|v| v.parse().ok())
+        .expect("pushback");
+    assert!(
+        (1..=20_000).contains(&pushback),
+        "one request every 20 s: {pushback}"
+    );
+    assert!(md(&err, "retry-after").is_some());
+    assert_eq!(
+        md(&err, "x-ratelimit-remaining-requests").as_deref(),
+        Some("0")
+    );
+    assert!(
+        err.message().contains("request quota of tier \"free\""),
+        "{}",
+        err.message()
+    );
+    // A request that could never fit the token bucket: do-not-retry pushback.
+    let dir2 = TempDir::new("admission").expect("dir");
+    let f2 = frontend(dir2.path(), 16, 4).await;
+    let mut c2 = client(&f2).await;
+    let mut big = request(Some(FREE_KEY), 4);
+    big.get_mut()
+        .sampling
+        .as_mut()
+        .expect("sampling")
+        .max_tokens = Some(400);
+    let err = c2.generate(big).await.expect_err("too large");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(md(&err, "grpc-retry-pushback-ms").as_deref(), Some("-1"));
+    assert!(
+        err.message().contains("lower max_tokens"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_sheds_with_pushback_lowest_band_first() {
+    let dir = TempDir::new("admission").expect("dir");
+    // One request in the engine, one in the queue.
+    let f = frontend(dir.path(), 1, 1).await;
+    let running = occupy(&f, PRO_KEY, 400).await;
+    // A low-priority request waits in the queue...
+    let mut c = client(&f).await;
+    let low = {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.generate(request(Some(LOW_KEY), 2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... a second low one finds the queue full of its band: refused at once.
+    let started = Instant::now();
+    let err = c
+        .generate(request(Some(LOW_KEY), 2))
+        .await
+        .expect_err("full");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        md(&err, "grpc-retry-pushback-ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|v| v >= 100)
+    );
+    assert!(err.message().starts_with("overloaded"), "{}", err.message());
+    // A high-priority one evicts the queued low one, which is told why.
+    let high = {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.generate(request(Some(PRO_KEY), 2)).await })
+    };
+    let shed = low.await.expect("join").expect_err("evicted");
+    assert_eq!(shed.code(), tonic::Code::Unavailable);
+    assert!(
+        shed.message().contains("shed for high priority work"),
+        "{}",
+        shed.message()
+    );
+    assert!(md(&shed, "grpc-retry-pushback-ms").is_some());
+    high.await
+        .expect("join")
+        .expect("the high one runs after the long one");
+    running
+        .await
+        .expect("join")
+        .expect("the long one completes");
+}
+
+#[tokio::test]
+async fn a_queued_request_that_cannot_start_in_time_expires() {
+    let dir = TempDir::new("admission").expect("dir");
+    let f = frontend(dir.path(), 8, 1).await;
+    let running = occupy(&f, PRO_KEY, 400).await;
+    let mut c = client(&f).await;
+    let mut r = request(Some(PRO_KEY), 2);
+    r.set_timeout(Duration::from_millis(300));
+    let started = Instant::now();
+    let err = c.generate(r).await.expect_err("expired in the queue");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    running
+        .await
+        .expect("join")
+        .expect("the long one completes");
+    // The accounting invariant, and the outcomes by tenant.
+    let text = f.metrics().await.expect("metrics");
+    let sum = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let accepted = sum("switchyard_admission_accepted_total{");
+    let ended: f64 = ["completed", "shed", "expired", "cancelled", "failed"]
+        .iter()
+        .map(|o| {
+            text.lines()
+                .filter(|l| {
+                    l.starts_with("switchyard_admission_requests_total{")
+                        && l.contains(&format!("outcome=\"{o}\""))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum();
+    assert_eq!(accepted, 2.0, "{text}");
+    assert_eq!(
+        accepted, ended,
+        "accepted = completed + shed + expired + cancelled + failed"
+    );
+    assert!(text.contains(
+        "switchyard_admission_requests_total{outcome=\"expired\",tenant=\"big\",tier=\"pro\"} 1"
+    ));
+    assert!(
+        text.contains("switchyard_tenant_tokens_total{kind=\"completion\",tenant=\"big\"} 400")
+    );
+}
