@@ -25,6 +25,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::admission::gcra::{Limit, Quotas, TierLimits};
 use tonic_health::ServingStatus;
 
 /// What a worker process does.
@@ -95,6 +97,12 @@ pub struct TransportLimits {
     pub max_connection_age_grace: Duration,
     /// Open connections per client IP address; further ones are closed on accept.
     pub max_connections_per_peer: usize,
+    /// New connections per client IP address per second (sustained), with this burst;
+    /// faster reconnects are closed on accept, before any HTTP/2 work. A client that is
+    /// cut off for abuse (rapid reset, header floods) cannot simply reconnect at once.
+    pub new_connections_per_peer_per_second: u64,
+    /// See `new_connections_per_peer_per_second`.
+    pub new_connections_burst: u64,
 }
 
 impl Default for TransportLimits {
@@ -109,14 +117,19 @@ impl Default for TransportLimits {
             max_connection_age: Duration::from_secs(30 * 60),
             max_connection_age_grace: Duration::from_secs(60),
             max_connections_per_peer: 64,
+            new_connections_per_peer_per_second: 20,
+            new_connections_burst: 100,
         }
     }
 }
 
 /// Open connections per client address, shared by the accept loop and the connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PeerTable {
     open: std::sync::Mutex<HashMap<IpAddr, usize>>,
+    /// New-connection rate per address.
+    rates: Quotas<IpAddr>,
+    rate: TierLimits,
     refused: AtomicU64,
 }
 
@@ -144,7 +157,34 @@ impl Drop for PeerSlot {
 }
 
 impl PeerTable {
+    fn new(l: &TransportLimits) -> Self {
+        Self {
+            open: std::sync::Mutex::new(HashMap::new()),
+            rates: Quotas::new(std::time::Instant::now()),
+            rate: TierLimits {
+                requests: Some(Limit {
+                    per_minute: l
+                        .new_connections_per_peer_per_second
+                        .saturating_mul(60)
+                        .max(1),
+                    burst: l.new_connections_burst.max(1),
+                }),
+                tokens: None,
+            },
+            refused: AtomicU64::new(0),
+        }
+    }
+
     fn admit(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<PeerSlot> {
+        let now = std::time::Instant::now();
+        if self.rates.check(&ip, &self.rate, 0, now).is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        // Forget addresses whose budget has refilled, now and then.
+        if self.refused.load(Ordering::Relaxed) % 1024 == 1023 {
+            self.rates.evict_idle(now);
+        }
         let mut open = self
             .open
             .lock()
@@ -292,7 +332,7 @@ pub async fn serve(
 
     tracing::info!(%role, addr = ?listener.local_addr().ok(), "serving gRPC");
     let l = limits;
-    let peers = Arc::new(PeerTable::default());
+    let peers = Arc::new(PeerTable::new(&l));
     tonic::transport::Server::builder()
         .max_concurrent_streams(l.max_concurrent_streams)
         .http2_max_header_list_size(l.max_header_list_bytes)

@@ -142,6 +142,17 @@ struct GenerateArgs {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
+    /// Traffic mix: uniform (every tenant, split by weight), or an admission scenario
+    /// over the tenants of --tenants/--api-keys-file — baseline (the legitimate tenants
+    /// only), flood (plus the tenant named `attacker` at --attack-rate), botnet (plus
+    /// every `bot-*` tenant at --attack-rate each), h2-abuse (the legitimate tenants while
+    /// other connections abuse HTTP/2 and TCP). Scenarios other than uniform need --rate.
+    #[arg(long, value_name = "NAME", default_value = "uniform", value_parser = parse_scenario)]
+    scenario: loadgen::ScenarioKind,
+    /// Requests per second of each attacking tenant (flood, botnet); default 50 × a
+    /// legitimate tenant's share of --rate.
+    #[arg(long, value_name = "R", value_parser = parse_rate)]
+    attack_rate: Option<f64>,
     /// Closed loop: keep N requests in flight (default 1 when --rate is not given).
     #[arg(long, value_name = "N", conflicts_with = "rate", value_parser = clap::value_parser!(u64).range(1..))]
     concurrency: Option<u64>,
@@ -410,6 +421,10 @@ async fn run_generate(addr: &str, args: GenerateArgs, matches: &ArgMatches) -> a
     }
 }
 
+fn parse_scenario(s: &str) -> Result<loadgen::ScenarioKind, String> {
+    loadgen::ScenarioKind::parse(s)
+}
+
 fn bench_tenants(args: &BenchArgs) -> anyhow::Result<Vec<Tenant>> {
     if let Some(list) = &args.tenants {
         return Ok(loadgen::parse_tenant_list(list)?);
@@ -497,8 +512,41 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
     } else {
         ProgressMode::Lines
     };
+    let (scenario, load) = match (args.scenario, load) {
+        (loadgen::ScenarioKind::Uniform, load) => (Scenario::uniform(tenants, workload), load),
+        (kind, Load::Open { rate }) => {
+            let legit = tenants
+                .iter()
+                .filter(|t| t.name != "attacker" && !t.name.starts_with("bot-"))
+                .count()
+                .max(1);
+            let attack = args.attack_rate.unwrap_or(50.0 * rate / legit as f64);
+            let (scenario, total) = Scenario::named(kind, tenants, workload, rate, attack)?;
+            (scenario, Load::Open { rate: total })
+        }
+        (kind, Load::Closed { .. }) => bail!(
+            "--scenario {}: give --rate (scenarios replay open-loop traffic)",
+            kind.name()
+        ),
+    };
+    // h2-abuse: the attackers run beside the measured traffic for the whole run.
+    let abuse = (args.scenario == loadgen::ScenarioKind::H2Abuse).then(|| {
+        let target = addr
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_string();
+        let length = args.duration.unwrap_or(Duration::from_secs(10)) + args.warmup;
+        tokio::spawn(async move {
+            let (a, b, c) = tokio::join!(
+                loadgen::abuse::rapid_reset(&target, length),
+                loadgen::abuse::header_flood(&target, length),
+                loadgen::abuse::connection_flood(&target, 256, length),
+            );
+            vec![a, b, c]
+        })
+    });
     let config = BenchConfig {
-        scenario: Scenario::uniform(tenants, workload),
+        scenario,
         load,
         duration: args.duration,
         requests,
@@ -517,13 +565,31 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let report = loadgen::run_bench(channels, config, interrupt).await?;
+    let abuse = match abuse {
+        Some(task) => task.await.context("the abuse task failed")?,
+        None => Vec::new(),
+    };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).context("encoding the report as JSON")?
-        );
+        let mut value = serde_json::to_value(&report).context("encoding the report as JSON")?;
+        if !abuse.is_empty() {
+            value["abuse"] = serde_json::to_value(&abuse).context("encoding the abuse report")?;
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!("{}", loadgen::format_report(&report));
+        for a in &abuse {
+            println!(
+                "abuse {}: {} attempts on {} live connections; the server closed {} of them \
+                 and refused {} on accept{}",
+                a.kind,
+                a.attempts,
+                a.connections,
+                a.closed_by_server,
+                a.refused,
+                a.first_close_s
+                    .map_or_else(String::new, |s| format!(" (first after {s:.2} s)"))
+            );
+        }
     }
     let total = &report.total;
     if total.ok == 0 && total.failed > 0 {

@@ -19,6 +19,8 @@
 //! - [`run`]: [`run_bench`], which drives it all.
 //! - [`generate`]: request building and output formatting for `switchyard generate`.
 //! - [`rng`]: the seeded PRNG behind prompts and arrivals.
+//! - [`abuse`]: the `h2-abuse` scenario's attackers (rapid reset, header and connection
+//!   floods).
 //!
 //! Measurement definitions (also in `docs/cli.md`): TTFT runs from just before the call to
 //! the first chunk carrying tokens; each later chunk's gap since the previous one, divided
@@ -26,6 +28,7 @@
 //! the summary. Latencies and token throughput count successful requests only; requests
 //! sent during the warmup are not counted at all.
 
+pub mod abuse;
 pub mod call;
 pub mod generate;
 pub mod report;
@@ -40,8 +43,8 @@ pub use report::{Aggregator, GroupReport, Report, RequestOutcome, RunInfo, forma
 pub use run::{BenchConfig, Load, ProgressMode, run_bench};
 pub use stats::{LatencyHistogram, LatencySummary};
 pub use workload::{
-    ApiKey, InvalidInput, Scenario, Tenant, TenantLoad, VocabRange, Workload, parse_duration,
-    parse_priority, parse_tenant_file, parse_tenant_list,
+    ApiKey, InvalidInput, Scenario, ScenarioKind, Tenant, TenantLoad, VocabRange, Workload,
+    parse_duration, parse_priority, parse_tenant_file, parse_tenant_list,
 };
 
 #[cfg(test)]

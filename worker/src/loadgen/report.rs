@@ -28,6 +28,9 @@ pub struct RequestOutcome {
     pub prompt_tokens: u64,
     /// Tokens received.
     pub output_tokens: u64,
+    /// A failed call's status carried `grpc-retry-pushback-ms` (the server said when to
+    /// retry, or not to).
+    pub pushback: bool,
 }
 
 impl RequestOutcome {
@@ -55,7 +58,10 @@ impl RequestOutcome {
             .as_ref()
             .and_then(|s| s.usage.as_ref())
             .map_or(sent_prompt_tokens, |u| u64::from(u.prompt_tokens));
+        let pushback = matches!(&m.result, Err(super::call::CallError::Status(s))
+            if s.metadata().contains_key("grpc-retry-pushback-ms"));
         Self {
+            pushback,
             tenant,
             measured,
             ended: m.ended,
@@ -81,6 +87,8 @@ struct GroupStats {
     ttft: LatencyHistogram,
     itl: LatencyHistogram,
     e2e: LatencyHistogram,
+    failed_e2e: LatencyHistogram,
+    failed_with_pushback: u64,
 }
 
 impl GroupStats {
@@ -102,6 +110,8 @@ impl GroupStats {
             Err(label) => {
                 self.failed += 1;
                 *self.errors.entry(label.clone()).or_insert(0) += 1;
+                self.failed_e2e.record(o.e2e);
+                self.failed_with_pushback += u64::from(o.pushback);
             }
         }
     }
@@ -130,6 +140,8 @@ impl GroupStats {
             ttft: self.ttft.summary(),
             itl: self.itl.summary(),
             e2e: self.e2e.summary(),
+            failed_with_pushback: self.failed_with_pushback,
+            failed_e2e: self.failed_e2e.summary(),
         }
     }
 }
@@ -257,6 +269,10 @@ pub struct GroupReport {
     pub itl: Option<LatencySummary>,
     /// End-to-end latency of successful requests.
     pub e2e: Option<LatencySummary>,
+    /// Failed requests whose status carried a retry pushback.
+    pub failed_with_pushback: u64,
+    /// How long failed requests took to fail (a refusal should be fast).
+    pub failed_e2e: Option<LatencySummary>,
 }
 
 /// Lays out rows as columns: the first `left` columns left-aligned, the rest right-aligned,
@@ -422,7 +438,15 @@ pub fn format_report(report: &Report) -> String {
         }
         out.push_str(&table(&rows, 1));
         for t in report.tenants.iter().filter(|t| !t.errors.is_empty()) {
-            let _ = writeln!(out, "errors of {}: {}", t.name, counts(&t.errors));
+            let _ = writeln!(
+                out,
+                "errors of {}: {} ({} with retry pushback; failed in p50 {} ms, p99 {} ms)",
+                t.name,
+                counts(&t.errors),
+                t.failed_with_pushback,
+                ms(&t.failed_e2e, |s| s.p50_ms),
+                ms(&t.failed_e2e, |s| s.p99_ms)
+            );
         }
     }
     out
@@ -473,6 +497,7 @@ mod tests {
         ttft_ms: u64,
     ) -> RequestOutcome {
         RequestOutcome {
+            pushback: false,
             tenant,
             measured: true,
             ended: base + Duration::from_millis(end_ms),
@@ -591,7 +616,7 @@ E2E           240.00  240.00  340.00  340.00  340.00        3
 tenant  weight  ok  failed  req/s  out tok/s  TTFT p50  TTFT p99  ITL p50  ITL p99  E2E p50  E2E p99
 a            3   2       0   1.00        4.0    100.00    200.00    10.00    20.00   140.00   240.00
 b            1   1       1   0.50        2.0    300.00    300.00    10.00    20.00   340.00   340.00
-errors of b: unavailable 1
+errors of b: unavailable 1 (0 with retry pushback; failed in p50 40.00 ms, p99 40.00 ms)
 ";
         assert_eq!(text, expected);
     }

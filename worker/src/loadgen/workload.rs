@@ -367,7 +367,134 @@ pub struct Scenario {
     pub tenants: Vec<TenantLoad>,
 }
 
+/// Named traffic mixes for `switchyard bench --scenario` (admission under attack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScenarioKind {
+    /// Every tenant sends the workload, split by weight (the default).
+    Uniform,
+    /// Only the legitimate tenants (not `attacker`, not `bot-*`), at `--rate` split by
+    /// weight: the reference the attacks are compared with.
+    Baseline,
+    /// The legitimate tenants as in `baseline`, plus the tenant named `attacker` at
+    /// `--attack-rate`.
+    Flood,
+    /// The legitimate tenants, plus every tenant named `bot-*`, each at `--attack-rate`.
+    Botnet,
+    /// The legitimate tenants, while attackers abuse HTTP/2 and TCP (rapid reset, header
+    /// floods, connection floods).
+    H2Abuse,
+}
+
+impl ScenarioKind {
+    /// Parses `uniform`, `baseline`, `flood`, `botnet` or `h2-abuse`.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Ok(match name {
+            "uniform" => Self::Uniform,
+            "baseline" => Self::Baseline,
+            "flood" => Self::Flood,
+            "botnet" => Self::Botnet,
+            "h2-abuse" => Self::H2Abuse,
+            other => {
+                return Err(format!(
+                    "{other:?}: expected uniform, baseline, flood, botnet or h2-abuse"
+                ));
+            }
+        })
+    }
+
+    /// The name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Uniform => "uniform",
+            Self::Baseline => "baseline",
+            Self::Flood => "flood",
+            Self::Botnet => "botnet",
+            Self::H2Abuse => "h2-abuse",
+        }
+    }
+
+    fn attacker(self, tenant: &Tenant) -> bool {
+        match self {
+            Self::Flood => tenant.name == "attacker",
+            Self::Botnet => tenant.name.starts_with("bot-"),
+            _ => tenant.name == "attacker" || tenant.name.starts_with("bot-"),
+        }
+    }
+}
+
 impl Scenario {
+    /// The open-loop scenario `kind` over `tenants`: legitimate tenants share `rate`
+    /// requests per second by their weights; each attacking tenant sends `attack_rate`.
+    /// Returns it with the total arrival rate (one Poisson stream split by weight, so
+    /// each tenant's arrivals are Poisson at its own rate).
+    pub fn named(
+        kind: ScenarioKind,
+        tenants: Vec<Tenant>,
+        workload: Workload,
+        rate: f64,
+        attack_rate: f64,
+    ) -> Result<(Self, f64), InvalidInput> {
+        if kind == ScenarioKind::Uniform {
+            return Ok((Self::uniform(tenants, workload), rate));
+        }
+        let (attackers, legit): (Vec<Tenant>, Vec<Tenant>) =
+            tenants.into_iter().partition(|t| kind.attacker(t));
+        if legit.is_empty() {
+            return Err(InvalidInput::new(
+                "--tenants/--api-keys-file",
+                "no legitimate tenant (every tenant is named attacker or bot-*)",
+            ));
+        }
+        let attacking = matches!(kind, ScenarioKind::Flood | ScenarioKind::Botnet);
+        if attacking && attackers.is_empty() {
+            return Err(InvalidInput::new(
+                "--tenants/--api-keys-file",
+                format!(
+                    "scenario {} needs {}",
+                    kind.name(),
+                    if kind == ScenarioKind::Flood {
+                        "a tenant named attacker"
+                    } else {
+                        "tenants named bot-*"
+                    }
+                ),
+            ));
+        }
+        let total_weight: u32 = legit.iter().map(|t| t.weight).sum::<u32>().max(1);
+        // Integer weights in thousandths of a request per second.
+        let milli = |r: f64| ((r * 1000.0).round() as u32).max(1);
+        let mut loads: Vec<TenantLoad> = legit
+            .into_iter()
+            .map(|t| TenantLoad {
+                tenant: Tenant {
+                    weight: milli(rate * f64::from(t.weight) / f64::from(total_weight)),
+                    ..t
+                },
+                workload: workload.clone(),
+            })
+            .collect();
+        let mut total = rate;
+        if attacking {
+            for t in attackers {
+                loads.push(TenantLoad {
+                    tenant: Tenant {
+                        weight: milli(attack_rate),
+                        ..t
+                    },
+                    workload: workload.clone(),
+                });
+                total += attack_rate;
+            }
+        }
+        Ok((
+            Self {
+                name: kind.name().into(),
+                tenants: loads,
+            },
+            total,
+        ))
+    }
+
     /// Every tenant sends `workload`; requests split by the tenants' weights.
     pub fn uniform(tenants: Vec<Tenant>, workload: Workload) -> Self {
         Self {
