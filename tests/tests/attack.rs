@@ -87,6 +87,7 @@ async fn run(f: &FrontendProcess, kind: ScenarioKind, seconds: u64) -> Report {
     loadgen::run_bench(
         vec![channel],
         BenchConfig {
+            ttft_slo: None,
             scenario,
             load: Load::Open { rate: total },
             duration: Some(Duration::from_secs(seconds)),

@@ -417,15 +417,46 @@ impl Admission {
         })
     }
 
-    /// Charges one request and `tokens` (prompt + `max_tokens`) to the caller's quotas.
+    /// Charges one request to the caller's request quota. Checked before anything else
+    /// is done for the request (even its validation), so a caller over its request quota
+    /// costs almost nothing.
+    pub fn charge_request(&self, caller: &Caller) -> Result<(), Rejection> {
+        let only = TierLimits {
+            tokens: None,
+            ..caller.tier.limits
+        };
+        self.charge_limits(caller, &only, 0).map(|_| ())
+    }
+
+    /// Charges `tokens` (prompt + `max_tokens`) to the caller's token quota; returns the
+    /// quota left (requests and tokens).
+    pub fn charge_tokens(&self, caller: &Caller, tokens: u64) -> Result<Remaining, Rejection> {
+        let only = TierLimits {
+            requests: None,
+            ..caller.tier.limits
+        };
+        self.charge_limits(caller, &only, tokens)?;
+        Ok(self.remaining(caller))
+    }
+
+    /// Charges one request and `tokens` together: both or neither.
     pub fn charge(&self, caller: &Caller, tokens: u64) -> Result<Remaining, Rejection> {
-        let limits = &caller.tier.limits;
+        self.charge_limits(caller, &caller.tier.limits, tokens)
+    }
+
+    fn charge_limits(
+        &self,
+        caller: &Caller,
+        limits: &TierLimits,
+        tokens: u64,
+    ) -> Result<Remaining, Rejection> {
         match self
             .quotas
             .check(&caller.key, limits, tokens, Instant::now())
         {
             Ok(r) => Ok(r),
             Err(d) => {
+                let limits = &caller.tier.limits;
                 let (message, wait) = match d.reason {
                     DenyReason::TooLarge => (
                         format!(
@@ -456,7 +487,7 @@ impl Admission {
                     ),
                 };
                 let mut status = with_pushback(Status::resource_exhausted(message), wait);
-                quota_metadata(status.metadata_mut(), &caller.tier, &d.remaining);
+                quota_metadata(status.metadata_mut(), &caller.tier, &self.remaining(caller));
                 Err(Rejection {
                     status,
                     outcome: Outcome::Rejected,

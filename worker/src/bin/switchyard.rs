@@ -153,6 +153,10 @@ struct BenchArgs {
     /// legitimate tenant's share of --rate.
     #[arg(long, value_name = "R", value_parser = parse_rate)]
     attack_rate: Option<f64>,
+    /// A time-to-first-token objective (e.g. 500ms): the report adds how many successful
+    /// requests met it and their rate, the goodput.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    ttft_slo: Option<Duration>,
     /// Closed loop: keep N requests in flight (default 1 when --rate is not given).
     #[arg(long, value_name = "N", conflicts_with = "rate", value_parser = clap::value_parser!(u64).range(1..))]
     concurrency: Option<u64>,
@@ -546,6 +550,7 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
         })
     });
     let config = BenchConfig {
+        ttft_slo: args.ttft_slo,
         scenario,
         load,
         duration: args.duration,

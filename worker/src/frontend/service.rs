@@ -102,6 +102,9 @@ impl Frontend {
         let caller = adm
             .identify(request.metadata(), request.remote_addr())
             .map_err(|r| refuse(None, r))?;
+        // The request quota first: a caller over it is refused before any work.
+        adm.charge_request(&caller)
+            .map_err(|r| refuse(Some(&caller), r))?;
         let checked = self.check(request, body).map_err(|status| {
             adm.record(Some(&caller), Outcome::of_status(&status));
             self.fail(status)
@@ -109,7 +112,7 @@ impl Frontend {
         let prompt = checked.engine.prompt.len() as u64;
         let reserved = prompt + checked.engine.max_tokens as u64;
         let remaining = adm
-            .charge(&caller, reserved)
+            .charge_tokens(&caller, reserved)
             .map_err(|r| refuse(Some(&caller), r))?;
         adm.record_accepted(&caller);
         let turn = adm

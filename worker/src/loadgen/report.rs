@@ -116,7 +116,13 @@ impl GroupStats {
         }
     }
 
-    fn report(&self, name: &str, weight: Option<u32>, seconds: f64) -> GroupReport {
+    fn report(
+        &self,
+        name: &str,
+        weight: Option<u32>,
+        seconds: f64,
+        slo: Option<Duration>,
+    ) -> GroupReport {
         let per_s = |n: u64| {
             if seconds > 0.0 {
                 n as f64 / seconds
@@ -142,6 +148,8 @@ impl GroupStats {
             e2e: self.e2e.summary(),
             failed_with_pushback: self.failed_with_pushback,
             failed_e2e: self.failed_e2e.summary(),
+            within_ttft_slo: slo.map(|d| self.ttft.count_at_most(d)),
+            goodput_per_s: slo.map(|d| per_s(self.ttft.count_at_most(d))),
         }
     }
 }
@@ -154,9 +162,16 @@ pub struct Aggregator {
     total: GroupStats,
     measure_start: Instant,
     last_end: Option<Instant>,
+    ttft_slo: Option<Duration>,
 }
 
 impl Aggregator {
+    /// Counts the successful requests whose TTFT is at most `slo` (the goodput).
+    pub fn with_ttft_slo(mut self, slo: Option<Duration>) -> Self {
+        self.ttft_slo = slo;
+        self
+    }
+
     /// `tenants`: name and weight of each, in scenario order. `measure_start`: when the
     /// warmup ended (the start when there is none); throughput is over the time from it to
     /// the end of the last measured request.
@@ -167,6 +182,7 @@ impl Aggregator {
             total: GroupStats::default(),
             measure_start,
             last_end: None,
+            ttft_slo: None,
         }
     }
 
@@ -198,12 +214,14 @@ impl Aggregator {
         Report {
             run,
             duration_s: seconds,
-            total: self.total.report("all", None, seconds),
+            total: self.total.report("all", None, seconds, self.ttft_slo),
             tenants: self
                 .tenants
                 .iter()
                 .zip(&self.per_tenant)
-                .map(|((name, weight), stats)| stats.report(name, Some(*weight), seconds))
+                .map(|((name, weight), stats)| {
+                    stats.report(name, Some(*weight), seconds, self.ttft_slo)
+                })
                 .collect(),
         }
     }
@@ -273,6 +291,12 @@ pub struct GroupReport {
     pub failed_with_pushback: u64,
     /// How long failed requests took to fail (a refusal should be fast).
     pub failed_e2e: Option<LatencySummary>,
+    /// With a TTFT objective (`--ttft-slo`): successful requests whose TTFT met it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub within_ttft_slo: Option<u64>,
+    /// Those per second of the measured window: the goodput.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub goodput_per_s: Option<f64>,
 }
 
 /// Lays out rows as columns: the first `left` columns left-aligned, the rest right-aligned,
@@ -366,6 +390,13 @@ pub fn format_report(report: &Report) -> String {
         "tokens: {} prompt, {} output",
         total.prompt_tokens, total.output_tokens
     );
+    if let (Some(met), Some(goodput)) = (total.within_ttft_slo, total.goodput_per_s) {
+        let _ = writeln!(
+            out,
+            "goodput: {goodput:.2} req/s ({met} of {} requests met the TTFT objective)",
+            total.requests
+        );
+    }
     out.push('\n');
 
     let mut rows = vec![

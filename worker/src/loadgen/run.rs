@@ -54,6 +54,8 @@ pub struct BenchConfig {
     pub timeout: Duration,
     /// Seeds prompts, the tenant split and arrival times.
     pub seed: u64,
+    /// Count the successful requests whose TTFT is at most this (goodput).
+    pub ttft_slo: Option<Duration>,
     pub progress: ProgressMode,
 }
 
@@ -295,7 +297,8 @@ pub async fn run_bench(
             .map(|t| (t.tenant.name.clone(), t.tenant.weight))
             .collect(),
         warmup_end,
-    );
+    )
+    .with_ttft_slo(config.ttft_slo);
     let collector = tokio::spawn(async move {
         while let Some(outcome) = received.recv().await {
             aggregator.add(&outcome);

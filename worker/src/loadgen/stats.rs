@@ -51,6 +51,11 @@ impl LatencyHistogram {
         self.sum_us += other.sum_us;
     }
 
+    /// Samples at or below `limit`.
+    pub fn count_at_most(&self, limit: Duration) -> u64 {
+        self.counts.range(..=micros(limit)).map(|(_, n)| n).sum()
+    }
+
     /// Number of samples.
     pub fn count(&self) -> u64 {
         self.count

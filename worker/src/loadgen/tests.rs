@@ -244,6 +244,7 @@ fn tenant(name: &str, key: &str, weight: u32) -> Tenant {
 
 fn config(scenario: Scenario, load: Load, requests: Option<u64>) -> BenchConfig {
     BenchConfig {
+        ttft_slo: None,
         scenario,
         load,
         duration: None,
