@@ -66,3 +66,7 @@ fixtures: ## Regenerate the tiny HF checkpoints + transformers references in wor
 .PHONY: bench-experts
 bench-experts: ## Expert-parallel figures: one MoE layer on 2/4 shards, decode on 2 shards (docs/benchmarks.md)
 	hack/bench/expert-parallel.sh
+
+.PHONY: bench-admission
+bench-admission: ## Admission figures: goodput at 1x/2x/3x the knee with and without admission, a flood (docs/benchmarks.md)
+	hack/bench/admission.sh

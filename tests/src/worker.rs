@@ -38,30 +38,8 @@ impl FrontendProcess {
     /// Starts a frontend with exactly `args` (besides the ports, log and cache flags), e.g.
     /// `--config worker.json`.
     pub async fn start_with(args: &[std::ffi::OsString]) -> Result<Self> {
-        let binary = workspace_binary("switchyard-worker")?;
-        let dir = TempDir::new("frontend")?;
-        let (grpc_port, metrics_port) = (free_port()?, free_port()?);
-        let mut command = Command::new(binary);
-        command
-            .args(["--role", "frontend", "--log", "info"])
-            .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .arg("--cache-dir")
-            .arg(dir.path())
-            .args(args)
-            .env_remove("SWITCHYARD_CONFIG");
-        let process = ManagedProcess::spawn(
-            "switchyard-worker (frontend)",
-            command,
-            dir.path().join("frontend.log"),
-        )?;
-        wait_until(&process, Duration::from_secs(120), || async move {
-            match tokio::net::TcpStream::connect(("127.0.0.1", grpc_port)).await {
-                Ok(_) => Ok(true),
-                Err(e) => Err(format!("gRPC port {grpc_port}: {e}")),
-            }
-        })
-        .await?;
+        let (process, grpc_port, metrics_port, dir) =
+            spawn_worker("frontend", free_port()?, args).await?;
         Ok(Self {
             process,
             grpc_port,
@@ -122,31 +100,10 @@ impl ShardProcess {
     /// [`start`](Self::start) on a given gRPC port (to restart a shard where frontends
     /// expect it).
     pub async fn start_on(grpc_port: u16, model: &Path, extra: &[&str]) -> Result<Self> {
-        let binary = workspace_binary("switchyard-worker")?;
-        let dir = TempDir::new("shard")?;
-        let metrics_port = free_port()?;
-        let mut command = Command::new(binary);
-        command
-            .args(["--role", "expert-shard", "--log", "info"])
-            .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .arg("--model")
-            .arg(model)
-            .args(extra)
-            .env_remove("SWITCHYARD_CONFIG")
-            .env_remove("SWITCHYARD_SHARD_INDEX");
-        let process = ManagedProcess::spawn(
-            "switchyard-worker (expert shard)",
-            command,
-            dir.path().join("shard.log"),
-        )?;
-        wait_until(&process, Duration::from_secs(120), || async move {
-            match tokio::net::TcpStream::connect(("127.0.0.1", grpc_port)).await {
-                Ok(_) => Ok(true),
-                Err(e) => Err(format!("gRPC port {grpc_port}: {e}")),
-            }
-        })
-        .await?;
+        let mut args: Vec<std::ffi::OsString> = vec!["--model".into(), model.into()];
+        args.extend(extra.iter().map(Into::into));
+        let (process, grpc_port, metrics_port, dir) =
+            spawn_worker("expert-shard", grpc_port, &args).await?;
         Ok(Self {
             process,
             grpc_port,
@@ -177,4 +134,40 @@ impl ShardProcess {
     pub fn process(&self) -> &ManagedProcess {
         &self.process
     }
+}
+
+/// Starts `switchyard-worker --role ROLE` on `grpc_port` and a free metrics port with
+/// `args`, its log and cache in a temporary directory; returns once gRPC accepts
+/// connections.
+async fn spawn_worker(
+    role: &str,
+    grpc_port: u16,
+    args: &[std::ffi::OsString],
+) -> Result<(ManagedProcess, u16, u16, TempDir)> {
+    let binary = workspace_binary("switchyard-worker")?;
+    let dir = TempDir::new(role)?;
+    let metrics_port = free_port()?;
+    let mut command = Command::new(binary);
+    command
+        .args(["--role", role, "--log", "info"])
+        .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .arg("--cache-dir")
+        .arg(dir.path())
+        .args(args)
+        .env_remove("SWITCHYARD_CONFIG")
+        .env_remove("SWITCHYARD_SHARD_INDEX");
+    let process = ManagedProcess::spawn(
+        &format!("switchyard-worker ({role})"),
+        command,
+        dir.path().join(format!("{role}.log")),
+    )?;
+    wait_until(&process, Duration::from_secs(120), || async move {
+        match tokio::net::TcpStream::connect(("127.0.0.1", grpc_port)).await {
+            Ok(_) => Ok(true),
+            Err(e) => Err(format!("gRPC port {grpc_port}: {e}")),
+        }
+    })
+    .await?;
+    Ok((process, grpc_port, metrics_port, dir))
 }

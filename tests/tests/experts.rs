@@ -517,6 +517,31 @@ async fn a_placement_naming_an_expert_the_checkpoint_lacks_stops_the_shard() {
     );
 }
 
+/// A qwen3_moe shard whose placement file (returned, in `dir`) gives it experts 0-3.
+async fn shard_holding_0_to_3() -> (TempDir, PathBuf, ShardProcess) {
+    let dir = TempDir::new("placements").expect("dir");
+    let path = dir.path().join("p.json");
+    std::fs::write(
+        &path,
+        r#"{"revision": "r1", "shards": [{"experts": {"*": "0-3"}}]}"#,
+    )
+    .expect("write");
+    let shard = ShardProcess::start(
+        &fixture_model("qwen3_moe"),
+        &["--placement", path.to_str().expect("utf-8")],
+    )
+    .await
+    .expect("shard");
+    (dir, path, shard)
+}
+
+async fn describe(c: &mut ExpertShardClient<Channel>) -> ep::DescribeResponse {
+    c.describe(ep::DescribeRequest {})
+        .await
+        .expect("describe")
+        .into_inner()
+}
+
 async fn shard_client(s: &ShardProcess) -> ExpertShardClient<Channel> {
     ExpertShardClient::connect(format!("http://{}", s.address()))
         .await
@@ -525,23 +550,9 @@ async fn shard_client(s: &ShardProcess) -> ExpertShardClient<Channel> {
 
 #[tokio::test]
 async fn a_changed_placement_file_is_reloaded_and_describe_reports_it() {
-    let model = fixture_model("qwen3_moe");
-    let dir = TempDir::new("placements").expect("dir");
-    let path = dir.path().join("p.json");
-    std::fs::write(
-        &path,
-        r#"{"revision": "r1", "shards": [{"experts": {"*": "0-3"}}]}"#,
-    )
-    .expect("write");
-    let shard = ShardProcess::start(&model, &["--placement", path.to_str().expect("utf-8")])
-        .await
-        .expect("shard");
+    let (_dir, path, shard) = shard_holding_0_to_3().await;
     let mut c = shard_client(&shard).await;
-    let d = c
-        .describe(ep::DescribeRequest {})
-        .await
-        .expect("describe")
-        .into_inner();
+    let d = describe(&mut c).await;
     assert_eq!(d.placement_revision, "r1");
     assert!(
         d.layers.iter().all(|l| l.experts == [0, 1, 2, 3]),
@@ -555,11 +566,7 @@ async fn a_changed_placement_file_is_reloaded_and_describe_reports_it() {
     .expect("rewrite");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let d = c
-            .describe(ep::DescribeRequest {})
-            .await
-            .expect("describe")
-            .into_inner();
+        let d = describe(&mut c).await;
         if d.placement_revision == "r2" {
             assert!(
                 d.layers.iter().all(|l| l.experts == [2, 3, 4, 5, 6, 7]),
@@ -582,23 +589,9 @@ async fn a_changed_placement_file_is_reloaded_and_describe_reports_it() {
 
 #[tokio::test]
 async fn a_shard_answers_bad_calls_with_clear_statuses() {
-    let model = fixture_model("qwen3_moe");
-    let dir = TempDir::new("placements").expect("dir");
-    let path = dir.path().join("p.json");
-    std::fs::write(
-        &path,
-        r#"{"revision": "r1", "shards": [{"experts": {"*": "0-3"}}]}"#,
-    )
-    .expect("write");
-    let shard = ShardProcess::start(&model, &["--placement", path.to_str().expect("utf-8")])
-        .await
-        .expect("shard");
+    let (_dir, _, shard) = shard_holding_0_to_3().await;
     let mut c = shard_client(&shard).await;
-    let d = c
-        .describe(ep::DescribeRequest {})
-        .await
-        .expect("describe")
-        .into_inner();
+    let d = describe(&mut c).await;
     let hidden = d.hidden_size as usize;
     let identity = d.model.clone().expect("identity");
     let layer = d.layers[0].layer;

@@ -227,11 +227,10 @@ impl FrontendArgs {
         } else {
             model.clone()
         };
-        let model_id = self.model_id.clone().unwrap_or_else(|| {
-            model
-                .file_name()
-                .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
-        });
+        let model_id = self
+            .model_id
+            .clone()
+            .unwrap_or_else(|| default_model_id(&model));
         let experts = match &self.expert_shards {
             None => None,
             Some(spec) => Some(remote_options(
@@ -354,6 +353,30 @@ fn remote_options(
     })
 }
 
+/// The model id clients and shards use unless told: the checkpoint directory's name.
+fn default_model_id(model: &std::path::Path) -> String {
+    model
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+}
+
+/// For the offline tools: routed experts on the shards `spec` names (blocking; called
+/// from a blocking thread of the runtime).
+fn tool_remote_experts(
+    cfg: &switchyard_worker::model::ModelConfig,
+    ckpt: &switchyard_worker::model::checkpoint::Checkpoint,
+    precision: switchyard_worker::model::layers::Precision,
+    model_id: &str,
+    spec: &str,
+    wire: &str,
+) -> anyhow::Result<RemoteExperts> {
+    let remote = remote_options(spec, wire, 10_000, 60)?;
+    let identity = experts::identity(model_id, ckpt, precision.weights)?;
+    let registry = prometheus::Registry::new();
+    tokio::runtime::Handle::current()
+        .block_on(RemoteExperts::connect(cfg, identity, remote, &registry))
+}
+
 fn run_tool(tool: Tool) -> anyhow::Result<()> {
     use switchyard_worker::engine::bench;
     use switchyard_worker::model::{LoadedModel, demo, parse_dtype};
@@ -385,17 +408,9 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
             let loaded = match &expert_shards {
                 None => LoadedModel::load(&model, dtype, &device)?,
                 Some(spec) => {
-                    let remote = remote_options(spec, &expert_wire_dtype, 5000, 60)?;
-                    let model_id = model_id.clone().unwrap_or_else(|| {
-                        model
-                            .file_name()
-                            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
-                    });
-                    let rt = tokio::runtime::Handle::current();
-                    let registry = prometheus::Registry::new();
+                    let id = model_id.clone().unwrap_or_else(|| default_model_id(&model));
                     LoadedModel::load_with(&model, dtype, &device, |cfg, ckpt, precision| {
-                        let identity = experts::identity(&model_id, ckpt, precision.weights)?;
-                        rt.block_on(RemoteExperts::connect(cfg, identity, remote, &registry))
+                        tool_remote_experts(cfg, ckpt, precision, &id, spec, &expert_wire_dtype)
                             .map(|b| {
                                 Arc::new(b) as Arc<dyn switchyard_worker::model::moe::ExpertBackend>
                             })
@@ -457,20 +472,15 @@ fn run_tool(tool: Tool) -> anyhow::Result<()> {
                         &cfg, &ckpt, precision, &device,
                     )?),
                     Some(spec) => {
-                        let remote = remote_options(spec, &expert_wire_dtype, 10_000, 60)?;
-                        let model_id = model_id.unwrap_or_else(|| {
-                            model.file_name().map_or_else(
-                                || "model".into(),
-                                |n| n.to_string_lossy().into_owned(),
-                            )
-                        });
-                        let identity = experts::identity(&model_id, &ckpt, precision.weights)?;
-                        let registry = prometheus::Registry::new();
-                        Arc::new(
-                            tokio::runtime::Handle::current().block_on(RemoteExperts::connect(
-                                &cfg, identity, remote, &registry,
-                            ))?,
-                        )
+                        let id = model_id.unwrap_or_else(|| default_model_id(&model));
+                        Arc::new(tool_remote_experts(
+                            &cfg,
+                            &ckpt,
+                            precision,
+                            &id,
+                            spec,
+                            &expert_wire_dtype,
+                        )?)
                     }
                 };
             let mut results = Vec::new();

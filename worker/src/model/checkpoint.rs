@@ -85,6 +85,18 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor, ModelError> {
+        self.checked(name, shape, None)?;
+        self.load(name, dtype, device)
+    }
+
+    /// The file holding `name` once it is known to have `shape` (and, with `entry`, that
+    /// many entries along its first dimension).
+    fn checked(
+        &self,
+        name: &str,
+        shape: &[usize],
+        entry: Option<usize>,
+    ) -> Result<&PathBuf, ModelError> {
         let Some((file, saved)) = self.index.get(name) else {
             return Err(ModelError::MissingTensor {
                 dir: self.dir.clone(),
@@ -92,15 +104,17 @@ impl Checkpoint {
                 expected: format!("{shape:?}"),
             });
         };
-        if saved.as_slice() != shape {
+        let entry_ok = entry.is_none_or(|e| e < shape.first().copied().unwrap_or(0));
+        if saved.as_slice() != shape || !entry_ok {
+            let reading = entry.map_or_else(String::new, |e| format!(" (reading entry {e})"));
             return Err(ModelError::TensorShape {
                 file: file.clone(),
                 name: name.to_string(),
-                expected: format!("{shape:?}"),
+                expected: format!("{shape:?}{reading}"),
                 found: format!("{saved:?}"),
             });
         }
-        self.load(name, dtype, device)
+        Ok(file)
     }
 
     /// Reads entry `index` of the first dimension of `name` (one expert of a fused
@@ -114,21 +128,7 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor, ModelError> {
-        let Some((file, saved)) = self.index.get(name) else {
-            return Err(ModelError::MissingTensor {
-                dir: self.dir.clone(),
-                name: name.to_string(),
-                expected: format!("{shape:?}"),
-            });
-        };
-        if saved.as_slice() != shape || index >= shape.first().copied().unwrap_or(0) {
-            return Err(ModelError::TensorShape {
-                file: file.clone(),
-                name: name.to_string(),
-                expected: format!("{shape:?} (reading entry {index})"),
-                found: format!("{saved:?}"),
-            });
-        }
+        let file = self.checked(name, shape, Some(index))?;
         let wrap = |e: candle_core::Error| ModelError::Tensor {
             file: file.clone(),
             name: name.to_string(),
