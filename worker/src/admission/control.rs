@@ -150,6 +150,7 @@ impl AdmissionOptions {
 struct Waiter {
     tx: oneshot::Sender<Result<Slot, Rejection>>,
     key: String,
+    label: String,
     limits: TierLimits,
     reserved: u64,
     queued_at: Instant,
@@ -538,7 +539,13 @@ impl Admission {
         if st.inflight < self.max_inflight && st.queue.is_empty() {
             st.inflight += 1;
             self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
-            return Ok(Turn::Now(self.slot(caller, band, reserved, now)));
+            return Ok(Turn::Now(self.slot(
+                caller,
+                band,
+                input_tokens,
+                reserved,
+                now,
+            )));
         }
         let pushed = st.queue.push(Ticket {
             tenant: caller.key.clone(),
@@ -549,6 +556,7 @@ impl Admission {
             item: Waiter {
                 tx,
                 key: caller.key.clone(),
+                label: caller.label.clone(),
                 limits: caller.tier.limits,
                 reserved,
                 queued_at: now,
@@ -603,15 +611,24 @@ impl Admission {
         }))
     }
 
-    fn slot(self: &Arc<Self>, caller: &Caller, band: Band, reserved: u64, now: Instant) -> Slot {
+    fn slot(
+        self: &Arc<Self>,
+        caller: &Caller,
+        band: Band,
+        input_tokens: u64,
+        reserved: u64,
+        now: Instant,
+    ) -> Slot {
         Slot {
             admission: self.clone(),
             key: caller.key.clone(),
+            label: caller.label.clone(),
+            input: input_tokens,
             band,
             weight: caller.tier.weight,
             limits: caller.tier.limits,
             reserved,
-            used: 0,
+            used: AtomicU64::new(input_tokens),
             started: now,
             armed: true,
         }
@@ -625,11 +642,13 @@ impl Admission {
             let slot = Slot {
                 admission: self.clone(),
                 key: w.key.clone(),
+                label: w.label.clone(),
+                input: t.input_tokens,
                 band: t.band,
                 weight: t.weight,
                 limits: w.limits,
                 reserved: w.reserved,
-                used: 0,
+                used: AtomicU64::new(t.input_tokens),
                 started: Instant::now(),
                 armed: true,
             };
@@ -662,17 +681,6 @@ impl Admission {
             .accepted
             .with_label_values(&[&caller.label, &caller.tier.name])
             .inc();
-    }
-
-    /// Counts a request's token usage.
-    pub fn record_usage(&self, caller: &Caller, prompt: u64, cached: u64, completion: u64) {
-        let t = &self.metrics.tokens;
-        t.with_label_values(&[&caller.label, "prompt"])
-            .inc_by(prompt);
-        t.with_label_values(&[&caller.label, "cached_prompt"])
-            .inc_by(cached);
-        t.with_label_values(&[&caller.label, "completion"])
-            .inc_by(completion);
     }
 
     /// The remaining quota of `caller` now (for metadata at the end of a stream).
@@ -770,13 +778,17 @@ impl Drop for CancelOnDrop {
 pub struct Slot {
     admission: Arc<Admission>,
     key: String,
+    /// The tenant label for usage metrics.
+    label: String,
+    /// Prompt tokens.
+    input: u64,
     band: Band,
     weight: u32,
     limits: TierLimits,
     /// Tokens pre-charged (prompt + max_tokens).
     reserved: u64,
-    /// Tokens actually used (prompt + generated), set by [`Slot::finish`].
-    used: u64,
+    /// Tokens used so far (prompt + generated).
+    used: AtomicU64,
     started: Instant,
     armed: bool,
 }
@@ -791,18 +803,14 @@ impl std::fmt::Debug for Slot {
 }
 
 impl Slot {
-    /// `n` more generated tokens: charged to the tenant's virtual counter.
+    /// `n` more generated tokens: charged to the tenant's virtual counter, and not
+    /// refunded from the pre-charge.
     pub fn generated(&self, n: u64) {
+        self.used.fetch_add(n, Ordering::Relaxed);
         self.admission
             .lock()
             .queue
             .charge_output(&self.key, self.band, self.weight, n);
-    }
-
-    /// Records the tokens the request actually used, so the rest of the pre-charge is
-    /// refunded when the slot is dropped.
-    pub fn finish(&mut self, used_tokens: u64) {
-        self.used = used_tokens;
     }
 }
 
@@ -813,7 +821,16 @@ impl Drop for Slot {
         }
         let a = self.admission.clone();
         let now = Instant::now();
-        let unused = self.reserved.saturating_sub(self.used);
+        let used = self.used.load(Ordering::Relaxed);
+        // Usage as it happened, also for requests cancelled part-way.
+        let t = &a.metrics.tokens;
+        t.with_label_values(&[&self.label, "prompt"])
+            .inc_by(self.input);
+        t.with_label_values(&[&self.label, "cached_prompt"])
+            .inc_by(0);
+        t.with_label_values(&[&self.label, "completion"])
+            .inc_by(used.saturating_sub(self.input));
+        let unused = self.reserved.saturating_sub(used);
         a.quotas.refund(&self.key, &self.limits, unused, now);
         let us = self.started.elapsed().as_micros() as u64;
         let old = a.mean_service_us.load(Ordering::Relaxed);
@@ -822,6 +839,47 @@ impl Drop for Slot {
         let mut st = a.lock();
         st.inflight = st.inflight.saturating_sub(1);
         a.dispatch(&mut st);
+    }
+}
+
+/// Counts one request's outcome exactly once: the outcome set, or `cancelled` if the
+/// request's future is dropped first (the client went away: the server drops the call).
+pub struct OutcomeRecorder {
+    admission: Arc<Admission>,
+    caller: Caller,
+    outcome: Option<Outcome>,
+}
+
+impl std::fmt::Debug for OutcomeRecorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutcomeRecorder")
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OutcomeRecorder {
+    /// Will count `caller`'s request when dropped.
+    pub fn new(admission: Arc<Admission>, caller: Caller) -> Self {
+        Self {
+            admission,
+            caller,
+            outcome: None,
+        }
+    }
+
+    /// How the request ended.
+    pub fn set(&mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for OutcomeRecorder {
+    fn drop(&mut self) {
+        self.admission.record(
+            Some(&self.caller),
+            self.outcome.unwrap_or(Outcome::Cancelled),
+        );
     }
 }
 

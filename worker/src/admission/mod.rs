@@ -26,4 +26,6 @@ pub mod fair_queue;
 pub mod gcra;
 pub mod keys;
 
-pub use control::{Admission, AdmissionOptions, Caller, Outcome, Rejection, Slot, Turn};
+pub use control::{
+    Admission, AdmissionOptions, Caller, Outcome, OutcomeRecorder, Rejection, Slot, Turn,
+};

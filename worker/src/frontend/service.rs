@@ -20,7 +20,7 @@ use super::metrics::FrontendMetrics;
 use super::validate::{self, Checked, Limits};
 use crate::admission::control::quota_metadata;
 use crate::admission::gcra::Remaining;
-use crate::admission::{Admission, Caller, Outcome, Rejection, Slot, Turn};
+use crate::admission::{Admission, Caller, Outcome, OutcomeRecorder, Rejection, Slot, Turn};
 use crate::engine::{EngineHandle, Event, FinishReason, Occupancy, StepReport, SubmitError};
 use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome, Tokenizer};
 
@@ -124,11 +124,15 @@ impl Frontend {
                 checked.engine.deadline,
             )
             .map_err(|r| refuse(Some(&caller), r))?;
+        // From here the request's outcome is counted once, `cancelled` if it is dropped
+        // before it ends (even before it is first polled).
+        let outcome = OutcomeRecorder::new(adm.clone(), caller.clone());
         Ok(Admitted {
             caller,
             checked,
             turn,
             remaining,
+            outcome,
         })
     }
 
@@ -139,40 +143,28 @@ impl Frontend {
         priority: i32,
         out: &mut dyn ChunkSink,
     ) -> Result<pb::GenerateSummary, Status> {
-        let adm = &self.inner.admission;
         let Admitted {
-            caller,
             checked,
             turn,
+            mut outcome,
             ..
         } = admitted;
-        let prompt = checked.engine.prompt.len() as u64;
-        let result = match turn.slot().await {
-            Ok(mut slot) => {
-                let r = self
-                    .run(checked, self.inner.info.id.clone(), priority, out, &slot)
-                    .await;
-                let completion = match &r {
-                    Ok(s) => s
-                        .usage
-                        .as_ref()
-                        .map_or(0, |u| u64::from(u.completion_tokens)),
-                    Err(_) => 0,
-                };
-                slot.finish(prompt + completion);
-                adm.record_usage(&caller, prompt, 0, completion);
-                r
-            }
+        let slot = match turn.slot().await {
+            Ok(slot) => slot,
             Err(r) => {
-                adm.record(Some(&caller), r.outcome);
+                outcome.set(r.outcome);
                 return Err(r.status);
             }
         };
-        let outcome = match &result {
+        // The slot counts the tokens as they stream (usage, fair share, refund).
+        let result = self
+            .run(checked, self.inner.info.id.clone(), priority, out, &slot)
+            .await;
+        drop(slot);
+        outcome.set(match &result {
             Ok(_) => Outcome::Completed,
             Err(status) => Outcome::of_status(status),
-        };
-        adm.record(Some(&caller), outcome);
+        });
         result
     }
 
@@ -345,6 +337,7 @@ struct Admitted {
     checked: Checked,
     turn: Turn,
     remaining: Remaining,
+    outcome: OutcomeRecorder,
 }
 
 /// Where [`Frontend::run`] puts text chunks: the client's stream, or a buffer for the
