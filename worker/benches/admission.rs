@@ -15,13 +15,13 @@ const QUEUED: usize = 10_000;
 
 fn limits() -> TierLimits {
     TierLimits {
-        requests: Some(Limit::per_minute(6_000)),
-        tokens: Some(Limit::per_minute(10_000_000)),
+        requests: Limit::per_minute(6_000).ok(),
+        tokens: Limit::per_minute(10_000_000).ok(),
     }
 }
 
 fn quotas(base: Instant) -> (Quotas<String>, Vec<String>) {
-    let q = Quotas::new(base);
+    let q = Quotas::new();
     let keys: Vec<String> = (0..KEYS).map(|i| format!("tenant-{i}")).collect();
     for k in &keys {
         let _ = q.check(k, &limits(), 100, base);

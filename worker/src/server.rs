@@ -160,15 +160,16 @@ impl PeerTable {
     fn new(l: &TransportLimits) -> Self {
         Self {
             open: std::sync::Mutex::new(HashMap::new()),
-            rates: Quotas::new(std::time::Instant::now()),
+            rates: Quotas::new(),
             rate: TierLimits {
-                requests: Some(Limit {
-                    per_minute: l
-                        .new_connections_per_peer_per_second
+                // Both arguments are at least 1, which is all `Limit::new` checks.
+                requests: Limit::new(
+                    l.new_connections_per_peer_per_second
                         .saturating_mul(60)
                         .max(1),
-                    burst: l.new_connections_burst.max(1),
-                }),
+                    l.new_connections_burst.max(1),
+                )
+                .ok(),
                 tokens: None,
             },
             refused: AtomicU64::new(0),

@@ -15,7 +15,7 @@ use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
 use super::fair_queue::{Band, FairQueue, Pushed, QueueConfig, Ticket};
-use super::gcra::{DenyReason, Limit, Quotas, Remaining, TierLimits};
+use super::gcra::{DenyReason, Limit, Quotas, Receipt, Remaining, TierLimits};
 use super::keys::{KeyRing, bearer};
 
 /// How a request ended, counted once per request.
@@ -153,6 +153,7 @@ struct Waiter {
     label: String,
     limits: TierLimits,
     reserved: u64,
+    receipt: Option<Receipt>,
     queued_at: Instant,
 }
 
@@ -185,6 +186,17 @@ impl std::fmt::Debug for Admission {
             .field("max_inflight", &self.max_inflight)
             .finish_non_exhaustive()
     }
+}
+
+/// A tier's `field` (per minute) as a limit whose bucket holds one minute's worth.
+fn per_minute(tier: &str, field: &str, value: Option<u64>) -> anyhow::Result<Option<Limit>> {
+    value
+        .map(|n| {
+            Limit::per_minute(n).map_err(|e| {
+                anyhow::anyhow!("admission.tiers[{tier}].{field}: {e} (at least 1 per minute)")
+            })
+        })
+        .transpose()
 }
 
 fn band_of(priority: i32) -> Option<Band> {
@@ -225,19 +237,22 @@ pub fn quota_metadata(md: &mut MetadataMap, tier: &Tier, r: &Remaining) {
         }
     };
     if let (Some(l), Some(left)) = (tier.limits.requests, r.requests) {
-        put("x-ratelimit-limit-requests", l.per_minute.to_string());
+        put(
+            "x-ratelimit-limit-requests",
+            l.rate_per_minute().to_string(),
+        );
         put("x-ratelimit-remaining-requests", left.to_string());
         put(
             "x-ratelimit-reset-requests-ms",
-            r.requests_reset.as_millis().to_string(),
+            r.reset_requests.as_millis().to_string(),
         );
     }
     if let (Some(l), Some(left)) = (tier.limits.tokens, r.tokens) {
-        put("x-ratelimit-limit-tokens", l.per_minute.to_string());
+        put("x-ratelimit-limit-tokens", l.rate_per_minute().to_string());
         put("x-ratelimit-remaining-tokens", left.to_string());
         put(
             "x-ratelimit-reset-tokens-ms",
-            r.tokens_reset.as_millis().to_string(),
+            r.reset_tokens.as_millis().to_string(),
         );
     }
 }
@@ -264,8 +279,16 @@ impl Admission {
                             band,
                             weight: t.weight.max(1),
                             limits: TierLimits {
-                                requests: t.requests_per_minute.map(Limit::per_minute),
-                                tokens: t.tokens_per_minute.map(Limit::per_minute),
+                                requests: per_minute(
+                                    &t.name,
+                                    "requestsPerMinute",
+                                    t.requests_per_minute
+                                )?,
+                                tokens: per_minute(
+                                    &t.name,
+                                    "tokensPerMinute",
+                                    t.tokens_per_minute
+                                )?,
                             },
                         }),
                     )
@@ -300,7 +323,7 @@ impl Admission {
             keys,
             tiers,
             default_tier,
-            quotas: Quotas::new(Instant::now()),
+            quotas: Quotas::new(),
             state: Mutex::new(QueueState {
                 queue: FairQueue::new(QueueConfig {
                     max_queued: c.max_queued.max(1) as usize,
@@ -358,7 +381,7 @@ impl Admission {
         let mut st = self.lock();
         for (_, t) in st.queue.expire(now, self.min_service) {
             let w = t.item;
-            self.quotas.refund(&w.key, &w.limits, w.reserved, now);
+            self.give_back(&w.key, &w.limits, w.receipt, w.reserved, now);
             let status = Status::deadline_exceeded(format!(
                 "the request could not start before its deadline: it waited {} ms in the queue \
                  behind {} others",
@@ -418,31 +441,41 @@ impl Admission {
         })
     }
 
-    /// Charges one request to the caller's request quota. Checked before anything else
-    /// is done for the request (even its validation), so a caller over its request quota
-    /// costs almost nothing.
-    pub fn charge_request(&self, caller: &Caller) -> Result<(), Rejection> {
-        let only = TierLimits {
-            tokens: None,
-            ..caller.tier.limits
-        };
-        self.charge_limits(caller, &only, 0).map(|_| ())
+    /// Refuses a caller whose request quota is spent, before anything else is done for
+    /// the request (even its validation), so a flooding caller costs almost nothing.
+    /// Charges nothing: [`Admission::charge`] charges the request and its tokens together
+    /// once the request is valid.
+    pub fn precheck_request(&self, caller: &Caller) -> Result<(), Rejection> {
+        if self.remaining(caller).requests != Some(0) {
+            return Ok(());
+        }
+        // Spent: the same check as `charge` with no tokens gives the exact wait (and
+        // charges nothing when it refuses). Should a cell have freed up meanwhile, it
+        // passes and charges one request; the request then goes on.
+        self.charge_limits(caller, &caller.tier.limits, 0)
+            .map(|_| ())
     }
 
-    /// Charges `tokens` (prompt + `max_tokens`) to the caller's token quota; returns the
-    /// quota left (requests and tokens).
-    pub fn charge_tokens(&self, caller: &Caller, tokens: u64) -> Result<Remaining, Rejection> {
-        let only = TierLimits {
-            requests: None,
-            ..caller.tier.limits
-        };
-        self.charge_limits(caller, &only, tokens)?;
-        Ok(self.remaining(caller))
+    /// Charges one request and `tokens` (prompt + `max_tokens`) together, both or
+    /// neither; returns the quota left and the receipt [`Admission::enter`] needs to
+    /// refund the unused part when the request ends (or all of it if it never runs).
+    pub fn charge(&self, caller: &Caller, tokens: u64) -> Result<(Remaining, Receipt), Rejection> {
+        let receipt = self.charge_limits(caller, &caller.tier.limits, tokens)?;
+        Ok((self.remaining(caller), receipt))
     }
 
-    /// Charges one request and `tokens` together: both or neither.
-    pub fn charge(&self, caller: &Caller, tokens: u64) -> Result<Remaining, Rejection> {
-        self.charge_limits(caller, &caller.tier.limits, tokens)
+    /// Gives back `unused` tokens of a charge (nothing without a receipt).
+    fn give_back(
+        &self,
+        key: &String,
+        limits: &TierLimits,
+        receipt: Option<Receipt>,
+        unused: u64,
+        now: Instant,
+    ) {
+        if let Some(receipt) = receipt {
+            self.quotas.refund(key, limits, receipt, unused, now);
+        }
     }
 
     fn charge_limits(
@@ -450,12 +483,12 @@ impl Admission {
         caller: &Caller,
         limits: &TierLimits,
         tokens: u64,
-    ) -> Result<Remaining, Rejection> {
+    ) -> Result<Receipt, Rejection> {
         match self
             .quotas
             .check(&caller.key, limits, tokens, Instant::now())
         {
-            Ok(r) => Ok(r),
+            Ok(grant) => Ok(grant.receipt),
             Err(d) => {
                 let limits = &caller.tier.limits;
                 let (message, wait) = match d.reason {
@@ -464,7 +497,7 @@ impl Admission {
                             "the request needs {tokens} tokens (prompt + max_tokens) but tier {:?} \
                              allows at most {} at once; lower max_tokens",
                             caller.tier.name,
-                            limits.tokens.map_or(0, |l| l.burst)
+                            limits.tokens.map_or(0, |l| l.burst())
                         ),
                         None,
                     ),
@@ -472,7 +505,7 @@ impl Admission {
                         format!(
                             "request quota of tier {:?} exhausted ({} per minute); retry in {} ms",
                             caller.tier.name,
-                            limits.requests.map_or(0, |l| l.per_minute),
+                            limits.requests.map_or(0, |l| l.rate_per_minute()),
                             d.retry_after.as_millis().max(1)
                         ),
                         Some(d.retry_after),
@@ -481,7 +514,7 @@ impl Admission {
                         format!(
                             "token quota of tier {:?} exhausted ({} per minute); retry in {} ms",
                             caller.tier.name,
-                            limits.tokens.map_or(0, |l| l.per_minute),
+                            limits.tokens.map_or(0, |l| l.rate_per_minute()),
                             d.retry_after.as_millis().max(1)
                         ),
                         Some(d.retry_after),
@@ -509,24 +542,31 @@ impl Admission {
     /// waits, else a place in the fair queue ([`Turn::Queued`], awaited with
     /// [`QueuedTurn::wait`]), else a refusal (queue full of equal or higher priority work,
     /// or a deadline too close). Never waits itself, so a refusal is immediate. `reserved`
-    /// is what [`Admission::charge`] charged, refunded if the request never runs.
+    /// is what [`Admission::charge`] charged (with its `receipt`), refunded if the
+    /// request never runs.
     pub fn enter(
         self: &Arc<Self>,
         caller: &Caller,
         priority: i32,
         input_tokens: u64,
         reserved: u64,
+        receipt: Receipt,
         deadline: Option<Instant>,
     ) -> Result<Turn, Rejection> {
         let now = Instant::now();
         let band = band_of(priority).map_or(caller.tier.band, |b| b.min(caller.tier.band));
         let deadline = deadline.unwrap_or(now + self.default_deadline);
-        let refund = || {
-            self.quotas
-                .refund(&caller.key, &caller.tier.limits, reserved, Instant::now())
+        let refund = |receipt| {
+            self.give_back(
+                &caller.key,
+                &caller.tier.limits,
+                Some(receipt),
+                reserved,
+                Instant::now(),
+            );
         };
         if deadline <= now + self.min_service {
-            refund();
+            refund(receipt);
             return Err(Rejection {
                 status: Status::deadline_exceeded(
                     "the deadline is too close for the request to start",
@@ -544,6 +584,7 @@ impl Admission {
                 band,
                 input_tokens,
                 reserved,
+                receipt,
                 now,
             )));
         }
@@ -559,6 +600,7 @@ impl Admission {
                 label: caller.label.clone(),
                 limits: caller.tier.limits,
                 reserved,
+                receipt: Some(receipt),
                 queued_at: now,
             },
         });
@@ -567,7 +609,7 @@ impl Admission {
             Pushed::Queued(id) => id,
             Pushed::QueuedEvicting(id, shed) => {
                 let w = shed.item;
-                self.quotas.refund(&w.key, &w.limits, w.reserved, now);
+                self.give_back(&w.key, &w.limits, w.receipt, w.reserved, now);
                 let status = with_pushback(
                     Status::unavailable(format!(
                         "overloaded: the request was shed for {} priority work; retry later",
@@ -581,9 +623,11 @@ impl Admission {
                 }));
                 id
             }
-            Pushed::Full(_) => {
+            Pushed::Full(t) => {
                 drop(st);
-                refund();
+                if let Some(receipt) = t.item.receipt {
+                    refund(receipt);
+                }
                 return Err(Rejection {
                     status: with_pushback(
                         Status::unavailable(format!(
@@ -617,9 +661,11 @@ impl Admission {
         band: Band,
         input_tokens: u64,
         reserved: u64,
+        receipt: Receipt,
         now: Instant,
     ) -> Slot {
         Slot {
+            receipt: Some(receipt),
             admission: self.clone(),
             key: caller.key.clone(),
             label: caller.label.clone(),
@@ -648,6 +694,7 @@ impl Admission {
                 weight: t.weight,
                 limits: w.limits,
                 reserved: w.reserved,
+                receipt: w.receipt,
                 used: AtomicU64::new(t.input_tokens),
                 started: Instant::now(),
                 armed: true,
@@ -657,8 +704,8 @@ impl Admission {
                 // The waiter is gone: nobody will use the slot.
                 slot.armed = false;
                 st.inflight -= 1;
-                self.quotas
-                    .refund(&w.key, &w.limits, w.reserved, Instant::now());
+                let receipt = slot.receipt.take();
+                self.give_back(&w.key, &w.limits, receipt, w.reserved, Instant::now());
             }
         }
         self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
@@ -762,8 +809,7 @@ impl Drop for CancelOnDrop {
             if let Some(t) = st.queue.cancel(id) {
                 let w = t.item;
                 self.admission
-                    .quotas
-                    .refund(&w.key, &w.limits, w.reserved, Instant::now());
+                    .give_back(&w.key, &w.limits, w.receipt, w.reserved, Instant::now());
             }
             self.admission
                 .metrics
@@ -787,6 +833,8 @@ pub struct Slot {
     limits: TierLimits,
     /// Tokens pre-charged (prompt + max_tokens).
     reserved: u64,
+    /// The pre-charge's receipt, for the refund of what was not used.
+    receipt: Option<Receipt>,
     /// Tokens used so far (prompt + generated).
     used: AtomicU64,
     started: Instant,
@@ -831,7 +879,8 @@ impl Drop for Slot {
         t.with_label_values(&[&self.label, "completion"])
             .inc_by(used.saturating_sub(self.input));
         let unused = self.reserved.saturating_sub(used);
-        a.quotas.refund(&self.key, &self.limits, unused, now);
+        let receipt = self.receipt.take();
+        a.give_back(&self.key, &self.limits, receipt, unused, now);
         let us = self.started.elapsed().as_micros() as u64;
         let old = a.mean_service_us.load(Ordering::Relaxed);
         let mean = if old == 0 { us } else { (old * 7 + us) / 8 };

@@ -18,7 +18,7 @@
 //! ```
 //!
 //! - [`keys`]: API keys (constant-time lookup, never logged).
-//! - [`gcra`]: per-tenant quotas (the GCRA arithmetic).
+//! - [`gcra`]: per-tenant quotas (GCRA with exact refunds).
 //! - [`fair_queue`]: the bounded fair queue.
 
 pub mod control;

@@ -103,7 +103,7 @@ impl Frontend {
             .identify(request.metadata(), request.remote_addr())
             .map_err(|r| refuse(None, r))?;
         // The request quota first: a caller over it is refused before any work.
-        adm.charge_request(&caller)
+        adm.precheck_request(&caller)
             .map_err(|r| refuse(Some(&caller), r))?;
         let checked = self.check(request, body).map_err(|status| {
             adm.record(Some(&caller), Outcome::of_status(&status));
@@ -111,8 +111,8 @@ impl Frontend {
         })?;
         let prompt = checked.engine.prompt.len() as u64;
         let reserved = prompt + checked.engine.max_tokens as u64;
-        let remaining = adm
-            .charge_tokens(&caller, reserved)
+        let (remaining, receipt) = adm
+            .charge(&caller, reserved)
             .map_err(|r| refuse(Some(&caller), r))?;
         adm.record_accepted(&caller);
         let turn = adm
@@ -121,6 +121,7 @@ impl Frontend {
                 body.priority,
                 prompt,
                 reserved,
+                receipt,
                 checked.engine.deadline,
             )
             .map_err(|r| refuse(Some(&caller), r))?;
