@@ -368,11 +368,7 @@ fn decode_attention_cpu(
     scale: f32,
 ) -> Result<Option<Tensor>> {
     use rayon::prelude::*;
-    if !q.device().is_cpu()
-        || q.dtype() != DType::F32
-        || k_cache.dtype() != DType::F32
-        || batch.seqs.iter().any(|s| s.len != 1)
-    {
+    if !cpu_f32_decode(q, batch, k_cache) {
         return Ok(None);
     }
     let (n, h, hd) = q.dims3()?;
@@ -407,6 +403,15 @@ fn decode_attention_cpu(
             }
         });
     Ok(Some(Tensor::from_vec(out, (n, h * hd), q.device())?))
+}
+
+/// Whether the CPU decode kernels apply: every sequence decodes one token, and the
+/// queries and the cache are f32 on the CPU.
+pub(super) fn cpu_f32_decode(q: &Tensor, batch: &ForwardBatch, cache: &Tensor) -> bool {
+    q.device().is_cpu()
+        && q.dtype() == DType::F32
+        && cache.dtype() == DType::F32
+        && batch.seqs.iter().all(|s| s.len == 1)
 }
 
 /// `scores ← softmax(scores)`.

@@ -17,7 +17,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::ModelError;
-use super::attention::{ForwardBatch, PagedKv, axpy, dot, softmax_in_place};
+use super::attention::{ForwardBatch, PagedKv, axpy, cpu_f32_decode, dot, softmax_in_place};
 use super::checkpoint::Checkpoint;
 use super::config::{MlaConfig, ModelConfig};
 use super::layers::{Linear, Precision, RmsNorm, Rotary};
@@ -285,11 +285,7 @@ fn decode_latent_cpu(
     scale: f64,
 ) -> Result<Option<Tensor>> {
     use rayon::prelude::*;
-    if !q_lat.device().is_cpu()
-        || q_lat.dtype() != DType::F32
-        || c_cache.dtype() != DType::F32
-        || batch.seqs.iter().any(|s| s.len != 1)
-    {
+    if !cpu_f32_decode(q_lat, batch, c_cache) {
         return Ok(None);
     }
     let (h, n, r) = q_lat.dims3()?;
