@@ -3,10 +3,12 @@
 # pinned in hack/versions.env, into a cache keyed by version:
 #
 #   $SWITCHYARD_CACHE_DIR/tools/kubernetes-<v>/  kube-apiserver kube-controller-manager
-#                                                kube-scheduler kubectl
+#                                                kube-scheduler kubectl kubelet kube-proxy
 #   $SWITCHYARD_CACHE_DIR/tools/etcd-<v>/        etcd
 #   $SWITCHYARD_CACHE_DIR/tools/kwok-<v>/        kwok
 #   $SWITCHYARD_CACHE_DIR/tools/helm-<v>/        helm
+#   $SWITCHYARD_CACHE_DIR/tools/coredns-<v>/     coredns (Service DNS on the real test node)
+#   $SWITCHYARD_CACHE_DIR/tools/grpcurl-<v>/     grpcurl (a third-party gRPC client for tests)
 #   $SWITCHYARD_CACHE_DIR/tools/bin/             links to all of the above (what tests use)
 #
 # A component whose directory holds a complete stamp is not rebuilt, so a second run is a
@@ -95,7 +97,9 @@ k8s_build() {
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler \
-    k8s.io/kubernetes/cmd/kubectl)
+    k8s.io/kubernetes/cmd/kubectl \
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy)
 }
 
 etcd_build() {
@@ -125,12 +129,25 @@ helm_build() {
     "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 }
 
+coredns_build() {
+  # CoreDNS's module has no replace directives; its default plugin set (kubernetes, forward,
+  # cache, ...) is compiled in, which is what the real-node tier needs.
+  GOBIN="$BUILD_OUT" GOFLAGS= go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
+}
+
+grpcurl_build() {
+  GOBIN="$BUILD_OUT" GOFLAGS= go install -trimpath -ldflags "-s -w -X main.version=$GRPCURL_VERSION" \
+    "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+}
+
 total_start=$SECONDS
 build etcd "$ETCD_VERSION" "$tools/etcd-$ETCD_VERSION" etcd -- etcd_build
 build kwok "$KWOK_VERSION" "$tools/kwok-$KWOK_VERSION" kwok kwok-stages.yaml -- kwok_build
 build helm "$HELM_VERSION" "$tools/helm-$HELM_VERSION" helm -- helm_build
+build grpcurl "$GRPCURL_VERSION" "$tools/grpcurl-$GRPCURL_VERSION" grpcurl -- grpcurl_build
+build coredns "$COREDNS_VERSION" "$tools/coredns-$COREDNS_VERSION" coredns -- coredns_build
 build kubernetes "$KUBERNETES_VERSION" "$tools/kubernetes-$KUBERNETES_VERSION" \
-  kube-apiserver kube-controller-manager kube-scheduler kubectl -- k8s_build
+  kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy -- k8s_build
 step="verify"
 "$bindir/kube-apiserver" --version | grep -qF "$KUBERNETES_VERSION" ||
   fail "kube-apiserver --version does not report $KUBERNETES_VERSION"
