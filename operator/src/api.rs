@@ -85,9 +85,12 @@ pub struct ModelDeploymentSpec {
     /// Where the checkpoint is and how to load it.
     pub model: ModelSpec,
 
-    /// The `switchyard-worker` container image both roles run.
+    /// The `switchyard-worker` container image both roles run. Default: the image of the
+    /// operator's own release (`ghcr.io/switchyard-dev/switchyard-worker:<operator
+    /// version>`), or what the operator's `--default-worker-image` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
-    pub image: String,
+    pub image: Option<String>,
 
     /// Pull policy for `image`. Default: the Kubernetes default (`Always` for `:latest`,
     /// else `IfNotPresent`).

@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use switchyard_operator::api::ModelDeployment;
-use switchyard_operator::build::FIELD_MANAGER;
+use switchyard_operator::build::{DEFAULT_WORKER_IMAGE, Defaults, FIELD_MANAGER};
 use switchyard_operator::leader::{Elector, LeaseConfig};
 use switchyard_operator::metrics::{self, Metrics, OBJECTS_PER_DEPLOYMENT};
 use switchyard_operator::reconcile::{self, Context};
@@ -38,6 +38,19 @@ enum Command {
     Crd,
     /// Run the controller (uses the in-cluster config, or KUBECONFIG / ~/.kube/config).
     Run(RunArgs),
+    /// Exit 0 when an operator's readiness endpoint answers 200, else 1 with the reason
+    /// (the Helm chart's `helm test` runs this against the operator's metrics Service).
+    CheckReady(CheckReadyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckReadyArgs {
+    /// `http://HOST:PORT/PATH` of the operator's `/readyz`.
+    #[arg(long)]
+    url: String,
+    /// Seconds to keep trying before giving up.
+    #[arg(long, default_value_t = 30)]
+    timeout_seconds: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +84,10 @@ struct RunArgs {
     /// Log filter (`tracing_subscriber::EnvFilter` syntax).
     #[arg(long, env = "SWITCHYARD_LOG", default_value = "info")]
     log: String,
+    /// Worker image for ModelDeployments that leave `spec.image` out (default: the worker
+    /// image of this operator's release).
+    #[arg(long, env = "SWITCHYARD_DEFAULT_WORKER_IMAGE", default_value = DEFAULT_WORKER_IMAGE)]
+    default_worker_image: String,
 }
 
 #[tokio::main]
@@ -81,7 +98,61 @@ async fn main() -> std::process::ExitCode {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::CheckReady(args) => check_ready(args).await,
     })
+}
+
+/// `check-ready`: polls `args.url` until it answers 200 or the timeout passes.
+async fn check_ready(args: CheckReadyArgs) -> anyhow::Result<()> {
+    let rest = args.url.strip_prefix("http://").with_context(|| {
+        format!(
+            "--url {:?}: only http://HOST:PORT/PATH is supported",
+            args.url
+        )
+    })?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let path = format!("/{path}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_seconds);
+    loop {
+        let last = match http_status(authority, &path).await {
+            Ok(200) => {
+                println!("{} answered 200", args.url);
+                return Ok(());
+            }
+            Ok(status) => format!("{} answered HTTP {status}", args.url),
+            Err(e) => format!("{}: {e}", args.url),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("not ready after {} s: {last}", args.timeout_seconds);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The status code of a plain HTTP/1.0 GET (the operator's own endpoints need no more).
+async fn http_status(authority: &str, path: &str) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    .context("connecting: no answer within 5 s")?
+    .context("connecting")?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .context("sending the request")?;
+    let mut head = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head))
+        .await
+        .context("reading the answer: none within 5 s")?
+        .context("reading the answer")?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {line:?}"))
 }
 
 /// Errors are printed as one line of causes (`a: b: c`), without a backtrace: they are
@@ -138,6 +209,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         leader_election = args.leader_election,
         lease = %format!("{lease_namespace}/{}", args.lease_name),
         lease_duration_seconds = args.lease_duration_seconds,
+        default_worker_image = %args.default_worker_image,
         %identity,
         "starting switchyard-operator"
     );
@@ -199,6 +271,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             },
         ),
         metrics: metrics.clone(),
+        defaults: Defaults {
+            worker_image: args.default_worker_image.clone(),
+        },
     });
     let ns = args.namespace.as_deref();
     let owned =

@@ -4,7 +4,7 @@
 //! ```text
 //!   Controller<ModelDeployment>  (+ .owns() watches on every child kind)
 //!     └─ reconcile(md)
-//!          1. build::desired(md)                      pure
+//!          1. build::desired(md, defaults)            pure
 //!          2. server-side apply each child            field manager switchyard-operator, forced
 //!          3. status::derive(md, workloads, error)    pure
 //!          4. server-side apply status subresource
@@ -37,6 +37,8 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Operator-wide settings the desired objects depend on.
+    pub defaults: build::Defaults,
 }
 
 impl std::fmt::Debug for Context {
@@ -94,7 +96,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
 
 async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     let names = Names::new(md)?;
-    let desired = build::desired(md)?;
+    let desired = build::desired(md, &ctx.defaults)?;
     let apply_result = apply_all(&ctx.client, &names.namespace, &desired).await;
     let apply_error = apply_result.as_ref().err().map(ToString::to_string);
     // The apply answers carry the workloads' status; read them only if it failed midway.

@@ -135,7 +135,7 @@ async fn the_examples_get_every_owned_object_and_a_status() {
         assert_eq!(headless.spec.unwrap().cluster_ip.as_deref(), Some("None"));
         let pod = dep.spec.template.spec.unwrap();
         let container = &pod.containers[0];
-        assert_eq!(container.image.as_deref(), Some(md.spec.image.as_str()));
+        assert_eq!(container.image.as_deref(), md.spec.image.as_deref());
         assert!(container.readiness_probe.as_ref().unwrap().grpc.is_some());
         assert_eq!(
             container

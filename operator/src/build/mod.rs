@@ -49,6 +49,28 @@ pub const METRICS_PORT_NAME: &str = "metrics";
 /// See [`METRICS_PORT_NAME`].
 pub const METRICS_PORT: i32 = 9090;
 
+/// The worker image of this operator's own release: what pods run when a ModelDeployment
+/// leaves `spec.image` out and the operator was given no `--default-worker-image`.
+pub const DEFAULT_WORKER_IMAGE: &str = concat!(
+    "ghcr.io/switchyard-dev/switchyard-worker:",
+    env!("CARGO_PKG_VERSION")
+);
+
+/// Operator-wide settings the desired objects depend on (not part of any one spec).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defaults {
+    /// Image for ModelDeployments without `spec.image`.
+    pub worker_image: String,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            worker_image: DEFAULT_WORKER_IMAGE.to_string(),
+        }
+    }
+}
+
 /// The two kinds of worker pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Component {
@@ -141,7 +163,7 @@ pub struct Desired {
 }
 
 /// Builds the desired objects of `md`.
-pub fn desired(md: &ModelDeployment) -> Result<Desired, BuildError> {
+pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, BuildError> {
     let names = Names::new(md)?;
     let owner = md
         .controller_owner_ref(&())
@@ -177,7 +199,7 @@ pub fn desired(md: &ModelDeployment) -> Result<Desired, BuildError> {
         spec: DeploymentSpec {
             replicas: Some(spec.frontend.replicas),
             selector: label_selector(&frontend_selector),
-            template: pods::template(md, &names, Component::Frontend, &hash),
+            template: pods::template(md, defaults, &names, Component::Frontend, &hash),
             ..DeploymentSpec::default()
         },
         ..Deployment::default()
@@ -191,7 +213,7 @@ pub fn desired(md: &ModelDeployment) -> Result<Desired, BuildError> {
             service_name: Some(names.experts.clone()),
             // Shards keep no per-request state: start and replace them all at once.
             pod_management_policy: Some("Parallel".into()),
-            template: pods::template(md, &names, Component::ExpertShard, &hash),
+            template: pods::template(md, defaults, &names, Component::ExpertShard, &hash),
             ..StatefulSetSpec::default()
         },
         ..StatefulSet::default()

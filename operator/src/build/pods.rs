@@ -14,8 +14,8 @@ use switchyard_proto::worker_config::{
 };
 
 use super::{
-    CONFIG_HASH_ANNOTATION, Component, GRPC_PORT_NAME, METRICS_PORT, METRICS_PORT_NAME, Names,
-    labels,
+    CONFIG_HASH_ANNOTATION, Component, Defaults, GRPC_PORT_NAME, METRICS_PORT, METRICS_PORT_NAME,
+    Names, labels,
 };
 use crate::api::{ModelDeployment, PodSettings, PullPolicy};
 
@@ -24,6 +24,7 @@ const RUN_AS: i64 = 65532;
 
 pub fn template(
     md: &ModelDeployment,
+    defaults: &Defaults,
     names: &Names,
     component: Component,
     config_hash: &str,
@@ -104,7 +105,11 @@ pub fn template(
 
     let container = Container {
         name: "worker".into(),
-        image: Some(spec.image.clone()),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| defaults.worker_image.clone()),
+        ),
         image_pull_policy: spec.image_pull_policy.map(pull_policy),
         ports: Some(vec![
             ContainerPort {

@@ -38,7 +38,7 @@ fn all_metadata(d: &Desired) -> Vec<(&'static str, &ObjectMeta)> {
 #[test]
 fn every_object_is_owned_labelled_and_in_the_deployment_namespace() {
     let md = example("minimal.yaml");
-    let d = desired(&md).unwrap();
+    let d = desired(&md, &Defaults::default()).unwrap();
     for (kind, meta) in all_metadata(&d) {
         assert_eq!(meta.namespace.as_deref(), Some("serving"), "{kind}");
         let owners = meta.owner_references.as_ref().unwrap();
@@ -79,7 +79,7 @@ fn every_object_is_owned_labelled_and_in_the_deployment_namespace() {
 #[test]
 fn pods_are_hardened_and_probed_on_grpc_health() {
     let md = example("minimal.yaml");
-    let d = desired(&md).unwrap();
+    let d = desired(&md, &Defaults::default()).unwrap();
     for (component, template) in [
         (Component::Frontend, &d.frontend.spec.template),
         (Component::ExpertShard, &d.experts.spec.template),
@@ -158,7 +158,7 @@ fn pods_are_hardened_and_probed_on_grpc_health() {
 #[test]
 fn the_full_example_asks_for_gpus_and_mounts_api_keys_on_frontends_only() {
     let md = example("full.yaml");
-    let d = desired(&md).unwrap();
+    let d = desired(&md, &Defaults::default()).unwrap();
     assert_eq!(d.frontend.spec.replicas, Some(2));
     assert_eq!(d.experts.spec.replicas, Some(4));
     assert_eq!(
@@ -215,7 +215,7 @@ fn the_full_example_asks_for_gpus_and_mounts_api_keys_on_frontends_only() {
 #[test]
 fn shards_admit_only_this_deployments_frontends_on_the_grpc_port() {
     let md = example("minimal.yaml");
-    let d = desired(&md).unwrap();
+    let d = desired(&md, &Defaults::default()).unwrap();
     let names = Names::new(&md).unwrap();
     let rule = &d
         .experts_policy
@@ -253,7 +253,7 @@ fn shards_admit_only_this_deployments_frontends_on_the_grpc_port() {
 #[test]
 fn a_config_change_rolls_the_pods_and_a_replica_change_does_not() {
     let hash = |md: &ModelDeployment| {
-        let d = desired(md).unwrap();
+        let d = desired(md, &Defaults::default()).unwrap();
         let annotations = |t: &PodTemplateSpec| {
             t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH_ANNOTATION]
                 .clone()
@@ -286,12 +286,12 @@ fn an_object_not_from_the_api_server_is_refused() {
     let mut md = example("minimal.yaml");
     md.metadata.uid = None;
     assert_eq!(
-        desired(&md).unwrap_err(),
+        desired(&md, &Defaults::default()).unwrap_err(),
         BuildError::MissingMetadata("metadata.uid")
     );
     md.metadata.namespace = None;
     assert_eq!(
-        desired(&md).unwrap_err(),
+        desired(&md, &Defaults::default()).unwrap_err(),
         BuildError::MissingMetadata("metadata.namespace")
     );
 }
