@@ -12,8 +12,16 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: ## Build the test control plane (etcd, kube-*, kwok, helm) from Go modules, cached by version
+tools: ## Build the test control plane and node (etcd, kube-*, kubelet, kube-proxy, CoreDNS, kwok, helm, grpcurl) from Go modules, cached by version
 	hack/build-control-plane.sh
+
+.PHONY: node-runtime
+node-runtime: ## Install the real test node's runtime and the image tools (containerd, runc, CNI plugins, iptables, buildah, mmdebstrap) from Debian, if missing
+	hack/install-node-runtime.sh
+
+.PHONY: images
+images: node-runtime ## Build the worker, operator and pause images as OCI archives (release binaries; cached by content)
+	hack/build-images.sh
 
 .PHONY: build
 build: ## Build every crate (CPU)
@@ -28,11 +36,13 @@ clippy: ## Lint, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 .PHONY: test
-test: tools fmt-check clippy ## Everything CI runs: format, lints, unit, control-plane, cluster and gRPC tests
+test: tools node-runtime fmt-check clippy ## Everything CI runs: format, lints, unit, control-plane, cluster, gRPC and real-node tests
 	@mkdir -p target
 	@# The tests start switchyard-operator as a process; `cargo test` does not build other
 	@# packages' binaries, so build them first.
 	$(CARGO) build --workspace --bins
+	@# The real-node tests run the images as pods.
+	hack/build-images.sh
 	$(CARGO) test --workspace 2>&1 | tee target/test-output.log
 	@# cargo's last line is often an empty doc-test run; end with the total instead.
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "make test: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test-output.log

@@ -64,8 +64,6 @@ impl Cluster {
     /// scheduler, the controller-manager and the nodes are ready.
     pub async fn start() -> Result<Self> {
         let started = Instant::now();
-        let kcm_bin = tool("kube-controller-manager")?;
-        let scheduler_bin = tool("kube-scheduler")?;
         let kwok_bin = tool("kwok")?;
         let kwok_stages = bin_dir().join("kwok-stages.yaml");
         if !kwok_stages.exists() {
@@ -75,48 +73,9 @@ impl Cluster {
             });
         }
         let control_plane = ControlPlane::start().await?;
-        let dir = control_plane.dir().to_path_buf();
         let kubeconfig = control_plane.kubeconfig().display().to_string();
-        let pki = control_plane.pki().clone();
-
-        let kcm_port = free_port()?;
-        let controller_manager = ManagedProcess::start(
-            "kube-controller-manager",
-            &kcm_bin,
-            &[
-                format!("--kubeconfig={kubeconfig}"),
-                format!("--authentication-kubeconfig={kubeconfig}"),
-                format!("--authorization-kubeconfig={kubeconfig}"),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={kcm_port}"),
-                format!("--cert-dir={}", dir.join("kcm-certs").display()),
-                format!(
-                    "--service-account-private-key-file={}",
-                    pki.service_account_key.display()
-                ),
-                format!("--root-ca-file={}", pki.serving_ca.display()),
-                "--use-service-account-credentials=false".into(),
-                "--profiling=false".into(),
-            ],
-            dir.join("kube-controller-manager.log"),
-        )?;
-        let scheduler_port = free_port()?;
-        let scheduler = ManagedProcess::start(
-            "kube-scheduler",
-            &scheduler_bin,
-            &[
-                format!("--kubeconfig={kubeconfig}"),
-                format!("--authentication-kubeconfig={kubeconfig}"),
-                format!("--authorization-kubeconfig={kubeconfig}"),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={scheduler_port}"),
-                format!("--cert-dir={}", dir.join("scheduler-certs").display()),
-                "--profiling=false".into(),
-            ],
-            dir.join("kube-scheduler.log"),
-        )?;
+        let dir = control_plane.dir().to_path_buf();
+        let (controller_manager, scheduler) = start_controllers(&control_plane)?;
         let kwok_port = free_port()?;
         let kwok = ManagedProcess::start(
             "kwok",
@@ -223,6 +182,59 @@ impl Cluster {
         })
         .await
     }
+}
+
+/// Starts kube-controller-manager and kube-scheduler against `control_plane` (no leader
+/// election, loopback-only serving ports): Deployments get pods, pods get nodes, garbage
+/// collection runs, ServiceAccounts get tokens.
+pub(crate) fn start_controllers(
+    control_plane: &ControlPlane,
+) -> Result<(ManagedProcess, ManagedProcess)> {
+    let kcm_bin = tool("kube-controller-manager")?;
+    let scheduler_bin = tool("kube-scheduler")?;
+    let dir = control_plane.dir().to_path_buf();
+    let kubeconfig = control_plane.kubeconfig().display().to_string();
+    let pki = control_plane.pki().clone();
+
+    let kcm_port = free_port()?;
+    let controller_manager = ManagedProcess::start(
+        "kube-controller-manager",
+        &kcm_bin,
+        &[
+            format!("--kubeconfig={kubeconfig}"),
+            format!("--authentication-kubeconfig={kubeconfig}"),
+            format!("--authorization-kubeconfig={kubeconfig}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={kcm_port}"),
+            format!("--cert-dir={}", dir.join("kcm-certs").display()),
+            format!(
+                "--service-account-private-key-file={}",
+                pki.service_account_key.display()
+            ),
+            format!("--root-ca-file={}", pki.serving_ca.display()),
+            "--use-service-account-credentials=false".into(),
+            "--profiling=false".into(),
+        ],
+        dir.join("kube-controller-manager.log"),
+    )?;
+    let scheduler_port = free_port()?;
+    let scheduler = ManagedProcess::start(
+        "kube-scheduler",
+        &scheduler_bin,
+        &[
+            format!("--kubeconfig={kubeconfig}"),
+            format!("--authentication-kubeconfig={kubeconfig}"),
+            format!("--authorization-kubeconfig={kubeconfig}"),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={scheduler_port}"),
+            format!("--cert-dir={}", dir.join("scheduler-certs").display()),
+            "--profiling=false".into(),
+        ],
+        dir.join("kube-scheduler.log"),
+    )?;
+    Ok((controller_manager, scheduler))
 }
 
 /// The toleration a pod needs to run on the harness's fake nodes.

@@ -32,6 +32,32 @@ const APISERVER_READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Label put on every namespace the harness creates.
 pub const TEST_NAMESPACE_LABEL: &str = "switchyard.dev/test";
 
+/// The Service cluster-IP range of every test control plane (`--service-cluster-ip-range`).
+pub const SERVICE_CIDR: &str = "10.0.0.0/24";
+/// The cluster IP of the `kubernetes` Service: the first address of [`SERVICE_CIDR`].
+pub const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
+
+/// Where and how the API server listens. The default is loopback only, with no endpoint
+/// for the `kubernetes` Service (nothing in-cluster needs it); the real test node puts the
+/// API server on the node's own address so pods reach it through that Service.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneOptions {
+    /// Bind and advertise address of the API server; the kubeconfig's server.
+    pub address: std::net::IpAddr,
+    /// Keep the `kubernetes` Service's endpoints pointing at `address` (a lease-based
+    /// endpoint reconciler), so pods can use the in-cluster config.
+    pub in_cluster_endpoint: bool,
+}
+
+impl Default for ControlPlaneOptions {
+    fn default() -> Self {
+        Self {
+            address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            in_cluster_endpoint: false,
+        }
+    }
+}
+
 /// How long the parts of a start took.
 #[derive(Debug, Clone, Copy)]
 pub struct StartupTimes {
@@ -82,13 +108,24 @@ impl ControlPlane {
             .map_err(|e| HarnessError::SharedStartFailed(e.clone()))
     }
 
-    /// Starts a new, private control plane. Prints how long the start took.
+    /// Starts a new, private control plane on loopback. Prints how long the start took.
     pub async fn start() -> Result<Self> {
+        Self::start_with(&ControlPlaneOptions::default()).await
+    }
+
+    /// Starts a new, private control plane as `options` say.
+    pub async fn start_with(options: &ControlPlaneOptions) -> Result<Self> {
         let started = Instant::now();
         let etcd_bin = tool("etcd")?;
         let apiserver_bin = tool("kube-apiserver")?;
         let dir = TempDir::new("cp")?;
-        let pki = Pki::write(dir.path())?;
+        let pki = Pki::write_with_names(
+            dir.path(),
+            &[
+                options.address.to_string(),
+                KUBERNETES_SERVICE_IP.to_string(),
+            ],
+        )?;
 
         let etcd_port = free_port()?;
         let etcd_peer_port = free_port()?;
@@ -114,11 +151,11 @@ impl ControlPlane {
         let etcd_time = started.elapsed();
 
         let port = free_port()?;
-        let server = format!("https://127.0.0.1:{port}");
+        let server = format!("https://{}:{port}", options.address);
         let apiserver = ManagedProcess::start(
             "kube-apiserver",
             &apiserver_bin,
-            &apiserver_args(&etcd_url, port, dir.path(), &pki),
+            &apiserver_args(&etcd_url, port, dir.path(), &pki, options),
             dir.path().join("kube-apiserver.log"),
         )?;
         let kubeconfig = dir.path().join("kubeconfig");
@@ -234,7 +271,7 @@ impl ControlPlane {
         self.apiserver.check_running()
     }
 
-    /// `https://127.0.0.1:<port>`
+    /// `https://<address>:<port>` (`127.0.0.1` unless the options said otherwise).
     pub fn server(&self) -> &str {
         &self.server
     }
@@ -258,13 +295,28 @@ impl ControlPlane {
     }
 }
 
-fn apiserver_args(etcd_url: &str, port: u16, dir: &Path, pki: &Pki) -> Vec<String> {
+fn apiserver_args(
+    etcd_url: &str,
+    port: u16,
+    dir: &Path,
+    pki: &Pki,
+    options: &ControlPlaneOptions,
+) -> Vec<String> {
+    let address = options.address;
     vec![
         format!("--etcd-servers={etcd_url}"),
-        "--bind-address=127.0.0.1".into(),
-        "--advertise-address=127.0.0.1".into(),
-        // The `kubernetes` Service may not point at loopback; nothing in-cluster needs it.
-        "--endpoint-reconciler-type=none".into(),
+        format!("--bind-address={address}"),
+        format!("--advertise-address={address}"),
+        // The `kubernetes` Service may not point at loopback: without a node, nothing
+        // in-cluster needs it.
+        format!(
+            "--endpoint-reconciler-type={}",
+            if options.in_cluster_endpoint {
+                "lease"
+            } else {
+                "none"
+            }
+        ),
         format!("--secure-port={port}"),
         format!("--cert-dir={}", dir.join("apiserver-certs").display()),
         format!("--tls-cert-file={}", pki.serving_cert.display()),
@@ -279,8 +331,11 @@ fn apiserver_args(etcd_url: &str, port: u16, dir: &Path, pki: &Pki) -> Vec<Strin
             "--service-account-signing-key-file={}",
             pki.service_account_key.display()
         ),
-        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
         "--allow-privileged=true".into(),
+        // Logs and exec go to the kubelet at the node's IP: a node's hostname resolves
+        // nowhere here, and the API server must not ask the machine's resolver for it.
+        "--kubelet-preferred-address-types=InternalIP".into(),
         "--authorization-mode=RBAC".into(),
         "--profiling=false".into(),
     ]

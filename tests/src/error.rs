@@ -71,6 +71,28 @@ pub enum HarnessError {
 
     #[error("timed out after {timeout:?} waiting for {what}")]
     Timeout { what: String, timeout: Duration },
+
+    /// A piece of the real test node is missing on this machine.
+    #[error("the real test node needs {what}, which is missing: {hint}")]
+    MissingNodeRuntime { what: String, hint: String },
+
+    /// An external command the harness ran failed.
+    #[error("`{command}` failed ({status}):\n{output}")]
+    CommandFailed {
+        command: String,
+        status: String,
+        output: String,
+    },
+
+    /// Something on the real node did not happen in time; the diagnosis holds the pods'
+    /// events, their logs and the kubelet's log.
+    #[error("timed out after {timeout:?} waiting for {what} (last: {last})\n{diagnosis}")]
+    Stuck {
+        what: String,
+        timeout: Duration,
+        last: String,
+        diagnosis: String,
+    },
 }
 
 impl std::fmt::Debug for HarnessError {

@@ -7,6 +7,8 @@
 //!   control_plane  ControlPlane: etcd + kube-apiserver        (tier 2 tests)
 //!   cluster        Cluster: + controller-manager, scheduler,  (tier 3 tests)
 //!                  kwok with fake nvidia.com/gpu nodes
+//!   node           RealNode: a real single-node cluster —   (tier 5 tests)
+//!                  kubelet, kube-proxy, CoreDNS, containerd — running our images
 //!   operator   switchyard-operator as a child process, one namespace each
 //! ```
 //!
@@ -18,6 +20,7 @@
 pub mod cluster;
 pub mod control_plane;
 pub mod error;
+pub mod node;
 pub mod operator;
 pub mod pki;
 pub mod process;
@@ -27,6 +30,7 @@ pub mod worker;
 pub use cluster::Cluster;
 pub use control_plane::{ControlPlane, TestNamespace};
 pub use error::{HarnessError, Result};
+pub use node::RealNode;
 
 /// The checked-in ModelDeployment CRD (`crds/modeldeployment.yaml`), for
 /// [`ControlPlane::install_crd`].

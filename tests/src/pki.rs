@@ -1,6 +1,8 @@
 //! Throwaway certificates for one test control plane, made in-process.
 //!
-//! - a serving CA and the API server's certificate for `localhost` and `127.0.0.1`;
+//! - a serving CA and the API server's certificate for `localhost`, `127.0.0.1`, the
+//!   in-cluster names of the `kubernetes` Service, and any addresses the caller adds (the
+//!   real test node's address, the Service's cluster IP);
 //! - a client CA, which the API server trusts, and an admin client certificate in group
 //!   `system:masters` that every harness client (kube-rs, kubectl, helm, the controllers) uses;
 //! - the service-account signing key and its public half (for token verification).
@@ -51,6 +53,12 @@ fn name(common_name: &str, organization: Option<&str>) -> DistinguishedName {
 impl Pki {
     /// Generates everything and writes it into `dir`.
     pub fn write(dir: &Path) -> Result<Self> {
+        Self::write_with_names(dir, &[])
+    }
+
+    /// As [`Pki::write`], with `extra_names` (DNS names or IP addresses) added to the API
+    /// server's certificate.
+    pub fn write_with_names(dir: &Path, extra_names: &[String]) -> Result<Self> {
         let serving_ca = CertifiedIssuer::self_signed(
             ca_params("switchyard-test-serving-ca")?,
             KeyPair::generate()?,
@@ -61,11 +69,16 @@ impl Pki {
         )?;
 
         let serving_key = KeyPair::generate()?;
-        let mut serving = CertificateParams::new(vec![
+        let mut names = vec![
             "localhost".to_string(),
             "127.0.0.1".to_string(),
+            "kubernetes".to_string(),
+            "kubernetes.default".to_string(),
             "kubernetes.default.svc".to_string(),
-        ])?;
+            "kubernetes.default.svc.cluster.local".to_string(),
+        ];
+        names.extend(extra_names.iter().cloned());
+        let mut serving = CertificateParams::new(names)?;
         serving.distinguished_name = name("kube-apiserver", None);
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let serving_cert = serving.signed_by(&serving_key, &serving_ca)?;

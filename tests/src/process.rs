@@ -29,11 +29,15 @@ static SPAWNER: OnceLock<mpsc::Sender<(Command, SpawnReply)>> = OnceLock::new();
 #[derive(Default)]
 struct Registry {
     pids: Vec<i32>,
+    /// Run after the processes are killed, before the directories go: for what outlives
+    /// a process (the real node's mounts, network devices, iptables chains, cgroups).
+    hooks: Vec<(&'static str, fn())>,
     dirs: Vec<PathBuf>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     pids: Vec::new(),
+    hooks: Vec::new(),
     dirs: Vec::new(),
 });
 static AT_EXIT: Once = Once::new();
@@ -93,6 +97,9 @@ extern "C" fn cleanup_at_exit() {
     };
     kill_and_reap(&registry.pids);
     registry.pids.clear();
+    for (_, hook) in registry.hooks.drain(..) {
+        hook();
+    }
     for dir in registry.dirs.drain(..) {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -151,6 +158,16 @@ impl Drop for TempDir {
     }
 }
 
+/// Runs `hook` when the test binary exits, after every child process is killed (once per
+/// `name`, however often it is registered).
+pub fn at_exit(name: &'static str, hook: fn()) {
+    ensure_exit_handler();
+    let mut registry = lock_registry();
+    if !registry.hooks.iter().any(|(n, _)| *n == name) {
+        registry.hooks.push((name, hook));
+    }
+}
+
 fn lock_registry() -> std::sync::MutexGuard<'static, Registry> {
     // A test that panicked while holding the lock leaves valid data behind.
     REGISTRY
@@ -179,7 +196,7 @@ fn remove_orphans(root: &Path) {
 }
 
 #[allow(unsafe_code)]
-fn process_exists(pid: i32) -> bool {
+pub(crate) fn process_exists(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence and permission.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)

@@ -12,13 +12,18 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SWITCHYARD_TOOLS_BIN") {
         return PathBuf::from(dir);
     }
-    let cache = std::env::var_os("SWITCHYARD_CACHE_DIR")
+    cache_dir().join("tools/bin")
+}
+
+/// `$SWITCHYARD_CACHE_DIR`, else `~/.cache/switchyard`: where the hack/ scripts keep what
+/// they build (tools, images).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("SWITCHYARD_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
             PathBuf::from(home).join(".cache/switchyard")
-        });
-    cache.join("tools/bin")
+        })
 }
 
 /// The path of one tool, or an error naming it and the `make` target that builds it.

@@ -1,0 +1,670 @@
+//! Tier 5: Switchyard installed as a platform team would install it, on a real node.
+//!
+//! `helm install` the chart from this repository; the operator runs as two pods, one
+//! leads, `helm test` passes. A ModelDeployment whose checkpoint comes from a PVC (a local
+//! PersistentVolume) gets two frontends and two expert shards that pass their real gRPC
+//! probes; a client outside the pods calls the Service's ClusterIP (through kube-proxy)
+//! and gets exactly the tokens the same model gives in process, while the frontends find
+//! the shards through the headless Service's DNS (CoreDNS). grpcurl, a third-party client,
+//! lists the services by reflection and calls Generate. A shard pod deleted mid-stream
+//! comes back and new requests succeed; `kubectl scale` brings a third frontend that
+//! serves; `helm uninstall` removes the operator and its RBAC and leaves the CRD.
+//!
+//! One scenario, in order, because each step stands on the one before (the operator the
+//! chart installed reconciles the deployment the later steps use). Each step prints how
+//! long it took; the figures are in docs/benchmarks.md.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{
+    PersistentVolume, PersistentVolumeClaim, Pod, Service, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use switchyard_operator::api::ModelDeployment;
+use switchyard_proto::inference::v1 as pb;
+use switchyard_proto::inference::v1::generate_request::Input;
+use switchyard_proto::inference::v1::generate_stream_response::Event;
+use switchyard_proto::inference::v1::inference_client::InferenceClient;
+use switchyard_tests::node::{NODE_NAME, ROOT};
+use switchyard_tests::tools::tool;
+use switchyard_tests::worker::fixture_model;
+use switchyard_tests::{FrontendProcess, RealNode};
+use tokio_stream::StreamExt as _;
+
+const RELEASE: &str = "switchyard";
+const RELEASE_NAMESPACE: &str = "switchyard-system";
+const MD: &str = "tiny-moe";
+const PROMPT: &str = "The switchyard sorts the cars onto";
+const MAX_TOKENS: u32 = 24;
+const POD_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn step(name: &str, since: Instant) {
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: {name} in {:.1}s",
+        since.elapsed().as_secs_f64()
+    );
+}
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/switchyard")
+}
+
+fn greedy(max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(Input::Prompt(PROMPT.into())),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The token ids a unary Generate returns from `endpoint`.
+async fn generate(endpoint: &str) -> Result<Vec<u32>, String> {
+    let mut client = InferenceClient::connect(endpoint.to_string())
+        .await
+        .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+    let reply = client
+        .generate(greedy(MAX_TOKENS))
+        .await
+        .map_err(|s| format!("Generate on {endpoint}: {s}"))?;
+    Ok(reply.into_inner().token_ids)
+}
+
+/// The token ids a GenerateStream returns, or the status it ended with.
+async fn generate_stream(
+    endpoint: &str,
+    max_tokens: u32,
+    mut on_chunk: impl FnMut(usize),
+) -> Result<Vec<u32>, String> {
+    let mut client = InferenceClient::connect(endpoint.to_string())
+        .await
+        .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+    let mut stream = client
+        .generate_stream(greedy(max_tokens))
+        .await
+        .map_err(|s| format!("GenerateStream: {s}"))?
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(message) = stream.next().await {
+        match message.map_err(|s| format!("stream ended with {s}"))?.event {
+            Some(Event::Chunk(chunk)) => {
+                ids.extend(chunk.token_ids);
+                on_chunk(ids.len());
+            }
+            Some(Event::Summary(_)) => return Ok(ids),
+            None => {}
+        }
+    }
+    Err("the stream ended without a summary".into())
+}
+
+/// A plain HTTP GET to `ip:port` (a pod's metrics port).
+async fn http_get(ip: &str, port: u16, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect((ip, port))
+        .await
+        .map_err(|e| format!("connecting to {ip}:{port}: {e}"))?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body))
+        .await
+        .map_err(|_| "no answer within 5 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The checkpoint directory on the node, readable by the pods' non-root user.
+fn model_on_node(namespace: &str) -> PathBuf {
+    let dir = Path::new(ROOT)
+        .join("volumes")
+        .join(namespace)
+        .join("model");
+    std::fs::create_dir_all(&dir).expect("creating the volume directory");
+    let fixture = fixture_model("qwen3_moe");
+    for entry in std::fs::read_dir(&fixture).expect("reading the fixture") {
+        let entry = entry.expect("fixture entry");
+        if entry.file_type().expect("file type").is_file() {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copying the fixture");
+        }
+    }
+    let _ = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(Path::new(ROOT).join("volumes"))
+        .status();
+    let _ = std::process::Command::new("chmod")
+        .args(["a+x", ROOT])
+        .status();
+    dir
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+    serde_json::from_value(value).expect("a valid object")
+}
+
+async fn pod_ips(client: &kube::Client, namespace: &str, selector: &str) -> Vec<(String, String)> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    pods.list(&ListParams::default().labels(selector))
+        .await
+        .expect("listing pods")
+        .items
+        .into_iter()
+        .filter(switchyard_tests::node::is_pod_ready)
+        .filter_map(|p| Some((p.metadata.name?, p.status?.pod_ip?)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanly() {
+    let node = RealNode::shared().await.expect("the real test node");
+    let helm = tool("helm").expect("helm");
+    let kubectl = tool("kubectl").expect("kubectl");
+    let grpcurl = tool("grpcurl").expect("grpcurl");
+    let client = node.control_plane().client().await.expect("client");
+    let chart = chart_dir();
+    let chart = chart.to_str().expect("a UTF-8 chart path");
+
+    // 1. helm install: two operator pods, one leader, helm test passes.
+    let t = Instant::now();
+    node.run(
+        &helm,
+        &[
+            "install",
+            RELEASE,
+            chart,
+            "--namespace",
+            RELEASE_NAMESPACE,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "3m",
+        ],
+    )
+    .await
+    .expect("helm install");
+    let operator_selector =
+        "app.kubernetes.io/name=switchyard,app.kubernetes.io/component=operator";
+    node.wait_for_ready_pods(
+        &client,
+        RELEASE_NAMESPACE,
+        operator_selector,
+        2,
+        POD_TIMEOUT,
+    )
+    .await
+    .expect("two operator pods Ready");
+    let operator_pods: Vec<String> = pod_ips(&client, RELEASE_NAMESPACE, operator_selector)
+        .await
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    node.wait_for(
+        &client,
+        RELEASE_NAMESPACE,
+        operator_selector,
+        "an operator pod holding the leader Lease",
+        POD_TIMEOUT,
+        || {
+            let leases = leases.clone();
+            let operator_pods = operator_pods.clone();
+            async move {
+                let lease = leases
+                    .get_opt(RELEASE)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("no Lease yet")?;
+                let holder = lease
+                    .spec
+                    .and_then(|s| s.holder_identity)
+                    .unwrap_or_default();
+                if operator_pods.contains(&holder) {
+                    Ok(true)
+                } else {
+                    Err(format!(
+                        "Lease held by {holder:?}, not by {operator_pods:?}"
+                    ))
+                }
+            }
+        },
+    )
+    .await
+    .expect("an operator pod leads");
+    step("helm install to operator Ready and leading", t);
+    let t = Instant::now();
+    node.run(
+        &helm,
+        &[
+            "test",
+            RELEASE,
+            "--namespace",
+            RELEASE_NAMESPACE,
+            "--timeout",
+            "2m",
+        ],
+    )
+    .await
+    .expect("helm test");
+    step("helm test", t);
+
+    // 2. A checkpoint on a local PersistentVolume, claimed in the test's namespace.
+    let ns = node.namespace("md").await.expect("namespace");
+    let namespace = ns.name.as_str();
+    let model_dir = model_on_node(namespace);
+    let pv_name = format!("{namespace}-model");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    pvs.create(
+        &PostParams::default(),
+        &from_json(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv_name},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "switchyard-test-local",
+                "local": {"path": model_dir.display().to_string()},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}
+                ]}]}},
+            },
+        })),
+    )
+    .await
+    .expect("creating the PersistentVolume");
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    pvcs.create(
+        &PostParams::default(),
+        &from_json(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "models"},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "switchyard-test-local",
+                "volumeName": pv_name,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        })),
+    )
+    .await
+    .expect("creating the PersistentVolumeClaim");
+
+    // 3. The ModelDeployment: no image given, so the operator's release default is used.
+    let t = Instant::now();
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), namespace);
+    mds.create(
+        &PostParams::default(),
+        &from_json(serde_json::json!({
+            "apiVersion": "switchyard.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": MD},
+            "spec": {
+                "model": {"pvc": {"claimName": "models", "path": "/"}, "dtype": "f32"},
+                "frontend": {"replicas": 2},
+                "experts": {"shards": 2},
+                "serving": {"maxBatchSize": 8},
+            },
+        })),
+    )
+    .await
+    .expect("creating the ModelDeployment");
+    let instance = format!("app.kubernetes.io/instance={MD}");
+    node.wait_for(
+        &client,
+        namespace,
+        &instance,
+        "ModelDeployment Ready=True",
+        POD_TIMEOUT,
+        || {
+            let mds = mds.clone();
+            async move {
+                let md = mds.get(MD).await.map_err(|e| e.to_string())?;
+                let ready = md
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                    .map(|c| (c.status.clone(), c.message.clone()));
+                match ready {
+                    Some((status, _)) if status == "True" => Ok(true),
+                    Some((status, message)) => Err(format!("Ready={status}: {message}")),
+                    None => Err("no Ready condition yet".into()),
+                }
+            }
+        },
+    )
+    .await
+    .expect("the ModelDeployment becomes Ready");
+    let frontend_selector = format!("{instance},app.kubernetes.io/component=frontend");
+    let shard_selector = format!("{instance},app.kubernetes.io/component=expert-shard");
+    node.wait_for_ready_pods(&client, namespace, &frontend_selector, 2, POD_TIMEOUT)
+        .await
+        .expect("2 frontends Ready");
+    node.wait_for_ready_pods(&client, namespace, &shard_selector, 2, POD_TIMEOUT)
+        .await
+        .expect("2 shards Ready");
+    step(
+        "ModelDeployment apply to Ready=True (2 frontends, 2 shards)",
+        t,
+    );
+
+    // 4. Through the Service's ClusterIP (kube-proxy), the same tokens as in process.
+    let reference = {
+        let local = FrontendProcess::start(&fixture_model("qwen3_moe"), &["--dtype", "f32"])
+            .await
+            .expect("an in-process frontend on loopback");
+        generate(&local.endpoint())
+            .await
+            .expect("in-process tokens")
+    };
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let service = services.get(MD).await.expect("the client Service");
+    let cluster_ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("the Service has a ClusterIP");
+    let endpoint = format!("http://{cluster_ip}:50051");
+    let t = Instant::now();
+    let unary = generate(&endpoint)
+        .await
+        .expect("Generate through the Service");
+    step("first Generate through the Service", t);
+    assert_eq!(
+        unary, reference,
+        "the deployment gives the in-process tokens"
+    );
+    let streamed = generate_stream(&endpoint, MAX_TOKENS, |_| {})
+        .await
+        .expect("GenerateStream through the Service");
+    assert_eq!(
+        streamed, reference,
+        "streamed tokens equal the in-process ones"
+    );
+    // Several calls, so both frontends (kube-proxy picks at random) and both shards work.
+    for _ in 0..6 {
+        assert_eq!(generate(&endpoint).await.expect("Generate"), reference);
+    }
+    let shards = pod_ips(&client, namespace, &shard_selector).await;
+    assert_eq!(shards.len(), 2, "{shards:?}");
+    for (name, ip) in &shards {
+        let text = http_get(ip, 9090, "/metrics").await.expect("shard metrics");
+        let rows = metric(&text, "switchyard_shard_rows_total");
+        assert!(
+            rows > 0.0,
+            "shard {name} found through the headless Service's DNS served no rows:\n{text}"
+        );
+    }
+
+    // 5. grpcurl, a third-party client: reflection and a Generate through the Service.
+    let target = format!("{cluster_ip}:50051");
+    let listed = node
+        .run(&grpcurl, &["-plaintext", &target, "list"])
+        .await
+        .expect("grpcurl list");
+    assert!(listed.contains("switchyard.v1.Inference"), "{listed}");
+    let body = format!(
+        r#"{{"prompt": "{PROMPT}", "sampling": {{"max_tokens": {MAX_TOKENS}, "temperature": 0, "ignore_eos": true}}}}"#
+    );
+    let answer = node
+        .run(
+            &grpcurl,
+            &[
+                "-plaintext",
+                "-d",
+                &body,
+                &target,
+                "switchyard.v1.Inference/Generate",
+            ],
+        )
+        .await
+        .expect("grpcurl Generate");
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("grpcurl prints JSON");
+    let ids: Vec<u32> = answer["tokenIds"]
+        .as_array()
+        .expect("tokenIds in the answer")
+        .iter()
+        .filter_map(|v| v.as_u64().map(|v| v as u32))
+        .collect();
+    assert_eq!(ids, reference, "grpcurl gets the same tokens: {answer}");
+
+    // 6. A shard pod deleted mid-stream: the stream ends (tokens or a clear status, never
+    // a hang), the StatefulSet restores the pod, and new requests succeed.
+    let t = Instant::now();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let victim = format!("{MD}-experts-1");
+    let (deleted_tx, deleted_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut deleted_tx = Some(deleted_tx);
+    let stream = generate_stream(&endpoint, 400, |n| {
+        if n == 5
+            && let Some(tx) = deleted_tx.take()
+        {
+            let _ = tx.send(());
+        }
+    });
+    let deleter = async {
+        if deleted_rx.await.is_ok() {
+            pods.delete(&victim, &DeleteParams::default().grace_period(0))
+                .await
+                .expect("deleting a shard pod");
+        }
+    };
+    let (outcome, ()) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(stream, deleter)
+    })
+    .await
+    .expect("the stream ends (with tokens or a status) after its shard is deleted");
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: the stream across the shard deletion ended with {}",
+        match &outcome {
+            Ok(ids) => format!("{} tokens", ids.len()),
+            Err(e) => e.clone(),
+        }
+    );
+    node.wait_for_ready_pods(&client, namespace, &shard_selector, 2, POD_TIMEOUT)
+        .await
+        .expect("the StatefulSet restores the shard");
+    node.wait_for(
+        &client,
+        namespace,
+        &instance,
+        "a request to succeed after the shard came back",
+        POD_TIMEOUT,
+        || {
+            let endpoint = endpoint.clone();
+            let reference = reference.clone();
+            async move {
+                let got = generate(&endpoint).await?;
+                if got == reference {
+                    Ok(true)
+                } else {
+                    Err(format!("different tokens: {got:?}"))
+                }
+            }
+        },
+    )
+    .await
+    .expect("new requests succeed");
+    // Both frontends must have re-found the shard: several calls in a row succeed.
+    for _ in 0..6 {
+        assert_eq!(generate(&endpoint).await.expect("Generate"), reference);
+    }
+    step(
+        "shard pod deleted mid-stream to requests succeeding again",
+        t,
+    );
+
+    // 7. kubectl scale: a third frontend that serves.
+    let t = Instant::now();
+    node.run(
+        &kubectl,
+        &[
+            "scale",
+            "-n",
+            namespace,
+            &format!("md/{MD}"),
+            "--replicas=3",
+        ],
+    )
+    .await
+    .expect("kubectl scale");
+    node.wait_for_ready_pods(&client, namespace, &frontend_selector, 3, POD_TIMEOUT)
+        .await
+        .expect("3 frontends Ready");
+    for (name, ip) in pod_ips(&client, namespace, &frontend_selector).await {
+        let got = generate(&format!("http://{ip}:50051"))
+            .await
+            .unwrap_or_else(|e| panic!("frontend {name} serves: {e}"));
+        assert_eq!(got, reference, "frontend {name}");
+    }
+    step("kubectl scale to a third frontend serving", t);
+
+    // 8. helm uninstall: the operator and its RBAC go, the CRD stays.
+    node.run(
+        &helm,
+        &[
+            "uninstall",
+            RELEASE,
+            "--namespace",
+            RELEASE_NAMESPACE,
+            "--wait",
+            "--timeout",
+            "2m",
+        ],
+    )
+    .await
+    .expect("helm uninstall");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    let chart_labels = "app.kubernetes.io/instance=switchyard";
+    node.wait_for(
+        &client,
+        RELEASE_NAMESPACE,
+        operator_selector,
+        "the operator and its RBAC to be gone",
+        POD_TIMEOUT,
+        || {
+            let (deployments, accounts, roles, bindings) = (
+                deployments.clone(),
+                accounts.clone(),
+                roles.clone(),
+                bindings.clone(),
+            );
+            async move {
+                let lp = ListParams::default().labels(chart_labels);
+                let left = deployments
+                    .list(&lp)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .len()
+                    + accounts
+                        .list(&lp)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .len()
+                    + roles
+                        .list(&lp)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .len()
+                    + bindings
+                        .list(&lp)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .len();
+                if left == 0 {
+                    Ok(true)
+                } else {
+                    Err(format!("{left} chart object(s) left"))
+                }
+            }
+        },
+    )
+    .await
+    .expect("helm uninstall removes the operator and its RBAC");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    assert!(
+        crds.get_opt("modeldeployments.switchyard.dev")
+            .await
+            .expect("reading CRDs")
+            .is_some(),
+        "the CRD stays after helm uninstall (Helm's convention; docs/install.md says how to remove it)"
+    );
+}
+
+/// A pod that never becomes Ready: the harness's timeout says why, with what a person
+/// debugging it needs (the pod's events, its container's log, the kubelet's log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_pod_is_reported_with_its_events_its_log_and_the_kubelets_log() {
+    let node = RealNode::shared().await.expect("the real test node");
+    let ns = node.namespace("stuck").await.expect("namespace");
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    pods.create(
+        &PostParams::default(),
+        &from_json(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "crashes", "labels": {"app": "crashes"}},
+            "spec": {
+                "automountServiceAccountToken": false,
+                "containers": [{
+                    "name": "worker",
+                    "image": node.images().worker,
+                    "imagePullPolicy": "Never",
+                    "args": ["--role", "frontend", "--model", "/no/such/checkpoint"],
+                    // Without a probe, a running container counts as Ready until it exits.
+                    "readinessProbe": {"grpc": {"port": 50051}, "periodSeconds": 2},
+                }],
+            },
+        })),
+    )
+    .await
+    .expect("creating the pod");
+    let err = node
+        .wait_for_ready_pods(
+            &ns.client,
+            &ns.name,
+            "app=crashes",
+            1,
+            Duration::from_secs(20),
+        )
+        .await
+        .expect_err("a pod whose worker cannot load its model never becomes Ready")
+        .to_string();
+    for wanted in [
+        "1 Ready pod(s) matching \"app=crashes\"",
+        "--- pod",
+        "event Normal Started",
+        "/no/such/checkpoint",
+        "--- kubelet log",
+    ] {
+        assert!(err.contains(wanted), "the report lacks {wanted:?}:\n{err}");
+    }
+}
