@@ -9,9 +9,10 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::ModelError;
-use super::checkpoint::Checkpoint;
+use super::checkpoint::Weights;
 use super::config::ModelConfig;
-use super::layers::{Linear, Precision, RmsNorm, Rotary};
+use super::family::QkNorm;
+use super::layers::{Linear, RmsNorm, Rotary};
 
 /// One layer's keys and values, `[slots, kv_heads, head_dim]` each, written in place.
 #[derive(Debug)]
@@ -193,9 +194,9 @@ impl ForwardBatch {
     }
 }
 
-/// Where the q/k RMSNorm applies, if the family has one.
+/// The q/k RMSNorms, where the family declares them ([`QkNorm`]).
 #[derive(Debug, Clone)]
-enum QkNorm {
+enum QkNorms {
     None,
     /// Qwen3: each head normalised over `head_dim`.
     PerHead(RmsNorm, RmsNorm),
@@ -210,7 +211,7 @@ pub struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
-    qk_norm: QkNorm,
+    qk_norm: QkNorms,
     clip_qkv: Option<f64>,
     heads: usize,
     kv_heads: usize,
@@ -220,34 +221,29 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Loads `model.layers.<layer>.self_attn.*`.
+    /// Loads layer `layer`'s attention from `w` (at `model.layers.<layer>.self_attn`): the
+    /// biases, and the q/k norms of the kind, the family declares.
     pub fn load(
         cfg: &ModelConfig,
-        ckpt: &Checkpoint,
+        w: &Weights<'_>,
         layer: usize,
-        dtype: Precision,
-        device: &Device,
     ) -> std::result::Result<Self, ModelError> {
-        let p = format!("model.layers.{layer}.self_attn");
         let (d, hd) = (cfg.hidden_size, cfg.head_dim);
         let (qw, kvw) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let q = Linear::load(ckpt, &format!("{p}.q_proj"), (qw, d), dtype, device)?;
-        let k = Linear::load(ckpt, &format!("{p}.k_proj"), (kvw, d), dtype, device)?;
-        let v = Linear::load(ckpt, &format!("{p}.v_proj"), (kvw, d), dtype, device)?;
-        let o = Linear::load(ckpt, &format!("{p}.o_proj"), (d, qw), dtype, device)?;
-        let (qn, kn) = (format!("{p}.q_norm.weight"), format!("{p}.k_norm.weight"));
+        let q = Linear::load(&w.pp("q_proj"), (qw, d), cfg.qkv_bias)?;
+        let k = Linear::load(&w.pp("k_proj"), (kvw, d), cfg.qkv_bias)?;
+        let v = Linear::load(&w.pp("v_proj"), (kvw, d), cfg.qkv_bias)?;
+        let o = Linear::load(&w.pp("o_proj"), (d, qw), cfg.o_bias)?;
         let eps = cfg.rms_norm_eps;
-        // The saved shape says which kind of q/k norm this is.
-        let qk_norm = match ckpt.shape(&qn) {
-            None => QkNorm::None,
-            Some([n]) if *n == hd => QkNorm::PerHead(
-                RmsNorm::load(ckpt, &qn, hd, eps, dtype, device)?,
-                RmsNorm::load(ckpt, &kn, hd, eps, dtype, device)?,
-            ),
-            Some(_) => QkNorm::Full(
-                RmsNorm::load(ckpt, &qn, qw, eps, dtype, device)?,
-                RmsNorm::load(ckpt, &kn, kvw, eps, dtype, device)?,
-            ),
+        let (qn, kn) = (w.pp("q_norm"), w.pp("k_norm"));
+        let qk_norm = match cfg.family.spec().attention.qk_norm {
+            QkNorm::None => QkNorms::None,
+            QkNorm::PerHead => {
+                QkNorms::PerHead(RmsNorm::load(&qn, hd, eps)?, RmsNorm::load(&kn, hd, eps)?)
+            }
+            QkNorm::Full => {
+                QkNorms::Full(RmsNorm::load(&qn, qw, eps)?, RmsNorm::load(&kn, kvw, eps)?)
+            }
         };
         Ok(Self {
             q,
@@ -291,14 +287,14 @@ impl Attention {
             k = k.clamp(-c, c)?;
             v = v.clamp(-c, c)?;
         }
-        if let QkNorm::Full(qn, kn) = &self.qk_norm {
+        if let QkNorms::Full(qn, kn) = &self.qk_norm {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
         let mut q = q.reshape((n, h, hd))?;
         let mut k = k.reshape((n, kvh, hd))?;
         let v = v.reshape((n, kvh, hd))?.contiguous()?;
-        if let QkNorm::PerHead(qn, kn) = &self.qk_norm {
+        if let QkNorms::PerHead(qn, kn) = &self.qk_norm {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }

@@ -5,6 +5,10 @@
 //! repositories ship) several `*.safetensors` with no index. Files are mapped, not read:
 //! only the tensors the model asks for are touched, each copied once into device memory in
 //! the dtype the engine computes in.
+//!
+//! Loaders read through [`Weights`], the checkpoint seen from a name prefix (candle's
+//! `VarBuilder::pp`): `layer.pp("self_attn").pp("q_proj").matrix("weight", …)` reads
+//! `model.layers.<l>.self_attn.q_proj.weight`, in the dtype and on the device it carries.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,6 +17,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::ModelError;
+use super::layers::Precision;
 
 /// The mapped weight files of one checkpoint.
 pub struct Checkpoint {
@@ -70,11 +75,6 @@ impl Checkpoint {
     /// Whether a tensor exists.
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
-    }
-
-    /// The saved shape of a tensor, if it exists.
-    pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.index.get(name).map(|(_, s)| s.as_slice())
     }
 
     /// Reads `name`, checks it has `shape`, converts it to `dtype` on `device`.
@@ -230,6 +230,127 @@ impl Checkpoint {
             .iter()
             .map(|(_, view)| format!("{:?}", view.dtype()).to_lowercase())
             .collect()
+    }
+}
+
+/// A [`Checkpoint`] seen from a name prefix, with the dtypes and the device its tensors
+/// are read into: what every loader takes instead of hand-built names.
+#[derive(Debug, Clone)]
+pub struct Weights<'a> {
+    ckpt: &'a Checkpoint,
+    prefix: String,
+    precision: Precision,
+    device: &'a Device,
+}
+
+impl<'a> Weights<'a> {
+    /// The whole checkpoint (no prefix).
+    pub fn new(ckpt: &'a Checkpoint, precision: Precision, device: &'a Device) -> Self {
+        Self {
+            ckpt,
+            prefix: String::new(),
+            precision,
+            device,
+        }
+    }
+
+    /// The same view one level down: `pp("model").pp("norm")` is `model.norm`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        Self {
+            prefix: self.name(&name.to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// The same view with other dtypes (the router reads its gate in f32).
+    pub fn with_precision(&self, precision: Precision) -> Self {
+        Self {
+            precision,
+            ..self.clone()
+        }
+    }
+
+    /// The full name of `leaf` under this prefix.
+    pub fn name(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
+    }
+
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The dtypes tensors are read in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The device tensors are read onto.
+    pub fn device(&self) -> &'a Device {
+        self.device
+    }
+
+    /// The checkpoint.
+    pub fn checkpoint(&self) -> &'a Checkpoint {
+        self.ckpt
+    }
+
+    /// Whether `leaf` exists under this prefix.
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.ckpt.contains(&self.name(leaf))
+    }
+
+    /// A weight matrix (`weights` dtype), checked to have `shape`.
+    pub fn matrix(&self, leaf: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.ckpt
+            .tensor(&self.name(leaf), shape, self.precision.weights, self.device)
+    }
+
+    /// Any other tensor (norms, biases, embeddings: the `acts` dtype), checked to have
+    /// `shape`.
+    pub fn vector(&self, leaf: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.ckpt
+            .tensor(&self.name(leaf), shape, self.precision.acts, self.device)
+    }
+
+    /// Entry `index` of a fused `[n, …]` weight (`weights` dtype); see
+    /// [`Checkpoint::tensor_row`].
+    pub fn matrix_row(
+        &self,
+        leaf: &str,
+        shape: &[usize],
+        index: usize,
+    ) -> Result<Tensor, ModelError> {
+        self.ckpt.tensor_row(
+            &self.name(leaf),
+            shape,
+            index,
+            self.precision.weights,
+            self.device,
+        )
+    }
+
+    /// `leaf` as host f32 values, checked to have `shape`.
+    pub fn host_f32(&self, leaf: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let name = self.name(leaf);
+        self.ckpt
+            .tensor(&name, shape, DType::F32, &Device::Cpu)?
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| self.error(leaf, e))
+    }
+
+    /// A candle error while building something from `leaf`, naming it.
+    pub fn error(&self, leaf: &str, e: candle_core::Error) -> ModelError {
+        ModelError::Tensor {
+            file: self.ckpt.dir.clone(),
+            name: self.name(leaf),
+            message: e.to_string(),
+        }
     }
 }
 

@@ -4,91 +4,18 @@
 //! Each family keeps its own key names (`num_local_experts` for Mixtral, `num_experts` for
 //! Qwen and OLMoE, `rope_parameters` in transformers v5 versus `rope_theta` + `rope_scaling`
 //! before it). Everything is read into [`RawConfig`], a serde struct named after the
-//! checkpoint's own keys, then checked and resolved here, so the model code never looks at
-//! a family name to decide a shape.
+//! checkpoint's own keys, then checked and resolved here against the family's declaration
+//! ([`super::family`]): which keys it reads, its defaults, its router. Nothing here or in
+//! the model code matches on a family.
 
 use std::path::Path;
 
 use serde::Deserialize;
 
 use super::ModelError;
-
-/// Architectures this engine runs, by `config.json`'s `model_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// Dense Llama (1–3.x), incl. `llama3` rope scaling.
-    Llama,
-    /// Dense Qwen2 / Qwen2.5 (q/k/v biases).
-    Qwen2,
-    /// Dense Qwen3 (per-head q/k RMSNorm).
-    Qwen3,
-    /// Mixtral: softmax top-k, always renormalised.
-    Mixtral,
-    /// Qwen1.5/2-MoE: shared expert behind a sigmoid gate.
-    Qwen2Moe,
-    /// Qwen3-MoE: per-head q/k norm, no shared expert.
-    Qwen3Moe,
-    /// OLMoE: q/k norm over the whole projection.
-    Olmoe,
-    /// DeepSeek-V2 / V2-Lite: MLA, softmax router (greedy or group-limited), shared experts.
-    DeepseekV2,
-    /// DeepSeek-V3 / R1: MLA, sigmoid router with correction bias and groups.
-    DeepseekV3,
-}
-
-impl Family {
-    /// Every supported `model_type`, for error messages.
-    pub const SUPPORTED: &'static str =
-        "llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3";
-
-    fn from_model_type(model_type: &str) -> Option<Self> {
-        Some(match model_type {
-            "llama" => Self::Llama,
-            "qwen2" => Self::Qwen2,
-            "qwen3" => Self::Qwen3,
-            "mixtral" => Self::Mixtral,
-            "qwen2_moe" => Self::Qwen2Moe,
-            "qwen3_moe" => Self::Qwen3Moe,
-            "olmoe" => Self::Olmoe,
-            "deepseek_v2" => Self::DeepseekV2,
-            "deepseek_v3" => Self::DeepseekV3,
-            _ => return None,
-        })
-    }
-
-    /// The `model_type` string.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Self::Llama => "llama",
-            Self::Qwen2 => "qwen2",
-            Self::Qwen3 => "qwen3",
-            Self::Mixtral => "mixtral",
-            Self::Qwen2Moe => "qwen2_moe",
-            Self::Qwen3Moe => "qwen3_moe",
-            Self::Olmoe => "olmoe",
-            Self::DeepseekV2 => "deepseek_v2",
-            Self::DeepseekV3 => "deepseek_v3",
-        }
-    }
-
-    /// Whether the router renormalises the top-k weights when the config does not say.
-    fn default_norm_topk_prob(self) -> bool {
-        // Mixtral always renormalises (it has no key); transformers' defaults for the others.
-        match self {
-            Self::Mixtral => true,
-            Self::Qwen2Moe | Self::Qwen3Moe | Self::Olmoe => false,
-            Self::DeepseekV2 => false,
-            Self::DeepseekV3 => true,
-            Self::Llama | Self::Qwen2 | Self::Qwen3 => false,
-        }
-    }
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.model_type())
-    }
-}
+pub use super::family::Family;
+use super::family::{AttentionKind, Bias, RouterSpec, SharedExpert, SlidingWindow, SparseLayers};
+use super::router::RouterRule;
 
 /// How rotary position frequencies are computed.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,37 +86,12 @@ pub struct MoeConfig {
     pub top_k: usize,
     /// Hidden width of one routed expert.
     pub expert_intermediate_size: usize,
-    /// Renormalise the chosen experts' weights to sum to one.
-    pub norm_topk_prob: bool,
     /// Hidden width of the always-on shared expert, if the family has one.
     pub shared_expert_intermediate_size: Option<usize>,
     /// Per layer: whether it is an MoE layer (else a dense MLP of `intermediate_size`).
     pub sparse_layers: Vec<bool>,
     /// How experts are chosen and weighted.
-    pub routing: Routing,
-}
-
-/// The routing method of an MoE family (see `model::router`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Routing {
-    /// Softmax, top-k (Mixtral, Qwen-MoE, OLMoE).
-    Softmax,
-    /// DeepSeek-V2: softmax, `greedy` (`groups` none) or `group_limited_greedy`.
-    DeepSeekV2 {
-        /// `routed_scaling_factor`.
-        routed_scaling_factor: f32,
-        /// `(n_group, topk_group)` for group-limited greedy.
-        groups: Option<(usize, usize)>,
-    },
-    /// DeepSeek-V3 (`noaux_tc`): sigmoid, correction bias, groups.
-    DeepSeekV3 {
-        /// `routed_scaling_factor`.
-        routed_scaling_factor: f32,
-        /// `n_group`.
-        n_group: usize,
-        /// `topk_group`.
-        topk_group: usize,
-    },
+    pub router: RouterRule,
 }
 
 /// Multi-head latent attention (DeepSeek-V2/V3) dimensions.
@@ -243,6 +145,11 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// OLMoE clamps q, k and v to ±this.
     pub clip_qkv: Option<f64>,
+    /// The attention's input projections have biases (q/k/v; MLA's `q_a_proj` and
+    /// `kv_a_proj_with_mqa`), as the family declares and config.json may choose.
+    pub qkv_bias: bool,
+    /// `o_proj` has a bias.
+    pub o_bias: bool,
     /// Present for MoE families.
     pub moe: Option<MoeConfig>,
     /// Present for DeepSeek's multi-head latent attention.
@@ -293,6 +200,8 @@ pub struct RawConfig {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     clip_qkv: Option<f64>,
+    attention_bias: Option<bool>,
+    qkv_bias: Option<bool>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
@@ -327,6 +236,37 @@ pub struct RawConfig {
     dtype: Option<String>,
     bos_token_id: Option<OneOrMany>,
     eos_token_id: Option<OneOrMany>,
+}
+
+impl RawConfig {
+    /// The count a family declares by key name (`model::family`), if saved.
+    fn count(&self, key: &str) -> Option<usize> {
+        match key {
+            "num_local_experts" => self.num_local_experts,
+            "num_experts" => self.num_experts,
+            "n_routed_experts" => self.n_routed_experts,
+            "intermediate_size" => self.intermediate_size,
+            "moe_intermediate_size" => self.moe_intermediate_size,
+            _ => None,
+        }
+    }
+
+    /// The boolean a family declares by key name (`model::family`), if saved.
+    fn flag(&self, key: &str) -> Option<bool> {
+        match key {
+            "attention_bias" => self.attention_bias,
+            "qkv_bias" => self.qkv_bias,
+            _ => None,
+        }
+    }
+
+    fn bias(&self, rule: Bias) -> bool {
+        match rule {
+            Bias::Never => false,
+            Bias::Always => true,
+            Bias::Config { key, default } => self.flag(key).unwrap_or(default),
+        }
+    }
 }
 
 /// Reads and validates `<dir>/config.json`.
@@ -398,10 +338,14 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
             format!("a divisor of num_attention_heads = {num_heads} (got {num_kv_heads})"),
         ));
     }
-    let is_deepseek = matches!(family, Family::DeepseekV2 | Family::DeepseekV3);
+    let spec = family.spec();
+    let latent = match spec.attention.kind {
+        AttentionKind::Latent { always_interleaved } => Some(always_interleaved),
+        AttentionKind::MultiHead => None,
+    };
     let head_dim = match raw.head_dim {
         // MLA: rotary embeddings apply to the `qk_rope_head_dim` part only.
-        _ if is_deepseek => c.required(raw.qk_rope_head_dim, "qk_rope_head_dim")?,
+        _ if latent.is_some() => c.required(raw.qk_rope_head_dim, "qk_rope_head_dim")?,
         Some(d) => c.required(Some(d), "head_dim")?,
         None if hidden_size % num_heads == 0 => hidden_size / num_heads,
         None => {
@@ -428,18 +372,18 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
     )?;
     // A sliding window only changes attention beyond its length; capping the context at the
     // window keeps the semantics exact without implementing windowed attention.
-    let window_applies = match family {
-        Family::Qwen2 | Family::Qwen2Moe | Family::Qwen3 | Family::Qwen3Moe => {
+    let window_applies = match spec.sliding_window {
+        SlidingWindow::WhenEnabled => {
             raw.use_sliding_window.unwrap_or(false)
                 && raw.max_window_layers.is_none_or(|n| n < num_layers)
         }
-        _ => true,
+        SlidingWindow::WhenSet => true,
     };
     if window_applies && let Some(window) = raw.sliding_window.filter(|w| *w > 0) {
         max_position_embeddings = max_position_embeddings.min(window);
     }
     let moe = resolve_moe(&c, &raw, family, num_layers)?;
-    let mla = if is_deepseek {
+    let mla = if let Some(always_interleaved) = latent {
         let rank = |v: Option<usize>, key: &str| c.required(v, key);
         // DeepSeek scales the softmax by YaRN's mscale(factor, mscale_all_dim), squared.
         let softmax_mscale = match (&rope_scaling, &raw.rope_parameters, &raw.rope_scaling) {
@@ -464,7 +408,7 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
             qk_rope_head_dim: head_dim,
             v_head_dim: rank(raw.v_head_dim, "v_head_dim")?,
             softmax_mscale,
-            rope_interleave: family == Family::DeepseekV2 || raw.rope_interleave.unwrap_or(true),
+            rope_interleave: always_interleaved || raw.rope_interleave.unwrap_or(true),
         })
     } else {
         None
@@ -495,6 +439,8 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
         max_position_embeddings,
         tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
         clip_qkv: raw.clip_qkv,
+        qkv_bias: raw.bias(spec.attention.qkv_bias),
+        o_bias: raw.bias(spec.attention.o_bias),
         moe,
         mla,
         saved_dtype: raw.dtype.or(raw.torch_dtype),
@@ -617,19 +563,13 @@ fn resolve_moe(
     family: Family,
     num_layers: usize,
 ) -> Result<Option<MoeConfig>, ModelError> {
-    // Read either spelling for every family: transformers v5 writes `num_local_experts` for
-    // Qwen3-MoE (and Mixtral) but `num_experts` for Qwen2-MoE and OLMoE.
-    let (experts_key, num_experts) = match family {
-        Family::Llama | Family::Qwen2 | Family::Qwen3 => return Ok(None),
-        Family::Mixtral => (
-            "num_local_experts",
-            raw.num_local_experts.or(raw.num_experts),
-        ),
-        Family::Qwen2Moe | Family::Qwen3Moe | Family::Olmoe => {
-            ("num_experts", raw.num_experts.or(raw.num_local_experts))
-        }
-        Family::DeepseekV2 | Family::DeepseekV3 => ("n_routed_experts", raw.n_routed_experts),
+    let Some(spec) = &family.spec().moe else {
+        return Ok(None);
     };
+    // Read every spelling the family declares: transformers v5 writes `num_local_experts`
+    // for Qwen3-MoE (and Mixtral) but `num_experts` for Qwen2-MoE and OLMoE.
+    let experts_key = spec.experts_keys[0];
+    let num_experts = spec.experts_keys.iter().find_map(|k| raw.count(k));
     let num_experts = c.required(num_experts, experts_key)?;
     let top_k = c.required(raw.num_experts_per_tok, "num_experts_per_tok")?;
     if top_k > num_experts {
@@ -638,24 +578,19 @@ fn resolve_moe(
             format!("at most {experts_key} = {num_experts} (got {top_k})"),
         ));
     }
-    let expert_intermediate_size = match family {
-        Family::Mixtral | Family::Olmoe => {
-            c.required(raw.intermediate_size, "intermediate_size")?
-        }
-        _ => c.required(raw.moe_intermediate_size, "moe_intermediate_size")?,
-    };
-    let shared_expert_intermediate_size = match family {
-        Family::Qwen2Moe => raw.shared_expert_intermediate_size.filter(|n| *n > 0),
-        // DeepSeek: n_shared_experts experts fused into one MLP, always on, no gate.
-        Family::DeepseekV2 | Family::DeepseekV3 => raw
+    let expert_intermediate_size =
+        c.required(raw.count(spec.expert_width_key), spec.expert_width_key)?;
+    let shared_expert_intermediate_size = match spec.shared {
+        SharedExpert::Gated { .. } => raw.shared_expert_intermediate_size.filter(|n| *n > 0),
+        SharedExpert::AlwaysOn { .. } => raw
             .n_shared_experts
             .filter(|n| *n > 0)
             .map(|n| n * expert_intermediate_size),
-        _ => None,
+        SharedExpert::None => None,
     };
-    let routing = resolve_routing(c, raw, family, num_experts)?;
-    let sparse_layers = match family {
-        Family::Qwen2Moe | Family::Qwen3Moe => {
+    let router = resolve_router(c, raw, spec.router, num_experts)?;
+    let sparse_layers = match spec.sparse_layers {
+        SparseLayers::Step => {
             let step = raw.decoder_sparse_step.unwrap_or(1);
             if step == 0 {
                 return Err(c.bad("decoder_sparse_step", "a positive integer"));
@@ -671,7 +606,7 @@ fn resolve_moe(
                 .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
                 .collect()
         }
-        Family::DeepseekV2 | Family::DeepseekV3 => {
+        SparseLayers::FirstDense => {
             let first_dense = raw.first_k_dense_replace.unwrap_or(0);
             let freq = raw.moe_layer_freq.unwrap_or(1);
             if freq == 0 {
@@ -681,42 +616,41 @@ fn resolve_moe(
                 .map(|l| l >= first_dense && l % freq == 0)
                 .collect()
         }
-        _ => vec![true; num_layers],
+        SparseLayers::All => vec![true; num_layers],
     };
     Ok(Some(MoeConfig {
         num_experts,
         top_k,
         expert_intermediate_size,
-        norm_topk_prob: raw
-            .norm_topk_prob
-            .unwrap_or(family.default_norm_topk_prob())
-            || family == Family::Mixtral,
         shared_expert_intermediate_size,
         sparse_layers,
-        routing,
+        router,
     }))
 }
 
-fn resolve_routing(
+fn resolve_router(
     c: &Checker<'_>,
     raw: &RawConfig,
-    family: Family,
+    spec: RouterSpec,
     num_experts: usize,
-) -> Result<Routing, ModelError> {
+) -> Result<RouterRule, ModelError> {
     // transformers' defaults when a config omits them.
-    let default_scale = if family == Family::DeepseekV3 {
-        2.5
-    } else {
-        1.0
+    let (default_scale, default_groups) = match spec {
+        RouterSpec::Softmax { .. } => (1.0, None),
+        RouterSpec::DeepSeek {
+            routed_scaling_factor,
+            groups,
+            ..
+        } => (routed_scaling_factor, groups),
     };
     let scale = raw.routed_scaling_factor.unwrap_or(default_scale) as f32;
     if !(scale > 0.0 && scale.is_finite()) {
         return Err(c.bad("routed_scaling_factor", "a positive number"));
     }
     let groups = || -> Result<(usize, usize), ModelError> {
-        let v3 = family == Family::DeepseekV3;
-        let n_group = c.required(raw.n_group.or(v3.then_some(8)), "n_group")?;
-        let topk_group = c.required(raw.topk_group.or(v3.then_some(4)), "topk_group")?;
+        let n_group = c.required(raw.n_group.or(default_groups.map(|g| g.0)), "n_group")?;
+        let topk_group =
+            c.required(raw.topk_group.or(default_groups.map(|g| g.1)), "topk_group")?;
         if !num_experts.is_multiple_of(n_group) {
             return Err(c.bad(
                 "n_group",
@@ -732,25 +666,34 @@ fn resolve_routing(
         Ok((n_group, topk_group))
     };
     // Saved configs may omit the method and scoring: default them from the family.
-    let (default_method, default_scoring) = match family {
-        Family::DeepseekV3 => ("noaux_tc", "sigmoid"),
-        Family::DeepseekV2 => ("greedy", "softmax"),
-        _ => return Ok(Routing::Softmax),
+    let (default_method, default_scoring, default_norm) = match spec {
+        RouterSpec::Softmax { always_renormalise } => {
+            return Ok(RouterRule::Softmax {
+                norm_topk_prob: always_renormalise || raw.norm_topk_prob.unwrap_or(false),
+            });
+        }
+        RouterSpec::DeepSeek {
+            method,
+            scoring,
+            norm_topk_prob,
+            ..
+        } => (method, scoring, norm_topk_prob),
     };
     let method = raw.topk_method.as_deref().unwrap_or(default_method);
     let scoring = raw.scoring_func.as_deref().unwrap_or(default_scoring);
     match (method, scoring) {
-        ("greedy", "softmax") => Ok(Routing::DeepSeekV2 {
+        ("greedy", "softmax") => Ok(RouterRule::DeepSeekV2 {
             routed_scaling_factor: scale,
             groups: None,
         }),
-        ("group_limited_greedy", "softmax") => Ok(Routing::DeepSeekV2 {
+        ("group_limited_greedy", "softmax") => Ok(RouterRule::DeepSeekV2 {
             routed_scaling_factor: scale,
             groups: Some(groups()?),
         }),
         ("noaux_tc", "sigmoid") => {
             let (n_group, topk_group) = groups()?;
-            Ok(Routing::DeepSeekV3 {
+            Ok(RouterRule::DeepSeekV3 {
+                norm_topk_prob: raw.norm_topk_prob.unwrap_or(default_norm),
                 routed_scaling_factor: scale,
                 n_group,
                 topk_group,
@@ -782,18 +725,19 @@ impl ModelConfig {
                 Some(moe) if moe.sparse_layers[layer] => {
                     let n = moe.num_experts as u64;
                     let expert = 3 * d * moe.expert_intermediate_size as u64;
-                    let shared = moe.shared_expert_intermediate_size.map_or(0, |ff| {
-                        // Qwen2-MoE gates its shared expert; DeepSeek's are always on.
-                        let gate = if self.family == Family::Qwen2Moe {
-                            d
-                        } else {
-                            0
-                        };
-                        3 * d * ff as u64 + gate
-                    });
-                    let bias = match moe.routing {
-                        Routing::DeepSeekV3 { .. } => n,
-                        _ => 0,
+                    let shared =
+                        moe.shared_expert_intermediate_size.map_or(0, |ff| {
+                            // Qwen2-MoE gates its shared expert; DeepSeek's are always on.
+                            let gated =
+                                self.family.spec().moe.as_ref().is_some_and(|m| {
+                                    matches!(m.shared, SharedExpert::Gated { .. })
+                                });
+                            3 * d * ff as u64 + if gated { d } else { 0 }
+                        });
+                    let bias = if moe.router.has_correction_bias() {
+                        n
+                    } else {
+                        0
                     };
                     n * (expert + d) + shared + bias
                 }
@@ -884,7 +828,12 @@ mod tests {
         let moe = c.moe.expect("moe");
         assert_eq!(moe.sparse_layers, vec![false, true, false, false]);
         assert_eq!(moe.shared_expert_intermediate_size, Some(32));
-        assert!(!moe.norm_topk_prob);
+        assert_eq!(
+            moe.router,
+            RouterRule::Softmax {
+                norm_topk_prob: false
+            }
+        );
     }
 
     #[test]
@@ -893,9 +842,18 @@ mod tests {
         let o = j.as_object_mut().expect("object");
         o.insert("num_local_experts".into(), 4.into());
         o.insert("num_experts_per_tok".into(), 2.into());
-        let moe = parse(j).expect("valid").moe.expect("moe");
-        assert!(moe.norm_topk_prob);
-        assert_eq!(moe.expert_intermediate_size, 64);
+        let mut j2 = j.clone();
+        j2["norm_topk_prob"] = false.into();
+        for j in [j, j2] {
+            let moe = parse(j).expect("valid").moe.expect("moe");
+            assert_eq!(
+                moe.router,
+                RouterRule::Softmax {
+                    norm_topk_prob: true
+                }
+            );
+            assert_eq!(moe.expert_intermediate_size, 64);
+        }
     }
 
     #[test]
@@ -968,10 +926,11 @@ mod tests {
         assert_eq!(moe.sparse_layers, vec![false, true, true, true]);
         assert_eq!(moe.shared_expert_intermediate_size, Some(48));
         assert!(matches!(
-            moe.routing,
-            Routing::DeepSeekV3 {
+            moe.router,
+            RouterRule::DeepSeekV3 {
                 n_group: 4,
                 topk_group: 2,
+                norm_topk_prob: true,
                 ..
             }
         ));
@@ -983,8 +942,8 @@ mod tests {
         assert!(mla.rope_interleave);
         let c = parse(deepseek("deepseek_v2")).expect("valid");
         assert!(matches!(
-            c.moe.expect("moe").routing,
-            Routing::DeepSeekV2 { groups: None, .. }
+            c.moe.expect("moe").router,
+            RouterRule::DeepSeekV2 { groups: None, .. }
         ));
     }
 

@@ -1,11 +1,16 @@
 //! The small building blocks every family shares: projections, RMSNorm, rotary tables and
 //! the SwiGLU MLP (dense layers, routed experts and shared experts are all one [`Mlp`]).
+//!
+//! Each loads from a [`Weights`] already at its own prefix; what it reads is what its
+//! caller says the family declares (a projection's bias, an MLP's tensor names), never what
+//! the checkpoint happens to hold.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 
 use super::ModelError;
-use super::checkpoint::Checkpoint;
+use super::checkpoint::Weights;
 use super::config::RopeScaling;
+use super::family::MlpNames;
 use super::matmul::linear;
 
 /// The dtypes a model is computed in: weight matrices, and everything else (activations,
@@ -40,26 +45,27 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Loads `<prefix>.weight` (`[out, in]`) and, when `bias` is true or the checkpoint has
-    /// one, `<prefix>.bias`.
+    /// Loads `weight` (`[out, in]`) under `w`, and `bias` exactly when `bias` says the
+    /// family has one: a declared bias that is missing, or a saved one that is not
+    /// declared, is an error naming it.
     pub fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
+        w: &Weights<'_>,
         out_in: (usize, usize),
-        dtype: Precision,
-        device: &Device,
+        bias: bool,
     ) -> std::result::Result<Self, ModelError> {
-        let weight = ckpt.tensor(
-            &format!("{prefix}.weight"),
-            &[out_in.0, out_in.1],
-            dtype.weights,
-            device,
-        )?;
-        let bias_name = format!("{prefix}.bias");
-        let bias = if ckpt.contains(&bias_name) {
-            Some(ckpt.tensor(&bias_name, &[out_in.0], dtype.acts, device)?)
-        } else {
-            None
+        let weight = w.matrix("weight", &[out_in.0, out_in.1])?;
+        let bias = match (bias, w.contains("bias")) {
+            (true, _) => Some(w.vector("bias", &[out_in.0])?),
+            (false, false) => None,
+            (false, true) => {
+                return Err(ModelError::UnexpectedTensor {
+                    dir: w.checkpoint().dir().to_path_buf(),
+                    name: w.name("bias"),
+                    why: "the family declares no bias for this projection (for one that \
+                          depends on config.json, see `attention_bias` or `qkv_bias`)"
+                        .into(),
+                });
+            }
         };
         Ok(Self { weight, bias })
     }
@@ -96,17 +102,10 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Loads `<name>` of length `dim`.
-    pub fn load(
-        ckpt: &Checkpoint,
-        name: &str,
-        dim: usize,
-        eps: f64,
-        dtype: Precision,
-        device: &Device,
-    ) -> std::result::Result<Self, ModelError> {
+    /// Loads `weight` (length `dim`) under `w`.
+    pub fn load(w: &Weights<'_>, dim: usize, eps: f64) -> std::result::Result<Self, ModelError> {
         Ok(Self {
-            weight: ckpt.tensor(name, &[dim], dtype.acts, device)?,
+            weight: w.vector("weight", &[dim])?,
             eps: eps as f32,
         })
     }
@@ -146,31 +145,18 @@ impl Mlp {
         })
     }
 
-    /// Loads `<prefix>.{gate,up,down}_proj.weight` (or Mixtral's `w1`/`w3`/`w2` when
-    /// `mixtral_names`).
+    /// Loads the three matrices `names` gives under `w`, for width `d` and hidden width
+    /// `ff`.
     pub fn load(
-        ckpt: &Checkpoint,
-        prefix: &str,
+        w: &Weights<'_>,
+        names: MlpNames,
         d: usize,
         ff: usize,
-        mixtral_names: bool,
-        dtype: Precision,
-        device: &Device,
     ) -> std::result::Result<Self, ModelError> {
-        let (g, u, dn) = if mixtral_names {
-            ("w1", "w3", "w2")
-        } else {
-            ("gate_proj", "up_proj", "down_proj")
-        };
-        let w = dtype.weights;
-        let gate = ckpt.tensor(&format!("{prefix}.{g}.weight"), &[ff, d], w, device)?;
-        let up = ckpt.tensor(&format!("{prefix}.{u}.weight"), &[ff, d], w, device)?;
-        let down = ckpt.tensor(&format!("{prefix}.{dn}.weight"), &[d, ff], w, device)?;
-        Self::new(&gate, &up, &down).map_err(|e| ModelError::Tensor {
-            file: ckpt.dir().to_path_buf(),
-            name: format!("{prefix}.{g}.weight"),
-            message: e.to_string(),
-        })
+        let gate = w.pp(names.gate).matrix("weight", &[ff, d])?;
+        let up = w.pp(names.up).matrix("weight", &[ff, d])?;
+        let down = w.pp(names.down).matrix("weight", &[d, ff])?;
+        Self::new(&gate, &up, &down).map_err(|e| w.pp(names.gate).error("weight", e))
     }
 
     /// Bytes of weights one token reads.

@@ -14,13 +14,13 @@
 //! `q_nope · k_nope = (q_nope · W_UK) · c_kv` and `Σ p · v = W_UV · (Σ p · c_kv)`, so
 //! attention runs in the latent space ("weight absorption"), as DeepSeek's inference does.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 
 use super::ModelError;
 use super::attention::{ForwardBatch, PagedKv, axpy, cpu_f32_decode, dot, softmax_in_place};
-use super::checkpoint::Checkpoint;
+use super::checkpoint::Weights;
 use super::config::{MlaConfig, ModelConfig};
-use super::layers::{Linear, Precision, RmsNorm, Rotary};
+use super::layers::{Linear, RmsNorm, Rotary};
 
 /// The epsilon of `q_a_layernorm` and `kv_a_layernorm`: transformers builds them without
 /// one, so they use its default whatever `rms_norm_eps` says.
@@ -54,59 +54,30 @@ pub struct Mla {
 }
 
 impl Mla {
-    /// Loads `model.layers.<layer>.self_attn.*`.
+    /// Loads layer `layer`'s latent attention from `w` (at `model.layers.<layer>.self_attn`),
+    /// with the biases the family declares on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj`.
     pub fn load(
         cfg: &ModelConfig,
         dims: MlaConfig,
-        interleaved: bool,
-        ckpt: &Checkpoint,
+        w: &Weights<'_>,
         layer: usize,
-        dtype: Precision,
-        device: &Device,
     ) -> std::result::Result<Self, ModelError> {
-        let p = format!("model.layers.{layer}.self_attn");
         let (d, h) = (cfg.hidden_size, cfg.num_heads);
         let qk = dims.qk_nope_head_dim + dims.qk_rope_head_dim;
         let q = match dims.q_lora_rank {
-            None => QueryProj::Direct(Linear::load(
-                ckpt,
-                &format!("{p}.q_proj"),
-                (h * qk, d),
-                dtype,
-                device,
-            )?),
+            None => QueryProj::Direct(Linear::load(&w.pp("q_proj"), (h * qk, d), false)?),
             Some(r) => QueryProj::LowRank {
-                a: Linear::load(ckpt, &format!("{p}.q_a_proj"), (r, d), dtype, device)?,
-                norm: RmsNorm::load(
-                    ckpt,
-                    &format!("{p}.q_a_layernorm.weight"),
-                    r,
-                    LORA_NORM_EPS,
-                    dtype,
-                    device,
-                )?,
-                b: Linear::load(ckpt, &format!("{p}.q_b_proj"), (h * qk, r), dtype, device)?,
+                a: Linear::load(&w.pp("q_a_proj"), (r, d), cfg.qkv_bias)?,
+                norm: RmsNorm::load(&w.pp("q_a_layernorm"), r, LORA_NORM_EPS)?,
+                b: Linear::load(&w.pp("q_b_proj"), (h * qk, r), false)?,
             },
         };
         let (r, rope) = (dims.kv_lora_rank, dims.qk_rope_head_dim);
-        let kv_a = Linear::load(
-            ckpt,
-            &format!("{p}.kv_a_proj_with_mqa"),
-            (r + rope, d),
-            dtype,
-            device,
-        )?;
-        let kv_norm = RmsNorm::load(
-            ckpt,
-            &format!("{p}.kv_a_layernorm.weight"),
-            r,
-            LORA_NORM_EPS,
-            dtype,
-            device,
-        )?;
+        let kv_a = Linear::load(&w.pp("kv_a_proj_with_mqa"), (r + rope, d), cfg.qkv_bias)?;
+        let kv_norm = RmsNorm::load(&w.pp("kv_a_layernorm"), r, LORA_NORM_EPS)?;
         let (nope, v) = (dims.qk_nope_head_dim, dims.v_head_dim);
-        let kv_b_name = format!("{p}.kv_b_proj.weight");
-        let kv_b = ckpt.tensor(&kv_b_name, &[h * (nope + v), r], dtype.acts, device)?;
+        let kv_b_proj = w.pp("kv_b_proj");
+        let kv_b = kv_b_proj.vector("weight", &[h * (nope + v), r])?;
         let split = || -> Result<(Tensor, Tensor)> {
             let per_head = kv_b.reshape((h, nope + v, r))?;
             Ok((
@@ -114,12 +85,8 @@ impl Mla {
                 per_head.narrow(1, nope, v)?.transpose(1, 2)?.contiguous()?,
             ))
         };
-        let (w_uk, w_uv_t) = split().map_err(|e| ModelError::Tensor {
-            file: ckpt.dir().to_path_buf(),
-            name: kv_b_name,
-            message: e.to_string(),
-        })?;
-        let o = Linear::load(ckpt, &format!("{p}.o_proj"), (d, h * v), dtype, device)?;
+        let (w_uk, w_uv_t) = split().map_err(|e| kv_b_proj.error("weight", e))?;
+        let o = Linear::load(&w.pp("o_proj"), (d, h * v), cfg.o_bias)?;
         Ok(Self {
             q,
             kv_a,
@@ -130,7 +97,7 @@ impl Mla {
             dims,
             heads: h,
             scale: dims.softmax_mscale / (qk as f64).sqrt(),
-            interleaved,
+            interleaved: dims.rope_interleave,
             layer,
             score_elements: SCORE_ELEMENTS,
         })
@@ -353,7 +320,7 @@ mod tests {
 
     use super::Mla;
     use crate::model::attention::{ForwardBatch, LogitRows, PagedKv, SeqStep};
-    use crate::model::checkpoint::Checkpoint;
+    use crate::model::checkpoint::{Checkpoint, Weights};
     use crate::model::config::{self, RawConfig, resolve};
     use crate::model::layers::{Precision, Rotary};
 
@@ -367,8 +334,8 @@ mod tests {
         let dims = cfg.mla.expect("an MLA fixture");
         let dev = Device::Cpu;
         let prec = Precision::uniform(DType::F32);
-        let mut mla =
-            Mla::load(&cfg, dims, dims.rope_interleave, &ckpt, 0, prec, &dev).expect("layer 0");
+        let layer = Weights::new(&ckpt, prec, &dev).pp("model.layers.0.self_attn");
+        let mut mla = Mla::load(&cfg, dims, &layer, 0).expect("layer 0");
         let rotary = Rotary::new(
             cfg.head_dim,
             64,

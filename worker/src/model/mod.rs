@@ -7,23 +7,28 @@
 //!  engine: ForwardBatch (flat tokens, slots) + PagedKv ──> Transformer::forward ──> logits
 //! ```
 //!
-//! - [`config`]: `config.json` → [`ModelConfig`], family defaults resolved and validated.
-//! - [`checkpoint`]: the weight files, memory-mapped, tensors by name with shape checks.
+//! - [`family`]: each supported family declared once: attention and q/k norm kinds,
+//!   required biases, tensor names, expert layouts, shared expert, router defaults.
+//! - [`config`]: `config.json` → [`ModelConfig`], resolved against the family's declaration.
+//! - [`checkpoint`]: the weight files, memory-mapped, tensors by name with shape checks, and
+//!   [`checkpoint::Weights`], the prefix view every loader reads through.
 //! - [`layers`]: linear, RMSNorm, SwiGLU MLP, rotary tables.
 //! - [`matmul`]: `x · Wᵀ`, with a CPU kernel for the few-row products of decode.
 //! - [`attention`]: attention over the paged KV cache; the flat batch layout.
 //! - [`mla`]: DeepSeek's multi-head latent attention over a cache of latents.
-//! - [`router`]: each family's routing rule (pure).
+//! - [`router`]: the routing rules and [`router::Routes`] (pure, a leaf module).
 //! - [`moe`]: the [`moe::ExpertBackend`] trait, its in-process implementation, the MoE block.
 //! - [`transformer`]: the decoder stack.
 //! - [`demo`]: the deterministic random checkpoint `make demo` runs.
 //!
-//! Every error a checkpoint can cause names the file, the key and what was expected.
+//! Every error a checkpoint can cause names the file, the key and what was expected; a
+//! tensor the family requires and the checkpoint lacks is named, never skipped.
 
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
+pub mod family;
 pub mod layers;
 pub mod matmul;
 pub mod mla;
@@ -36,7 +41,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
-pub use config::{Family, ModelConfig};
+pub use config::ModelConfig;
+pub use family::Family;
 pub use transformer::Transformer;
 
 /// Why a checkpoint could not be loaded or run.
@@ -85,6 +91,17 @@ pub enum ModelError {
         name: String,
         /// The shape it should have.
         expected: String,
+    },
+    /// A tensor the family's declaration (with config.json) says the architecture does
+    /// not have: reading it would change the numbers, ignoring it would be silently wrong.
+    #[error("{}: tensor `{name}` is not expected: {why}", dir.display())]
+    UnexpectedTensor {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// What the declaration says instead.
+        why: String,
     },
     /// A tensor has the wrong shape for the config.
     #[error("{}: tensor `{name}` has shape {found}, config.json implies {expected}", file.display())]

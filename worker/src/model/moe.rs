@@ -1,87 +1,31 @@
-//! Mixture-of-experts: the router (which experts each token goes to, with what weight), the
-//! [`ExpertBackend`] that runs routed experts, and the MoE block that ties them together
-//! with the shared expert.
+//! Mixture-of-experts: the [`ExpertBackend`] that runs routed experts (in process here;
+//! on expert shards in `crate::experts`), and the MoE block that routes each token and adds
+//! the shared expert.
 //!
 //! ```text
-//!  x ─┬─ gate → scores (f32) → route() → Routes{expert, weight}×k per row ─┐
-//!     │                                                                    ▼
-//!     ├────────────────────────────── ExpertBackend::forward(layer, x, routes)
-//!     │                                 (LocalExperts here; gRPC shards later)
-//!     └─ shared expert · sigmoid(shared_gate(x))  (Qwen2-MoE) ──────── + ──> y
+//!  x ─┬─ gate (f32) → logits → Router::route → Routes{expert, weight}×k per row ─┐
+//!     │                                                                          ▼
+//!     ├──────────────────────────────────── ExpertBackend::dispatch(layer, x, routes)
+//!     │                                       (LocalExperts, or RemoteExperts' shards)
+//!     └─ shared expert [· sigmoid(shared_expert_gate(x)) for Qwen2-MoE] ───── + ──> y
 //! ```
 //!
-//! Routing is a pure function of the scores, unit-tested on hand-made rows; the backend
-//! only does arithmetic, so the remote backend gets the same tokens as the local one.
+//! What a layer's block is called, how its experts are stored and which shared expert it
+//! has come from the family's declaration (`model::family`): each layout the family
+//! declares is tried in order, and a block that matches none fails with the tensor it
+//! lacks. Routing is `model::router`, a pure function of the logits; the backend only does
+//! arithmetic, so the remote backend gives the same tokens as the local one.
 
 use std::fmt::Debug;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::ModelError;
-use super::checkpoint::Checkpoint;
-use super::config::{Family, ModelConfig, MoeConfig, Routing};
+use super::checkpoint::{Checkpoint, Weights};
+use super::config::{ModelConfig, MoeConfig};
+use super::family::{CORRECTION_BIAS, ExpertStorage, MoeLayout, MoeSpec, SWIGLU, SharedExpert};
 use super::layers::{Linear, Mlp, Precision};
-pub use super::router::RouterRule;
-
-/// The experts chosen for each row of a batch: `top_k` `(expert, weight)` pairs per row,
-/// flattened row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Routes {
-    /// Experts per row.
-    pub top_k: usize,
-    /// `experts[row * top_k + j]`.
-    pub experts: Vec<u32>,
-    /// `weights[row * top_k + j]`, the multiplier of that expert's output.
-    pub weights: Vec<f32>,
-}
-
-impl Routes {
-    /// Rows of the batch.
-    pub fn rows(&self) -> usize {
-        self.experts.len().checked_div(self.top_k).unwrap_or(0)
-    }
-
-    /// Every `(row, expert, weight)`, row-major.
-    pub fn pairs(&self) -> impl Iterator<Item = (u32, u32, f32)> + '_ {
-        self.experts
-            .iter()
-            .zip(&self.weights)
-            .enumerate()
-            .map(|(i, (&e, &w))| ((i / self.top_k) as u32, e, w))
-    }
-
-    /// For each expert that has work: the rows it serves and their weights, experts in
-    /// ascending order and rows in batch order (the fixed order partial sums are added in).
-    pub fn by_expert(&self, num_experts: usize) -> Vec<ExpertRows> {
-        group_by_expert(self.pairs(), num_experts)
-    }
-}
-
-/// One expert's share of a batch: `(expert, rows, weights)`.
-pub type ExpertRows = (u32, Vec<u32>, Vec<f32>);
-
-/// Groups `(row, expert, weight)` pairs by expert: experts ascending, rows in the order
-/// given. Experts `>= num_experts` are left out.
-pub fn group_by_expert(
-    pairs: impl Iterator<Item = (u32, u32, f32)>,
-    num_experts: usize,
-) -> Vec<ExpertRows> {
-    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); num_experts];
-    let mut weights: Vec<Vec<f32>> = vec![Vec::new(); num_experts];
-    for (row, e, w) in pairs {
-        let e = e as usize;
-        if e < num_experts {
-            rows[e].push(row);
-            weights[e].push(w);
-        }
-    }
-    rows.into_iter()
-        .zip(weights)
-        .enumerate()
-        .filter(|(_, (r, _))| !r.is_empty())
-        .map(|(e, (r, w))| (e as u32, r, w))
-        .collect()
-}
+pub use super::router::{ExpertRows, Router, RouterRule, Routes, group_by_expert};
 
 /// Why routed experts could not be computed.
 #[derive(Debug, thiserror::Error)]
@@ -204,9 +148,10 @@ impl LocalExperts {
         wanted: &dyn Fn(usize, u32) -> bool,
         reuse: Option<&LocalExperts>,
     ) -> std::result::Result<Self, ModelError> {
-        let Some(moe) = &cfg.moe else {
+        let (Some(moe), Some(spec)) = (&cfg.moe, &cfg.family.spec().moe) else {
             return Ok(Self::default());
         };
+        let layers_w = Weights::new(ckpt, dtype, device).pp("model").pp("layers");
         let mut layers = Vec::with_capacity(cfg.num_layers);
         let started = std::time::Instant::now();
         let every = cfg.num_layers.div_ceil(10).max(1);
@@ -225,7 +170,7 @@ impl LocalExperts {
                 continue;
             }
             let mut held = Vec::with_capacity(moe.num_experts);
-            let mut fused = None;
+            let mut source = None;
             for e in 0..moe.num_experts as u32 {
                 if !wanted(layer, e) {
                     held.push(None);
@@ -235,8 +180,13 @@ impl LocalExperts {
                     held.push(Some(mlp.clone()));
                     continue;
                 }
-                let src = fused.get_or_insert_with(|| ExpertSource::find(ckpt, layer));
-                held.push(Some(src.load(cfg, moe, ckpt, e, dtype, device)?));
+                // The layout is looked up once per layer, and only if an expert is read.
+                let src = match source.take() {
+                    Some(src) => src,
+                    None => ExpertSource::find(cfg, moe, spec, &layers_w.pp(layer))?,
+                };
+                held.push(Some(src.load(e)?));
+                source = Some(src);
             }
             layers.push(held);
         }
@@ -315,80 +265,91 @@ impl LocalExperts {
     }
 }
 
-/// Where one layer's routed experts are stored: per-expert tensors (Mixtral's `w1/w2/w3`
-/// or `gate/up/down_proj`), or transformers v5's fused `[E, …]` tensors, of which only the
-/// wanted expert's rows are read.
-enum ExpertSource {
-    PerExpert { prefix: String, mixtral_names: bool },
-    Fused { gate_up: String, down: String },
+/// Which declared layout a layer's MoE block uses: the first whose marker tensor the
+/// checkpoint holds. None is an error naming the first layout's marker (and the others).
+pub fn layout_of(
+    spec: &'static MoeSpec,
+    cfg: &ModelConfig,
+    moe: &MoeConfig,
+    layer: &Weights<'_>,
+) -> std::result::Result<&'static MoeLayout, ModelError> {
+    if let Some(found) = spec.layouts.iter().find(|l| layer.contains(&l.marker())) {
+        return Ok(found);
+    }
+    let (d, ff, n) = (
+        cfg.hidden_size,
+        moe.expert_intermediate_size,
+        moe.num_experts,
+    );
+    let shape = |l: &MoeLayout| match l.experts {
+        ExpertStorage::PerExpert(_) => format!("[{ff}, {d}]"),
+        ExpertStorage::Fused => format!("[{n}, {}, {d}]", 2 * ff),
+    };
+    let first = &spec.layouts[0];
+    let others: Vec<String> = spec.layouts[1..]
+        .iter()
+        .map(|l| format!("`{}` {}", layer.name(&l.marker()), shape(l)))
+        .collect();
+    Err(ModelError::MissingTensor {
+        dir: layer.checkpoint().dir().to_path_buf(),
+        name: layer.name(&first.marker()),
+        expected: if others.is_empty() {
+            shape(first)
+        } else {
+            format!(
+                "{}; {} routed experts may instead be stored as {}",
+                shape(first),
+                cfg.family,
+                others.join(" or ")
+            )
+        },
+    })
 }
 
-impl ExpertSource {
-    fn find(ckpt: &Checkpoint, layer: usize) -> Self {
-        let prefix = moe_prefix(ckpt, layer);
-        let gate_up = format!("{prefix}.experts.gate_up_proj");
-        if ckpt.contains(&gate_up) {
-            return Self::Fused {
-                gate_up,
-                down: format!("{prefix}.experts.down_proj"),
-            };
-        }
-        let mixtral_names = ckpt.contains(&format!("{prefix}.experts.0.w1.weight"));
-        Self::PerExpert {
-            prefix,
-            mixtral_names,
-        }
-    }
+/// One layer's routed experts as the checkpoint stores them (the layout its family
+/// declares and the checkpoint uses): an MLP per expert, or transformers v5's fused
+/// `[E, …]` tensors, of which only the wanted expert's rows are read.
+struct ExpertSource<'a> {
+    /// At `<layer>.<block>.experts`.
+    experts: Weights<'a>,
+    storage: ExpertStorage,
+    /// `(d, ff, num_experts)`.
+    dims: (usize, usize, usize),
+}
 
-    fn load(
-        &self,
+impl<'a> ExpertSource<'a> {
+    fn find(
         cfg: &ModelConfig,
         moe: &MoeConfig,
-        ckpt: &Checkpoint,
-        expert: u32,
-        dtype: Precision,
-        device: &Device,
-    ) -> std::result::Result<Mlp, ModelError> {
-        let (d, ff, n) = (
-            cfg.hidden_size,
-            moe.expert_intermediate_size,
-            moe.num_experts,
-        );
-        match self {
-            Self::PerExpert {
-                prefix,
-                mixtral_names,
-            } => Mlp::load(
-                ckpt,
-                &format!("{prefix}.experts.{expert}"),
-                d,
-                ff,
-                *mixtral_names,
-                dtype,
-                device,
+        spec: &'static MoeSpec,
+        layer: &Weights<'a>,
+    ) -> std::result::Result<Self, ModelError> {
+        let layout = layout_of(spec, cfg, moe, layer)?;
+        Ok(Self {
+            experts: layer.pp(layout.block).pp("experts"),
+            storage: layout.experts,
+            dims: (
+                cfg.hidden_size,
+                moe.expert_intermediate_size,
+                moe.num_experts,
             ),
+        })
+    }
+
+    fn load(&self, expert: u32) -> std::result::Result<Mlp, ModelError> {
+        let (d, ff, n) = self.dims;
+        match self.storage {
+            ExpertStorage::PerExpert(names) => Mlp::load(&self.experts.pp(expert), names, d, ff),
             // [E, 2·ff, d] (gate rows first) and [E, d, ff].
-            Self::Fused { gate_up, down } => {
+            ExpertStorage::Fused => {
                 let e = expert as usize;
-                let gu = ckpt.tensor_row(gate_up, &[n, 2 * ff, d], e, dtype.weights, device)?;
-                let dn = ckpt.tensor_row(down, &[n, d, ff], e, dtype.weights, device)?;
-                Mlp::from_fused(&gu, &dn).map_err(|err| ModelError::Tensor {
-                    file: ckpt.dir().to_path_buf(),
-                    name: gate_up.clone(),
-                    message: err.to_string(),
-                })
+                let gu = self
+                    .experts
+                    .matrix_row("gate_up_proj", &[n, 2 * ff, d], e)?;
+                let dn = self.experts.matrix_row("down_proj", &[n, d, ff], e)?;
+                Mlp::from_fused(&gu, &dn).map_err(|err| self.experts.error("gate_up_proj", err))
             }
         }
-    }
-}
-
-/// The prefix of layer `layer`'s MoE block: Mixtral's classic `block_sparse_moe`, else `mlp`.
-pub fn moe_prefix(ckpt: &Checkpoint, layer: usize) -> String {
-    let classic = format!("model.layers.{layer}.block_sparse_moe");
-    if ckpt.contains(&format!("{classic}.gate.weight")) {
-        classic
-    } else {
-        format!("model.layers.{layer}.mlp")
     }
 }
 
@@ -415,108 +376,64 @@ impl ExpertBackend for LocalExperts {
 #[derive(Debug, Clone)]
 pub struct MoeBlock {
     gate: Linear,
-    rule: RouterRule,
+    router: Router,
     num_experts: usize,
     shared: Option<(Mlp, Option<Linear>)>,
 }
 
 impl MoeBlock {
-    /// Loads the router (its rule from the family; DeepSeek-V3's correction bias) and the
-    /// shared expert (Qwen2-MoE's gated one, DeepSeek's always-on ones) of `layer`.
+    /// Loads a sparse layer's router (with DeepSeek-V3's correction bias) and shared expert
+    /// from `layer` (at `model.layers.<l>`), in the layout its family declares.
     pub fn load(
         cfg: &ModelConfig,
         moe: &MoeConfig,
-        ckpt: &Checkpoint,
-        layer: usize,
-        dtype: Precision,
-        device: &Device,
+        layer: &Weights<'_>,
     ) -> std::result::Result<Self, ModelError> {
-        let prefix = moe_prefix(ckpt, layer);
+        let spec = cfg
+            .family
+            .spec()
+            .moe
+            .as_ref()
+            .ok_or_else(|| ModelError::Unsupported {
+                file: layer.checkpoint().dir().to_path_buf(),
+                what: format!("routed experts for the dense family {}", cfg.family),
+            })?;
         let d = cfg.hidden_size;
+        // The block is found by its router, not its experts: a frontend never reads those.
+        let block = spec
+            .layouts
+            .iter()
+            .map(|l| layer.pp(l.block))
+            .find(|b| b.pp("gate").contains("weight"))
+            .unwrap_or_else(|| layer.pp(spec.layouts[0].block));
         // The router runs in f32 whatever the weights are: near-ties must break the way
         // transformers (which upcasts the softmax) breaks them.
-        let gate = Linear::load(
-            ckpt,
-            &format!("{prefix}.gate"),
-            (moe.num_experts, d),
-            Precision::uniform(DType::F32),
-            device,
-        )?;
-        let shared = match (cfg.family, moe.shared_expert_intermediate_size) {
-            (Family::Qwen2Moe, Some(ff)) => {
-                let mlp = Mlp::load(
-                    ckpt,
-                    &format!("{prefix}.shared_expert"),
-                    d,
-                    ff,
-                    false,
-                    dtype,
-                    device,
-                )?;
-                let gate_name = format!("{prefix}.shared_expert_gate");
-                let gate = if ckpt.contains(&format!("{gate_name}.weight")) {
-                    Some(Linear::load(ckpt, &gate_name, (1, d), dtype, device)?)
-                } else {
-                    None
-                };
-                Some((mlp, gate))
-            }
-            // DeepSeek: `n_shared_experts` fused into one always-on MLP, no gate.
-            (Family::DeepseekV2 | Family::DeepseekV3, Some(ff)) => Some((
-                Mlp::load(
-                    ckpt,
-                    &format!("{prefix}.shared_experts"),
-                    d,
-                    ff,
-                    false,
-                    dtype,
-                    device,
-                )?,
-                None,
-            )),
-            _ => None,
+        let gate_w = block
+            .pp("gate")
+            .with_precision(Precision::uniform(DType::F32));
+        let gate = Linear::load(&gate_w, (moe.num_experts, d), false)?;
+        let correction_bias = if moe.router.has_correction_bias() {
+            gate_w.host_f32(CORRECTION_BIAS, &[moe.num_experts])?
+        } else {
+            Vec::new()
         };
-        let (top_k, norm_topk_prob) = (moe.top_k, moe.norm_topk_prob);
-        let rule = match moe.routing {
-            Routing::Softmax => RouterRule::Softmax {
-                top_k,
-                norm_topk_prob,
-            },
-            Routing::DeepSeekV2 {
-                routed_scaling_factor,
-                groups,
-            } => RouterRule::DeepSeekV2 {
-                top_k,
-                routed_scaling_factor,
-                groups,
-            },
-            Routing::DeepSeekV3 {
-                routed_scaling_factor,
-                n_group,
-                topk_group,
-            } => {
-                let name = format!("{prefix}.gate.e_score_correction_bias");
-                let bias = ckpt
-                    .tensor(&name, &[moe.num_experts], DType::F32, &Device::Cpu)?
-                    .to_vec1::<f32>()
-                    .map_err(|e| ModelError::Tensor {
-                        file: ckpt.dir().to_path_buf(),
-                        name,
-                        message: e.to_string(),
-                    })?;
-                RouterRule::DeepSeekV3 {
-                    top_k,
-                    norm_topk_prob,
-                    routed_scaling_factor,
-                    n_group,
-                    topk_group,
-                    bias,
-                }
+        let shared = match (spec.shared, moe.shared_expert_intermediate_size) {
+            (SharedExpert::Gated { mlp, gate }, Some(ff)) => Some((
+                Mlp::load(&block.pp(mlp), SWIGLU, d, ff)?,
+                Some(Linear::load(&block.pp(gate), (1, d), false)?),
+            )),
+            (SharedExpert::AlwaysOn { mlp }, Some(ff)) => {
+                Some((Mlp::load(&block.pp(mlp), SWIGLU, d, ff)?, None))
             }
+            _ => None,
         };
         Ok(Self {
             gate,
-            rule,
+            router: Router {
+                rule: moe.router,
+                top_k: moe.top_k,
+                correction_bias,
+            },
             num_experts: moe.num_experts,
             shared,
         })
@@ -535,7 +452,7 @@ impl MoeBlock {
     pub fn route(&self, xs: &Tensor) -> Result<Routes> {
         let logits = self.gate.forward(&xs.to_dtype(DType::F32)?)?;
         let flat = logits.flatten_all()?.to_vec1::<f32>()?;
-        Ok(self.rule.route(&flat, self.num_experts))
+        Ok(self.router.route(&flat, self.num_experts))
     }
 
     /// Routes `xs`, starts its routed experts on `backend` and computes the shared expert
@@ -595,23 +512,6 @@ impl PendingMoe {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn by_expert_groups_rows_in_order() {
-        let routes = Routes {
-            top_k: 2,
-            experts: vec![3, 1, 1, 0, 3, 0],
-            weights: vec![0.6, 0.4, 0.7, 0.3, 0.5, 0.5],
-        };
-        assert_eq!(
-            routes.by_expert(4),
-            vec![
-                (0, vec![1, 2], vec![0.3, 0.5]),
-                (1, vec![0, 1], vec![0.4, 0.7]),
-                (3, vec![0, 2], vec![0.6, 0.5]),
-            ]
-        );
-    }
 
     /// A shard's memory is its share: half the experts, half the bytes, from the fused
     /// `[E, …]` tensors (qwen3_moe fixture) and the per-expert ones (mixtral fixture).

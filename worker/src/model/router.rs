@@ -1,6 +1,8 @@
-//! Routers: router logits → the experts each token goes to and their weights. Pure
-//! functions of the logits, one rule per family, written to match Hugging Face
-//! `transformers` exactly (the checkpoints are validated with it).
+//! Routers: router logits → the experts each token goes to and their weights ([`Routes`]).
+//! Pure functions of the logits, one [`RouterRule`] per routing method, written to match
+//! Hugging Face `transformers` exactly (the checkpoints are validated with it). A leaf
+//! module: the config resolves the rule, the MoE block feeds it logits, the expert backends
+//! consume its [`Routes`].
 //!
 //! | rule | scores | selection | weights |
 //! |---|---|---|---|
@@ -13,31 +15,25 @@
 //! `0.0`, a dropped expert beats kept ones whose biased scores are negative. Ties go to the
 //! lower expert index.
 
-use super::moe::Routes;
-
-/// How a family turns router logits into routes.
-#[derive(Debug, Clone, PartialEq)]
+/// How a sparse layer turns router logits into routes: resolved from `config.json` and the
+/// family's defaults by `model::config`, run here.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RouterRule {
     /// Softmax over the experts, top-k.
     Softmax {
-        /// Experts per token.
-        top_k: usize,
         /// Renormalise the chosen probabilities to sum to one.
         norm_topk_prob: bool,
     },
     /// DeepSeek-V2: softmax, `greedy` or `group_limited_greedy`.
     DeepSeekV2 {
-        /// Experts per token.
-        top_k: usize,
         /// Multiplier of the chosen probabilities (never renormalised, as in transformers).
         routed_scaling_factor: f32,
         /// `Some((n_group, topk_group))` for `group_limited_greedy`.
         groups: Option<(usize, usize)>,
     },
-    /// DeepSeek-V3: sigmoid scores, bias for selection only, group-limited top-k.
+    /// DeepSeek-V3 (`noaux_tc`): sigmoid scores, a per-expert correction bias for
+    /// selection only, group-limited top-k.
     DeepSeekV3 {
-        /// Experts per token.
-        top_k: usize,
         /// Renormalise the chosen (unbiased) scores.
         norm_topk_prob: bool,
         /// Always multiplies the final weights.
@@ -46,57 +42,63 @@ pub enum RouterRule {
         n_group: usize,
         /// Groups kept per token.
         topk_group: usize,
-        /// `e_score_correction_bias`, one per expert (this layer's).
-        bias: Vec<f32>,
     },
 }
 
 impl RouterRule {
-    /// Experts per token.
-    pub fn top_k(&self) -> usize {
-        match self {
-            Self::Softmax { top_k, .. }
-            | Self::DeepSeekV2 { top_k, .. }
-            | Self::DeepSeekV3 { top_k, .. } => *top_k,
-        }
+    /// Whether the rule reads a per-layer `e_score_correction_bias`.
+    pub fn has_correction_bias(&self) -> bool {
+        matches!(self, Self::DeepSeekV3 { .. })
     }
+}
 
+/// One layer's router: its rule, how many experts each token gets, and (DeepSeek-V3) the
+/// layer's correction bias.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Router {
+    /// The rule.
+    pub rule: RouterRule,
+    /// Experts per token.
+    pub top_k: usize,
+    /// `e_score_correction_bias`, one per expert, when the rule has one.
+    pub correction_bias: Vec<f32>,
+}
+
+impl Router {
     /// Routes every row of `logits` (`rows × num_experts`, row-major, f32).
     pub fn route(&self, logits: &[f32], num_experts: usize) -> Routes {
-        let top_k = self.top_k();
+        let top_k = self.top_k;
         let rows = logits.len() / num_experts.max(1);
         let mut experts = Vec::with_capacity(rows * top_k);
         let mut weights = Vec::with_capacity(rows * top_k);
         let mut scores = vec![0f32; num_experts];
         let mut choice = vec![0f32; num_experts];
         for row in logits.chunks_exact(num_experts) {
-            match self {
-                Self::Softmax { .. } | Self::DeepSeekV2 { .. } => {
+            match self.rule {
+                RouterRule::Softmax { .. } | RouterRule::DeepSeekV2 { .. } => {
                     softmax_into(row, &mut scores);
                     choice.copy_from_slice(&scores);
                 }
-                Self::DeepSeekV3 { bias, .. } => {
-                    for ((s, c), (&x, &b)) in
-                        scores.iter_mut().zip(&mut choice).zip(row.iter().zip(bias))
-                    {
-                        *s = 1.0 / (1.0 + (-x).exp());
-                        *c = *s + b;
+                RouterRule::DeepSeekV3 { .. } => {
+                    for (i, (s, c)) in scores.iter_mut().zip(&mut choice).enumerate() {
+                        *s = 1.0 / (1.0 + (-row[i]).exp());
+                        *c = *s + self.correction_bias.get(i).copied().unwrap_or(0.0);
                     }
                 }
             }
-            match self {
-                Self::DeepSeekV2 {
+            match self.rule {
+                RouterRule::DeepSeekV2 {
                     groups: Some((n_group, topk_group)),
                     ..
-                } => mask_groups(&mut choice, *n_group, *topk_group, GroupScore::Max, 0.0),
-                Self::DeepSeekV3 {
+                } => mask_groups(&mut choice, n_group, topk_group, GroupScore::Max, 0.0),
+                RouterRule::DeepSeekV3 {
                     n_group,
                     topk_group,
                     ..
                 } => mask_groups(
                     &mut choice,
-                    *n_group,
-                    *topk_group,
+                    n_group,
+                    topk_group,
                     GroupScore::SumTop2,
                     f32::NEG_INFINITY,
                 ),
@@ -105,24 +107,24 @@ impl RouterRule {
             let chosen = top_indices(&choice, top_k);
             // Weights come from the unbiased scores, in the order chosen.
             let mut w: Vec<f32> = chosen.iter().map(|&e| scores[e]).collect();
-            let (norm, scale) = match self {
-                Self::Softmax { norm_topk_prob, .. } => (*norm_topk_prob, None),
+            let (norm, scale) = match self.rule {
+                RouterRule::Softmax { norm_topk_prob } => (norm_topk_prob, None),
                 // transformers' V2 router never renormalises (it does not read
                 // norm_topk_prob) and always scales; DeepSeek's own code renormalises when
                 // norm_topk_prob is set and then does not scale. The two agree on every
                 // published V2 checkpoint (norm_topk_prob false); we follow transformers.
-                Self::DeepSeekV2 {
+                RouterRule::DeepSeekV2 {
                     routed_scaling_factor,
                     ..
-                } => (false, Some(*routed_scaling_factor)),
-                Self::DeepSeekV3 {
+                } => (false, Some(routed_scaling_factor)),
+                RouterRule::DeepSeekV3 {
                     norm_topk_prob,
                     routed_scaling_factor,
                     ..
-                } => (*norm_topk_prob, Some(*routed_scaling_factor)),
+                } => (norm_topk_prob, Some(routed_scaling_factor)),
             };
             if norm {
-                let eps = if matches!(self, Self::Softmax { .. }) {
+                let eps = if matches!(self.rule, RouterRule::Softmax { .. }) {
                     0.0
                 } else {
                     1e-20
@@ -142,6 +144,66 @@ impl RouterRule {
             weights,
         }
     }
+}
+
+/// The experts chosen for each row of a batch: `top_k` `(expert, weight)` pairs per row,
+/// flattened row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routes {
+    /// Experts per row.
+    pub top_k: usize,
+    /// `experts[row * top_k + j]`.
+    pub experts: Vec<u32>,
+    /// `weights[row * top_k + j]`, the multiplier of that expert's output.
+    pub weights: Vec<f32>,
+}
+
+impl Routes {
+    /// Rows of the batch.
+    pub fn rows(&self) -> usize {
+        self.experts.len().checked_div(self.top_k).unwrap_or(0)
+    }
+
+    /// Every `(row, expert, weight)`, row-major.
+    pub fn pairs(&self) -> impl Iterator<Item = (u32, u32, f32)> + '_ {
+        self.experts
+            .iter()
+            .zip(&self.weights)
+            .enumerate()
+            .map(|(i, (&e, &w))| ((i / self.top_k) as u32, e, w))
+    }
+
+    /// For each expert that has work: the rows it serves and their weights, experts in
+    /// ascending order and rows in batch order (the fixed order partial sums are added in).
+    pub fn by_expert(&self, num_experts: usize) -> Vec<ExpertRows> {
+        group_by_expert(self.pairs(), num_experts)
+    }
+}
+
+/// One expert's share of a batch: `(expert, rows, weights)`.
+pub type ExpertRows = (u32, Vec<u32>, Vec<f32>);
+
+/// Groups `(row, expert, weight)` pairs by expert: experts ascending, rows in the order
+/// given. Experts `>= num_experts` are left out.
+pub fn group_by_expert(
+    pairs: impl Iterator<Item = (u32, u32, f32)>,
+    num_experts: usize,
+) -> Vec<ExpertRows> {
+    let mut rows: Vec<Vec<u32>> = vec![Vec::new(); num_experts];
+    let mut weights: Vec<Vec<f32>> = vec![Vec::new(); num_experts];
+    for (row, e, w) in pairs {
+        let e = e as usize;
+        if e < num_experts {
+            rows[e].push(row);
+            weights[e].push(w);
+        }
+    }
+    rows.into_iter()
+        .zip(weights)
+        .enumerate()
+        .filter(|(_, (r, _))| !r.is_empty())
+        .map(|(e, (r, w))| (e as u32, r, w))
+        .collect()
 }
 
 #[derive(Clone, Copy)]
@@ -214,10 +276,30 @@ mod tests {
     }
 
     #[test]
-    fn softmax_top_k_without_renormalisation_keeps_softmax_mass() {
-        let rule = RouterRule::Softmax {
+    fn by_expert_groups_rows_in_order() {
+        let routes = Routes {
             top_k: 2,
-            norm_topk_prob: false,
+            experts: vec![3, 1, 1, 0, 3, 0],
+            weights: vec![0.6, 0.4, 0.7, 0.3, 0.5, 0.5],
+        };
+        assert_eq!(
+            routes.by_expert(4),
+            vec![
+                (0, vec![1, 2], vec![0.3, 0.5]),
+                (1, vec![0, 1], vec![0.4, 0.7]),
+                (3, vec![0, 2], vec![0.6, 0.5]),
+            ]
+        );
+    }
+
+    #[test]
+    fn softmax_top_k_without_renormalisation_keeps_softmax_mass() {
+        let rule = Router {
+            rule: RouterRule::Softmax {
+                norm_topk_prob: false,
+            },
+            top_k: 2,
+            correction_bias: Vec::new(),
         };
         let logits = [0.0f32, 2.0, 1.0, -1.0];
         let r = rule.route(&logits, 4);
@@ -228,18 +310,24 @@ mod tests {
 
     #[test]
     fn softmax_renormalised_weights_sum_to_one_and_ties_go_low() {
-        let rule = RouterRule::Softmax {
+        let rule = Router {
+            rule: RouterRule::Softmax {
+                norm_topk_prob: true,
+            },
             top_k: 2,
-            norm_topk_prob: true,
+            correction_bias: Vec::new(),
         };
         let r = rule.route(&[0.5, 0.1, 3.0, 2.0, 1.0, 0.0, -2.0, 4.0], 4);
         assert_eq!(r.experts, vec![2, 3, 3, 0]);
         for pair in r.weights.chunks(2) {
             assert!((pair.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         }
-        let one = RouterRule::Softmax {
+        let one = Router {
+            rule: RouterRule::Softmax {
+                norm_topk_prob: true,
+            },
             top_k: 1,
-            norm_topk_prob: true,
+            correction_bias: Vec::new(),
         };
         assert_eq!(one.route(&[1.0, 3.0, 3.0], 3).experts, vec![1]);
     }
@@ -250,17 +338,23 @@ mod tests {
     #[test]
     fn v2_group_limited_greedy_masks_dropped_groups() {
         let logits = [2.0f32, -1.0, 3.0, 0.0, 1.0, 0.5, 1.8, 2.5];
-        let rule = RouterRule::DeepSeekV2 {
+        let rule = Router {
+            rule: RouterRule::DeepSeekV2 {
+                routed_scaling_factor: 1.0,
+                groups: Some((4, 2)),
+            },
             top_k: 3,
-            routed_scaling_factor: 1.0,
-            groups: Some((4, 2)),
+            correction_bias: Vec::new(),
         };
         let r = rule.route(&logits, 8);
         assert_eq!(r.experts, vec![2, 7, 6]);
-        let greedy = RouterRule::DeepSeekV2 {
+        let greedy = Router {
+            rule: RouterRule::DeepSeekV2 {
+                routed_scaling_factor: 1.0,
+                groups: None,
+            },
             top_k: 3,
-            routed_scaling_factor: 1.0,
-            groups: None,
+            correction_bias: Vec::new(),
         };
         assert_eq!(
             greedy.route(&logits, 8).experts,
@@ -276,10 +370,13 @@ mod tests {
     fn v2_scales_and_never_renormalises() {
         let logits = [1.0f32, 0.0, 2.0, -1.0];
         let p = softmax(&logits);
-        let rule = RouterRule::DeepSeekV2 {
+        let rule = Router {
+            rule: RouterRule::DeepSeekV2 {
+                routed_scaling_factor: 16.0,
+                groups: None,
+            },
             top_k: 2,
-            routed_scaling_factor: 16.0,
-            groups: None,
+            correction_bias: Vec::new(),
         };
         let w = rule.route(&logits, 4).weights;
         assert!(close(&w, &[16.0 * p[2], 16.0 * p[0]]), "{w:?}");
@@ -290,20 +387,16 @@ mod tests {
         );
     }
 
-    fn v3(
-        top_k: usize,
-        norm: bool,
-        n_group: usize,
-        topk_group: usize,
-        bias: Vec<f32>,
-    ) -> RouterRule {
-        RouterRule::DeepSeekV3 {
+    fn v3(top_k: usize, norm: bool, n_group: usize, topk_group: usize, bias: Vec<f32>) -> Router {
+        Router {
+            rule: RouterRule::DeepSeekV3 {
+                norm_topk_prob: norm,
+                routed_scaling_factor: 2.5,
+                n_group,
+                topk_group,
+            },
             top_k,
-            norm_topk_prob: norm,
-            routed_scaling_factor: 2.5,
-            n_group,
-            topk_group,
-            bias,
+            correction_bias: bias,
         }
     }
 

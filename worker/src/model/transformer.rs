@@ -1,6 +1,7 @@
 //! The decoder stack every supported family shares: embeddings → N × (RMSNorm → attention,
 //! RMSNorm → dense MLP or MoE) → RMSNorm → LM head. Families differ only in what
-//! [`ModelConfig`] and the checkpoint's tensors say, never in code paths chosen by name.
+//! [`ModelConfig`] and their declaration (`model::family`) say, never in code paths chosen
+//! by name.
 
 use std::sync::Arc;
 
@@ -8,8 +9,9 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::ModelError;
 use super::attention::{Attention, ForwardBatch, PagedKv};
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, Weights};
 use super::config::ModelConfig;
+use super::family::{DENSE_MLP, SWIGLU};
 use super::layers::{Linear, Mlp, Precision, RmsNorm, Rotary};
 use super::mla::Mla;
 use super::moe::{ExpertBackend, ExpertError, MoeBlock, PendingMoe, Routes};
@@ -61,10 +63,13 @@ impl Transformer {
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = ckpt.tensor("model.embed_tokens.weight", &[v, d], dtype.acts, device)?;
+        let root = Weights::new(ckpt, dtype, device);
+        let model = root.pp("model");
+        let embed = model.pp("embed_tokens").vector("weight", &[v, d])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         let started = std::time::Instant::now();
         let every = cfg.num_layers.div_ceil(10).max(1);
+        let eps = cfg.rms_norm_eps;
         for l in 0..cfg.num_layers {
             // Large checkpoints take minutes: say how far loading has got.
             if l > 0 && l % every == 0 {
@@ -75,86 +80,44 @@ impl Transformer {
                     "loading decoder layers"
                 );
             }
-            let p = format!("model.layers.{l}");
-            let eps = cfg.rms_norm_eps;
+            let w = model.pp("layers").pp(l);
             let ff = match &cfg.moe {
                 Some(moe) if moe.sparse_layers[l] => {
-                    FeedForward::Moe(MoeBlock::load(cfg, moe, ckpt, l, dtype, device)?)
+                    FeedForward::Moe(MoeBlock::load(cfg, moe, &w)?)
                 }
                 _ => FeedForward::Dense(Mlp::load(
-                    ckpt,
-                    &format!("{p}.mlp"),
+                    &w.pp(DENSE_MLP),
+                    SWIGLU,
                     d,
                     cfg.intermediate_size,
-                    false,
-                    dtype,
-                    device,
                 )?),
             };
+            let attn = w.pp("self_attn");
             layers.push(Layer {
-                input_norm: RmsNorm::load(
-                    ckpt,
-                    &format!("{p}.input_layernorm.weight"),
-                    d,
-                    eps,
-                    dtype,
-                    device,
-                )?,
+                input_norm: RmsNorm::load(&w.pp("input_layernorm"), d, eps)?,
                 attention: match cfg.mla {
-                    Some(mla) => SelfAttention::Mla(Mla::load(
-                        cfg,
-                        mla,
-                        mla.rope_interleave,
-                        ckpt,
-                        l,
-                        dtype,
-                        device,
-                    )?),
-                    None => SelfAttention::Mha(Attention::load(cfg, ckpt, l, dtype, device)?),
+                    Some(mla) => SelfAttention::Mla(Mla::load(cfg, mla, &attn, l)?),
+                    None => SelfAttention::Mha(Attention::load(cfg, &attn, l)?),
                 },
-                post_norm: RmsNorm::load(
-                    ckpt,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    d,
-                    eps,
-                    dtype,
-                    device,
-                )?,
+                post_norm: RmsNorm::load(&w.pp("post_attention_layernorm"), d, eps)?,
                 ff,
             });
         }
-        let norm = RmsNorm::load(
-            ckpt,
-            "model.norm.weight",
-            d,
-            cfg.rms_norm_eps,
-            dtype,
-            device,
-        )?;
+        let norm = RmsNorm::load(&model.pp("norm"), d, eps)?;
         // Tied checkpoints usually omit lm_head; some save a copy anyway.
-        let lm_head =
-            if ckpt.contains("lm_head.weight") {
-                Linear::load(ckpt, "lm_head", (v, d), dtype, device)?
-            } else if cfg.tie_word_embeddings {
-                Linear::from_weight(&embed.to_dtype(dtype.weights).map_err(|e| {
-                    ModelError::Tensor {
-                        file: ckpt.dir().to_path_buf(),
-                        name: "model.embed_tokens.weight".into(),
-                        message: e.to_string(),
-                    }
-                })?)
-                .map_err(|e| ModelError::Tensor {
-                    file: ckpt.dir().to_path_buf(),
-                    name: "model.embed_tokens.weight".into(),
-                    message: e.to_string(),
-                })?
-            } else {
-                return Err(ModelError::MissingTensor {
-                    dir: ckpt.dir().to_path_buf(),
-                    name: "lm_head.weight".into(),
-                    expected: format!("[{v}, {d}] (config.json has tie_word_embeddings: false)"),
-                });
-            };
+        let head = root.pp("lm_head");
+        let lm_head = if head.contains("weight") {
+            Linear::load(&head, (v, d), false)?
+        } else if cfg.tie_word_embeddings {
+            let tied = |e| model.pp("embed_tokens").error("weight", e);
+            Linear::from_weight(&embed.to_dtype(dtype.weights).map_err(tied)?).map_err(tied)?
+        } else {
+            return Err(ModelError::MissingTensor {
+                dir: ckpt.dir().to_path_buf(),
+                name: head.name("weight"),
+                expected: format!("[{v}, {d}] (config.json has tie_word_embeddings: false)"),
+            });
+        };
         let rotary = Rotary::new(
             cfg.head_dim,
             cfg.max_position_embeddings,
