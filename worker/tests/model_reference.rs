@@ -279,8 +279,14 @@ fn broken_copy(
     edit: impl FnOnce(&mut serde_json::Value),
     remove: Option<&str>,
 ) -> PathBuf {
+    // Tests run in parallel and may break the same fixture: one directory per copy.
+    static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let src = fixture_dir(name);
-    let dst = std::env::temp_dir().join(format!("switchyard-broken-{name}-{}", std::process::id()));
+    let dst = std::env::temp_dir().join(format!(
+        "switchyard-broken-{name}-{}-{n}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dst);
     std::fs::create_dir_all(&dst).expect("temp dir");
     for entry in std::fs::read_dir(&src).expect("fixture dir") {
@@ -296,6 +302,37 @@ fn broken_copy(
         std::fs::remove_file(dst.join(file)).expect("remove");
     }
     dst
+}
+
+/// Removes every tensor `strip` selects from the weight files of `dir` (and from the shard
+/// index, if there is one); returns how many it removed.
+fn strip_tensors(dir: &Path, strip: impl Fn(&str) -> bool) -> usize {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).expect("copy dir") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if !(name.starts_with("model") && name.ends_with(".safetensors")) {
+            continue;
+        }
+        let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).expect("weights");
+        let before = tensors.len();
+        tensors.retain(|k, _| !strip(k));
+        removed += before - tensors.len();
+        candle_core::safetensors::save(&tensors, &path).expect("rewrite weights");
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).expect("index")).expect("json");
+        if let Some(map) = json["weight_map"].as_object_mut() {
+            map.retain(|k, _| !strip(k));
+        }
+        std::fs::write(&index, json.to_string()).expect("write index");
+    }
+    removed
 }
 
 fn load_error(dir: &Path) -> String {
@@ -352,5 +389,117 @@ fn bf16_weights_on_the_cpu_match_the_reference() {
         &format!("{name} (bf16 weights)"),
         &model,
         &reference(&fixture_dir(name)),
+    );
+}
+
+/// A Qwen2 checkpoint without its q/k/v biases used to load (biases were read only when
+/// present) and compute wrong logits; the family declares them, so now it fails and names
+/// the first missing one, whichever projection and layer it is.
+#[test]
+fn qwen2_without_qkv_biases_fails_naming_the_bias() {
+    let dir = broken_copy("qwen2", |_| {}, None);
+    let removed = strip_tensors(&dir, |k| k.ends_with("_proj.bias"));
+    assert_eq!(removed, 6, "q, k and v biases of 2 layers");
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.0.self_attn.q_proj.bias` is missing"),
+        "{e}"
+    );
+    let dir = broken_copy("qwen2", |_| {}, None);
+    strip_tensors(&dir, |k| k == "model.layers.1.self_attn.v_proj.bias");
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.1.self_attn.v_proj.bias` is missing"),
+        "{e}"
+    );
+    // Qwen2-MoE declares the same biases (transformers v5's `qkv_bias`, true by default).
+    let dir = broken_copy("qwen2_moe", |_| {}, None);
+    strip_tensors(&dir, |k| k == "model.layers.0.self_attn.k_proj.bias");
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.0.self_attn.k_proj.bias` is missing"),
+        "{e}"
+    );
+}
+
+/// A Qwen3 checkpoint without its q/k norms used to load as if the family had none (the
+/// kind was guessed from the tensor's presence and shape); now it fails naming the norm.
+#[test]
+fn qwen3_without_qk_norms_fails_naming_the_norm() {
+    let dir = broken_copy("qwen3", |_| {}, None);
+    let removed = strip_tensors(&dir, |k| {
+        k.ends_with("q_norm.weight") || k.ends_with("k_norm.weight")
+    });
+    assert_eq!(removed, 4, "q and k norms of 2 layers");
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.0.self_attn.q_norm.weight` is missing"),
+        "{e}"
+    );
+    let dir = broken_copy("qwen3_moe", |_| {}, None);
+    strip_tensors(&dir, |k| k == "model.layers.1.self_attn.k_norm.weight");
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.1.self_attn.k_norm.weight` is missing"),
+        "{e}"
+    );
+}
+
+/// The rest of what families declare is required too: Qwen2-MoE's shared-expert gate
+/// (once optional, so a checkpoint without it ran the shared expert ungated), DeepSeek-V3's
+/// correction bias, and routed experts in one of the family's declared layouts.
+#[test]
+fn other_declared_tensors_are_required_by_name() {
+    let dir = broken_copy("qwen2_moe", |_| {}, None);
+    strip_tensors(&dir, |k| k.ends_with("shared_expert_gate.weight"));
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.0.mlp.shared_expert_gate.weight` is missing"),
+        "{e}"
+    );
+    let dir = broken_copy("deepseek_v3", |_| {}, None);
+    strip_tensors(&dir, |k| k.ends_with("e_score_correction_bias"));
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.1.mlp.gate.e_score_correction_bias` is missing"),
+        "{e}"
+    );
+    // Mixtral (sharded, with an index): no layout matches, and the message names both.
+    let dir = broken_copy("mixtral", |_| {}, None);
+    strip_tensors(&dir, |k| {
+        k.starts_with("model.layers.0.block_sparse_moe.experts.0.")
+    });
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.0.block_sparse_moe.experts.0.w1.weight` is missing")
+            && e.contains("model.layers.0.mlp.experts.gate_up_proj"),
+        "{e}"
+    );
+}
+
+/// Biases follow the declaration both ways: Llama's depend on `attention_bias`. Qwen2's
+/// weights read as Llama fail on the q/k/v biases Llama does not expect by default, and
+/// with `attention_bias: true` on the `o_proj` bias Qwen2 never has.
+#[test]
+fn biases_follow_the_declaration_both_ways() {
+    let dir = broken_copy("qwen2", |c| c["model_type"] = "llama".into(), None);
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.0.self_attn.q_proj.bias` is not expected")
+            && e.contains("attention_bias"),
+        "{e}"
+    );
+    let dir = broken_copy(
+        "qwen2",
+        |c| {
+            c["model_type"] = "llama".into();
+            c["attention_bias"] = true.into();
+        },
+        None,
+    );
+    let e = load_error(&dir);
+    assert!(
+        e.contains("tensor `model.layers.0.self_attn.o_proj.bias` is missing"),
+        "{e}"
     );
 }
