@@ -235,7 +235,7 @@ async fn invalid_manifests_are_refused_with_a_message_naming_the_field() {
 }
 
 #[tokio::test]
-async fn a_manifest_without_image_or_model_is_refused_naming_both() {
+async fn a_manifest_without_a_model_is_refused_and_one_without_an_image_is_accepted() {
     let ns = namespace_with_crd("crd-required").await;
     let obj = object(
         "
@@ -248,9 +248,23 @@ spec: {}
     match api(&ns).create(&PostParams::default(), &obj).await {
         Err(kube::Error::Api(status)) => {
             assert_eq!(status.code, 422, "{status:?}");
-            assert!(status.message.contains("spec.image"), "{}", status.message);
             assert!(status.message.contains("spec.model"), "{}", status.message);
+            assert!(!status.message.contains("spec.image"), "{}", status.message);
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
+    // spec.image is optional: the operator fills in the worker image of its own release.
+    let obj = object(
+        "
+apiVersion: switchyard.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: no-image}
+spec: {model: {pvc: {claimName: models}}}
+",
+    );
+    let created = api(&ns)
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("a manifest without spec.image is accepted");
+    assert_eq!(created.spec.image, None);
 }
