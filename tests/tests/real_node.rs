@@ -109,6 +109,57 @@ async fn generate_stream(
     Err("the stream ended without a summary".into())
 }
 
+/// Prints, per pod, where its start-up time went: created → scheduled → container
+/// started (sandbox, network, container; the images are already on the node) → Ready
+/// (model load, and the wait for the next probe). Kubernetes keeps these times in whole
+/// seconds. The figures are in docs/benchmarks.md.
+async fn print_pod_timelines(client: &kube::Client, namespace: &str, selector: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let Ok(list) = pods.list(&ListParams::default().labels(selector)).await else {
+        return;
+    };
+    let ms = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| t.0.as_millisecond();
+    for pod in list.items {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let Some(created) = pod.metadata.creation_timestamp.as_ref().map(ms) else {
+            continue;
+        };
+        let status = pod.status.unwrap_or_default();
+        let condition = |kind: &str| {
+            status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == kind && c.status == "True")
+                .and_then(|c| c.last_transition_time.as_ref().map(ms))
+        };
+        let started = status.container_statuses.iter().flatten().find_map(|c| {
+            c.state
+                .as_ref()?
+                .running
+                .as_ref()?
+                .started_at
+                .as_ref()
+                .map(ms)
+        });
+        let span = |from: Option<i64>, to: Option<i64>| match (from, to) {
+            (Some(a), Some(b)) => format!("{:.0}s", (b - a) as f64 / 1000.0),
+            _ => "?".into(),
+        };
+        let scheduled = condition("PodScheduled");
+        let ready = condition("Ready");
+        let _ = writeln!(
+            std::io::stderr(),
+            "switchyard-tests: real node: pod {name}: scheduled {}, container started {}, Ready {} \
+             (created to Ready {})",
+            span(Some(created), scheduled),
+            span(scheduled, started),
+            span(started, ready),
+            span(Some(created), ready)
+        );
+    }
+}
+
 /// A plain HTTP GET to `ip:port` (a pod's metrics port).
 async fn http_get(ip: &str, port: u16, path: &str) -> Result<String, String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -251,6 +302,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     .await
     .expect("an operator pod leads");
     step("helm install to operator Ready and leading", t);
+    print_pod_timelines(&client, RELEASE_NAMESPACE, operator_selector).await;
     let t = Instant::now();
     node.run(
         &helm,
@@ -368,6 +420,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         "ModelDeployment apply to Ready=True (2 frontends, 2 shards)",
         t,
     );
+    print_pod_timelines(&client, namespace, &instance).await;
 
     // 4. Through the Service's ClusterIP (kube-proxy), the same tokens as in process.
     let reference = {
