@@ -143,6 +143,54 @@ async fn missing_and_unknown_keys_are_unauthenticated() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 }
 
+/// The connection limits are configured like the rest of the worker (flags, with env
+/// fallbacks): here one open connection per client address.
+#[tokio::test]
+async fn connection_limits_are_configured_by_flags() {
+    let dir = TempDir::new("admission").expect("dir");
+    let config = setup(dir.path(), 16);
+    let f = FrontendProcess::start(
+        &fixture_model("qwen3_moe"),
+        &[
+            "--admission-config",
+            config.to_str().expect("utf-8"),
+            "--max-connections-per-peer",
+            "1",
+        ],
+    )
+    .await
+    .expect("frontend");
+    let addr = f.endpoint().trim_start_matches("http://").to_string();
+    // Closed on accept: the peer reads the end of the stream at once.
+    async fn closed(stream: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+    // The readiness probe's connection may still hold the one slot for a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut first = loop {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        if !closed(&mut s).await {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no connection was kept");
+    };
+    let mut second = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    assert!(
+        closed(&mut second).await,
+        "a second connection is closed on accept"
+    );
+    assert!(!closed(&mut first).await, "the first one stays open");
+}
+
 #[tokio::test]
 async fn quotas_answer_resource_exhausted_with_pushback_and_remaining_quota() {
     let dir = TempDir::new("admission").expect("dir");

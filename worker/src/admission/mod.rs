@@ -17,15 +17,18 @@
 //!        cancelled | failed
 //! ```
 //!
+//! - [`connections`]: HTTP/2 and per-peer connection limits ([`TransportLimits`]).
 //! - [`keys`]: API keys (constant-time lookup, never logged).
 //! - [`gcra`]: per-tenant quotas (GCRA with exact refunds).
 //! - [`fair_queue`]: the bounded fair queue.
 
+pub mod connections;
 pub mod control;
 pub mod fair_queue;
 pub mod gcra;
 pub mod keys;
 
+pub use connections::TransportLimits;
 pub use control::{
     Admission, AdmissionOptions, Caller, Outcome, OutcomeRecorder, Rejection, Slot, Turn,
 };

@@ -48,6 +48,9 @@ struct Args {
     metrics_listen: SocketAddr,
     #[command(flatten)]
     frontend: FrontendArgs,
+    /// HTTP/2 and per-peer connection limits (both roles; docs/admission.md).
+    #[command(flatten)]
+    transport: server::TransportLimits,
 }
 
 /// Offline tools that share the worker's model code.
@@ -619,7 +622,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         role,
         listener,
         role_service,
-        server::TransportLimits::default(),
+        args.transport,
         shutdown_signal(),
     )
     .await?;
