@@ -141,6 +141,26 @@ async fn missing_and_unknown_keys_are_unauthenticated() {
         .await
         .expect_err("no key");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // Each refusal is counted once by status; generation's also by tenant outcome.
+    assert_eq!(
+        f.metric("switchyard_requests_total{status=\"unauthenticated\"}")
+            .await,
+        Some(3.0)
+    );
+    assert_eq!(
+        f.metric(
+            "switchyard_admission_requests_total{outcome=\"unauthenticated\",tenant=\"unknown\",tier=\"unknown\"}"
+        )
+        .await,
+        Some(2.0)
+    );
+    // With a key, they pass.
+    let mut list = tonic::Request::new(pb::ListModelsRequest {});
+    list.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {FREE_KEY}").parse().expect("ascii"),
+    );
+    c.list_models(list).await.expect("listed with a key");
 }
 
 /// The connection limits are configured like the rest of the worker (flags, with env

@@ -299,6 +299,48 @@ async fn the_cli_streams_and_prints_json_against_a_real_frontend() {
     );
 }
 
+/// Every RPC's outcome is counted once, by the admission pipeline's outcome layer: lookups
+/// (`ListModels`, `Tokenize`) too, which no handler counts by hand.
+#[tokio::test]
+async fn list_models_and_tokenize_successes_are_counted() {
+    let frontend = FrontendProcess::start(&fixture_model(MODEL), &[])
+        .await
+        .expect("frontend");
+    let ok = "switchyard_requests_total{status=\"ok\"}";
+    assert_eq!(frontend.metric(ok).await.unwrap_or(0.0), 0.0);
+    let mut c = client(&frontend).await;
+    for _ in 0..2 {
+        c.list_models(pb::ListModelsRequest {})
+            .await
+            .expect("list models");
+    }
+    assert_eq!(frontend.metric(ok).await, Some(2.0), "ListModels successes");
+    c.tokenize(pb::TokenizeRequest {
+        input: Some(pb::tokenize_request::Input::Text("hello".into())),
+        ..Default::default()
+    })
+    .await
+    .expect("tokenize");
+    let err = c
+        .tokenize(pb::TokenizeRequest::default())
+        .await
+        .expect_err("no input");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(frontend.metric(ok).await, Some(3.0));
+    assert_eq!(
+        frontend
+            .metric("switchyard_requests_total{status=\"invalid_argument\"}")
+            .await,
+        Some(1.0)
+    );
+    // Lookups are not generation: no tenant outcome, nothing accepted.
+    let text = frontend.metrics().await.expect("metrics");
+    assert!(
+        !text.contains("switchyard_admission_requests_total{"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn the_operators_worker_json_configures_the_frontend() {
     use switchyard_operator::build::{Names, worker_config};

@@ -6,7 +6,8 @@
 //!                     ├─ grpc.health.v1.Health          "" = the process is up (liveness)
 //!                     │                                 <role service> = ready for traffic
 //!                     ├─ grpc.reflection.v1 / v1alpha   advertises what is served
-//!                     └─ the role's service             (Inference, ExpertShard)
+//!                     └─ the role's service             ExpertShard, or Inference behind the
+//!                                                       admission layers ([`frontend_routes`])
 //! ```
 //!
 //! Health follows the gRPC health protocol: Kubernetes' liveness probe checks the empty
@@ -17,11 +18,32 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use switchyard_proto::inference::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
+use tonic::service::LayerExt as _;
 use tonic_health::ServingStatus;
 
+use crate::admission;
 pub use crate::admission::TransportLimits;
 use crate::admission::connections::{PeerTable, incoming};
+use crate::frontend;
+
+/// The largest `Inference` request a frontend decodes (a prompt of about a million
+/// tokens as ids).
+pub const FRONTEND_MAX_REQUEST_BYTES: usize = 16 << 20;
+
+/// The frontend's routes: `switchyard.v1.Inference` behind the admission layers
+/// ([`admission::pipeline::layers`]: count outcome → identify → request quota), so every
+/// RPC gets its policy from the pipeline.
+pub fn frontend_routes(started: &frontend::Started) -> tonic::service::Routes {
+    let inference = InferenceServer::new(started.service.clone())
+        .max_decoding_message_size(FRONTEND_MAX_REQUEST_BYTES);
+    let counter: Arc<dyn admission::StatusCounter> = started.metrics.clone();
+    let admitted = admission::pipeline::layers(&started.admission, counter).named_layer(inference);
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(admitted);
+    routes.routes()
+}
 
 /// What a worker process does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

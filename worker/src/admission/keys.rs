@@ -216,8 +216,8 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The key in `authorization: Bearer <key>` metadata, if present and well-formed.
-pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
-    let value = metadata.get("authorization")?.to_str().ok()?;
+pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get("authorization")?.to_str().ok()?;
     let (scheme, key) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
@@ -303,7 +303,7 @@ mod tests {
 
     #[test]
     fn bearer_metadata() {
-        let mut m = tonic::metadata::MetadataMap::new();
+        let mut m = http::HeaderMap::new();
         assert_eq!(bearer(&m), None);
         m.insert("authorization", "Bearer  abc ".parse().expect("ascii"));
         assert_eq!(bearer(&m), Some("abc"));

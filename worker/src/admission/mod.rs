@@ -1,34 +1,211 @@
 //! Admission control on frontends: who may call, how much, and in what order — before a
-//! request reaches the engine.
+//! request reaches the engine. The whole policy lives here; a protocol (the gRPC
+//! `Inference` service today, an OpenAI-style HTTP API later) only plugs into it.
+//!
+//! The complete order is written once, in code, in [`pipeline`]:
 //!
 //! ```text
-//!  request ─ identify ─────── API key → (tenant, tier), or anonymous per client address
-//!          │                    none / unknown ─> UNAUTHENTICATED
-//!          ─ validate (frontend::validate) ─> INVALID_ARGUMENT
-//!          ─ charge quotas ─── GCRA per tenant: 1 request, prompt + max_tokens tokens
-//!          │                    over ─> RESOURCE_EXHAUSTED + grpc-retry-pushback-ms, retry-after
-//!          ─ fair queue ────── strict bands by tier/priority; within a band the tenant with the
-//!          │                    least virtual tokens served; deadline-aware; bounded
-//!          │                    full ─> UNAVAILABLE + pushback (lowest band shed first)
-//!          │                    can no longer start in time ─> DEADLINE_EXCEEDED
-//!          ─ slot ──────────── at most `max_inflight` requests in the engine (its knee)
-//!  end ─ refund unused tokens, charge generated tokens to the tenant's counter, count the
-//!        outcome once: completed | rejected | unauthenticated | invalid | shed | expired |
-//!        cancelled | failed
+//!  connection ─ per peer ─────── open connections and new connections/s per client
+//!  (connections)                 address; over ─> closed on accept, before any HTTP/2 work
+//!  ── tower layers, before the body is read ([`pipeline::layers`]) ─────────────────────────
+//!  call ─ count outcome ──────── opens the call's record; counts its final status and, for
+//!       │ (outcome)              generation, the tenant's outcome, exactly once
+//!       ─ identify ──────────── API key → (tenant, tier), or anonymous per client address;
+//!       │ (identity)             the caller goes into the request's extensions
+//!       │                        none / unknown ─> UNAUTHENTICATED
+//!       ─ request quota ─────── generation only: a tenant whose request quota is spent is
+//!       │ (pipeline)             refused before its body is even decoded
+//!       │                        ─> RESOURCE_EXHAUSTED + grpc-retry-pushback-ms, retry-after
+//!  ── the protocol decodes and validates the body ─> INVALID_ARGUMENT ──────────────────────
+//!  admit(call, cost, priority, deadline) -> Reservation ([`pipeline`]):
+//!       ─ charge ────────────── 1 request + prompt + max_tokens tokens, both or neither
+//!       │ (accounting)           over ─> RESOURCE_EXHAUSTED (+ pushback)
+//!       ─ fair queue ────────── strict bands by tier/priority; within a band the tenant with
+//!       │ (queue, fair_queue)    the least virtual tokens served; deadline-aware; bounded
+//!       │                        full ─> UNAVAILABLE + pushback (lowest band shed first)
+//!       │                        can no longer start in time ─> DEADLINE_EXCEEDED
+//!       ─ slot ──────────────── at most `max_inflight` requests in the engine (its knee)
+//!  end ─ the reservation, or its slot, refunds the unused tokens when dropped (whatever the
+//!        path), charges generated tokens to the tenant's counter; the outcome layer counts
+//!        completed | rejected | unauthenticated | invalid | shed | expired | cancelled | failed
 //! ```
 //!
+//! - [`pipeline`]: the order above, the policy of each RPC, and `admit`.
+//! - [`outcome`]: how a call ended ([`Outcome`]), its record ([`Call`]), the counting layer.
+//! - [`identity`]: who is calling ([`Caller`]) and the identify layer.
+//! - [`accounting`]: quota charges ([`Charge`], refunded on drop) and usage.
+//! - [`queue`]: the queue and the engine slots put together ([`Reservation`], [`Slot`]).
 //! - [`connections`]: HTTP/2 and per-peer connection limits ([`TransportLimits`]).
+//! - [`tiers`]: service tiers from the configuration.
+//! - [`status`]: how refusals are encoded (status codes, pushback, quota metadata).
+//! - [`metrics`]: the `switchyard_admission_*` and `switchyard_tenant_*` metrics.
 //! - [`keys`]: API keys (constant-time lookup, never logged).
 //! - [`gcra`]: per-tenant quotas (GCRA with exact refunds).
 //! - [`fair_queue`]: the bounded fair queue.
 
+pub mod accounting;
 pub mod connections;
-pub mod control;
 pub mod fair_queue;
 pub mod gcra;
+pub mod identity;
 pub mod keys;
+pub mod metrics;
+pub mod outcome;
+pub mod pipeline;
+pub mod queue;
+pub mod status;
+pub mod tiers;
 
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::Registry;
+use switchyard_proto::worker_config::AdmissionConfig;
+use tokio::sync::Notify;
+
+pub use accounting::Charge;
 pub use connections::TransportLimits;
-pub use control::{
-    Admission, AdmissionOptions, Caller, Outcome, OutcomeRecorder, Rejection, Slot, Turn,
-};
+pub use identity::Caller;
+pub use outcome::{Call, Outcome, Rejection, StatusCounter};
+pub use pipeline::{Cost, Policy};
+pub use queue::{Reservation, Slot};
+pub use tiers::Tier;
+
+use fair_queue::{FairQueue, QueueConfig};
+use gcra::Quotas;
+use keys::KeyRing;
+use metrics::AdmissionMetrics;
+use queue::QueueState;
+use tiers::Tiers;
+
+/// Admission settings.
+#[derive(Debug, Clone)]
+pub struct AdmissionOptions {
+    /// Keys, tiers, queue bound and default deadline (the operator's `worker.json` shape).
+    pub config: AdmissionConfig,
+    /// Requests in the engine at most: its throughput knee (default: the batch size).
+    pub max_inflight: usize,
+    /// Least time a request needs from leaving the queue to its first token: a queued
+    /// request whose deadline is closer than this is expired at once.
+    pub min_service: Duration,
+}
+
+impl AdmissionOptions {
+    /// No keys (everyone anonymous, one tier per defaults), `max_queued` 256, 30 s.
+    pub fn open(max_inflight: usize) -> Self {
+        Self {
+            config: AdmissionConfig {
+                api_keys_dir: None,
+                tiers: Vec::new(),
+                default_tier: None,
+                max_queued: 256,
+                default_deadline_seconds: 30,
+            },
+            max_inflight,
+            min_service: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Admission control of one frontend (share it as `Arc<Admission>`). Its parts are in the
+/// submodules; [`pipeline`] puts them in order.
+pub struct Admission {
+    keys: Option<KeyRing>,
+    tiers: Tiers,
+    quotas: Arc<Quotas<String>>,
+    state: Mutex<QueueState>,
+    max_inflight: usize,
+    default_deadline: Duration,
+    min_service: Duration,
+    /// Mean time a request holds its slot (EWMA, µs): the basis of overload pushback.
+    mean_service_us: AtomicU64,
+    wake: Arc<Notify>,
+    metrics: AdmissionMetrics,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("keys", &self.keys)
+            .field("tiers", &self.tiers)
+            .field("max_inflight", &self.max_inflight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admission {
+    /// Builds admission from `opts`, reading the API keys; metrics go into `registry`.
+    pub fn new(opts: &AdmissionOptions, registry: &Registry) -> anyhow::Result<Arc<Self>> {
+        let c = &opts.config;
+        let tiers = Tiers::from_config(c)?;
+        let keys = match &c.api_keys_dir {
+            Some(dir) => {
+                let ring = KeyRing::load(
+                    std::path::Path::new(dir),
+                    &tiers.names(),
+                    c.default_tier.as_deref(),
+                )?;
+                tracing::info!(keys = ring.len(), dir = %dir, "API keys loaded");
+                Some(ring)
+            }
+            None => None,
+        };
+        let metrics = AdmissionMetrics::new(registry)?;
+        Ok(Arc::new(Self {
+            keys,
+            tiers,
+            quotas: Arc::new(Quotas::new()),
+            state: Mutex::new(QueueState {
+                queue: FairQueue::new(QueueConfig {
+                    max_queued: c.max_queued.max(1) as usize,
+                    ..QueueConfig::default()
+                }),
+                inflight: 0,
+            }),
+            max_inflight: opts.max_inflight.max(1),
+            default_deadline: Duration::from_secs(u64::from(c.default_deadline_seconds.max(1))),
+            min_service: opts.min_service,
+            mean_service_us: AtomicU64::new(0),
+            wake: Arc::new(Notify::new()),
+            metrics,
+        }))
+    }
+
+    /// Starts the housekeeping task: expiring queued requests that can no longer start in
+    /// time, and forgetting idle tenants' quota and fairness state.
+    pub fn spawn_housekeeping(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut last_gc = Instant::now();
+            loop {
+                let Some(me) = weak.upgrade() else { return };
+                let next = me.lock().queue.next_deadline();
+                let now = Instant::now();
+                let wait = next
+                    .map(|d| d.saturating_duration_since(now + me.min_service))
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(Duration::from_secs(1));
+                let wake = me.wake.clone();
+                drop(me);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = wake.notified() => {}
+                }
+                let Some(me) = weak.upgrade() else { return };
+                me.expire(Instant::now());
+                if last_gc.elapsed() >= Duration::from_secs(1) {
+                    last_gc = Instant::now();
+                    me.quotas.evict_idle(last_gc);
+                    me.lock().queue.forget_idle();
+                }
+            }
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_proto::expert::v1::expert_shard_server::ExpertShardServer;
-use switchyard_proto::inference::v1::inference_server::InferenceServer;
 use switchyard_worker::experts::{
     self,
     placement::PlacementSource,
@@ -582,11 +581,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .await
                 .context("the model loading task panicked")??;
             serve_metrics_on(args.metrics_listen, started.metrics.registry().clone()).await?;
-            let mut routes = tonic::service::RoutesBuilder::default();
-            routes.add_service(
-                InferenceServer::new(started.service).max_decoding_message_size(16 << 20),
-            );
-            Some(routes.routes())
+            Some(server::frontend_routes(&started))
         }
         Role::ExpertShard => {
             let options = match &args.config {

@@ -481,6 +481,14 @@ fn route<B>(request: &Request<B>, registry: &Registry) -> Response<Full<Bytes>> 
     response
 }
 
+/// The admission pipeline's outcome layer counts every `Inference` call's final status
+/// here, once.
+impl crate::admission::StatusCounter for FrontendMetrics {
+    fn count_status(&self, code: tonic::Code) {
+        self.count_request(code);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,8 @@
 //! ```text
 //!  FrontendOptions (worker.json or flags)
 //!     └─ start(): LoadedModel + Tokenizer → EngineHandle (engine thread) → Frontend
-//!  gRPC ─> service::Frontend ─ validate ─> engine ─ tokens ─> detokenize, stop strings ─> client
+//!  gRPC ─> admission layers ─> service::Frontend ─ validate ─> admit ─> engine ─ tokens
+//!                                          ─> detokenize, stop strings ─> client
 //!  HTTP ─> metrics::serve_metrics  (/metrics, /healthz)
 //! ```
 //!
@@ -109,6 +110,9 @@ pub struct Started {
     pub info: pb::ModelInfo,
     /// KV-cache blocks and their size.
     pub kv_blocks: usize,
+    /// Admission control, whose layers the service is served behind
+    /// ([`crate::server::frontend_routes`]).
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 /// The compute device for `--device`.
@@ -279,12 +283,13 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
         limits,
         info.clone(),
         metrics.clone(),
-        admission,
+        admission.clone(),
     );
     Ok(Started {
         service,
         metrics,
         info,
         kv_blocks,
+        admission,
     })
 }

@@ -2,6 +2,11 @@
 //! ([`super::validate`]), tokenized, submitted, and the engine's token events turned into
 //! text chunks (incremental detokenization, stop strings) and a summary.
 //!
+//! Calls arrive through the admission layers (`admission::pipeline`): identified, and for
+//! generation within the request quota. Generation then validates its body and calls
+//! `Admission::admit`, which charges it and gives it its place; nothing here counts
+//! outcomes or refunds quota — the outcome layer and the reservation do.
+//!
 //! Every accepted request ends exactly once: a summary, or an error status. A client that
 //! goes away (stream dropped, deadline) drops the engine receiver, which cancels the
 //! sequence and frees its KV blocks before the next step.
@@ -18,9 +23,8 @@ use tonic::{Request, Response, Status};
 
 use super::metrics::FrontendMetrics;
 use super::validate::{self, Checked, Limits};
-use crate::admission::control::quota_metadata;
-use crate::admission::gcra::Remaining;
-use crate::admission::{Admission, Caller, Outcome, OutcomeRecorder, Rejection, Slot, Turn};
+use crate::admission::status::quota_metadata;
+use crate::admission::{Admission, Call, Cost, Reservation, Slot};
 use crate::engine::{EngineHandle, Event, FinishReason, Occupancy, StepReport, SubmitError};
 use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome, Tokenizer};
 
@@ -87,57 +91,30 @@ impl Frontend {
         )
     }
 
-    /// Identity, validation, quotas and a place in the fair queue, in that order; every
-    /// refusal is counted (by status and by tenant outcome) and returned with its metadata.
+    /// Validates the body, then admits it ([`Admission::admit`]: charge, fair queue);
+    /// a refusal's outcome is noted on the call for the outcome layer.
     fn admit<T>(
         &self,
         request: &Request<T>,
         body: &pb::GenerateRequest,
     ) -> Result<Admitted, Status> {
-        let adm = &self.inner.admission;
-        let refuse = |caller: Option<&Caller>, r: Rejection| {
-            adm.record(caller, r.outcome);
-            self.fail(r.status)
+        let call = Call::of(request.extensions())?;
+        let checked = self.check(request, body)?;
+        let cost = Cost {
+            prompt: checked.engine.prompt.len() as u64,
+            max_tokens: checked.engine.max_tokens as u64,
         };
-        let caller = adm
-            .identify(request.metadata(), request.remote_addr())
-            .map_err(|r| refuse(None, r))?;
-        // The request quota first: a caller over it is refused before any work.
-        adm.precheck_request(&caller)
-            .map_err(|r| refuse(Some(&caller), r))?;
-        let checked = self.check(request, body).map_err(|status| {
-            adm.record(Some(&caller), Outcome::of_status(&status));
-            self.fail(status)
-        })?;
-        let prompt = checked.engine.prompt.len() as u64;
-        let reserved = prompt + checked.engine.max_tokens as u64;
-        let (remaining, receipt) = adm
-            .charge(&caller, reserved)
-            .map_err(|r| refuse(Some(&caller), r))?;
-        adm.record_accepted(&caller);
-        let turn = adm
-            .enter(
-                &caller,
-                body.priority,
-                prompt,
-                reserved,
-                receipt,
-                checked.engine.deadline,
-            )
-            .map_err(|r| refuse(Some(&caller), r))?;
-        // From here the request's outcome is counted once, `cancelled` if it is dropped
-        // before it ends (even before it is first polled).
-        let outcome = OutcomeRecorder::new(adm.clone(), caller.clone());
+        let reservation =
+            self.inner
+                .admission
+                .admit(&call, cost, body.priority, checked.engine.deadline)?;
         Ok(Admitted {
-            caller,
             checked,
-            turn,
-            remaining,
-            outcome,
+            reservation,
         })
     }
 
-    /// Waits for the request's turn, runs it, and counts how it ended.
+    /// Waits for the request's turn and runs it.
     async fn run_admitted(
         &self,
         admitted: Admitted,
@@ -146,40 +123,12 @@ impl Frontend {
     ) -> Result<pb::GenerateSummary, Status> {
         let Admitted {
             checked,
-            turn,
-            mut outcome,
-            ..
+            reservation,
         } = admitted;
-        let slot = match turn.slot().await {
-            Ok(slot) => slot,
-            Err(r) => {
-                outcome.set(r.outcome);
-                return Err(r.status);
-            }
-        };
+        let slot = reservation.start().await?;
         // The slot counts the tokens as they stream (usage, fair share, refund).
-        let result = self
-            .run(checked, self.inner.info.id.clone(), priority, out, &slot)
-            .await;
-        drop(slot);
-        outcome.set(match &result {
-            Ok(_) => Outcome::Completed,
-            Err(status) => Outcome::of_status(status),
-        });
-        result
-    }
-
-    /// Calls other than generation need a valid key too (when keys are configured).
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        self.inner
-            .admission
-            .identify(request.metadata(), request.remote_addr())
-            .map_err(|r| self.fail(r.status))
-    }
-
-    fn fail(&self, status: Status) -> Status {
-        self.inner.metrics.count_request(status.code());
-        status
+        self.run(checked, self.inner.info.id.clone(), priority, out, &slot)
+            .await
     }
 
     /// Runs one checked request, sending chunks to `out` as they are ready; returns the
@@ -331,14 +280,11 @@ impl Frontend {
     }
 }
 
-/// A request past identity, validation and quota, with its place in the queue.
+/// A validated request, charged, with its slot or place in the queue.
 #[derive(Debug)]
 struct Admitted {
-    caller: Caller,
     checked: Checked,
-    turn: Turn,
-    remaining: Remaining,
-    outcome: OutcomeRecorder,
+    reservation: Reservation,
 }
 
 /// Where [`Frontend::run`] puts text chunks: the client's stream, or a buffer for the
@@ -389,7 +335,7 @@ impl Inference for Frontend {
         let started = Instant::now();
         let body = request.get_ref().clone();
         let admitted = self.admit(&request, &body)?;
-        let (caller, tier) = (admitted.caller.clone(), admitted.caller.tier.clone());
+        let caller = admitted.reservation.caller().clone();
         let mut collected = Collect::default();
         let result = self
             .run_admitted(admitted, body.priority, &mut collected)
@@ -397,20 +343,16 @@ impl Inference for Frontend {
         self.inner
             .metrics
             .observe_request_duration(started.elapsed());
-        match result {
-            Ok(summary) => {
-                self.inner.metrics.count_request(tonic::Code::Ok);
-                let mut response = Response::new(pb::GenerateResponse {
-                    text: collected.text,
-                    token_ids: collected.ids,
-                    summary: Some(summary),
-                });
-                let remaining = self.inner.admission.remaining(&caller);
-                quota_metadata(response.metadata_mut(), &tier, &remaining);
-                Ok(response)
-            }
-            Err(status) => Err(self.fail(status)),
-        }
+        let summary = result?;
+        let mut response = Response::new(pb::GenerateResponse {
+            text: collected.text,
+            token_ids: collected.ids,
+            summary: Some(summary),
+        });
+        // After the slot's refund: what the caller may spend next.
+        let remaining = self.inner.admission.remaining(&caller);
+        quota_metadata(response.metadata_mut(), &caller.tier, &remaining);
+        Ok(response)
     }
 
     type GenerateStreamStream = ChunkStream;
@@ -422,7 +364,8 @@ impl Inference for Frontend {
         let started = Instant::now();
         let body = request.get_ref().clone();
         let admitted = self.admit(&request, &body)?;
-        let (tier, remaining) = (admitted.caller.tier.clone(), admitted.remaining);
+        let tier = admitted.reservation.caller().tier.clone();
+        let remaining = *admitted.reservation.remaining();
         let (tx, rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(64);
         let this = self.clone();
         tokio::spawn(async move {
@@ -437,20 +380,10 @@ impl Inference for Frontend {
             this.inner
                 .metrics
                 .observe_request_duration(started.elapsed());
-            match result {
-                Ok(summary) => {
-                    this.inner.metrics.count_request(tonic::Code::Ok);
-                    let _ = tx
-                        .send(Ok(pb::GenerateStreamResponse {
-                            event: Some(pb::generate_stream_response::Event::Summary(summary)),
-                        }))
-                        .await;
-                }
-                Err(status) => {
-                    let status = this.fail(status);
-                    let _ = tx.send(Err(status)).await;
-                }
-            }
+            let message = result.map(|summary| pb::GenerateStreamResponse {
+                event: Some(pb::generate_stream_response::Event::Summary(summary)),
+            });
+            let _ = tx.send(message).await;
         });
         let mut response =
             Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ChunkStream);
@@ -462,10 +395,9 @@ impl Inference for Frontend {
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
-        self.authenticate(&request)?;
         let body = request.into_inner();
         let inner = &self.inner;
-        validate::check_model(&body.model, &inner.limits).map_err(|s| self.fail(s))?;
+        validate::check_model(&body.model, &inner.limits)?;
         let ids = match body.input {
             None => Err(Status::invalid_argument(
                 "input: one of text or chat is required",
@@ -479,17 +411,15 @@ impl Inference for Frontend {
                 &inner.tokenizer,
                 body.add_generation_prompt.unwrap_or(true),
             ),
-        }
-        .map_err(|s| self.fail(s))?;
+        }?;
         let token_strings = if body.return_token_strings {
             inner
                 .tokenizer
                 .token_strings(&ids)
-                .map_err(|e| self.fail(Status::internal(format!("decoding: {e}"))))?
+                .map_err(|e| Status::internal(format!("decoding: {e}")))?
         } else {
             Vec::new()
         };
-        inner.metrics.count_request(tonic::Code::Ok);
         Ok(Response::new(pb::TokenizeResponse {
             token_ids: ids,
             token_strings,
@@ -499,9 +429,8 @@ impl Inference for Frontend {
 
     async fn list_models(
         &self,
-        request: Request<pb::ListModelsRequest>,
+        _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        self.authenticate(&request)?;
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![self.inner.info.clone()],
         }))

@@ -1,0 +1,120 @@
+//! Admission metrics (prefix `switchyard_`).
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `switchyard_admission_requests_total` | counter | `tenant`, `tier`, `outcome` |
+//! | `switchyard_admission_accepted_total` | counter | `tenant`, `tier` |
+//! | `switchyard_tenant_tokens_total` | counter | `tenant`, `kind`: prompt, cached_prompt, completion |
+//! | `switchyard_admission_queued` | gauge | `band` |
+//! | `switchyard_admission_inflight` | gauge | |
+//! | `switchyard_admission_queue_wait_seconds` | histogram | `band` |
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use super::Admission;
+use super::fair_queue::Band;
+use super::identity::Caller;
+use super::outcome::Outcome;
+
+#[derive(Debug, Clone)]
+pub(super) struct AdmissionMetrics {
+    requests: IntCounterVec,
+    accepted: IntCounterVec,
+    pub(super) tokens: IntCounterVec,
+    queued: IntGaugeVec,
+    inflight: prometheus::IntGauge,
+    pub(super) queue_wait: HistogramVec,
+}
+
+impl AdmissionMetrics {
+    pub(super) fn new(registry: &Registry) -> anyhow::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "admission_requests_total",
+                "Generate requests by tenant, tier and how they ended (each counted once)",
+            ),
+            &["tenant", "tier", "outcome"],
+        )?;
+        let accepted = IntCounterVec::new(
+            Opts::new(
+                "admission_accepted_total",
+                "Requests accepted past identity, validation and quota; each then ends \
+                 completed, shed, expired, cancelled or failed",
+            ),
+            &["tenant", "tier"],
+        )?;
+        let tokens = IntCounterVec::new(
+            Opts::new("tenant_tokens_total", "Tokens used, by tenant and kind"),
+            &["tenant", "kind"],
+        )?;
+        let queued = IntGaugeVec::new(
+            Opts::new(
+                "admission_queued",
+                "Requests waiting in the fair queue, by band",
+            ),
+            &["band"],
+        )?;
+        let inflight = prometheus::IntGauge::new(
+            "admission_inflight",
+            "Requests admitted to the engine (at most the configured cap)",
+        )?;
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "admission_queue_wait_seconds",
+                "Time requests waited in the fair queue before running",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["band"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(accepted.clone()))?;
+        registry.register(Box::new(tokens.clone()))?;
+        registry.register(Box::new(queued.clone()))?;
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(queue_wait.clone()))?;
+        for b in Band::ALL {
+            queued.with_label_values(&[b.name()]).set(0);
+        }
+        Ok(Self {
+            requests,
+            accepted,
+            tokens,
+            queued,
+            inflight,
+            queue_wait,
+        })
+    }
+
+    pub(super) fn set_queue(&self, by_band: &[usize; 4], inflight: usize) {
+        for b in Band::ALL {
+            self.queued
+                .with_label_values(&[b.name()])
+                .set(by_band[b as usize] as i64);
+        }
+        self.inflight.set(inflight as i64);
+    }
+}
+
+impl Admission {
+    /// Counts a request's end: its outcome by tenant and tier (`unknown` before the
+    /// caller is identified). Called by the outcome layer only.
+    pub(super) fn record(&self, caller: Option<&Caller>, outcome: Outcome) {
+        let (label, tier) = caller.map_or(("unknown", "unknown"), |c| {
+            (c.label.as_str(), c.tier.name.as_str())
+        });
+        self.metrics
+            .requests
+            .with_label_values(&[label, tier, outcome.label()])
+            .inc();
+    }
+
+    /// Counts a request accepted past identity, validation and quota.
+    pub(super) fn record_accepted(&self, caller: &Caller) {
+        self.metrics
+            .accepted
+            .with_label_values(&[&caller.label, &caller.tier.name])
+            .inc();
+    }
+}

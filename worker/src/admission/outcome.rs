@@ -1,0 +1,330 @@
+//! How a call ended, counted exactly once, by one layer.
+//!
+//! [`CountOutcome`] is the outermost admission layer. It opens the call's record ([`Call`],
+//! in the request's extensions) and counts the call when it ends:
+//!
+//! ```text
+//!  response headers carry grpc-status (a refusal, "trailers-only") ─┐
+//!  the body's trailers carry grpc-status (a reply, a stream's end) ─┼─> count once:
+//!  the call or its body is dropped first (the client went away) ────┘   status, outcome
+//! ```
+//!
+//! It counts the status in `switchyard_requests_total{status}` (through a
+//! [`StatusCounter`]) and, for the RPCs whose [`Policy`] says so, the tenant's [`Outcome`]
+//! in `switchyard_admission_requests_total`. No handler counts anything itself.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use http_body::Frame;
+use tonic::body::Body;
+use tonic::{Code, Status};
+
+use super::Admission;
+use super::identity::Caller;
+use super::pipeline::Policy;
+
+/// How a request ended, counted once per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A summary was sent.
+    Completed,
+    /// Over quota (`RESOURCE_EXHAUSTED`).
+    Rejected,
+    /// No or unknown API key (`UNAUTHENTICATED`).
+    Unauthenticated,
+    /// A field out of range (`INVALID_ARGUMENT`, `NOT_FOUND` for the model).
+    Invalid,
+    /// Overload: the queue was full, or the request was evicted for a higher band
+    /// (`UNAVAILABLE` with pushback).
+    Shed,
+    /// Its deadline passed, queued or running (`DEADLINE_EXCEEDED`).
+    Expired,
+    /// The client went away.
+    Cancelled,
+    /// The server failed it (`INTERNAL`, or `UNAVAILABLE` from missing experts).
+    Failed,
+}
+
+impl Outcome {
+    /// Every outcome, for metrics.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Completed,
+        Outcome::Rejected,
+        Outcome::Unauthenticated,
+        Outcome::Invalid,
+        Outcome::Shed,
+        Outcome::Expired,
+        Outcome::Cancelled,
+        Outcome::Failed,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Rejected => "rejected",
+            Outcome::Unauthenticated => "unauthenticated",
+            Outcome::Invalid => "invalid",
+            Outcome::Shed => "shed",
+            Outcome::Expired => "expired",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Failed => "failed",
+        }
+    }
+
+    /// The outcome a final status code means, unless the call noted a more precise one
+    /// ([`Call::refuse`]: a shed request is `UNAVAILABLE`, as a failed one is).
+    pub fn of_code(code: Code) -> Self {
+        match code {
+            Code::Ok => Outcome::Completed,
+            Code::Cancelled => Outcome::Cancelled,
+            Code::DeadlineExceeded => Outcome::Expired,
+            Code::InvalidArgument | Code::NotFound | Code::OutOfRange => Outcome::Invalid,
+            Code::Unauthenticated => Outcome::Unauthenticated,
+            Code::ResourceExhausted => Outcome::Rejected,
+            _ => Outcome::Failed,
+        }
+    }
+}
+
+/// A refusal: the status to answer with (metadata included) and how it is counted.
+#[derive(Debug)]
+pub struct Rejection {
+    /// The status, with `grpc-retry-pushback-ms`, `retry-after` and quota metadata where
+    /// they apply.
+    pub status: Status,
+    /// How the request is counted.
+    pub outcome: Outcome,
+}
+
+/// One call's record, shared through the request's extensions by the admission layers,
+/// `admit` and the handler: who is calling (once identified), and how the call ended where
+/// its status alone does not say.
+#[derive(Debug, Clone, Default)]
+pub struct Call(Arc<CallRecord>);
+
+#[derive(Debug, Default)]
+struct CallRecord {
+    caller: OnceLock<Caller>,
+    outcome: Mutex<Option<Outcome>>,
+}
+
+impl Call {
+    /// The record of the call `extensions` belong to, opened by [`CountOutcome`]. Missing
+    /// only if the service is served without the admission layers, which is a bug.
+    pub fn of(extensions: &http::Extensions) -> Result<Call, Status> {
+        extensions.get::<Call>().cloned().ok_or_else(|| {
+            Status::internal("the call did not pass admission (the service is served without it)")
+        })
+    }
+
+    /// The identified caller; `None` before identification, or when it refused the call.
+    pub fn caller(&self) -> Option<&Caller> {
+        self.0.caller.get()
+    }
+
+    /// The caller identified, as the request's extensions also carry it.
+    pub(crate) fn identified(&self, caller: Caller) {
+        let _ = self.0.caller.set(caller);
+    }
+
+    /// The status to answer `rejection` with; its outcome is noted for the count.
+    pub fn refuse(&self, rejection: Rejection) -> Status {
+        *self.lock() = Some(rejection.outcome);
+        rejection.status
+    }
+
+    /// The outcome noted by a refusal, if any.
+    pub(crate) fn noted(&self) -> Option<Outcome> {
+        *self.lock()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Outcome>> {
+        self.0
+            .outcome
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Where the outcome layer counts every call's final status
+/// (`switchyard_requests_total{status}` on a frontend).
+pub trait StatusCounter: Send + Sync + 'static {
+    /// Counts one finished call with its final status.
+    fn count_status(&self, code: Code);
+}
+
+/// Counts one call once: at its final status, or as cancelled when dropped first.
+struct Tally {
+    call: Call,
+    policy: Policy,
+    counter: Arc<dyn StatusCounter>,
+    admission: Arc<Admission>,
+    counted: bool,
+}
+
+impl Tally {
+    /// `ended`: the final status code; `None` when the call was dropped before it.
+    fn count(&mut self, ended: Option<Code>) {
+        if std::mem::replace(&mut self.counted, true) {
+            return;
+        }
+        self.counter.count_status(ended.unwrap_or(Code::Cancelled));
+        if self.policy.counts_outcome {
+            let outcome = match ended {
+                None => Outcome::Cancelled,
+                Some(code) => self.call.noted().unwrap_or(Outcome::of_code(code)),
+            };
+            self.admission.record(self.call.caller(), outcome);
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.count(None);
+    }
+}
+
+/// The final status a response's headers or trailers carry, if they carry one.
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    Some(Code::from_i32(value.trim().parse().ok()?))
+}
+
+/// The layer that makes [`CountOutcome`] services.
+#[derive(Clone)]
+pub struct CountOutcomeLayer {
+    admission: Arc<Admission>,
+    counter: Arc<dyn StatusCounter>,
+}
+
+impl std::fmt::Debug for CountOutcomeLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountOutcomeLayer").finish_non_exhaustive()
+    }
+}
+
+impl CountOutcomeLayer {
+    /// Counts statuses into `counter` and tenants' outcomes into `admission`'s metrics.
+    pub fn new(admission: Arc<Admission>, counter: Arc<dyn StatusCounter>) -> Self {
+        Self { admission, counter }
+    }
+}
+
+impl<S> tower::Layer<S> for CountOutcomeLayer {
+    type Service = CountOutcome<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CountOutcome {
+            inner,
+            admission: self.admission.clone(),
+            counter: self.counter.clone(),
+        }
+    }
+}
+
+/// Opens each call's [`Call`] record and counts the call once when it ends.
+#[derive(Clone)]
+pub struct CountOutcome<S> {
+    inner: S,
+    admission: Arc<Admission>,
+    counter: Arc<dyn StatusCounter>,
+}
+
+impl<S> std::fmt::Debug for CountOutcome<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountOutcome").finish_non_exhaustive()
+    }
+}
+
+/// A boxed response future, as every admission layer returns.
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for CountOutcome<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let call = Call::default();
+        request.extensions_mut().insert(call.clone());
+        let mut tally = Tally {
+            call,
+            policy: Policy::of(request.uri().path()),
+            counter: self.counter.clone(),
+            admission: self.admission.clone(),
+            counted: false,
+        };
+        let response = self.inner.call(request);
+        // Dropped before the response (a unary call whose client went away): the tally's
+        // drop counts it cancelled.
+        Box::pin(async move {
+            let response = response.await?;
+            Ok::<_, Infallible>(match grpc_status(response.headers()) {
+                Some(code) => {
+                    tally.count(Some(code));
+                    response
+                }
+                None => response.map(|body| Body::new(CountedBody { inner: body, tally })),
+            })
+        })
+    }
+}
+
+/// A response body that counts its call at its trailers, or as cancelled when dropped
+/// before them (a stream whose client went away).
+struct CountedBody {
+    inner: Body,
+    tally: Tally,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let code = grpc_status(trailers).unwrap_or(Code::Unknown);
+                    self.tally.count(Some(code));
+                }
+            }
+            Poll::Ready(Some(Err(status))) => {
+                let code = status.code();
+                self.tally.count(Some(code));
+            }
+            // Ended without trailers: not a gRPC reply.
+            Poll::Ready(None) => self.tally.count(Some(Code::Unknown)),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    // Never reports its end early: `tonic::body::Body::new` would drop an empty body, and
+    // with it the tally, at once.
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,336 @@
+//! Queue coordination: the fair queue ([`super::fair_queue`]) and the cap on requests in
+//! the engine put together. An admitted request is a [`Reservation`]: its slot now, or its
+//! place in the queue until a slot frees up, it is shed for higher-priority work, or its
+//! deadline passes. A running request holds a [`Slot`].
+//!
+//! Each holds its [`Charge`], so whichever way a request leaves — refused on entry,
+//! evicted, expired, its client gone while queued or running, finished — dropping it
+//! refunds the unused tokens. No path refunds by hand.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tonic::Status;
+
+use super::Admission;
+use super::accounting::Charge;
+use super::fair_queue::{Band, FairQueue, Pushed, Ticket};
+use super::gcra::Remaining;
+use super::identity::Caller;
+use super::outcome::{Call, Outcome, Rejection};
+use super::status;
+
+/// A queued request, waiting for its slot.
+pub(super) struct Waiter {
+    tx: oneshot::Sender<Result<Slot, Rejection>>,
+    key: String,
+    label: String,
+    charge: Charge,
+    queued_at: Instant,
+}
+
+/// The queue and the requests in the engine (under [`Admission`]'s lock).
+pub(super) struct QueueState {
+    pub(super) queue: FairQueue<Waiter>,
+    pub(super) inflight: usize,
+}
+
+impl Admission {
+    /// Enters a charged request: a [`Slot`] at once when there is room and nobody waits,
+    /// else a place in the fair queue, else a refusal (queue full of equal or higher
+    /// priority work, or a deadline too close). Never waits itself, so a refusal is
+    /// immediate; a refused request's `charge` is dropped, refunding it.
+    pub(super) fn enter(
+        self: &Arc<Self>,
+        caller: &Caller,
+        band: Band,
+        input_tokens: u64,
+        charge: Charge,
+        deadline: Option<Instant>,
+    ) -> Result<Turn, Rejection> {
+        let now = Instant::now();
+        let deadline = deadline.unwrap_or(now + self.default_deadline);
+        if deadline <= now + self.min_service {
+            return Err(status::too_late_to_start());
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.lock();
+        if st.inflight < self.max_inflight && st.queue.is_empty() {
+            st.inflight += 1;
+            self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
+            return Ok(Turn::Now(Slot {
+                admission: self.clone(),
+                key: caller.key.clone(),
+                label: caller.label.clone(),
+                input: input_tokens,
+                band,
+                weight: caller.tier.weight,
+                charge,
+                used: AtomicU64::new(input_tokens),
+                started: now,
+                armed: true,
+            }));
+        }
+        let pushed = st.queue.push(Ticket {
+            tenant: caller.key.clone(),
+            band,
+            weight: caller.tier.weight,
+            input_tokens,
+            deadline,
+            item: Waiter {
+                tx,
+                key: caller.key.clone(),
+                label: caller.label.clone(),
+                charge,
+                queued_at: now,
+            },
+        });
+        let queued = st.queue.len();
+        let id = match pushed {
+            Pushed::Queued(id) => id,
+            Pushed::QueuedEvicting(id, shed) => {
+                let pushback = self.overload_pushback(queued);
+                let _ = shed.item.tx.send(Err(status::shed_for(band, pushback)));
+                id
+            }
+            Pushed::Full(refused) => {
+                drop(st);
+                drop(refused);
+                return Err(status::queue_full(
+                    queued,
+                    band,
+                    self.overload_pushback(queued),
+                ));
+            }
+        };
+        self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
+        drop(st);
+        self.wake.notify_one();
+        Ok(Turn::Queued(QueuedTurn {
+            rx,
+            guard: CancelOnDrop {
+                admission: self.clone(),
+                id: Some(id),
+            },
+            band,
+            queued_at: now,
+        }))
+    }
+
+    /// The pushback for an overload refusal: how long the queue ahead takes to drain at
+    /// the recent service rate (at least 100 ms).
+    fn overload_pushback(&self, queued: usize) -> Duration {
+        let mean = Duration::from_micros(self.mean_service_us.load(Ordering::Relaxed));
+        let drain = mean.mul_f64(queued as f64 / self.max_inflight as f64);
+        drain.max(Duration::from_millis(100))
+    }
+
+    /// Hands free slots to the next queued requests (caller holds the lock).
+    fn dispatch(self: &Arc<Self>, st: &mut QueueState) {
+        while st.inflight < self.max_inflight {
+            let Some((_, t)) = st.queue.pop() else { break };
+            let w = t.item;
+            let slot = Slot {
+                admission: self.clone(),
+                key: w.key,
+                label: w.label,
+                input: t.input_tokens,
+                band: t.band,
+                weight: t.weight,
+                charge: w.charge,
+                used: AtomicU64::new(t.input_tokens),
+                started: Instant::now(),
+                armed: true,
+            };
+            st.inflight += 1;
+            if let Err(Ok(mut slot)) = w.tx.send(Ok(slot)) {
+                // The waiter is gone: nobody will use the slot; dropping it refunds all.
+                slot.armed = false;
+                st.inflight -= 1;
+            }
+        }
+        self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
+    }
+
+    /// Expires the queued requests that can no longer start before their deadline.
+    pub(super) fn expire(&self, now: Instant) {
+        let mut st = self.lock();
+        for (_, t) in st.queue.expire(now, self.min_service) {
+            let w = t.item;
+            let rejection = status::expired_in_queue(w.queued_at.elapsed(), st.queue.len());
+            let _ = w.tx.send(Err(rejection));
+        }
+        self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
+    }
+}
+
+/// An admitted request: charged, and holding its slot or its place in the queue. Dropping
+/// it (the client went away, or it is never run) leaves the queue and refunds the charge.
+#[derive(Debug)]
+pub struct Reservation {
+    pub(super) call: Call,
+    pub(super) caller: Caller,
+    pub(super) turn: Turn,
+    pub(super) remaining: Remaining,
+}
+
+impl Reservation {
+    /// Who is calling.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The caller's quota left right after the charge (for response metadata).
+    pub fn remaining(&self) -> &Remaining {
+        &self.remaining
+    }
+
+    /// The slot, now or once the queued requests ahead have run; a refusal meanwhile
+    /// (shed for higher-priority work, deadline passed) is noted on the call.
+    pub async fn start(self) -> Result<Slot, Status> {
+        let result = match self.turn {
+            Turn::Now(slot) => Ok(slot),
+            Turn::Queued(q) => q.wait().await,
+        };
+        result.map_err(|r| self.call.refuse(r))
+    }
+}
+
+/// A request's turn, as [`Admission::enter`] gives it.
+#[derive(Debug)]
+pub(super) enum Turn {
+    /// Run now.
+    Now(Slot),
+    /// Queued: wait for the slot.
+    Queued(QueuedTurn),
+}
+
+/// A queued request's claim on a future slot; dropping it (the client went away) takes
+/// the request out of the queue.
+pub(super) struct QueuedTurn {
+    rx: oneshot::Receiver<Result<Slot, Rejection>>,
+    guard: CancelOnDrop,
+    band: Band,
+    queued_at: Instant,
+}
+
+impl std::fmt::Debug for QueuedTurn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedTurn")
+            .field("band", &self.band)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueuedTurn {
+    /// Waits until the request may run, or is shed or expired.
+    async fn wait(mut self) -> Result<Slot, Rejection> {
+        let result = (&mut self.rx).await;
+        self.guard.id = None;
+        match result {
+            Ok(Ok(slot)) => {
+                self.guard
+                    .admission
+                    .metrics
+                    .queue_wait
+                    .with_label_values(&[self.band.name()])
+                    .observe(self.queued_at.elapsed().as_secs_f64());
+                Ok(slot)
+            }
+            Ok(Err(rejection)) => Err(rejection),
+            Err(_) => Err(Rejection {
+                status: Status::internal("the admission queue dropped the request"),
+                outcome: Outcome::Failed,
+            }),
+        }
+    }
+}
+
+struct CancelOnDrop {
+    admission: Arc<Admission>,
+    id: Option<u64>,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let mut st = self.admission.lock();
+            // The cancelled waiter's charge is refunded as it drops.
+            drop(st.queue.cancel(id));
+            self.admission
+                .metrics
+                .set_queue(&st.queue.len_by_band(), st.inflight);
+        }
+    }
+}
+
+/// A request's place in the engine: generated tokens are charged to its tenant's fair
+/// share as they come ([`Slot::generated`]); dropping it frees the place for the next
+/// queued request and refunds the unused part of the token pre-charge.
+pub struct Slot {
+    admission: Arc<Admission>,
+    key: String,
+    /// The tenant label for usage metrics.
+    label: String,
+    /// Prompt tokens.
+    input: u64,
+    band: Band,
+    weight: u32,
+    /// The pre-charge (prompt + max_tokens), refunded of what was not used as it drops.
+    charge: Charge,
+    /// Tokens used so far (prompt + generated).
+    used: AtomicU64,
+    started: Instant,
+    /// False for a slot never handed to its request (it frees nothing when dropped).
+    armed: bool,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("band", &self.band)
+            .field("reserved", &self.charge.reserved())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    /// `n` more generated tokens: charged to the tenant's virtual counter, and not
+    /// refunded from the pre-charge.
+    pub fn generated(&self, n: u64) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+        self.admission
+            .lock()
+            .queue
+            .charge_output(&self.key, self.band, self.weight, n);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let a = self.admission.clone();
+        let used = self.used.load(Ordering::Relaxed);
+        // Usage as it happened, also for requests cancelled part-way.
+        let t = &a.metrics.tokens;
+        t.with_label_values(&[&self.label, "prompt"])
+            .inc_by(self.input);
+        t.with_label_values(&[&self.label, "cached_prompt"])
+            .inc_by(0);
+        t.with_label_values(&[&self.label, "completion"])
+            .inc_by(used.saturating_sub(self.input));
+        // The charge refunds the rest when it drops, right after this.
+        self.charge.settle(used);
+        let us = self.started.elapsed().as_micros() as u64;
+        let old = a.mean_service_us.load(Ordering::Relaxed);
+        let mean = if old == 0 { us } else { (old * 7 + us) / 8 };
+        a.mean_service_us.store(mean, Ordering::Relaxed);
+        let mut st = a.lock();
+        st.inflight = st.inflight.saturating_sub(1);
+        a.dispatch(&mut st);
+    }
+}
