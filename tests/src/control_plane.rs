@@ -357,31 +357,52 @@ pub(crate) async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
 pub(crate) async fn wait_until<F, Fut>(
     process: &ManagedProcess,
     timeout: Duration,
-    mut check: F,
+    check: F,
 ) -> Result<()>
 where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<bool, String>>,
+{
+    let period = Duration::from_millis(100);
+    match poll(timeout, period, || process.check_running(), check).await? {
+        Ok(()) => Ok(()),
+        Err(last) => Err(HarnessError::NotReady {
+            component: process.name().to_string(),
+            timeout,
+            reason: last,
+            log: process.log_path().to_path_buf(),
+            log_tail: process.log_tail(15),
+        }),
+    }
+}
+
+/// Calls `check` every `period` until it returns `Ok(true)` (`Ok(Ok(()))`) or `timeout`
+/// passes (`Ok(Err(the last reason check gave))`); `alive` runs before each check and its
+/// error ends the wait at once (a component that died).
+pub(crate) async fn poll<A, F, Fut>(
+    timeout: Duration,
+    period: Duration,
+    mut alive: A,
+    mut check: F,
+) -> Result<std::result::Result<(), String>>
+where
+    A: FnMut() -> Result<()>,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<bool, String>>,
 {
     let deadline = Instant::now() + timeout;
     let mut last = String::from("not checked yet");
     loop {
-        process.check_running()?;
+        alive()?;
         match check().await {
-            Ok(true) => return Ok(()),
+            Ok(true) => return Ok(Ok(())),
             Ok(false) => {}
             Err(e) => last = e,
         }
         if Instant::now() >= deadline {
-            return Err(HarnessError::NotReady {
-                component: process.name().to_string(),
-                timeout,
-                reason: last,
-                log: process.log_path().to_path_buf(),
-                log_tail: process.log_tail(15),
-            });
+            return Ok(Err(last));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(period).await;
     }
 }
 
@@ -412,12 +433,18 @@ async fn wait_for_apiserver(apiserver: &ManagedProcess, kubeconfig: &Path) -> Re
 
 /// A minimal HTTP/1.0 GET against 127.0.0.1 (etcd's plain-HTTP health endpoint).
 pub(crate) async fn http_get_plain(port: u16, path: &str) -> std::result::Result<String, String> {
+    http_get("127.0.0.1", port, path).await
+}
+
+/// A minimal HTTP/1.0 GET against `host:port` (health and metrics endpoints, on loopback
+/// or on a pod's address): the whole response, status line included.
+pub async fn http_get(host: &str, port: u16, path: &str) -> std::result::Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let mut stream = tokio::net::TcpStream::connect((host, port))
         .await
-        .map_err(|e| format!("connecting to 127.0.0.1:{port}: {e}"))?;
+        .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let mut response = String::new();

@@ -365,30 +365,21 @@ impl RealNode {
         selector: &str,
         what: &str,
         timeout: Duration,
-        mut check: F,
+        check: F,
     ) -> Result<()>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<bool, String>>,
     {
-        let deadline = Instant::now() + timeout;
-        let mut last = String::from("not checked yet");
-        loop {
-            self.check_running()?;
-            match check().await {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => last = e,
-            }
-            if Instant::now() >= deadline {
-                return Err(HarnessError::Stuck {
-                    what: what.to_string(),
-                    timeout,
-                    last,
-                    diagnosis: self.diagnose(client, namespace, selector).await,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        let period = Duration::from_millis(250);
+        match crate::control_plane::poll(timeout, period, || self.check_running(), check).await? {
+            Ok(()) => Ok(()),
+            Err(last) => Err(HarnessError::Stuck {
+                what: what.to_string(),
+                timeout,
+                last,
+                diagnosis: self.diagnose(client, namespace, selector).await,
+            }),
         }
     }
 

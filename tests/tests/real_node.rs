@@ -31,6 +31,7 @@ use switchyard_proto::inference::v1 as pb;
 use switchyard_proto::inference::v1::generate_request::Input;
 use switchyard_proto::inference::v1::generate_stream_response::Event;
 use switchyard_proto::inference::v1::inference_client::InferenceClient;
+use switchyard_tests::control_plane::http_get;
 use switchyard_tests::node::{NODE_NAME, ROOT};
 use switchyard_tests::tools::tool;
 use switchyard_tests::worker::fixture_model;
@@ -158,24 +159,6 @@ async fn print_pod_timelines(client: &kube::Client, namespace: &str, selector: &
             span(Some(created), ready)
         );
     }
-}
-
-/// A plain HTTP GET to `ip:port` (a pod's metrics port).
-async fn http_get(ip: &str, port: u16, path: &str) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect((ip, port))
-        .await
-        .map_err(|e| format!("connecting to {ip}:{port}: {e}"))?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body))
-        .await
-        .map_err(|_| "no answer within 5 s".to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(body)
 }
 
 fn metric(text: &str, name: &str) -> f64 {
