@@ -13,6 +13,9 @@
 //! - [`reconcile`]: the shell: server-side apply, status write, events.
 //! - [`leader`]: leader election on a Lease; [`metrics`]: Prometheus and health endpoints.
 //!
+//! Dependencies point one way: `reconcile` uses `build`, `status` and `metrics`; none of
+//! those uses `reconcile` (metrics takes an error's `reason()`, not the error).
+//!
 //! The autoscaler lands here too as it is built. This crate depends on `kube` and `k8s-openapi`, never on the inference engine, so
 //! the operator image stays free of candle and CUDA.
 #![forbid(unsafe_code)]

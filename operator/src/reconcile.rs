@@ -89,8 +89,9 @@ const RESYNC: Duration = Duration::from_secs(300);
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&md, &ctx).await;
+    let error_reason = result.as_ref().err().map(Error::reason);
     ctx.metrics
-        .observe_reconcile(started.elapsed(), result.as_ref().err());
+        .observe_reconcile(started.elapsed(), error_reason);
     result
 }
 
