@@ -7,17 +7,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use switchyard_operator::api::ModelDeployment;
 use switchyard_operator::build::{DEFAULT_WORKER_IMAGE, Defaults, FIELD_MANAGER};
 use switchyard_operator::leader::{Elector, LeaseConfig};
-use switchyard_operator::metrics::{self, Metrics, OBJECTS_PER_DEPLOYMENT};
+use switchyard_operator::metrics::{self, Metrics};
 use switchyard_operator::reconcile::{self, Context};
 
 /// How long in-flight reconciles may run after SIGTERM before the operator stops anyway
@@ -278,15 +274,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ns = args.namespace.as_deref();
     let owned =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=switchyard-operator");
-    let controller = Controller::new(mds, watcher::Config::default())
-        .owns(scoped::<Deployment>(&client, ns), owned.clone())
-        .owns(scoped::<StatefulSet>(&client, ns), owned.clone())
-        .owns(scoped::<Service>(&client, ns), owned.clone())
-        .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
-        .owns(scoped::<ServiceAccount>(&client, ns), owned.clone())
-        .owns(scoped::<PodDisruptionBudget>(&client, ns), owned.clone())
-        .owns(scoped::<NetworkPolicy>(&client, ns), owned)
-        .graceful_shutdown_on(stopped());
+    // One watch per owned kind, from the one list in `build` (a macro: `owns` takes each
+    // kind as a type parameter, which no iterator over values can supply).
+    let controller = Controller::new(mds, watcher::Config::default());
+    macro_rules! owns_every_kind {
+        ($($kind:ident => $ty:path),* $(,)?) => {
+            controller$(.owns(scoped::<$ty>(&client, ns), owned.clone()))*
+        };
+    }
+    let controller =
+        switchyard_operator::with_owned_kinds!(owns_every_kind).graceful_shutdown_on(stopped());
     let store = controller.store();
     metrics.set_ready(true);
     // kube-runtime's graceful shutdown waits for the cache's first sync, which never comes
@@ -312,9 +309,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| {
-            metrics
-                .managed_objects
-                .set(store.state().len() as i64 * OBJECTS_PER_DEPLOYMENT);
+            metrics.set_managed_deployments(store.state().len());
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller event");
             }

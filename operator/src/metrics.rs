@@ -18,9 +18,6 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
-/// Owned objects per ModelDeployment (see `build::Desired`).
-pub const OBJECTS_PER_DEPLOYMENT: i64 = 10;
-
 /// The operator's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -29,7 +26,7 @@ pub struct Metrics {
     errors: IntCounterVec,
     duration: HistogramVec,
     /// Objects the operator manages (ModelDeployments in its cache × owned objects each).
-    pub managed_objects: IntGauge,
+    managed_objects: IntGauge,
     /// 1 while this replica holds the leader lease.
     pub leader: IntGauge,
     ready: AtomicBool,
@@ -104,6 +101,12 @@ impl Metrics {
                 self.errors.with_label_values(&[reason]).inc();
             }
         }
+    }
+
+    /// Sets the managed-objects gauge from the ModelDeployments in the cache.
+    pub fn set_managed_deployments(&self, deployments: usize) {
+        self.managed_objects
+            .set((deployments * crate::build::Desired::OBJECT_COUNT) as i64);
     }
 
     /// Marks the process ready (`/readyz` answers 200).

@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::api::ModelDeployment;
-use crate::build::{self, Desired, FIELD_MANAGER, Names};
+use crate::build::{self, Desired, FIELD_MANAGER, Names, Owned};
 use crate::metrics::Metrics;
 use crate::status::{self, Observed};
 
@@ -185,24 +185,30 @@ async fn publish(
     }
 }
 
-/// Applies every child, in dependency order (config before the pods that mount it), and
-/// returns the two workloads as the API server answered (with their status).
+/// Applies every child in [`Desired::objects`] order (config before the pods that mount
+/// it), and returns the two workloads as the API server answered (with their status).
 async fn apply_all(
     client: &Client,
     namespace: &str,
     d: &Desired,
 ) -> Result<(Deployment, StatefulSet), Error> {
-    apply(client, namespace, &d.service_account).await?;
-    apply(client, namespace, &d.config).await?;
-    apply(client, namespace, &d.client_service).await?;
-    apply(client, namespace, &d.experts_service).await?;
-    let frontend = apply(client, namespace, &d.frontend).await?;
-    let experts = apply(client, namespace, &d.experts).await?;
-    apply(client, namespace, &d.frontend_pdb).await?;
-    apply(client, namespace, &d.experts_pdb).await?;
-    apply(client, namespace, &d.frontend_policy).await?;
-    apply(client, namespace, &d.experts_policy).await?;
-    Ok((frontend, experts))
+    let (mut frontend, mut experts) = (None, None);
+    for object in d.objects() {
+        // Exhaustive on purpose: a kind added to `with_owned_kinds!` must be handled here.
+        match object {
+            Owned::ServiceAccount(o) => drop(apply(client, namespace, o).await?),
+            Owned::ConfigMap(o) => drop(apply(client, namespace, o).await?),
+            Owned::Service(o) => drop(apply(client, namespace, o).await?),
+            Owned::Deployment(o) => frontend = Some(apply(client, namespace, o).await?),
+            Owned::StatefulSet(o) => experts = Some(apply(client, namespace, o).await?),
+            Owned::PodDisruptionBudget(o) => drop(apply(client, namespace, o).await?),
+            Owned::NetworkPolicy(o) => drop(apply(client, namespace, o).await?),
+        }
+    }
+    Ok((
+        frontend.expect("Desired::objects yields the frontend Deployment"),
+        experts.expect("Desired::objects yields the experts StatefulSet"),
+    ))
 }
 
 async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>

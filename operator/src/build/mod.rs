@@ -2,19 +2,24 @@
 //! No client, no I/O; unit-tested from the YAML fixtures in `operator/tests/fixtures/`.
 //!
 //! ```text
-//!   ModelDeployment "<md>"
+//!   ModelDeployment "<md>"                in apply order (Desired::objects)
 //!   ├─ ServiceAccount  <md>-worker       no API token mounted
 //!   ├─ ConfigMap       <md>-config       worker.json (the worker contract), placement
-//!   ├─ Deployment      <md>-frontend     frontends; template hash of worker.json rolls them
 //!   ├─ Service         <md>              the client endpoint (gRPC, appProtocol h2c)
-//!   ├─ StatefulSet     <md>-experts      expert shards, pod index = shard index
 //!   ├─ Service         <md>-experts      headless: shard discovery
+//!   ├─ Deployment      <md>-frontend     frontends; template hash of worker.json rolls them
+//!   ├─ StatefulSet     <md>-experts      expert shards, pod index = shard index
 //!   ├─ PDB             <md>-frontend, <md>-experts
 //!   └─ NetworkPolicy   <md>-frontend (anyone → gRPC port), <md>-experts (frontends only)
 //! ```
 //!
 //! Every object carries the standard labels and a controller owner reference to the
 //! ModelDeployment, so deleting it garbage-collects everything.
+//!
+//! [`Desired::objects`] is the one list of owned objects: reconcile applies it in order,
+//! the managed-objects metric counts it ([`Desired::OBJECT_COUNT`]), and the tests walk
+//! it. The kinds are listed once, in [`with_owned_kinds!`](crate::with_owned_kinds), which
+//! makes [`Owned`] and the operator's `.owns()` watches.
 
 mod config;
 mod pods;
@@ -145,7 +150,7 @@ impl Names {
     }
 }
 
-/// Everything one ModelDeployment owns.
+/// Everything one ModelDeployment owns; [`Desired::objects`] walks it in apply order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Desired {
     pub service_account: ServiceAccount,
@@ -160,6 +165,109 @@ pub struct Desired {
     pub experts_policy: NetworkPolicy,
     /// The placement revision written into `worker.json` (reported in status).
     pub placement_revision: String,
+}
+
+/// Calls `$then!` with every kind a ModelDeployment owns, as `Variant => type` pairs:
+/// the one list of kinds that [`Owned`] and the operator's `.owns()` watches are made from.
+///
+/// A macro, not a function or an iterator: each kind is its own Rust type, and
+/// `Controller::owns::<K>` takes it as a type parameter, so the watches cannot be made by
+/// iterating over values. Adding a kind here adds an [`Owned`] variant, whose exhaustive
+/// matches (reconcile's apply) then fail to compile until they handle it.
+#[macro_export]
+macro_rules! with_owned_kinds {
+    ($then:ident) => {
+        $then! {
+            ServiceAccount => ::k8s_openapi::api::core::v1::ServiceAccount,
+            ConfigMap => ::k8s_openapi::api::core::v1::ConfigMap,
+            Service => ::k8s_openapi::api::core::v1::Service,
+            Deployment => ::k8s_openapi::api::apps::v1::Deployment,
+            StatefulSet => ::k8s_openapi::api::apps::v1::StatefulSet,
+            PodDisruptionBudget => ::k8s_openapi::api::policy::v1::PodDisruptionBudget,
+            NetworkPolicy => ::k8s_openapi::api::networking::v1::NetworkPolicy,
+        }
+    };
+}
+
+macro_rules! owned_enum {
+    ($($kind:ident => $ty:path),* $(,)?) => {
+        /// One object of [`Desired`], borrowed, tagged with its kind.
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        pub enum Owned<'a> {
+            $($kind(&'a $ty),)*
+        }
+
+        impl<'a> Owned<'a> {
+            /// The object's `kind`, as the API server spells it.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Owned::$kind(_) => <$ty as k8s_openapi::Resource>::KIND,)*
+                }
+            }
+
+            /// The object's metadata.
+            pub fn meta(&self) -> &'a ObjectMeta {
+                match self {
+                    $(Owned::$kind(object) => &object.metadata,)*
+                }
+            }
+
+            /// Group, version, kind and plural, for a dynamic `Api` (tests look objects
+            /// up with it).
+            pub fn api_resource(&self) -> kube::core::ApiResource {
+                match self {
+                    $(Owned::$kind(_) => kube::core::ApiResource::erase::<$ty>(&()),)*
+                }
+            }
+        }
+    };
+}
+
+with_owned_kinds!(owned_enum);
+
+impl<'a> Owned<'a> {
+    /// `metadata.name`; the builder always sets it.
+    pub fn name(&self) -> &'a str {
+        self.meta().name.as_deref().unwrap_or_default()
+    }
+}
+
+impl Desired {
+    /// How many objects [`Desired::objects`] yields: the same for every ModelDeployment.
+    pub const OBJECT_COUNT: usize = 10;
+
+    /// Every owned object, once, in apply order: the ServiceAccount and the ConfigMap
+    /// before the workloads that use them, the Services before the pods they front.
+    pub fn objects(&self) -> impl Iterator<Item = Owned<'_>> {
+        // Destructured without `..`, so a new field fails to compile until it is listed;
+        // the array's length is checked against OBJECT_COUNT the same way.
+        let Desired {
+            service_account,
+            config,
+            frontend,
+            client_service,
+            experts,
+            experts_service,
+            frontend_pdb,
+            experts_pdb,
+            frontend_policy,
+            experts_policy,
+            placement_revision: _,
+        } = self;
+        let objects: [Owned<'_>; Self::OBJECT_COUNT] = [
+            Owned::ServiceAccount(service_account),
+            Owned::ConfigMap(config),
+            Owned::Service(client_service),
+            Owned::Service(experts_service),
+            Owned::Deployment(frontend),
+            Owned::StatefulSet(experts),
+            Owned::PodDisruptionBudget(frontend_pdb),
+            Owned::PodDisruptionBudget(experts_pdb),
+            Owned::NetworkPolicy(frontend_policy),
+            Owned::NetworkPolicy(experts_policy),
+        ];
+        objects.into_iter()
+    }
 }
 
 /// Builds the desired objects of `md`.

@@ -20,26 +20,15 @@ fn pod(template: &PodTemplateSpec) -> &k8s_openapi::api::core::v1::PodSpec {
     template.spec.as_ref().unwrap()
 }
 
-fn all_metadata(d: &Desired) -> Vec<(&'static str, &ObjectMeta)> {
-    vec![
-        ("ServiceAccount", &d.service_account.metadata),
-        ("ConfigMap", &d.config.metadata),
-        ("Deployment", &d.frontend.metadata),
-        ("Service", &d.client_service.metadata),
-        ("StatefulSet", &d.experts.metadata),
-        ("Service(headless)", &d.experts_service.metadata),
-        ("PDB(frontend)", &d.frontend_pdb.metadata),
-        ("PDB(experts)", &d.experts_pdb.metadata),
-        ("NetworkPolicy(frontend)", &d.frontend_policy.metadata),
-        ("NetworkPolicy(experts)", &d.experts_policy.metadata),
-    ]
-}
-
 #[test]
 fn every_object_is_owned_labelled_and_in_the_deployment_namespace() {
     let md = example("minimal.yaml");
     let d = desired(&md, &Defaults::default()).unwrap();
-    for (kind, meta) in all_metadata(&d) {
+    for object in d.objects() {
+        let (meta, kind) = (
+            object.meta(),
+            format!("{} {}", object.kind(), object.name()),
+        );
         assert_eq!(meta.namespace.as_deref(), Some("serving"), "{kind}");
         let owners = meta.owner_references.as_ref().unwrap();
         assert_eq!(owners.len(), 1, "{kind}");
@@ -74,6 +63,41 @@ fn every_object_is_owned_labelled_and_in_the_deployment_namespace() {
         Names::new(&md).unwrap().endpoint(md.spec.serving.port),
         "olmoe-tiny.serving.svc:50051"
     );
+}
+
+#[test]
+fn objects_yields_every_owned_object_once_in_apply_order() {
+    let d = desired(&example("full.yaml"), &Defaults::default()).unwrap();
+    let objects: Vec<(&str, &str)> = d.objects().map(|o| (o.kind(), o.name())).collect();
+    assert_eq!(
+        objects,
+        [
+            ("ServiceAccount", "deepseek-v2-lite-worker"),
+            ("ConfigMap", "deepseek-v2-lite-config"),
+            ("Service", "deepseek-v2-lite"),
+            ("Service", "deepseek-v2-lite-experts"),
+            ("Deployment", "deepseek-v2-lite-frontend"),
+            ("StatefulSet", "deepseek-v2-lite-experts"),
+            ("PodDisruptionBudget", "deepseek-v2-lite-frontend"),
+            ("PodDisruptionBudget", "deepseek-v2-lite-experts"),
+            ("NetworkPolicy", "deepseek-v2-lite-frontend"),
+            ("NetworkPolicy", "deepseek-v2-lite-experts"),
+        ]
+    );
+    assert_eq!(objects.len(), Desired::OBJECT_COUNT);
+    // Each object is a distinct field of Desired, not one field yielded twice.
+    let fields: Vec<*const ObjectMeta> = d.objects().map(|o| o.meta() as *const _).collect();
+    for (i, field) in fields.iter().enumerate() {
+        assert!(
+            !fields[..i].contains(field),
+            "{:?} yielded twice",
+            objects[i]
+        );
+    }
+    // The API resource matches the kind, so a dynamic lookup finds the object.
+    for object in d.objects() {
+        assert_eq!(object.api_resource().kind, object.kind());
+    }
 }
 
 #[test]
