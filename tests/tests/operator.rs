@@ -8,11 +8,10 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use switchyard_operator::api::ModelDeployment;
+use switchyard_operator::build::{Defaults, desired};
 use switchyard_proto::worker_config::{CONFIG_FILE, WorkerConfig};
 use switchyard_tests::{ControlPlane, OperatorProcess, TestNamespace};
 
@@ -87,31 +86,19 @@ async fn the_examples_get_every_owned_object_and_a_status() {
     for file in ["minimal.yaml", "full.yaml"] {
         let md = create(&ns, &example(file)).await;
         let name = md.name_any();
+        // What to look for comes from the builder's own list of owned objects.
+        let expected = desired(&md, &Defaults::default()).unwrap();
         let ready = eventually(&format!("{file}: all owned objects"), || async {
+            let mut metas = Vec::new();
+            for object in expected.objects() {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(ns.client.clone(), &ns.name, &object.api_resource());
+                metas.push(api.get_opt(object.name()).await.unwrap()?.metadata);
+            }
             let sa = get::<ServiceAccount>(&ns, &format!("{name}-worker")).await?;
-            let cm = get::<ConfigMap>(&ns, &format!("{name}-config")).await?;
             let dep = get::<Deployment>(&ns, &format!("{name}-frontend")).await?;
-            let svc = get::<Service>(&ns, &name).await?;
             let sts = get::<StatefulSet>(&ns, &format!("{name}-experts")).await?;
             let headless = get::<Service>(&ns, &format!("{name}-experts")).await?;
-            let pdbs = [
-                get::<PodDisruptionBudget>(&ns, &format!("{name}-frontend")).await?,
-                get::<PodDisruptionBudget>(&ns, &format!("{name}-experts")).await?,
-            ];
-            let policies = [
-                get::<NetworkPolicy>(&ns, &format!("{name}-frontend")).await?,
-                get::<NetworkPolicy>(&ns, &format!("{name}-experts")).await?,
-            ];
-            let mut metas = vec![
-                sa.metadata.clone(),
-                cm.metadata.clone(),
-                dep.metadata.clone(),
-                svc.metadata.clone(),
-                sts.metadata.clone(),
-                headless.metadata.clone(),
-            ];
-            metas.extend(pdbs.iter().map(|p| p.metadata.clone()));
-            metas.extend(policies.iter().map(|p| p.metadata.clone()));
             Some((metas, sa, dep, sts, headless))
         })
         .await;
