@@ -11,6 +11,7 @@
 //! - [`cli`]: error reporting shared by the binaries.
 //! - [`client`]: calls to a worker's standard endpoints, used by the `switchyard` CLI.
 //! - [`config`]: loading `worker.json`, the contract file the operator mounts.
+//! - [`settings`]: each role's effective settings: defaults, worker.json, env, flags.
 //!
 //! The inference engine (model loading, MoE layers on candle, scheduling) and the role
 //! services land in their own modules as they are built; see `docs/architecture.md`.
@@ -26,4 +27,5 @@ pub mod loadgen;
 pub mod model;
 pub mod rng;
 pub mod server;
+pub mod settings;
 pub mod text;

@@ -31,6 +31,9 @@ use crate::model::layers::Precision;
 use crate::model::moe::{LocalExperts, group_by_expert};
 use crate::model::{ModelConfig, config};
 
+/// The largest encoded `ForwardRequest` a shard accepts (its gRPC decoding limit too).
+pub const MAX_REQUEST_BYTES: usize = 256 << 20;
+
 /// Everything a shard needs to start.
 #[derive(Debug, Clone)]
 pub struct ShardOptions {

@@ -1,7 +1,7 @@
 //! The frontend role: one model behind `switchyard.v1.Inference`.
 //!
 //! ```text
-//!  FrontendOptions (worker.json or flags)
+//!  FrontendOptions (from settings::FrontendSettings: defaults, worker.json, env, flags)
 //!     └─ start(): LoadedModel + Tokenizer → EngineHandle (engine thread) → Frontend
 //!  gRPC ─> admission layers ─> service::Frontend ─ validate ─> admit ─> engine ─ tokens
 //!                                          ─> detokenize, stop strings ─> client
@@ -22,7 +22,6 @@ use std::time::Instant;
 
 use candle_core::Device;
 use switchyard_proto::inference::v1 as pb;
-use switchyard_proto::worker_config::WorkerConfig;
 
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::model::LoadedModel;
@@ -61,42 +60,6 @@ pub struct FrontendOptions {
     pub overlap: bool,
     /// API keys, tiers, quotas, the fair queue and the cap on requests in the engine.
     pub admission: crate::admission::AdmissionOptions,
-}
-
-impl FrontendOptions {
-    /// Options from the operator's `worker.json`.
-    pub fn from_worker_config(config: &WorkerConfig) -> Self {
-        let s = &config.serving;
-        Self {
-            model: PathBuf::from(&config.model.path),
-            model_id: config.deployment.clone(),
-            dtype: config.model.dtype.clone(),
-            device: "auto".into(),
-            max_batch_size: s.max_batch_size as usize,
-            max_batch_tokens: s.max_batch_tokens as usize,
-            max_context_length: s.max_context_length.map(|n| n as usize),
-            max_tokens_per_request: s.max_tokens_per_request as usize,
-            kv_cache_tokens: s.kv_cache_tokens,
-            kv_block_size: 16,
-            experts: (config.shards.count > 0).then(|| crate::experts::remote::RemoteOptions {
-                targets: crate::experts::remote::ShardTargets::Static(
-                    (0..config.shards.count)
-                        .map(|i| config.shards.address(i))
-                        .collect(),
-                ),
-                wire: switchyard_proto::expert::v1::Dtype::F32,
-                timeout: std::time::Duration::from_secs(5),
-                refresh: std::time::Duration::from_secs(1),
-                wait: std::time::Duration::from_secs(300),
-            }),
-            overlap: true,
-            admission: crate::admission::AdmissionOptions {
-                config: config.admission.clone(),
-                max_inflight: s.max_batch_size as usize,
-                min_service: std::time::Duration::from_millis(10),
-            },
-        }
-    }
 }
 
 /// A started frontend: the service to serve and its metrics.

@@ -1,0 +1,221 @@
+//! `switchyard-worker`: runs one worker process (a frontend or an expert shard), or one
+//! of the offline tools ([`tools`]).
+//!
+//! ```text
+//!   Args (flags + SWITCHYARD_* env) ─┐
+//!   worker.json (--config)          ─┴─> settings::{Frontend,Shard}Settings (logged)
+//!                                          └─> start the role ─> serve gRPC + /metrics
+//! ```
+
+mod tools;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use switchyard_proto::expert::v1::expert_shard_server::ExpertShardServer;
+use switchyard_proto::worker_config::WorkerConfig;
+use switchyard_worker::experts::{self, shard::MAX_REQUEST_BYTES};
+use switchyard_worker::frontend;
+use switchyard_worker::server::{self, Role};
+use switchyard_worker::settings::{
+    FrontendArgs, FrontendSettings, ModelArgs, ShardArgs, ShardSettings,
+};
+
+/// A Switchyard worker: serves one role of a ModelDeployment over gRPC.
+///
+/// Settings, lowest precedence first: built-in defaults, the --config file (worker.json),
+/// then each flag or its SWITCHYARD_* variable that is set. --model, --model-id, --dtype
+/// and --shard-count are refused with --config, which fixes them for the deployment.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Which part of the model this process serves (required unless a subcommand is given).
+    #[arg(long, env = "SWITCHYARD_ROLE", value_enum)]
+    role: Option<Role>,
+    #[command(subcommand)]
+    command: Option<tools::Tool>,
+    /// Address to serve gRPC on (port 0 picks a free port and logs it).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// The worker contract file the operator mounts (`worker.json`). Optional when run by
+    /// hand; when given, a file that does not parse stops the worker at start-up.
+    #[arg(long, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax (e.g. `info,switchyard_worker=debug`).
+    #[arg(long, env = "SWITCHYARD_LOG", default_value = "info")]
+    log: String,
+    /// Address of the Prometheus `/metrics` and `/healthz` endpoint.
+    #[arg(
+        long,
+        env = "SWITCHYARD_METRICS_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    metrics_listen: SocketAddr,
+    /// The checkpoint and its dtype and device (both roles).
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Frontend serving flags.
+    #[command(flatten)]
+    frontend: FrontendArgs,
+    /// Expert-shard flags.
+    #[command(flatten)]
+    shard: ShardArgs,
+    /// HTTP/2 and per-peer connection limits (both roles; docs/admission.md).
+    #[command(flatten)]
+    transport: server::TransportLimits,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    switchyard_worker::cli::exit_with(run(Args::parse()).await)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?,
+        )
+        .init();
+    if let Some(tool) = args.command {
+        return tokio::task::spawn_blocking(move || tools::run(tool))
+            .await
+            .context("the tool panicked")?;
+    }
+    let Some(role) = args.role else {
+        anyhow::bail!(
+            "--role is required (frontend or expert-shard), or give a subcommand; see --help"
+        );
+    };
+    tracing::info!(%role, listen = %args.listen, config = ?args.config, "starting switchyard-worker");
+    let config = match &args.config {
+        Some(path) => Some(load_worker_config(path)?),
+        None => None,
+    };
+    let role_service = match role {
+        Role::Frontend => {
+            let settings = FrontendSettings::resolve(&args.model, &args.frontend, config.as_ref())?;
+            settings.log();
+            start_frontend(settings, args.metrics_listen).await?
+        }
+        Role::ExpertShard => {
+            let settings = ShardSettings::resolve(&args.model, &args.shard, config.as_ref())?;
+            settings.log();
+            start_shard(settings, args.metrics_listen).await?
+        }
+    };
+    let listener = server::bind(args.listen).await?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%addr, "listening");
+    server::serve(
+        role,
+        listener,
+        Some(role_service),
+        args.transport,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+fn load_worker_config(path: &std::path::Path) -> anyhow::Result<WorkerConfig> {
+    let config = switchyard_worker::config::load(path)?;
+    tracing::info!(
+        deployment = %config.deployment,
+        model = %config.model.path,
+        dtype = %config.model.dtype,
+        quantization = %config.model.quantization,
+        shards = config.shards.count,
+        placement = %config.placement.revision,
+        "loaded the worker config"
+    );
+    Ok(config)
+}
+
+/// Loads the model (blocking task), serves its metrics, returns its gRPC routes.
+async fn start_frontend(
+    settings: FrontendSettings,
+    metrics_listen: SocketAddr,
+) -> anyhow::Result<tonic::service::Routes> {
+    let started = tokio::task::spawn_blocking(move || {
+        let options = settings.into_options()?;
+        frontend::start(&options)
+    })
+    .await
+    .context("the model loading task panicked")??;
+    serve_metrics_on(metrics_listen, started.metrics.registry().clone()).await?;
+    Ok(server::frontend_routes(&started))
+}
+
+/// Loads the assigned experts (blocking task), serves their metrics, returns the routes.
+async fn start_shard(
+    settings: ShardSettings,
+    metrics_listen: SocketAddr,
+) -> anyhow::Result<tonic::service::Routes> {
+    let started = tokio::task::spawn_blocking(move || {
+        let options = settings.into_options()?;
+        experts::shard::start(&options)
+    })
+    .await
+    .context("the expert loading task panicked")??;
+    started.service.spawn_background(Duration::from_secs(2));
+    serve_metrics_on(metrics_listen, started.registry.clone()).await?;
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(
+        ExpertShardServer::new(started.service)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_REQUEST_BYTES),
+    );
+    Ok(routes.routes())
+}
+
+/// Serves `/metrics` and `/healthz` for `registry` on `addr` in the background.
+async fn serve_metrics_on(addr: SocketAddr, registry: prometheus::Registry) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics listener on {addr}"))?;
+    tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+    tokio::spawn(async move {
+        if let Err(e) =
+            frontend::metrics::serve_metrics(listener, registry, std::future::pending()).await
+        {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown requested; draining in-flight calls");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_flags_do_not_collide() {
+        super::Args::command().debug_assert();
+    }
+}

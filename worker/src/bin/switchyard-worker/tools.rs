@@ -1,0 +1,251 @@
+//! The offline tools of `switchyard-worker` (`bench`, `bench-experts`,
+//! `make-checkpoint`): they share the worker's model code but serve nothing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use switchyard_worker::experts::{
+    self,
+    remote::{RemoteExperts, ShardTargets},
+};
+use switchyard_worker::settings::{default_model_id, remote_options};
+
+/// Offline tools that share the worker's model code.
+#[derive(Debug, clap::Subcommand)]
+pub enum Tool {
+    /// Measure the engine in process (no gRPC): prefill and decode tokens/s at several
+    /// batch sizes, and the fraction of the memory-bandwidth bound; prints JSON on stdout.
+    Bench {
+        /// Checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Compute dtype: auto, f32, bf16 or f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// Decode batch sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        batch: Vec<usize>,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        /// Tokens each sequence decodes in the timed window.
+        #[arg(long, default_value_t = 32)]
+        decode_len: usize,
+        /// Run the routed experts on these expert shards (as `--expert-shards` of a
+        /// frontend) instead of in process.
+        #[arg(long)]
+        expert_shards: Option<String>,
+        /// Hidden rows' dtype on the wire to shards: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        expert_wire_dtype: String,
+        /// Split decode steps into two micro-batches that overlap with remote experts.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        overlap: bool,
+        /// The model id the shards serve (default: the directory's name).
+        #[arg(long)]
+        model_id: Option<String>,
+    },
+    /// Time one MoE layer's routed experts (dispatch, expert compute, combine) for
+    /// batches of random hidden rows with random top-k routes: on expert shards
+    /// (`--expert-shards`) or in process; prints p50/p99 per batch size as JSON on stdout.
+    BenchExperts {
+        /// Checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Shard addresses (as a frontend's `--expert-shards`); unset: in process.
+        #[arg(long)]
+        expert_shards: Option<String>,
+        /// Hidden rows' dtype on the wire: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        expert_wire_dtype: String,
+        /// Tokens per call, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,32,128")]
+        tokens: Vec<usize>,
+        /// Timed calls per batch size.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// The model id the shards serve (default: the directory's name).
+        #[arg(long)]
+        model_id: Option<String>,
+    },
+    /// Write a deterministic random checkpoint (Hugging Face layout, qwen3_moe) to a
+    /// directory: `demo` (what `make demo` serves), `bench` (about 0.5 B parameters),
+    /// `deepseek-bench` (DeepSeek-V2-Lite proportions, MLA, about 0.45 B parameters) or
+    /// `ep-bench` (one MoE layer at hidden 2048, 64 narrow experts, top-8: expert-parallel
+    /// dispatch and combine).
+    MakeCheckpoint {
+        /// Which shape.
+        #[arg(long, value_parser = ["demo", "bench", "deepseek-bench", "ep-bench"], default_value = "demo")]
+        shape: String,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// For the offline tools: routed experts on the shards `spec` names (blocking; called
+/// from a blocking thread of the runtime).
+fn tool_remote_experts(
+    cfg: &switchyard_worker::model::ModelConfig,
+    ckpt: &switchyard_worker::model::checkpoint::Checkpoint,
+    precision: switchyard_worker::model::layers::Precision,
+    model_id: &str,
+    spec: &str,
+    wire: &str,
+) -> anyhow::Result<RemoteExperts> {
+    let targets = ShardTargets::parse(spec).map_err(|e| anyhow::anyhow!("--expert-shards {e}"))?;
+    let remote = remote_options(targets, wire, 10_000, 60)?;
+    let identity = experts::identity(model_id, ckpt, precision.weights)?;
+    let registry = prometheus::Registry::new();
+    tokio::runtime::Handle::current()
+        .block_on(RemoteExperts::connect(cfg, identity, remote, &registry))
+}
+
+/// Runs `tool` (blocking; called on a blocking thread of the runtime).
+pub fn run(tool: Tool) -> anyhow::Result<()> {
+    use switchyard_worker::engine::bench;
+    use switchyard_worker::model::{LoadedModel, demo, parse_dtype};
+    match tool {
+        Tool::Bench {
+            model,
+            dtype,
+            batch,
+            prompt_len,
+            decode_len,
+            expert_shards,
+            expert_wire_dtype,
+            overlap,
+            model_id,
+        } => {
+            let device = candle_core::Device::Cpu;
+            let dtype = parse_dtype(&dtype, &device).map_err(anyhow::Error::msg)?;
+            eprintln!("measuring memory bandwidth...");
+            let copy = bench::copy_bandwidth();
+            let read = bench::read_bandwidth();
+            // The bound decode can reach: whichever measurement shows the memory faster.
+            let bandwidth = copy.max(read);
+            eprintln!(
+                "copy bandwidth {:.1} GB/s, read bandwidth {:.1} GB/s; loading {}",
+                copy / 1e9,
+                read / 1e9,
+                model.display()
+            );
+            let loaded = match &expert_shards {
+                None => LoadedModel::load(&model, dtype, &device)?,
+                Some(spec) => {
+                    let id = model_id.clone().unwrap_or_else(|| default_model_id(&model));
+                    LoadedModel::load_with(&model, dtype, &device, |cfg, ckpt, precision| {
+                        tool_remote_experts(cfg, ckpt, precision, &id, spec, &expert_wire_dtype)
+                            .map(|b| {
+                                Arc::new(b) as Arc<dyn switchyard_worker::model::moe::ExpertBackend>
+                            })
+                            .map_err(|e| switchyard_worker::model::ModelError::Unsupported {
+                                file: model.clone(),
+                                what: format!("expert shards: {e:#}"),
+                            })
+                    })?
+                }
+            };
+            let vocab = loaded.config.vocab_size;
+            let config = loaded.config.clone();
+            let dtype_name = format!("{:?}", loaded.transformer.precision().weights).to_lowercase();
+            let figures = bench::run(
+                std::sync::Arc::new(loaded.transformer),
+                &bench::BenchConfig {
+                    batches: batch,
+                    prompt_len,
+                    decode_len,
+                    vocab,
+                    overlap,
+                },
+                bandwidth,
+                |line| eprintln!("{line}"),
+            )?;
+            let report = serde_json::json!({
+                "engine": "switchyard",
+                "model": model.display().to_string(),
+                "parameters": config.parameter_count(),
+                "dtype": dtype_name,
+                "prompt_len": prompt_len,
+                "expert_shards": expert_shards,
+                "overlap": overlap,
+                "decode_len": decode_len,
+                "copy_bandwidth_gb_s": copy / 1e9,
+                "read_bandwidth_gb_s": read / 1e9,
+                "bound_bandwidth_gb_s": bandwidth / 1e9,
+                "figures": figures,
+            });
+            println!("{report}");
+            Ok(())
+        }
+        Tool::BenchExperts {
+            model,
+            expert_shards,
+            expert_wire_dtype,
+            tokens,
+            iterations,
+            model_id,
+        } => {
+            let device = candle_core::Device::Cpu;
+            let cfg = switchyard_worker::model::config::load(&model)?;
+            let ckpt = switchyard_worker::model::checkpoint::Checkpoint::open(&model)?;
+            let precision =
+                switchyard_worker::model::precision_for(candle_core::DType::F32, &device);
+            let backend: Arc<dyn switchyard_worker::model::moe::ExpertBackend> =
+                match &expert_shards {
+                    None => Arc::new(switchyard_worker::model::moe::LocalExperts::load(
+                        &cfg, &ckpt, precision, &device,
+                    )?),
+                    Some(spec) => {
+                        let id = model_id.unwrap_or_else(|| default_model_id(&model));
+                        Arc::new(tool_remote_experts(
+                            &cfg,
+                            &ckpt,
+                            precision,
+                            &id,
+                            spec,
+                            &expert_wire_dtype,
+                        )?)
+                    }
+                };
+            let mut results = Vec::new();
+            for t in tokens {
+                let stats = experts::bench::layer_latency(backend.as_ref(), &cfg, t, iterations)?;
+                eprintln!(
+                    "{t} tokens: p50 {:.0} us, p99 {:.0} us, mean {:.0} us",
+                    stats.p50_us, stats.p99_us, stats.mean_us
+                );
+                results.push(stats);
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": model.display().to_string(),
+                    "hidden": cfg.hidden_size,
+                    "top_k": cfg.moe.as_ref().map(|m| m.top_k),
+                    "experts": cfg.moe.as_ref().map(|m| m.num_experts),
+                    "expert_shards": expert_shards,
+                    "wire": expert_wire_dtype,
+                    "results": results,
+                })
+            );
+            Ok(())
+        }
+        Tool::MakeCheckpoint { shape, out } if shape == "deepseek-bench" => {
+            eprintln!(
+                "writing a random DeepSeek-V2-Lite-shaped checkpoint to {}",
+                out.display()
+            );
+            demo::write_deepseek_bench(&out)
+        }
+        Tool::MakeCheckpoint { shape, out } => {
+            let shape = match shape.as_str() {
+                "bench" => demo::BENCH,
+                "ep-bench" => demo::EP_BENCH,
+                _ => demo::DEMO,
+            };
+            eprintln!("writing a random {shape:?} checkpoint to {}", out.display());
+            demo::write(&out, &shape)
+        }
+    }
+}
