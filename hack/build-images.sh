@@ -97,7 +97,7 @@ step="cargo build --release"
 if [[ $run_cargo == 1 ]]; then
   log "cargo build --release (a cold build takes 10-25 minutes on 2 cores)..."
   start=$SECONDS
-  (cd "$repo" && nice -n 10 cargo build --release --locked -p switchyard-worker -p switchyard-operator --bins)
+  (cd "$repo" && nice -n 10 cargo build --release --locked -p switchyard-worker -p switchyard-cli -p switchyard-operator --bins)
   log "cargo build --release: done in $((SECONDS - start))s"
 fi
 target=${CARGO_TARGET_DIR:-$repo/target}

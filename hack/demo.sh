@@ -19,7 +19,7 @@ prompt=${PROMPT:-"Once upon a time, in a switchyard full of experts,"}
 max_tokens=${MAX_TOKENS:-48}
 
 echo "==> building switchyard-worker and switchyard (release; the first build takes a few minutes)"
-cargo build --quiet --release -p switchyard-worker --bins
+cargo build --quiet --release -p switchyard-worker -p switchyard-cli --bins
 bin="$repo/target/release"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

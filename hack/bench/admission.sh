@@ -16,7 +16,7 @@ seconds=${SECONDS_PER_RUN:-20}
 slo=${TTFT_SLO:-2s}
 mkdir -p "$out"
 echo "==> building (release)"
-cargo build --quiet --release -p switchyard-worker --bins
+cargo build --quiet --release -p switchyard-worker -p switchyard-cli --bins
 bin="$repo/target/release"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d -t switchyard-adm.XXXXXX)

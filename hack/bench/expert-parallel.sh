@@ -17,7 +17,7 @@ batches=${BATCHES:-1,8,32}
 : >"$out"
 
 echo "==> building (release)"
-cargo build --quiet --release -p switchyard-worker --bins
+cargo build --quiet --release -p switchyard-worker -p switchyard-cli --bins
 bin="$repo/target/release"
 ep="$cache/ep-bench-v1"
 big="$cache/bench-qwen3-moe-0.5b-v1"

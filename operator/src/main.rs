@@ -88,7 +88,7 @@ struct RunArgs {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    exit_with(match Cli::parse().command {
+    switchyard_edge::exit::exit_with(match Cli::parse().command {
         Command::Crd => {
             print!("{}", switchyard_operator::crd_yaml());
             Ok(())
@@ -151,41 +151,8 @@ async fn http_status(authority: &str, path: &str) -> anyhow::Result<u16> {
         .with_context(|| format!("not an HTTP answer: {line:?}"))
 }
 
-/// Errors are printed as one line of causes (`a: b: c`), without a backtrace: they are
-/// for the person running the command, who needs what went wrong and what to do. A cause
-/// whose text the line already holds (many errors quote their source) is not repeated.
-fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", error_line(&e));
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// The error and its causes on one line, without repeats.
-fn error_line(error: &anyhow::Error) -> String {
-    let mut line = error.to_string();
-    for cause in error.chain().skip(1) {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-    }
-    line
-}
-
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log)
-                .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?,
-        )
-        .init();
+    switchyard_edge::logging::init(&args.log)?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::env::var("POD_NAME").unwrap_or_else(|_| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -227,7 +194,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     tokio::spawn(metrics::serve(listener, metrics.clone(), stopped()));
     tokio::spawn(async move {
-        shutdown_signal().await;
+        switchyard_edge::signal::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
 
@@ -362,24 +329,4 @@ async fn check_crd_installed(mds: &Api<ModelDeployment>) -> anyhow::Result<()> {
         ),
         Err(e) => Err(e).context("listing ModelDeployments to check that the CRD is installed"),
     }
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutdown requested");
 }

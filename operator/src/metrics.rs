@@ -1,5 +1,5 @@
-//! Prometheus metrics of the operator, and the small HTTP server that exposes them with
-//! the health endpoints.
+//! Prometheus metrics of the operator, served with the health endpoints by
+//! [`switchyard_edge::metrics::serve`].
 //!
 //! ```text
 //!   GET /metrics   switchyard_operator_* (text format)
@@ -7,16 +7,12 @@
 //!   GET /readyz    200 once the controller runs (leader) or stands by (follower)
 //! ```
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use switchyard_edge::metrics::Readiness;
 
 /// The operator's metrics.
 #[derive(Debug)]
@@ -29,7 +25,7 @@ pub struct Metrics {
     managed_objects: IntGauge,
     /// 1 while this replica holds the leader lease.
     pub leader: IntGauge,
-    ready: AtomicBool,
+    ready: Readiness,
 }
 
 impl Default for Metrics {
@@ -83,7 +79,7 @@ impl Metrics {
             duration,
             managed_objects,
             leader,
-            ready: AtomicBool::new(false),
+            ready: Readiness::default(),
         }
     }
 
@@ -111,68 +107,23 @@ impl Metrics {
 
     /// Marks the process ready (`/readyz` answers 200).
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-    }
-
-    fn render(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("encoding to a Vec cannot fail");
-        out
+        self.ready.set(ready);
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` completes.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener accept failed");
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(route(&request, &metrics)) }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection ended with an error");
-            }
-        });
-    }
-}
-
-fn route(request: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, body): (StatusCode, Vec<u8>) = match request.uri().path() {
-        "/metrics" => (StatusCode::OK, metrics.render()),
-        "/healthz" => (StatusCode::OK, b"ok".to_vec()),
-        "/readyz" if metrics.ready.load(Ordering::Relaxed) => (StatusCode::OK, b"ok".to_vec()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, b"starting".to_vec()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            b"not found: try /metrics, /healthz or /readyz".to_vec(),
-        ),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
+) -> std::io::Result<()> {
+    switchyard_edge::metrics::serve(
+        listener,
+        metrics.registry.clone(),
+        Some(metrics.ready.clone()),
+        shutdown,
+    )
+    .await
 }
 
 /// Binds the metrics address, naming it in the error.

@@ -6,14 +6,14 @@
 use std::path::Path;
 use std::time::Duration;
 
+use switchyard_cli::loadgen::{
+    self, BenchConfig, Load, ProgressMode, Report, Scenario, ScenarioKind, Tenant, VocabRange,
+    Workload,
+};
 use switchyard_proto::inference::v1::Priority;
 use switchyard_tests::FrontendProcess;
 use switchyard_tests::process::TempDir;
 use switchyard_tests::worker::fixture_model;
-use switchyard_worker::loadgen::{
-    self, BenchConfig, Load, ProgressMode, Report, Scenario, ScenarioKind, Tenant, VocabRange,
-    Workload,
-};
 
 const LEGIT: [(&str, &str); 3] = [
     ("team-a", "team-a-key-0123456789"),
@@ -91,7 +91,7 @@ async fn run(f: &FrontendProcess, kind: ScenarioKind, seconds: u64) -> Report {
         10.0,
     )
     .expect("scenario");
-    let channel = switchyard_worker::client::connect(&f.endpoint())
+    let channel = switchyard_cli::client::connect(&f.endpoint())
         .await
         .expect("connect");
     loadgen::run_bench(
@@ -188,7 +188,7 @@ async fn a_flooding_tenant_is_refused_fast_and_the_others_keep_their_latency() {
 
 #[tokio::test]
 async fn http2_abuse_costs_the_attacker_its_connections_not_others_their_latency() {
-    use switchyard_worker::loadgen::abuse;
+    use switchyard_cli::loadgen::abuse;
     let _one_at_a_time = EXCLUSIVE.lock().await;
     let dir = TempDir::new("attack").expect("dir");
     let f = frontend(dir.path()).await;

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use futures::Stream;
+use switchyard_cli::client;
 use switchyard_proto::expert::v1 as expert;
 use switchyard_proto::inference::v1 as inference;
-use switchyard_worker::client;
 use switchyard_worker::server::{self, Role};
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;

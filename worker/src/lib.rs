@@ -8,24 +8,21 @@
 //! ```
 //!
 //! - [`server`]: the gRPC server both roles run (health, reflection, the role's service).
-//! - [`cli`]: error reporting shared by the binaries.
-//! - [`client`]: calls to a worker's standard endpoints, used by the `switchyard` CLI.
 //! - [`config`]: loading `worker.json`, the contract file the operator mounts.
 //! - [`settings`]: each role's effective settings: defaults, worker.json, env, flags.
+//! - [`telemetry`]: the gRPC status label, metric constructors and the `/metrics` server
+//!   both roles use.
 //!
 //! The inference engine (model loading, MoE layers on candle, scheduling) and the role
 //! services land in their own modules as they are built; see `docs/architecture.md`.
 
 pub mod admission;
-pub mod cli;
-pub mod client;
 pub mod config;
 pub mod engine;
 pub mod experts;
 pub mod frontend;
-pub mod loadgen;
 pub mod model;
-pub mod rng;
 pub mod server;
 pub mod settings;
+pub mod telemetry;
 pub mod text;

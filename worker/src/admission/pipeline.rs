@@ -305,7 +305,7 @@ mod tests {
     }
 
     fn series(metrics: &FrontendMetrics, name: &str) -> f64 {
-        crate::frontend::metrics::render(metrics.registry())
+        crate::telemetry::render(metrics.registry())
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
@@ -349,7 +349,7 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::Relaxed), 2);
         // Lookups are not generation: no tenant outcome.
-        let text = crate::frontend::metrics::render(metrics.registry());
+        let text = crate::telemetry::render(metrics.registry());
         assert!(
             !text.contains("switchyard_admission_requests_total{"),
             "{text}"

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 
 use crate::model::ModelConfig;
 use crate::model::moe::{ExpertBackend, Routes};
-use crate::rng::Rng;
+use switchyard_edge::rng::Rng;
 
 /// Latency of one batch size.
 #[derive(Debug, Clone, serde::Serialize)]

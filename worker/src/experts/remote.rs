@@ -635,7 +635,7 @@ impl Inner {
         };
         self.metrics
             .calls
-            .with_label_values(&[&link.addr, crate::frontend::metrics::status_label(code)])
+            .with_label_values(&[&link.addr, crate::telemetry::status_label(code)])
             .inc();
         let out = answer?
             .into_inner()

@@ -109,7 +109,7 @@ pub struct StartedShard {
 
 /// Loads the assigned experts (blocking; minutes for a large checkpoint).
 pub fn start(opts: &ShardOptions) -> anyhow::Result<StartedShard> {
-    let device = crate::frontend::parse_device(&opts.device)?;
+    let device = crate::model::parse_device(&opts.device)?;
     let cfg = config::load(&opts.model)?;
     anyhow::ensure!(
         cfg.moe.is_some(),
@@ -440,7 +440,7 @@ impl ExpertShard for ShardService {
         };
         s.metrics
             .requests
-            .with_label_values(&[crate::frontend::metrics::status_label(code)])
+            .with_label_values(&[crate::telemetry::status_label(code)])
             .inc();
         result.map(Response::new)
     }

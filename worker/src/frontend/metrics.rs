@@ -1,19 +1,13 @@
-//! Prometheus metrics of a frontend, and the small HTTP server that exposes them.
-//!
-//! ```text
-//!   GET /metrics   switchyard_* (Prometheus text exposition format)
-//!   GET /healthz   200 "ok" while the process runs
-//!   anything else  404 (405 for a method other than GET)
-//! ```
+//! Prometheus metrics of a frontend (served by [`crate::telemetry::serve_metrics`]).
 //!
 //! [`FrontendMetrics`] owns its own [`Registry`] (prefix `switchyard_`) and one typed handle
 //! per metric; the server and the engine call its plainly named methods
 //! ([`FrontendMetrics::observe_ttft`], [`FrontendMetrics::set_kv_blocks`], ...).
-//! [`serve_metrics`] serves any registry, so a process may register more collectors.
+//! The HTTP server serves the whole registry, so a process may register more collectors.
 //!
 //! | metric | type | labels |
 //! | --- | --- | --- |
-//! | `switchyard_requests_total` | counter | `status`: gRPC code, [`status_label`] |
+//! | `switchyard_requests_total` | counter | `status`: gRPC code, [`status_label`](crate::telemetry::status_label) |
 //! | `switchyard_time_to_first_token_seconds` | histogram | |
 //! | `switchyard_inter_token_latency_seconds` | histogram | |
 //! | `switchyard_request_duration_seconds` | histogram | |
@@ -28,18 +22,13 @@
 //! | `switchyard_engine_step_duration_seconds` | histogram | |
 //! | `switchyard_expert_tokens_total` | counter | `layer`, `expert` |
 
-use std::convert::Infallible;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Request, Response, StatusCode};
 use prometheus::core::Collector;
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
-};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::telemetry::{ALL_CODES, counter, gauge, gauge_value, histogram, render, status_label};
 
 /// Prefix of every metric name (`switchyard_requests_total`, ...).
 pub const PREFIX: &str = "switchyard";
@@ -79,52 +68,6 @@ pub const ENGINE_STEP_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Every gRPC status code, in code order.
-const ALL_CODES: [tonic::Code; 17] = [
-    tonic::Code::Ok,
-    tonic::Code::Cancelled,
-    tonic::Code::Unknown,
-    tonic::Code::InvalidArgument,
-    tonic::Code::DeadlineExceeded,
-    tonic::Code::NotFound,
-    tonic::Code::AlreadyExists,
-    tonic::Code::PermissionDenied,
-    tonic::Code::ResourceExhausted,
-    tonic::Code::FailedPrecondition,
-    tonic::Code::Aborted,
-    tonic::Code::OutOfRange,
-    tonic::Code::Unimplemented,
-    tonic::Code::Internal,
-    tonic::Code::Unavailable,
-    tonic::Code::DataLoss,
-    tonic::Code::Unauthenticated,
-];
-
-/// The label of a gRPC status code: its canonical name in snake case (`ok`,
-/// `invalid_argument`, `resource_exhausted`, ...). Used for `requests_total{status}` and by
-/// the `switchyard` CLI, so client reports and server metrics name errors alike.
-pub fn status_label(code: tonic::Code) -> &'static str {
-    match code {
-        tonic::Code::Ok => "ok",
-        tonic::Code::Cancelled => "cancelled",
-        tonic::Code::Unknown => "unknown",
-        tonic::Code::InvalidArgument => "invalid_argument",
-        tonic::Code::DeadlineExceeded => "deadline_exceeded",
-        tonic::Code::NotFound => "not_found",
-        tonic::Code::AlreadyExists => "already_exists",
-        tonic::Code::PermissionDenied => "permission_denied",
-        tonic::Code::ResourceExhausted => "resource_exhausted",
-        tonic::Code::FailedPrecondition => "failed_precondition",
-        tonic::Code::Aborted => "aborted",
-        tonic::Code::OutOfRange => "out_of_range",
-        tonic::Code::Unimplemented => "unimplemented",
-        tonic::Code::Internal => "internal",
-        tonic::Code::Unavailable => "unavailable",
-        tonic::Code::DataLoss => "data_loss",
-        tonic::Code::Unauthenticated => "unauthenticated",
-    }
-}
-
 /// The metrics of one frontend process: a registry and a typed handle per metric.
 ///
 /// Cheap to share (`Arc<FrontendMetrics>`); every method takes `&self` and only touches
@@ -154,24 +97,6 @@ pub struct FrontendMetrics {
     num_experts: usize,
     /// `num_layers * num_experts` lazily created series, indexed `layer * num_experts + expert`.
     expert_series: Vec<OnceLock<IntCounter>>,
-}
-
-fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
-        .expect("static metric options are valid")
-}
-
-fn counter(name: &str, help: &str) -> IntCounter {
-    IntCounter::new(name, help).expect("static metric options are valid")
-}
-
-fn gauge(name: &str, help: &str) -> IntGauge {
-    IntGauge::new(name, help).expect("static metric options are valid")
-}
-
-/// Saturating `u64` → `i64` for gauges.
-fn gauge_value(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl FrontendMetrics {
@@ -305,7 +230,7 @@ impl FrontendMetrics {
         }
     }
 
-    /// The registry holding every metric, for [`serve_metrics`] (a clone shares it).
+    /// The registry holding every metric, for [`crate::telemetry::serve_metrics`] (a clone shares it).
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -398,89 +323,6 @@ impl FrontendMetrics {
     }
 }
 
-/// `registry`'s current values in the Prometheus text exposition format.
-pub fn render(registry: &Registry) -> String {
-    let mut out = Vec::new();
-    prometheus::TextEncoder::new()
-        .encode(&registry.gather(), &mut out)
-        .expect("encoding to a Vec cannot fail");
-    // The text encoder writes UTF-8 only (names, label values and help are Rust strings).
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Serves `GET /metrics` (`registry` in the text exposition format) and `GET /healthz`
-/// (200 `ok`) on `listener` until `shutdown` completes; other paths are 404, other methods
-/// 405. Connections already open when `shutdown` completes finish their current request.
-///
-/// Returns `Ok(())` once `shutdown` completes. A failed `accept` (for example, too many
-/// open files) is logged and retried after a short pause rather than ending the server,
-/// so no error ends it today; the `Result` leaves room for ones that should.
-pub async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    registry: Registry,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener: accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return Ok(()),
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = route(&request, &registry);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection ended with an error");
-            }
-        });
-    }
-}
-
-fn route<B>(request: &Request<B>, registry: &Registry) -> Response<Full<Bytes>> {
-    let (status, content_type, body): (StatusCode, &str, Vec<u8>) =
-        match (request.method(), request.uri().path()) {
-            (&Method::GET, "/metrics") => (
-                StatusCode::OK,
-                prometheus::TEXT_FORMAT,
-                render(registry).into_bytes(),
-            ),
-            (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", b"ok".to_vec()),
-            (_, "/metrics" | "/healthz") => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                b"method not allowed: use GET".to_vec(),
-            ),
-            _ => (
-                StatusCode::NOT_FOUND,
-                "text/plain",
-                b"not found: try /metrics or /healthz".to_vec(),
-            ),
-        };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-        response
-            .headers_mut()
-            .insert(hyper::header::CONTENT_TYPE, value);
-    }
-    response
-}
-
 /// The admission pipeline's outcome layer counts every `Inference` call's final status
 /// here, once.
 impl crate::admission::StatusCounter for FrontendMetrics {
@@ -492,19 +334,6 @@ impl crate::admission::StatusCounter for FrontendMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[test]
-    fn status_labels_cover_every_code_in_order() {
-        for (i, code) in ALL_CODES.iter().enumerate() {
-            assert_eq!(*code as usize, i);
-        }
-        assert_eq!(status_label(tonic::Code::Ok), "ok");
-        assert_eq!(
-            status_label(tonic::Code::ResourceExhausted),
-            "resource_exhausted"
-        );
-    }
 
     #[test]
     fn render_has_names_and_labels() {
@@ -555,80 +384,5 @@ mod tests {
         assert!(!text.contains("expert=\"0\",layer=\"2\""), "{text}");
         assert!(!text.contains("layer=\"4\""), "{text}");
         assert!(!text.contains("expert=\"8\""), "{text}");
-    }
-
-    async fn http_get(addr: std::net::SocketAddr, request: &str) -> String {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .expect("write request");
-        let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
-            .await
-            .expect("read response");
-        String::from_utf8(response).expect("utf-8 response")
-    }
-
-    #[tokio::test]
-    async fn serves_metrics_healthz_and_404() {
-        let metrics = FrontendMetrics::new(1, 2);
-        metrics.add_generated_tokens(7);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_metrics(
-            listener,
-            metrics.registry().clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-
-        let response = http_get(
-            addr,
-            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-        assert!(
-            response.contains("content-type: text/plain; version=0.0.4"),
-            "{response}"
-        );
-        assert!(
-            response.contains("switchyard_generated_tokens_total 7"),
-            "{response}"
-        );
-
-        let response = http_get(
-            addr,
-            "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-        assert!(response.ends_with("\r\n\r\nok"), "{response}");
-
-        let response = http_get(
-            addr,
-            "GET /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        assert!(response.starts_with("HTTP/1.1 404 "), "{response}");
-
-        let response = http_get(
-            addr,
-            "POST /metrics HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        assert!(response.starts_with("HTTP/1.1 405 "), "{response}");
-
-        stop.send(()).expect("server still running");
-        server
-            .await
-            .expect("server task")
-            .expect("server ends cleanly");
     }
 }

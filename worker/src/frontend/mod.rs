@@ -5,12 +5,12 @@
 //!     └─ start(): LoadedModel + Tokenizer → EngineHandle (engine thread) → Frontend
 //!  gRPC ─> admission layers ─> service::Frontend ─ validate ─> admit ─> engine ─ tokens
 //!                                          ─> detokenize, stop strings ─> client
-//!  HTTP ─> metrics::serve_metrics  (/metrics, /healthz)
+//!  HTTP ─> telemetry::serve_metrics  (/metrics, /healthz)
 //! ```
 //!
 //! - [`validate`]: request checks, each failure naming the field and the accepted range.
 //! - [`service`]: the `Inference` implementation.
-//! - [`metrics`]: the Prometheus metrics and their HTTP endpoint.
+//! - [`metrics`]: the Prometheus metrics (served by [`crate::telemetry`]).
 
 pub mod metrics;
 pub mod service;
@@ -20,7 +20,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
 use switchyard_proto::inference::v1 as pb;
 
 use crate::engine::{EngineConfig, EngineHandle};
@@ -67,7 +66,7 @@ pub struct FrontendOptions {
 pub struct Started {
     /// The `Inference` service.
     pub service: Frontend,
-    /// Its metrics (serve with [`metrics::serve_metrics`]).
+    /// Its metrics (serve with [`crate::telemetry::serve_metrics`]).
     pub metrics: Arc<FrontendMetrics>,
     /// What `ListModels` reports.
     pub info: pb::ModelInfo,
@@ -78,32 +77,10 @@ pub struct Started {
     pub admission: Arc<crate::admission::Admission>,
 }
 
-/// The compute device for `--device`.
-pub fn parse_device(name: &str) -> anyhow::Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "auto" | "" => Device::cuda_if_available(0)?,
-        other => {
-            let ordinal = other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| {
-                    anyhow::anyhow!("--device {other:?}: expected auto, cpu or cuda:<ordinal>")
-                })?;
-            Device::new_cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!(
-                    "--device {other}: {e} (is this build compiled with --features cuda, \
-                     and is the GPU visible?)"
-                )
-            })?
-        }
-    })
-}
-
 /// Loads the model and tokenizer and starts the engine.
 pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
     use anyhow::Context as _;
-    let device = parse_device(&opts.device)?;
+    let device = crate::model::parse_device(&opts.device)?;
     let dtype = crate::model::parse_dtype(&opts.dtype, &device).map_err(anyhow::Error::msg)?;
     let t0 = Instant::now();
     let cfg = crate::model::config::load(&opts.model)?;

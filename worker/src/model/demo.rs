@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::rng::Rng;
+use switchyard_edge::rng::Rng;
 
 /// Bump when the generated files change, so old caches are not reused.
 const VERSION: &str = "v2";

@@ -150,6 +150,28 @@ pub fn parse_dtype(name: &str, device: &Device) -> Result<Option<DType>, String>
     }))
 }
 
+/// The compute device for `--device`.
+pub fn parse_device(name: &str) -> anyhow::Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "auto" | "" => Device::cuda_if_available(0)?,
+        other => {
+            let ordinal = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--device {other:?}: expected auto, cpu or cuda:<ordinal>")
+                })?;
+            Device::new_cuda(ordinal).map_err(|e| {
+                anyhow::anyhow!(
+                    "--device {other}: {e} (is this build compiled with --features cuda, \
+                     and is the GPU visible?)"
+                )
+            })?
+        }
+    })
+}
+
 /// A checkpoint loaded for serving: its config and the model.
 #[derive(Debug)]
 pub struct LoadedModel {

@@ -70,18 +70,11 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    switchyard_worker::cli::exit_with(run(Args::parse()).await)
+    switchyard_edge::exit::exit_with(run(Args::parse()).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log)
-                .with_context(|| format!("--log {:?} is not a valid log filter", args.log))?,
-        )
-        .init();
+    switchyard_edge::logging::init(&args.log)?;
     if let Some(tool) = args.command {
         return tokio::task::spawn_blocking(move || tools::run(tool))
             .await
@@ -112,13 +105,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = server::bind(args.listen).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, "listening");
-    server::serve(
-        role,
-        listener,
-        Some(role_service),
-        args.transport,
-        shutdown_signal(),
-    )
+    server::serve(role, listener, Some(role_service), args.transport, async {
+        switchyard_edge::signal::shutdown_signal().await;
+        tracing::info!("draining in-flight calls");
+    })
     .await?;
     Ok(())
 }
@@ -148,7 +138,8 @@ async fn start_frontend(
     })
     .await
     .context("the model loading task panicked")??;
-    serve_metrics_on(metrics_listen, started.metrics.registry().clone()).await?;
+    switchyard_worker::telemetry::spawn_server(metrics_listen, started.metrics.registry().clone())
+        .await?;
     Ok(server::frontend_routes(&started))
 }
 
@@ -164,7 +155,7 @@ async fn start_shard(
     .await
     .context("the expert loading task panicked")??;
     started.service.spawn_background(Duration::from_secs(2));
-    serve_metrics_on(metrics_listen, started.registry.clone()).await?;
+    switchyard_worker::telemetry::spawn_server(metrics_listen, started.registry.clone()).await?;
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(
         ExpertShardServer::new(started.service)
@@ -172,42 +163,6 @@ async fn start_shard(
             .max_encoding_message_size(MAX_REQUEST_BYTES),
     );
     Ok(routes.routes())
-}
-
-/// Serves `/metrics` and `/healthz` for `registry` on `addr` in the background.
-async fn serve_metrics_on(addr: SocketAddr, registry: prometheus::Registry) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics listener on {addr}"))?;
-    tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
-    tokio::spawn(async move {
-        if let Err(e) =
-            frontend::metrics::serve_metrics(listener, registry, std::future::pending()).await
-        {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    Ok(())
-}
-
-/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutdown requested; draining in-flight calls");
 }
 
 #[cfg(test)]

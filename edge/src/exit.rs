@@ -1,5 +1,4 @@
-//! What the worker's two binaries (`switchyard-worker`, `switchyard`) share at their edge:
-//! how an error reaches the person who ran them.
+//! How an error reaches the person who ran a Switchyard command.
 
 /// Errors are printed as one line of causes (`a: b: c`), without a backtrace: they are
 /// for the person running the command, who needs what went wrong and what to do. A cause

@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
-use switchyard_proto::inference::v1::inference_client::InferenceClient;
-use switchyard_proto::inference::v1::{ChatMessage, ListModelsRequest, ModelInfo, Priority, Role};
-use switchyard_worker::client;
-use switchyard_worker::loadgen::generate::{self, GenerateOptions, Input};
-use switchyard_worker::loadgen::{
+use switchyard_cli::client;
+use switchyard_cli::loadgen::generate::{self, GenerateOptions, Input};
+use switchyard_cli::loadgen::{
     self, ApiKey, BenchConfig, Load, ProgressMode, Scenario, Tenant, VocabRange, Workload,
     describe_status, parse_duration, parse_priority,
 };
+use switchyard_proto::inference::v1::inference_client::InferenceClient;
+use switchyard_proto::inference::v1::{ChatMessage, ListModelsRequest, ModelInfo, Priority, Role};
 use tonic::transport::Channel;
 
 /// Talk to a Switchyard worker or deployment endpoint over gRPC.
@@ -246,7 +246,7 @@ async fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    switchyard_worker::cli::exit_with(run(cli, &matches).await)
+    switchyard_edge::exit::exit_with(run(cli, &matches).await)
 }
 
 async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<()> {

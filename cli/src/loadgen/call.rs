@@ -10,7 +10,7 @@ use switchyard_proto::inference::v1::{
 use tonic::transport::Channel;
 
 use super::workload::{ApiKey, authorize};
-use crate::frontend::metrics::status_label;
+use switchyard_edge::metrics::status_label;
 
 /// Why a streamed call did not end with a summary.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,5 @@
-//! A tiny seeded PRNG (SplitMix64), the one source of reproducible randomness in the
-//! worker: the load generator's workloads and arrival times, the seeding of each sequence's
+//! A tiny seeded PRNG (SplitMix64), the one source of reproducible randomness in
+//! Switchyard: the load generator's workloads and arrival times, the seeding of each sequence's
 //! sampler, and the demo checkpoints' weights. No `rand` dependency. Not for anything secret.
 
 /// SplitMix64 (Steele, Lea, Flood 2014): 64 bits of state, passes BigCrush, and every seed

@@ -32,7 +32,7 @@ pub mod abuse;
 pub mod call;
 pub mod generate;
 pub mod report;
-pub use crate::rng;
+pub use switchyard_edge::rng;
 pub mod run;
 pub mod schedule;
 pub mod stats;

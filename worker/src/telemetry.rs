@@ -1,0 +1,51 @@
+//! The worker's telemetry, shared by both roles: constructors for statically named
+//! metrics, the `/metrics` and `/healthz` server the binary starts, and (from
+//! [`switchyard_edge::metrics`], which the operator and the CLI use too) the gRPC status
+//! label every `*_total{status}` series uses.
+//!
+//! What each role measures lives with the role ([`crate::frontend::metrics`],
+//! [`crate::experts::shard`], [`crate::experts::remote`]); this module knows no metric names.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
+pub use switchyard_edge::metrics::{ALL_CODES, render, status_label};
+
+/// A histogram with a static name, help and buckets.
+pub fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("static metric options are valid")
+}
+
+/// A counter with a static name and help.
+pub fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("static metric options are valid")
+}
+
+/// A gauge with a static name and help.
+pub fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("static metric options are valid")
+}
+
+/// Saturating `u64` → `i64` for gauges.
+pub fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Serves `/metrics` and `/healthz` for `registry` on `addr` in the background, for the
+/// process's lifetime; fails only if `addr` cannot be bound.
+pub async fn spawn_server(addr: SocketAddr, registry: Registry) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics listener on {addr}"))?;
+    tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+    tokio::spawn(async move {
+        if let Err(e) =
+            switchyard_edge::metrics::serve(listener, registry, None, std::future::pending()).await
+        {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
