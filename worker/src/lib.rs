@@ -7,14 +7,20 @@
 //!                    expert shards (routed experts only, no per-request state)
 //! ```
 //!
+//! - [`model`]: checkpoints, the declared model families, layers, routers, MoE blocks.
+//! - [`engine`]: the engine thread (continuous batching, paged KV cache, sampling).
+//! - [`text`]: tokenizer, chat templates, incremental detokenizer, stop strings.
+//! - [`experts`]: the expert-shard role and the remote expert backend frontends use.
+//! - [`admission`]: the whole admission policy, in the order `admission::pipeline` draws.
+//! - [`frontend`]: the `Inference` service, its request checks and metrics.
 //! - [`server`]: the gRPC server both roles run (health, reflection, the role's service).
 //! - [`config`]: loading `worker.json`, the contract file the operator mounts.
 //! - [`settings`]: each role's effective settings: defaults, worker.json, env, flags.
 //! - [`telemetry`]: the gRPC status label, metric constructors and the `/metrics` server
 //!   both roles use.
 //!
-//! The inference engine (model loading, MoE layers on candle, scheduling) and the role
-//! services land in their own modules as they are built; see `docs/architecture.md`.
+//! The client side (the `switchyard` CLI and its load generator) is the `switchyard-cli`
+//! crate; what every binary shares at its edge is `switchyard-edge`.
 
 pub mod admission;
 pub mod config;
