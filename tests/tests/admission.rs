@@ -413,3 +413,168 @@ async fn a_queued_request_that_cannot_start_in_time_expires() {
         .unwrap_or(0.0);
     assert!((401.0..800.0).contains(&completion), "{completion}");
 }
+
+/// Sends `body` (an encoded message, possibly malformed) as a `Generate` call.
+async fn raw_generate(f: &FrontendProcess, key: &str, body: Vec<u8>) -> tonic::Status {
+    #[derive(Clone, Default)]
+    struct Raw;
+    impl tonic::codec::Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+    impl tonic::codec::Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(
+            &mut self,
+            item: Vec<u8>,
+            dst: &mut tonic::codec::EncodeBuf<'_>,
+        ) -> Result<(), tonic::Status> {
+            use bytes::BufMut as _;
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl tonic::codec::Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(
+            &mut self,
+            src: &mut tonic::codec::DecodeBuf<'_>,
+        ) -> Result<Option<Vec<u8>>, tonic::Status> {
+            use bytes::Buf as _;
+            Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+        }
+    }
+    let channel = Channel::from_shared(f.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+    grpc.ready().await.expect("ready");
+    let mut request = tonic::Request::new(body);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ascii"),
+    );
+    let path = http::uri::PathAndQuery::from_static("/switchyard.v1.Inference/Generate");
+    grpc.unary::<Vec<u8>, Vec<u8>, Raw>(request, path, Raw)
+        .await
+        .expect_err("refused")
+}
+
+/// Every refusal uses a code from the proto's list, names what was wrong, and is counted;
+/// the summary reports the band a request ran in; afterwards the metric families agree.
+#[tokio::test]
+async fn every_refusal_keeps_the_contract_and_the_counts_agree() {
+    let dir = TempDir::new("admission").expect("dir");
+    let f = frontend(dir.path(), 16, 4).await;
+    let mut c = client(&f).await;
+    // An unknown priority value.
+    let mut r = request(Some(PRO_KEY), 2);
+    r.get_mut().priority = 99;
+    let err = c.generate(r).await.expect_err("unknown priority");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("priority: 99"),
+        "{}",
+        err.message()
+    );
+    // An unknown model.
+    let mut r = request(Some(PRO_KEY), 2);
+    r.get_mut().model = "no-such-model".into();
+    let err = c.generate(r).await.expect_err("unknown model");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.message().starts_with("model: "), "{}", err.message());
+    // A prompt that is not UTF-8 (field 2, length-delimited).
+    let err = raw_generate(&f, PRO_KEY, vec![0x12, 0x02, 0xC3, 0x28]).await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("request: "), "{}", err.message());
+    // A message over the 16 MiB limit.
+    let big = pb::GenerateRequest {
+        input: Some(Input::Prompt("x".repeat(17 << 20))),
+        ..Default::default()
+    };
+    let err = raw_generate(&f, PRO_KEY, prost::Message::encode_to_vec(&big)).await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+    // A key sent without its scheme.
+    let mut r = request(None, 2);
+    r.metadata_mut()
+        .insert("authorization", PRO_KEY.parse().expect("ascii"));
+    let err = c.generate(r).await.expect_err("no scheme");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(
+        err.message().contains("expected `Bearer <key>`"),
+        "{}",
+        err.message()
+    );
+    // The band used: pro's default (high); a request may lower it, never raise it.
+    for (asked, ran) in [
+        (pb::Priority::Unspecified, pb::Priority::High),
+        (pb::Priority::Critical, pb::Priority::High),
+        (pb::Priority::Low, pb::Priority::Low),
+    ] {
+        let mut r = request(Some(PRO_KEY), 2);
+        r.get_mut().priority = asked as i32;
+        let reply = c.generate(r).await.expect("generated").into_inner();
+        let summary = reply.summary.expect("summary");
+        assert_eq!(summary.priority, ran as i32, "asked {asked:?}");
+    }
+    // Every call above counted once by status, and generation's by tenant outcome; the
+    // families add up.
+    let text = f.metrics().await.expect("metrics");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let sum = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        value("switchyard_requests_total{status=\"invalid_argument\"}"),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("switchyard_requests_total{status=\"not_found\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("switchyard_requests_total{status=\"out_of_range\"}"),
+        0.0
+    );
+    assert_eq!(value("switchyard_requests_total{status=\"internal\"}"), 0.0);
+    assert_eq!(value("switchyard_requests_total{status=\"ok\"}"), 3.0);
+    assert_eq!(
+        value(
+            "switchyard_admission_requests_total{outcome=\"invalid\",tenant=\"big\",tier=\"pro\"}"
+        ),
+        4.0,
+        "{text}"
+    );
+    assert_eq!(
+        sum("switchyard_requests_total{"),
+        sum("switchyard_admission_requests_total{"),
+        "every call here was generation: both families count each once\n{text}"
+    );
+    assert_eq!(
+        sum("switchyard_admission_accepted_total{"),
+        value(
+            "switchyard_admission_requests_total{outcome=\"completed\",tenant=\"big\",tier=\"pro\"}"
+        )
+    );
+}

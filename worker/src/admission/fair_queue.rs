@@ -12,9 +12,13 @@
 //! backlogged and whose counter is at most the virtual time is forgotten (lifting would
 //! restore that value anyway), which bounds memory.
 //!
-//! **Bounded**: with `max_queued` tickets queued, a new ticket of a higher band than the
-//! lowest non-empty band evicts the newest ticket of that band (older waiters keep their
-//! place); otherwise the newcomer is refused. **Deadlines**: [`FairQueue::expire`] removes
+//! **Bounded, shedding fairly**: with `max_queued` tickets queued, a newcomer sheds the
+//! newest ticket of the tenant that holds the most of the lowest non-empty band (queued
+//! tickets per unit of weight) — when that band is lower than the newcomer's, or when it is
+//! the newcomer's own band and that tenant holds more of it than the newcomer's tenant
+//! would with the newcomer. Otherwise the newcomer is refused. So a flood fills the queue
+//! only with its own requests and then sheds itself: a modest tenant's lone request always
+//! finds a place (older waiters keep theirs). **Deadlines**: [`FairQueue::expire`] removes
 //! every ticket that can no longer start in time.
 //!
 //! Every operation is O(log n) (`BTreeSet` indices), except `cancel` (O(a tenant's queue)).
@@ -106,9 +110,11 @@ pub struct Ticket<T> {
 pub enum Pushed<T> {
     /// Queued under this id.
     Queued(u64),
-    /// Queued under this id; the queue was full, so this lower-band ticket was evicted.
+    /// Queued under this id; the queue was full, so this ticket — of a lower band, or of
+    /// a tenant holding more of the newcomer's band — was evicted.
     QueuedEvicting(u64, Ticket<T>),
-    /// The queue is full of tickets of this band or higher: the newcomer is refused.
+    /// The queue is full of higher bands' tickets, or of the newcomer's band where no
+    /// tenant holds more of it than the newcomer's own: the newcomer is refused.
     Full(Ticket<T>),
 }
 
@@ -119,6 +125,23 @@ type Counter = u64;
 struct Tenant {
     counter: Counter,
     queue: VecDeque<u64>,
+    /// Fair-share weight, as its latest ticket gave it (at least 1).
+    weight: u32,
+}
+
+impl Tenant {
+    /// Queued tickets per unit of weight, as a fraction `(queued, weight)`.
+    fn load(&self, extra: usize) -> (u64, u64) {
+        (
+            (self.queue.len() + extra) as u64,
+            u64::from(self.weight.max(1)),
+        )
+    }
+}
+
+/// `a > b` for fractions `(numerator, denominator)` with positive denominators.
+fn heavier(a: (u64, u64), b: (u64, u64)) -> bool {
+    u128::from(a.0) * u128::from(b.1) > u128::from(b.0) * u128::from(a.1)
 }
 
 #[derive(Debug, Default)]
@@ -192,16 +215,9 @@ impl<T> FairQueue<T> {
     pub fn push(&mut self, t: Ticket<T>) -> Pushed<T> {
         let mut evicted = None;
         if self.tickets.len() >= self.config.max_queued {
-            let lowest = Band::ALL
-                .iter()
-                .copied()
-                .find(|b| !self.bands[*b as usize].ids.is_empty());
-            match lowest {
-                Some(low) if low < t.band => {
-                    let newest = self.bands[low as usize].ids.last().copied();
-                    evicted = newest.and_then(|id| self.cancel(id));
-                }
-                _ => return Pushed::Full(t),
+            match self.victim(&t) {
+                Some(id) => evicted = self.cancel(id),
+                None => return Pushed::Full(t),
             }
         }
         let id = self.next_id;
@@ -214,6 +230,7 @@ impl<T> FairQueue<T> {
             .find(|(_, _, name)| *name != t.tenant)
             .map_or(band.virtual_time, |(c, _, _)| *c);
         let tenant = band.tenants.entry(t.tenant.clone()).or_default();
+        tenant.weight = t.weight.max(1);
         if tenant.queue.is_empty() {
             tenant.counter = tenant.counter.max(floor);
             band.ready.insert((tenant.counter, id, t.tenant.clone()));
@@ -226,6 +243,43 @@ impl<T> FairQueue<T> {
             Some(e) => Pushed::QueuedEvicting(id, e),
             None => Pushed::Queued(id),
         }
+    }
+
+    /// The ticket a full queue sheds for `newcomer`, if any (see [`Pushed`]): the newest
+    /// ticket of the heaviest tenant (most queued tickets per unit of weight; the newest
+    /// ticket breaks ties) of the lowest non-empty band, when that band is below the
+    /// newcomer's, or is its band and that tenant is heavier than the newcomer's tenant
+    /// would be with the newcomer.
+    fn victim(&self, newcomer: &Ticket<T>) -> Option<u64> {
+        let low = Band::ALL
+            .iter()
+            .copied()
+            .find(|b| !self.bands[*b as usize].ids.is_empty())?;
+        if low > newcomer.band {
+            return None;
+        }
+        let band = &self.bands[low as usize];
+        let (load, newest, name) = band
+            .tenants
+            .iter()
+            .filter_map(|(name, t)| Some((t.load(0), *t.queue.back()?, name)))
+            .reduce(|a, b| {
+                if heavier(b.0, a.0) || (!heavier(a.0, b.0) && b.1 > a.1) {
+                    b
+                } else {
+                    a
+                }
+            })?;
+        if low < newcomer.band {
+            return Some(newest);
+        }
+        let own = band
+            .tenants
+            .get(&newcomer.tenant)
+            .map_or((1, u64::from(newcomer.weight.max(1))), |t| {
+                (t.load(1).0, u64::from(newcomer.weight.max(1)))
+            });
+        (*name != newcomer.tenant && heavier(load, own)).then_some(newest)
     }
 
     /// The next ticket to serve: the highest non-empty band's backlogged tenant with the
@@ -266,6 +320,7 @@ impl<T> FairQueue<T> {
             .or_insert_with(|| Tenant {
                 counter: floor,
                 queue: VecDeque::new(),
+                weight,
             });
         let before = t.counter;
         t.counter = t.counter.saturating_add(charge);
@@ -448,19 +503,79 @@ mod tests {
     fn a_full_queue_sheds_the_lowest_band_newest_first_or_refuses() {
         let mut q = queue(3);
         q.push(ticket("a", Band::Low, 1, far(), 1));
-        q.push(ticket("a", Band::Low, 1, far(), 2));
+        q.push(ticket("b", Band::Normal, 1, far(), 2));
         q.push(ticket("b", Band::Normal, 1, far(), 3));
-        // Another low one is refused: nothing below it to shed.
+        // Another low one of a is refused: nothing below it, and a holds the low band.
         assert!(
-            matches!(q.push(ticket("c", Band::Low, 1, far(), 4)), Pushed::Full(t) if t.item == 4)
+            matches!(q.push(ticket("a", Band::Low, 1, far(), 4)), Pushed::Full(t) if t.item == 4)
         );
-        // A normal one evicts the newest low one.
+        // A normal one of c evicts the lowest band's newest.
         match q.push(ticket("c", Band::Normal, 1, far(), 5)) {
-            Pushed::QueuedEvicting(_, shed) => assert_eq!(shed.item, 2),
+            Pushed::QueuedEvicting(_, shed) => assert_eq!(shed.item, 1),
             other => panic!("{other:?}"),
         }
         assert_eq!(q.len(), 3);
-        assert_eq!(q.len_by_band(), [1, 2, 0, 0]);
+        assert_eq!(q.len_by_band(), [0, 3, 0, 0]);
+        // Nothing is below critical work: a critical newcomer sheds b's newest normal one.
+        match q.push(ticket("d", Band::Critical, 1, far(), 6)) {
+            Pushed::QueuedEvicting(_, shed) => assert_eq!(shed.item, 3),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_flood_sheds_itself_not_a_modest_tenants_lone_request() {
+        let mut q = queue(8);
+        for i in 0..8 {
+            assert!(matches!(
+                q.push(ticket("flood", Band::Normal, 1, far(), i)),
+                Pushed::Queued(_)
+            ));
+        }
+        // The flooder's next one is refused: it holds the whole band already.
+        assert!(matches!(
+            q.push(ticket("flood", Band::Normal, 1, far(), 100)),
+            Pushed::Full(_)
+        ));
+        // A modest tenant's request sheds the flooder's newest, and keeps its place.
+        match q.push(ticket("modest", Band::Normal, 1, far(), 200)) {
+            Pushed::QueuedEvicting(_, shed) => {
+                assert_eq!((shed.tenant.as_str(), shed.item), ("flood", 7));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A second modest one too (1 + 1 against 7), and a lower band's newcomer never.
+        assert!(matches!(
+            q.push(ticket("modest", Band::Normal, 1, far(), 201)),
+            Pushed::QueuedEvicting(..)
+        ));
+        assert!(matches!(
+            q.push(ticket("other", Band::Low, 1, far(), 300)),
+            Pushed::Full(_)
+        ));
+        let served: Vec<u32> = std::iter::from_fn(|| q.pop().map(|(_, t)| t.item)).collect();
+        assert!(served.contains(&200) && served.contains(&201), "{served:?}");
+    }
+
+    #[test]
+    fn shedding_within_a_band_weighs_tenants_by_their_weight() {
+        let mut q = queue(6);
+        // heavy (weight 4) holds 4, light (weight 1) holds 2: per unit of weight 1 against 2.
+        for i in 0..4 {
+            q.push(Ticket {
+                weight: 4,
+                ..ticket("heavy", Band::Normal, 1, far(), i)
+            });
+        }
+        q.push(ticket("light", Band::Normal, 1, far(), 10));
+        q.push(ticket("light", Band::Normal, 1, far(), 11));
+        match q.push(Ticket {
+            weight: 4,
+            ..ticket("heavy", Band::Normal, 1, far(), 4)
+        }) {
+            Pushed::QueuedEvicting(_, shed) => assert_eq!(shed.item, 11, "light is heavier"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -555,7 +670,7 @@ mod tests {
                         match q.push(tk) {
                             Pushed::Queued(id) => { live.insert(id, band); ids.push(id); }
                             Pushed::QueuedEvicting(id, shed) => {
-                                prop_assert!(shed.band < band);
+                                prop_assert!(shed.band <= band);
                                 let gone = live.iter().find(|(_, b)| **b == shed.band).map(|(i, _)| *i);
                                 prop_assert!(gone.is_some());
                                 left += 1;

@@ -11,7 +11,7 @@ use tonic::body::Body;
 use tonic::transport::server::TcpConnectInfo;
 
 use super::Admission;
-use super::keys::bearer;
+use super::keys::{Bearer, bearer};
 use super::outcome::{Call, Rejection, ResponseFuture};
 use super::status;
 use super::tiers::Tier;
@@ -45,10 +45,20 @@ impl Admission {
                 tier: self.tiers.default_tier(),
             });
         };
-        let Some(key) = bearer(headers) else {
-            return Err(status::unauthenticated(
-                "authorization: an API key is required, as `authorization: Bearer <key>` metadata",
-            ));
+        let key = match bearer(headers) {
+            Bearer::Key(key) => key,
+            Bearer::Missing => {
+                return Err(status::unauthenticated(
+                    "authorization: an API key is required, as `authorization: Bearer <key>` \
+                     metadata",
+                ));
+            }
+            Bearer::Malformed => {
+                return Err(status::unauthenticated(
+                    "authorization: expected `Bearer <key>` (the scheme `Bearer`, a space, then \
+                     the key)",
+                ));
+            }
         };
         let owner = keys
             .lookup(key)

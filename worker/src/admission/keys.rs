@@ -215,11 +215,28 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// The key in `authorization: Bearer <key>` metadata, if present and well-formed.
-pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get("authorization")?.to_str().ok()?;
-    let (scheme, key) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+/// What a request's `authorization` metadata holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bearer<'a> {
+    /// No `authorization` entry.
+    Missing,
+    /// An entry that is not `Bearer <key>` (another scheme, a bare key, not ASCII).
+    Malformed,
+    /// The key of `Bearer <key>`.
+    Key(&'a str),
+}
+
+/// The key in `authorization: Bearer <key>` metadata, or why there is none.
+pub fn bearer(headers: &http::HeaderMap) -> Bearer<'_> {
+    let Some(value) = headers.get("authorization") else {
+        return Bearer::Missing;
+    };
+    let key = value.to_str().ok().and_then(|v| {
+        let (scheme, key) = v.split_once(' ')?;
+        let key = key.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+    });
+    key.map_or(Bearer::Malformed, Bearer::Key)
 }
 
 #[cfg(test)]
@@ -304,11 +321,18 @@ mod tests {
     #[test]
     fn bearer_metadata() {
         let mut m = http::HeaderMap::new();
-        assert_eq!(bearer(&m), None);
+        assert_eq!(bearer(&m), Bearer::Missing);
         m.insert("authorization", "Bearer  abc ".parse().expect("ascii"));
-        assert_eq!(bearer(&m), Some("abc"));
-        m.insert("authorization", "Basic abc".parse().expect("ascii"));
-        assert_eq!(bearer(&m), None);
+        assert_eq!(bearer(&m), Bearer::Key("abc"));
+        for malformed in [
+            "Basic abc",
+            "abcdefghijklmnopqrstuvwxyz",
+            "Bearer ",
+            "Bearer",
+        ] {
+            m.insert("authorization", malformed.parse().expect("ascii"));
+            assert_eq!(bearer(&m), Bearer::Malformed, "{malformed:?}");
+        }
         assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
     }

@@ -120,6 +120,9 @@ pub struct Admission {
     min_service: Duration,
     /// Mean time a request holds its slot (EWMA, µs): the basis of overload pushback.
     mean_service_us: AtomicU64,
+    /// Mean time in the engine per generated token (EWMA, µs, prefill included): how long
+    /// a request will run, for deadlines.
+    us_per_token: AtomicU64,
     wake: Arc<Notify>,
     metrics: AdmissionMetrics,
 }
@@ -167,6 +170,7 @@ impl Admission {
             default_deadline: Duration::from_secs(u64::from(c.default_deadline_seconds.max(1))),
             min_service: opts.min_service,
             mean_service_us: AtomicU64::new(0),
+            us_per_token: AtomicU64::new(0),
             wake: Arc::new(Notify::new()),
             metrics,
         }))

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http_body::Frame;
 use tonic::body::Body;
@@ -164,19 +165,28 @@ struct Tally {
     policy: Policy,
     counter: Arc<dyn StatusCounter>,
     admission: Arc<Admission>,
+    /// The client's deadline (`grpc-timeout`), if it set one.
+    deadline: Option<Instant>,
     counted: bool,
 }
 
 impl Tally {
-    /// `ended`: the final status code; `None` when the call was dropped before it.
+    /// `ended`: the final status code; `None` when the call was dropped before it — by its
+    /// client going away (`CANCELLED`), or at its deadline (`DEADLINE_EXCEEDED`, expired:
+    /// the client's timer or the server's `grpc-timeout` ended it).
     fn count(&mut self, ended: Option<Code>) {
         if std::mem::replace(&mut self.counted, true) {
             return;
         }
-        self.counter.count_status(ended.unwrap_or(Code::Cancelled));
+        let dropped = || match self.deadline {
+            Some(d) if Instant::now() + DEADLINE_SLACK >= d => Code::DeadlineExceeded,
+            _ => Code::Cancelled,
+        };
+        let code = ended.unwrap_or_else(dropped);
+        self.counter.count_status(code);
         if self.policy.counts_outcome {
             let outcome = match ended {
-                None => Outcome::Cancelled,
+                None => Outcome::of_code(code),
                 Some(code) => self.call.noted().unwrap_or(Outcome::of_code(code)),
             };
             self.admission.record(self.call.caller(), outcome);
@@ -189,6 +199,25 @@ impl Drop for Tally {
         self.count(None);
     }
 }
+
+/// A `grpc-timeout` header value (`<digits><unit>`, the gRPC wire format) as a duration.
+pub fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A call dropped this close to its deadline, or after it, went away because of it: the
+/// client's timer and the server's run on either side of the same transit time.
+const DEADLINE_SLACK: Duration = Duration::from_millis(10);
 
 /// The final status a response's headers or trailers carry, if they carry one.
 fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
@@ -261,18 +290,24 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let call = Call::default();
         request.extensions_mut().insert(call.clone());
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.to_str().ok()?))
+            .and_then(|t| Instant::now().checked_add(t));
         let mut tally = Tally {
             call,
             policy: Policy::of(request.uri().path()),
             counter: self.counter.clone(),
             admission: self.admission.clone(),
+            deadline,
             counted: false,
         };
         let response = self.inner.call(request);
         // Dropped before the response (a unary call whose client went away): the tally's
         // drop counts it cancelled.
         Box::pin(async move {
-            let response = response.await?;
+            let response = conform(response.await?);
             Ok::<_, Infallible>(match grpc_status(response.headers()) {
                 Some(code) => {
                     tally.count(Some(code));
@@ -282,6 +317,28 @@ where
             })
         })
     }
+}
+
+/// Keeps a refusal made by the transport, before any handler ran, within the protocol's
+/// list of status codes: a request body that does not decode (a string that is not
+/// UTF-8, a malformed message: tonic answers `INTERNAL`) or is over the size limit (tonic
+/// answers `OUT_OF_RANGE`) is the client's error, `INVALID_ARGUMENT` naming the request.
+/// No handler answers either code itself, so nothing else is rewritten.
+fn conform(response: http::Response<Body>) -> http::Response<Body> {
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let message = status.message();
+    let fix = match status.code() {
+        Code::OutOfRange => {
+            format!("request: the message is too large ({message}); send a shorter prompt")
+        }
+        Code::Internal if message.starts_with("failed to decode Protobuf message") => {
+            format!("request: not a valid message: {message}")
+        }
+        _ => return response,
+    };
+    Status::invalid_argument(fix).into_http()
 }
 
 /// A response body that counts its call at its trailers, or as cancelled when dropped

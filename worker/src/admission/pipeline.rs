@@ -100,7 +100,8 @@ impl Admission {
     ///
     /// `priority` is the protocol's 1 (low) … 4 (critical), anything else the tier's
     /// default; a request may lower its band below its tier's, never raise it. `deadline`
-    /// (`None`: the configured default) is when it must have started.
+    /// is the client's: when the request must have finished (it is not started once it
+    /// can no longer finish in time); `None`: it must start within the configured default.
     pub fn admit(
         self: &Arc<Self>,
         call: &Call,
@@ -119,11 +120,12 @@ impl Admission {
         self.record_accepted(caller);
         let band = caller.tier.band_for(priority);
         let turn = self
-            .enter(caller, band, cost.prompt, charge, deadline)
+            .enter(caller, band, cost, charge, deadline)
             .map_err(|r| call.refuse(r))?;
         Ok(Reservation {
             call: call.clone(),
             caller: caller.clone(),
+            band,
             turn,
             remaining,
         })
@@ -538,5 +540,78 @@ mod tests {
         // running (10) and the high one (10) are charged; the shed one is refunded.
         assert!(about(tokens_left(&admission, &low_call), 80));
         drop(running);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_cannot_finish_by_its_deadline_is_not_started() {
+        let (admission, _metrics) = admission(60, 1, 4);
+        let call = identified(&admission);
+        // The recent rate: 10 ms a token, so 20 tokens take 200 ms.
+        admission
+            .us_per_token
+            .store(10_000, std::sync::atomic::Ordering::Relaxed);
+        let cost = Cost {
+            prompt: 1,
+            max_tokens: 20,
+        };
+        let now = Instant::now();
+        let refused = admission
+            .admit(&call, cost, 0, Some(now + Duration::from_millis(100)))
+            .expect_err("cannot finish");
+        assert_eq!(refused.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            refused
+                .message()
+                .contains("cannot finish before its deadline"),
+            "{}",
+            refused.message()
+        );
+        assert_eq!(call.noted(), Some(Outcome::Expired));
+        // Time enough: it runs; a second one queues behind it with 250 ms to go...
+        let running = admission
+            .admit(&call, cost, 0, Some(now + Duration::from_secs(5)))
+            .expect("runs");
+        let slot = running.start().await.expect("slot");
+        let late_call = identified(&admission);
+        let queued = admission
+            .admit(&late_call, cost, 0, Some(now + Duration::from_millis(250)))
+            .expect("queued");
+        // ... and when the slot frees 100 ms later it could no longer finish: expired,
+        // never started.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(slot);
+        let expired = queued.start().await.expect_err("expired at its turn");
+        assert_eq!(expired.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(late_call.noted(), Some(Outcome::Expired));
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_at_its_deadline_is_counted_expired_not_cancelled() {
+        let (admission, metrics) = admission(60, 4, 8);
+        let (mut svc, _) = stack(&admission, &metrics, true);
+        let mut r = request("GenerateStream", Some(KEY));
+        r.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("20m"));
+        let response = call(&mut svc, r).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        drop(response);
+        assert_eq!(
+            series(
+                &metrics,
+                "switchyard_requests_total{status=\"deadline_exceeded\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            series(&metrics, "switchyard_requests_total{status=\"cancelled\"}"),
+            0.0
+        );
+        assert_eq!(
+            series(
+                &metrics,
+                "switchyard_admission_requests_total{outcome=\"expired\",tenant=\"acme\",tier=\"free\"}"
+            ),
+            1.0
+        );
     }
 }

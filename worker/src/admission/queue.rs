@@ -20,6 +20,7 @@ use super::fair_queue::{Band, FairQueue, Pushed, Ticket};
 use super::gcra::Remaining;
 use super::identity::Caller;
 use super::outcome::{Call, Outcome, Rejection};
+use super::pipeline::Cost;
 use super::status;
 
 /// A queued request, waiting for its slot.
@@ -29,6 +30,9 @@ pub(super) struct Waiter {
     label: String,
     charge: Charge,
     queued_at: Instant,
+    /// When it must have finished (the client's deadline), if the client set one.
+    finish_by: Option<Instant>,
+    max_tokens: u64,
 }
 
 /// The queue and the requests in the engine (under [`Admission`]'s lock).
@@ -40,21 +44,37 @@ pub(super) struct QueueState {
 impl Admission {
     /// Enters a charged request: a [`Slot`] at once when there is room and nobody waits,
     /// else a place in the fair queue, else a refusal (queue full of equal or higher
-    /// priority work, or a deadline too close). Never waits itself, so a refusal is
-    /// immediate; a refused request's `charge` is dropped, refunding it.
+    /// priority work, or a deadline too close to finish in time). Never waits itself, so a
+    /// refusal is immediate; a refused request's `charge` is dropped, refunding it.
+    ///
+    /// `finish_by` is the client's deadline: the request must start early enough to
+    /// finish its `max_tokens` by then at the recent rate ([`Admission::run_estimate`]).
+    /// Without one it must start within the configured default deadline.
     pub(super) fn enter(
         self: &Arc<Self>,
         caller: &Caller,
         band: Band,
-        input_tokens: u64,
+        cost: Cost,
         charge: Charge,
-        deadline: Option<Instant>,
+        finish_by: Option<Instant>,
     ) -> Result<Turn, Rejection> {
         let now = Instant::now();
-        let deadline = deadline.unwrap_or(now + self.default_deadline);
-        if deadline <= now + self.min_service {
-            return Err(status::too_late_to_start());
-        }
+        let input_tokens = cost.prompt;
+        let deadline = match finish_by {
+            Some(finish) => {
+                let needs = self.run_estimate(cost.max_tokens);
+                let start_by = finish.checked_sub(needs).unwrap_or(now);
+                if start_by <= now + self.min_service {
+                    return Err(status::cannot_finish(
+                        needs,
+                        finish.saturating_duration_since(now),
+                        cost.max_tokens,
+                    ));
+                }
+                start_by
+            }
+            None => now + self.default_deadline,
+        };
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
         if st.inflight < self.max_inflight && st.queue.is_empty() {
@@ -85,6 +105,8 @@ impl Admission {
                 label: caller.label.clone(),
                 charge,
                 queued_at: now,
+                finish_by,
+                max_tokens: cost.max_tokens,
             },
         });
         let queued = st.queue.len();
@@ -92,7 +114,11 @@ impl Admission {
             Pushed::Queued(id) => id,
             Pushed::QueuedEvicting(id, shed) => {
                 let pushback = self.overload_pushback(queued);
-                let _ = shed.item.tx.send(Err(status::shed_for(band, pushback)));
+                let same_band = shed.band == band;
+                let _ = shed
+                    .item
+                    .tx
+                    .send(Err(status::shed_for(band, same_band, pushback)));
                 id
             }
             Pushed::Full(refused) => {
@@ -127,11 +153,36 @@ impl Admission {
         drain.max(Duration::from_millis(100))
     }
 
-    /// Hands free slots to the next queued requests (caller holds the lock).
+    /// How long a request of `max_tokens` runs at the recent rate (time in the engine per
+    /// generated token, prefill included, times `max_tokens`); zero before any sample.
+    pub(super) fn run_estimate(&self, max_tokens: u64) -> Duration {
+        Duration::from_micros(
+            self.us_per_token
+                .load(Ordering::Relaxed)
+                .saturating_mul(max_tokens),
+        )
+    }
+
+    /// Hands free slots to the next queued requests (caller holds the lock). A request
+    /// that can no longer finish by its deadline at the recent rate is expired instead of
+    /// started.
     fn dispatch(self: &Arc<Self>, st: &mut QueueState) {
         while st.inflight < self.max_inflight {
             let Some((_, t)) = st.queue.pop() else { break };
             let w = t.item;
+            let now = Instant::now();
+            if let Some(finish) = w.finish_by {
+                let needs = self.run_estimate(w.max_tokens);
+                if now + needs > finish {
+                    let rejection = status::cannot_finish(
+                        needs,
+                        finish.saturating_duration_since(now),
+                        w.max_tokens,
+                    );
+                    let _ = w.tx.send(Err(rejection));
+                    continue;
+                }
+            }
             let slot = Slot {
                 admission: self.clone(),
                 key: w.key,
@@ -172,6 +223,7 @@ impl Admission {
 pub struct Reservation {
     pub(super) call: Call,
     pub(super) caller: Caller,
+    pub(super) band: Band,
     pub(super) turn: Turn,
     pub(super) remaining: Remaining,
 }
@@ -180,6 +232,11 @@ impl Reservation {
     /// Who is calling.
     pub fn caller(&self) -> &Caller {
         &self.caller
+    }
+
+    /// The band the request runs in, after its tier's default and cap.
+    pub fn band(&self) -> Band {
+        self.band
     }
 
     /// The caller's quota left right after the charge (for response metadata).
@@ -326,11 +383,23 @@ impl Drop for Slot {
         // The charge refunds the rest when it drops, right after this.
         self.charge.settle(used);
         let us = self.started.elapsed().as_micros() as u64;
-        let old = a.mean_service_us.load(Ordering::Relaxed);
-        let mean = if old == 0 { us } else { (old * 7 + us) / 8 };
-        a.mean_service_us.store(mean, Ordering::Relaxed);
+        ewma(&a.mean_service_us, us);
+        if let Some(per_token) = us.checked_div(used.saturating_sub(self.input)) {
+            ewma(&a.us_per_token, per_token);
+        }
         let mut st = a.lock();
         st.inflight = st.inflight.saturating_sub(1);
         a.dispatch(&mut st);
     }
+}
+
+/// Folds `sample` into the moving average in `cell` (weight 1/8; the first sample sets it).
+fn ewma(cell: &AtomicU64, sample: u64) {
+    let old = cell.load(Ordering::Relaxed);
+    let mean = if old == 0 {
+        sample.max(1)
+    } else {
+        (old * 7 + sample) / 8
+    };
+    cell.store(mean.max(1), Ordering::Relaxed);
 }

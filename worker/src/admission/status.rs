@@ -71,7 +71,8 @@ pub fn queue_full(queued: usize, band: Band, pushback: Duration) -> Rejection {
     Rejection {
         status: with_pushback(
             Status::unavailable(format!(
-                "overloaded: {queued} requests are queued at {} priority or above; retry later",
+                "overloaded: {queued} requests are queued at {} priority or above and your \
+                 tenant already holds the largest share of them; retry later",
                 band.name()
             )),
             Some(pushback),
@@ -80,24 +81,45 @@ pub fn queue_full(queued: usize, band: Band, pushback: Duration) -> Rejection {
     }
 }
 
-/// A queued request evicted for `band` work: `UNAVAILABLE` with the drain time.
-pub fn shed_for(band: Band, pushback: Duration) -> Rejection {
+/// A queued request evicted for a newcomer of `band`: `UNAVAILABLE` with the drain time.
+/// `same_band`: evicted because its tenant held the largest share of its own band.
+pub fn shed_for(band: Band, same_band: bool, pushback: Duration) -> Rejection {
+    let message = if same_band {
+        format!(
+            "overloaded: the request was shed because your tenant held the largest share of \
+             the full queue at {} priority; retry later",
+            band.name()
+        )
+    } else {
+        format!(
+            "overloaded: the request was shed for {} priority work; retry later",
+            band.name()
+        )
+    };
     Rejection {
-        status: with_pushback(
-            Status::unavailable(format!(
-                "overloaded: the request was shed for {} priority work; retry later",
-                band.name()
-            )),
-            Some(pushback),
-        ),
+        status: with_pushback(Status::unavailable(message), Some(pushback)),
         outcome: Outcome::Shed,
     }
 }
 
-/// The deadline leaves no time to start: `DEADLINE_EXCEEDED`.
-pub fn too_late_to_start() -> Rejection {
+/// The client's deadline leaves too little time to generate `max_tokens` at the recent
+/// rate (`needs`), with `left` until it: `DEADLINE_EXCEEDED`, counted expired.
+pub fn cannot_finish(needs: Duration, left: Duration, max_tokens: u64) -> Rejection {
+    let message = if needs.is_zero() {
+        format!(
+            "the deadline ({} ms away) is too close for the request to start",
+            left.as_millis()
+        )
+    } else {
+        format!(
+            "the request cannot finish before its deadline: {max_tokens} tokens take about \
+             {} ms at the current rate and {} ms are left; allow more time or lower max_tokens",
+            needs.as_millis(),
+            left.as_millis()
+        )
+    };
     Rejection {
-        status: Status::deadline_exceeded("the deadline is too close for the request to start"),
+        status: Status::deadline_exceeded(message),
         outcome: Outcome::Expired,
     }
 }

@@ -115,6 +115,12 @@ fn per_minute(tier: &str, field: &str, value: Option<u64>) -> anyhow::Result<Opt
         .transpose()
 }
 
+/// The protocol's priority value (1 = low … 4 = critical) of `band`, as
+/// `GenerateSummary.priority` reports the band a request ran in.
+pub fn priority_of(band: Band) -> i32 {
+    band as i32 + 1
+}
+
 fn band_of(priority: i32) -> Option<Band> {
     match priority {
         1 => Some(Band::Low),

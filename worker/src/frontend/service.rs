@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use super::metrics::FrontendMetrics;
 use super::validate::{self, Checked, Limits};
 use crate::admission::status::quota_metadata;
+use crate::admission::tiers::priority_of;
 use crate::admission::{Admission, Call, Cost, Reservation, Slot};
 use crate::engine::{EngineHandle, Event, FinishReason, Occupancy, StepReport, SubmitError};
 use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome, Tokenizer};
@@ -114,17 +115,17 @@ impl Frontend {
         })
     }
 
-    /// Waits for the request's turn and runs it.
+    /// Waits for the request's turn and runs it; the summary reports the band it ran in.
     async fn run_admitted(
         &self,
         admitted: Admitted,
-        priority: i32,
         out: &mut dyn ChunkSink,
     ) -> Result<pb::GenerateSummary, Status> {
         let Admitted {
             checked,
             reservation,
         } = admitted;
+        let priority = priority_of(reservation.band());
         let slot = reservation.start().await?;
         // The slot counts the tokens as they stream (usage, fair share, refund).
         self.run(checked, self.inner.info.id.clone(), priority, out, &slot)
@@ -337,9 +338,7 @@ impl Inference for Frontend {
         let admitted = self.admit(&request, &body)?;
         let caller = admitted.reservation.caller().clone();
         let mut collected = Collect::default();
-        let result = self
-            .run_admitted(admitted, body.priority, &mut collected)
-            .await;
+        let result = self.run_admitted(admitted, &mut collected).await;
         self.inner
             .metrics
             .observe_request_duration(started.elapsed());
@@ -370,7 +369,7 @@ impl Inference for Frontend {
         let this = self.clone();
         tokio::spawn(async move {
             let mut sink = tx.clone();
-            let run = this.run_admitted(admitted, body.priority, &mut sink);
+            let run = this.run_admitted(admitted, &mut sink);
             // The client dropping the stream must cancel even while nothing is produced
             // (queued, or prefilling), not only at the next token.
             let result = tokio::select! {

@@ -1,7 +1,7 @@
 //! `GenerateRequest` → an engine request, or `INVALID_ARGUMENT` naming the field and what
 //! it accepts. Pure: the model's limits come in as [`Limits`].
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use switchyard_proto::inference::v1::{self as pb, generate_request::Input};
 use tonic::Status;
@@ -50,13 +50,11 @@ pub fn check_model(model: &str, limits: &Limits) -> Result<(), Status> {
     if model.is_empty() || model == limits.model_id {
         Ok(())
     } else {
-        Err(invalid(
-            "model",
-            format!(
-                "{model:?} is not served here; served: {:?} (or leave it empty)",
-                limits.model_id
-            ),
-        ))
+        // The proto's contract: an unknown model is NOT_FOUND, naming the field.
+        Err(Status::not_found(format!(
+            "model: {model:?} is not served here; served: {:?} (or leave it empty)",
+            limits.model_id
+        )))
     }
 }
 
@@ -209,6 +207,16 @@ pub fn check(
     request_seed: u64,
 ) -> Result<Checked, Status> {
     check_model(&req.model, limits)?;
+    if pb::Priority::try_from(req.priority).is_err() {
+        return Err(invalid(
+            "priority",
+            format!(
+                "{} is not a priority; accepted: 0 (unspecified), 1 (low), 2 (normal), \
+                 3 (high), 4 (critical)",
+                req.priority
+            ),
+        ));
+    }
     let prompt = prompt_ids(req.input.as_ref(), tokenizer, limits, true)?;
     let params = req.sampling.clone().unwrap_or_default();
     let room = limits.context_length - prompt.len();
@@ -302,22 +310,13 @@ pub fn check(
 /// The deadline a client set with the `grpc-timeout` header (`<digits><unit>`), if any.
 pub fn grpc_deadline(metadata: &tonic::metadata::MetadataMap, now: Instant) -> Option<Instant> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    let d = match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    };
-    now.checked_add(d)
+    now.checked_add(crate::admission::outcome::grpc_timeout(value)?)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
