@@ -789,6 +789,7 @@ async fn only_the_sequences_that_need_a_missing_expert_fail() {
         sampling: SamplingConfig::greedy(),
         stop_token_ids: Vec::new(),
         deadline: None,
+        rank: 0,
     };
     async fn run(
         engine: &EngineHandle,

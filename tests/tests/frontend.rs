@@ -294,7 +294,7 @@ async fn the_cli_streams_and_prints_json_against_a_real_frontend() {
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(
-        stderr.contains("invalid") && stderr.contains("model"),
+        stderr.contains("not_found") && stderr.contains("model"),
         "{stderr}"
     );
 }
@@ -508,7 +508,13 @@ async fn every_invalid_argument_names_its_field() {
     ];
     for (what, req, field) in cases {
         let err = c.generate(req.clone()).await.expect_err(what);
-        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        // The proto's contract: an unknown model is NOT_FOUND, the rest INVALID_ARGUMENT.
+        let code = if what == "unknown model" {
+            tonic::Code::NotFound
+        } else {
+            tonic::Code::InvalidArgument
+        };
+        assert_eq!(err.code(), code, "{what}: {err:?}");
         assert!(
             err.message().starts_with(&format!("{field}:")),
             "{what}: message should name `{field}`: {:?}",
@@ -516,17 +522,21 @@ async fn every_invalid_argument_names_its_field() {
         );
         // The streaming call checks the same way, before any stream starts.
         let err = c.generate_stream(req).await.expect_err(what);
-        assert_eq!(
-            err.code(),
-            tonic::Code::InvalidArgument,
-            "{what} (stream): {err:?}"
-        );
+        assert_eq!(err.code(), code, "{what} (stream): {err:?}");
     }
     let counted = frontend
         .metric("switchyard_requests_total{status=\"invalid_argument\"}")
         .await
         .expect("request counter");
-    assert!(counted >= 36.0, "invalid requests are counted: {counted}");
+    assert!(counted >= 34.0, "invalid requests are counted: {counted}");
+    let not_found = frontend
+        .metric("switchyard_requests_total{status=\"not_found\"}")
+        .await;
+    assert_eq!(
+        not_found,
+        Some(2.0),
+        "the unknown model, unary and streaming"
+    );
 }
 
 /// Waits until the frontend reports no KV blocks in use; fails after 10 s naming `after`.

@@ -184,6 +184,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         sampling: SamplingConfig::greedy(),
         stop_token_ids: Vec::new(),
         deadline: None,
+        rank: 0,
     }
 }
 
@@ -502,4 +503,51 @@ fn biases_follow_the_declaration_both_ways() {
         e.contains("tensor `model.layers.0.self_attn.o_proj.bias` is missing"),
         "{e}"
     );
+}
+
+/// A higher-rank sequence runs alone: lower ranks pause (keeping their cache) until it is
+/// done, then finish with exactly the tokens they get alone.
+#[tokio::test]
+async fn a_higher_rank_runs_alone_and_lower_ranks_resume_unchanged() {
+    let name = "qwen3_moe";
+    let model = load(name);
+    let r = reference(&fixture_dir(name));
+    let engine = engine(&model);
+    let prompt = r.input_ids.clone();
+    let solo_low = collect(engine.submit(greedy(prompt.clone(), 8)).expect("submit")).await;
+    let solo_high = collect(engine.submit(greedy(prompt.clone(), 12)).expect("submit")).await;
+    // Three low ones (8 tokens) and then a high one (12): sharing each step, the low ones
+    // would end first; with the high one running alone, it ends first.
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (label, rank, tokens) in [
+        ("low", 0u8, 8),
+        ("low", 0, 8),
+        ("low", 0, 8),
+        ("high", 3, 12),
+    ] {
+        let rx = engine
+            .submit(GenerationRequest {
+                rank,
+                ..greedy(prompt.clone(), tokens)
+            })
+            .expect("submit");
+        let order = order.clone();
+        tasks.push(tokio::spawn(async move {
+            let out = collect(rx).await;
+            order.lock().expect("order").push(label);
+            (label, out)
+        }));
+    }
+    for t in tasks {
+        let (label, out) = t.await.expect("join");
+        let want = if label == "high" {
+            &solo_high
+        } else {
+            &solo_low
+        };
+        assert_eq!(&out, want, "{label}: pausing changed the output");
+    }
+    let order = order.lock().expect("order").clone();
+    assert_eq!(order.first(), Some(&"high"), "{order:?}");
 }

@@ -285,12 +285,34 @@ impl<T> FairQueue<T> {
     /// The next ticket to serve: the highest non-empty band's backlogged tenant with the
     /// smallest counter, its oldest ticket; charges its prompt tokens.
     pub fn pop(&mut self) -> Option<(u64, Ticket<T>)> {
-        let b = Band::ALL
-            .iter()
-            .rev()
-            .copied()
-            .find(|b| !self.bands[*b as usize].ready.is_empty())? as usize;
-        let (counter, _, name) = self.bands[b].ready.pop_first()?;
+        self.pop_where(|_| true)
+    }
+
+    /// The next ticket to serve among those `eligible` accepts: bands from the highest,
+    /// within a band backlogged tenants by counter, each tenant's oldest ticket (a tenant
+    /// whose oldest is not eligible is passed over, not its later tickets); charges its
+    /// prompt tokens.
+    pub fn pop_where(
+        &mut self,
+        mut eligible: impl FnMut(&Ticket<T>) -> bool,
+    ) -> Option<(u64, Ticket<T>)> {
+        for b in Band::ALL.iter().rev().map(|b| *b as usize) {
+            let found = self.bands[b]
+                .ready
+                .iter()
+                .find(|(_, id, _)| self.tickets.get(id).is_some_and(&mut eligible))
+                .cloned();
+            if let Some(entry) = found {
+                return self.take(b, entry);
+            }
+        }
+        None
+    }
+
+    /// Takes the oldest ticket of the backlogged tenant `entry` of band `b`.
+    fn take(&mut self, b: usize, entry: (Counter, u64, String)) -> Option<(u64, Ticket<T>)> {
+        self.bands[b].ready.remove(&entry);
+        let (counter, _, name) = entry;
         let band = &mut self.bands[b];
         band.virtual_time = band.virtual_time.max(counter);
         let tenant = band.tenants.get_mut(&name)?;
@@ -307,6 +329,14 @@ impl<T> FairQueue<T> {
             }
         }
         Some((id, ticket))
+    }
+
+    /// Tickets `tenant` has queued in `band`.
+    pub fn queued(&self, tenant: &str, band: Band) -> usize {
+        self.bands[band as usize]
+            .tenants
+            .get(tenant)
+            .map_or(0, |t| t.queue.len())
     }
 
     /// Charges `tokens` generated tokens to `tenant`'s counter in `band`.
@@ -497,6 +527,22 @@ mod tests {
         q.charge_output("a", Band::Normal, 1, 50);
         assert_eq!(q.pop().map(|(_, t)| t.tenant), Some("b".into()));
         assert_eq!(q.counter("a", Band::Normal), Some(50.0));
+    }
+
+    #[test]
+    fn pop_where_passes_over_ineligible_tenants_in_counter_order() {
+        let mut q = queue(100);
+        q.push(ticket("a", Band::Normal, 1, far(), 1));
+        q.push(ticket("a", Band::Normal, 1, far(), 2));
+        q.push(ticket("b", Band::Normal, 5, far(), 3));
+        q.push(ticket("c", Band::Low, 1, far(), 4));
+        // a is first by counter (a tie broken by age) but not eligible: b, then the low one.
+        let not_a = |t: &Ticket<u32>| t.tenant != "a";
+        assert_eq!(q.pop_where(not_a).map(|(_, t)| t.item), Some(3));
+        assert_eq!(q.pop_where(not_a).map(|(_, t)| t.item), Some(4));
+        assert!(q.pop_where(not_a).is_none());
+        assert_eq!(q.queued("a", Band::Normal), 2);
+        assert_eq!(q.pop().map(|(_, t)| t.item), Some(1));
     }
 
     #[test]

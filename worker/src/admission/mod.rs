@@ -53,6 +53,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
 pub mod queue;
+pub mod share;
 pub mod status;
 pub mod tiers;
 
@@ -77,6 +78,7 @@ use gcra::Quotas;
 use keys::KeyRing;
 use metrics::AdmissionMetrics;
 use queue::QueueState;
+use share::Shares;
 use tiers::Tiers;
 
 /// Admission settings.
@@ -164,7 +166,7 @@ impl Admission {
                     max_queued: c.max_queued.max(1) as usize,
                     ..QueueConfig::default()
                 }),
-                inflight: 0,
+                shares: Shares::default(),
             }),
             max_inflight: opts.max_inflight.max(1),
             default_deadline: Duration::from_secs(u64::from(c.default_deadline_seconds.max(1))),
@@ -201,7 +203,12 @@ impl Admission {
                 if last_gc.elapsed() >= Duration::from_secs(1) {
                     last_gc = Instant::now();
                     me.quotas.evict_idle(last_gc);
-                    me.lock().queue.forget_idle();
+                    let mut st = me.lock();
+                    st.queue.forget_idle();
+                    let QueueState { queue, shares } = &mut *st;
+                    shares.forget_idle(queue, last_gc);
+                    // A tenant that went quiet gives its share back to the others.
+                    me.dispatch(&mut st);
                 }
             }
         });

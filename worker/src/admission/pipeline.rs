@@ -119,8 +119,9 @@ impl Admission {
             .map_err(|r| call.refuse(r))?;
         self.record_accepted(caller);
         let band = caller.tier.band_for(priority);
+        let paced = super::share::paced(&caller.tier.limits, &remaining);
         let turn = self
-            .enter(caller, band, cost, charge, deadline)
+            .enter(caller, band, paced, cost, charge, deadline)
             .map_err(|r| call.refuse(r))?;
         Ok(Reservation {
             call: call.clone(),
@@ -208,6 +209,7 @@ mod tests {
     use futures::StreamExt as _;
 
     use super::*;
+    use crate::admission::fair_queue::Band;
     use crate::admission::{AdmissionOptions, Outcome};
     use crate::frontend::FrontendMetrics;
 
@@ -613,5 +615,103 @@ mod tests {
             ),
             1.0
         );
+    }
+
+    /// Tenants `legit` and `flood` in one unlimited tier, `max_inflight` slots.
+    fn two_tenants(max_inflight: usize) -> (Arc<Admission>, Call, Call) {
+        let dir = std::env::temp_dir().join(format!(
+            "switchyard-share-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(
+            dir.join("tenants"),
+            "legit:legit-key-0123456789\nflood:flood-key-0123456789\n",
+        )
+        .expect("keys");
+        let opts = AdmissionOptions {
+            config: AdmissionConfig {
+                api_keys_dir: Some(dir.to_string_lossy().into_owned()),
+                tiers: vec![TierConfig {
+                    name: "open".into(),
+                    priority: "normal".into(),
+                    weight: 1,
+                    requests_per_minute: None,
+                    tokens_per_minute: None,
+                }],
+                default_tier: Some("open".into()),
+                max_queued: 256,
+                default_deadline_seconds: 30,
+            },
+            max_inflight,
+            min_service: Duration::from_millis(1),
+        };
+        let metrics = Arc::new(FrontendMetrics::new(1, 0));
+        let admission = Admission::new(&opts, metrics.registry()).expect("admission");
+        let _ = std::fs::remove_dir_all(&dir);
+        let call = |key: &str| {
+            let call = Call::default();
+            let caller = admission
+                .identify(&request("Generate", Some(key)).headers().clone(), None)
+                .expect("caller");
+            call.identified(caller);
+            call
+        };
+        let legit = call("legit-key-0123456789");
+        let flood = call("flood-key-0123456789");
+        (admission, legit, flood)
+    }
+
+    #[tokio::test]
+    async fn a_flood_never_holds_more_than_its_share_while_a_steady_tenant_is_active() {
+        use futures::FutureExt as _;
+        let (admission, legit, flood) = two_tenants(8);
+        let cost = Cost {
+            prompt: 4,
+            max_tokens: 4,
+        };
+        // The steady tenant has a request running when the flood starts.
+        let steady = admission
+            .admit(&legit, cost, 0, None)
+            .expect("admitted")
+            .start()
+            .await
+            .expect("runs");
+        let mut running = Vec::new();
+        let mut waiting = Vec::new();
+        for _ in 0..60 {
+            let r = admission.admit(&flood, cost, 0, None).expect("admitted");
+            let mut turn = Box::pin(r.start());
+            match (&mut turn).now_or_never() {
+                Some(slot) => running.push(slot.expect("slot")),
+                None => waiting.push(turn),
+            }
+        }
+        assert_eq!(waiting.len(), 56, "queued, not refused");
+        // Equal weights, two active tenants: half of the 8 slots.
+        assert_eq!(running.len(), 4);
+        let held = |a: &Admission| a.lock().shares.held(Band::Normal, "flood");
+        assert_eq!(held(&admission), 4);
+        // The steady tenant's next requests start at once, up to its own share.
+        let mut legit_slots = vec![steady];
+        for _ in 0..3 {
+            let r = admission.admit(&legit, cost, 0, None).expect("admitted");
+            legit_slots.push(r.start().now_or_never().expect("at once").expect("slot"));
+        }
+        // As flood requests end, the next flood ones take their place, never more.
+        for _ in 0..4 {
+            drop(running.pop());
+            assert_eq!(held(&admission), 4);
+            let next = waiting
+                .remove(0)
+                .await
+                .expect("the next flood request starts");
+            running.push(next);
+        }
+        // Once the steady tenant's requests end and it goes quiet, the flood may use every
+        // slot (checked by the share's own tests: the quiet window is 5 s).
+        drop(legit_slots);
+        assert_eq!(held(&admission), 4);
     }
 }

@@ -21,6 +21,7 @@ use super::gcra::Remaining;
 use super::identity::Caller;
 use super::outcome::{Call, Outcome, Rejection};
 use super::pipeline::Cost;
+use super::share::{self, Shares};
 use super::status;
 
 /// A queued request, waiting for its slot.
@@ -33,12 +34,13 @@ pub(super) struct Waiter {
     /// When it must have finished (the client's deadline), if the client set one.
     finish_by: Option<Instant>,
     max_tokens: u64,
+    rank: u8,
 }
 
 /// The queue and the requests in the engine (under [`Admission`]'s lock).
 pub(super) struct QueueState {
     pub(super) queue: FairQueue<Waiter>,
-    pub(super) inflight: usize,
+    pub(super) shares: Shares,
 }
 
 impl Admission {
@@ -54,6 +56,7 @@ impl Admission {
         self: &Arc<Self>,
         caller: &Caller,
         band: Band,
+        paced: bool,
         cost: Cost,
         charge: Charge,
         finish_by: Option<Instant>,
@@ -75,28 +78,39 @@ impl Admission {
             }
             None => now + self.default_deadline,
         };
+        let rank = share::rank(band, paced);
+        let weight = caller.tier.weight;
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
-        if st.inflight < self.max_inflight && st.queue.is_empty() {
-            st.inflight += 1;
-            self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
-            return Ok(Turn::Now(Slot {
-                admission: self.clone(),
-                key: caller.key.clone(),
-                label: caller.label.clone(),
-                input: input_tokens,
-                band,
-                weight: caller.tier.weight,
-                charge,
-                used: AtomicU64::new(input_tokens),
-                started: now,
-                armed: true,
-            }));
+        st.shares.arrived(band, &caller.key, weight, now);
+        if st.queue.is_empty() {
+            let active = st.shares.active(&st.queue, now);
+            if st
+                .shares
+                .may_start(&active, self.max_inflight, rank, band, &caller.key, weight)
+            {
+                st.shares.started(rank, band, &caller.key);
+                self.metrics
+                    .set_queue(&st.queue.len_by_band(), st.shares.total());
+                return Ok(Turn::Now(Slot {
+                    admission: self.clone(),
+                    key: caller.key.clone(),
+                    label: caller.label.clone(),
+                    input: input_tokens,
+                    band,
+                    rank,
+                    weight,
+                    charge,
+                    used: AtomicU64::new(input_tokens),
+                    started: now,
+                    armed: true,
+                }));
+            }
         }
         let pushed = st.queue.push(Ticket {
             tenant: caller.key.clone(),
             band,
-            weight: caller.tier.weight,
+            weight,
             input_tokens,
             deadline,
             item: Waiter {
@@ -107,6 +121,7 @@ impl Admission {
                 queued_at: now,
                 finish_by,
                 max_tokens: cost.max_tokens,
+                rank,
             },
         });
         let queued = st.queue.len();
@@ -131,7 +146,9 @@ impl Admission {
                 ));
             }
         };
-        self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
+        // It may start at once: a higher rank than the work in the engine, or a tenant
+        // under its share behind others that are not.
+        self.dispatch(&mut st);
         drop(st);
         self.wake.notify_one();
         Ok(Turn::Queued(QueuedTurn {
@@ -163,14 +180,22 @@ impl Admission {
         )
     }
 
-    /// Hands free slots to the next queued requests (caller holds the lock). A request
-    /// that can no longer finish by its deadline at the recent rate is expired instead of
-    /// started.
-    fn dispatch(self: &Arc<Self>, st: &mut QueueState) {
-        while st.inflight < self.max_inflight {
-            let Some((_, t)) = st.queue.pop() else { break };
-            let w = t.item;
+    /// Hands free slots to the next queued requests that may take one
+    /// ([`Shares::may_start`]: by rank from the top, each tenant within its share), in the
+    /// fair queue's order (caller holds the lock). A request that can no longer finish by
+    /// its deadline at the recent rate is expired instead of started.
+    pub(super) fn dispatch(self: &Arc<Self>, st: &mut QueueState) {
+        loop {
             let now = Instant::now();
+            let active = st.shares.active(&st.queue, now);
+            let QueueState { queue, shares } = &mut *st;
+            let max = self.max_inflight;
+            let Some((_, t)) = queue.pop_where(|t| {
+                shares.may_start(&active, max, t.item.rank, t.band, &t.tenant, t.weight)
+            }) else {
+                break;
+            };
+            let w = t.item;
             if let Some(finish) = w.finish_by {
                 let needs = self.run_estimate(w.max_tokens);
                 if now + needs > finish {
@@ -189,20 +214,22 @@ impl Admission {
                 label: w.label,
                 input: t.input_tokens,
                 band: t.band,
+                rank: w.rank,
                 weight: t.weight,
                 charge: w.charge,
                 used: AtomicU64::new(t.input_tokens),
-                started: Instant::now(),
+                started: now,
                 armed: true,
             };
-            st.inflight += 1;
+            st.shares.started(w.rank, t.band, &t.tenant);
             if let Err(Ok(mut slot)) = w.tx.send(Ok(slot)) {
                 // The waiter is gone: nobody will use the slot; dropping it refunds all.
                 slot.armed = false;
-                st.inflight -= 1;
+                st.shares.ended(slot.rank, slot.band, &slot.key);
             }
         }
-        self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
+        self.metrics
+            .set_queue(&st.queue.len_by_band(), st.shares.total());
     }
 
     /// Expires the queued requests that can no longer start before their deadline.
@@ -213,7 +240,8 @@ impl Admission {
             let rejection = status::expired_in_queue(w.queued_at.elapsed(), st.queue.len());
             let _ = w.tx.send(Err(rejection));
         }
-        self.metrics.set_queue(&st.queue.len_by_band(), st.inflight);
+        self.metrics
+            .set_queue(&st.queue.len_by_band(), st.shares.total());
     }
 }
 
@@ -318,7 +346,7 @@ impl Drop for CancelOnDrop {
             drop(st.queue.cancel(id));
             self.admission
                 .metrics
-                .set_queue(&st.queue.len_by_band(), st.inflight);
+                .set_queue(&st.queue.len_by_band(), st.shares.total());
         }
     }
 }
@@ -334,6 +362,8 @@ pub struct Slot {
     /// Prompt tokens.
     input: u64,
     band: Band,
+    /// Its scheduling rank ([`share::rank`]): the engine runs the highest first.
+    rank: u8,
     weight: u32,
     /// The pre-charge (prompt + max_tokens), refunded of what was not used as it drops.
     charge: Charge,
@@ -354,6 +384,12 @@ impl std::fmt::Debug for Slot {
 }
 
 impl Slot {
+    /// The scheduling rank to run the request at in the engine (0 lowest … 7 highest):
+    /// while sequences of a higher rank run, lower ones pause.
+    pub fn rank(&self) -> u8 {
+        self.rank
+    }
+
     /// `n` more generated tokens: charged to the tenant's virtual counter, and not
     /// refunded from the pre-charge.
     pub fn generated(&self, n: u64) {
@@ -388,7 +424,7 @@ impl Drop for Slot {
             ewma(&a.us_per_token, per_token);
         }
         let mut st = a.lock();
-        st.inflight = st.inflight.saturating_sub(1);
+        st.shares.ended(self.rank, self.band, &self.key);
         a.dispatch(&mut st);
     }
 }

@@ -194,6 +194,7 @@ pub fn run(
         sampling: SamplingConfig::greedy(),
         stop_token_ids: Vec::new(),
         deadline: None,
+        rank: 0,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()

@@ -65,6 +65,10 @@ pub struct GenerationRequest {
     pub stop_token_ids: Vec<u32>,
     /// Drop the sequence (with [`FinishReason::Deadline`]) once this passes.
     pub deadline: Option<Instant>,
+    /// Scheduling rank (higher first): while sequences of a higher rank are in the batch,
+    /// those of lower ranks pause, keeping their cache; equal ranks share each step. At
+    /// most `max_running` sequences of a rank or above are admitted at once.
+    pub rank: u8,
 }
 
 /// Why a sequence ended normally.
@@ -308,6 +312,7 @@ struct Sequence {
     queue_time: Duration,
     deadline: Option<Instant>,
     blocks: Vec<u32>,
+    rank: u8,
 }
 
 struct Engine {
@@ -396,18 +401,24 @@ impl Engine {
         }
     }
 
-    /// Moves waiting requests into the batch, oldest first, while blocks and slots last.
+    /// Moves waiting requests into the batch — the highest rank first, then the oldest —
+    /// while blocks last and each finds fewer than `max_running` sequences of its rank or
+    /// above running (lower ranks pause while a higher one runs, so they never hold a
+    /// higher one back).
     fn admit(&mut self) {
-        while self.running.len() < self.config.max_running {
-            let Some(front) = self.waiting.front() else {
+        while let Some(i) = (0..self.waiting.len())
+            .max_by_key(|&i| (self.waiting[i].request.rank, std::cmp::Reverse(i)))
+        {
+            let r = &self.waiting[i].request;
+            let at_or_above = self.running.iter().filter(|s| s.rank >= r.rank).count();
+            if at_or_above >= self.config.max_running {
                 break;
-            };
-            let r = &front.request;
+            }
             let needed = blocks_for_tokens(r.prompt.len() + r.max_tokens, self.config.block_size);
             let Some(blocks) = self.blocks.allocate(needed) else {
                 break;
             };
-            let Some(p) = self.waiting.pop_front() else {
+            let Some(p) = self.waiting.remove(i) else {
                 break;
             };
             let queue_time = p.submitted.elapsed();
@@ -423,6 +434,7 @@ impl Engine {
                 queue_time,
                 deadline: p.request.deadline,
                 blocks,
+                rank: p.request.rank,
             });
         }
     }
@@ -472,8 +484,16 @@ impl Engine {
     }
 
     fn try_step(&mut self) -> Result<(), Retry> {
-        let states: Vec<&SeqState> = self.running.iter().map(|s| &s.state).collect();
-        let plan = Plan::new(&states, self.config.step_token_budget);
+        // Only the highest rank present runs; lower ranks pause until it is done.
+        let top = self.running.iter().map(|s| s.rank).max().unwrap_or(0);
+        let active: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].rank == top)
+            .collect();
+        let states: Vec<&SeqState> = active.iter().map(|&i| &self.running[i].state).collect();
+        let mut plan = Plan::new(&states, self.config.step_token_budget);
+        for e in &mut plan.entries {
+            e.seq = active[e.seq];
+        }
         let steps: Vec<SeqStep<'_>> = plan
             .entries
             .iter()

@@ -145,7 +145,9 @@ impl Frontend {
         let inner = &self.inner;
         let started = Instant::now();
         let prompt_tokens = checked.engine.prompt.len();
-        let mut rx = inner.engine.submit(checked.engine).map_err(|e| match e {
+        let mut engine_request = checked.engine;
+        engine_request.rank = slot.rank();
+        let mut rx = inner.engine.submit(engine_request).map_err(|e| match e {
             SubmitError::Stopped => Status::unavailable("the engine has stopped"),
             other => Status::invalid_argument(other.to_string()),
         })?;

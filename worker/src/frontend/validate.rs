@@ -301,6 +301,8 @@ pub fn check(
             sampling,
             stop_token_ids,
             deadline,
+            // Set from the admission slot when the request starts.
+            rank: 0,
         },
         stop: params.stop,
         request_id,
@@ -345,7 +347,7 @@ mod tests {
         };
         assert!(check_model("", &limits).is_ok());
         let e = check_model("gpt", &limits).expect_err("unknown");
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.code(), tonic::Code::NotFound, "the proto's contract");
         assert!(e.message().contains("\"demo\""), "{}", e.message());
     }
 }
