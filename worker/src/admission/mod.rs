@@ -122,9 +122,10 @@ pub struct Admission {
     min_service: Duration,
     /// Mean time a request holds its slot (EWMA, µs): the basis of overload pushback.
     mean_service_us: AtomicU64,
-    /// Mean time in the engine per generated token (EWMA, µs, prefill included): how long
-    /// a request will run, for deadlines.
+    /// Mean time in the engine per generated token (EWMA, µs, prefill included), and its
+    /// mean deviation: how long a request will run, for deadlines.
     us_per_token: AtomicU64,
+    us_per_token_dev: AtomicU64,
     wake: Arc<Notify>,
     metrics: AdmissionMetrics,
 }
@@ -173,6 +174,7 @@ impl Admission {
             min_service: opts.min_service,
             mean_service_us: AtomicU64::new(0),
             us_per_token: AtomicU64::new(0),
+            us_per_token_dev: AtomicU64::new(0),
             wake: Arc::new(Notify::new()),
             metrics,
         }))

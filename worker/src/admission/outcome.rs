@@ -219,6 +219,10 @@ pub fn grpc_timeout(value: &str) -> Option<Duration> {
 /// client's timer and the server's run on either side of the same transit time.
 const DEADLINE_SLACK: Duration = Duration::from_millis(10);
 
+/// How long before a call's deadline the outcome layer answers `DEADLINE_EXCEEDED` for a
+/// reply that is not ready, so that it answers before tonic's `grpc-timeout` timer does.
+const REPLY_MARGIN: Duration = Duration::from_millis(5);
+
 /// The final status a response's headers or trailers carry, if they carry one.
 fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?;
@@ -304,10 +308,26 @@ where
             counted: false,
         };
         let response = self.inner.call(request);
+        // Answer DEADLINE_EXCEEDED ourselves just before the deadline, as the proto says:
+        // tonic's own `grpc-timeout` timer, a little later, would answer CANCELLED.
+        let reply_by = deadline.map(|d| d.checked_sub(REPLY_MARGIN).unwrap_or(d));
         // Dropped before the response (a unary call whose client went away): the tally's
-        // drop counts it cancelled.
+        // drop counts it cancelled (or expired, at its deadline).
         Box::pin(async move {
-            let response = conform(response.await?);
+            let response = match reply_by {
+                None => response.await?,
+                Some(at) => match tokio::time::timeout_at(at.into(), response).await {
+                    Ok(response) => response?,
+                    Err(_) => {
+                        tally.count(Some(Code::DeadlineExceeded));
+                        return Ok(Status::deadline_exceeded(
+                            "the deadline passed before the request finished",
+                        )
+                        .into_http());
+                    }
+                },
+            };
+            let response = conform(response);
             Ok::<_, Infallible>(match grpc_status(response.headers()) {
                 Some(code) => {
                     tally.count(Some(code));

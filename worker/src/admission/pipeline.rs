@@ -714,4 +714,34 @@ mod tests {
         drop(legit_slots);
         assert_eq!(held(&admission), 4);
     }
+
+    #[tokio::test]
+    async fn a_reply_not_ready_at_the_deadline_is_deadline_exceeded_not_cancelled() {
+        let (admission, metrics) = admission(60, 4, 8);
+        let never = tower::service_fn(|_: http::Request<Body>| {
+            std::future::pending::<Result<http::Response<Body>, Infallible>>()
+        });
+        let mut svc = layers(&admission, metrics.clone()).service(never);
+        let mut r = request("Generate", Some(KEY));
+        r.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("30m"));
+        let started = Instant::now();
+        let response = call(&mut svc, r).await;
+        assert!(started.elapsed() < Duration::from_millis(30));
+        assert_eq!(code(&response), Some("4"), "DEADLINE_EXCEEDED");
+        assert_eq!(
+            series(
+                &metrics,
+                "switchyard_requests_total{status=\"deadline_exceeded\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            series(
+                &metrics,
+                "switchyard_admission_requests_total{outcome=\"expired\",tenant=\"acme\",tier=\"free\"}"
+            ),
+            1.0
+        );
+    }
 }

@@ -170,14 +170,33 @@ impl Admission {
         drain.max(Duration::from_millis(100))
     }
 
-    /// How long a request of `max_tokens` runs at the recent rate (time in the engine per
-    /// generated token, prefill included, times `max_tokens`); zero before any sample.
+    /// How long a request of `max_tokens` runs at the recent rate, with a margin for how
+    /// much that varies: (mean + 4 × mean deviation) per generated token — prefill
+    /// included — times `max_tokens`, the way TCP sizes a retransmission timeout from
+    /// round-trip times. Zero before any request has finished.
     pub(super) fn run_estimate(&self, max_tokens: u64) -> Duration {
+        let mean = self.us_per_token.load(Ordering::Relaxed);
+        let dev = self.us_per_token_dev.load(Ordering::Relaxed);
         Duration::from_micros(
-            self.us_per_token
-                .load(Ordering::Relaxed)
+            mean.saturating_add(dev.saturating_mul(4))
                 .saturating_mul(max_tokens),
         )
+    }
+
+    /// Folds one finished request's time per generated token into the estimate.
+    fn observe_per_token(&self, us: u64) {
+        let mean = self.us_per_token.load(Ordering::Relaxed);
+        if mean == 0 {
+            self.us_per_token.store(us.max(1), Ordering::Relaxed);
+            self.us_per_token_dev.store(us / 2, Ordering::Relaxed);
+            return;
+        }
+        let dev = self.us_per_token_dev.load(Ordering::Relaxed);
+        // RFC 6298's weights: 1/4 for the deviation, 1/8 for the mean.
+        self.us_per_token_dev
+            .store((dev * 3 + mean.abs_diff(us)) / 4, Ordering::Relaxed);
+        self.us_per_token
+            .store(((mean * 7 + us) / 8).max(1), Ordering::Relaxed);
     }
 
     /// Hands free slots to the next queued requests that may take one
@@ -421,7 +440,7 @@ impl Drop for Slot {
         let us = self.started.elapsed().as_micros() as u64;
         ewma(&a.mean_service_us, us);
         if let Some(per_token) = us.checked_div(used.saturating_sub(self.input)) {
-            ewma(&a.us_per_token, per_token);
+            a.observe_per_token(per_token);
         }
         let mut st = a.lock();
         st.shares.ended(self.rank, self.band, &self.key);
