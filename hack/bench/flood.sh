@@ -24,6 +24,8 @@ seconds=${SECONDS_PER_RUN:-30}
 legit_rate=${LEGIT_RATE:-5}
 attack_rate=${ATTACK_RATE:-100}
 flood_after=${FLOOD_AFTER:-5}
+# Which parts to run (comma-separated): flood (1 and 2), deadlines (3).
+runs=${RUNS:-flood,deadlines}
 mkdir -p "$out"
 
 cache=${SWITCHYARD_CACHE_DIR:-$HOME/.cache/switchyard}
@@ -71,7 +73,7 @@ start_frontend() {
   cat "$work/frontend.log"
   exit 1
 }
-stop_frontend() { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; pid=""; }
+stop_frontend() { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; pid=""; cp "$work/frontend.log" "$out/frontend.log"; }
 
 # load NAME KEY RATE SECONDS TIMEOUT: ghz at RATE requests/s, every request's result kept.
 load() {
@@ -81,6 +83,7 @@ load() {
     --duration "${4}s" --timeout "$5" --format json --output "$out/$1.json" "$addr"
 }
 
+if [[ ,$runs, == *,flood,* ]]; then
 echo "==> baseline: legit alone at $legit_rate req/s for ${seconds}s"
 start_frontend
 load baseline legit-key-0123456789 "$legit_rate" "$seconds" 10s
@@ -95,7 +98,9 @@ load flood-attacker attacker-key-0123456789 "$attack_rate" "$seconds" 10s
 wait "$legit_pid"
 curl -s "$metrics_url" >"$out/flood-metrics.txt"
 stop_frontend
+fi
 
+if [[ ,$runs, == *,deadlines,* ]]; then
 echo "==> the knee (closed loop, 32 in flight) and 3x it with 1 s deadlines"
 open='{"tiers": [], "maxQueued": 64, "defaultDeadlineSeconds": 30}'
 echo "$open" >"$work/admission.json"
@@ -108,5 +113,6 @@ echo "    knee $knee req/s; offering $rate req/s"
 load deadlines anonymous "$rate" 20 1s
 curl -s "$metrics_url" >"$out/deadlines-metrics.txt"
 stop_frontend
+fi
 
 python3 hack/bench/flood_report.py "$out" "$flood_after" | tee "$out/summary.txt"

@@ -45,31 +45,42 @@ def line(name, lat, sent):
             f"p99 {pct(lat, 99):7.1f} ms  max {max(lat, default=float('nan')):7.1f} ms")
 
 
-base = load("baseline")["details"]
-legit = load("flood-legit")["details"]
-attacker = load("flood-attacker")
-t0 = min(when(d["timestamp"]) for d in attacker["details"])
-base_lat = ok_latencies_ms(base)
-first = ok_latencies_ms(legit, t0, t0 + 5)
-steady = ok_latencies_ms(legit, t0 + 5)
-during = ok_latencies_ms(legit, t0)
-print("legitimate tenant (latency of successful Generate calls):")
-print(line("  baseline (alone)", base_lat, len(base)))
-print(line("  flood, first 5 s", first, sum(1 for d in legit if t0 <= when(d["timestamp"]) < t0 + 5)))
-print(line("  flood, after the first 5 s", steady, sum(1 for d in legit if when(d["timestamp"]) >= t0 + 5)))
-print(line("  flood, whole flood", during, sum(1 for d in legit if when(d["timestamp"]) >= t0)))
-b99 = pct(base_lat, 99)
-print(f"  p99 whole flood / baseline p99: {pct(during, 99) / b99:.2f}x; "
-      f"first 5 s: {pct(first, 99) / b99:.2f}x; legit errors: "
-      f"{dict(collections.Counter(d['status'] for d in legit if d['status'] != 'OK'))}")
-print("attacker:", dict(collections.Counter(d["status"] for d in attacker["details"])))
-dl = load("deadlines")
-print("3x overload, 1 s deadlines (ghz):", dict(collections.Counter(d["status"] for d in dl["details"])))
-for message, n in sorted(dl.get("errorDistribution", {}).items(), key=lambda kv: -kv[1])[:6]:
-    print(f"  {n:5}  {message[:150]}")
-with open(os.path.join(out, "deadlines-metrics.txt")) as f:
-    metrics = f.read()
-for l in metrics.splitlines():
-    if l.startswith(("switchyard_admission_requests_total{", "switchyard_admission_accepted_total",
-                     "switchyard_requests_total{")):
-        print("  " + l)
+def flood():
+    base = load("baseline")["details"]
+    legit = load("flood-legit")["details"]
+    attacker = load("flood-attacker")
+    t0 = min(when(d["timestamp"]) for d in attacker["details"])
+    base_lat = ok_latencies_ms(base)
+    first = ok_latencies_ms(legit, t0, t0 + 5)
+    steady = ok_latencies_ms(legit, t0 + 5)
+    during = ok_latencies_ms(legit, t0)
+    print("legitimate tenant (latency of successful Generate calls):")
+    print(line("  baseline (alone)", base_lat, len(base)))
+    print(line("  flood, first 5 s", first, sum(1 for d in legit if t0 <= when(d["timestamp"]) < t0 + 5)))
+    print(line("  flood, after the first 5 s", steady, sum(1 for d in legit if when(d["timestamp"]) >= t0 + 5)))
+    print(line("  flood, whole flood", during, sum(1 for d in legit if when(d["timestamp"]) >= t0)))
+    b99 = pct(base_lat, 99)
+    print(f"  p99 whole flood / baseline p99: {pct(during, 99) / b99:.2f}x; "
+          f"first 5 s: {pct(first, 99) / b99:.2f}x; legit errors: "
+          f"{dict(collections.Counter(d['status'] for d in legit if d['status'] != 'OK'))}")
+    print("attacker:", dict(collections.Counter(d["status"] for d in attacker["details"])))
+
+
+def deadlines():
+    dl = load("deadlines")
+    print("3x overload, 1 s deadlines (ghz):", dict(collections.Counter(d["status"] for d in dl["details"])))
+    for message, n in sorted(dl.get("errorDistribution", {}).items(), key=lambda kv: -kv[1])[:6]:
+        print(f"  {n:5}  {message[:150]}")
+    with open(os.path.join(out, "deadlines-metrics.txt")) as f:
+        metrics = f.read()
+    for l in metrics.splitlines():
+        if l.startswith(("switchyard_admission_requests_total{", "switchyard_admission_accepted_total",
+                         "switchyard_admission_deadline_misses_total", "switchyard_requests_total{")) \
+                and not l.endswith(" 0"):
+            print("  " + l)
+
+
+if os.path.exists(os.path.join(out, "flood-attacker.json")):
+    flood()
+if os.path.exists(os.path.join(out, "deadlines.json")):
+    deadlines()

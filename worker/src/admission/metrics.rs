@@ -4,6 +4,7 @@
 //! | --- | --- | --- |
 //! | `switchyard_admission_requests_total` | counter | `tenant`, `tier`, `outcome` |
 //! | `switchyard_admission_accepted_total` | counter | `tenant`, `tier` |
+//! | `switchyard_admission_deadline_misses_total` | counter | |
 //! | `switchyard_tenant_tokens_total` | counter | `tenant`, `kind`: prompt, cached_prompt, completion |
 //! | `switchyard_admission_queued` | gauge | `band` |
 //! | `switchyard_admission_inflight` | gauge | |
@@ -20,6 +21,7 @@ use super::outcome::Outcome;
 pub(super) struct AdmissionMetrics {
     requests: IntCounterVec,
     accepted: IntCounterVec,
+    deadline_misses: prometheus::IntCounter,
     pub(super) tokens: IntCounterVec,
     queued: IntGaugeVec,
     inflight: prometheus::IntGauge,
@@ -42,6 +44,11 @@ impl AdmissionMetrics {
                  completed, shed, expired, cancelled or failed",
             ),
             &["tenant", "tier"],
+        )?;
+        let deadline_misses = prometheus::IntCounter::new(
+            "admission_deadline_misses_total",
+            "Requests that started but did not finish by their deadline (counted expired): \
+             the run estimate that admitted them was too optimistic",
         )?;
         let tokens = IntCounterVec::new(
             Opts::new("tenant_tokens_total", "Tokens used, by tenant and kind"),
@@ -70,6 +77,7 @@ impl AdmissionMetrics {
         )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(accepted.clone()))?;
+        registry.register(Box::new(deadline_misses.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(queued.clone()))?;
         registry.register(Box::new(inflight.clone()))?;
@@ -80,6 +88,7 @@ impl AdmissionMetrics {
         Ok(Self {
             requests,
             accepted,
+            deadline_misses,
             tokens,
             queued,
             inflight,
@@ -108,6 +117,11 @@ impl Admission {
             .requests
             .with_label_values(&[label, tier, outcome.label()])
             .inc();
+    }
+
+    /// Counts a request that started and then ran past its deadline.
+    pub(super) fn record_deadline_miss(&self) {
+        self.metrics.deadline_misses.inc();
     }
 
     /// Counts a request accepted past identity, validation and quota.

@@ -185,10 +185,15 @@ impl Tally {
         let code = ended.unwrap_or_else(dropped);
         self.counter.count_status(code);
         if self.policy.counts_outcome {
+            let noted = self.call.noted();
             let outcome = match ended {
                 None => Outcome::of_code(code),
-                Some(code) => self.call.noted().unwrap_or(Outcome::of_code(code)),
+                Some(code) => noted.unwrap_or(Outcome::of_code(code)),
             };
+            // Expired without a refusal: it was admitted to run, and ran out of time.
+            if outcome == Outcome::Expired && noted.is_none() {
+                self.admission.record_deadline_miss();
+            }
             self.admission.record(self.call.caller(), outcome);
         }
     }
@@ -221,7 +226,7 @@ const DEADLINE_SLACK: Duration = Duration::from_millis(10);
 
 /// How long before a call's deadline the outcome layer answers `DEADLINE_EXCEEDED` for a
 /// reply that is not ready, so that it answers before tonic's `grpc-timeout` timer does.
-const REPLY_MARGIN: Duration = Duration::from_millis(5);
+pub(super) const REPLY_MARGIN: Duration = Duration::from_millis(5);
 
 /// The final status a response's headers or trailers carry, if they carry one.
 fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {

@@ -548,7 +548,7 @@ mod tests {
     async fn a_request_that_cannot_finish_by_its_deadline_is_not_started() {
         let (admission, _metrics) = admission(60, 1, 4);
         let call = identified(&admission);
-        // The recent rate: 10 ms a token, so 20 tokens take 200 ms.
+        // The recent rate: 10 ms a token, so 20 tokens take 200 ms (225 ms with margins).
         admission
             .us_per_token
             .store(10_000, std::sync::atomic::Ordering::Relaxed);
