@@ -578,3 +578,212 @@ async fn every_refusal_keeps_the_contract_and_the_counts_agree() {
         )
     );
 }
+
+/// A frontend with tenants `modest` and `flood` (normal priority, no quota) and
+/// `metered` (normal priority, 6 000 requests a minute: a quota it cannot spend here).
+async fn shared_frontend(dir: &Path, max_queued: u32, max_inflight: u32) -> FrontendProcess {
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    std::fs::write(
+        keys.join("tenants"),
+        "modest:modest-key-0123456789:open\nflood:flood-key-01234567890:open\n\
+         metered:metered-key-0123456789:metered\n",
+    )
+    .expect("keys");
+    let config = serde_json::json!({
+        "apiKeysDir": keys,
+        "defaultTier": "open",
+        "tiers": [
+            {"name": "open", "priority": "normal", "weight": 1},
+            {"name": "metered", "priority": "normal", "weight": 1, "requestsPerMinute": 6000}
+        ],
+        "maxQueued": max_queued,
+        "defaultDeadlineSeconds": 30
+    });
+    let path = dir.join("admission.json");
+    std::fs::write(&path, config.to_string()).expect("admission config");
+    FrontendProcess::start(
+        &fixture_model("qwen3_moe"),
+        &[
+            "--admission-config",
+            path.to_str().expect("utf-8"),
+            "--max-inflight",
+            &max_inflight.to_string(),
+        ],
+    )
+    .await
+    .expect("frontend")
+}
+
+/// `n` closed-loop clients of `key` sending `tokens`-token requests until `stop`; returns
+/// their status codes.
+fn flood(
+    f: &FrontendProcess,
+    key: &'static str,
+    n: usize,
+    tokens: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<tonic::Code>>> {
+    (0..n)
+        .map(|_| {
+            let endpoint = f.endpoint();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut c = InferenceClient::connect(endpoint).await.expect("connect");
+                let mut codes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let code = match c.generate(request(Some(key), tokens)).await {
+                        Ok(_) => tonic::Code::Ok,
+                        Err(e) => e.code(),
+                    };
+                    codes.push(code);
+                    if code != tonic::Code::Ok {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                codes
+            })
+        })
+        .collect()
+}
+
+/// Issue 24: a flood — by a tenant without a quota, and by one whose quota it cannot
+/// spend — fills the shared queue and sheds itself; a modest tenant sending 100 requests
+/// at 10 a second loses none of them.
+#[tokio::test]
+async fn a_flood_with_or_without_a_quota_sheds_none_of_a_modest_tenants_requests() {
+    for flooder in ["flood-key-01234567890", "metered-key-0123456789"] {
+        let dir = TempDir::new("admission").expect("dir");
+        let f = shared_frontend(dir.path(), 8, 2).await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flooders = flood(&f, flooder, 24, 8, stop.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut modest = Vec::new();
+        for _ in 0..100 {
+            let mut c = client(&f).await;
+            modest.push(tokio::spawn(async move {
+                c.generate(request(Some("modest-key-0123456789"), 2))
+                    .await
+                    .map(drop)
+            }));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut lost = Vec::new();
+        for m in modest {
+            if let Err(e) = m.await.expect("join") {
+                lost.push(format!("{:?}: {}", e.code(), e.message()));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut shed = 0;
+        for t in flooders {
+            shed += t
+                .await
+                .expect("join")
+                .iter()
+                .filter(|c| **c == tonic::Code::Unavailable)
+                .count();
+        }
+        assert!(
+            lost.is_empty(),
+            "{flooder}: the modest tenant lost {lost:?}"
+        );
+        assert!(
+            shed > 0,
+            "{flooder}: the flood never filled the queue, so this proves nothing"
+        );
+        eprintln!("{flooder}: 100/100 modest requests served; the flood was shed {shed} times");
+    }
+}
+
+/// Issue 24: at about 3x overload with 1 s deadlines, what cannot finish in time is refused
+/// DEADLINE_EXCEEDED before it starts, and counted expired; the clients see no CANCELLED,
+/// and the server's counts match what they saw.
+#[tokio::test]
+async fn under_overload_with_deadlines_requests_are_refused_before_they_start_late() {
+    let dir = TempDir::new("admission").expect("dir");
+    let f = shared_frontend(dir.path(), 16, 2).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deadline_clients: Vec<_> = (0..30)
+        .map(|_| {
+            let endpoint = f.endpoint();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut c = InferenceClient::connect(endpoint).await.expect("connect");
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut r = request(Some("modest-key-0123456789"), 32);
+                    r.set_timeout(Duration::from_secs(1));
+                    match c.generate(r).await {
+                        Ok(_) => seen.push((tonic::Code::Ok, String::new())),
+                        Err(e) => {
+                            seen.push((e.code(), e.message().to_string()));
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for t in deadline_clients {
+        seen.extend(t.await.expect("join"));
+    }
+    let count = |code: tonic::Code| seen.iter().filter(|(c, _)| *c == code).count();
+    // Past the queue's 16: shed at once.
+    assert!(count(tonic::Code::Unavailable) > 0, "not overloaded");
+    let ok = count(tonic::Code::Ok);
+    let expired = count(tonic::Code::DeadlineExceeded);
+    // The outcome layer answers DEADLINE_EXCEEDED 5 ms before tonic's own grpc-timeout
+    // timer would answer CANCELLED ("Timeout expired"); on a starved machine tonic's can
+    // still win now and then (the proto lists both codes for a deadline). Anything else
+    // cancelled is a bug.
+    let (timer, cancelled): (Vec<&String>, Vec<&String>) = seen
+        .iter()
+        .filter(|(c, _)| *c == tonic::Code::Cancelled)
+        .map(|(_, m)| m)
+        .partition(|m| m.as_str() == "Timeout expired");
+    assert!(cancelled.is_empty(), "{cancelled:?}");
+    assert!(
+        timer.len() * 20 <= seen.len().max(20),
+        "{} of {}",
+        timer.len(),
+        seen.len()
+    );
+    let expired = expired + timer.len();
+    assert!(
+        ok > 0 && expired > 0,
+        "not overloaded: ok {ok}, expired {expired}"
+    );
+    let text = f.metrics().await.expect("metrics");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        value("switchyard_requests_total{status=\"deadline_exceeded\"}"),
+        expired as f64,
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "switchyard_admission_requests_total{outcome=\"expired\",tenant=\"modest\",tier=\"open\"}"
+        ),
+        expired as f64
+    );
+    let misses = value("switchyard_admission_deadline_misses_total");
+    let started = ok as f64 + misses;
+    eprintln!(
+        "{} requests: {ok} ok, {expired} DEADLINE_EXCEEDED ({misses} of them after starting)",
+        seen.len()
+    );
+    // The run estimate is statistical: a request it starts can still be unlucky, rarely.
+    assert!(
+        misses <= (started * 0.1).max(2.0),
+        "{misses} of {started} started requests missed their deadline"
+    );
+}
