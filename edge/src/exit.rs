@@ -15,13 +15,20 @@ pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
 
 /// The error and its causes on one line, without repeats.
 pub fn error_line(error: &anyhow::Error) -> String {
+    error_chain(error.as_ref())
+}
+
+/// Any error and its sources on one line, without repeats (as [`error_line`]).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut line = error.to_string();
-    for cause in error.chain().skip(1) {
-        let text = cause.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
         if !line.contains(&text) {
             line.push_str(": ");
             line.push_str(&text);
         }
+        cause = c.source();
     }
     line
 }

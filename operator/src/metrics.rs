@@ -126,9 +126,20 @@ pub async fn serve(
     .await
 }
 
+/// The metrics address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("binding --metrics-addr {addr}")]
+pub struct BindError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Binds the metrics address, naming it in the error.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("binding --metrics-addr {addr}: {e}"))
+        .map_err(|source| BindError { addr, source })
 }

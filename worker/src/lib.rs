@@ -16,6 +16,7 @@
 //! - [`server`]: the gRPC server both roles run (health, reflection, the role's service).
 //! - [`config`]: loading `worker.json`, the contract file the operator mounts.
 //! - [`settings`]: each role's effective settings: defaults, worker.json, env, flags.
+//! - [`error`]: why a worker could not start ([`StartError`]), naming the input.
 //! - [`telemetry`]: the gRPC status label, metric constructors and the `/metrics` server
 //!   both roles use.
 //!
@@ -25,6 +26,7 @@
 pub mod admission;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod experts;
 pub mod frontend;
 pub mod model;
@@ -32,3 +34,5 @@ pub mod server;
 pub mod settings;
 pub mod telemetry;
 pub mod text;
+
+pub use error::StartError;

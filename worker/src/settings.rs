@@ -19,9 +19,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use switchyard_proto::worker_config::{AdmissionConfig, WorkerConfig};
 
+use crate::StartError;
 use crate::admission::AdmissionOptions;
 use crate::experts::placement::PlacementSource;
 use crate::experts::remote::{RemoteOptions, ShardTargets};
@@ -244,7 +244,7 @@ impl ModelSettings {
     }
 
     /// The checkpoint directory and the model id; generates the demo model on first use.
-    pub fn open(&self) -> anyhow::Result<(PathBuf, String)> {
+    pub fn open(&self) -> Result<(PathBuf, String), StartError> {
         let dir = match &self.source {
             ModelSource::Dir(dir) => dir.clone(),
             ModelSource::Demo { cache } => {
@@ -253,9 +253,8 @@ impl ModelSettings {
                     None => default_cache_dir()?,
                 };
                 tracing::info!(cache = %cache.display(), "using the built-in demo model (random weights)");
-                crate::model::demo::ensure(&cache).with_context(|| {
-                    format!("generating the demo model under {}", cache.display())
-                })?
+                crate::model::demo::ensure(&cache)
+                    .map_err(|source| StartError::Demo { cache, source })?
             }
         };
         let id = self
@@ -430,17 +429,21 @@ impl FrontendSettings {
 
     /// The options `frontend::start` takes: generates the demo model and reads
     /// `--admission-config` (the only I/O of settings).
-    pub fn into_options(self) -> anyhow::Result<FrontendOptions> {
+    pub fn into_options(self) -> Result<FrontendOptions, StartError> {
         let (model, model_id) = self.model.open()?;
         let mut admission = AdmissionOptions::open(self.max_inflight);
         match self.admission {
             AdmissionSource::Open => {}
             AdmissionSource::WorkerJson(config) => admission.config = config,
             AdmissionSource::File(path) => {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading --admission-config {}", path.display()))?;
+                let what = "--admission-config";
+                let text = std::fs::read_to_string(&path).map_err(|source| StartError::Read {
+                    what,
+                    path: path.clone(),
+                    source,
+                })?;
                 admission.config = serde_json::from_str(&text)
-                    .with_context(|| format!("--admission-config {}", path.display()))?;
+                    .map_err(|source| StartError::Json { what, path, source })?;
             }
         }
         Ok(FrontendOptions {
@@ -536,7 +539,7 @@ impl ShardSettings {
     }
 
     /// The options `experts::shard::start` takes (generates the demo model on first use).
-    pub fn into_options(self) -> anyhow::Result<ShardOptions> {
+    pub fn into_options(self) -> Result<ShardOptions, StartError> {
         let (model, model_id) = self.model.open()?;
         Ok(ShardOptions {
             model,
@@ -579,8 +582,9 @@ pub fn default_model_id(model: &Path) -> String {
         .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
 }
 
-fn default_cache_dir() -> anyhow::Result<PathBuf> {
-    let home = std::env::var_os("HOME").context("HOME is not set; pass --cache-dir")?;
+fn default_cache_dir() -> Result<PathBuf, StartError> {
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| StartError::invalid("HOME is not set; pass --cache-dir"))?;
     Ok(PathBuf::from(home).join(".cache/switchyard"))
 }
 

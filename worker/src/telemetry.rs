@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Context as _;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Registry};
 pub use switchyard_edge::metrics::{ALL_CODES, render, status_label};
 
@@ -35,10 +34,14 @@ pub fn gauge_value(v: u64) -> i64 {
 
 /// Serves `/metrics` and `/healthz` for `registry` on `addr` in the background, for the
 /// process's lifetime; fails only if `addr` cannot be bound.
-pub async fn spawn_server(addr: SocketAddr, registry: Registry) -> anyhow::Result<()> {
+pub async fn spawn_server(addr: SocketAddr, registry: Registry) -> Result<(), crate::StartError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding the metrics listener on {addr}"))?;
+        .map_err(|source| crate::StartError::Bind {
+            what: "the metrics listener",
+            addr,
+            source,
+        })?;
     tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
     tokio::spawn(async move {
         if let Err(e) =

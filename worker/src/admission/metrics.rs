@@ -29,7 +29,7 @@ pub(super) struct AdmissionMetrics {
 }
 
 impl AdmissionMetrics {
-    pub(super) fn new(registry: &Registry) -> anyhow::Result<Self> {
+    pub(super) fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "admission_requests_total",

@@ -81,6 +81,20 @@ use queue::QueueState;
 use share::Shares;
 use tiers::Tiers;
 
+/// Why admission cannot be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmissionError {
+    /// A tier is out of range; the message names the field and what is accepted.
+    #[error("{0}")]
+    Tier(String),
+    /// The API key files are unusable.
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+    /// A metric could not be registered (a bug: a name registered twice).
+    #[error("registering the admission metrics")]
+    Metrics(#[from] prometheus::Error),
+}
+
 /// Admission settings.
 #[derive(Debug, Clone)]
 pub struct AdmissionOptions {
@@ -142,7 +156,7 @@ impl std::fmt::Debug for Admission {
 
 impl Admission {
     /// Builds admission from `opts`, reading the API keys; metrics go into `registry`.
-    pub fn new(opts: &AdmissionOptions, registry: &Registry) -> anyhow::Result<Arc<Self>> {
+    pub fn new(opts: &AdmissionOptions, registry: &Registry) -> Result<Arc<Self>, AdmissionError> {
         let c = &opts.config;
         let tiers = Tiers::from_config(c)?;
         let keys = match &c.api_keys_dir {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use switchyard_proto::worker_config::AdmissionConfig;
 
+use super::AdmissionError;
 use super::fair_queue::Band;
 use super::gcra::{Limit, TierLimits};
 
@@ -46,15 +47,14 @@ impl std::fmt::Debug for Tiers {
 
 impl Tiers {
     /// The tiers of `c`; each error names the field that is wrong and what is accepted.
-    pub fn from_config(c: &AdmissionConfig) -> anyhow::Result<Self> {
+    pub fn from_config(c: &AdmissionConfig) -> Result<Self, AdmissionError> {
         let mut by_name = HashMap::new();
         for t in &c.tiers {
             let band = Band::parse(&t.priority).ok_or_else(|| {
-                anyhow::anyhow!(
+                AdmissionError::Tier(format!(
                     "admission.tiers[{}].priority: {:?} is not one of low, normal, high, critical",
-                    t.name,
-                    t.priority
-                )
+                    t.name, t.priority
+                ))
             })?;
             let tier = Tier {
                 name: t.name.clone(),
@@ -65,15 +65,18 @@ impl Tiers {
                     tokens: per_minute(&t.name, "tokensPerMinute", t.tokens_per_minute)?,
                 },
             };
-            anyhow::ensure!(
-                by_name.insert(t.name.clone(), Arc::new(tier)).is_none(),
-                "admission.tiers: {:?} is listed twice",
-                t.name
-            );
+            if by_name.insert(t.name.clone(), Arc::new(tier)).is_some() {
+                return Err(AdmissionError::Tier(format!(
+                    "admission.tiers: {:?} is listed twice",
+                    t.name
+                )));
+            }
         }
         let default = match &c.default_tier {
             Some(name) => by_name.get(name).cloned().ok_or_else(|| {
-                anyhow::anyhow!("admission.defaultTier: {name:?} is not one of admission.tiers")
+                AdmissionError::Tier(format!(
+                    "admission.defaultTier: {name:?} is not one of admission.tiers"
+                ))
             })?,
             None => Arc::new(Tier {
                 name: "default".into(),
@@ -105,11 +108,17 @@ impl Tiers {
 }
 
 /// A tier's `field` (per minute) as a limit whose bucket holds one minute's worth.
-fn per_minute(tier: &str, field: &str, value: Option<u64>) -> anyhow::Result<Option<Limit>> {
+fn per_minute(
+    tier: &str,
+    field: &str,
+    value: Option<u64>,
+) -> Result<Option<Limit>, AdmissionError> {
     value
         .map(|n| {
             Limit::per_minute(n).map_err(|e| {
-                anyhow::anyhow!("admission.tiers[{tier}].{field}: {e} (at least 1 per minute)")
+                AdmissionError::Tier(format!(
+                    "admission.tiers[{tier}].{field}: {e} (at least 1 per minute)"
+                ))
             })
         })
         .transpose()

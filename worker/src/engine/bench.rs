@@ -146,13 +146,42 @@ pub fn read_bandwidth() -> f64 {
     (n * 4) as f64 / best
 }
 
+/// Why a benchmark could not run to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The model or the engine failed (or a tensor could not be made).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The benchmark's runtime could not start.
+    #[error("starting the benchmark's runtime")]
+    Runtime(#[from] std::io::Error),
+    /// The engine refused a request.
+    #[error(transparent)]
+    Submit(#[from] super::SubmitError),
+    /// A sequence failed in the engine.
+    #[error("a sequence failed: {0}")]
+    Failed(String),
+    /// The engine ended a sequence without finishing it.
+    #[error("the engine dropped a sequence")]
+    Dropped,
+    /// A timing task panicked.
+    #[error(transparent)]
+    Join(#[from] tokio::task::JoinError),
+    /// The routed experts failed.
+    #[error(transparent)]
+    Experts(#[from] crate::model::moe::ExpertError),
+    /// The benchmark cannot measure what was asked.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// Runs the benchmark; `progress` gets a line per phase.
 pub fn run(
     model: Arc<Transformer>,
     cfg: &BenchConfig,
     bandwidth: f64,
     mut progress: impl FnMut(&str),
-) -> anyhow::Result<Vec<Figure>> {
+) -> Result<Vec<Figure>, BenchError> {
     let c = model.config().clone();
     let bytes = model.precision().weights.size_in_bytes() as f64;
     let d = c.hidden_size as f64;
@@ -240,24 +269,28 @@ pub fn run(
                             Event::Token { .. } => times.push(Instant::now()),
                             Event::Started { .. } => {}
                             Event::Finished { .. } => return Ok(times),
-                            Event::Failed { message, .. } => return Err(anyhow::anyhow!(message)),
+                            Event::Failed { message, .. } => {
+                                return Err(BenchError::Failed(message));
+                            }
                         }
                     }
-                    Err(anyhow::anyhow!("the engine dropped a sequence"))
+                    Err(BenchError::Dropped)
                 }));
             }
             let mut all = Vec::new();
             for h in handles {
                 all.push(h.await??);
             }
-            anyhow::Ok(all)
+            Ok::<_, BenchError>(all)
         })?;
         // The timed window starts when the last sequence has its first token (every
         // sequence is decoding from then on) and ends with the last token.
         let start = times.iter().filter_map(|t| t.first()).max().copied();
         let end = times.iter().filter_map(|t| t.last()).max().copied();
         let (Some(start), Some(end)) = (start, end) else {
-            anyhow::bail!("no tokens were generated at batch {b}");
+            return Err(BenchError::Invalid(format!(
+                "no tokens were generated at batch {b}"
+            )));
         };
         let tokens = times.iter().flatten().filter(|t| **t > start).count();
         let secs = (end - start).as_secs_f64().max(1e-9);
@@ -294,14 +327,16 @@ fn figure(
     }
 }
 
-async fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> anyhow::Result<Duration> {
+async fn drain(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) -> Result<Duration, BenchError> {
     let t = Instant::now();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Token { .. } | Event::Started { .. } => {}
             Event::Finished { .. } => return Ok(t.elapsed()),
-            Event::Failed { message, .. } => anyhow::bail!(message),
+            Event::Failed { message, .. } => return Err(BenchError::Failed(message)),
         }
     }
-    anyhow::bail!("the engine dropped a sequence")
+    Err(BenchError::Dropped)
 }

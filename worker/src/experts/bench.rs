@@ -2,6 +2,7 @@
 //! an [`ExpertBackend`] — on shards, dispatch + expert compute + combine as the engine
 //! sees it — for batches of random hidden rows with random distinct top-k routes.
 
+use crate::engine::bench::BenchError;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -32,16 +33,16 @@ pub fn layer_latency(
     cfg: &ModelConfig,
     tokens: usize,
     iterations: usize,
-) -> anyhow::Result<LayerLatency> {
+) -> Result<LayerLatency, BenchError> {
     let moe = cfg
         .moe
         .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("a dense model has no routed experts"))?;
+        .ok_or_else(|| BenchError::Invalid("a dense model has no routed experts".into()))?;
     let layer = moe
         .sparse_layers
         .iter()
         .position(|s| *s)
-        .ok_or_else(|| anyhow::anyhow!("no MoE layer"))?;
+        .ok_or_else(|| BenchError::Invalid("the model has no MoE layer".into()))?;
     let (n, k) = (moe.num_experts, moe.top_k);
     let xs = Tensor::randn(0f32, 1.0, (tokens.max(1), cfg.hidden_size), &Device::Cpu)?;
     let mut rng = Rng::new(tokens as u64);

@@ -152,9 +152,9 @@ impl RemoteExperts {
         identity: pb::ModelIdentity,
         opts: RemoteOptions,
         registry: &Registry,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, crate::StartError> {
         let moe = cfg.moe.as_ref().ok_or_else(|| {
-            anyhow::anyhow!("a dense model has no routed experts to put on shards")
+            crate::StartError::invalid("a dense model has no routed experts to put on shards")
         })?;
         let inner = Arc::new(Inner {
             identity,
@@ -719,7 +719,7 @@ struct RemoteMetrics {
 }
 
 impl RemoteMetrics {
-    fn new(registry: &Registry) -> anyhow::Result<Self> {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let shard = &["shard"];
         let latency = HistogramVec::new(
             HistogramOpts::new(

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use candle_core::Device;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use switchyard_proto::expert::v1 as pb;
@@ -26,10 +25,11 @@ use tonic::{Request, Response, Status};
 
 use super::placement::{Assignment, PlacementSource};
 use super::{describe_identity, identity, wire};
+use crate::StartError;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::layers::Precision;
 use crate::model::moe::{LocalExperts, group_by_expert};
-use crate::model::{ModelConfig, config};
+use crate::model::{ModelConfig, ModelError, config};
 
 /// The largest encoded `ForwardRequest` a shard accepts (its gRPC decoding limit too).
 pub const MAX_REQUEST_BYTES: usize = 256 << 20;
@@ -108,24 +108,25 @@ pub struct StartedShard {
 }
 
 /// Loads the assigned experts (blocking; minutes for a large checkpoint).
-pub fn start(opts: &ShardOptions) -> anyhow::Result<StartedShard> {
+pub fn start(opts: &ShardOptions) -> Result<StartedShard, StartError> {
     let device = crate::model::parse_device(&opts.device)?;
     let cfg = config::load(&opts.model)?;
-    anyhow::ensure!(
-        cfg.moe.is_some(),
-        "{}: a dense model ({}) has no routed experts to serve",
-        opts.model.display(),
-        cfg.family
-    );
+    if cfg.moe.is_none() {
+        return Err(StartError::invalid(format!(
+            "{}: a dense model ({}) has no routed experts to serve",
+            opts.model.display(),
+            cfg.family
+        )));
+    }
     let ckpt = Checkpoint::open(&opts.model)?;
     let dtype = crate::model::parse_dtype(&opts.dtype, &device)
-        .map_err(anyhow::Error::msg)?
+        .map_err(StartError::Invalid)?
         .unwrap_or_else(|| crate::model::saved_dtype(&cfg, &ckpt));
     let precision = crate::model::precision_for(dtype, &device);
     let assignment = opts
         .placement
         .resolve(&cfg)
-        .context("the placement cannot be used")?;
+        .map_err(StartError::Placement)?;
     let t0 = Instant::now();
     let experts = load(&cfg, &ckpt, precision, &device, &assignment, None)?;
     let identity = identity(&opts.model_id, &ckpt, precision.weights)?;
@@ -180,15 +181,15 @@ fn load(
     device: &Device,
     assignment: &Assignment,
     reuse: Option<&LocalExperts>,
-) -> anyhow::Result<LocalExperts> {
-    Ok(LocalExperts::load_subset(
+) -> Result<LocalExperts, ModelError> {
+    LocalExperts::load_subset(
         cfg,
         ckpt,
         precision,
         device,
         &|l, e| assignment.holds(l, e),
         reuse,
-    )?)
+    )
 }
 
 impl ShardService {
@@ -228,7 +229,7 @@ impl ShardService {
                     match tokio::task::spawn_blocking(move || me.reload()).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::error!(
-                            error = %format!("{e:#}"),
+                            error = %switchyard_edge::exit::error_chain(&e),
                             "placement changed but cannot be applied; keeping the experts held now"
                         ),
                         Err(e) => tracing::error!(error = %e, "placement reload panicked"),
@@ -240,9 +241,13 @@ impl ShardService {
 
     /// Re-reads the placement, loads what is newly assigned (reusing what is held) and
     /// swaps; `Describe` reports the new set from then on.
-    fn reload(&self) -> anyhow::Result<()> {
+    fn reload(&self) -> Result<(), StartError> {
         let s = &self.inner;
-        let assignment = s.opts.placement.resolve(&s.cfg)?;
+        let assignment = s
+            .opts
+            .placement
+            .resolve(&s.cfg)
+            .map_err(StartError::Placement)?;
         let current = self.holding();
         if assignment == current.assignment {
             return Ok(());
@@ -519,7 +524,7 @@ struct ShardMetrics {
 }
 
 impl ShardMetrics {
-    fn new() -> anyhow::Result<Self> {
+    fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("switchyard".into()), None)?;
         let requests = IntCounterVec::new(
             Opts::new(

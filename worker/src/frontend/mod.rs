@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use switchyard_proto::inference::v1 as pb;
 
+use crate::StartError;
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::model::LoadedModel;
 use crate::model::attention::PagedKv;
@@ -78,10 +79,9 @@ pub struct Started {
 }
 
 /// Loads the model and tokenizer and starts the engine.
-pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
-    use anyhow::Context as _;
+pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
     let device = crate::model::parse_device(&opts.device)?;
-    let dtype = crate::model::parse_dtype(&opts.dtype, &device).map_err(anyhow::Error::msg)?;
+    let dtype = crate::model::parse_dtype(&opts.dtype, &device).map_err(StartError::Invalid)?;
     let t0 = Instant::now();
     let cfg = crate::model::config::load(&opts.model)?;
     let metrics = Arc::new(FrontendMetrics::new(
@@ -91,8 +91,7 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
     let loaded = match &opts.experts {
         None => LoadedModel::load(&opts.model, dtype, &device)?,
         Some(remote) if cfg.moe.is_some() => {
-            let rt = tokio::runtime::Handle::try_current()
-                .context("expert shards need a tokio runtime")?;
+            let rt = tokio::runtime::Handle::try_current().map_err(StartError::NoRuntime)?;
             let mut failure = None;
             let loaded = LoadedModel::load_with(
                 &opts.model,
@@ -110,7 +109,7 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
                     )) {
                         Ok(backend) => Ok(Arc::new(backend)),
                         Err(e) => {
-                            let message = format!("{e:#}");
+                            let message = switchyard_edge::exit::error_chain(&e);
                             failure = Some(e);
                             Err(crate::model::ModelError::Unsupported {
                                 file: opts.model.clone(),
@@ -122,7 +121,7 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
             );
             match (loaded, failure) {
                 (Ok(l), _) => l,
-                (Err(_), Some(e)) => return Err(e.context("connecting to the expert shards")),
+                (Err(_), Some(e)) => return Err(StartError::Shards(Box::new(e))),
                 (Err(e), None) => return Err(e.into()),
             }
         }
@@ -133,10 +132,13 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
             LoadedModel::load(&opts.model, dtype, &device)?
         }
     };
-    let tokenizer = Arc::new(
-        Tokenizer::load(&opts.model)
-            .with_context(|| format!("loading the tokenizer of {}", opts.model.display()))?,
-    );
+    let tokenizer =
+        Arc::new(
+            Tokenizer::load(&opts.model).map_err(|source| StartError::Tokenizer {
+                path: opts.model.clone(),
+                source,
+            })?,
+        );
     let cfg = loaded.config.clone();
     // The KV cache is in the activations' dtype; ListModels reports the weights'.
     let dtype = loaded.transformer.dtype();
@@ -146,15 +148,15 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
         .map_or(cfg.max_position_embeddings, |n| {
             n.min(cfg.max_position_embeddings)
         });
-    anyhow::ensure!(
-        opts.kv_block_size > 0,
-        "the KV block size must be at least 1"
-    );
-    anyhow::ensure!(opts.max_batch_size > 0, "maxBatchSize must be at least 1");
-    anyhow::ensure!(
-        opts.max_batch_tokens > 0,
-        "maxBatchTokens must be at least 1"
-    );
+    for (value, name) in [
+        (opts.kv_block_size, "the KV block size"),
+        (opts.max_batch_size, "maxBatchSize"),
+        (opts.max_batch_tokens, "maxBatchTokens"),
+    ] {
+        if value == 0 {
+            return Err(StartError::invalid(format!("{name} must be at least 1")));
+        }
+    }
     let kv_tokens = opts
         .kv_cache_tokens
         .unwrap_or((opts.max_batch_size * context.min(2048)) as u64);
@@ -188,7 +190,7 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
         },
         metrics.clone(),
     )
-    .context("starting the engine")?;
+    .map_err(StartError::Engine)?;
     let info = pb::ModelInfo {
         id: opts.model_id.clone(),
         model_type: cfg.family.model_type().into(),
@@ -210,7 +212,7 @@ pub fn start(opts: &FrontendOptions) -> anyhow::Result<Started> {
         max_tokens_per_request: opts.max_tokens_per_request,
     };
     let admission = crate::admission::Admission::new(&opts.admission, metrics.registry())
-        .context("configuring admission")?;
+        .map_err(StartError::Admission)?;
     admission.spawn_housekeeping();
     tracing::info!(
         admission = ?admission,

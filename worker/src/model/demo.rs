@@ -111,12 +111,32 @@ pub fn ensure(cache: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
+/// Why a demo or bench checkpoint could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The shape asked for cannot make a working model.
+    #[error("{0}")]
+    Shape(String),
+    /// A file could not be written.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A tensor could not be made or saved.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    /// A JSON file could not be encoded.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
 /// Writes a complete checkpoint of `shape` into `dir`.
-pub fn write(dir: &Path, shape: &DemoShape) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        shape.vocab >= 256 + SPECIALS.len(),
-        "vocab must hold the 259 byte-level tokens"
-    );
+pub fn write(dir: &Path, shape: &DemoShape) -> Result<(), DemoError> {
+    if shape.vocab < 256 + SPECIALS.len() {
+        return Err(DemoError::Shape(format!(
+            "vocab {} must hold the {} byte-level and special tokens",
+            shape.vocab,
+            256 + SPECIALS.len()
+        )));
+    }
     std::fs::create_dir_all(dir)?;
     let s = shape;
     let config = serde_json::json!({
@@ -169,12 +189,13 @@ pub fn write(dir: &Path, shape: &DemoShape) -> anyhow::Result<()> {
     let mut rng = Rng::new(0x5eed_0f57_17c4_u64);
     let dev = Device::Cpu;
     let mut t = HashMap::new();
-    let mut put = |name: String, shape: &[usize], std: f32, rng: &mut Rng| -> anyhow::Result<()> {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| normal(rng) * std).collect();
-        t.insert(name, Tensor::from_vec(data, shape, &dev)?);
-        Ok(())
-    };
+    let mut put =
+        |name: String, shape: &[usize], std: f32, rng: &mut Rng| -> Result<(), DemoError> {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| normal(rng) * std).collect();
+            t.insert(name, Tensor::from_vec(data, shape, &dev)?);
+            Ok(())
+        };
     let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu);
     let (d, hd) = (s.hidden, s.head_dim);
     put(
@@ -260,9 +281,11 @@ pub fn write(dir: &Path, shape: &DemoShape) -> anyhow::Result<()> {
 /// embedding has it, no layer writes to it), then gives each token an LM-head weight on it
 /// from English letter frequencies: printable letters, spaces and punctuation win, other
 /// bytes never do. Everything else stays random.
-fn make_readable(t: &mut HashMap<String, Tensor>, s: &DemoShape) -> anyhow::Result<()> {
-    let mut edit = |name: &str, f: &dyn Fn(&mut [f32], usize)| -> anyhow::Result<()> {
-        let old = t.remove(name).ok_or_else(|| anyhow::anyhow!("no {name}"))?;
+fn make_readable(t: &mut HashMap<String, Tensor>, s: &DemoShape) -> Result<(), DemoError> {
+    let mut edit = |name: &str, f: &dyn Fn(&mut [f32], usize)| -> Result<(), DemoError> {
+        let old = t
+            .remove(name)
+            .ok_or_else(|| DemoError::Shape(format!("no tensor {name} to edit")))?;
         let shape = old.dims().to_vec();
         let cols = shape.get(1).copied().unwrap_or(1);
         let mut data = old.flatten_all()?.to_vec1::<f32>()?;
@@ -319,12 +342,12 @@ fn make_readable(t: &mut HashMap<String, Tensor>, s: &DemoShape) -> anyhow::Resu
 }
 
 /// Adds one random tensor (name, shape, standard deviation) to a checkpoint being written.
-type PutTensor<'a> = dyn FnMut(String, &[usize], f32) -> anyhow::Result<()> + 'a;
+type PutTensor<'a> = dyn FnMut(String, &[usize], f32) -> Result<(), DemoError> + 'a;
 
 /// A DeepSeek-V2-Lite-proportioned checkpoint scaled to fit a small machine (about 0.45 B
 /// parameters): MLA with kv_lora_rank 256, 32 routed experts (top-4) plus 2 shared, the
 /// first layer dense, vocabulary 32 000. Random weights, the byte-level demo tokenizer.
-pub fn write_deepseek_bench(dir: &Path) -> anyhow::Result<()> {
+pub fn write_deepseek_bench(dir: &Path) -> Result<(), DemoError> {
     let (d, layers, heads, vocab) = (1024usize, 8usize, 8usize, 32_000usize);
     let (kv_lora, nope, rope, v) = (256usize, 64usize, 32usize, 64usize);
     let (experts, top_k, shared, ff, dense_ff) = (32usize, 4usize, 2usize, 512usize, 2816usize);
@@ -354,7 +377,7 @@ pub fn write_deepseek_bench(dir: &Path) -> anyhow::Result<()> {
     let mut rng = Rng::new(0xdee9_5eed);
     let dev = Device::Cpu;
     let mut t = HashMap::new();
-    let mut put = |name: String, shape: &[usize], std: f32| -> anyhow::Result<()> {
+    let mut put = |name: String, shape: &[usize], std: f32| -> Result<(), DemoError> {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| normal(&mut rng) * std).collect();
         t.insert(name, Tensor::from_vec(data, shape, &dev)?);
@@ -385,15 +408,16 @@ pub fn write_deepseek_bench(dir: &Path) -> anyhow::Result<()> {
         norms.push((format!("{p}.self_attn.kv_a_layernorm.weight"), kv_lora));
         norms.push((format!("{p}.input_layernorm.weight"), d));
         norms.push((format!("{p}.post_attention_layernorm.weight"), d));
-        let mlp = |put: &mut PutTensor<'_>, prefix: String, width: usize| -> anyhow::Result<()> {
-            put(format!("{prefix}.gate_proj.weight"), &[width, d], w)?;
-            put(format!("{prefix}.up_proj.weight"), &[width, d], w)?;
-            put(
-                format!("{prefix}.down_proj.weight"),
-                &[d, width],
-                1.0 / (width as f32).sqrt(),
-            )
-        };
+        let mlp =
+            |put: &mut PutTensor<'_>, prefix: String, width: usize| -> Result<(), DemoError> {
+                put(format!("{prefix}.gate_proj.weight"), &[width, d], w)?;
+                put(format!("{prefix}.up_proj.weight"), &[width, d], w)?;
+                put(
+                    format!("{prefix}.down_proj.weight"),
+                    &[d, width],
+                    1.0 / (width as f32).sqrt(),
+                )
+            };
         if l == 0 {
             mlp(&mut put, format!("{p}.mlp"), dense_ff)?;
         } else {
@@ -411,7 +435,7 @@ pub fn write_deepseek_bench(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), DemoError> {
     std::fs::write(path, serde_json::to_string_pretty(value)?)?;
     Ok(())
 }
@@ -493,21 +517,18 @@ mod tests {
     }
 
     #[test]
-    fn tokenizer_round_trips_any_text() -> anyhow::Result<()> {
+    fn tokenizer_round_trips_any_text() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let json = serde_json::to_string(&byte_level_tokenizer())?;
-        let tok: tokenizers::Tokenizer = json.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let tok: tokenizers::Tokenizer =
+            json.parse().map_err(|e: tokenizers::Error| e.to_string())?;
         let text = "héllo wörld 日本 🙂\n<|im_end|>";
         let ids = tok
             .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(|e| e.to_string())?
             .get_ids()
             .to_vec();
         assert_eq!(ids.last(), Some(&258), "special token recognised: {ids:?}");
-        assert_eq!(
-            tok.decode(&ids, false)
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-            text
-        );
+        assert_eq!(tok.decode(&ids, false).map_err(|e| e.to_string())?, text);
         Ok(())
     }
 }

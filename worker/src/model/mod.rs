@@ -151,25 +151,28 @@ pub fn parse_dtype(name: &str, device: &Device) -> Result<Option<DType>, String>
 }
 
 /// The compute device for `--device`.
-pub fn parse_device(name: &str) -> anyhow::Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "auto" | "" => Device::cuda_if_available(0)?,
+pub fn parse_device(name: &str) -> Result<Device, crate::StartError> {
+    let open = |result: candle_core::Result<Device>| {
+        result.map_err(|source| crate::StartError::Device {
+            name: name.to_string(),
+            source,
+        })
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "auto" | "" => open(Device::cuda_if_available(0)),
         other => {
             let ordinal = other
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse::<usize>().ok())
                 .ok_or_else(|| {
-                    anyhow::anyhow!("--device {other:?}: expected auto, cpu or cuda:<ordinal>")
+                    crate::StartError::invalid(format!(
+                        "--device {other:?}: expected auto, cpu or cuda:<ordinal>"
+                    ))
                 })?;
-            Device::new_cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!(
-                    "--device {other}: {e} (is this build compiled with --features cuda, \
-                     and is the GPU visible?)"
-                )
-            })?
+            open(Device::new_cuda(ordinal))
         }
-    })
+    }
 }
 
 /// A checkpoint loaded for serving: its config and the model.

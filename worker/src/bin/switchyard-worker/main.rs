@@ -132,9 +132,9 @@ async fn start_frontend(
     settings: FrontendSettings,
     metrics_listen: SocketAddr,
 ) -> anyhow::Result<tonic::service::Routes> {
-    let started = tokio::task::spawn_blocking(move || {
+    let started = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let options = settings.into_options()?;
-        frontend::start(&options)
+        Ok(frontend::start(&options)?)
     })
     .await
     .context("the model loading task panicked")??;
@@ -148,9 +148,9 @@ async fn start_shard(
     settings: ShardSettings,
     metrics_listen: SocketAddr,
 ) -> anyhow::Result<tonic::service::Routes> {
-    let started = tokio::task::spawn_blocking(move || {
+    let started = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let options = settings.into_options()?;
-        experts::shard::start(&options)
+        Ok(experts::shard::start(&options)?)
     })
     .await
     .context("the expert loading task panicked")??;

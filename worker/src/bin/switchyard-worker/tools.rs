@@ -97,8 +97,8 @@ fn tool_remote_experts(
     let remote = remote_options(targets, wire, 10_000, 60)?;
     let identity = experts::identity(model_id, ckpt, precision.weights)?;
     let registry = prometheus::Registry::new();
-    tokio::runtime::Handle::current()
-        .block_on(RemoteExperts::connect(cfg, identity, remote, &registry))
+    Ok(tokio::runtime::Handle::current()
+        .block_on(RemoteExperts::connect(cfg, identity, remote, &registry))?)
 }
 
 /// Runs `tool` (blocking; called on a blocking thread of the runtime).
@@ -236,7 +236,7 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                 "writing a random DeepSeek-V2-Lite-shaped checkpoint to {}",
                 out.display()
             );
-            demo::write_deepseek_bench(&out)
+            Ok(demo::write_deepseek_bench(&out)?)
         }
         Tool::MakeCheckpoint { shape, out } => {
             let shape = match shape.as_str() {
@@ -245,7 +245,7 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                 _ => demo::DEMO,
             };
             eprintln!("writing a random {shape:?} checkpoint to {}", out.display());
-            demo::write(&out, &shape)
+            Ok(demo::write(&out, &shape)?)
         }
     }
 }
