@@ -77,6 +77,10 @@ fixtures: ## Regenerate the tiny HF checkpoints + transformers references in wor
 bench-experts: ## Expert-parallel figures: one MoE layer on 2/4 shards, decode on 2 shards (docs/benchmarks.md)
 	hack/bench/expert-parallel.sh
 
+.PHONY: bench-flood
+bench-flood: ## The first seconds of a flood and 3x overload with 1 s deadlines, measured with ghz (docs/benchmarks.md)
+	hack/bench/flood.sh
+
 .PHONY: bench-admission
 bench-admission: ## Admission figures: goodput at 1x/2x/3x the knee with and without admission, a flood (docs/benchmarks.md)
 	hack/bench/admission.sh

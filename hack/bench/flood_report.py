@@ -63,6 +63,10 @@ def flood():
     print(f"  p99 whole flood / baseline p99: {pct(during, 99) / b99:.2f}x; "
           f"first 5 s: {pct(first, 99) / b99:.2f}x; legit errors: "
           f"{dict(collections.Counter(d['status'] for d in legit if d['status'] != 'OK'))}")
+    for d in legit:
+        if d["status"] != "OK":
+            # ghz closing its connection when its duration ends cuts what is in flight.
+            print(f"    {d['status']} at +{when(d['timestamp']) - t0:.1f} s: {d.get('error', '')[:120]}")
     print("attacker:", dict(collections.Counter(d["status"] for d in attacker["details"])))
 
 
