@@ -787,3 +787,101 @@ async fn under_overload_with_deadlines_requests_are_refused_before_they_start_la
         "{misses} of {started} started requests missed their deadline"
     );
 }
+
+/// Issue 24: after a run with every outcome a client can cause, the two metric families
+/// agree code by code for generation, and accepted = the outcomes of accepted requests.
+#[tokio::test]
+async fn after_a_run_of_every_outcome_the_metric_families_agree() {
+    let dir = TempDir::new("admission").expect("dir");
+    let f = frontend(dir.path(), 1, 1).await;
+    let mut c = client(&f).await;
+    // completed (and the free tier's 3 requests a minute spent), rejected.
+    for _ in 0..3 {
+        c.generate(request(Some(FREE_KEY), 2)).await.expect("ok");
+    }
+    let err = c
+        .generate(request(Some(FREE_KEY), 2))
+        .await
+        .expect_err("quota");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    // unauthenticated, invalid.
+    let err = c.generate(request(None, 2)).await.expect_err("no key");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let mut r = request(Some(PRO_KEY), 2);
+    r.get_mut().priority = 7;
+    let err = c.generate(r).await.expect_err("priority");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // shed (queue full, and evicted for a higher band), expired, cancelled.
+    let running = occupy(&f, PRO_KEY, 300).await;
+    let low = {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.generate(request(Some(LOW_KEY), 2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = c
+        .generate(request(Some(LOW_KEY), 2))
+        .await
+        .expect_err("full");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    let mut expiring = request(Some(PRO_KEY), 2);
+    expiring.set_timeout(Duration::from_millis(300));
+    let err = c.generate(expiring).await.expect_err("expired");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+    let err = low.await.expect("join").expect_err("evicted");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    {
+        let mut c = client(&f).await;
+        let queued = c
+            .generate_stream(request(Some(PRO_KEY), 2))
+            .await
+            .expect("queued stream");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(queued);
+    }
+    running
+        .await
+        .expect("join")
+        .expect("the long one completes");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = f.metrics().await.expect("metrics");
+    let sum_where = |prefix: &str, needle: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let status =
+        |code: &str| sum_where("switchyard_requests_total{", &format!("status=\"{code}\""));
+    let outcome = |o: &str| {
+        sum_where(
+            "switchyard_admission_requests_total{",
+            &format!("outcome=\"{o}\""),
+        )
+    };
+    for (o, codes) in [
+        ("completed", &["ok"][..]),
+        ("rejected", &["resource_exhausted"]),
+        ("unauthenticated", &["unauthenticated"]),
+        ("invalid", &["invalid_argument", "not_found"]),
+        ("shed", &["unavailable"]),
+        ("expired", &["deadline_exceeded"]),
+        ("cancelled", &["cancelled"]),
+    ] {
+        let by_code: f64 = codes.iter().map(|c| status(c)).sum();
+        assert!(outcome(o) > 0.0, "{o} happened\n{text}");
+        assert_eq!(outcome(o), by_code, "{o} against {codes:?}\n{text}");
+    }
+    assert_eq!(
+        sum_where("switchyard_requests_total{", ""),
+        sum_where("switchyard_admission_requests_total{", ""),
+        "every call was generation\n{text}"
+    );
+    let accepted = sum_where("switchyard_admission_accepted_total{", "");
+    let ended: f64 = ["completed", "shed", "expired", "cancelled", "failed"]
+        .iter()
+        .map(|o| outcome(o))
+        .sum();
+    let in_flight = sum_where("switchyard_admission_queued{", "")
+        + sum_where("switchyard_admission_inflight", "");
+    assert_eq!(accepted, ended + in_flight, "{text}");
+}
