@@ -94,6 +94,25 @@ fn md(status: &tonic::Status, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Starts a stream that waits in the queue, and drops it there (its client goes away).
+async fn cancel_while_queued(f: &FrontendProcess, tokens: u32) {
+    let mut c = client(f).await;
+    let queued = c
+        .generate_stream(request(Some(PRO_KEY), tokens))
+        .await
+        .expect("queued stream");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(queued);
+}
+
+/// The sum of the series in `text` whose line starts with `prefix` and contains `needle`.
+fn metric_sum(text: &str, prefix: &str, needle: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Starts a long streaming request and returns once its first token arrived (so it holds
 /// the engine slot); the stream keeps running in the background.
 async fn occupy(
@@ -343,15 +362,7 @@ async fn a_queued_request_that_cannot_start_in_time_expires() {
     assert!(started.elapsed() < Duration::from_secs(2));
     // A stream dropped while it waits in the queue, and one dropped while it runs, are
     // both counted as cancelled.
-    {
-        let mut c = client(&f).await;
-        let queued = c
-            .generate_stream(request(Some(PRO_KEY), 4))
-            .await
-            .expect("queued stream");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        drop(queued);
-    }
+    cancel_while_queued(&f, 4).await;
     running
         .await
         .expect("join")
@@ -370,12 +381,7 @@ async fn a_queued_request_that_cannot_start_in_time_expires() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The accounting invariant, and the outcomes by tenant.
     let text = f.metrics().await.expect("metrics");
-    let sum = |prefix: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let sum = |prefix: &str| metric_sum(&text, prefix, "");
     let accepted = sum("switchyard_admission_accepted_total{");
     let ended: f64 = ["completed", "shed", "expired", "cancelled", "failed"]
         .iter()
@@ -538,12 +544,7 @@ async fn every_refusal_keeps_the_contract_and_the_counts_agree() {
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
     };
-    let sum = |prefix: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let sum = |prefix: &str| metric_sum(&text, prefix, "");
     assert_eq!(
         value("switchyard_requests_total{status=\"invalid_argument\"}"),
         3.0,
@@ -829,27 +830,14 @@ async fn after_a_run_of_every_outcome_the_metric_families_agree() {
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
     let err = low.await.expect("join").expect_err("evicted");
     assert_eq!(err.code(), tonic::Code::Unavailable);
-    {
-        let mut c = client(&f).await;
-        let queued = c
-            .generate_stream(request(Some(PRO_KEY), 2))
-            .await
-            .expect("queued stream");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        drop(queued);
-    }
+    cancel_while_queued(&f, 2).await;
     running
         .await
         .expect("join")
         .expect("the long one completes");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let text = f.metrics().await.expect("metrics");
-    let sum_where = |prefix: &str, needle: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(prefix) && l.contains(needle))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let sum_where = |prefix: &str, needle: &str| metric_sum(&text, prefix, needle);
     let status =
         |code: &str| sum_where("switchyard_requests_total{", &format!("status=\"{code}\""));
     let outcome = |o: &str| {

@@ -315,6 +315,25 @@ mod tests {
             .unwrap_or(0.0)
     }
 
+    /// One call counted, as `deadline_exceeded` and `expired`, none as cancelled.
+    fn assert_counted_expired_once(metrics: &FrontendMetrics) {
+        let status = |s: &str| {
+            series(
+                metrics,
+                &format!("switchyard_requests_total{{status=\"{s}\"}}"),
+            )
+        };
+        assert_eq!(status("deadline_exceeded"), 1.0);
+        assert_eq!(status("cancelled"), 0.0);
+        assert_eq!(
+            series(
+                metrics,
+                "switchyard_admission_requests_total{outcome=\"expired\",tenant=\"acme\",tier=\"free\"}"
+            ),
+            1.0
+        );
+    }
+
     fn code(response: &http::Response<Body>) -> Option<&str> {
         response.headers().get("grpc-status")?.to_str().ok()
     }
@@ -597,24 +616,7 @@ mod tests {
         let response = call(&mut svc, r).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
         drop(response);
-        assert_eq!(
-            series(
-                &metrics,
-                "switchyard_requests_total{status=\"deadline_exceeded\"}"
-            ),
-            1.0
-        );
-        assert_eq!(
-            series(&metrics, "switchyard_requests_total{status=\"cancelled\"}"),
-            0.0
-        );
-        assert_eq!(
-            series(
-                &metrics,
-                "switchyard_admission_requests_total{outcome=\"expired\",tenant=\"acme\",tier=\"free\"}"
-            ),
-            1.0
-        );
+        assert_counted_expired_once(&metrics);
     }
 
     /// Tenants `legit` and `flood` in one unlimited tier, `max_inflight` slots.
@@ -729,19 +731,6 @@ mod tests {
         let response = call(&mut svc, r).await;
         assert!(started.elapsed() < Duration::from_millis(30));
         assert_eq!(code(&response), Some("4"), "DEADLINE_EXCEEDED");
-        assert_eq!(
-            series(
-                &metrics,
-                "switchyard_requests_total{status=\"deadline_exceeded\"}"
-            ),
-            1.0
-        );
-        assert_eq!(
-            series(
-                &metrics,
-                "switchyard_admission_requests_total{outcome=\"expired\",tenant=\"acme\",tier=\"free\"}"
-            ),
-            1.0
-        );
+        assert_counted_expired_once(&metrics);
     }
 }
