@@ -222,24 +222,40 @@ mod tests {
         max_inflight: usize,
         max_queued: u32,
     ) -> (Arc<Admission>, Arc<FrontendMetrics>) {
+        let tier = TierConfig {
+            name: "free".into(),
+            priority: "normal".into(),
+            weight: 1,
+            requests_per_minute: Some(requests),
+            tokens_per_minute: Some(100),
+        };
+        admission_with(
+            &format!("acme:{KEY}:free\n"),
+            tier,
+            max_inflight,
+            max_queued,
+        )
+    }
+
+    /// Admission with the key file `keys` and the one tier `tier` (the default).
+    fn admission_with(
+        keys: &str,
+        tier: TierConfig,
+        max_inflight: usize,
+        max_queued: u32,
+    ) -> (Arc<Admission>, Arc<FrontendMetrics>) {
         let dir = std::env::temp_dir().join(format!(
             "switchyard-pipeline-{}-{}",
             std::process::id(),
             rand_suffix()
         ));
         std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("tenants"), format!("acme:{KEY}:free\n")).expect("keys");
+        std::fs::write(dir.join("tenants"), keys).expect("keys");
         let opts = AdmissionOptions {
             config: AdmissionConfig {
                 api_keys_dir: Some(dir.to_string_lossy().into_owned()),
-                tiers: vec![TierConfig {
-                    name: "free".into(),
-                    priority: "normal".into(),
-                    weight: 1,
-                    requests_per_minute: Some(requests),
-                    tokens_per_minute: Some(100),
-                }],
-                default_tier: Some("free".into()),
+                default_tier: Some(tier.name.clone()),
+                tiers: vec![tier],
                 max_queued,
                 default_deadline_seconds: 30,
             },
@@ -621,37 +637,19 @@ mod tests {
 
     /// Tenants `legit` and `flood` in one unlimited tier, `max_inflight` slots.
     fn two_tenants(max_inflight: usize) -> (Arc<Admission>, Call, Call) {
-        let dir = std::env::temp_dir().join(format!(
-            "switchyard-share-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(
-            dir.join("tenants"),
-            "legit:legit-key-0123456789\nflood:flood-key-0123456789\n",
-        )
-        .expect("keys");
-        let opts = AdmissionOptions {
-            config: AdmissionConfig {
-                api_keys_dir: Some(dir.to_string_lossy().into_owned()),
-                tiers: vec![TierConfig {
-                    name: "open".into(),
-                    priority: "normal".into(),
-                    weight: 1,
-                    requests_per_minute: None,
-                    tokens_per_minute: None,
-                }],
-                default_tier: Some("open".into()),
-                max_queued: 256,
-                default_deadline_seconds: 30,
-            },
-            max_inflight,
-            min_service: Duration::from_millis(1),
+        let tier = TierConfig {
+            name: "open".into(),
+            priority: "normal".into(),
+            weight: 1,
+            requests_per_minute: None,
+            tokens_per_minute: None,
         };
-        let metrics = Arc::new(FrontendMetrics::new(1, 0));
-        let admission = Admission::new(&opts, metrics.registry()).expect("admission");
-        let _ = std::fs::remove_dir_all(&dir);
+        let (admission, _metrics) = admission_with(
+            "legit:legit-key-0123456789\nflood:flood-key-0123456789\n",
+            tier,
+            max_inflight,
+            256,
+        );
         let call = |key: &str| {
             let call = Call::default();
             let caller = admission
