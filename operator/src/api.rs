@@ -129,6 +129,9 @@ pub struct ModelDeploymentSpec {
 #[x_kube(validation = Rule::new(
     "self.quantization == 'int4' || !has(self.quantizationGroupSize)"
 ).message("model.quantizationGroupSize applies only with model.quantization: int4").field_path(".quantizationGroupSize"))]
+#[x_kube(validation = Rule::new("self.quantization != 'int4'")
+    .message("model.quantization: int4 is not supported yet (INT4 weights land in a later release); use none")
+    .field_path(".quantization"))]
 pub struct ModelSpec {
     /// A PersistentVolumeClaim holding the checkpoint directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -142,11 +145,12 @@ pub struct ModelSpec {
     /// The dtype weights and activations are computed in.
     #[serde(default)]
     pub dtype: Dtype,
-    /// Weight quantization applied at load.
+    /// Weight quantization applied at load. Only `none` (weights as stored, converted to
+    /// `dtype`) is supported yet; `int4` is refused until INT4 loading lands.
     #[serde(default)]
     pub quantization: Quantization,
-    /// Weights per INT4 group (one scale per group). Only with `quantization: int4`;
-    /// default 128 there.
+    /// Weights per INT4 group (one scale per group). Only with `quantization: int4`, which
+    /// is refused until INT4 loading lands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization_group_size: Option<QuantizationGroupSize>,
 }
@@ -307,14 +311,17 @@ impl Default for FrontendSpec {
 /// The expert-shard role.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.redundantExperts == 0")
+    .message("experts.redundantExperts is not supported yet (replicated expert slots land with online expert placement); leave it 0")
+    .field_path(".redundantExperts"))]
 pub struct ExpertsSpec {
     /// Number of expert shards: the expert-parallel degree. The routed experts of every
     /// MoE layer are spread over them. Default 1.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 256))]
     pub shards: i32,
-    /// Extra expert slots per MoE layer, filled with replicas of the most loaded experts.
-    /// Default 0.
+    /// Extra expert slots per MoE layer, for replicas of the most loaded experts. Not
+    /// supported yet: only 0 (the default) is accepted.
     #[serde(default)]
     #[schemars(range(min = 0, max = 1024))]
     pub redundant_experts: i32,
@@ -516,8 +523,13 @@ fn default_deadline_seconds() -> i32 {
 #[x_kube(validation = Rule::new("self.panicWindowSeconds < self.stableWindowSeconds")
     .message("autoscaling.panicWindowSeconds must be shorter than autoscaling.stableWindowSeconds")
     .field_path(".panicWindowSeconds"))]
+#[x_kube(validation = Rule::new("!self.enabled")
+    .message("autoscaling.enabled: the autoscaler is not built yet; leave it false and set frontend.replicas and experts.shards")
+    .field_path(".enabled"))]
 pub struct AutoscalingSpec {
-    /// Whether the operator changes replicas by itself. Default false.
+    /// Whether the operator changes replicas by itself. Not supported yet: only false
+    /// (the default) is accepted, and the other fields of `autoscaling` are validated but
+    /// have no effect until it is.
     #[serde(default)]
     pub enabled: bool,
     #[serde(default)]
@@ -669,7 +681,4 @@ pub struct PlacementSummary {
     pub revision: String,
     /// Number of shards the experts are spread over.
     pub shards: i32,
-    /// Expert slots per shard (over all MoE layers).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub slots_per_shard: Vec<i32>,
 }

@@ -166,9 +166,47 @@ fn conflict_is_false<T>(result: Result<T, kube::Error>) -> Result<bool, kube::Er
     }
 }
 
+/// Where a pod finds its own namespace when `POD_NAMESPACE` is not set (every pod with a
+/// ServiceAccount token has it).
+pub const SERVICE_ACCOUNT_NAMESPACE_FILE: &str =
+    "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// The namespace of the Lease: `--lease-namespace`, else `POD_NAMESPACE`, else the pod's
+/// ServiceAccount namespace file, else `default` (run outside a cluster).
+pub fn lease_namespace(
+    flag: Option<String>,
+    pod_namespace: Option<String>,
+    service_account_file: &std::path::Path,
+) -> String {
+    flag.filter(|n| !n.is_empty())
+        .or_else(|| pod_namespace.filter(|n| !n.is_empty()))
+        .or_else(|| {
+            std::fs::read_to_string(service_account_file)
+                .ok()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+        })
+        .unwrap_or_else(|| "default".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lease_namespace_falls_back_to_the_service_account_file() {
+        let dir = std::env::temp_dir().join(format!("switchyard-lease-ns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("namespace");
+        std::fs::write(&file, "team-a\n").expect("write");
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(lease_namespace(some("flag"), some("pod"), &file), "flag");
+        assert_eq!(lease_namespace(None, some("pod"), &file), "pod");
+        assert_eq!(lease_namespace(None, None, &file), "team-a");
+        assert_eq!(lease_namespace(None, some(""), &file), "team-a");
+        assert_eq!(lease_namespace(None, None, &dir.join("missing")), "default");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn spec(holder: Option<&str>, renewed_secs_ago: i64, duration: i32) -> (LeaseSpec, Timestamp) {
         let now = Timestamp::from_second(1_000_000).unwrap();

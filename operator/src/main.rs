@@ -60,7 +60,8 @@ struct RunArgs {
     /// Elect a leader among replicas on a coordination.k8s.io Lease.
     #[arg(long, env = "SWITCHYARD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
-    /// Namespace of the Lease (default: the pod's namespace, else `default`).
+    /// Namespace of the Lease (default: `POD_NAMESPACE`, else the pod's ServiceAccount
+    /// namespace, else `default`).
     #[arg(long, env = "SWITCHYARD_LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
     /// Name of the Lease.
@@ -161,11 +162,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             format!("{host}-{}", std::process::id())
         })
     });
-    let lease_namespace = args
-        .lease_namespace
-        .clone()
-        .or_else(|| std::env::var("POD_NAMESPACE").ok())
-        .unwrap_or_else(|| "default".into());
+    let lease_namespace = switchyard_operator::leader::lease_namespace(
+        args.lease_namespace.clone(),
+        std::env::var("POD_NAMESPACE").ok(),
+        std::path::Path::new(switchyard_operator::leader::SERVICE_ACCOUNT_NAMESPACE_FILE),
+    );
     tracing::info!(
         namespace = args.namespace.as_deref().unwrap_or("(all)"),
         metrics_addr = %args.metrics_addr,

@@ -176,7 +176,6 @@ pub fn derive(
             .map(|revision| PlacementSummary {
                 revision,
                 shards: shards_desired,
-                slots_per_shard: Vec::new(),
             }),
     }
 }
@@ -328,6 +327,9 @@ spec:
             "{}",
             ready.message
         );
+        // What the spec asks for, beside what is there.
+        assert_eq!(status.experts.desired_replicas, md.spec.experts.shards);
+        assert_eq!(status.frontend.desired_replicas, md.spec.frontend.replicas);
     }
 
     #[test]

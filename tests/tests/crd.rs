@@ -196,7 +196,71 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.model.hostPath.path",
     ),
     ("an empty image", "image", "''", "spec.image"),
+    (
+        "int4, not supported yet",
+        "model",
+        "{pvc: {claimName: models}, quantization: int4}",
+        "spec.model.quantization",
+    ),
+    (
+        "redundant experts, not supported yet",
+        "experts.redundantExperts",
+        "8",
+        "spec.experts.redundantExperts",
+    ),
+    (
+        "the autoscaler, not built yet",
+        "autoscaling",
+        "{enabled: true, frontend: {minReplicas: 1, maxReplicas: 4}}",
+        "spec.autoscaling.enabled",
+    ),
 ];
+
+/// Fields whose feature is not built yet are refused saying so, not accepted and ignored.
+#[tokio::test]
+async fn fields_whose_feature_is_not_built_are_refused_as_not_supported_yet() {
+    let ns = namespace_with_crd("crd-unbuilt").await;
+    let api = api(&ns);
+    for (i, (path, value, says)) in [
+        (
+            "model",
+            "{pvc: {claimName: models}, quantization: int4}",
+            "model.quantization: int4 is not supported yet",
+        ),
+        (
+            "experts.redundantExperts",
+            "1",
+            "experts.redundantExperts is not supported yet",
+        ),
+        (
+            "autoscaling",
+            "{enabled: true}",
+            "autoscaling.enabled: the autoscaler is not built yet",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut obj = valid_with(path, value);
+        obj.metadata.name = Some(format!("unbuilt-{i}"));
+        match api.create(&PostParams::default(), &obj).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{status:?}");
+                assert!(status.message.contains(says), "{}", status.message);
+            }
+            other => panic!("{path}: {value}: expected a refusal, got {other:?}"),
+        }
+    }
+    // Their inert defaults, and autoscaling bounds with the autoscaler off, are accepted.
+    let mut obj = valid_with(
+        "autoscaling",
+        "{enabled: false, frontend: {minReplicas: 1, maxReplicas: 4}}",
+    );
+    obj.metadata.name = Some("unbuilt-off".into());
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("defaults accepted");
+}
 
 #[tokio::test]
 async fn invalid_manifests_are_refused_with_a_message_naming_the_field() {
@@ -270,5 +334,99 @@ spec: {model: {pvc: {claimName: models}}}
         created.data["spec"].get("image").is_none(),
         "{:?}",
         created.data
+    );
+}
+
+/// Every field of the CRD (spec and status, at any depth) is named by some test — a Rust
+/// test source of the workspace, or an example manifest the tests apply — so a field
+/// cannot be added without a test that touches it. (Issue 15: no field without an effect.)
+#[test]
+fn every_crd_field_is_referenced_by_a_test() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let crd: serde_json::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root.join("crds/modeldeployment.yaml")).expect("crds/"),
+    )
+    .expect("CRD YAML");
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
+    let mut fields = Vec::new();
+    // Kubernetes' own types, passed to the pods as they are: their name is checked, not
+    // every field Kubernetes defines inside them.
+    const KUBERNETES_TYPES: &[&str] = &[
+        "affinity",
+        "tolerations",
+        "resources",
+        "topologySpreadConstraints",
+        "conditions",
+    ];
+    fn walk(node: &serde_json::Value, path: &str, out: &mut Vec<(String, String)>) {
+        if let Some(props) = node["properties"].as_object() {
+            for (name, child) in props {
+                let here = format!("{path}.{name}");
+                out.push((here.clone(), name.clone()));
+                if !KUBERNETES_TYPES.contains(&name.as_str()) {
+                    walk(child, &here, out);
+                }
+            }
+        }
+        walk_items(node, path, out);
+    }
+    fn walk_items(node: &serde_json::Value, path: &str, out: &mut Vec<(String, String)>) {
+        if node["items"].is_object() {
+            walk(&node["items"], &format!("{path}[]"), out);
+        }
+        if node["additionalProperties"].is_object() {
+            walk(&node["additionalProperties"], &format!("{path}{{}}"), out);
+        }
+    }
+    for top in ["spec", "status"] {
+        walk(&schema[top], top, &mut fields);
+    }
+    assert!(fields.len() > 50, "the walk found only {}", fields.len());
+    // What the tests contain: every .rs file under tests/ and operator/src/ (their test
+    // modules), and the example manifests the tests apply.
+    let mut corpus = String::new();
+    let mut stack = vec![
+        root.join("tests/tests"),
+        root.join("tests/src"),
+        root.join("operator/src"),
+        root.join("examples"),
+    ];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs" || e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                // In operator/src only the test modules count, not the types themselves.
+                let text = match text.find("#[cfg(test)]") {
+                    Some(i) if path.starts_with(root.join("operator/src")) => text[i..].to_string(),
+                    _ if path.starts_with(root.join("operator/src")) => String::new(),
+                    _ => text,
+                };
+                corpus.push_str(&text);
+            }
+        }
+    }
+    let snake = |name: &str| {
+        let mut out = String::new();
+        for c in name.chars() {
+            if c.is_ascii_uppercase() {
+                out.push('_');
+                out.push(c.to_ascii_lowercase());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let unreferenced: Vec<&String> = fields
+        .iter()
+        .filter(|(_, name)| !corpus.contains(name.as_str()) && !corpus.contains(&snake(name)))
+        .map(|(path, _)| path)
+        .collect();
+    assert!(
+        unreferenced.is_empty(),
+        "CRD fields no test names: {unreferenced:?}"
     );
 }

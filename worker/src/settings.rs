@@ -235,6 +235,15 @@ impl ModelSettings {
             "SWITCHYARD_DTYPE",
             "worker.json's model.dtype sets it, and frontends and shards must compute in the same dtype",
         )?;
+        if config.model.quantization != "none" {
+            return Err(SettingsError::Invalid {
+                flag: "worker.json model.quantization",
+                message: format!(
+                    "{:?} is not supported yet (INT4 weights land in a later release); use \"none\"",
+                    config.model.quantization
+                ),
+            });
+        }
         Ok(Self {
             source: ModelSource::Dir(PathBuf::from(&config.model.path)),
             model_id: Some(config.deployment.clone()),
@@ -815,6 +824,34 @@ mod tests {
                 path: "/p.json".into(),
                 shard: 1
             }
+        );
+    }
+
+    #[test]
+    fn a_worker_json_asking_for_int4_is_refused_not_ignored() {
+        let mut config = worker_json();
+        config.model.quantization = "int4".into();
+        let e = ModelSettings::resolve(&parse(&[]).model, Some(&config), "frontend")
+            .expect_err("int4 is not built");
+        assert!(e.to_string().contains("model.quantization"), "{e}");
+        assert!(e.to_string().contains("not supported yet"), "{e}");
+    }
+
+    /// README.md says so: every flag of the server roles has an environment fallback.
+    #[test]
+    fn every_server_flag_has_an_environment_variable() {
+        let command = Args::command();
+        let missing: Vec<String> = command
+            .get_arguments()
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            // Hidden fault-injection flags for tests are not in --help.
+            .filter(|a| !a.is_hide_set())
+            .filter(|a| a.get_env().is_none())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "flags without a SWITCHYARD_* variable: {missing:?}"
         );
     }
 

@@ -221,14 +221,14 @@ fn the_full_example_asks_for_gpus_and_mounts_api_keys_on_frontends_only() {
 
     let config: WorkerConfig =
         serde_json::from_str(&d.config.data.as_ref().unwrap()[CONFIG_FILE]).unwrap();
-    assert_eq!(config.model.quantization, "int4");
-    assert_eq!(config.model.quantization_group_size, Some(128));
+    assert_eq!(config.model.quantization, "none");
+    assert_eq!(config.model.quantization_group_size, None);
     assert_eq!(config.shards.count, 4);
     assert_eq!(
         config.shards.service,
         "deepseek-v2-lite-experts.serving.svc"
     );
-    assert_eq!(config.placement.redundant_experts, 8);
+    assert_eq!(config.placement.redundant_experts, 0);
     assert_eq!(config.admission.tiers.len(), 3);
     assert_eq!(config.admission.tiers[0].requests_per_minute, Some(60));
     assert_eq!(config.admission.tiers[2].requests_per_minute, None);
@@ -325,4 +325,17 @@ fn config_hash_is_stable() {
     // Pinned: a change here rolls every worker pod in every cluster on upgrade.
     assert_eq!(config_hash(""), "cbf29ce484222325");
     assert_eq!(config_hash("a"), "af63dc4c8601ec8c");
+}
+
+/// The API server refuses `int4` until INT4 loading lands; the worker config already
+/// carries it through for then (the worker refuses it too: see docs/operator.md).
+#[test]
+fn int4_is_carried_into_the_worker_config_with_its_default_group_size() {
+    let mut md = example("minimal.yaml");
+    md.spec.model.quantization = crate::api::Quantization::Int4;
+    let d = desired(&md, &Defaults::default()).unwrap();
+    let config: WorkerConfig =
+        serde_json::from_str(&d.config.data.as_ref().unwrap()[CONFIG_FILE]).unwrap();
+    assert_eq!(config.model.quantization, "int4");
+    assert_eq!(config.model.quantization_group_size, Some(128));
 }
