@@ -373,7 +373,11 @@ pub struct ServingSpec {
     #[serde(default = "default_max_tokens_per_request")]
     #[schemars(range(min = 1, max = 1048576))]
     pub max_tokens_per_request: i32,
-    /// Tokens of KV cache per frontend. Default: what fits in the frontend's memory.
+    /// Tokens of KV cache per frontend. Default: what fits in the memory left after the
+    /// weights are loaded (90% of it; on CPUs the container's memory limit minus its usage),
+    /// at most `maxBatchSize` full-context sequences; a frontend where not even one
+    /// full-context sequence fits fails to start, saying so. On GPUs the free memory is not
+    /// measured yet: set this there (the default is `maxBatchSize` × min(context, 2048)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 16))]
     pub kv_cache_tokens: Option<i64>,

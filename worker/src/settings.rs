@@ -111,8 +111,8 @@ pub struct FrontendArgs {
     /// serving.maxTokensPerRequest].
     #[arg(long, env = "SWITCHYARD_MAX_TOKENS_PER_REQUEST")]
     pub max_tokens_per_request: Option<usize>,
-    /// KV-cache capacity in tokens [default: max batch size × min(context, 2048);
-    /// worker.json: serving.kvCacheTokens].
+    /// KV-cache capacity in tokens [default: what fits in the memory left after the
+    /// weights, at most max batch size × context; worker.json: serving.kvCacheTokens].
     #[arg(long, env = "SWITCHYARD_KV_CACHE_TOKENS")]
     pub kv_cache_tokens: Option<u64>,
     /// Tokens per KV-cache block [default: 16].

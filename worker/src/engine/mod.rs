@@ -16,6 +16,7 @@
 //! back in the pool before the next step runs.
 
 pub mod bench;
+pub mod kv_budget;
 pub mod kv_cache;
 pub mod sampling;
 pub mod scheduler;

@@ -50,7 +50,8 @@ pub struct FrontendOptions {
     pub max_context_length: Option<usize>,
     /// Largest `max_tokens` (also the default when a request sets none).
     pub max_tokens_per_request: usize,
-    /// KV-cache capacity in tokens; `None` = `max_batch_size` × min(context, 2048).
+    /// KV-cache capacity in tokens; `None` = what fits in the memory left after the weights
+    /// (`engine::kv_budget`).
     pub kv_cache_tokens: Option<u64>,
     /// Tokens per KV block.
     pub kv_block_size: usize,
@@ -76,6 +77,19 @@ pub struct Started {
     /// Admission control, whose layers the service is served behind
     /// ([`crate::server::frontend_routes`]).
     pub admission: Arc<crate::admission::Admission>,
+}
+
+/// The KV cache size when the memory left cannot be measured: `max_batch_size` ×
+/// min(context, 2048) tokens, with a warning saying why and what to set.
+fn fallback_kv_tokens(opts: &FrontendOptions, context: usize, why: &str) -> u64 {
+    let tokens = (opts.max_batch_size * context.min(2048)) as u64;
+    tracing::warn!(
+        tokens,
+        why,
+        "sizing the KV cache as maxBatchSize × min(context, 2048); set serving.kvCacheTokens \
+         (--kv-cache-tokens) to choose"
+    );
+    tokens
 }
 
 /// Loads the model and tokenizer and starts the engine.
@@ -157,11 +171,24 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
             return Err(StartError::invalid(format!("{name} must be at least 1")));
         }
     }
-    let kv_tokens = opts
-        .kv_cache_tokens
-        .unwrap_or((opts.max_batch_size * context.min(2048)) as u64);
+    let per_token = PagedKv::bytes_per_slot(&cfg, dtype);
+    let kv_tokens = match opts.kv_cache_tokens {
+        Some(tokens) => tokens,
+        // What fits in the memory left now that the weights are loaded.
+        None if device.is_cpu() => match crate::engine::kv_budget::cpu_memory_left() {
+            Some(left) => crate::engine::kv_budget::tokens_for(
+                left,
+                per_token as u64,
+                context as u64,
+                opts.max_batch_size as u64,
+            )
+            .map_err(|e| StartError::invalid(e.to_string()))?,
+            None => fallback_kv_tokens(opts, context, "the memory left cannot be read"),
+        },
+        None => fallback_kv_tokens(opts, context, "free GPU memory is not measured yet"),
+    };
     let kv_blocks = (kv_tokens as usize).div_ceil(opts.kv_block_size);
-    let kv_bytes = kv_blocks * opts.kv_block_size * PagedKv::bytes_per_slot(&cfg, dtype);
+    let kv_bytes = kv_blocks * opts.kv_block_size * per_token;
     tracing::info!(
         model = %opts.model.display(),
         family = %cfg.family,
