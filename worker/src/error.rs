@@ -67,6 +67,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// Not even one full-context sequence fits in the memory left for the KV cache.
+    #[error(transparent)]
+    KvBudget(#[from] crate::engine::kv_budget::KvBudgetError),
     /// The engine thread could not start.
     #[error("starting the engine")]
     Engine(#[source] candle_core::Error),

@@ -131,11 +131,8 @@ struct Tenant {
 
 impl Tenant {
     /// Queued tickets per unit of weight, as a fraction `(queued, weight)`.
-    fn load(&self, extra: usize) -> (u64, u64) {
-        (
-            (self.queue.len() + extra) as u64,
-            u64::from(self.weight.max(1)),
-        )
+    fn load(&self) -> (u64, u64) {
+        (self.queue.len() as u64, u64::from(self.weight.max(1)))
     }
 }
 
@@ -262,7 +259,7 @@ impl<T> FairQueue<T> {
         let (load, newest, name) = band
             .tenants
             .iter()
-            .filter_map(|(name, t)| Some((t.load(0), *t.queue.back()?, name)))
+            .filter_map(|(name, t)| Some((t.load(), *t.queue.back()?, name)))
             .reduce(|a, b| {
                 if heavier(b.0, a.0) || (!heavier(a.0, b.0) && b.1 > a.1) {
                     b
@@ -273,12 +270,11 @@ impl<T> FairQueue<T> {
         if low < newcomer.band {
             return Some(newest);
         }
-        let own = band
+        let mine = band
             .tenants
             .get(&newcomer.tenant)
-            .map_or((1, u64::from(newcomer.weight.max(1))), |t| {
-                (t.load(1).0, u64::from(newcomer.weight.max(1)))
-            });
+            .map_or(0, |t| t.queue.len());
+        let own = ((mine + 1) as u64, u64::from(newcomer.weight.max(1)));
         (*name != newcomer.tenant && heavier(load, own)).then_some(newest)
     }
 

@@ -494,9 +494,14 @@ mod tests {
     }
 
     fn identified(admission: &Admission) -> Call {
+        identified_as(admission, KEY)
+    }
+
+    /// A call identified by the API key `key`.
+    fn identified_as(admission: &Admission, key: &str) -> Call {
         let call = Call::default();
         let caller = admission
-            .identify(&request("Generate", Some(KEY)).headers().clone(), None)
+            .identify(&request("Generate", Some(key)).headers().clone(), None)
             .expect("caller");
         call.identified(caller);
         call
@@ -650,16 +655,8 @@ mod tests {
             max_inflight,
             256,
         );
-        let call = |key: &str| {
-            let call = Call::default();
-            let caller = admission
-                .identify(&request("Generate", Some(key)).headers().clone(), None)
-                .expect("caller");
-            call.identified(caller);
-            call
-        };
-        let legit = call("legit-key-0123456789");
-        let flood = call("flood-key-0123456789");
+        let legit = identified_as(&admission, "legit-key-0123456789");
+        let flood = identified_as(&admission, "flood-key-0123456789");
         (admission, legit, flood)
     }
 

@@ -37,6 +37,17 @@ pub(super) struct Waiter {
     rank: u8,
 }
 
+/// Whose slot [`Admission::take_slot`] makes, and what it is charged.
+struct SlotOf {
+    key: String,
+    label: String,
+    input: u64,
+    band: Band,
+    rank: u8,
+    weight: u32,
+    charge: Charge,
+}
+
 /// The queue and the requests in the engine (under [`Admission`]'s lock).
 pub(super) struct QueueState {
     pub(super) queue: FairQueue<Waiter>,
@@ -89,22 +100,22 @@ impl Admission {
                 .shares
                 .may_start(&active, self.max_inflight, rank, band, &caller.key, weight)
             {
-                st.shares.started(rank, band, &caller.key);
+                let slot = self.take_slot(
+                    &mut st,
+                    SlotOf {
+                        key: caller.key.clone(),
+                        label: caller.label.clone(),
+                        input: input_tokens,
+                        band,
+                        rank,
+                        weight,
+                        charge,
+                    },
+                    now,
+                );
                 self.metrics
                     .set_queue(&st.queue.len_by_band(), st.shares.total());
-                return Ok(Turn::Now(Slot {
-                    admission: self.clone(),
-                    key: caller.key.clone(),
-                    label: caller.label.clone(),
-                    input: input_tokens,
-                    band,
-                    rank,
-                    weight,
-                    charge,
-                    used: AtomicU64::new(input_tokens),
-                    started: now,
-                    armed: true,
-                }));
+                return Ok(Turn::Now(slot));
             }
         }
         let pushed = st.queue.push(Ticket {
@@ -205,14 +216,34 @@ impl Admission {
             .store(((mean * 7 + us) / 8).max(1), Ordering::Relaxed);
     }
 
+    /// Gives `of` a slot in the engine, started at `now` (caller holds the lock).
+    fn take_slot(self: &Arc<Self>, st: &mut QueueState, of: SlotOf, now: Instant) -> Slot {
+        st.shares.started(of.rank, of.band, &of.key);
+        Slot {
+            admission: self.clone(),
+            used: AtomicU64::new(of.input),
+            key: of.key,
+            label: of.label,
+            input: of.input,
+            band: of.band,
+            rank: of.rank,
+            weight: of.weight,
+            charge: of.charge,
+            started: now,
+            armed: true,
+        }
+    }
+
     /// Hands free slots to the next queued requests that may take one
     /// ([`Shares::may_start`]: by rank from the top, each tenant within its share), in the
     /// fair queue's order (caller holds the lock). A request that can no longer finish by
     /// its deadline at the recent rate is expired instead of started.
     pub(super) fn dispatch(self: &Arc<Self>, st: &mut QueueState) {
+        // Who is active does not change within one round: a tenant that starts a request
+        // was queued, and is in the engine now.
+        let active = st.shares.active(&st.queue, Instant::now());
         loop {
             let now = Instant::now();
-            let active = st.shares.active(&st.queue, now);
             let QueueState { queue, shares } = &mut *st;
             let max = self.max_inflight;
             let Some((_, t)) = queue.pop_where(|t| {
@@ -233,20 +264,19 @@ impl Admission {
                     continue;
                 }
             }
-            let slot = Slot {
-                admission: self.clone(),
-                key: w.key,
-                label: w.label,
-                input: t.input_tokens,
-                band: t.band,
-                rank: w.rank,
-                weight: t.weight,
-                charge: w.charge,
-                used: AtomicU64::new(t.input_tokens),
-                started: now,
-                armed: true,
-            };
-            st.shares.started(w.rank, t.band, &t.tenant);
+            let slot = self.take_slot(
+                st,
+                SlotOf {
+                    key: w.key,
+                    label: w.label,
+                    input: t.input_tokens,
+                    band: t.band,
+                    rank: w.rank,
+                    weight: t.weight,
+                    charge: w.charge,
+                },
+                now,
+            );
             if let Err(Ok(mut slot)) = w.tx.send(Ok(slot)) {
                 // The waiter is gone: nobody will use the slot; dropping it refunds all.
                 slot.armed = false;

@@ -181,8 +181,7 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
                 per_token as u64,
                 context as u64,
                 opts.max_batch_size as u64,
-            )
-            .map_err(|e| StartError::invalid(e.to_string()))?,
+            )?,
             None => fallback_kv_tokens(opts, context, "the memory left cannot be read"),
         },
         None => fallback_kv_tokens(opts, context, "free GPU memory is not measured yet"),
