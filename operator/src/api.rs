@@ -13,7 +13,7 @@
 //!   ├─ spec.model        where the weights are (exactly one of pvc / hostPath / image), dtype, quantization
 //!   ├─ spec.image        the worker image
 //!   ├─ spec.frontend     replicas (the scale subresource), resources, scheduling
-//!   ├─ spec.experts      shards (expert-parallel degree), redundant expert slots, resources, scheduling
+//!   ├─ spec.experts      shards (expert-parallel degree; 0 = frontends only), redundant expert slots, resources, scheduling
 //!   ├─ spec.serving      gRPC port, batch, context and KV-cache limits
 //!   ├─ spec.admission    API-key Secret, tiers (priority, weight, quotas), queue bounds
 //!   ├─ spec.autoscaling  bounds per role, signal, windows
@@ -309,16 +309,18 @@ impl Default for FrontendSpec {
 }
 
 /// The expert-shard role.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.redundantExperts == 0")
     .message("experts.redundantExperts is not supported yet (replicated expert slots land with online expert placement); leave it 0")
     .field_path(".redundantExperts"))]
 pub struct ExpertsSpec {
     /// Number of expert shards: the expert-parallel degree. The routed experts of every
-    /// MoE layer are spread over them. Default 1.
-    #[serde(default = "one")]
-    #[schemars(range(min = 1, max = 256))]
+    /// MoE layer are spread over them. 0 (the default): no shards; the frontends hold the
+    /// whole model, which is what a dense checkpoint needs (and a MoE small enough for one
+    /// pod). Going to 0 deletes the shard StatefulSet, its Service, PDB and NetworkPolicy.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 256))]
     pub shards: i32,
     /// Extra expert slots per MoE layer, for replicas of the most loaded experts. Not
     /// supported yet: only 0 (the default) is accepted.
@@ -327,16 +329,6 @@ pub struct ExpertsSpec {
     pub redundant_experts: i32,
     #[serde(flatten)]
     pub pod: PodSettings,
-}
-
-impl Default for ExpertsSpec {
-    fn default() -> Self {
-        Self {
-            shards: 1,
-            redundant_experts: 0,
-            pod: PodSettings::default(),
-        }
-    }
 }
 
 fn one() -> i32 {

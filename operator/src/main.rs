@@ -277,7 +277,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| {
-            metrics.set_managed_deployments(store.state().len());
+            metrics.set_managed(store.state().iter().map(|md| &md.spec));
             if let Err(e) = result {
                 tracing::debug!(error = %e, "controller event");
             }

@@ -100,9 +100,15 @@ impl Metrics {
     }
 
     /// Sets the managed-objects gauge from the ModelDeployments in the cache.
-    pub fn set_managed_deployments(&self, deployments: usize) {
-        self.managed_objects
-            .set((deployments * crate::build::Desired::OBJECT_COUNT) as i64);
+    pub fn set_managed<'a>(
+        &self,
+        deployments: impl IntoIterator<Item = &'a crate::api::ModelDeploymentSpec>,
+    ) {
+        let objects: usize = deployments
+            .into_iter()
+            .map(crate::build::Desired::object_count)
+            .sum();
+        self.managed_objects.set(objects as i64);
     }
 
     /// Marks the process ready (`/readyz` answers 200).

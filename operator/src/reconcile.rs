@@ -6,6 +6,7 @@
 //!     └─ reconcile(md)
 //!          1. build::desired(md, defaults)            pure
 //!          2. server-side apply each child            field manager switchyard-operator, forced
+//!             prune children the spec no longer needs  by label, only those md controls
 //!          3. status::derive(md, workloads, error)    pure
 //!          4. server-side apply status subresource
 //!          5. events for changes and failures
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
@@ -66,6 +67,13 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("deleting {kind} {name}, which the spec no longer needs: {source}")]
+    Delete {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("writing status: {0}")]
     Status(#[source] kube::Error),
 }
@@ -77,6 +85,7 @@ impl Error {
             Error::Build(_) => "Build",
             Error::Apply { .. } => "Apply",
             Error::Read { .. } => "Read",
+            Error::Delete { .. } => "Delete",
             Error::Status(_) => "Status",
         }
     }
@@ -102,12 +111,15 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     let apply_error = apply_result.as_ref().err().map(ToString::to_string);
     // The apply answers carry the workloads' status; read them only if it failed midway.
     let (frontend, experts) = match &apply_result {
-        Ok((frontend, experts)) => (Some(frontend.clone()), Some(experts.clone())),
+        Ok((frontend, experts)) => (Some(frontend.clone()), experts.clone()),
         Err(_) => (
             get_opt::<Deployment>(&ctx.client, &names.namespace, &names.frontend).await?,
             get_opt::<StatefulSet>(&ctx.client, &names.namespace, &names.experts).await?,
         ),
     };
+    if apply_result.is_ok() {
+        prune(ctx, md, &names, &desired).await?;
+    }
     let observed = Observed {
         frontend: frontend.as_ref(),
         experts: experts.as_ref(),
@@ -186,12 +198,13 @@ async fn publish(
 }
 
 /// Applies every child in [`Desired::objects`] order (config before the pods that mount
-/// it), and returns the two workloads as the API server answered (with their status).
+/// it), and returns the two workloads as the API server answered (with their status; no
+/// StatefulSet with `experts.shards: 0`).
 async fn apply_all(
     client: &Client,
     namespace: &str,
     d: &Desired,
-) -> Result<(Deployment, StatefulSet), Error> {
+) -> Result<(Deployment, Option<StatefulSet>), Error> {
     let (mut frontend, mut experts) = (None, None);
     for object in d.objects() {
         // Exhaustive on purpose: a kind added to `with_owned_kinds!` must be handled here.
@@ -207,8 +220,81 @@ async fn apply_all(
     }
     Ok((
         frontend.expect("Desired::objects yields the frontend Deployment"),
-        experts.expect("Desired::objects yields the experts StatefulSet"),
+        experts,
     ))
+}
+
+/// Deletes what `md` owns of the [`build::prunable_kinds`] that `desired` no longer has
+/// (the shard objects after `experts.shards` went to 0). Found by the
+/// [`build::MODEL_DEPLOYMENT_LABEL`] and kept only if `md` is their controller, so an
+/// object someone else made with the same label is never touched.
+async fn prune(
+    ctx: &Context,
+    md: &ModelDeployment,
+    names: &Names,
+    desired: &Desired,
+) -> Result<(), Error> {
+    let uid = md.metadata.uid.as_deref().unwrap_or_default();
+    let selector = format!("{}={}", build::MODEL_DEPLOYMENT_LABEL, names.deployment);
+    for resource in build::prunable_kinds() {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource);
+        let listed = api
+            .list_metadata(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|source| Error::Read {
+                kind: resource.kind.clone(),
+                name: selector.clone(),
+                source,
+            })?;
+        for object in listed.items {
+            let name = object.name_any();
+            let controlled = object
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.uid == uid);
+            let wanted = desired
+                .objects()
+                .any(|o| o.kind() == resource.kind && o.name() == name);
+            if !controlled || wanted {
+                continue;
+            }
+            let params = DeleteParams {
+                preconditions: object.metadata.uid.clone().map(|uid| Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::background()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => {}
+                // Already gone (garbage collection, or a second reconcile): nothing to do.
+                Err(kube::Error::Api(status)) if status.code == 404 => continue,
+                Err(source) => {
+                    return Err(Error::Delete {
+                        kind: resource.kind.clone(),
+                        name,
+                        source,
+                    });
+                }
+            }
+            tracing::info!(kind = %resource.kind, %name, "pruned an object the spec no longer needs");
+            publish(
+                ctx,
+                md,
+                EventType::Normal,
+                "Pruned",
+                format!(
+                    "deleted {} {name}: the spec no longer needs it",
+                    resource.kind
+                ),
+            )
+            .await;
+        }
+    }
+    Ok(())
 }
 
 async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>

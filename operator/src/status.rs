@@ -68,7 +68,8 @@ pub fn derive(
                 current,
             )
         })
-        .unwrap_or((0, 0, 0, false));
+        // No StatefulSet is what `experts.shards: 0` asks for.
+        .unwrap_or((0, 0, 0, shards_desired == 0));
 
     let role = |replicas, ready, desired, component| RoleStatus {
         replicas,
@@ -98,14 +99,31 @@ pub fn derive(
         (
             true,
             "AllReplicasReady",
-            format!("{f_ready} frontends and {e_ready} expert shards ready"),
+            if shards_desired == 0 {
+                format!("{f_ready} frontends ready (no expert shards)")
+            } else {
+                format!("{f_ready} frontends and {e_ready} expert shards ready")
+            },
+        )
+    } else if shards_desired == 0 {
+        (
+            false,
+            "ReplicasNotReady",
+            format!("{f_ready}/{frontend_desired} frontends ready (no expert shards)"),
         )
     } else {
+        // A frontend reports ready only while it reaches every shard, so missing shards
+        // are the likely reason for unready frontends: say so.
+        let why = if f_ready < frontend_desired && e_ready < shards_desired {
+            "; frontends are not ready while expert shards are missing"
+        } else {
+            ""
+        };
         (
             false,
             "ReplicasNotReady",
             format!(
-                "{f_ready}/{frontend_desired} frontends and {e_ready}/{shards_desired} expert shards ready"
+                "{f_ready}/{frontend_desired} frontends and {e_ready}/{shards_desired} expert shards ready{why}"
             ),
         )
     };
@@ -330,6 +348,50 @@ spec:
         // What the spec asks for, beside what is there.
         assert_eq!(status.experts.desired_replicas, md.spec.experts.shards);
         assert_eq!(status.frontend.desired_replicas, md.spec.frontend.replicas);
+    }
+
+    #[test]
+    fn frontends_unready_while_shards_are_missing_are_reported_with_why() {
+        let md = md();
+        let names = Names::new(&md).unwrap();
+        let d = deployment(1, 1, 2, 0, 2);
+        let s = statefulset(1, 1, 3, 2, 3);
+        let observed = Observed {
+            frontend: Some(&d),
+            experts: Some(&s),
+            ..Observed::default()
+        };
+        let ready = derive(&md, &names, &observed, time(100))
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == READY)
+            .unwrap();
+        assert!(
+            ready.message.contains("0/2 frontends")
+                && ready.message.contains("2/3 expert shards")
+                && ready.message.contains("while expert shards are missing"),
+            "{}",
+            ready.message
+        );
+    }
+
+    #[test]
+    fn without_shards_ready_frontends_are_ready_and_no_statefulset_is_expected() {
+        let mut md = md();
+        md.spec.experts.shards = 0;
+        let names = Names::new(&md).unwrap();
+        let d = deployment(1, 1, 2, 2, 2);
+        let observed = Observed {
+            frontend: Some(&d),
+            experts: None,
+            ..Observed::default()
+        };
+        let status = derive(&md, &names, &observed, time(100));
+        assert_eq!(condition_status(&status, READY), Some("True"));
+        assert_eq!(condition_status(&status, PROGRESSING), Some("False"));
+        let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready.message, "2 frontends ready (no expert shards)");
+        assert_eq!(status.experts.summary.as_deref(), Some("0/0"));
     }
 
     #[test]

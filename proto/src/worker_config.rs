@@ -53,6 +53,23 @@ pub struct WorkerConfig {
     pub placement: PlacementConfig,
 }
 
+impl WorkerConfig {
+    /// The parts of the file an expert shard reads (the worker's `ShardSettings`): the
+    /// version, the deployment (the model id), the checkpoint, the shard count and the
+    /// placement. The operator rolls shards only when this changes, so a frontend-only
+    /// change (a tier quota, a serving limit) does not restart them and reload their
+    /// weights.
+    pub fn shard_contract(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": self.version,
+            "deployment": self.deployment,
+            "model": self.model,
+            "shardCount": self.shards.count,
+            "placement": self.placement,
+        })
+    }
+}
+
 /// The checkpoint and how to load it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

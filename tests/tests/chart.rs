@@ -367,10 +367,15 @@ fn expected_operator_grants() -> BTreeSet<(String, String, String)> {
             expected.push((group, resource, verb));
         }
     }
-    expected
+    let mut grants: BTreeSet<(String, String, String)> = expected
         .into_iter()
         .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
-        .collect()
+        .collect();
+    // reconcile.rs prune, over build::prunable_kinds.
+    for resource in switchyard_operator::build::prunable_kinds() {
+        grants.insert((resource.group, resource.plural, "delete".to_string()));
+    }
+    grants
 }
 
 #[test]

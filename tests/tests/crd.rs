@@ -66,7 +66,8 @@ async fn examples_are_accepted_and_defaults_are_filled_in_by_the_api_server() {
     let minimal = api.get("olmoe-tiny").await.unwrap();
     let spec = &minimal.data["spec"];
     assert_eq!(spec["frontend"]["replicas"], 1);
-    assert_eq!(spec["experts"]["shards"], 1);
+    // No shards: the frontends hold the whole model (a dense checkpoint needs nothing else).
+    assert_eq!(spec["experts"]["shards"], 0);
     assert_eq!(spec["experts"]["redundantExperts"], 0);
     assert_eq!(spec["serving"]["port"], 50051);
     assert_eq!(spec["serving"]["maxTokensPerRequest"], 4096);
@@ -84,7 +85,18 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "-1",
         "spec.frontend.replicas",
     ),
-    ("zero shards", "experts.shards", "0", "spec.experts.shards"),
+    (
+        "negative shards",
+        "experts.shards",
+        "-1",
+        "spec.experts.shards",
+    ),
+    (
+        "too many shards",
+        "experts.shards",
+        "257",
+        "spec.experts.shards",
+    ),
     (
         "unknown quantization",
         "model.quantization",

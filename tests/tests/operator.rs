@@ -97,12 +97,22 @@ async fn the_examples_get_every_owned_object_and_a_status() {
             }
             let sa = get::<ServiceAccount>(&ns, &format!("{name}-worker")).await?;
             let dep = get::<Deployment>(&ns, &format!("{name}-frontend")).await?;
-            let sts = get::<StatefulSet>(&ns, &format!("{name}-experts")).await?;
-            let headless = get::<Service>(&ns, &format!("{name}-experts")).await?;
-            Some((metas, sa, dep, sts, headless))
+            Some((metas, sa, dep))
         })
         .await;
-        let (metas, sa, dep, sts, headless) = ready;
+        let (metas, sa, dep) = ready;
+        let sts = get::<StatefulSet>(&ns, &format!("{name}-experts")).await;
+        let headless = get::<Service>(&ns, &format!("{name}-experts")).await;
+        if md.spec.experts.shards == 0 {
+            assert!(
+                sts.is_none() && headless.is_none(),
+                "{file}: no shard objects without shards"
+            );
+        } else {
+            let (sts, headless) = (sts.unwrap(), headless.unwrap());
+            assert_eq!(sts.spec.replicas, Some(md.spec.experts.shards));
+            assert_eq!(headless.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+        }
         for meta in &metas {
             assert!(
                 owned_by(meta, &md),
@@ -118,8 +128,6 @@ async fn the_examples_get_every_owned_object_and_a_status() {
         }
         assert_eq!(sa.automount_service_account_token, Some(false));
         assert_eq!(dep.spec.replicas, Some(md.spec.frontend.replicas));
-        assert_eq!(sts.spec.replicas, Some(md.spec.experts.shards));
-        assert_eq!(headless.spec.unwrap().cluster_ip.as_deref(), Some("None"));
         let pod = dep.spec.template.spec.unwrap();
         let container = &pod.containers[0];
         assert_eq!(container.image.as_deref(), md.spec.image.as_deref());
@@ -263,6 +271,116 @@ async fn spec_changes_roll_out_and_hand_edits_and_deletions_are_repaired() {
     .await;
 }
 
+/// `experts.shards` 2 → 0: the shard StatefulSet, its Service, PDB and NetworkPolicy are
+/// pruned (by label, only what the ModelDeployment controls); the frontend objects stay;
+/// an object with the same label that the ModelDeployment does not control is left alone;
+/// 0 → 1 brings the shard objects back.
+#[tokio::test]
+async fn dropping_the_shards_prunes_their_objects_and_only_those() {
+    let (cp, ns) = setup("op-prune").await;
+    let operator = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    let mut md = example("minimal.yaml");
+    md.spec.experts.shards = 2;
+    let md = create(&ns, &md).await;
+    let name = md.name_any();
+    let experts = format!("{name}-experts");
+    let kinds = switchyard_operator::build::prunable_kinds();
+    let present = |resource: kube::core::ApiResource, object: String| {
+        let client = ns.client.clone();
+        let namespace = ns.name.clone();
+        async move {
+            Api::<DynamicObject>::namespaced_with(client, &namespace, &resource)
+                .get_opt(&object)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    for resource in kinds.clone() {
+        eventually(&format!("{} {experts}", resource.kind), || async {
+            present(resource.clone(), experts.clone())
+                .await
+                .then_some(())
+        })
+        .await;
+    }
+    // Someone else's object carrying this deployment's label: not ours to delete.
+    let services: Api<Service> = Api::namespaced(ns.client.clone(), &ns.name);
+    let stranger: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "not-owned", "labels": {"switchyard.dev/model-deployment": name}},
+        "spec": {"ports": [{"port": 80}]},
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &stranger)
+        .await
+        .unwrap();
+
+    let mds: Api<ModelDeployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    mds.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"experts": {"shards": 0}}})),
+    )
+    .await
+    .unwrap();
+    for resource in kinds.clone() {
+        eventually(&format!("{} {experts} pruned", resource.kind), || async {
+            (!present(resource.clone(), experts.clone()).await).then_some(())
+        })
+        .await;
+    }
+    assert!(
+        get::<Deployment>(&ns, &format!("{name}-frontend"))
+            .await
+            .is_some()
+    );
+    assert!(
+        get::<Service>(&ns, &name).await.is_some(),
+        "the client Service stays"
+    );
+    assert!(
+        get::<Service>(&ns, "not-owned").await.is_some(),
+        "an object the ModelDeployment does not control is never pruned"
+    );
+    let cm = eventually("worker.json without shards", || async {
+        let cm = get::<ConfigMap>(&ns, &format!("{name}-config")).await?;
+        let config: WorkerConfig = serde_json::from_str(&cm.data.as_ref()?[CONFIG_FILE]).ok()?;
+        (config.shards.count == 0).then_some(config)
+    })
+    .await;
+    assert_eq!(cm.shards.count, 0);
+    eventually(
+        "managed_objects 6 (a deployment without shards)",
+        || async {
+            let metrics = operator.metrics().await.ok()?;
+            metrics
+                .contains("switchyard_operator_managed_objects 6")
+                .then_some(())
+        },
+    )
+    .await;
+
+    mds.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"experts": {"shards": 1}}})),
+    )
+    .await
+    .unwrap();
+    for resource in kinds {
+        eventually(&format!("{} {experts} back", resource.kind), || async {
+            present(resource.clone(), experts.clone())
+                .await
+                .then_some(())
+        })
+        .await;
+    }
+    operator.check_running().unwrap();
+}
+
 #[tokio::test]
 async fn kubectl_scale_changes_the_frontend_deployment() {
     let (cp, ns) = setup("op-scale").await;
@@ -394,7 +512,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
     other.metadata.name = Some("after-failover".into());
     create(&ns, &other).await;
     eventually("the new leader's objects", || async {
-        get::<StatefulSet>(&ns, "after-failover-experts").await
+        get::<Deployment>(&ns, "after-failover-frontend").await
     })
     .await;
     second.check_running().unwrap();

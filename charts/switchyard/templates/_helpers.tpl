@@ -166,6 +166,21 @@ tests/tests/chart.rs pins the exact set, so a change here is deliberate.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# reconcile.rs prune: when experts.shards goes to 0 the shard StatefulSet, its headless
+# Service, PDB and NetworkPolicy are deleted (only objects the ModelDeployment controls;
+# build::prunable_kinds is this list).
+- apiGroups: ["apps"]
+  resources: ["statefulsets"]
+  verbs: ["delete"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["delete"]
 # Events on ModelDeployments: kube-runtime's Recorder::publish (reconcile.rs publish)
 # creates an event, and merge-patches it when the same event repeats (event series).
 - apiGroups: ["events.k8s.io"]

@@ -6,18 +6,24 @@
 //!   ├─ ServiceAccount  <md>-worker       no API token mounted
 //!   ├─ ConfigMap       <md>-config       worker.json (the worker contract), placement
 //!   ├─ Service         <md>              the client endpoint (gRPC, appProtocol h2c)
-//!   ├─ Service         <md>-experts      headless: shard discovery
-//!   ├─ Deployment      <md>-frontend     frontends; template hash of worker.json rolls them
-//!   ├─ StatefulSet     <md>-experts      expert shards, pod index = shard index
-//!   ├─ PDB             <md>-frontend, <md>-experts
-//!   └─ NetworkPolicy   <md>-frontend (anyone → gRPC port), <md>-experts (frontends only)
+//!   ├─ Service         <md>-experts      * headless: shard discovery
+//!   ├─ Deployment      <md>-frontend     frontends; the hash of worker.json rolls them
+//!   ├─ StatefulSet     <md>-experts      * expert shards, pod index = shard index; the
+//!   │                                      hash of the shards' part of worker.json rolls them
+//!   ├─ PDB             <md>-frontend, <md>-experts *
+//!   └─ NetworkPolicy   <md>-frontend (anyone → gRPC port), <md>-experts * (frontends only)
+//!                                        * only with experts.shards ≥ 1
 //! ```
+//!
+//! With `experts.shards: 0` the frontends hold the whole model (a dense checkpoint, or a
+//! MoE small enough for one pod) and the `<md>-experts` objects are not built; reconcile
+//! prunes them by label ([`prunable_kinds`]) when a spec drops its shards.
 //!
 //! Every object carries the standard labels and a controller owner reference to the
 //! ModelDeployment, so deleting it garbage-collects everything.
 //!
 //! [`Desired::objects`] is the one list of owned objects: reconcile applies it in order,
-//! the managed-objects metric counts it ([`Desired::OBJECT_COUNT`]), and the tests walk
+//! the managed-objects metric counts it ([`Desired::object_count`]), and the tests walk
 //! it. The kinds are listed once, in [`with_owned_kinds!`](crate::with_owned_kinds), which
 //! makes [`Owned`] and the operator's `.owns()` watches.
 
@@ -157,14 +163,23 @@ pub struct Desired {
     pub config: ConfigMap,
     pub frontend: Deployment,
     pub client_service: Service,
-    pub experts: StatefulSet,
-    pub experts_service: Service,
     pub frontend_pdb: PodDisruptionBudget,
-    pub experts_pdb: PodDisruptionBudget,
     pub frontend_policy: NetworkPolicy,
-    pub experts_policy: NetworkPolicy,
+    /// The expert-shard objects; `None` with `experts.shards: 0` (the frontends hold the
+    /// whole model), and reconcile prunes any left from an earlier spec.
+    pub experts: Option<ExpertShards>,
     /// The placement revision written into `worker.json` (reported in status).
     pub placement_revision: String,
+}
+
+/// The objects that exist only while `experts.shards` is at least 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertShards {
+    pub statefulset: StatefulSet,
+    /// Headless: shard discovery.
+    pub service: Service,
+    pub pdb: PodDisruptionBudget,
+    pub policy: NetworkPolicy,
 }
 
 /// Calls `$then!` with every kind a ModelDeployment owns, as `Variant => type` pairs:
@@ -233,41 +248,55 @@ impl<'a> Owned<'a> {
 }
 
 impl Desired {
-    /// How many objects [`Desired::objects`] yields: the same for every ModelDeployment.
-    pub const OBJECT_COUNT: usize = 10;
-
     /// Every owned object, once, in apply order: the ServiceAccount and the ConfigMap
     /// before the workloads that use them, the Services before the pods they front.
     pub fn objects(&self) -> impl Iterator<Item = Owned<'_>> {
-        // Destructured without `..`, so a new field fails to compile until it is listed;
-        // the array's length is checked against OBJECT_COUNT the same way.
+        // Destructured without `..`, so a new field fails to compile until it is listed.
         let Desired {
             service_account,
             config,
             frontend,
             client_service,
-            experts,
-            experts_service,
             frontend_pdb,
-            experts_pdb,
             frontend_policy,
-            experts_policy,
+            experts,
             placement_revision: _,
         } = self;
-        let objects: [Owned<'_>; Self::OBJECT_COUNT] = [
-            Owned::ServiceAccount(service_account),
-            Owned::ConfigMap(config),
-            Owned::Service(client_service),
-            Owned::Service(experts_service),
-            Owned::Deployment(frontend),
-            Owned::StatefulSet(experts),
-            Owned::PodDisruptionBudget(frontend_pdb),
-            Owned::PodDisruptionBudget(experts_pdb),
-            Owned::NetworkPolicy(frontend_policy),
-            Owned::NetworkPolicy(experts_policy),
-        ];
-        objects.into_iter()
+        let shards = |f: fn(&ExpertShards) -> Owned<'_>| experts.as_ref().map(f);
+        [
+            Some(Owned::ServiceAccount(service_account)),
+            Some(Owned::ConfigMap(config)),
+            Some(Owned::Service(client_service)),
+            shards(|e| Owned::Service(&e.service)),
+            Some(Owned::Deployment(frontend)),
+            shards(|e| Owned::StatefulSet(&e.statefulset)),
+            Some(Owned::PodDisruptionBudget(frontend_pdb)),
+            shards(|e| Owned::PodDisruptionBudget(&e.pdb)),
+            Some(Owned::NetworkPolicy(frontend_policy)),
+            shards(|e| Owned::NetworkPolicy(&e.policy)),
+        ]
+        .into_iter()
+        .flatten()
     }
+
+    /// How many objects [`Desired::objects`] yields for `spec`, without building them
+    /// (the managed-objects metric).
+    pub fn object_count(spec: &crate::api::ModelDeploymentSpec) -> usize {
+        if spec.experts.shards > 0 { 10 } else { 6 }
+    }
+}
+
+/// The kinds a spec change can make unneeded (the expert-shard objects when
+/// `experts.shards` becomes 0): reconcile lists these by the
+/// [`MODEL_DEPLOYMENT_LABEL`] and deletes the ones it owns that [`Desired`] no longer has.
+pub fn prunable_kinds() -> [kube::core::ApiResource; 4] {
+    use kube::core::ApiResource;
+    [
+        ApiResource::erase::<StatefulSet>(&()),
+        ApiResource::erase::<Service>(&()),
+        ApiResource::erase::<PodDisruptionBudget>(&()),
+        ApiResource::erase::<NetworkPolicy>(&()),
+    ]
 }
 
 /// Builds the desired objects of `md`.
@@ -282,7 +311,10 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
     let placement_revision = config.placement.revision.clone();
     let config_json =
         serde_json::to_string_pretty(&config).expect("the worker config always serializes to JSON");
-    let hash = config_hash(&config_json);
+    // Each role rolls only when what it reads changes: frontends read all of worker.json,
+    // shards only their part of it (`WorkerConfig::shard_contract`).
+    let frontend_hash = config_hash(&config_json);
+    let shard_hash = config_hash(&config.shard_contract().to_string());
     let meta = |name: &str, component: Option<Component>| {
         object_meta(name, &names, component, owner.clone())
     };
@@ -307,13 +339,13 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         spec: DeploymentSpec {
             replicas: Some(spec.frontend.replicas),
             selector: label_selector(&frontend_selector),
-            template: pods::template(md, defaults, &names, Component::Frontend, &hash),
+            template: pods::template(md, defaults, &names, Component::Frontend, &frontend_hash),
             ..DeploymentSpec::default()
         },
         ..Deployment::default()
     };
 
-    let experts = StatefulSet {
+    let statefulset = StatefulSet {
         metadata: meta(&names.experts, Some(Component::ExpertShard)),
         spec: StatefulSetSpec {
             replicas: Some(spec.experts.shards),
@@ -321,7 +353,7 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
             service_name: Some(names.experts.clone()),
             // Shards keep no per-request state: start and replace them all at once.
             pod_management_policy: Some("Parallel".into()),
-            template: pods::template(md, defaults, &names, Component::ExpertShard, &hash),
+            template: pods::template(md, defaults, &names, Component::ExpertShard, &shard_hash),
             ..StatefulSetSpec::default()
         },
         ..StatefulSet::default()
@@ -400,6 +432,12 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         }),
     };
 
+    let experts = (spec.experts.shards > 0).then(|| ExpertShards {
+        statefulset,
+        service: experts_service,
+        pdb: pdb(&names.experts, Component::ExpertShard, &experts_selector),
+        policy: experts_policy,
+    });
     Ok(Desired {
         service_account: ServiceAccount {
             metadata: meta(&names.service_account, None),
@@ -409,12 +447,9 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         config: config_map,
         frontend,
         client_service,
-        experts,
-        experts_service,
         frontend_pdb: pdb(&names.frontend, Component::Frontend, &frontend_selector),
-        experts_pdb: pdb(&names.experts, Component::ExpertShard, &experts_selector),
         frontend_policy,
-        experts_policy,
+        experts,
         placement_revision,
     })
 }

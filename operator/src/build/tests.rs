@@ -16,6 +16,17 @@ fn example(file: &str) -> ModelDeployment {
     md
 }
 
+/// The minimal example with expert shards (it has none: its frontends hold the model).
+fn sharded(shards: i32) -> ModelDeployment {
+    let mut md = example("minimal.yaml");
+    md.spec.experts.shards = shards;
+    md
+}
+
+fn shards(d: &Desired) -> &ExpertShards {
+    d.experts.as_ref().expect("the shard objects")
+}
+
 fn pod(template: &PodTemplateSpec) -> &k8s_openapi::api::core::v1::PodSpec {
     template.spec.as_ref().unwrap()
 }
@@ -55,8 +66,10 @@ fn every_object_is_owned_labelled_and_in_the_deployment_namespace() {
         d.client_service.metadata.name.as_deref(),
         Some("olmoe-tiny")
     );
+    assert!(d.experts.is_none(), "the minimal example has no shards");
+    let d = desired(&sharded(1), &Defaults::default()).unwrap();
     assert_eq!(
-        d.experts.metadata.name.as_deref(),
+        shards(&d).statefulset.metadata.name.as_deref(),
         Some("olmoe-tiny-experts")
     );
     assert_eq!(
@@ -67,7 +80,8 @@ fn every_object_is_owned_labelled_and_in_the_deployment_namespace() {
 
 #[test]
 fn objects_yields_every_owned_object_once_in_apply_order() {
-    let d = desired(&example("full.yaml"), &Defaults::default()).unwrap();
+    let md = example("full.yaml");
+    let d = desired(&md, &Defaults::default()).unwrap();
     let objects: Vec<(&str, &str)> = d.objects().map(|o| (o.kind(), o.name())).collect();
     assert_eq!(
         objects,
@@ -84,7 +98,7 @@ fn objects_yields_every_owned_object_once_in_apply_order() {
             ("NetworkPolicy", "deepseek-v2-lite-experts"),
         ]
     );
-    assert_eq!(objects.len(), Desired::OBJECT_COUNT);
+    assert_eq!(objects.len(), Desired::object_count(&md.spec));
     // Each object is a distinct field of Desired, not one field yielded twice.
     let fields: Vec<*const ObjectMeta> = d.objects().map(|o| o.meta() as *const _).collect();
     for (i, field) in fields.iter().enumerate() {
@@ -101,12 +115,47 @@ fn objects_yields_every_owned_object_once_in_apply_order() {
 }
 
 #[test]
-fn pods_are_hardened_and_probed_on_grpc_health() {
+fn without_shards_only_the_frontend_objects_are_built() {
     let md = example("minimal.yaml");
+    assert_eq!(md.spec.experts.shards, 0, "an absent experts section");
+    let d = desired(&md, &Defaults::default()).unwrap();
+    let objects: Vec<(&str, &str)> = d.objects().map(|o| (o.kind(), o.name())).collect();
+    assert_eq!(
+        objects,
+        [
+            ("ServiceAccount", "olmoe-tiny-worker"),
+            ("ConfigMap", "olmoe-tiny-config"),
+            ("Service", "olmoe-tiny"),
+            ("Deployment", "olmoe-tiny-frontend"),
+            ("PodDisruptionBudget", "olmoe-tiny-frontend"),
+            ("NetworkPolicy", "olmoe-tiny-frontend"),
+        ]
+    );
+    assert_eq!(objects.len(), Desired::object_count(&md.spec));
+    let config: WorkerConfig =
+        serde_json::from_str(&d.config.data.as_ref().unwrap()[CONFIG_FILE]).unwrap();
+    assert_eq!(config.shards.count, 0, "the frontends hold every expert");
+    // Every kind reconcile may prune is a kind that only the shards have.
+    for resource in prunable_kinds() {
+        let full = desired(&sharded(2), &Defaults::default()).unwrap();
+        assert!(
+            full.objects().any(|o| o.kind() == resource.kind),
+            "{}",
+            resource.kind
+        );
+    }
+}
+
+#[test]
+fn pods_are_hardened_and_probed_on_grpc_health() {
+    let md = sharded(1);
     let d = desired(&md, &Defaults::default()).unwrap();
     for (component, template) in [
         (Component::Frontend, &d.frontend.spec.template),
-        (Component::ExpertShard, &d.experts.spec.template),
+        (
+            Component::ExpertShard,
+            &shards(&d).statefulset.spec.template,
+        ),
     ] {
         let spec = pod(template);
         assert_eq!(spec.automount_service_account_token, Some(false));
@@ -184,12 +233,13 @@ fn the_full_example_asks_for_gpus_and_mounts_api_keys_on_frontends_only() {
     let md = example("full.yaml");
     let d = desired(&md, &Defaults::default()).unwrap();
     assert_eq!(d.frontend.spec.replicas, Some(2));
-    assert_eq!(d.experts.spec.replicas, Some(4));
+    let experts = &shards(&d).statefulset;
+    assert_eq!(experts.spec.replicas, Some(4));
     assert_eq!(
-        d.experts.spec.service_name.as_deref(),
+        experts.spec.service_name.as_deref(),
         Some("deepseek-v2-lite-experts")
     );
-    for template in [&d.frontend.spec.template, &d.experts.spec.template] {
+    for template in [&d.frontend.spec.template, &experts.spec.template] {
         let spec = pod(template);
         let limits = spec.containers[0]
             .resources
@@ -215,7 +265,7 @@ fn the_full_example_asks_for_gpus_and_mounts_api_keys_on_frontends_only() {
     };
     assert!(has_keys(&d.frontend.spec.template));
     assert!(
-        !has_keys(&d.experts.spec.template),
+        !has_keys(&experts.spec.template),
         "shards never see API keys"
     );
 
@@ -238,11 +288,11 @@ fn the_full_example_asks_for_gpus_and_mounts_api_keys_on_frontends_only() {
 
 #[test]
 fn shards_admit_only_this_deployments_frontends_on_the_grpc_port() {
-    let md = example("minimal.yaml");
+    let md = sharded(1);
     let d = desired(&md, &Defaults::default()).unwrap();
     let names = Names::new(&md).unwrap();
-    let rule = &d
-        .experts_policy
+    let rule = &shards(&d)
+        .policy
         .spec
         .as_ref()
         .unwrap()
@@ -274,35 +324,72 @@ fn shards_admit_only_this_deployments_frontends_on_the_grpc_port() {
     );
 }
 
+/// The config hashes on the two pod templates: (frontends, shards).
+fn role_hashes(md: &ModelDeployment) -> (String, String) {
+    let d = desired(md, &Defaults::default()).unwrap();
+    let annotation = |t: &PodTemplateSpec| {
+        t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH_ANNOTATION].clone()
+    };
+    (
+        annotation(&d.frontend.spec.template),
+        annotation(&shards(&d).statefulset.spec.template),
+    )
+}
+
 #[test]
 fn a_config_change_rolls_the_pods_and_a_replica_change_does_not() {
-    let hash = |md: &ModelDeployment| {
-        let d = desired(md, &Defaults::default()).unwrap();
-        let annotations = |t: &PodTemplateSpec| {
-            t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH_ANNOTATION]
-                .clone()
-        };
-        let (f, e) = (
-            annotations(&d.frontend.spec.template),
-            annotations(&d.experts.spec.template),
-        );
-        assert_eq!(f, e, "both roles read the same file");
-        f
-    };
-    let base = example("minimal.yaml");
+    let base = sharded(2);
     let mut scaled = base.clone();
     scaled.spec.frontend.replicas = 5;
-    assert_eq!(hash(&base), hash(&scaled));
-    let mut reconfigured = base.clone();
-    reconfigured.spec.serving.max_batch_size = 8;
-    assert_ne!(hash(&base), hash(&reconfigured));
+    assert_eq!(role_hashes(&base), role_hashes(&scaled));
     let mut resharded = base.clone();
     resharded.spec.experts.shards = 3;
+    let (before, after) = (role_hashes(&base), role_hashes(&resharded));
     assert_ne!(
-        hash(&base),
-        hash(&resharded),
-        "the placement is in the config"
+        before.0, after.0,
+        "frontends address every shard: they roll"
     );
+    assert_ne!(before.1, after.1, "the placement changed: shards roll");
+    let mut new_dtype = base.clone();
+    new_dtype.spec.model.dtype = crate::api::Dtype::F16;
+    let after = role_hashes(&new_dtype);
+    assert!(
+        before.0 != after.0 && before.1 != after.1,
+        "both compute in the dtype"
+    );
+}
+
+#[test]
+fn a_frontend_only_change_does_not_roll_the_shards() {
+    let base = sharded(2);
+    let (front, shard) = role_hashes(&base);
+    let mut changes: Vec<(&str, ModelDeployment)> = Vec::new();
+    let mut md = base.clone();
+    md.spec.serving.max_batch_size = 8;
+    changes.push(("serving.maxBatchSize", md));
+    let mut md = base.clone();
+    md.spec.serving.kv_cache_tokens = Some(4096);
+    changes.push(("serving.kvCacheTokens", md));
+    let mut md = base.clone();
+    md.spec.admission.tiers.push(crate::api::Tier {
+        name: "free".into(),
+        priority: crate::api::Priority::Low,
+        weight: 1,
+        requests_per_minute: Some(60),
+        tokens_per_minute: None,
+    });
+    changes.push(("admission.tiers", md));
+    let mut md = base.clone();
+    md.spec.admission.queue.max_queued = 9;
+    changes.push(("admission.queue.maxQueued", md));
+    for (field, md) in changes {
+        let (f, s) = role_hashes(&md);
+        assert_ne!(f, front, "{field} changes what frontends read: they roll");
+        assert_eq!(
+            s, shard,
+            "{field} is not read by shards: they must not roll"
+        );
+    }
 }
 
 #[test]
