@@ -373,6 +373,15 @@ pub struct ServingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 16))]
     pub kv_cache_tokens: Option<i64>,
+    /// Seconds a stopping worker (scale-down, rollout, node drain) gives in-flight calls
+    /// to finish. On SIGTERM it reports not ready at once, so the Service sends it no new
+    /// work, keeps taking calls for min(5, this / 2) seconds while endpoints catch up, then
+    /// lets the running ones finish; any still running at the end get UNAVAILABLE
+    /// ("shutting down ... retry it"). The pods' `terminationGracePeriodSeconds` is this
+    /// plus 10. Default 30.
+    #[serde(default = "default_drain_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub drain_seconds: i32,
 }
 
 impl Default for ServingSpec {
@@ -384,6 +393,7 @@ impl Default for ServingSpec {
             max_context_length: None,
             max_tokens_per_request: default_max_tokens_per_request(),
             kv_cache_tokens: None,
+            drain_seconds: default_drain_seconds(),
         }
     }
 }
@@ -399,6 +409,9 @@ fn default_max_batch_tokens() -> i32 {
 }
 fn default_max_tokens_per_request() -> i32 {
     4096
+}
+fn default_drain_seconds() -> i32 {
+    30
 }
 
 /// Who may call the endpoint and how much.
@@ -429,6 +442,31 @@ pub struct AdmissionSpec {
     /// Bounds of the fair queue on each frontend.
     #[serde(default)]
     pub queue: QueueSpec,
+    /// Per-address connection caps on each frontend. Behind a gateway or a mesh every
+    /// caller shares the gateway's address: raise these there.
+    #[serde(default)]
+    pub connections: ConnectionsSpec,
+}
+
+/// Connection caps per client IP address, checked on accept, before any HTTP/2 work.
+/// Unset fields keep the worker's defaults.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionsSpec {
+    /// Open connections per client address; further ones are closed on accept. Default 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_per_address: Option<i32>,
+    /// New connections per client address per second, sustained; faster reconnects are
+    /// closed on accept. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub new_per_second: Option<i32>,
+    /// New connections per client address at once, before `newPerSecond` applies.
+    /// Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub new_burst: Option<i32>,
 }
 
 /// A reference to a Secret in the ModelDeployment's namespace.

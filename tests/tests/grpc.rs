@@ -33,6 +33,7 @@ async fn start_worker(
         listener,
         None,
         Default::default(),
+        server::DrainArgs { seconds: 0 },
         async {
             let _ = stopped.await;
         },

@@ -615,3 +615,46 @@ async fn without_the_crd_the_operator_refuses_to_start_and_says_how_to_install_i
         "{err}"
     );
 }
+
+/// The operator configures workers through `SWITCHYARD_*` variables in the pod templates;
+/// a name the worker does not read would be a setting silently dropped. Every one the
+/// builder writes (the full example, with every optional variable set) must be a
+/// variable of some `switchyard-worker` flag.
+#[test]
+fn every_variable_the_operator_sets_is_one_the_worker_reads() {
+    let worker = switchyard_tests::tools::workspace_binary("switchyard-worker").unwrap();
+    let help = std::process::Command::new(worker)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let mut md = example("full.yaml");
+    md.metadata.namespace = Some("serving".into());
+    md.metadata.uid = Some("u".into());
+    md.spec.admission.connections = serde_json::from_value(serde_json::json!({
+        "maxPerAddress": 1000, "newPerSecond": 500, "newBurst": 2000
+    }))
+    .unwrap();
+    let d = desired(&md, &Defaults::default()).unwrap();
+    let experts = &d.experts.as_ref().unwrap().statefulset;
+    let mut seen = 0;
+    for template in [&d.frontend.spec.template, &experts.spec.template] {
+        for var in template.spec.as_ref().unwrap().containers[0]
+            .env
+            .iter()
+            .flatten()
+        {
+            // Downward-API facts (pod name, IP, shard index) are read by name, not flags.
+            if var.value_from.is_some() {
+                continue;
+            }
+            assert!(
+                help.contains(&format!("[env: {}=", var.name)),
+                "the operator sets {} but no switchyard-worker flag reads it:\n{help}",
+                var.name
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 10, "only {seen} variables checked");
+}

@@ -14,6 +14,7 @@
 //! - [`admission`]: the whole admission policy, in the order `admission::pipeline` draws.
 //! - [`frontend`]: the `Inference` service, its request checks and metrics.
 //! - [`server`]: the gRPC server both roles run (health, reflection, the role's service).
+//! - [`drain`]: stopping on SIGTERM without cutting in-flight calls off.
 //! - [`config`]: loading `worker.json`, the contract file the operator mounts.
 //! - [`settings`]: each role's effective settings: defaults, worker.json, env, flags.
 //! - [`error`]: why a worker could not start ([`StartError`]), naming the input.
@@ -25,6 +26,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod experts;

@@ -11,38 +11,49 @@
 //! ```
 //!
 //! Health follows the gRPC health protocol: Kubernetes' liveness probe checks the empty
-//! service name, the readiness probe checks the role's service name, which reports
-//! `NOT_SERVING` until the role's service is given (its engine has loaded the model).
+//! service name, the readiness probe checks the role's service name. That reports
+//! `SERVING` only while the role can serve: its engine has loaded the model and, on a
+//! frontend with expert shards, a reachable shard holds every routed expert
+//! ([`Readiness`], polled every second); `NOT_SERVING` from SIGTERM on ([`crate::drain`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use switchyard_proto::inference::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::service::LayerExt as _;
 use tonic_health::ServingStatus;
 
 use crate::admission;
 pub use crate::admission::TransportLimits;
 use crate::admission::connections::{PeerTable, incoming};
+pub use crate::drain::{Drain, DrainArgs};
 use crate::frontend;
 
 /// The largest `Inference` request a frontend decodes (a prompt of about a million
 /// tokens as ids).
 pub const FRONTEND_MAX_REQUEST_BYTES: usize = 16 << 20;
 
-/// The frontend's routes: `switchyard.v1.Inference` behind the admission layers
+/// The frontend's service: `switchyard.v1.Inference` behind the admission layers
 /// ([`admission::pipeline::layers`]: count outcome → identify → request quota), so every
-/// RPC gets its policy from the pipeline.
-pub fn frontend_routes(started: &frontend::Started) -> tonic::service::Routes {
+/// RPC gets its policy from the pipeline; ready while the frontend can serve
+/// ([`frontend::Started::readiness`]); its streams end when the drain budget is spent.
+pub fn frontend_service(started: &frontend::Started) -> RoleService {
     let inference = InferenceServer::new(started.service.clone())
         .max_decoding_message_size(FRONTEND_MAX_REQUEST_BYTES);
     let counter: Arc<dyn admission::StatusCounter> = started.metrics.clone();
     let admitted = admission::pipeline::layers(&started.admission, counter).named_layer(inference);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(admitted);
-    routes.routes()
+    RoleService {
+        routes: routes.routes(),
+        readiness: started.readiness.clone(),
+        drain: Some(started.service.drain().clone()),
+    }
 }
 
 /// What a worker process does.
@@ -95,26 +106,79 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// Whether the role can serve now: `Err(why)` while it cannot (a frontend that does not
+/// reach a shard holding every routed expert). Polled every [`READINESS_POLL`].
+#[derive(Clone)]
+pub struct Readiness(Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl Readiness {
+    pub fn new(check: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(check))
+    }
+
+    /// `Err(why)` while the role cannot serve.
+    pub fn check(&self) -> Result<(), String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Readiness")
+    }
+}
+
+/// How often the role's health follows its [`Readiness`].
+pub const READINESS_POLL: Duration = Duration::from_secs(1);
+
+/// The role's own gRPC service, and what its health and shutdown follow.
+#[derive(Debug)]
+pub struct RoleService {
+    pub routes: tonic::service::Routes,
+    /// `None`: ready whenever served.
+    pub readiness: Option<Readiness>,
+    /// Ends the role's in-flight calls when the drain budget is spent.
+    pub drain: Option<Drain>,
+}
+
+impl RoleService {
+    /// Routes that are always ready and have no calls of their own to end.
+    pub fn plain(routes: tonic::service::Routes) -> Self {
+        Self {
+            routes,
+            readiness: None,
+            drain: None,
+        }
+    }
+}
+
 /// Serves `role`'s endpoints on `listener` until `shutdown` completes, then drains
-/// in-flight calls and returns. `role_service` is the role's own gRPC service, once its
-/// engine is up; without it the role's health reports `NOT_SERVING`.
+/// ([`crate::drain`]): readiness NOT_SERVING at once, new calls still taken for the unready
+/// delay, then in-flight calls run until the budget is spent, after which they end with
+/// UNAVAILABLE. `role_service` is the role's own gRPC service, once its engine is up;
+/// without it the role's health reports `NOT_SERVING`.
 pub async fn serve(
     role: Role,
     listener: TcpListener,
-    role_service: Option<tonic::service::Routes>,
+    role_service: Option<RoleService>,
     limits: TransportLimits,
+    drain_args: DrainArgs,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    let status = if role_service.is_some() {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
-    health_reporter
-        .set_service_status(role.service_name(), status)
-        .await;
     let serving_role = role_service.is_some();
+    let (routes, readiness, drain) = match role_service {
+        Some(r) => (r.routes, r.readiness, r.drain),
+        None => (tonic::service::Routes::default(), None, None),
+    };
+    let draining = Arc::new(AtomicBool::new(false));
+    let health_task = tokio::spawn(follow_readiness(
+        role,
+        serving_role,
+        readiness,
+        draining.clone(),
+        health_reporter.clone(),
+    ));
 
     let health_service = "grpc.health.v1.Health";
     let reflection = || {
@@ -134,10 +198,41 @@ pub async fn serve(
     // v1alpha too: grpcurl and many deployed clients still ask for it.
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    tracing::info!(%role, addr = ?listener.local_addr().ok(), ?limits, "serving gRPC");
+    tracing::info!(%role, addr = ?listener.local_addr().ok(), ?limits, drain_seconds = drain_args.seconds, "serving gRPC");
+    // When SIGTERM came: the drain budget counts from then.
+    let (began_tx, mut began_rx) = watch::channel(None::<Instant>);
+    let began_at = began_rx.clone();
+    let stop_accepting = {
+        let draining = draining.clone();
+        let reporter = health_reporter.clone();
+        async move {
+            shutdown.await;
+            began_tx.send_replace(Some(Instant::now()));
+            draining.store(true, Ordering::SeqCst);
+            reporter
+                .set_service_status(role.service_name(), ServingStatus::NotServing)
+                .await;
+            let delay = drain_args.unready_delay();
+            tracing::info!(%role, budget_s = drain_args.seconds, still_accepting_ms = delay.as_millis() as u64, "draining: readiness NOT_SERVING; in-flight calls run to their end");
+            tokio::time::sleep(delay).await;
+            tracing::info!(%role, "draining: no longer accepting connections");
+        }
+    };
+    let budget_spent = async move {
+        let began: Option<Instant> = began_rx
+            .wait_for(Option::is_some)
+            .await
+            .map_or(None, |b| *b);
+        let Some(began) = began else {
+            // The sender went away without a SIGTERM: the server stopped on its own.
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until((began + drain_args.budget()).into()).await;
+    };
+
     let l = limits;
     let peers = Arc::new(PeerTable::new(&l));
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .max_concurrent_streams(l.max_concurrent_streams)
         .http2_max_header_list_size(l.max_header_list_bytes)
         .http2_max_pending_accept_reset_streams(Some(l.max_pending_accept_reset_streams))
@@ -146,15 +241,99 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(l.keepalive_timeout))
         .max_connection_age(l.max_connection_age)
         .max_connection_age_grace(l.max_connection_age_grace)
-        .add_routes(role_service.unwrap_or_default())
+        .add_routes(routes)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             incoming(listener, peers, l.max_connections_per_peer),
-            shutdown,
-        )
-        .await?;
+            stop_accepting,
+        );
+    tokio::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        () = budget_spent => {
+            let what = if let Some(drain) = &drain {
+                drain.expire();
+                "ending them with UNAVAILABLE"
+            } else {
+                "stopping"
+            };
+            tracing::warn!(%role, budget_s = drain_args.seconds, "drain budget spent with calls still in flight; {what}");
+            // The ended calls flush their status, then the connections close; a client
+            // that never reads cannot hold the process past this.
+            match tokio::time::timeout(HARD_STOP, &mut server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(%role, "connections still open {HARD_STOP:?} after the drain budget; exiting anyway");
+                    Ok(())
+                }
+            }
+        }
+    };
+    let began = *began_at.borrow();
+    if let Some(began) = began {
+        tracing::info!(%role, drained_ms = began.elapsed().as_millis() as u64, "drained");
+    }
+    health_task.abort();
+    result?;
     tracing::info!(%role, "gRPC server stopped");
     Ok(())
+}
+
+/// How long after the drain budget the server may take to flush the ended calls.
+const HARD_STOP: Duration = Duration::from_secs(2);
+
+/// Keeps the role's health equal to its readiness (every [`READINESS_POLL`]), logging each
+/// change with the reason; NOT_SERVING for good once draining.
+async fn follow_readiness(
+    role: Role,
+    serving_role: bool,
+    readiness: Option<Readiness>,
+    draining: Arc<AtomicBool>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    let mut last: Option<Result<(), String>> = None;
+    loop {
+        let now = if draining.load(Ordering::SeqCst) {
+            return;
+        } else if !serving_role {
+            Err("the role's engine is not up".to_string())
+        } else {
+            readiness.as_ref().map_or(Ok(()), Readiness::check)
+        };
+        if last.as_ref() != Some(&now) {
+            let status = match &now {
+                Ok(()) => {
+                    if last.is_some() {
+                        tracing::info!(%role, "ready: SERVING");
+                    }
+                    ServingStatus::Serving
+                }
+                Err(why) => {
+                    tracing::warn!(%role, %why, "not ready: NOT_SERVING");
+                    ServingStatus::NotServing
+                }
+            };
+            // The drain may have begun while this was computed: it wins.
+            if draining.load(Ordering::SeqCst) {
+                return;
+            }
+            reporter
+                .set_service_status(role.service_name(), status)
+                .await;
+            if draining.load(Ordering::SeqCst) {
+                // SIGTERM came while that was written: put NOT_SERVING back.
+                reporter
+                    .set_service_status(role.service_name(), ServingStatus::NotServing)
+                    .await;
+                return;
+            }
+            last = Some(now);
+        }
+        if readiness.is_none() {
+            return;
+        }
+        tokio::time::sleep(READINESS_POLL).await;
+    }
 }

@@ -48,6 +48,25 @@ pub fn template(
         ),
         plain_env("SWITCHYARD_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
     ];
+    env.push(plain_env(
+        "SWITCHYARD_DRAIN_SECONDS",
+        &spec.serving.drain_seconds.to_string(),
+    ));
+    if component == Component::Frontend {
+        let caps = &spec.admission.connections;
+        for (name, value) in [
+            ("SWITCHYARD_MAX_CONNECTIONS_PER_PEER", caps.max_per_address),
+            (
+                "SWITCHYARD_NEW_CONNECTIONS_PER_PEER_PER_SECOND",
+                caps.new_per_second,
+            ),
+            ("SWITCHYARD_NEW_CONNECTIONS_BURST", caps.new_burst),
+        ] {
+            if let Some(value) = value {
+                env.push(plain_env(name, &value.to_string()));
+            }
+        }
+    }
     if component == Component::ExpertShard {
         // Kubernetes labels StatefulSet pods with their ordinal.
         env.push(field_env(
@@ -171,6 +190,9 @@ pub fn template(
                 }),
                 ..PodSecurityContext::default()
             }),
+            // The drain (SIGTERM → in-flight calls finish) plus the worker's own 2 s
+            // hard stop and exit, so the kubelet's SIGKILL never comes first.
+            termination_grace_period_seconds: Some(i64::from(spec.serving.drain_seconds) + 10),
             containers: vec![container],
             volumes: Some(volumes),
             node_selector: (!settings.node_selector.is_empty())

@@ -426,3 +426,46 @@ fn int4_is_carried_into_the_worker_config_with_its_default_group_size() {
     assert_eq!(config.model.quantization, "int4");
     assert_eq!(config.model.quantization_group_size, Some(128));
 }
+
+#[test]
+fn drain_seconds_sets_the_budget_and_the_grace_period_and_connection_caps_reach_frontends() {
+    let mut md: ModelDeployment = sharded(1);
+    md.spec = serde_json::from_value({
+        let mut spec = serde_json::to_value(&md.spec).unwrap();
+        spec["serving"]["drainSeconds"] = 45.into();
+        spec["admission"]["connections"] = serde_json::json!({"maxPerAddress": 5000});
+        spec
+    })
+    .unwrap();
+    let d = desired(&md, &Defaults::default()).unwrap();
+    let env = |t: &PodTemplateSpec, name: &str| {
+        pod(t).containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    let (f, s) = (
+        &d.frontend.spec.template,
+        &shards(&d).statefulset.spec.template,
+    );
+    for t in [f, s] {
+        assert_eq!(env(t, "SWITCHYARD_DRAIN_SECONDS").as_deref(), Some("45"));
+        assert_eq!(pod(t).termination_grace_period_seconds, Some(55));
+    }
+    assert_eq!(
+        env(f, "SWITCHYARD_MAX_CONNECTIONS_PER_PEER").as_deref(),
+        Some("5000")
+    );
+    assert_eq!(
+        env(f, "SWITCHYARD_NEW_CONNECTIONS_BURST"),
+        None,
+        "unset caps keep the worker's default"
+    );
+    assert_eq!(
+        env(s, "SWITCHYARD_MAX_CONNECTIONS_PER_PEER"),
+        None,
+        "shards are called by frontends only"
+    );
+}

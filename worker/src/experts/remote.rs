@@ -214,6 +214,20 @@ impl RemoteExperts {
     }
 }
 
+impl RemoteExperts {
+    /// `Err(why)` while some routed expert has no reachable holder (requests that need
+    /// it would fail): what the frontend's readiness reports.
+    pub fn readiness(&self) -> Result<(), String> {
+        match self.inner.missing() {
+            0 => Ok(()),
+            missing => Err(format!(
+                "{missing} routed (layer, expert) pair(s) have no reachable expert shard; shards: {}",
+                self.inner.describe_links()
+            )),
+        }
+    }
+}
+
 impl Inner {
     fn links(&self) -> Vec<Arc<Link>> {
         self.links

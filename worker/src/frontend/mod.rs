@@ -75,8 +75,11 @@ pub struct Started {
     /// KV-cache blocks and their size.
     pub kv_blocks: usize,
     /// Admission control, whose layers the service is served behind
-    /// ([`crate::server::frontend_routes`]).
+    /// ([`crate::server::frontend_service`]).
     pub admission: Arc<crate::admission::Admission>,
+    /// With expert shards: `Err` while no reachable shard holds some routed expert (the
+    /// readiness probe then reports NOT_SERVING). `None`: every expert is in process.
+    pub readiness: Option<crate::server::Readiness>,
 }
 
 /// The KV cache size when the memory left cannot be measured: `max_batch_size` ×
@@ -102,11 +105,13 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
         cfg.num_layers,
         cfg.moe.as_ref().map_or(0, |m| m.num_experts),
     ));
+    let mut remote_experts = None;
     let loaded = match &opts.experts {
         None => LoadedModel::load(&opts.model, dtype, &device)?,
         Some(remote) if cfg.moe.is_some() => {
             let rt = tokio::runtime::Handle::try_current().map_err(StartError::NoRuntime)?;
             let mut failure = None;
+            let mut backend = None;
             let loaded = LoadedModel::load_with(
                 &opts.model,
                 dtype,
@@ -121,7 +126,10 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
                         remote.clone(),
                         metrics.registry(),
                     )) {
-                        Ok(backend) => Ok(Arc::new(backend)),
+                        Ok(remote) => {
+                            backend = Some(remote.clone());
+                            Ok(Arc::new(remote))
+                        }
                         Err(e) => {
                             let message = switchyard_edge::exit::error_chain(&e);
                             failure = Some(e);
@@ -133,6 +141,7 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
                     }
                 },
             );
+            remote_experts = backend;
             match (loaded, failure) {
                 (Ok(l), _) => l,
                 (Err(_), Some(e)) => return Err(StartError::Shards(Box::new(e))),
@@ -253,11 +262,15 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
         metrics.clone(),
         admission.clone(),
     );
+    let readiness = remote_experts.map(|remote: crate::experts::remote::RemoteExperts| {
+        crate::server::Readiness::new(move || remote.readiness())
+    });
     Ok(Started {
         service,
         metrics,
         info,
         kv_blocks,
         admission,
+        readiness,
     })
 }

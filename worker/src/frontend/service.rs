@@ -26,6 +26,7 @@ use super::validate::{self, Checked, Limits};
 use crate::admission::status::quota_metadata;
 use crate::admission::tiers::priority_of;
 use crate::admission::{Admission, Call, Cost, Reservation, Slot};
+use crate::drain::Drain;
 use crate::engine::{EngineHandle, Event, FinishReason, Occupancy, StepReport, SubmitError};
 use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome, Tokenizer};
 
@@ -44,6 +45,8 @@ struct Inner {
     info: pb::ModelInfo,
     metrics: Arc<FrontendMetrics>,
     next_seed: AtomicU64,
+    /// Ends in-flight calls when the drain budget is spent.
+    drain: Drain,
 }
 
 impl Frontend {
@@ -68,8 +71,14 @@ impl Frontend {
                 info,
                 metrics,
                 next_seed: AtomicU64::new(seed),
+                drain: Drain::default(),
             }),
         }
+    }
+
+    /// The drain handle the server expires when the budget after SIGTERM is spent.
+    pub fn drain(&self) -> &Drain {
+        &self.inner.drain
     }
 
     /// The checked request, or the status to answer with.
@@ -340,7 +349,10 @@ impl Inference for Frontend {
         let admitted = self.admit(&request, &body)?;
         let caller = admitted.reservation.caller().clone();
         let mut collected = Collect::default();
-        let result = self.run_admitted(admitted, &mut collected).await;
+        let result = tokio::select! {
+            r = self.run_admitted(admitted, &mut collected) => r,
+            () = self.inner.drain.expired() => Err(Drain::status()),
+        };
         self.inner
             .metrics
             .observe_request_duration(started.elapsed());
@@ -377,6 +389,7 @@ impl Inference for Frontend {
             let result = tokio::select! {
                 r = run => r,
                 () = tx.closed() => Err(Status::cancelled("the client went away")),
+                () = this.inner.drain.expired() => Err(Drain::status()),
             };
             this.inner
                 .metrics

@@ -66,6 +66,9 @@ struct Args {
     /// HTTP/2 and per-peer connection limits (both roles; docs/admission.md).
     #[command(flatten)]
     transport: server::TransportLimits,
+    /// How long in-flight calls may run after SIGTERM (both roles; docs/worker.md).
+    #[command(flatten)]
+    drain: server::DrainArgs,
 }
 
 #[tokio::main]
@@ -105,10 +108,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = server::bind(args.listen).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, "listening");
-    server::serve(role, listener, Some(role_service), args.transport, async {
-        switchyard_edge::signal::shutdown_signal().await;
-        tracing::info!("draining in-flight calls");
-    })
+    server::serve(
+        role,
+        listener,
+        Some(role_service),
+        args.transport,
+        args.drain,
+        switchyard_edge::signal::shutdown_signal(),
+    )
     .await?;
     Ok(())
 }
@@ -127,11 +134,11 @@ fn load_worker_config(path: &std::path::Path) -> anyhow::Result<WorkerConfig> {
     Ok(config)
 }
 
-/// Loads the model (blocking task), serves its metrics, returns its gRPC routes.
+/// Loads the model (blocking task), serves its metrics, returns its gRPC service.
 async fn start_frontend(
     settings: FrontendSettings,
     metrics_listen: SocketAddr,
-) -> anyhow::Result<tonic::service::Routes> {
+) -> anyhow::Result<server::RoleService> {
     let started = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let options = settings.into_options()?;
         Ok(frontend::start(&options)?)
@@ -140,14 +147,14 @@ async fn start_frontend(
     .context("the model loading task panicked")??;
     switchyard_worker::telemetry::spawn_server(metrics_listen, started.metrics.registry().clone())
         .await?;
-    Ok(server::frontend_routes(&started))
+    Ok(server::frontend_service(&started))
 }
 
-/// Loads the assigned experts (blocking task), serves their metrics, returns the routes.
+/// Loads the assigned experts (blocking task), serves their metrics, returns the service.
 async fn start_shard(
     settings: ShardSettings,
     metrics_listen: SocketAddr,
-) -> anyhow::Result<tonic::service::Routes> {
+) -> anyhow::Result<server::RoleService> {
     let started = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let options = settings.into_options()?;
         Ok(experts::shard::start(&options)?)
@@ -162,7 +169,7 @@ async fn start_shard(
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_REQUEST_BYTES),
     );
-    Ok(routes.routes())
+    Ok(server::RoleService::plain(routes.routes()))
 }
 
 #[cfg(test)]
