@@ -8,7 +8,8 @@
 //! the shards through the headless Service's DNS (CoreDNS). grpcurl, a third-party client,
 //! lists the services by reflection and calls Generate. A shard pod deleted mid-stream
 //! comes back and new requests succeed; `kubectl scale` brings a third frontend that
-//! serves; `helm uninstall` removes the operator and its RBAC and leaves the CRD.
+//! serves, and back to one while 20 streams run cuts none of them (the stopping frontends
+//! drain); `helm uninstall` removes the operator and its RBAC and leaves the CRD.
 //!
 //! One scenario, in order, because each step stands on the one before (the operator the
 //! chart installed reconciles the deployment the later steps use). Each step prints how
@@ -108,6 +109,89 @@ async fn generate_stream(
         }
     }
     Err("the stream ended without a summary".into())
+}
+
+/// A stream read at about 100 tokens/s, like a client that shows tokens as they come: it
+/// stays in flight for seconds, whatever the server's speed. `first` runs at the first
+/// token. Returns the token ids, or the status it ended with.
+async fn slow_stream(
+    endpoint: &str,
+    max_tokens: u32,
+    first: impl FnOnce(),
+) -> Result<Vec<u32>, String> {
+    // A channel of its own: its own TCP connection, balanced by kube-proxy on its own.
+    let mut client = InferenceClient::connect(endpoint.to_string())
+        .await
+        .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+    let mut stream = client
+        .generate_stream(greedy(max_tokens))
+        .await
+        .map_err(|s| format!("GenerateStream: {s}"))?
+        .into_inner();
+    let mut ids = Vec::new();
+    let mut first = Some(first);
+    while let Some(message) = stream.next().await {
+        match message.map_err(|s| format!("stream ended with {s}"))?.event {
+            Some(Event::Chunk(chunk)) => {
+                if let Some(first) = first.take() {
+                    first();
+                }
+                tokio::time::sleep(Duration::from_millis(10) * chunk.token_ids.len() as u32).await;
+                ids.extend(chunk.token_ids);
+            }
+            Some(Event::Summary(_)) => return Ok(ids),
+            None => {}
+        }
+    }
+    Err("the stream ended without a summary".into())
+}
+
+/// Polls the pods of `selector` until `remaining` are left; returns, per pod that went,
+/// the time from when its deletion was first seen (the kubelet's SIGTERM follows at once)
+/// to when it was gone: the drain the users' streams lived through.
+async fn watch_drains(
+    client: &kube::Client,
+    namespace: &str,
+    selector: &str,
+    remaining: usize,
+    timeout: Duration,
+) -> Vec<(String, Duration)> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut deleting: std::collections::BTreeMap<String, Instant> = Default::default();
+    let mut gone = Vec::new();
+    let until = Instant::now() + timeout;
+    loop {
+        let list = pods
+            .list(&ListParams::default().labels(selector))
+            .await
+            .expect("listing pods");
+        let names: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        for pod in &list.items {
+            if pod.metadata.deletion_timestamp.is_some()
+                && let Some(name) = &pod.metadata.name
+            {
+                deleting.entry(name.clone()).or_insert_with(Instant::now);
+            }
+        }
+        for (name, since) in &deleting {
+            if !names.contains(name) && !gone.iter().any(|(n, _)| n == name) {
+                gone.push((name.clone(), since.elapsed()));
+            }
+        }
+        if names.len() == remaining && gone.len() == deleting.len() {
+            return gone;
+        }
+        assert!(
+            Instant::now() < until,
+            "{} pod(s) of {selector} left after {timeout:?}, want {remaining}",
+            names.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Prints, per pod, where its start-up time went: created → scheduled → container
@@ -589,6 +673,83 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         assert_eq!(got, reference, "frontend {name}");
     }
     step("kubectl scale to a third frontend serving", t);
+
+    // 7b. Scale 3 → 1 while 20 streams run, each on its own connection through the
+    // Service (so kube-proxy spreads them over all three frontends): every stream ends
+    // with all its tokens; the two stopping frontends drain instead of cutting them.
+    let t = Instant::now();
+    const STREAMS: usize = 20;
+    const DRAIN_TOKENS: u32 = 400;
+    let started = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|_| {
+            let endpoint = endpoint.clone();
+            let started = started.clone();
+            tokio::spawn(async move {
+                let began = Instant::now();
+                let result = slow_stream(&endpoint, DRAIN_TOKENS, || started.add_permits(1)).await;
+                (result, began.elapsed())
+            })
+        })
+        .collect();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(60),
+        started.acquire_many(STREAMS as u32),
+    )
+    .await
+    .expect("every stream got its first token");
+    let scaled_at = Instant::now();
+    node.run(
+        &kubectl,
+        &[
+            "scale",
+            "-n",
+            namespace,
+            &format!("md/{MD}"),
+            "--replicas=1",
+        ],
+    )
+    .await
+    .expect("kubectl scale to 1");
+    let drains = watch_drains(&client, namespace, &frontend_selector, 1, POD_TIMEOUT).await;
+    let mut cut = Vec::new();
+    let mut lasted = Vec::new();
+    let mut tokens = Vec::new();
+    for (i, stream) in streams.into_iter().enumerate() {
+        let (result, took) = stream.await.expect("the stream task");
+        match result {
+            Ok(ids) if ids.len() == DRAIN_TOKENS as usize => {
+                lasted.push(took);
+                tokens.push(ids);
+            }
+            Ok(ids) => cut.push(format!(
+                "stream {i}: {} of {DRAIN_TOKENS} tokens",
+                ids.len()
+            )),
+            Err(e) => cut.push(format!("stream {i}: {e}")),
+        }
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: scale 3 → 1 under {STREAMS} streams: {} cut; streams took \
+         {:.1}–{:.1}s; drains (SIGTERM seen → pod gone): {}; the last pod gone {:.1}s after kubectl scale",
+        cut.len(),
+        lasted.iter().min().map_or(0.0, Duration::as_secs_f64),
+        lasted.iter().max().map_or(0.0, Duration::as_secs_f64),
+        drains
+            .iter()
+            .map(|(pod, d)| format!("{pod} {:.1}s", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        scaled_at.elapsed().as_secs_f64(),
+    );
+    assert!(cut.is_empty(), "streams cut by the scale-down: {cut:?}");
+    assert_eq!(drains.len(), 2, "two frontends stopped: {drains:?}");
+    assert!(
+        tokens.windows(2).all(|w| w[0] == w[1]),
+        "every greedy stream of the same prompt got the same tokens"
+    );
+    step("scale 3 → 1 under 20 streams, none cut", t);
 
     // 8. helm uninstall: the operator and its RBAC go, the CRD stays.
     node.run(
