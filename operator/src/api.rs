@@ -17,12 +17,14 @@
 //!   ├─ spec.serving      gRPC port, batch, context and KV-cache limits
 //!   ├─ spec.admission    API-key Secret, tiers (priority, weight, quotas), queue bounds
 //!   ├─ spec.autoscaling  bounds per role, signal, windows
+//!   ├─ spec.monitoring   who may scrape the metrics port, an optional PodMonitor
 //!   └─ status            observedGeneration, conditions, per-role counts, endpoint, placement
 //! ```
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -117,6 +119,54 @@ pub struct ModelDeploymentSpec {
     /// Bounds and behaviour of the autoscaler (off by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+
+    /// Who may scrape the workers' metrics port, and an optional PodMonitor.
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
+}
+
+/// Reaching the workers' Prometheus endpoint (`/metrics` on port 9090, named `metrics`
+/// on the pods and Services).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// Who the NetworkPolicies let reach the metrics port of both roles, as NetworkPolicy
+    /// peers (`namespaceSelector`, `podSelector`, `ipBlock`), e.g. the `monitoring`
+    /// namespace. Empty (the default): any source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub scrape_from: Vec<NetworkPolicyPeer>,
+    /// A Prometheus Operator PodMonitor for both roles' pods.
+    #[serde(default)]
+    pub pod_monitor: PodMonitorSpec,
+}
+
+/// A `monitoring.coreos.com/v1` PodMonitor named after the ModelDeployment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodMonitorSpec {
+    /// Create it. It is created only where the PodMonitor CRD is installed; elsewhere a
+    /// `PodMonitorUnavailable` warning event says so. Turning it off deletes it. Default
+    /// false.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Scrape interval, e.g. `30s` or `1m`. Default `30s`.
+    #[serde(default = "default_scrape_interval")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub interval: String,
+}
+
+impl Default for PodMonitorSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: default_scrape_interval(),
+        }
+    }
+}
+
+fn default_scrape_interval() -> String {
+    "30s".into()
 }
 
 /// Where the weights are and how to load them. Exactly one of `pvc`, `hostPath` and

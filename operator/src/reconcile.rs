@@ -118,7 +118,33 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         ),
     };
     if apply_result.is_ok() {
-        prune(ctx, md, &names, &desired).await?;
+        let monitors = pod_monitors_installed(&ctx.client).await?;
+        if let Some(monitor) = &desired.pod_monitor {
+            if monitors {
+                apply_dynamic(
+                    &ctx.client,
+                    &names.namespace,
+                    monitor,
+                    &build::pod_monitor_resource(),
+                )
+                .await?;
+            } else {
+                publish(
+                    ctx,
+                    md,
+                    EventType::Warning,
+                    "PodMonitorUnavailable",
+                    format!(
+                        "spec.monitoring.podMonitor.enabled is true but the PodMonitor CRD ({}) \
+                         is not installed in this cluster: not created (install the Prometheus \
+                         Operator, or scrape the pods' `metrics` port another way)",
+                        build::POD_MONITOR_GROUP_VERSION
+                    ),
+                )
+                .await;
+            }
+        }
+        prune(ctx, md, &names, &desired, monitors).await?;
     }
     let observed = Observed {
         frontend: frontend.as_ref(),
@@ -233,10 +259,15 @@ async fn prune(
     md: &ModelDeployment,
     names: &Names,
     desired: &Desired,
+    pod_monitors: bool,
 ) -> Result<(), Error> {
     let uid = md.metadata.uid.as_deref().unwrap_or_default();
     let selector = format!("{}={}", build::MODEL_DEPLOYMENT_LABEL, names.deployment);
-    for resource in build::prunable_kinds() {
+    let mut kinds = build::prunable_kinds().to_vec();
+    if pod_monitors {
+        kinds.push(build::pod_monitor_resource());
+    }
+    for resource in kinds {
         let api: Api<DynamicObject> =
             Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource);
         let listed = api
@@ -255,10 +286,7 @@ async fn prune(
                 .iter()
                 .flatten()
                 .any(|o| o.controller == Some(true) && o.uid == uid);
-            let wanted = desired
-                .objects()
-                .any(|o| o.kind() == resource.kind && o.name() == name);
-            if !controlled || wanted {
+            if !controlled || desired.wants(&resource.kind, &name) {
                 continue;
             }
             let params = DeleteParams {
@@ -319,6 +347,49 @@ where
         .await
         .map_err(|source| Error::Apply {
             kind: K::kind(&()).to_string(),
+            name,
+            source,
+        })
+}
+
+/// Whether the cluster serves PodMonitors (the Prometheus Operator's CRD is installed).
+/// Asked on every reconcile: one discovery GET, and a CRD installed later is picked up.
+async fn pod_monitors_installed(client: &Client) -> Result<bool, Error> {
+    match client
+        .list_api_group_resources(build::POD_MONITOR_GROUP_VERSION)
+        .await
+    {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == "podmonitors")),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(source) => Err(Error::Read {
+            kind: "APIResourceList".into(),
+            name: build::POD_MONITOR_GROUP_VERSION.into(),
+            source,
+        }),
+    }
+}
+
+/// Server-side apply of an untyped object (the PodMonitor).
+async fn apply_dynamic(
+    client: &Client,
+    namespace: &str,
+    object: &DynamicObject,
+    resource: &kube::core::ApiResource,
+) -> Result<(), Error> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    let mut body = serde_json::to_value(object).expect("objects serialize");
+    body["apiVersion"] = resource.api_version.clone().into();
+    body["kind"] = resource.kind.clone().into();
+    Api::<DynamicObject>::namespaced_with(client.clone(), namespace, resource)
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map(drop)
+        .map_err(|source| Error::Apply {
+            kind: resource.kind.clone(),
             name,
             source,
         })

@@ -375,6 +375,15 @@ fn expected_operator_grants() -> BTreeSet<(String, String, String)> {
     for resource in switchyard_operator::build::prunable_kinds() {
         grants.insert((resource.group, resource.plural, "delete".to_string()));
     }
+    // spec.monitoring.podMonitor: apply, and prune when turned off.
+    let monitor = switchyard_operator::build::pod_monitor_resource();
+    for verb in ["list", "create", "patch", "delete"] {
+        grants.insert((
+            monitor.group.clone(),
+            monitor.plural.clone(),
+            verb.to_string(),
+        ));
+    }
     grants
 }
 

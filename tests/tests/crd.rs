@@ -369,6 +369,8 @@ fn every_crd_field_is_referenced_by_a_test() {
         "resources",
         "topologySpreadConstraints",
         "conditions",
+        // NetworkPolicyPeer, copied into the NetworkPolicies' metrics rule.
+        "scrapeFrom",
     ];
     fn walk(node: &serde_json::Value, path: &str, out: &mut Vec<(String, String)>) {
         if let Some(props) = node["properties"].as_object() {

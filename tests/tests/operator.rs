@@ -658,3 +658,86 @@ fn every_variable_the_operator_sets_is_one_the_worker_reads() {
     }
     assert!(seen >= 10, "only {seen} variables checked");
 }
+
+/// `spec.monitoring.podMonitor`: where the PodMonitor CRD is missing, a warning event says
+/// it was not created; once the CRD is installed the next reconcile creates it, scraping
+/// both roles' `metrics` port at the asked interval; turning it off deletes it.
+#[tokio::test]
+async fn a_pod_monitor_is_created_only_where_its_crd_exists_and_removed_when_turned_off() {
+    let (cp, ns) = setup("op-monitor").await;
+    let _operator = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    let mut md = example("minimal.yaml");
+    md.spec.monitoring.pod_monitor.enabled = true;
+    md.spec.monitoring.pod_monitor.interval = "15s".into();
+    let md = create(&ns, &md).await;
+    let name = md.name_any();
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    let warning = eventually("a PodMonitorUnavailable event", || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("PodMonitorUnavailable"))
+    })
+    .await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(
+        warning
+            .note
+            .as_deref()
+            .unwrap_or_default()
+            .contains("not installed"),
+        "{warning:?}"
+    );
+
+    let crd = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/podmonitor-crd.yaml");
+    cp.install_crd(&crd).await.unwrap();
+    let mds: Api<ModelDeployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    let monitors: Api<DynamicObject> = Api::namespaced_with(
+        ns.client.clone(),
+        &ns.name,
+        &switchyard_operator::build::pod_monitor_resource(),
+    );
+    // Any change reconciles again; the interval is one the PodMonitor must then carry.
+    mds.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            serde_json::json!({"spec": {"monitoring": {"podMonitor": {"interval": "20s"}}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let monitor = eventually("the PodMonitor", || async {
+        let m = monitors.get_opt(&name).await.ok()??;
+        (m.data["spec"]["podMetricsEndpoints"][0]["interval"] == "20s").then_some(m)
+    })
+    .await;
+    assert!(owned_by(&monitor.metadata, &md), "{monitor:?}");
+    let endpoint = &monitor.data["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"], "metrics");
+    assert_eq!(endpoint["path"], "/metrics");
+    assert_eq!(
+        monitor.data["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+        name.as_str()
+    );
+
+    mds.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            serde_json::json!({"spec": {"monitoring": {"podMonitor": {"enabled": false}}}}),
+        ),
+    )
+    .await
+    .unwrap();
+    eventually("the PodMonitor deleted", || async {
+        monitors.get_opt(&name).await.ok()?.is_none().then_some(())
+    })
+    .await;
+}

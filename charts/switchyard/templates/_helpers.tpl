@@ -181,6 +181,12 @@ tests/tests/chart.rs pins the exact set, so a change here is deliberate.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["delete"]
+# spec.monitoring.podMonitor (reconcile.rs apply_dynamic and prune), where the Prometheus
+# Operator's CRD is installed (found by discovery, which needs no grant): server-side
+# apply (patch, create), and list + delete when it is turned off.
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["podmonitors"]
+  verbs: ["list", "create", "patch", "delete"]
 # Events on ModelDeployments: kube-runtime's Recorder::publish (reconcile.rs publish)
 # creates an event, and merge-patches it when the same event repeats (event series).
 - apiGroups: ["events.k8s.io"]

@@ -28,6 +28,7 @@
 //! makes [`Owned`] and the operator's `.owns()` watches.
 
 mod config;
+mod monitor;
 mod pods;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,7 @@ use kube::Resource;
 use crate::api::ModelDeployment;
 
 pub use config::{config_hash, worker_config};
+pub use monitor::{POD_MONITOR_GROUP_VERSION, pod_monitor_resource};
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "switchyard-operator";
@@ -168,6 +170,10 @@ pub struct Desired {
     /// The expert-shard objects; `None` with `experts.shards: 0` (the frontends hold the
     /// whole model), and reconcile prunes any left from an earlier spec.
     pub experts: Option<ExpertShards>,
+    /// The PodMonitor, when `spec.monitoring.podMonitor.enabled` (untyped: not a
+    /// Kubernetes kind, and not in [`Desired::objects`]; reconcile applies it where its
+    /// CRD is installed).
+    pub pod_monitor: Option<kube::api::DynamicObject>,
     /// The placement revision written into `worker.json` (reported in status).
     pub placement_revision: String,
 }
@@ -260,6 +266,7 @@ impl Desired {
             frontend_pdb,
             frontend_policy,
             experts,
+            pod_monitor: _,
             placement_revision: _,
         } = self;
         let shards = |f: fn(&ExpertShards) -> Owned<'_>| experts.as_ref().map(f);
@@ -286,9 +293,21 @@ impl Desired {
     }
 }
 
+impl Desired {
+    /// Whether the object `kind`/`name` is desired (the PodMonitor included).
+    pub fn wants(&self, kind: &str, name: &str) -> bool {
+        self.objects().any(|o| o.kind() == kind && o.name() == name)
+            || self
+                .pod_monitor
+                .as_ref()
+                .is_some_and(|m| kind == "PodMonitor" && m.metadata.name.as_deref() == Some(name))
+    }
+}
+
 /// The kinds a spec change can make unneeded (the expert-shard objects when
 /// `experts.shards` becomes 0): reconcile lists these by the
 /// [`MODEL_DEPLOYMENT_LABEL`] and deletes the ones it owns that [`Desired`] no longer has.
+/// The PodMonitor ([`pod_monitor_resource`]) is pruned the same way where its CRD exists.
 pub fn prunable_kinds() -> [kube::core::ApiResource; 4] {
     use kube::core::ApiResource;
     [
@@ -367,11 +386,19 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         app_protocol: Some("kubernetes.io/h2c".into()),
         ..ServicePort::default()
     };
+    let metrics_port = ServicePort {
+        name: Some(METRICS_PORT_NAME.into()),
+        port: METRICS_PORT,
+        target_port: Some(IntOrString::String(METRICS_PORT_NAME.into())),
+        protocol: Some("TCP".into()),
+        app_protocol: Some("http".into()),
+        ..ServicePort::default()
+    };
     let client_service = Service {
         metadata: meta(&names.client_service, Some(Component::Frontend)),
         spec: Some(ServiceSpec {
             selector: Some(frontend_selector.clone()),
-            ports: Some(vec![grpc_port.clone()]),
+            ports: Some(vec![grpc_port.clone(), metrics_port.clone()]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -381,7 +408,7 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             selector: Some(experts_selector.clone()),
-            ports: Some(vec![grpc_port]),
+            ports: Some(vec![grpc_port, metrics_port]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -402,16 +429,30 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         protocol: Some("TCP".into()),
         ..NetworkPolicyPort::default()
     };
+    // The metrics port, from `spec.monitoring.scrapeFrom` (empty: any source).
+    let scrapes = || NetworkPolicyIngressRule {
+        ports: Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(METRICS_PORT)),
+            protocol: Some("TCP".into()),
+            ..NetworkPolicyPort::default()
+        }]),
+        from: (!spec.monitoring.scrape_from.is_empty())
+            .then(|| spec.monitoring.scrape_from.clone()),
+    };
     let frontend_policy = NetworkPolicy {
         metadata: meta(&names.frontend, Some(Component::Frontend)),
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(label_selector(&frontend_selector)),
             policy_types: Some(vec!["Ingress".into()]),
-            // Clients (any pod, any namespace) reach the gRPC port and nothing else.
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                ports: Some(vec![grpc_only()]),
-                from: None,
-            }]),
+            // Clients (any pod, any namespace) reach the gRPC port; scrapers the metrics
+            // port; nothing else.
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![grpc_only()]),
+                    from: None,
+                },
+                scrapes(),
+            ]),
             ..NetworkPolicySpec::default()
         }),
     };
@@ -420,14 +461,18 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(label_selector(&experts_selector)),
             policy_types: Some(vec!["Ingress".into()]),
-            // Only this deployment's frontends reach the shards.
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                ports: Some(vec![grpc_only()]),
-                from: Some(vec![NetworkPolicyPeer {
-                    pod_selector: Some(label_selector(&frontend_selector)),
-                    ..NetworkPolicyPeer::default()
-                }]),
-            }]),
+            // Only this deployment's frontends reach the shards' gRPC port; scrapers the
+            // metrics port.
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![grpc_only()]),
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(label_selector(&frontend_selector)),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                },
+                scrapes(),
+            ]),
             ..NetworkPolicySpec::default()
         }),
     };
@@ -450,6 +495,7 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         frontend_pdb: pdb(&names.frontend, Component::Frontend, &frontend_selector),
         frontend_policy,
         experts,
+        pod_monitor: monitor::pod_monitor(md, &names, meta(&names.deployment, None)),
         placement_revision,
     })
 }

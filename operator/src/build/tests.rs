@@ -469,3 +469,58 @@ fn drain_seconds_sets_the_budget_and_the_grace_period_and_connection_caps_reach_
         "shards are called by frontends only"
     );
 }
+
+#[test]
+fn metrics_are_reachable_on_the_services_and_from_the_scrapers_only() {
+    let mut md = sharded(1);
+    md.spec.monitoring = serde_json::from_value(serde_json::json!({
+        "scrapeFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "podMonitor": {"enabled": true}
+    }))
+    .unwrap();
+    let d = desired(&md, &Defaults::default()).unwrap();
+    let e = shards(&d);
+    for service in [&d.client_service, &e.service] {
+        let ports = service.spec.as_ref().unwrap().ports.as_ref().unwrap();
+        let metrics = ports.iter().find(|p| p.name.as_deref() == Some("metrics"));
+        assert_eq!(metrics.map(|p| p.port), Some(METRICS_PORT), "{ports:?}");
+    }
+    for policy in [&d.frontend_policy, &e.policy] {
+        let rules = policy.spec.as_ref().unwrap().ingress.as_ref().unwrap();
+        let scrape = rules
+            .iter()
+            .find(|r| r.ports.as_ref().unwrap()[0].port == Some(IntOrString::Int(METRICS_PORT)))
+            .expect("a rule for the metrics port");
+        let from = scrape.from.as_ref().expect("only the scrapers");
+        assert_eq!(
+            from[0]
+                .namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["kubernetes.io/metadata.name"],
+            "monitoring"
+        );
+    }
+    let monitor = d.pod_monitor.as_ref().expect("the PodMonitor");
+    assert_eq!(
+        monitor.data["spec"]["podMetricsEndpoints"][0]["interval"],
+        "30s"
+    );
+    assert!(d.wants("PodMonitor", "olmoe-tiny"));
+    // By default: any source may scrape, and no PodMonitor.
+    let d = desired(&sharded(1), &Defaults::default()).unwrap();
+    let rules = d
+        .frontend_policy
+        .spec
+        .as_ref()
+        .unwrap()
+        .ingress
+        .as_ref()
+        .unwrap();
+    assert!(rules.iter().any(|r| r.from.is_none()
+        && r.ports.as_ref().unwrap()[0].port == Some(IntOrString::Int(METRICS_PORT))));
+    assert!(d.pod_monitor.is_none());
+    assert!(!d.wants("PodMonitor", "olmoe-tiny"));
+}
