@@ -873,3 +873,69 @@ async fn after_a_run_of_every_outcome_the_metric_families_agree() {
         + sum_where("switchyard_admission_inflight", "");
     assert_eq!(accepted, ended + in_flight, "{text}");
 }
+
+/// Key rotation without a restart: the key file rewritten (as the kubelet swaps a Secret
+/// volume: a new file moved into place) is picked up within the reload period; the
+/// removed key is refused, the new one admitted, on the same process. A broken edit keeps
+/// the last good keys and is counted.
+#[tokio::test]
+async fn rotated_api_keys_take_effect_without_a_restart() {
+    let dir = TempDir::new("rotate").expect("dir");
+    let f = frontend(dir.path(), 16, 4).await;
+    let pid = f.process().pid();
+    let mut c = client(&f).await;
+    c.generate(request(Some(PRO_KEY), 2))
+        .await
+        .expect("the old key works");
+    const NEW_KEY: &str = "new-key-0123456789abc";
+    let keys = dir.path().join("keys");
+    let replace = |text: String| {
+        let staged = keys.join(".staged");
+        std::fs::write(&staged, text).expect("staging the key file");
+        std::fs::rename(&staged, keys.join("tenants")).expect("moving it into place");
+    };
+    replace(format!("acme:{FREE_KEY}:free\nbig:{NEW_KEY}:pro\n"));
+    let started = Instant::now();
+    loop {
+        let old = c.generate(request(Some(PRO_KEY), 2)).await;
+        let new = c.generate(request(Some(NEW_KEY), 2)).await;
+        if matches!(&old, Err(s) if s.code() == tonic::Code::Unauthenticated) && new.is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the rotation was not picked up: old key {old:?}, new key {new:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "key rotation picked up {:?} after the file changed",
+        started.elapsed()
+    );
+    assert_eq!(f.process().pid(), pid);
+    f.process().check_running().expect("no restart");
+
+    // A broken edit: refused, logged, counted; the rotated keys keep working.
+    replace(format!("big:{NEW_KEY}:no-such-tier\n"));
+    let started = Instant::now();
+    while f
+        .metric("switchyard_admission_key_reloads_total{result=\"error\"}")
+        .await
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the broken edit was not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    c.generate(request(Some(NEW_KEY), 2))
+        .await
+        .expect("the last good keys stay in use");
+    let log = f.process().log_tail(100);
+    assert!(
+        log.contains("cannot be used; keeping the previous keys") && !log.contains(NEW_KEY),
+        "logged without the key:\n{log}"
+    );
+}

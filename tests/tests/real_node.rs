@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    PersistentVolume, PersistentVolumeClaim, Pod, Service, ServiceAccount,
+    PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use switchyard_operator::api::ModelDeployment;
 use switchyard_proto::inference::v1 as pb;
 use switchyard_proto::inference::v1::generate_request::Input;
@@ -109,6 +109,21 @@ async fn generate_stream(
         }
     }
     Err("the stream ended without a summary".into())
+}
+
+/// The UIDs of the pods of `selector`, terminating ones included, sorted.
+async fn uids_of(client: &kube::Client, namespace: &str, selector: &str) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut uids: Vec<String> = pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .expect("listing pods")
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.uid)
+        .collect();
+    uids.sort();
+    uids
 }
 
 /// A stream read at about 100 tokens/s, like a client that shows tokens as they come: it
@@ -253,13 +268,13 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// The checkpoint directory on the node, readable by the pods' non-root user.
-fn model_on_node(namespace: &str) -> PathBuf {
+fn model_on_node(namespace: &str, fixture: &str) -> PathBuf {
     let dir = Path::new(ROOT)
         .join("volumes")
         .join(namespace)
-        .join("model");
+        .join(fixture);
     std::fs::create_dir_all(&dir).expect("creating the volume directory");
-    let fixture = fixture_model("qwen3_moe");
+    let fixture = fixture_model(fixture);
     for entry in std::fs::read_dir(&fixture).expect("reading the fixture") {
         let entry = entry.expect("fixture entry");
         if entry.file_type().expect("file type").is_file() {
@@ -389,7 +404,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     // 2. A checkpoint on a local PersistentVolume, claimed in the test's namespace.
     let ns = node.namespace("md").await.expect("namespace");
     let namespace = ns.name.as_str();
-    let model_dir = model_on_node(namespace);
+    let model_dir = model_on_node(namespace, "qwen3_moe");
     let pv_name = format!("{namespace}-model");
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     pvs.create(
@@ -750,6 +765,194 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         "every greedy stream of the same prompt got the same tokens"
     );
     step("scale 3 → 1 under 20 streams, none cut", t);
+
+    // 7c. A frontend-only change (a serving limit) rolls the frontend and leaves the
+    // shards, and their loaded experts, alone.
+    let t = Instant::now();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let shards_before = uids_of(&client, namespace, &shard_selector).await;
+    let frontends_before = uids_of(&client, namespace, &frontend_selector).await;
+    let mds_api: Api<ModelDeployment> = Api::namespaced(client.clone(), namespace);
+    mds_api
+        .patch(
+            MD,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"serving": {"maxBatchSize": 4}}})),
+        )
+        .await
+        .expect("patching a serving limit");
+    node.wait_for(
+        &client,
+        namespace,
+        &instance,
+        "the frontend replaced and Ready",
+        POD_TIMEOUT,
+        || {
+            let (client, frontend_selector, frontends_before) = (
+                client.clone(),
+                frontend_selector.clone(),
+                frontends_before.clone(),
+            );
+            async move {
+                let ready = pod_ips(&client, namespace, &frontend_selector).await;
+                let all = uids_of(&client, namespace, &frontend_selector).await;
+                Ok(ready.len() == 1 && all.len() == 1 && !frontends_before.contains(&all[0]))
+            }
+        },
+    )
+    .await
+    .expect("the frontend rolls for a serving limit");
+    assert_eq!(
+        uids_of(&client, namespace, &shard_selector).await,
+        shards_before,
+        "the shards were not restarted by a frontend-only change"
+    );
+    assert_eq!(
+        generate(&endpoint).await.expect("Generate after the roll"),
+        reference
+    );
+    step(
+        "a frontend-only change rolls the frontend, not the shards",
+        t,
+    );
+
+    // 7d. A dense checkpoint with no expert shards (frontends only), behind API keys from
+    // a Secret; the Secret rotated while the frontend runs: the new key works and the old
+    // one stops, within the kubelet's volume refresh plus the reload period, without a
+    // restart.
+    let t = Instant::now();
+    let dense_dir = model_on_node(namespace, "qwen3");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let key_secret = |line: &str| -> Secret {
+        from_json(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "dense-keys"},
+            "stringData": {"tenants": line},
+        }))
+    };
+    const OLD_KEY: &str = "old-key-0123456789abcdef";
+    const NEW_KEY: &str = "new-key-0123456789abcdef";
+    secrets
+        .create(
+            &PostParams::default(),
+            &key_secret(&format!("acme:{OLD_KEY}\n")),
+        )
+        .await
+        .expect("creating the key Secret");
+    mds_api
+        .create(
+            &PostParams::default(),
+            &from_json(serde_json::json!({
+                "apiVersion": "switchyard.dev/v1alpha1",
+                "kind": "ModelDeployment",
+                "metadata": {"name": "dense"},
+                "spec": {
+                    "model": {"hostPath": {"path": dense_dir.display().to_string()}, "dtype": "f32"},
+                    "admission": {
+                        "apiKeySecret": {"name": "dense-keys"},
+                        "tiers": [{"name": "standard"}],
+                        "defaultTier": "standard",
+                    },
+                    "serving": {"maxBatchSize": 4},
+                },
+            })),
+        )
+        .await
+        .expect("creating the dense ModelDeployment");
+    let dense_selector = "app.kubernetes.io/instance=dense";
+    node.wait_for_ready_pods(&client, namespace, dense_selector, 1, POD_TIMEOUT)
+        .await
+        .expect("the dense frontend Ready");
+    let dense_pods = pods
+        .list(&ListParams::default().labels(dense_selector))
+        .await
+        .expect("listing the dense pods")
+        .items;
+    assert_eq!(dense_pods.len(), 1, "frontends only: no shard pods");
+    let dense_pod = dense_pods[0].metadata.name.clone().expect("a name");
+    let statefulsets: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(client.clone(), namespace);
+    assert!(
+        statefulsets
+            .get_opt("dense-experts")
+            .await
+            .expect("reading")
+            .is_none(),
+        "no shard StatefulSet"
+    );
+    let (_, dense_ip) = pod_ips(&client, namespace, dense_selector)
+        .await
+        .pop()
+        .expect("the dense frontend's IP");
+    let dense_endpoint = format!("http://{dense_ip}:50051");
+    let keyed = |key: &'static str| {
+        let endpoint = dense_endpoint.clone();
+        async move {
+            let mut client = InferenceClient::connect(endpoint)
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut request = tonic::Request::new(greedy(4));
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {key}").parse().expect("ascii"),
+            );
+            client
+                .generate(request)
+                .await
+                .map(|r| r.into_inner().token_ids)
+        }
+    };
+    let dense_tokens = keyed(OLD_KEY)
+        .await
+        .expect("the dense model serves with the key");
+    assert_eq!(dense_tokens.len(), 4);
+    assert_eq!(
+        keyed(NEW_KEY).await.expect_err("not yet a key").code(),
+        tonic::Code::Unauthenticated
+    );
+    step(
+        "a dense ModelDeployment (no shards) to serving with an API key",
+        t,
+    );
+    let t = Instant::now();
+    secrets
+        .replace(
+            "dense-keys",
+            &PostParams::default(),
+            &key_secret(&format!("acme:{NEW_KEY}\n")),
+        )
+        .await
+        .expect("rotating the key Secret");
+    node.wait_for(
+        &client,
+        namespace,
+        dense_selector,
+        "the rotated key in use and the old one refused",
+        POD_TIMEOUT,
+        || async {
+            let old = keyed(OLD_KEY).await;
+            let new = keyed(NEW_KEY).await;
+            match (&old, &new) {
+                (Err(s), Ok(_)) if s.code() == tonic::Code::Unauthenticated => Ok(true),
+                _ => Err(format!("old key: {old:?}, new key: {new:?}")),
+            }
+        },
+    )
+    .await
+    .expect("the frontend picks up the rotated Secret");
+    let pod = pods.get(&dense_pod).await.expect("the same pod");
+    let restarts: i32 = pod
+        .status
+        .and_then(|s| s.container_statuses)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.restart_count)
+        .sum();
+    assert_eq!(restarts, 0, "picked up without a restart");
+    step(
+        "Secret rotated to the new key working and the old refused (same pod)",
+        t,
+    );
 
     // 8. helm uninstall: the operator and its RBAC go, the CRD stays.
     node.run(

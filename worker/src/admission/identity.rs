@@ -60,7 +60,8 @@ impl Admission {
                 ));
             }
         };
-        let owner = keys
+        let ring = keys.ring();
+        let owner = ring
             .lookup(key)
             .ok_or_else(|| status::unauthenticated("authorization: the API key is not valid"))?;
         Ok(Caller {

@@ -77,22 +77,18 @@ impl KeyRing {
         tiers: &[String],
         default_tier: Option<&str>,
     ) -> Result<Self, KeyError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| KeyError::Io { path, source }
-        };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io(dir))?
-            .filter_map(|e| e.ok())
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
+        Self::from_files(&read_key_files(dir)?, tiers, default_tier)
+    }
+
+    /// The ring of files already read ([`read_key_files`]).
+    pub fn from_files(
+        files: &[(PathBuf, String)],
+        tiers: &[String],
+        default_tier: Option<&str>,
+    ) -> Result<Self, KeyError> {
         let mut ring = Self::empty();
-        for file in files {
-            let text = std::fs::read_to_string(&file).map_err(io(&file))?;
-            ring.add_text(&file, &text, tiers, default_tier)?;
+        for (file, text) in files {
+            ring.add_text(file, text, tiers, default_tier)?;
         }
         Ok(ring)
     }
@@ -204,6 +200,127 @@ impl KeyRing {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
+}
+
+/// Every key file of `dir`, sorted by name, with its text: the Secret's entries, skipping
+/// hidden files and Kubernetes' `..data` links (the entries are links through `..data`,
+/// which the kubelet swaps atomically when the Secret changes).
+pub fn read_key_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, KeyError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| KeyError::Io { path, source }
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+            Ok((file, text))
+        })
+        .collect()
+}
+
+/// The keys of a mounted Secret, re-read while the frontend runs: a changed Secret (the
+/// kubelet refreshes the volume) takes effect without a restart, a removed key stops
+/// working, and a broken edit keeps the last good keys (and is logged, naming the file
+/// and line).
+pub struct LiveKeys {
+    dir: PathBuf,
+    tiers: Vec<String>,
+    default_tier: Option<String>,
+    ring: std::sync::RwLock<std::sync::Arc<KeyRing>>,
+    /// Digest of the files the ring was built from (or last refused).
+    seen: std::sync::Mutex<u64>,
+}
+
+impl std::fmt::Debug for LiveKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveKeys")
+            .field("dir", &self.dir)
+            .field("ring", &*self.ring())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`LiveKeys::reload`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// The files are as they were.
+    Unchanged,
+    /// New keys are in use: how many.
+    Reloaded(usize),
+    /// The files changed but do not parse; the previous keys stay.
+    Refused(String),
+}
+
+impl LiveKeys {
+    /// Loads the keys of `dir` (a start-up failure is an error: no keys, no frontend).
+    pub fn load(
+        dir: &Path,
+        tiers: Vec<String>,
+        default_tier: Option<String>,
+    ) -> Result<Self, KeyError> {
+        let files = read_key_files(dir)?;
+        let ring = KeyRing::from_files(&files, &tiers, default_tier.as_deref())?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tiers,
+            default_tier,
+            ring: std::sync::RwLock::new(std::sync::Arc::new(ring)),
+            seen: std::sync::Mutex::new(digest(&files)),
+        })
+    }
+
+    /// The keys in use.
+    pub fn ring(&self) -> std::sync::Arc<KeyRing> {
+        self.ring
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-reads the directory; swaps the keys in if the files changed and parse.
+    pub fn reload(&self) -> Reload {
+        let files = match read_key_files(&self.dir) {
+            Ok(files) => files,
+            Err(e) => return Reload::Refused(e.to_string()),
+        };
+        let now = digest(&files);
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *seen == now {
+            return Reload::Unchanged;
+        }
+        *seen = now;
+        match KeyRing::from_files(&files, &self.tiers, self.default_tier.as_deref()) {
+            Ok(ring) => {
+                let count = ring.len();
+                *self
+                    .ring
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(ring);
+                Reload::Reloaded(count)
+            }
+            Err(e) => Reload::Refused(e.to_string()),
+        }
+    }
+}
+
+/// A change detector over the files' names and texts (not a security boundary).
+fn digest(files: &[(PathBuf, String)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    files.hash(&mut h);
+    h.finish()
 }
 
 /// Equality whose time depends only on the lengths.
@@ -335,6 +452,32 @@ mod tests {
         }
         assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn live_keys_pick_up_a_changed_directory_and_keep_the_last_good_keys() {
+        let dir = std::env::temp_dir().join(format!("switchyard-live-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("tenants"), "a:aaaaaaaaaaaaaaaa1\n").expect("write");
+        let keys = LiveKeys::load(&dir, tiers(), Some("free".into())).expect("load");
+        assert!(keys.ring().lookup("aaaaaaaaaaaaaaaa1").is_some());
+        assert_eq!(keys.reload(), Reload::Unchanged);
+        // Rotation: a new key added, the old one removed.
+        std::fs::write(dir.join("tenants"), "a:bbbbbbbbbbbbbbbb2\n").expect("write");
+        assert_eq!(keys.reload(), Reload::Reloaded(1));
+        assert!(
+            keys.ring().lookup("aaaaaaaaaaaaaaaa1").is_none(),
+            "removed key"
+        );
+        assert!(keys.ring().lookup("bbbbbbbbbbbbbbbb2").is_some(), "new key");
+        // A broken edit: refused, naming the line; the last good keys stay.
+        std::fs::write(dir.join("tenants"), "a:short\n").expect("write");
+        match keys.reload() {
+            Reload::Refused(why) => assert!(why.contains("tenants:1"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(keys.ring().lookup("bbbbbbbbbbbbbbbb2").is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub(super) struct AdmissionMetrics {
     queued: IntGaugeVec,
     inflight: prometheus::IntGauge,
     pub(super) queue_wait: HistogramVec,
+    pub(super) key_reloads: IntCounterVec,
 }
 
 impl AdmissionMetrics {
@@ -75,6 +76,15 @@ impl AdmissionMetrics {
             ]),
             &["band"],
         )?;
+        let key_reloads = IntCounterVec::new(
+            Opts::new(
+                "admission_key_reloads_total",
+                "Changes to the API-key files seen while running: ok (in use) or error \
+                 (refused; the previous keys stay)",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(key_reloads.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(accepted.clone()))?;
         registry.register(Box::new(deadline_misses.clone()))?;
@@ -93,6 +103,7 @@ impl AdmissionMetrics {
             queued,
             inflight,
             queue_wait,
+            key_reloads,
         })
     }
 

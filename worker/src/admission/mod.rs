@@ -75,7 +75,7 @@ pub use tiers::Tier;
 
 use fair_queue::{FairQueue, QueueConfig};
 use gcra::Quotas;
-use keys::KeyRing;
+use keys::LiveKeys;
 use metrics::AdmissionMetrics;
 use queue::QueueState;
 use share::Shares;
@@ -124,10 +124,15 @@ impl AdmissionOptions {
     }
 }
 
+/// How often a frontend re-reads its API-key files. With the kubelet's refresh of a
+/// mounted Secret (up to about a minute by default), a rotated key works, and a removed
+/// one stops working, within that plus this.
+pub const KEY_RELOAD: Duration = Duration::from_secs(5);
+
 /// Admission control of one frontend (share it as `Arc<Admission>`). Its parts are in the
 /// submodules; [`pipeline`] puts them in order.
 pub struct Admission {
-    keys: Option<KeyRing>,
+    keys: Option<LiveKeys>,
     tiers: Tiers,
     quotas: Arc<Quotas<String>>,
     state: Mutex<QueueState>,
@@ -161,13 +166,13 @@ impl Admission {
         let tiers = Tiers::from_config(c)?;
         let keys = match &c.api_keys_dir {
             Some(dir) => {
-                let ring = KeyRing::load(
+                let keys = LiveKeys::load(
                     std::path::Path::new(dir),
-                    &tiers.names(),
-                    c.default_tier.as_deref(),
+                    tiers.names(),
+                    c.default_tier.clone(),
                 )?;
-                tracing::info!(keys = ring.len(), dir = %dir, "API keys loaded");
-                Some(ring)
+                tracing::info!(keys = keys.ring().len(), dir = %dir, "API keys loaded; re-read every {KEY_RELOAD:?}");
+                Some(keys)
             }
             None => None,
         };
@@ -195,11 +200,13 @@ impl Admission {
     }
 
     /// Starts the housekeeping task: expiring queued requests that can no longer start in
-    /// time, and forgetting idle tenants' quota and fairness state.
+    /// time, forgetting idle tenants' quota and fairness state, and re-reading the API keys
+    /// every [`KEY_RELOAD`].
     pub fn spawn_housekeeping(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut last_gc = Instant::now();
+            let mut last_keys = Instant::now();
             loop {
                 let Some(me) = weak.upgrade() else { return };
                 let next = me.lock().queue.next_deadline();
@@ -216,6 +223,10 @@ impl Admission {
                 }
                 let Some(me) = weak.upgrade() else { return };
                 me.expire(Instant::now());
+                if last_keys.elapsed() >= KEY_RELOAD {
+                    last_keys = Instant::now();
+                    me.reload_keys();
+                }
                 if last_gc.elapsed() >= Duration::from_secs(1) {
                     last_gc = Instant::now();
                     me.quotas.evict_idle(last_gc);
@@ -228,6 +239,22 @@ impl Admission {
                 }
             }
         });
+    }
+
+    /// Re-reads the API-key files; a change takes effect at once (see [`LiveKeys`]).
+    fn reload_keys(&self) {
+        let Some(keys) = &self.keys else { return };
+        match keys.reload() {
+            keys::Reload::Unchanged => {}
+            keys::Reload::Reloaded(count) => {
+                self.metrics.key_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(keys = count, "API keys changed: reloaded");
+            }
+            keys::Reload::Refused(why) => {
+                self.metrics.key_reloads.with_label_values(&["error"]).inc();
+                tracing::error!(error = %why, "API keys changed but cannot be used; keeping the previous keys");
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
