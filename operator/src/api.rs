@@ -18,6 +18,7 @@
 //!   ├─ spec.admission    API-key Secret, tiers (priority, weight, quotas), queue bounds
 //!   ├─ spec.autoscaling  bounds per role, signal, windows
 //!   ├─ spec.monitoring   who may scrape the metrics port, an optional PodMonitor
+//!   ├─ spec.tls          a kubernetes.io/tls Secret: the client endpoint over TLS
 //!   └─ status            observedGeneration, conditions, per-role counts, endpoint, placement
 //! ```
 
@@ -123,6 +124,24 @@ pub struct ModelDeploymentSpec {
     /// Who may scrape the workers' metrics port, and an optional PodMonitor.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+
+    /// TLS on the client endpoint. Unset: plaintext gRPC (`h2c`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// TLS on the frontends' gRPC port.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A `kubernetes.io/tls` Secret in this namespace (`tls.crt`, `tls.key`), as
+    /// cert-manager writes it. Frontends serve gRPC over TLS with it (HTTP/2 by ALPN) and
+    /// pick up a renewed certificate without a restart (the kubelet's volume refresh, then
+    /// within 5 s); their probes move to the metrics port's `/healthz` and `/readyz`,
+    /// because the kubelet's gRPC probe cannot speak TLS. Shards stay plaintext: only
+    /// frontends reach them (NetworkPolicy).
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 /// Reaching the workers' Prometheus endpoint (`/metrics` on port 9090, named `metrics`

@@ -22,6 +22,9 @@ pub const CONFIG_FILE: &str = "worker.json";
 pub const MODEL_MOUNT: &str = "/models";
 /// Where the API-key Secret is mounted on frontends.
 pub const API_KEYS_DIR: &str = "/etc/switchyard/api-keys";
+/// Where the `kubernetes.io/tls` Secret of `spec.tls` is mounted on frontends
+/// (`tls.crt`, `tls.key`).
+pub const TLS_DIR: &str = "/etc/switchyard/tls";
 /// Downward API: the pod's name.
 pub const ENV_POD_NAME: &str = "SWITCHYARD_POD_NAME";
 /// Downward API: the pod's namespace.

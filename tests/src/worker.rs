@@ -58,6 +58,12 @@ impl FrontendProcess {
         http_get_plain(self.metrics_port, "/metrics").await
     }
 
+    /// `GET <path>` on the metrics port (`/healthz`, `/readyz`): the body of a 200, else
+    /// the error.
+    pub async fn http(&self, path: &str) -> std::result::Result<String, String> {
+        http_get_plain(self.metrics_port, path).await
+    }
+
     /// The value of one metric series (`name{labels}` exactly as exposed), if present.
     pub async fn metric(&self, series: &str) -> Option<f64> {
         metric_value(&self.metrics().await.ok()?, series)

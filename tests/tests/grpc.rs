@@ -32,8 +32,10 @@ async fn start_worker(
         role,
         listener,
         None,
-        Default::default(),
-        server::DrainArgs { seconds: 0 },
+        server::ServeOptions {
+            drain: server::DrainArgs { seconds: 0 },
+            ..Default::default()
+        },
         async {
             let _ = stopped.await;
         },

@@ -635,6 +635,9 @@ fn every_variable_the_operator_sets_is_one_the_worker_reads() {
         "maxPerAddress": 1000, "newPerSecond": 500, "newBurst": 2000
     }))
     .unwrap();
+    md.spec.tls = Some(switchyard_operator::api::TlsSpec {
+        secret_name: "tls".into(),
+    });
     let d = desired(&md, &Defaults::default()).unwrap();
     let experts = &d.experts.as_ref().unwrap().statefulset;
     let mut seen = 0;

@@ -816,13 +816,34 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         t,
     );
 
-    // 7d. A dense checkpoint with no expert shards (frontends only), behind API keys from
-    // a Secret; the Secret rotated while the frontend runs: the new key works and the old
-    // one stops, within the kubelet's volume refresh plus the reload period, without a
-    // restart.
+    // 7d. A dense checkpoint with no expert shards (frontends only), serving TLS from a
+    // kubernetes.io/tls Secret, behind API keys from a Secret; the key Secret rotated
+    // while the frontend runs: the new key works and the old one stops, within the
+    // kubelet's volume refresh plus the reload period, without a restart.
     let t = Instant::now();
     let dense_dir = model_on_node(namespace, "qwen3");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let dense_host = format!("dense.{namespace}.svc");
+    let pki_dir = switchyard_tests::process::TempDir::new("dense-tls").expect("dir");
+    let (ca_dir, other_dir) = (pki_dir.path().join("ca"), pki_dir.path().join("other"));
+    std::fs::create_dir_all(&ca_dir).expect("dir");
+    std::fs::create_dir_all(&other_dir).expect("dir");
+    let pki =
+        switchyard_tests::pki::Pki::write_with_names(&ca_dir, std::slice::from_ref(&dense_host))
+            .expect("a serving certificate for the dense Service");
+    let other_ca = switchyard_tests::pki::Pki::write(&other_dir).expect("another CA");
+    let read = |p: &Path| std::fs::read_to_string(p).expect("PEM");
+    secrets
+        .create(
+            &PostParams::default(),
+            &from_json(serde_json::json!({
+                "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                "metadata": {"name": "dense-tls"},
+                "stringData": {"tls.crt": read(&pki.serving_cert), "tls.key": read(&pki.serving_key)},
+            })),
+        )
+        .await
+        .expect("creating the TLS Secret");
     let key_secret = |line: &str| -> Secret {
         from_json(serde_json::json!({
             "apiVersion": "v1", "kind": "Secret",
@@ -854,6 +875,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
                         "defaultTier": "standard",
                     },
                     "serving": {"maxBatchSize": 4},
+                    "tls": {"secretName": "dense-tls"},
                 },
             })),
         )
@@ -884,13 +906,34 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         .await
         .pop()
         .expect("the dense frontend's IP");
-    let dense_endpoint = format!("http://{dense_ip}:50051");
-    let keyed = |key: &'static str| {
-        let endpoint = dense_endpoint.clone();
+    let dense_endpoint = format!("https://{dense_ip}:50051");
+    let tls_channel = |ca: PathBuf| {
+        let (endpoint, host) = (dense_endpoint.clone(), dense_host.clone());
         async move {
-            let mut client = InferenceClient::connect(endpoint)
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    std::fs::read(ca).map_err(|e| e.to_string())?,
+                ))
+                .domain_name(host);
+            tonic::transport::Channel::from_shared(endpoint)
+                .map_err(|e| e.to_string())?
+                .tls_config(tls)
+                .map_err(|e| e.to_string())?
+                .connect()
                 .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                .map_err(|e| format!("{e:?}"))
+        }
+    };
+    assert!(
+        tls_channel(other_ca.serving_ca.clone()).await.is_err(),
+        "a client trusting another CA is refused"
+    );
+    let ca = pki.serving_ca.clone();
+    let keyed = |key: &'static str| {
+        let channel = tls_channel(ca.clone());
+        async move {
+            let mut client =
+                InferenceClient::new(channel.await.map_err(tonic::Status::unavailable)?);
             let mut request = tonic::Request::new(greedy(4));
             request.metadata_mut().insert(
                 "authorization",
@@ -904,14 +947,30 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     };
     let dense_tokens = keyed(OLD_KEY)
         .await
-        .expect("the dense model serves with the key");
+        .expect("the dense model serves over TLS with the key");
     assert_eq!(dense_tokens.len(), 4);
+    // grpcurl, a third-party TLS client (Go's TLS stack), by the Service's DNS name.
+    let listed = node
+        .run(
+            &grpcurl,
+            &[
+                "-cacert",
+                pki.serving_ca.to_str().expect("utf-8"),
+                "-servername",
+                &dense_host,
+                &format!("{dense_ip}:50051"),
+                "list",
+            ],
+        )
+        .await
+        .expect("grpcurl over TLS");
+    assert!(listed.contains("switchyard.v1.Inference"), "{listed}");
     assert_eq!(
         keyed(NEW_KEY).await.expect_err("not yet a key").code(),
         tonic::Code::Unauthenticated
     );
     step(
-        "a dense ModelDeployment (no shards) to serving with an API key",
+        "a dense ModelDeployment (no shards, TLS) to serving with an API key",
         t,
     );
     let t = Instant::now();

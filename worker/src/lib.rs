@@ -15,6 +15,7 @@
 //! - [`frontend`]: the `Inference` service, its request checks and metrics.
 //! - [`server`]: the gRPC server both roles run (health, reflection, the role's service).
 //! - [`drain`]: stopping on SIGTERM without cutting in-flight calls off.
+//! - [`tls`]: TLS on the client endpoint, certificates re-read when they rotate.
 //! - [`config`]: loading `worker.json`, the contract file the operator mounts.
 //! - [`settings`]: each role's effective settings: defaults, worker.json, env, flags.
 //! - [`error`]: why a worker could not start ([`StartError`]), naming the input.
@@ -36,5 +37,6 @@ pub mod server;
 pub mod settings;
 pub mod telemetry;
 pub mod text;
+pub mod tls;
 
 pub use error::StartError;

@@ -106,6 +106,30 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// How the server listens and stops.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    /// HTTP/2 and per-address connection limits.
+    pub limits: TransportLimits,
+    /// How long in-flight calls get after SIGTERM.
+    pub drain: DrainArgs,
+    /// TLS on the gRPC port ([`crate::tls`]); `None`: plaintext (`h2c`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The metrics server's `/readyz`, kept equal to the role's gRPC readiness (the
+    /// probes use it when the gRPC port speaks TLS, which the kubelet's gRPC probe cannot).
+    pub ready: Option<switchyard_edge::metrics::Readiness>,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("limits", &self.limits)
+            .field("drain", &self.drain)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Whether the role can serve now: `Err(why)` while it cannot (a frontend that does not
 /// reach a shard holding every routed expert). Polled every [`READINESS_POLL`].
 #[derive(Clone)]
@@ -161,10 +185,15 @@ pub async fn serve(
     role: Role,
     listener: TcpListener,
     role_service: Option<RoleService>,
-    limits: TransportLimits,
-    drain_args: DrainArgs,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let ServeOptions {
+        limits,
+        drain: drain_args,
+        tls,
+        ready,
+    } = options;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let serving_role = role_service.is_some();
     let (routes, readiness, drain) = match role_service {
@@ -178,6 +207,7 @@ pub async fn serve(
         readiness,
         draining.clone(),
         health_reporter.clone(),
+        ready.clone(),
     ));
 
     let health_service = "grpc.health.v1.Health";
@@ -198,7 +228,7 @@ pub async fn serve(
     // v1alpha too: grpcurl and many deployed clients still ask for it.
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    tracing::info!(%role, addr = ?listener.local_addr().ok(), ?limits, drain_seconds = drain_args.seconds, "serving gRPC");
+    tracing::info!(%role, addr = ?listener.local_addr().ok(), ?limits, drain_seconds = drain_args.seconds, tls = tls.is_some(), "serving gRPC");
     // When SIGTERM came: the drain budget counts from then.
     let (began_tx, mut began_rx) = watch::channel(None::<Instant>);
     let began_at = began_rx.clone();
@@ -209,6 +239,9 @@ pub async fn serve(
             shutdown.await;
             began_tx.send_replace(Some(Instant::now()));
             draining.store(true, Ordering::SeqCst);
+            if let Some(ready) = &ready {
+                ready.set(false);
+            }
             reporter
                 .set_service_status(role.service_name(), ServingStatus::NotServing)
                 .await;
@@ -246,7 +279,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            incoming(listener, peers, l.max_connections_per_peer),
+            crate::tls::incoming(incoming(listener, peers, l.max_connections_per_peer), tls),
             stop_accepting,
         );
     tokio::pin!(server);
@@ -292,6 +325,7 @@ async fn follow_readiness(
     readiness: Option<Readiness>,
     draining: Arc<AtomicBool>,
     reporter: tonic_health::server::HealthReporter,
+    ready: Option<switchyard_edge::metrics::Readiness>,
 ) {
     let mut last: Option<Result<(), String>> = None;
     loop {
@@ -322,6 +356,9 @@ async fn follow_readiness(
             reporter
                 .set_service_status(role.service_name(), status)
                 .await;
+            if let Some(ready) = &ready {
+                ready.set(now.is_ok() && !draining.load(Ordering::SeqCst));
+            }
             if draining.load(Ordering::SeqCst) {
                 // SIGTERM came while that was written: put NOT_SERVING back.
                 reporter

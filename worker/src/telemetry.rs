@@ -32,9 +32,14 @@ pub fn gauge_value(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Serves `/metrics` and `/healthz` for `registry` on `addr` in the background, for the
-/// process's lifetime; fails only if `addr` cannot be bound.
-pub async fn spawn_server(addr: SocketAddr, registry: Registry) -> Result<(), crate::StartError> {
+/// Serves `/metrics`, `/healthz` and `/readyz` (what `ready` says) for `registry` on
+/// `addr` in the background, for the process's lifetime; fails only if `addr` cannot be
+/// bound.
+pub async fn spawn_server(
+    addr: SocketAddr,
+    registry: Registry,
+    ready: switchyard_edge::metrics::Readiness,
+) -> Result<(), crate::StartError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| crate::StartError::Bind {
@@ -45,7 +50,8 @@ pub async fn spawn_server(addr: SocketAddr, registry: Registry) -> Result<(), cr
     tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
     tokio::spawn(async move {
         if let Err(e) =
-            switchyard_edge::metrics::serve(listener, registry, None, std::future::pending()).await
+            switchyard_edge::metrics::serve(listener, registry, Some(ready), std::future::pending())
+                .await
         {
             tracing::error!(error = %e, "metrics endpoint stopped");
         }

@@ -383,7 +383,8 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         port,
         target_port: Some(IntOrString::String(GRPC_PORT_NAME.into())),
         protocol: Some("TCP".into()),
-        app_protocol: Some("kubernetes.io/h2c".into()),
+        // HTTP/2 in the clear; with TLS, no standard name exists for gRPC over TLS.
+        app_protocol: spec.tls.is_none().then(|| "kubernetes.io/h2c".into()),
         ..ServicePort::default()
     };
     let metrics_port = ServicePort {
@@ -408,7 +409,14 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             selector: Some(experts_selector.clone()),
-            ports: Some(vec![grpc_port, metrics_port]),
+            // Shards serve plaintext whatever spec.tls says (only frontends reach them).
+            ports: Some(vec![
+                ServicePort {
+                    app_protocol: Some("kubernetes.io/h2c".into()),
+                    ..grpc_port
+                },
+                metrics_port,
+            ]),
             ..ServiceSpec::default()
         }),
         ..Service::default()

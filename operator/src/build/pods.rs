@@ -3,14 +3,16 @@
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, GRPCAction, HostPathVolumeSource, ImageVolumeSource, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    EnvVarSource, GRPCAction, HTTPGetAction, HostPathVolumeSource, ImageVolumeSource,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use switchyard_proto::worker_config::{
     API_KEYS_DIR, CONFIG_DIR, CONFIG_FILE, ENV_POD_IP, ENV_POD_NAME, ENV_POD_NAMESPACE,
-    ENV_SHARD_INDEX, MODEL_MOUNT,
+    ENV_SHARD_INDEX, MODEL_MOUNT, TLS_DIR,
 };
 
 use super::{
@@ -110,12 +112,51 @@ pub fn template(
         });
         mounts.push(mount("api-keys", API_KEYS_DIR, None));
     }
+    // TLS on the client endpoint: frontends only (shards are reached by frontends alone).
+    let tls = match (component, &spec.tls) {
+        (Component::Frontend, Some(tls)) => Some(tls),
+        _ => None,
+    };
+    if let Some(tls) = tls {
+        volumes.push(Volume {
+            name: "tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls.secret_name.clone()),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("tls", TLS_DIR, None));
+        env.push(plain_env(
+            "SWITCHYARD_TLS_CERT",
+            &format!("{TLS_DIR}/tls.crt"),
+        ));
+        env.push(plain_env(
+            "SWITCHYARD_TLS_KEY",
+            &format!("{TLS_DIR}/tls.key"),
+        ));
+    }
 
+    // gRPC health on the gRPC port; with TLS there, which the kubelet's gRPC probe cannot
+    // speak, the metrics port's /healthz (the process) and /readyz (the same readiness).
     let probe = |service: &str, period: i32, failures: i32| Probe {
-        grpc: Some(GRPCAction {
+        grpc: tls.is_none().then(|| GRPCAction {
             port,
             service: Some(service.to_string()),
             mode: None,
+        }),
+        http_get: tls.is_some().then(|| HTTPGetAction {
+            port: IntOrString::String(METRICS_PORT_NAME.into()),
+            path: Some(
+                if service.is_empty() {
+                    "/healthz"
+                } else {
+                    "/readyz"
+                }
+                .into(),
+            ),
+            ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),

@@ -524,3 +524,79 @@ fn metrics_are_reachable_on_the_services_and_from_the_scrapers_only() {
     assert!(d.pod_monitor.is_none());
     assert!(!d.wants("PodMonitor", "olmoe-tiny"));
 }
+
+#[test]
+fn tls_mounts_the_secret_on_frontends_and_moves_their_probes_to_http() {
+    let mut md = sharded(1);
+    md.spec.tls = Some(crate::api::TlsSpec {
+        secret_name: "olmoe-tls".into(),
+    });
+    let d = desired(&md, &Defaults::default()).unwrap();
+    let front = pod(&d.frontend.spec.template);
+    let volume = front
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "tls")
+        .expect("the TLS volume");
+    assert_eq!(
+        volume.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("olmoe-tls")
+    );
+    let c = &front.containers[0];
+    let env: Vec<_> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert!(env.contains(&"SWITCHYARD_TLS_CERT") && env.contains(&"SWITCHYARD_TLS_KEY"));
+    let readiness = c.readiness_probe.as_ref().unwrap();
+    assert!(
+        readiness.grpc.is_none(),
+        "the kubelet's gRPC probe cannot speak TLS"
+    );
+    let http = readiness.http_get.as_ref().unwrap();
+    assert_eq!(http.path.as_deref(), Some("/readyz"));
+    assert_eq!(http.port, IntOrString::String("metrics".into()));
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    let client_port = &d
+        .client_service
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(client_port.app_protocol, None, "not h2c under TLS");
+    // Shards stay plaintext, probed on gRPC health.
+    let e = shards(&d);
+    let shard = pod(&e.statefulset.spec.template);
+    assert!(
+        shard
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|v| v.name != "tls")
+    );
+    assert!(
+        shard.containers[0]
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .grpc
+            .is_some()
+    );
+    let shard_port = &e.service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+    assert_eq!(
+        shard_port.app_protocol.as_deref(),
+        Some("kubernetes.io/h2c")
+    );
+}

@@ -69,6 +69,9 @@ struct Args {
     /// How long in-flight calls may run after SIGTERM (both roles; docs/worker.md).
     #[command(flatten)]
     drain: server::DrainArgs,
+    /// TLS on the gRPC port (docs/worker.md).
+    #[command(flatten)]
+    tls: switchyard_worker::tls::TlsArgs,
 }
 
 #[tokio::main]
@@ -93,16 +96,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Some(load_worker_config(path)?),
         None => None,
     };
+    // Before loading: a bad certificate should not cost a model load to find out.
+    let tls = args.tls.acceptor()?;
+    let ready = switchyard_edge::metrics::Readiness::default();
     let role_service = match role {
         Role::Frontend => {
             let settings = FrontendSettings::resolve(&args.model, &args.frontend, config.as_ref())?;
             settings.log();
-            start_frontend(settings, args.metrics_listen).await?
+            start_frontend(settings, args.metrics_listen, ready.clone()).await?
         }
         Role::ExpertShard => {
             let settings = ShardSettings::resolve(&args.model, &args.shard, config.as_ref())?;
             settings.log();
-            start_shard(settings, args.metrics_listen).await?
+            start_shard(settings, args.metrics_listen, ready.clone()).await?
         }
     };
     let listener = server::bind(args.listen).await?;
@@ -112,8 +118,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         role,
         listener,
         Some(role_service),
-        args.transport,
-        args.drain,
+        server::ServeOptions {
+            limits: args.transport,
+            drain: args.drain,
+            tls,
+            ready: Some(ready),
+        },
         switchyard_edge::signal::shutdown_signal(),
     )
     .await?;
@@ -138,6 +148,7 @@ fn load_worker_config(path: &std::path::Path) -> anyhow::Result<WorkerConfig> {
 async fn start_frontend(
     settings: FrontendSettings,
     metrics_listen: SocketAddr,
+    ready: switchyard_edge::metrics::Readiness,
 ) -> anyhow::Result<server::RoleService> {
     let started = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let options = settings.into_options()?;
@@ -145,8 +156,12 @@ async fn start_frontend(
     })
     .await
     .context("the model loading task panicked")??;
-    switchyard_worker::telemetry::spawn_server(metrics_listen, started.metrics.registry().clone())
-        .await?;
+    switchyard_worker::telemetry::spawn_server(
+        metrics_listen,
+        started.metrics.registry().clone(),
+        ready,
+    )
+    .await?;
     Ok(server::frontend_service(&started))
 }
 
@@ -154,6 +169,7 @@ async fn start_frontend(
 async fn start_shard(
     settings: ShardSettings,
     metrics_listen: SocketAddr,
+    ready: switchyard_edge::metrics::Readiness,
 ) -> anyhow::Result<server::RoleService> {
     let started = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let options = settings.into_options()?;
@@ -162,7 +178,8 @@ async fn start_shard(
     .await
     .context("the expert loading task panicked")??;
     started.service.spawn_background(Duration::from_secs(2));
-    switchyard_worker::telemetry::spawn_server(metrics_listen, started.registry.clone()).await?;
+    switchyard_worker::telemetry::spawn_server(metrics_listen, started.registry.clone(), ready)
+        .await?;
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(
         ExpertShardServer::new(started.service)
