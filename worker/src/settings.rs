@@ -615,6 +615,13 @@ mod tests {
         frontend: FrontendArgs,
         #[command(flatten)]
         shard: ShardArgs,
+        // Not read by the settings, but server flags all the same: the env test walks them.
+        #[command(flatten)]
+        transport: crate::server::TransportLimits,
+        #[command(flatten)]
+        drain: crate::drain::DrainArgs,
+        #[command(flatten)]
+        tls: crate::tls::TlsArgs,
     }
 
     fn parse(flags: &[&str]) -> Args {
