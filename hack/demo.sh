@@ -26,6 +26,9 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 shards=${SHARDS:-2}
 logdir=$(mktemp -d -t switchyard-demo.XXXXXX)
 pids=()
+# Nothing behind a load balancer here: a short drain, so Ctrl-C or the end of the demo
+# stops the workers at once (docs/worker.md, "Readiness and stopping").
+export SWITCHYARD_DRAIN_SECONDS="${SWITCHYARD_DRAIN_SECONDS:-1}"
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; rm -rf "$logdir"' EXIT
 
 # wait_ready ADDR SERVICE PID LOG: until the gRPC health check of SERVICE says SERVING.
