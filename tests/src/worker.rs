@@ -17,6 +17,25 @@ pub fn fixture_model(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A greedy request for `prompt` that generates exactly `max_tokens` (EOS ignored): the
+/// same tokens on every run and every replica.
+pub fn greedy_request(
+    prompt: &str,
+    max_tokens: u32,
+) -> switchyard_proto::inference::v1::GenerateRequest {
+    use switchyard_proto::inference::v1 as pb;
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Prompt(prompt.into())),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A running frontend.
 #[derive(Debug)]
 pub struct FrontendProcess {

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use switchyard_proto::expert::v1 as ep;
 use switchyard_proto::expert::v1::expert_shard_client::ExpertShardClient;
 use switchyard_proto::inference::v1::{
-    self as pb, generate_request::Input, generate_stream_response::Event,
-    inference_client::InferenceClient,
+    self as pb, generate_stream_response::Event, inference_client::InferenceClient,
 };
 use switchyard_tests::process::TempDir;
 use switchyard_tests::worker::fixture_model;
@@ -96,16 +95,7 @@ fn addresses(shards: &[&ShardProcess]) -> String {
 }
 
 fn greedy(text: &str, max_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        input: Some(Input::Prompt(text.into())),
-        sampling: Some(pb::SamplingParams {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    switchyard_tests::worker::greedy_request(text, max_tokens)
 }
 
 async fn client(frontend: &FrontendProcess) -> InferenceClient<Channel> {

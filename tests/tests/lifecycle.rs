@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use switchyard_cli::client;
 use switchyard_proto::inference::v1::{
-    self as pb, generate_request::Input, generate_stream_response::Event,
-    inference_client::InferenceClient,
+    self as pb, generate_stream_response::Event, inference_client::InferenceClient,
 };
 use switchyard_tests::process::free_port;
 use switchyard_tests::worker::fixture_model;
@@ -54,16 +53,7 @@ async fn wait_health(
 }
 
 fn greedy(max_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        input: Some(Input::Prompt("The quick brown fox".into())),
-        sampling: Some(pb::SamplingParams {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    switchyard_tests::worker::greedy_request("The quick brown fox", max_tokens)
 }
 
 /// A frontend whose routed experts are on one shard that takes `delay_ms` per call: each

@@ -70,6 +70,14 @@ fn owned_by(meta: &kube::api::ObjectMeta, md: &ModelDeployment) -> bool {
     })
 }
 
+/// A JSON merge patch to the ModelDeployment `name`.
+async fn merge_patch(ns: &TestNamespace, name: &str, patch: serde_json::Value) {
+    Api::<ModelDeployment>::namespaced(ns.client.clone(), &ns.name)
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
 async fn create(ns: &TestNamespace, md: &ModelDeployment) -> ModelDeployment {
     Api::<ModelDeployment>::namespaced(ns.client.clone(), &ns.name)
         .create(&PostParams::default(), md)
@@ -187,7 +195,6 @@ async fn spec_changes_roll_out_and_hand_edits_and_deletions_are_repaired() {
     md.spec.experts.shards = 2;
     let md = create(&ns, &md).await;
     let name = md.name_any();
-    let mds: Api<ModelDeployment> = Api::namespaced(ns.client.clone(), &ns.name);
     let shards = |n: i32| {
         let ns = ns.clone();
         let name = name.clone();
@@ -201,15 +208,12 @@ async fn spec_changes_roll_out_and_hand_edits_and_deletions_are_repaired() {
     };
     let before = eventually("2 shards", || shards(2)).await;
 
-    mds.patch(
+    merge_patch(
+        &ns,
         &name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({
-            "spec": {"image": "switchyard/worker:v2", "experts": {"shards": 3}}
-        })),
+        serde_json::json!({"spec": {"image": "switchyard/worker:v2", "experts": {"shards": 3}}}),
     )
-    .await
-    .unwrap();
+    .await;
     let after = eventually("3 shards in the StatefulSet and the placement", || {
         shards(3)
     })
@@ -286,26 +290,21 @@ async fn dropping_the_shards_prunes_their_objects_and_only_those() {
     let md = create(&ns, &md).await;
     let name = md.name_any();
     let experts = format!("{name}-experts");
-    let kinds = switchyard_operator::build::prunable_kinds();
-    let present = |resource: kube::core::ApiResource, object: String| {
-        let client = ns.client.clone();
-        let namespace = ns.name.clone();
+    let shard_objects = |want: bool, what: &'static str| {
+        let (ns, experts) = (ns.clone(), experts.clone());
         async move {
-            Api::<DynamicObject>::namespaced_with(client, &namespace, &resource)
-                .get_opt(&object)
-                .await
-                .unwrap()
-                .is_some()
+            for resource in switchyard_operator::build::prunable_kinds() {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
+                eventually(&format!("{} {experts} {what}", resource.kind), || async {
+                    let there = api.get_opt(&experts).await.unwrap().is_some();
+                    (there == want).then_some(())
+                })
+                .await;
+            }
         }
     };
-    for resource in kinds.clone() {
-        eventually(&format!("{} {experts}", resource.kind), || async {
-            present(resource.clone(), experts.clone())
-                .await
-                .then_some(())
-        })
-        .await;
-    }
+    shard_objects(true, "created").await;
     // Someone else's object carrying this deployment's label: not ours to delete.
     let services: Api<Service> = Api::namespaced(ns.client.clone(), &ns.name);
     let stranger: Service = serde_json::from_value(serde_json::json!({
@@ -318,20 +317,13 @@ async fn dropping_the_shards_prunes_their_objects_and_only_those() {
         .await
         .unwrap();
 
-    let mds: Api<ModelDeployment> = Api::namespaced(ns.client.clone(), &ns.name);
-    mds.patch(
+    merge_patch(
+        &ns,
         &name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"experts": {"shards": 0}}})),
+        serde_json::json!({"spec": {"experts": {"shards": 0}}}),
     )
-    .await
-    .unwrap();
-    for resource in kinds.clone() {
-        eventually(&format!("{} {experts} pruned", resource.kind), || async {
-            (!present(resource.clone(), experts.clone()).await).then_some(())
-        })
-        .await;
-    }
+    .await;
+    shard_objects(false, "pruned").await;
     assert!(
         get::<Deployment>(&ns, &format!("{name}-frontend"))
             .await
@@ -363,21 +355,13 @@ async fn dropping_the_shards_prunes_their_objects_and_only_those() {
     )
     .await;
 
-    mds.patch(
+    merge_patch(
+        &ns,
         &name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"spec": {"experts": {"shards": 1}}})),
+        serde_json::json!({"spec": {"experts": {"shards": 1}}}),
     )
-    .await
-    .unwrap();
-    for resource in kinds {
-        eventually(&format!("{} {experts} back", resource.kind), || async {
-            present(resource.clone(), experts.clone())
-                .await
-                .then_some(())
-        })
-        .await;
-    }
+    .await;
+    shard_objects(true, "back").await;
     operator.check_running().unwrap();
 }
 
@@ -700,22 +684,18 @@ async fn a_pod_monitor_is_created_only_where_its_crd_exists_and_removed_when_tur
 
     let crd = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/podmonitor-crd.yaml");
     cp.install_crd(&crd).await.unwrap();
-    let mds: Api<ModelDeployment> = Api::namespaced(ns.client.clone(), &ns.name);
     let monitors: Api<DynamicObject> = Api::namespaced_with(
         ns.client.clone(),
         &ns.name,
         &switchyard_operator::build::pod_monitor_resource(),
     );
     // Any change reconciles again; the interval is one the PodMonitor must then carry.
-    mds.patch(
+    merge_patch(
+        &ns,
         &name,
-        &PatchParams::default(),
-        &Patch::Merge(
-            serde_json::json!({"spec": {"monitoring": {"podMonitor": {"interval": "20s"}}}}),
-        ),
+        serde_json::json!({"spec": {"monitoring": {"podMonitor": {"interval": "20s"}}}}),
     )
-    .await
-    .unwrap();
+    .await;
     let monitor = eventually("the PodMonitor", || async {
         let m = monitors.get_opt(&name).await.ok()??;
         (m.data["spec"]["podMetricsEndpoints"][0]["interval"] == "20s").then_some(m)
@@ -730,15 +710,12 @@ async fn a_pod_monitor_is_created_only_where_its_crd_exists_and_removed_when_tur
         name.as_str()
     );
 
-    mds.patch(
+    merge_patch(
+        &ns,
         &name,
-        &PatchParams::default(),
-        &Patch::Merge(
-            serde_json::json!({"spec": {"monitoring": {"podMonitor": {"enabled": false}}}}),
-        ),
+        serde_json::json!({"spec": {"monitoring": {"podMonitor": {"enabled": false}}}}),
     )
-    .await
-    .unwrap();
+    .await;
     eventually("the PodMonitor deleted", || async {
         monitors.get_opt(&name).await.ok()?.is_none().then_some(())
     })

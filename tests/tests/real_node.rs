@@ -29,7 +29,6 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use switchyard_operator::api::ModelDeployment;
 use switchyard_proto::inference::v1 as pb;
-use switchyard_proto::inference::v1::generate_request::Input;
 use switchyard_proto::inference::v1::generate_stream_response::Event;
 use switchyard_proto::inference::v1::inference_client::InferenceClient;
 use switchyard_tests::control_plane::http_get;
@@ -59,16 +58,7 @@ fn chart_dir() -> PathBuf {
 }
 
 fn greedy(max_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        input: Some(Input::Prompt(PROMPT.into())),
-        sampling: Some(pb::SamplingParams {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    switchyard_tests::worker::greedy_request(PROMPT, max_tokens)
 }
 
 /// The token ids a unary Generate returns from `endpoint`.
@@ -83,10 +73,14 @@ async fn generate(endpoint: &str) -> Result<Vec<u32>, String> {
     Ok(reply.into_inner().token_ids)
 }
 
-/// The token ids a GenerateStream returns, or the status it ended with.
+/// The token ids a GenerateStream returns, or the status it ended with. Each call opens a
+/// connection of its own (balanced by kube-proxy on its own). `pace` per token makes a
+/// client that reads as it shows (e.g. 10 ms: about 100 tokens/s), so the stream stays in
+/// flight for seconds whatever the server's speed.
 async fn generate_stream(
     endpoint: &str,
     max_tokens: u32,
+    pace: Duration,
     mut on_chunk: impl FnMut(usize),
 ) -> Result<Vec<u32>, String> {
     let mut client = InferenceClient::connect(endpoint.to_string())
@@ -101,8 +95,10 @@ async fn generate_stream(
     while let Some(message) = stream.next().await {
         match message.map_err(|s| format!("stream ended with {s}"))?.event {
             Some(Event::Chunk(chunk)) => {
+                let n = chunk.token_ids.len() as u32;
                 ids.extend(chunk.token_ids);
                 on_chunk(ids.len());
+                tokio::time::sleep(pace * n).await;
             }
             Some(Event::Summary(_)) => return Ok(ids),
             None => {}
@@ -124,41 +120,6 @@ async fn uids_of(client: &kube::Client, namespace: &str, selector: &str) -> Vec<
         .collect();
     uids.sort();
     uids
-}
-
-/// A stream read at about 100 tokens/s, like a client that shows tokens as they come: it
-/// stays in flight for seconds, whatever the server's speed. `first` runs at the first
-/// token. Returns the token ids, or the status it ended with.
-async fn slow_stream(
-    endpoint: &str,
-    max_tokens: u32,
-    first: impl FnOnce(),
-) -> Result<Vec<u32>, String> {
-    // A channel of its own: its own TCP connection, balanced by kube-proxy on its own.
-    let mut client = InferenceClient::connect(endpoint.to_string())
-        .await
-        .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
-    let mut stream = client
-        .generate_stream(greedy(max_tokens))
-        .await
-        .map_err(|s| format!("GenerateStream: {s}"))?
-        .into_inner();
-    let mut ids = Vec::new();
-    let mut first = Some(first);
-    while let Some(message) = stream.next().await {
-        match message.map_err(|s| format!("stream ended with {s}"))?.event {
-            Some(Event::Chunk(chunk)) => {
-                if let Some(first) = first.take() {
-                    first();
-                }
-                tokio::time::sleep(Duration::from_millis(10) * chunk.token_ids.len() as u32).await;
-                ids.extend(chunk.token_ids);
-            }
-            Some(Event::Summary(_)) => return Ok(ids),
-            None => {}
-        }
-    }
-    Err("the stream ended without a summary".into())
 }
 
 /// Polls the pods of `selector` until `remaining` are left; returns, per pod that went,
@@ -529,7 +490,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         unary, reference,
         "the deployment gives the in-process tokens"
     );
-    let streamed = generate_stream(&endpoint, MAX_TOKENS, |_| {})
+    let streamed = generate_stream(&endpoint, MAX_TOKENS, Duration::ZERO, |_| {})
         .await
         .expect("GenerateStream through the Service");
     assert_eq!(
@@ -590,7 +551,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     let victim = format!("{MD}-experts-1");
     let (deleted_tx, deleted_rx) = tokio::sync::oneshot::channel::<()>();
     let mut deleted_tx = Some(deleted_tx);
-    let stream = generate_stream(&endpoint, 400, |n| {
+    let stream = generate_stream(&endpoint, 400, Duration::ZERO, |n| {
         if n == 5
             && let Some(tx) = deleted_tx.take()
         {
@@ -702,7 +663,14 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
             let started = started.clone();
             tokio::spawn(async move {
                 let began = Instant::now();
-                let result = slow_stream(&endpoint, DRAIN_TOKENS, || started.add_permits(1)).await;
+                let mut first = true;
+                let result =
+                    generate_stream(&endpoint, DRAIN_TOKENS, Duration::from_millis(10), |_| {
+                        if std::mem::take(&mut first) {
+                            started.add_permits(1);
+                        }
+                    })
+                    .await;
                 (result, began.elapsed())
             })
         })

@@ -101,15 +101,7 @@ pub fn template(
         mount("tmp", "/tmp", None),
     ];
     if let (Component::Frontend, Some(secret)) = (component, &spec.admission.api_key_secret) {
-        volumes.push(Volume {
-            name: "api-keys".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.name.clone()),
-                default_mode: Some(0o440),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        volumes.push(secret_volume("api-keys", &secret.name));
         mounts.push(mount("api-keys", API_KEYS_DIR, None));
     }
     // TLS on the client endpoint: frontends only (shards are reached by frontends alone).
@@ -118,15 +110,7 @@ pub fn template(
         _ => None,
     };
     if let Some(tls) = tls {
-        volumes.push(Volume {
-            name: "tls".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(tls.secret_name.clone()),
-                default_mode: Some(0o440),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        volumes.push(secret_volume("tls", &tls.secret_name));
         mounts.push(mount("tls", TLS_DIR, None));
         env.push(plain_env(
             "SWITCHYARD_TLS_CERT",
@@ -273,6 +257,19 @@ fn model_volume(md: &ModelDeployment) -> (Volume, Option<String>) {
         checkpoint_dir = sub_path(&image.path);
     }
     (volume, checkpoint_dir)
+}
+
+/// A Secret as a volume, readable by the worker's group only.
+fn secret_volume(name: &str, secret: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
 }
 
 fn mount(name: &str, path: &str, sub_path: Option<String>) -> VolumeMount {
