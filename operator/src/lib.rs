@@ -12,15 +12,18 @@
 //! - [`status`]: workloads' status → the ModelDeployment's status and conditions, pure.
 //! - [`reconcile`]: the shell: server-side apply, status write, events.
 //! - [`leader`]: leader election on a Lease; [`metrics`]: Prometheus and health endpoints.
+//! - [`autoscale`]: the autoscaler's decision core, pure (the sampler and the writer
+//!   around it are not built yet; `autoscaling.enabled: true` stays refused).
 //!
 //! Dependencies point one way: `reconcile` uses `build`, `status` and `metrics`; none of
 //! those uses `reconcile` (metrics takes an error's `reason()`, not the error).
 //!
-//! The autoscaler lands here too as it is built. This crate depends on `kube` and `k8s-openapi`, never on the inference engine, so
+//! This crate depends on `kube` and `k8s-openapi`, never on the inference engine, so
 //! the operator image stays free of candle and CUDA.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod autoscale;
 pub mod build;
 pub mod leader;
 pub mod metrics;
