@@ -105,6 +105,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
     readiness: Option<Readiness>,
+    extra: Option<JsonEndpoint>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
@@ -122,10 +123,19 @@ pub async fn serve(
         };
         let registry = registry.clone();
         let readiness = readiness.clone();
+        let extra = extra.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = route(&request, &registry, readiness.as_ref());
+                    let response = match &extra {
+                        Some(e)
+                            if request.uri().path() == e.path
+                                && request.method() == Method::GET =>
+                        {
+                            json_response((e.body)())
+                        }
+                        _ => route(&request, &registry, readiness.as_ref()),
+                    };
                     async move { Ok::<_, Infallible>(response) }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
@@ -137,6 +147,33 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// One more read-only endpoint answering JSON (the frontends' `/demand`), computed per
+/// request.
+#[derive(Clone)]
+pub struct JsonEndpoint {
+    /// The path, e.g. `/demand`.
+    pub path: &'static str,
+    /// The body.
+    pub body: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+impl std::fmt::Debug for JsonEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonEndpoint")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn json_response(body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn route<B>(
@@ -234,7 +271,7 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, registry, None, async move {
+        let server = tokio::spawn(serve(listener, registry, None, None, async move {
             let _ = stopped.await;
         }));
 
@@ -293,6 +330,7 @@ mod tests {
             listener,
             Registry::new(),
             Some(readiness.clone()),
+            None,
             std::future::pending(),
         ));
         let get = "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";

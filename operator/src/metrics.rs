@@ -127,6 +127,7 @@ pub async fn serve(
         listener,
         metrics.registry.clone(),
         Some(metrics.ready.clone()),
+        None,
         shutdown,
     )
     .await

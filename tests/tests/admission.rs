@@ -939,3 +939,52 @@ async fn rotated_api_keys_take_effect_without_a_restart() {
         "logged without the key:\n{log}"
     );
 }
+
+/// `/demand`, the report the autoscaler polls: per tenant, admitted requests queued and
+/// running, and the cap its request quota allows (none for an unlimited tier).
+#[tokio::test]
+async fn the_demand_report_shows_each_tenants_admitted_requests_and_quota_cap() {
+    let dir = TempDir::new("demand").expect("dir");
+    let f = frontend(dir.path(), 16, 1).await;
+    let body = |response: String| -> serde_json::Value {
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.contains(" 200 ") && head.contains("application/json"), "{head}");
+        serde_json::from_str(body).expect("JSON")
+    };
+    let idle = body(f.http("/demand").await.expect("/demand"));
+    assert_eq!(idle["tenants"], serde_json::json!([]), "{idle}");
+
+    // A stream nobody reads holds the only engine slot; a free-tier request queues.
+    let mut c = client(&f).await;
+    let _held = c
+        .generate_stream(request(Some(PRO_KEY), 400))
+        .await
+        .expect("the pro stream");
+    let mut c2 = client(&f).await;
+    let waiting = tokio::spawn(async move { c2.generate(request(Some(FREE_KEY), 2)).await });
+    let started = Instant::now();
+    let report = loop {
+        let report = body(f.http("/demand").await.expect("/demand"));
+        if report["queued"] == 1 && report["running"] == 1 {
+            break report;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{report}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let tenants = report["tenants"].as_array().expect("tenants");
+    let find = |name: &str| {
+        tenants
+            .iter()
+            .find(|t| t["tenant"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+    };
+    let big = find("big");
+    assert_eq!((big["tier"].as_str(), big["running"].as_u64()), (Some("pro"), Some(1)));
+    assert!(big.get("cap").is_none(), "pro has no request quota: {big}");
+    let acme = find("acme");
+    assert_eq!((acme["tier"].as_str(), acme["queued"].as_u64()), (Some("free"), Some(1)));
+    // 3 requests a minute, times the mean time in the system (1 s assumed before any ends).
+    let cap = acme["cap"].as_f64().expect("free has a request quota");
+    assert!(cap > 0.0 && cap < 1.0, "{acme}");
+    waiting.abort();
+}

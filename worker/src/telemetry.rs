@@ -39,6 +39,7 @@ pub async fn spawn_server(
     addr: SocketAddr,
     registry: Registry,
     ready: switchyard_edge::metrics::Readiness,
+    extra: Option<switchyard_edge::metrics::JsonEndpoint>,
 ) -> Result<(), crate::StartError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -49,9 +50,14 @@ pub async fn spawn_server(
         })?;
     tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
     tokio::spawn(async move {
-        if let Err(e) =
-            switchyard_edge::metrics::serve(listener, registry, Some(ready), std::future::pending())
-                .await
+        if let Err(e) = switchyard_edge::metrics::serve(
+            listener,
+            registry,
+            Some(ready),
+            extra,
+            std::future::pending(),
+        )
+        .await
         {
             tracing::error!(error = %e, "metrics endpoint stopped");
         }

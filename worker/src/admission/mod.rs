@@ -40,11 +40,13 @@
 //! - [`status`]: how refusals are encoded (status codes, pushback, quota metadata).
 //! - [`metrics`]: the `switchyard_admission_*` and `switchyard_tenant_*` metrics.
 //! - [`keys`]: API keys (constant-time lookup, never logged).
+//! - [`demand`]: the per-tenant demand report the autoscaler polls (`/demand`).
 //! - [`gcra`]: per-tenant quotas (GCRA with exact refunds).
 //! - [`fair_queue`]: the bounded fair queue.
 
 pub mod accounting;
 pub mod connections;
+pub mod demand;
 pub mod fair_queue;
 pub mod gcra;
 pub mod identity;

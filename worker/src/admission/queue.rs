@@ -93,7 +93,7 @@ impl Admission {
         let weight = caller.tier.weight;
         let (tx, rx) = oneshot::channel();
         let mut st = self.lock();
-        st.shares.arrived(band, &caller.key, weight, now);
+        st.shares.arrived_in(band, &caller.key, &caller.tier, now);
         if st.queue.is_empty() {
             let active = st.shares.active(&st.queue, now);
             if st

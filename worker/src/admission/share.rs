@@ -64,6 +64,8 @@ struct Use {
     inflight: usize,
     weight: u32,
     last: Instant,
+    /// The tenant's tier, once known (for the demand report's quota caps).
+    tier: Option<std::sync::Arc<super::tiers::Tier>>,
 }
 
 /// Requests in the engine by rank and by tenant, and when each tenant last arrived.
@@ -99,9 +101,52 @@ impl Shares {
             inflight: 0,
             weight,
             last: now,
+            tier: None,
         });
         u.weight = weight.max(1);
         u.last = now;
+    }
+
+    /// [`Shares::arrived`], for a caller whose tier is known.
+    pub(super) fn arrived_in(
+        &mut self,
+        band: Band,
+        key: &str,
+        tier: &std::sync::Arc<super::tiers::Tier>,
+        now: Instant,
+    ) {
+        self.arrived(band, key, tier.weight, now);
+        if let Some(u) = self.tenants.get_mut(&(band, key.to_string())) {
+            u.tier = Some(tier.clone());
+        }
+    }
+
+    /// Every tenant with requests in the system: (key, tier, queued, running), summed
+    /// over bands.
+    pub(super) fn in_system<T>(
+        &self,
+        queue: &FairQueue<T>,
+    ) -> Vec<(
+        String,
+        Option<std::sync::Arc<super::tiers::Tier>>,
+        usize,
+        usize,
+    )> {
+        let mut out: HashMap<&str, (Option<std::sync::Arc<super::tiers::Tier>>, usize, usize)> =
+            HashMap::new();
+        for ((band, key), u) in &self.tenants {
+            let queued = queue.queued(key, *band);
+            if queued == 0 && u.inflight == 0 {
+                continue;
+            }
+            let e = out.entry(key.as_str()).or_insert((None, 0, 0));
+            e.0 = e.0.take().or_else(|| u.tier.clone());
+            e.1 += queued;
+            e.2 += u.inflight;
+        }
+        out.into_iter()
+            .map(|(key, (tier, queued, running))| (key.to_string(), tier, queued, running))
+            .collect()
     }
 
     /// A request of rank `rank` took a slot.

@@ -156,10 +156,19 @@ async fn start_frontend(
     })
     .await
     .context("the model loading task panicked")??;
+    let admission = started.admission.clone();
+    let demand = switchyard_edge::metrics::JsonEndpoint {
+        path: "/demand",
+        body: std::sync::Arc::new(move || {
+            serde_json::to_string(&admission.demand())
+                .unwrap_or_else(|e| format!("{{\"error\": \"encoding the demand report: {e}\"}}"))
+        }),
+    };
     switchyard_worker::telemetry::spawn_server(
         metrics_listen,
         started.metrics.registry().clone(),
         ready,
+        Some(demand),
     )
     .await?;
     Ok(server::frontend_service(&started))
@@ -178,8 +187,13 @@ async fn start_shard(
     .await
     .context("the expert loading task panicked")??;
     started.service.spawn_background(Duration::from_secs(2));
-    switchyard_worker::telemetry::spawn_server(metrics_listen, started.registry.clone(), ready)
-        .await?;
+    switchyard_worker::telemetry::spawn_server(
+        metrics_listen,
+        started.registry.clone(),
+        ready,
+        None,
+    )
+    .await?;
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(
         ExpertShardServer::new(started.service)

@@ -1,0 +1,93 @@
+//! The demand report (`GET /demand` on a frontend's metrics port): what the autoscaler
+//! polls, directly and sub-second, instead of scraping Prometheus.
+//!
+//! Per tenant: requests in the system (queued + running; only admitted ones, so refused
+//! traffic is absent by construction) and `cap`, the most its request quota can keep in
+//! the system (rate × mean time in the system). The autoscaler counts each tenant for at
+//! most its cap (`switchyard_operator::autoscale`), so a flood over quota buys nothing.
+//! Anonymous callers are one entry with one tier's cap: many addresses do not add up to
+//! many quotas.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Admission;
+
+/// The report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Demand {
+    /// Mean time an admitted request spends in the system (EWMA), in seconds; 0 before
+    /// the first request ends.
+    pub mean_service_seconds: f64,
+    /// Requests in the engine and waiting, all tenants.
+    pub running: usize,
+    pub queued: usize,
+    /// Tenants with requests in the system, by name.
+    pub tenants: Vec<TenantDemand>,
+}
+
+/// One tenant's part.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantDemand {
+    /// Tenant name (`anonymous` for every caller without a key).
+    pub tenant: String,
+    pub tier: String,
+    pub queued: usize,
+    pub running: usize,
+    /// The most requests its quota can keep in the system; absent: no request quota.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap: Option<f64>,
+}
+
+/// Until a request has ended, the time in the system a cap assumes.
+const ASSUMED_SERVICE: Duration = Duration::from_secs(1);
+
+impl Admission {
+    /// The demand report now.
+    pub fn demand(&self) -> Demand {
+        let mean = Duration::from_micros(self.mean_service_us.load(Ordering::Relaxed));
+        let service = if mean.is_zero() {
+            ASSUMED_SERVICE
+        } else {
+            mean
+        };
+        let st = self.lock();
+        let mut tenants: Vec<TenantDemand> = Vec::new();
+        for (key, tier, queued, running) in st.shares.in_system(&st.queue) {
+            let name = if key.starts_with("anonymous/") {
+                "anonymous".to_string()
+            } else {
+                key
+            };
+            let tier = tier.unwrap_or_else(|| self.tiers.default_tier());
+            let cap = tier
+                .limits
+                .requests
+                .map(|l| l.rate_per_minute() as f64 / 60.0 * service.as_secs_f64());
+            match tenants.iter_mut().find(|t| t.tenant == name) {
+                Some(t) => {
+                    t.queued += queued;
+                    t.running += running;
+                }
+                None => tenants.push(TenantDemand {
+                    tenant: name,
+                    tier: tier.name.clone(),
+                    queued,
+                    running,
+                    cap,
+                }),
+            }
+        }
+        tenants.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        Demand {
+            mean_service_seconds: mean.as_secs_f64(),
+            running: st.shares.total(),
+            queued: st.queue.len(),
+            tenants,
+        }
+    }
+}
