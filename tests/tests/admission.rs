@@ -948,7 +948,10 @@ async fn the_demand_report_shows_each_tenants_admitted_requests_and_quota_cap() 
     let f = frontend(dir.path(), 16, 1).await;
     let body = |response: String| -> serde_json::Value {
         let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.contains(" 200 ") && head.contains("application/json"), "{head}");
+        assert!(
+            head.contains(" 200 ") && head.contains("application/json"),
+            "{head}"
+        );
         serde_json::from_str(body).expect("JSON")
     };
     let idle = body(f.http("/demand").await.expect("/demand"));
@@ -979,10 +982,16 @@ async fn the_demand_report_shows_each_tenants_admitted_requests_and_quota_cap() 
             .unwrap_or_else(|| panic!("{name} in {report}"))
     };
     let big = find("big");
-    assert_eq!((big["tier"].as_str(), big["running"].as_u64()), (Some("pro"), Some(1)));
+    assert_eq!(
+        (big["tier"].as_str(), big["running"].as_u64()),
+        (Some("pro"), Some(1))
+    );
     assert!(big.get("cap").is_none(), "pro has no request quota: {big}");
     let acme = find("acme");
-    assert_eq!((acme["tier"].as_str(), acme["queued"].as_u64()), (Some("free"), Some(1)));
+    assert_eq!(
+        (acme["tier"].as_str(), acme["queued"].as_u64()),
+        (Some("free"), Some(1))
+    );
     // 3 requests a minute, times the mean time in the system (1 s assumed before any ends).
     let cap = acme["cap"].as_f64().expect("free has a request quota");
     assert!(cap > 0.0 && cap < 1.0, "{acme}");
