@@ -61,16 +61,10 @@ async fn frontend(dir: &Path, max_queued: u32, max_inflight: u32) -> FrontendPro
 }
 
 fn request(key: Option<&str>, max_tokens: u32) -> tonic::Request<pb::GenerateRequest> {
-    let mut r = tonic::Request::new(pb::GenerateRequest {
-        input: Some(Input::Prompt("hello there".into())),
-        sampling: Some(pb::SamplingParams {
-            max_tokens: Some(max_tokens),
-            temperature: Some(0.0),
-            ignore_eos: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let mut r = tonic::Request::new(switchyard_tests::worker::greedy_request(
+        "hello there",
+        max_tokens,
+    ));
     if let Some(key) = key {
         r.metadata_mut().insert(
             "authorization",
