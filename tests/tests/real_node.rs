@@ -627,18 +627,24 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
 
     // 7. kubectl scale: a third frontend that serves.
     let t = Instant::now();
-    node.run(
-        &kubectl,
-        &[
-            "scale",
-            "-n",
-            namespace,
-            &format!("md/{MD}"),
-            "--replicas=3",
-        ],
-    )
-    .await
-    .expect("kubectl scale");
+    let scale = |replicas: u32| {
+        let (node, kubectl) = (&node, &kubectl);
+        async move {
+            node.run(
+                kubectl,
+                &[
+                    "scale",
+                    "-n",
+                    namespace,
+                    &format!("md/{MD}"),
+                    &format!("--replicas={replicas}"),
+                ],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("kubectl scale to {replicas}: {e}"))
+        }
+    };
+    scale(3).await;
     node.wait_for_ready_pods(&client, namespace, &frontend_selector, 3, POD_TIMEOUT)
         .await
         .expect("3 frontends Ready");
@@ -682,18 +688,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     .await
     .expect("every stream got its first token");
     let scaled_at = Instant::now();
-    node.run(
-        &kubectl,
-        &[
-            "scale",
-            "-n",
-            namespace,
-            &format!("md/{MD}"),
-            "--replicas=1",
-        ],
-    )
-    .await
-    .expect("kubectl scale to 1");
+    scale(1).await;
     let drains = watch_drains(&client, namespace, &frontend_selector, 1, POD_TIMEOUT).await;
     let mut cut = Vec::new();
     let mut lasted = Vec::new();

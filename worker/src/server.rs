@@ -19,7 +19,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use switchyard_proto::inference::v1::inference_server::InferenceServer;
@@ -200,12 +199,14 @@ pub async fn serve(
         Some(r) => (r.routes, r.readiness, r.drain),
         None => (tonic::service::Routes::default(), None, None),
     };
-    let draining = Arc::new(AtomicBool::new(false));
+    // When SIGTERM came (`None` while serving): the drain and its budget count from then.
+    let (began_tx, mut began_rx) = watch::channel(None::<Instant>);
+    let began_at = began_rx.clone();
     let health_task = tokio::spawn(follow_readiness(
         role,
         serving_role,
         readiness,
-        draining.clone(),
+        began_rx.clone(),
         health_reporter.clone(),
         ready.clone(),
     ));
@@ -229,16 +230,11 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     tracing::info!(%role, addr = ?listener.local_addr().ok(), ?limits, drain_seconds = drain_args.seconds, tls = tls.is_some(), "serving gRPC");
-    // When SIGTERM came: the drain budget counts from then.
-    let (began_tx, mut began_rx) = watch::channel(None::<Instant>);
-    let began_at = began_rx.clone();
     let stop_accepting = {
-        let draining = draining.clone();
         let reporter = health_reporter.clone();
         async move {
             shutdown.await;
             began_tx.send_replace(Some(Instant::now()));
-            draining.store(true, Ordering::SeqCst);
             if let Some(ready) = &ready {
                 ready.set(false);
             }
@@ -317,24 +313,27 @@ pub async fn serve(
 /// How long after the drain budget the server may take to flush the ended calls.
 const HARD_STOP: Duration = Duration::from_secs(2);
 
-/// Keeps the role's health equal to its readiness (every [`READINESS_POLL`]), logging each
-/// change with the reason; NOT_SERVING for good once draining.
+/// Keeps the role's health (and `/readyz`) equal to its readiness, every
+/// [`READINESS_POLL`], logging each change with the reason; NOT_SERVING for good once the
+/// drain has begun (`began` holds when).
 async fn follow_readiness(
     role: Role,
     serving_role: bool,
     readiness: Option<Readiness>,
-    draining: Arc<AtomicBool>,
+    began: watch::Receiver<Option<Instant>>,
     reporter: tonic_health::server::HealthReporter,
     ready: Option<switchyard_edge::metrics::Readiness>,
 ) {
+    let draining = || began.borrow().is_some();
     let mut last: Option<Result<(), String>> = None;
     loop {
-        let now = if draining.load(Ordering::SeqCst) {
+        if draining() {
             return;
-        } else if !serving_role {
-            Err("the role's engine is not up".to_string())
-        } else {
+        }
+        let now = if serving_role {
             readiness.as_ref().map_or(Ok(()), Readiness::check)
+        } else {
+            Err("the role's engine is not up".to_string())
         };
         if last.as_ref() != Some(&now) {
             let status = match &now {
@@ -349,21 +348,20 @@ async fn follow_readiness(
                     ServingStatus::NotServing
                 }
             };
-            // The drain may have begun while this was computed: it wins.
-            if draining.load(Ordering::SeqCst) {
-                return;
-            }
             reporter
                 .set_service_status(role.service_name(), status)
                 .await;
             if let Some(ready) = &ready {
-                ready.set(now.is_ok() && !draining.load(Ordering::SeqCst));
+                ready.set(now.is_ok());
             }
-            if draining.load(Ordering::SeqCst) {
-                // SIGTERM came while that was written: put NOT_SERVING back.
+            if draining() {
+                // SIGTERM came while that was written: NOT_SERVING wins.
                 reporter
                     .set_service_status(role.service_name(), ServingStatus::NotServing)
                     .await;
+                if let Some(ready) = &ready {
+                    ready.set(false);
+                }
                 return;
             }
             last = Some(now);

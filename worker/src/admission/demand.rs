@@ -56,38 +56,35 @@ impl Admission {
             mean
         };
         let st = self.lock();
-        let mut tenants: Vec<TenantDemand> = Vec::new();
+        // By name, so anonymous addresses fold into one entry and the report is sorted.
+        let mut tenants: std::collections::BTreeMap<String, TenantDemand> = Default::default();
         for (key, tier, queued, running) in st.shares.in_system(&st.queue) {
             let name = if key.starts_with("anonymous/") {
                 "anonymous".to_string()
             } else {
                 key
             };
-            let tier = tier.unwrap_or_else(|| self.tiers.default_tier());
-            let cap = tier
-                .limits
-                .requests
-                .map(|l| l.rate_per_minute() as f64 / 60.0 * service.as_secs_f64());
-            match tenants.iter_mut().find(|t| t.tenant == name) {
-                Some(t) => {
-                    t.queued += queued;
-                    t.running += running;
-                }
-                None => tenants.push(TenantDemand {
+            let entry = tenants.entry(name.clone()).or_insert_with(|| {
+                let tier = tier.unwrap_or_else(|| self.tiers.default_tier());
+                TenantDemand {
                     tenant: name,
+                    cap: tier
+                        .limits
+                        .requests
+                        .map(|l| l.rate_per_minute() as f64 / 60.0 * service.as_secs_f64()),
                     tier: tier.name.clone(),
-                    queued,
-                    running,
-                    cap,
-                }),
-            }
+                    queued: 0,
+                    running: 0,
+                }
+            });
+            entry.queued += queued;
+            entry.running += running;
         }
-        tenants.sort_by(|a, b| a.tenant.cmp(&b.tenant));
         Demand {
             mean_service_seconds: mean.as_secs_f64(),
             running: st.shares.total(),
             queued: st.queue.len(),
-            tenants,
+            tenants: tenants.into_values().collect(),
         }
     }
 }

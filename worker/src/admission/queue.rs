@@ -40,11 +40,15 @@ pub(super) struct Waiter {
 /// Whose slot [`Admission::take_slot`] makes, and what it is charged.
 struct SlotOf {
     key: String,
+    /// The tenant label for usage metrics.
     label: String,
+    /// Prompt tokens.
     input: u64,
     band: Band,
+    /// Its scheduling rank ([`share::rank`]): the engine runs the highest first.
     rank: u8,
     weight: u32,
+    /// The pre-charge (prompt + max_tokens), refunded of what was not used as it drops.
     charge: Charge,
 }
 
@@ -222,13 +226,7 @@ impl Admission {
         Slot {
             admission: self.clone(),
             used: AtomicU64::new(of.input),
-            key: of.key,
-            label: of.label,
-            input: of.input,
-            band: of.band,
-            rank: of.rank,
-            weight: of.weight,
-            charge: of.charge,
+            of,
             started: now,
             armed: true,
         }
@@ -280,7 +278,7 @@ impl Admission {
             if let Err(Ok(mut slot)) = w.tx.send(Ok(slot)) {
                 // The waiter is gone: nobody will use the slot; dropping it refunds all.
                 slot.armed = false;
-                st.shares.ended(slot.rank, slot.band, &slot.key);
+                st.shares.ended(slot.of.rank, slot.of.band, &slot.of.key);
             }
         }
         self.metrics
@@ -411,17 +409,7 @@ impl Drop for CancelOnDrop {
 /// queued request and refunds the unused part of the token pre-charge.
 pub struct Slot {
     admission: Arc<Admission>,
-    key: String,
-    /// The tenant label for usage metrics.
-    label: String,
-    /// Prompt tokens.
-    input: u64,
-    band: Band,
-    /// Its scheduling rank ([`share::rank`]): the engine runs the highest first.
-    rank: u8,
-    weight: u32,
-    /// The pre-charge (prompt + max_tokens), refunded of what was not used as it drops.
-    charge: Charge,
+    of: SlotOf,
     /// Tokens used so far (prompt + generated).
     used: AtomicU64,
     started: Instant,
@@ -432,8 +420,8 @@ pub struct Slot {
 impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Slot")
-            .field("band", &self.band)
-            .field("reserved", &self.charge.reserved())
+            .field("band", &self.of.band)
+            .field("reserved", &self.of.charge.reserved())
             .finish_non_exhaustive()
     }
 }
@@ -442,7 +430,7 @@ impl Slot {
     /// The scheduling rank to run the request at in the engine (0 lowest … 7 highest):
     /// while sequences of a higher rank run, lower ones pause.
     pub fn rank(&self) -> u8 {
-        self.rank
+        self.of.rank
     }
 
     /// `n` more generated tokens: charged to the tenant's virtual counter, and not
@@ -452,7 +440,7 @@ impl Slot {
         self.admission
             .lock()
             .queue
-            .charge_output(&self.key, self.band, self.weight, n);
+            .charge_output(&self.of.key, self.of.band, self.of.weight, n);
     }
 }
 
@@ -465,21 +453,21 @@ impl Drop for Slot {
         let used = self.used.load(Ordering::Relaxed);
         // Usage as it happened, also for requests cancelled part-way.
         let t = &a.metrics.tokens;
-        t.with_label_values(&[&self.label, "prompt"])
-            .inc_by(self.input);
-        t.with_label_values(&[&self.label, "cached_prompt"])
+        t.with_label_values(&[&self.of.label, "prompt"])
+            .inc_by(self.of.input);
+        t.with_label_values(&[&self.of.label, "cached_prompt"])
             .inc_by(0);
-        t.with_label_values(&[&self.label, "completion"])
-            .inc_by(used.saturating_sub(self.input));
+        t.with_label_values(&[&self.of.label, "completion"])
+            .inc_by(used.saturating_sub(self.of.input));
         // The charge refunds the rest when it drops, right after this.
-        self.charge.settle(used);
+        self.of.charge.settle(used);
         let us = self.started.elapsed().as_micros() as u64;
         ewma(&a.mean_service_us, us);
-        if let Some(per_token) = us.checked_div(used.saturating_sub(self.input)) {
+        if let Some(per_token) = us.checked_div(used.saturating_sub(self.of.input)) {
             a.observe_per_token(per_token);
         }
         let mut st = a.lock();
-        st.shares.ended(self.rank, self.band, &self.key);
+        st.shares.ended(self.of.rank, self.of.band, &self.of.key);
         a.dispatch(&mut st);
     }
 }
