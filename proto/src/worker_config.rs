@@ -125,6 +125,30 @@ pub struct AdmissionConfig {
     pub max_queued: u32,
     /// Deadline for requests that set none.
     pub default_deadline_seconds: u32,
+    /// How tier quotas hold across frontends; unset: each frontend enforces every quota in
+    /// full by itself (one frontend, `switchyard serve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_scope: Option<QuotaScopeConfig>,
+}
+
+/// How a tenant's quota holds when several frontends serve it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QuotaScopeConfig {
+    /// `split`: each frontend enforces quota ÷ live frontends (counted through `peers`);
+    /// `redis`: one exact counter per tenant in Redis at `redis_address`, shared by all.
+    pub mode: String,
+    /// DNS name whose addresses are the ready frontends (a headless Service): how a
+    /// frontend counts its peers (both modes; `redis` falls back to `split` when Redis
+    /// does not answer).
+    pub peers: String,
+    /// `host:port` of Redis (`redis` mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_address: Option<String>,
+    /// Prefix of every key this deployment writes in Redis (`redis` mode):
+    /// `switchyard/<namespace>/<deployment>/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_key_prefix: Option<String>,
 }
 
 /// One service tier.

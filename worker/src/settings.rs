@@ -653,6 +653,7 @@ mod tests {
                 default_tier: None,
                 max_queued: 99,
                 default_deadline_seconds: 30,
+                quota_scope: None,
             },
             shards: ShardsConfig {
                 count: 2,

@@ -68,6 +68,7 @@ pub fn worker_config(md: &ModelDeployment, names: &Names) -> WorkerConfig {
             default_tier: admission.default_tier.clone(),
             max_queued: unsigned(admission.queue.max_queued),
             default_deadline_seconds: unsigned(admission.queue.default_deadline_seconds),
+            quota_scope: None,
         },
         shards: ShardsConfig {
             count: unsigned(spec.experts.shards),

@@ -119,6 +119,7 @@ impl AdmissionOptions {
                 default_tier: None,
                 max_queued: 256,
                 default_deadline_seconds: 30,
+                quota_scope: None,
             },
             max_inflight,
             min_service: Duration::from_millis(10),

@@ -258,6 +258,7 @@ mod tests {
                 tiers: vec![tier],
                 max_queued,
                 default_deadline_seconds: 30,
+                quota_scope: None,
             },
             max_inflight,
             min_service: Duration::from_millis(1),

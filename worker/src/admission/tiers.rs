@@ -152,6 +152,7 @@ mod tests {
             default_tier: default_tier.map(str::to_string),
             max_queued: 8,
             default_deadline_seconds: 30,
+            quota_scope: None,
         }
     }
 
