@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -81,9 +81,6 @@ pub const GROUP: &str = "switchyard.dev";
 #[x_kube(validation = Rule::new(
     "!has(self.autoscaling) || !self.autoscaling.enabled || (self.frontend.replicas >= self.autoscaling.frontend.minReplicas && self.frontend.replicas <= self.autoscaling.frontend.maxReplicas)"
 ).message("frontend.replicas must lie within autoscaling.frontend.minReplicas..maxReplicas while autoscaling is enabled").field_path(".frontend.replicas"))]
-#[x_kube(validation = Rule::new(
-    "!has(self.autoscaling) || !self.autoscaling.enabled || (self.experts.shards >= self.autoscaling.experts.minShards && self.experts.shards <= self.autoscaling.experts.maxShards)"
-).message("experts.shards must lie within autoscaling.experts.minShards..maxShards while autoscaling is enabled").field_path(".experts.shards"))]
 pub struct ModelDeploymentSpec {
     /// Where the checkpoint is and how to load it.
     pub model: ModelSpec,
@@ -515,6 +512,49 @@ pub struct AdmissionSpec {
     /// caller shares the gateway's address: raise these there.
     #[serde(default)]
     pub connections: ConnectionsSpec,
+    /// How each tenant's quota holds across frontends. Default: split over the live
+    /// frontends.
+    #[serde(default)]
+    pub quota_scope: QuotaScopeSpec,
+}
+
+/// How a tier's quota holds when several frontends serve a tenant.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'Redis' || has(self.redis)")
+    .message("admission.quotaScope.redis: mode Redis needs redis.address")
+    .field_path(".redis"))]
+#[x_kube(validation = Rule::new("self.mode == 'Redis' || !has(self.redis)")
+    .message("admission.quotaScope.redis: only used with mode Redis")
+    .field_path(".redis"))]
+pub struct QuotaScopeSpec {
+    /// `Split` (default): each frontend enforces quota ÷ ready frontends, counted through
+    /// a headless Service, no dependency; a tenant never gets more than its quota (plus
+    /// rounding), but one whose calls reach fewer frontends gets less. `Redis`: one exact
+    /// counter per tenant in Redis, shared by all frontends.
+    #[serde(default)]
+    pub mode: QuotaScopeMode,
+    /// The Redis the frontends share (mode `Redis`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
+}
+
+/// See [`QuotaScopeSpec::mode`].
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum QuotaScopeMode {
+    #[default]
+    Split,
+    Redis,
+}
+
+/// Where Redis is.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// `host:port`, e.g. `redis.platform.svc:6379`. No password or TLS yet.
+    #[schemars(length(min = 3, max = 255))]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$"))]
+    pub address: String,
 }
 
 /// Connection caps per client IP address, checked on accept, before any HTTP/2 work.
@@ -621,25 +661,28 @@ fn default_deadline_seconds() -> i32 {
 }
 
 /// How the autoscaler sizes each role.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.panicWindowSeconds < self.stableWindowSeconds")
     .message("autoscaling.panicWindowSeconds must be shorter than autoscaling.stableWindowSeconds")
     .field_path(".panicWindowSeconds"))]
-#[x_kube(validation = Rule::new("!self.enabled")
-    .message("autoscaling.enabled: the autoscaler is not built yet; leave it false and set frontend.replicas and experts.shards")
-    .field_path(".enabled"))]
+#[x_kube(validation = Rule::new("!self.enabled || !has(self.experts)")
+    .message("autoscaling.experts: expert shards are not autoscaled yet; leave autoscaling.experts out and set experts.shards")
+    .field_path(".experts"))]
 pub struct AutoscalingSpec {
-    /// Whether the operator changes replicas by itself. Not supported yet: only false
-    /// (the default) is accepted, and the other fields of `autoscaling` are validated but
-    /// have no effect until it is.
+    /// Whether the operator sizes the frontends by itself, from the legitimate demand
+    /// its frontends report (`spec.frontend.replicas` is then the autoscaler's: it writes
+    /// it through the scale subresource). False (the default): replicas are the user's,
+    /// or an HPA's or KEDA's through the same subresource.
     #[serde(default)]
     pub enabled: bool,
     #[serde(default)]
     pub frontend: FrontendScaling,
-    #[serde(default)]
-    pub experts: ExpertScaling,
-    /// Queued requests per ready frontend the autoscaler aims for. Default 5.
+    /// Not supported yet: expert shards are not autoscaled. Refused while `enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experts: Option<ExpertScaling>,
+    /// Legitimate requests in the system (queued + running, each tenant counted up to
+    /// what its quota allows) per frontend the autoscaler aims for. Default 5.
     #[serde(default = "default_target_queue_depth")]
     #[schemars(range(min = 1, max = 10000))]
     pub target_queue_depth: i32,
@@ -647,14 +690,40 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_stable_window")]
     #[schemars(range(min = 6, max = 3600))]
     pub stable_window_seconds: i32,
-    /// Short window that triggers fast scale-up on a spike. Default 6.
+    /// Short window that triggers fast scale-up on a spike. Default 2.
     #[serde(default = "default_panic_window")]
     #[schemars(range(min = 1, max = 600))]
     pub panic_window_seconds: i32,
+    /// Panic (scale up at once, never down) when the panic window wants at least this
+    /// percentage of the ready frontends. Default 200.
+    #[serde(default = "default_panic_threshold")]
+    #[schemars(range(min = 110, max = 10000))]
+    pub panic_threshold_percent: i32,
+    /// At most this many times the current frontends in one decision. Default 10.
+    #[serde(default = "default_max_scale_up_rate")]
+    #[schemars(range(min = 2, max = 1000))]
+    pub max_scale_up_rate: i32,
+    /// At least the current frontends divided by this in one decision. Default 2.
+    #[serde(default = "default_max_scale_down_rate")]
+    #[schemars(range(min = 2, max = 1000))]
+    pub max_scale_down_rate: i32,
     /// Demand must stay low this long before replicas are removed. Default 300.
     #[serde(default = "default_scale_down_delay")]
     #[schemars(range(min = 0, max = 86400))]
     pub scale_down_delay_seconds: i32,
+    /// How often every ready frontend's demand report is polled, in milliseconds.
+    /// Default 500.
+    #[serde(default = "default_poll_interval")]
+    #[schemars(range(min = 100, max = 10000))]
+    pub poll_interval_milliseconds: i32,
+}
+
+impl Default for AutoscalingSpec {
+    /// What an empty `autoscaling: {}` means (off, every field at its default).
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({}))
+            .expect("every AutoscalingSpec field has a default")
+    }
 }
 
 fn default_target_queue_depth() -> i32 {
@@ -664,7 +733,19 @@ fn default_stable_window() -> i32 {
     60
 }
 fn default_panic_window() -> i32 {
-    6
+    2
+}
+fn default_panic_threshold() -> i32 {
+    200
+}
+fn default_max_scale_up_rate() -> i32 {
+    10
+}
+fn default_max_scale_down_rate() -> i32 {
+    2
+}
+fn default_poll_interval() -> i32 {
+    500
 }
 fn default_scale_down_delay() -> i32 {
     300
@@ -677,9 +758,10 @@ fn default_scale_down_delay() -> i32 {
     .message("autoscaling.frontend.minReplicas must not exceed autoscaling.frontend.maxReplicas")
     .field_path(".minReplicas"))]
 pub struct FrontendScaling {
-    /// Default 1.
+    /// Default 1. At least 1: the frontends report the demand, so none cannot see it
+    /// come back (scale to zero needs an activator, which is not built).
     #[serde(default = "one")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = 1, max = 1000))]
     pub min_replicas: i32,
     /// Default 4.
     #[serde(default = "default_max_frontends")]
@@ -753,6 +835,52 @@ pub struct ModelDeploymentStatus {
     /// Which shard holds which experts, in short.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementSummary>,
+    /// What the autoscaler sees and decided (while `spec.autoscaling.enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// The autoscaler's view of one ModelDeployment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Frontends the autoscaler wants now.
+    pub desired_frontends: i32,
+    /// Frontends `spec.frontend.replicas` asks for.
+    pub current_frontends: i32,
+    /// Ready frontends, and how many of them answered the last poll.
+    pub ready_frontends: i32,
+    pub reporting_frontends: i32,
+    /// Legitimate demand (requests in the system, each tenant up to its quota) averaged
+    /// over the stable and the panic window, as decimal strings.
+    pub stable_demand: String,
+    pub panic_demand: String,
+    /// All demand the frontends hold, quota or not (what an aggregate autoscaler sees).
+    pub total_demand: String,
+    /// When the sample above was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled_at: Option<Time>,
+    /// The last scaling decisions, newest last (at most 5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5))]
+    pub decisions: Vec<ScalingDecision>,
+}
+
+/// One change of `spec.frontend.replicas` by the autoscaler.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingDecision {
+    pub time: Time,
+    /// `frontend`.
+    pub role: String,
+    pub from: i32,
+    pub to: i32,
+    /// `Panic`, `Stable`, `ScaleDownDelay`, `RateLimited`, `Bounded`.
+    pub reason: String,
+    /// The signal values behind it.
+    pub stable_demand: String,
+    pub panic_demand: String,
+    pub total_demand: String,
 }
 
 /// Replica counts of one role.

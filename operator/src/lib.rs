@@ -12,11 +12,13 @@
 //! - [`status`]: workloads' status → the ModelDeployment's status and conditions, pure.
 //! - [`reconcile`]: the shell: server-side apply, status write, events.
 //! - [`leader`]: leader election on a Lease; [`metrics`]: Prometheus and health endpoints.
-//! - [`autoscale`]: the autoscaler's decision core, pure (the sampler and the writer
-//!   around it are not built yet; `autoscaling.enabled: true` stays refused).
+//! - [`autoscale`]: the autoscaler: polls the frontends' legitimate demand, decides
+//!   (pure), writes the scale subresource and status (leader only).
+//! - [`http`]: a plain HTTP GET for the workers' and the operator's small endpoints.
 //!
-//! Dependencies point one way: `reconcile` uses `build`, `status` and `metrics`; none of
-//! those uses `reconcile` (metrics takes an error's `reason()`, not the error).
+//! Dependencies point one way: `reconcile` and `autoscale` use `build`, `status` and
+//! `metrics`; none of those uses them (metrics takes an error's `reason()`, not the
+//! error), and neither uses the other.
 //!
 //! This crate depends on `kube` and `k8s-openapi`, never on the inference engine, so
 //! the operator image stays free of candle and CUDA.
@@ -25,6 +27,7 @@
 pub mod api;
 pub mod autoscale;
 pub mod build;
+pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

@@ -7,10 +7,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt as _, reflector, watcher};
 use switchyard_operator::api::ModelDeployment;
+use switchyard_operator::autoscale;
 use switchyard_operator::build::{DEFAULT_WORKER_IMAGE, Defaults, FIELD_MANAGER};
 use switchyard_operator::leader::{Elector, LeaseConfig};
 use switchyard_operator::metrics::{self, Metrics};
@@ -111,7 +113,8 @@ async fn check_ready(args: CheckReadyArgs) -> anyhow::Result<()> {
     let path = format!("/{path}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_seconds);
     loop {
-        let last = match http_status(authority, &path).await {
+        let answer = switchyard_operator::http::get(authority, &path, Duration::from_secs(5)).await;
+        let last = match answer.map(|(status, _)| status) {
             Ok(200) => {
                 println!("{} answered 200", args.url);
                 return Ok(());
@@ -124,32 +127,6 @@ async fn check_ready(args: CheckReadyArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// The status code of a plain HTTP/1.0 GET (the operator's own endpoints need no more).
-async fn http_status(authority: &str, path: &str) -> anyhow::Result<u16> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(authority),
-    )
-    .await
-    .context("connecting: no answer within 5 s")?
-    .context("connecting")?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await
-        .context("sending the request")?;
-    let mut head = vec![0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head))
-        .await
-        .context("reading the answer: none within 5 s")?
-        .context("reading the answer")?;
-    let line = String::from_utf8_lossy(&head[..n]);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("not an HTTP answer: {line:?}"))
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -274,6 +251,42 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
+    // The autoscaler (leader only, like reconcile): its own watch on frontend pods, and
+    // the controller's cache of ModelDeployments.
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    let pod_watch = reflector(
+        pods_writer,
+        watcher(
+            scoped::<Pod>(&client, ns),
+            watcher::Config::default().labels(&autoscale::run::frontend_pods_selector()),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|event| {
+        if let Err(e) = event {
+            tracing::debug!(error = %e, "frontend pod watch");
+        }
+        std::future::ready(())
+    });
+    tokio::spawn(pod_watch);
+    tokio::spawn(autoscale::run::run(
+        autoscale::run::Shared {
+            client: client.clone(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: autoscale::run::FIELD_MANAGER.into(),
+                    instance: Some(identity.clone()),
+                },
+            ),
+            metrics: metrics.clone(),
+            deployments: store.clone(),
+            pods,
+        },
+        stopped(),
+    ));
+
     let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| {

@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use switchyard_edge::metrics::Readiness;
 
 /// The operator's metrics.
@@ -25,6 +27,15 @@ pub struct Metrics {
     managed_objects: IntGauge,
     /// 1 while this replica holds the leader lease.
     pub leader: IntGauge,
+    /// Frontends the autoscaler wants, per deployment.
+    pub autoscaler_desired: IntGaugeVec,
+    /// Demand per deployment: legitimate over the `stable` and `panic` windows, and `all`
+    /// (quota or not) in the last sample.
+    pub autoscaler_demand: GaugeVec,
+    /// Changes of the frontend count, by reason.
+    pub autoscaler_decisions: IntCounterVec,
+    /// Frontends that did not answer a demand poll.
+    pub autoscaler_poll_failures: IntCounterVec,
     ready: Readiness,
 }
 
@@ -61,12 +72,49 @@ impl Metrics {
             .expect("static metric options are valid");
         let leader = IntGauge::new("leader", "1 while this replica holds the leader lease")
             .expect("static metric options are valid");
+        let deployment = ["namespace", "deployment"];
+        let autoscaler_desired = IntGaugeVec::new(
+            Opts::new(
+                "autoscaler_desired_frontends",
+                "Frontends the autoscaler wants",
+            ),
+            &deployment,
+        )
+        .expect("static metric options are valid");
+        let autoscaler_demand = GaugeVec::new(
+            Opts::new(
+                "autoscaler_demand",
+                "Requests in the system: legitimate over the stable and panic windows, and all",
+            ),
+            &["namespace", "deployment", "window"],
+        )
+        .expect("static metric options are valid");
+        let autoscaler_decisions = IntCounterVec::new(
+            Opts::new(
+                "autoscaler_decisions_total",
+                "Changes of the frontend count, by reason",
+            ),
+            &["namespace", "deployment", "reason"],
+        )
+        .expect("static metric options are valid");
+        let autoscaler_poll_failures = IntCounterVec::new(
+            Opts::new(
+                "autoscaler_poll_failures_total",
+                "Frontends that did not answer a demand poll",
+            ),
+            &deployment,
+        )
+        .expect("static metric options are valid");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(managed_objects.clone()),
             Box::new(leader.clone()),
+            Box::new(autoscaler_desired.clone()),
+            Box::new(autoscaler_demand.clone()),
+            Box::new(autoscaler_decisions.clone()),
+            Box::new(autoscaler_poll_failures.clone()),
         ] {
             registry
                 .register(collector)
@@ -79,6 +127,10 @@ impl Metrics {
             duration,
             managed_objects,
             leader,
+            autoscaler_desired,
+            autoscaler_demand,
+            autoscaler_decisions,
+            autoscaler_poll_failures,
             ready: Readiness::default(),
         }
     }

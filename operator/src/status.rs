@@ -195,6 +195,8 @@ pub fn derive(
                 revision,
                 shards: shards_desired,
             }),
+        // The autoscaler's, written by it under its own field manager.
+        autoscaling: None,
     }
 }
 

@@ -361,6 +361,11 @@ fn expected_operator_grants() -> BTreeSet<(String, String, String)> {
         ("switchyard.dev", "modeldeployments/finalizers", "update"),
         ("events.k8s.io", "events", "create"),
         ("events.k8s.io", "events", "patch"),
+        // The autoscaler: the scale subresource, and the frontend pods it polls.
+        ("switchyard.dev", "modeldeployments/scale", "patch"),
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
     ];
     for (group, resource) in owned {
         for verb in ["get", "list", "watch", "create", "patch"] {

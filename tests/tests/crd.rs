@@ -221,10 +221,46 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.experts.redundantExperts",
     ),
     (
-        "the autoscaler, not built yet",
+        "expert-shard autoscaling, not built yet",
         "autoscaling",
-        "{enabled: true, frontend: {minReplicas: 1, maxReplicas: 4}}",
-        "spec.autoscaling.enabled",
+        "{enabled: true, frontend: {minReplicas: 1, maxReplicas: 4}, experts: {minShards: 1, maxShards: 2}}",
+        "spec.autoscaling.experts",
+    ),
+    (
+        "scale to zero (no activator)",
+        "autoscaling",
+        "{frontend: {minReplicas: 0, maxReplicas: 4}}",
+        "spec.autoscaling.frontend.minReplicas",
+    ),
+    (
+        "a panic threshold that panics at the current count",
+        "autoscaling",
+        "{panicThresholdPercent: 100}",
+        "spec.autoscaling.panicThresholdPercent",
+    ),
+    (
+        "a poll interval below 100 ms",
+        "autoscaling",
+        "{pollIntervalMilliseconds: 50}",
+        "spec.autoscaling.pollIntervalMilliseconds",
+    ),
+    (
+        "Redis quotas without an address",
+        "admission",
+        "{quotaScope: {mode: Redis}}",
+        "spec.admission.quotaScope.redis",
+    ),
+    (
+        "a Redis address without Redis quotas",
+        "admission",
+        "{quotaScope: {redis: {address: 'redis:6379'}}}",
+        "spec.admission.quotaScope.redis",
+    ),
+    (
+        "a Redis address without a port",
+        "admission",
+        "{quotaScope: {mode: Redis, redis: {address: redis}}}",
+        "spec.admission.quotaScope.redis.address",
     ),
 ];
 
@@ -246,8 +282,8 @@ async fn fields_whose_feature_is_not_built_are_refused_as_not_supported_yet() {
         ),
         (
             "autoscaling",
-            "{enabled: true}",
-            "autoscaling.enabled: the autoscaler is not built yet",
+            "{enabled: true, experts: {minShards: 1, maxShards: 8}}",
+            "autoscaling.experts: expert shards are not autoscaled yet",
         ),
     ]
     .into_iter()
@@ -263,7 +299,7 @@ async fn fields_whose_feature_is_not_built_are_refused_as_not_supported_yet() {
             other => panic!("{path}: {value}: expected a refusal, got {other:?}"),
         }
     }
-    // Their inert defaults, and autoscaling bounds with the autoscaler off, are accepted.
+    // Their inert defaults are accepted, and so is the frontend autoscaler.
     let mut obj = valid_with(
         "autoscaling",
         "{enabled: false, frontend: {minReplicas: 1, maxReplicas: 4}}",
@@ -272,6 +308,25 @@ async fn fields_whose_feature_is_not_built_are_refused_as_not_supported_yet() {
     api.create(&PostParams::default(), &obj)
         .await
         .expect("defaults accepted");
+    let mut obj = valid_with(
+        "autoscaling",
+        "{enabled: true, frontend: {minReplicas: 1, maxReplicas: 4}}",
+    );
+    obj.metadata.name = Some("autoscaled".into());
+    let created = api
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("frontend autoscaling accepted");
+    let a = created.spec.autoscaling.expect("autoscaling");
+    assert_eq!(
+        (
+            a.panic_window_seconds,
+            a.panic_threshold_percent,
+            a.poll_interval_milliseconds
+        ),
+        (2, 200, 500),
+        "the defaults: a 2 s panic window, 2× threshold, polled every 500 ms"
+    );
 }
 
 #[tokio::test]

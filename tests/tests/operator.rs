@@ -345,11 +345,11 @@ async fn dropping_the_shards_prunes_their_objects_and_only_those() {
     .await;
     assert_eq!(cm.shards.count, 0);
     eventually(
-        "managed_objects 6 (a deployment without shards)",
+        "managed_objects 7 (a deployment without shards)",
         || async {
             let metrics = operator.metrics().await.ok()?;
             metrics
-                .contains("switchyard_operator_managed_objects 6")
+                .contains("switchyard_operator_managed_objects 7")
                 .then_some(())
         },
     )
@@ -720,4 +720,226 @@ async fn a_pod_monitor_is_created_only_where_its_crd_exists_and_removed_when_tur
         monitors.get_opt(&name).await.ok()?.is_none().then_some(())
     })
     .await;
+}
+
+/// A stand-in for a frontend's `/demand` (the tier-2 control plane runs no pods): serves
+/// whatever report the test sets, on a loopback port the test's Pod object names.
+struct DemandServer {
+    port: u16,
+    report: std::sync::Arc<std::sync::Mutex<serde_json::Value>>,
+    polls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl DemandServer {
+    async fn start() -> Self {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let report = std::sync::Arc::new(std::sync::Mutex::new(demand(&[])));
+        let polls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, p) = (report.clone(), polls.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let body = r.lock().unwrap().to_string();
+                p.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut request = [0u8; 1024];
+                    let _ = stream.read(&mut request).await;
+                    let answer = format!(
+                        "HTTP/1.0 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        Self {
+            port,
+            report,
+            polls,
+        }
+    }
+
+    fn set(&self, tenants: &[(&str, usize, Option<f64>)]) {
+        *self.report.lock().unwrap() = demand(tenants);
+    }
+}
+
+/// A `/demand` report: (tenant, requests in the system, cap).
+fn demand(tenants: &[(&str, usize, Option<f64>)]) -> serde_json::Value {
+    let running: usize = tenants.iter().map(|t| t.1).sum();
+    serde_json::json!({
+        "meanServiceSeconds": 1.0,
+        "running": running,
+        "queued": 0,
+        "frontends": 1,
+        "tenants": tenants.iter().map(|(tenant, n, cap)| serde_json::json!({
+            "tenant": tenant, "tier": "t", "queued": 0, "running": n, "cap": cap,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A Ready frontend Pod object of `md` at 127.0.0.1 whose metrics port is `port`.
+async fn ready_frontend_pod(ns: &TestNamespace, md: &ModelDeployment, port: u16) {
+    use k8s_openapi::api::core::v1::Pod;
+    let names = switchyard_operator::build::Names::new(md).unwrap();
+    let mut labels = switchyard_operator::build::labels(
+        &names,
+        Some(switchyard_operator::build::Component::Frontend),
+    );
+    labels.extend(switchyard_operator::build::selector_labels(
+        &names,
+        switchyard_operator::build::Component::Frontend,
+    ));
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{}-frontend-0", names.deployment), "labels": labels},
+        "spec": {"containers": [{"name": "worker", "image": "x",
+            "ports": [{"name": "metrics", "containerPort": port}]}]},
+    }))
+    .unwrap();
+    let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name);
+    let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
+    pods.patch_status(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "podIPs": [{"ip": "127.0.0.1"}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+        }})),
+    )
+    .await
+    .unwrap();
+}
+
+/// The autoscaler end to end against the real API server: it polls the frontend's
+/// `/demand`, scales up on legitimate demand within the panic window, not on a flood over
+/// quota, back down after the delay, and shows each decision in status, events and
+/// metrics; turned off, it leaves the count and its status alone.
+#[tokio::test]
+async fn the_autoscaler_scales_on_legitimate_demand_and_shows_its_decisions() {
+    let (cp, ns) = setup("op-autoscale").await;
+    let operator = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
+        .await
+        .unwrap();
+    let frontend = DemandServer::start().await;
+    let mut md = example("minimal.yaml");
+    md.spec.autoscaling = Some(
+        serde_json::from_value(serde_json::json!({
+            "enabled": true,
+            "frontend": {"minReplicas": 1, "maxReplicas": 4},
+            "targetQueueDepth": 5,
+            "stableWindowSeconds": 6,
+            "panicWindowSeconds": 2,
+            "scaleDownDelaySeconds": 3,
+            "pollIntervalMilliseconds": 200,
+        }))
+        .unwrap(),
+    );
+    let md = create(&ns, &md).await;
+    let name = md.name_any();
+    ready_frontend_pod(&ns, &md, frontend.port).await;
+    let autoscaling = |want: &'static str| {
+        let (ns, name) = (ns.clone(), name.clone());
+        async move {
+            eventually(want, || async {
+                let md = get::<ModelDeployment>(&ns, &name).await?;
+                let status = md.status?;
+                let a = status.autoscaling.clone()?;
+                Some((md.spec.frontend.replicas, a, status.conditions))
+            })
+            .await
+        }
+    };
+
+    // Polled and active, at the minimum.
+    let (replicas, a, conditions) = autoscaling("status.autoscaling").await;
+    assert_eq!((replicas, a.ready_frontends), (1, 1), "{a:?}");
+    let active = conditions.iter().find(|c| c.type_ == "ScalingActive");
+    assert_eq!(
+        active.map(|c| c.status.as_str()),
+        Some("True"),
+        "{conditions:?}"
+    );
+    assert!(frontend.polls.load(std::sync::atomic::Ordering::Relaxed) > 0);
+
+    // A flood: one tenant with 200 requests in the system and a quota worth 2: nothing.
+    frontend.set(&[("flood", 200, Some(2.0)), ("legit", 1, Some(10.0))]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let md_now = get::<ModelDeployment>(&ns, &name).await.unwrap();
+    assert_eq!(md_now.spec.frontend.replicas, 1, "a flood bought replicas");
+    let a = md_now.status.unwrap().autoscaling.unwrap();
+    assert_eq!(a.total_demand, "201.00", "{a:?}");
+    assert!(a.decisions.is_empty(), "{a:?}");
+
+    // A legitimate spike: 12 more in-quota requests (14 counted, target 5): 3 frontends.
+    let spike = std::time::Instant::now();
+    frontend.set(&[("flood", 200, Some(2.0)), ("legit", 12, Some(20.0))]);
+    let scaled = eventually("3 frontends", || async {
+        let md = get::<ModelDeployment>(&ns, &name).await?;
+        (md.spec.frontend.replicas == 3).then_some(md)
+    })
+    .await;
+    let reaction = spike.elapsed();
+    eventually("the frontend Deployment at 3", || async {
+        let dep = get::<Deployment>(&ns, &format!("{name}-frontend")).await?;
+        (dep.spec.replicas == Some(3)).then_some(())
+    })
+    .await;
+    let (_, a, _) = autoscaling("the decision in status").await;
+    let up = a.decisions.last().expect("a decision");
+    assert_eq!(
+        (up.from, up.to, up.reason.as_str()),
+        (1, 3, "Panic"),
+        "{a:?}"
+    );
+    eprintln!("spike to scale-up write: {reaction:?}; decision {up:?}");
+    drop(scaled);
+
+    // The load ends: after the scale-down delay and the stable window, back to 1.
+    frontend.set(&[]);
+    eventually("back to 1 frontend", || async {
+        let md = get::<ModelDeployment>(&ns, &name).await?;
+        (md.spec.frontend.replicas == 1).then_some(())
+    })
+    .await;
+    let (_, a, _) = autoscaling("the scale-down in status").await;
+    let down = a.decisions.last().unwrap();
+    assert_eq!((down.from, down.to), (3, 1), "{a:?}");
+
+    // Events and metrics say the same.
+    let events = cp
+        .kubectl(&["get", "events", "-n", &ns.name, "-o", "json"])
+        .await
+        .unwrap();
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("ScaledUp") && events.contains("ScaledDown"),
+        "{events}"
+    );
+    assert!(events.contains("frontends 1 → 3"), "{events}");
+    let metrics = operator.metrics().await.unwrap();
+    assert!(
+        metrics
+            .contains("switchyard_operator_autoscaler_decisions_total{deployment=\"olmoe-tiny\""),
+        "{metrics}"
+    );
+
+    // Turned off: the count is the user's again and status.autoscaling goes away.
+    merge_patch(
+        &ns,
+        &name,
+        serde_json::json!({"spec": {"autoscaling": {"enabled": false}}}),
+    )
+    .await;
+    eventually("status.autoscaling removed", || async {
+        let md = get::<ModelDeployment>(&ns, &name).await?;
+        md.status?.autoscaling.is_none().then_some(())
+    })
+    .await;
+    frontend.set(&[("legit", 40, None)]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let md_now = get::<ModelDeployment>(&ns, &name).await.unwrap();
+    assert_eq!(md_now.spec.frontend.replicas, 1, "scaled while disabled");
 }

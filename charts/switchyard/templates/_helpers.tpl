@@ -140,6 +140,16 @@ tests/tests/chart.rs pins the exact set, so a change here is deliberate.
 - apiGroups: ["switchyard.dev"]
   resources: ["modeldeployments/status"]
   verbs: ["patch"]
+# autoscale/run.rs scale: the autoscaler writes spec.frontend.replicas through the scale
+# subresource (as an HPA would), only where spec.autoscaling.enabled.
+- apiGroups: ["switchyard.dev"]
+  resources: ["modeldeployments/scale"]
+  verbs: ["patch"]
+# main.rs: the autoscaler watches frontend pods (label selector: managed by the operator,
+# component frontend) for their readiness and address, to poll their /demand.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
 # Children carry a controller owner reference with blockOwnerDeletion (build/mod.rs,
 # controller_owner_ref). Where the OwnerReferencesPermissionEnforcement admission plugin
 # is on (e.g. OpenShift), setting it requires `update` on the owner's finalizers.

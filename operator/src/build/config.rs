@@ -2,11 +2,11 @@
 
 use switchyard_proto::worker_config::{
     API_KEYS_DIR, AdmissionConfig, CONFIG_VERSION, MODEL_MOUNT, ModelConfig, PlacementConfig,
-    PlacementStrategy, ServingConfig, ShardsConfig, TierConfig, WorkerConfig,
+    PlacementStrategy, QuotaScopeConfig, ServingConfig, ShardsConfig, TierConfig, WorkerConfig,
 };
 
 use super::Names;
-use crate::api::{Dtype, ModelDeployment, Priority, Quantization};
+use crate::api::{Dtype, ModelDeployment, Priority, Quantization, QuotaScopeMode};
 
 /// The worker configuration for `md`. Every number was bounded by the CRD schema, so the
 /// conversions to unsigned types cannot fail for objects the API server accepted; a
@@ -68,7 +68,24 @@ pub fn worker_config(md: &ModelDeployment, names: &Names) -> WorkerConfig {
             default_tier: admission.default_tier.clone(),
             max_queued: unsigned(admission.queue.max_queued),
             default_deadline_seconds: unsigned(admission.queue.default_deadline_seconds),
-            quota_scope: None,
+            quota_scope: Some(QuotaScopeConfig {
+                mode: match admission.quota_scope.mode {
+                    QuotaScopeMode::Split => "split",
+                    QuotaScopeMode::Redis => "redis",
+                }
+                .into(),
+                peers: format!("{}.{}.svc", names.frontend_peers, names.namespace),
+                redis_address: admission
+                    .quota_scope
+                    .redis
+                    .as_ref()
+                    .map(|r| r.address.clone()),
+                redis_key_prefix: admission
+                    .quota_scope
+                    .redis
+                    .as_ref()
+                    .map(|_| format!("switchyard/{}/{}/", names.namespace, names.deployment)),
+            }),
         },
         shards: ShardsConfig {
             count: unsigned(spec.experts.shards),

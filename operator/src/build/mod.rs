@@ -124,6 +124,8 @@ pub struct Names {
     pub namespace: String,
     pub frontend: String,
     pub client_service: String,
+    /// Headless Service of the ready frontends: how each counts its peers (quota scope).
+    pub frontend_peers: String,
     pub experts: String,
     pub config: String,
     pub service_account: String,
@@ -144,6 +146,7 @@ impl Names {
         Ok(Self {
             frontend: format!("{name}-frontend"),
             client_service: name.clone(),
+            frontend_peers: format!("{name}-frontend-peers"),
             experts: format!("{name}-experts"),
             config: format!("{name}-config"),
             service_account: format!("{name}-worker"),
@@ -165,6 +168,9 @@ pub struct Desired {
     pub config: ConfigMap,
     pub frontend: Deployment,
     pub client_service: Service,
+    /// Headless, ready frontends only: each frontend resolves it to count the live
+    /// frontends it splits quotas with (`admission.quotaScope`).
+    pub frontend_peers: Service,
     pub frontend_pdb: PodDisruptionBudget,
     pub frontend_policy: NetworkPolicy,
     /// The expert-shard objects; `None` with `experts.shards: 0` (the frontends hold the
@@ -263,6 +269,7 @@ impl Desired {
             config,
             frontend,
             client_service,
+            frontend_peers,
             frontend_pdb,
             frontend_policy,
             experts,
@@ -274,6 +281,7 @@ impl Desired {
             Some(Owned::ServiceAccount(service_account)),
             Some(Owned::ConfigMap(config)),
             Some(Owned::Service(client_service)),
+            Some(Owned::Service(frontend_peers)),
             shards(|e| Owned::Service(&e.service)),
             Some(Owned::Deployment(frontend)),
             shards(|e| Owned::StatefulSet(&e.statefulset)),
@@ -289,7 +297,7 @@ impl Desired {
     /// How many objects [`Desired::objects`] yields for `spec`, without building them
     /// (the managed-objects metric).
     pub fn object_count(spec: &crate::api::ModelDeploymentSpec) -> usize {
-        if spec.experts.shards > 0 { 10 } else { 6 }
+        if spec.experts.shards > 0 { 11 } else { 7 }
     }
 }
 
@@ -404,6 +412,18 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         }),
         ..Service::default()
     };
+    let frontend_peers = Service {
+        metadata: meta(&names.frontend_peers, Some(Component::Frontend)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(frontend_selector.clone()),
+            // Ready frontends only: a starting or draining one takes no share.
+            publish_not_ready_addresses: Some(false),
+            ports: Some(vec![metrics_port.clone()]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
     let experts_service = Service {
         metadata: meta(&names.experts, Some(Component::ExpertShard)),
         spec: Some(ServiceSpec {
@@ -500,6 +520,7 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         config: config_map,
         frontend,
         client_service,
+        frontend_peers,
         frontend_pdb: pdb(&names.frontend, Component::Frontend, &frontend_selector),
         frontend_policy,
         experts,

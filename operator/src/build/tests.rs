@@ -89,6 +89,7 @@ fn objects_yields_every_owned_object_once_in_apply_order() {
             ("ServiceAccount", "deepseek-v2-lite-worker"),
             ("ConfigMap", "deepseek-v2-lite-config"),
             ("Service", "deepseek-v2-lite"),
+            ("Service", "deepseek-v2-lite-frontend-peers"),
             ("Service", "deepseek-v2-lite-experts"),
             ("Deployment", "deepseek-v2-lite-frontend"),
             ("StatefulSet", "deepseek-v2-lite-experts"),
@@ -126,6 +127,7 @@ fn without_shards_only_the_frontend_objects_are_built() {
             ("ServiceAccount", "olmoe-tiny-worker"),
             ("ConfigMap", "olmoe-tiny-config"),
             ("Service", "olmoe-tiny"),
+            ("Service", "olmoe-tiny-frontend-peers"),
             ("Deployment", "olmoe-tiny-frontend"),
             ("PodDisruptionBudget", "olmoe-tiny-frontend"),
             ("NetworkPolicy", "olmoe-tiny-frontend"),
@@ -382,6 +384,12 @@ fn a_frontend_only_change_does_not_roll_the_shards() {
     let mut md = base.clone();
     md.spec.admission.queue.max_queued = 9;
     changes.push(("admission.queue.maxQueued", md));
+    let mut md = base.clone();
+    md.spec.admission.quota_scope.mode = crate::api::QuotaScopeMode::Redis;
+    md.spec.admission.quota_scope.redis = Some(crate::api::RedisSpec {
+        address: "redis:6379".into(),
+    });
+    changes.push(("admission.quotaScope", md));
     for (field, md) in changes {
         let (f, s) = role_hashes(&md);
         assert_ne!(f, front, "{field} changes what frontends read: they roll");
@@ -598,5 +606,44 @@ fn tls_mounts_the_secret_on_frontends_and_moves_their_probes_to_http() {
     assert_eq!(
         shard_port.app_protocol.as_deref(),
         Some("kubernetes.io/h2c")
+    );
+}
+
+#[test]
+fn quotas_are_split_over_the_ready_frontends_by_default_or_shared_in_redis() {
+    let md = example("minimal.yaml");
+    let d = desired(&md, &Defaults::default()).unwrap();
+    // A headless Service of the ready frontends only: what each counts its peers by.
+    let peers = d.frontend_peers.spec.as_ref().unwrap();
+    assert_eq!(peers.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(peers.publish_not_ready_addresses, Some(false));
+    assert_eq!(
+        peers.selector.as_ref(),
+        d.frontend.spec.selector.match_labels.as_ref()
+    );
+    let config = |d: &Desired| -> WorkerConfig {
+        serde_json::from_str(&d.config.data.as_ref().unwrap()[CONFIG_FILE]).unwrap()
+    };
+    let scope = config(&d).admission.quota_scope.expect("a quota scope");
+    assert_eq!(scope.mode, "split");
+    assert_eq!(scope.peers, "olmoe-tiny-frontend-peers.serving.svc");
+    assert_eq!((scope.redis_address, scope.redis_key_prefix), (None, None));
+
+    let mut md = example("minimal.yaml");
+    md.spec.admission.quota_scope =
+        serde_yaml::from_str("{mode: Redis, redis: {address: 'redis.platform.svc:6379'}}").unwrap();
+    let scope = config(&desired(&md, &Defaults::default()).unwrap())
+        .admission
+        .quota_scope
+        .unwrap();
+    assert_eq!(scope.mode, "redis");
+    assert_eq!(
+        scope.redis_address.as_deref(),
+        Some("redis.platform.svc:6379")
+    );
+    assert_eq!(
+        scope.redis_key_prefix.as_deref(),
+        Some("switchyard/serving/olmoe-tiny/"),
+        "keys of one deployment cannot collide with another's"
     );
 }

@@ -1,26 +1,6 @@
-//! The autoscaler's decision core (issue 16, first part): a pure function from the demand
-//! history, the policy and the time to a replica count and the reason for it. No client,
-//! no clock; the sampler and the writer around it come in later commits, and until then
-//! `spec.autoscaling.enabled: true` stays refused by the API server.
-//!
-//! ```text
-//!   samples (every poll: per tenant, queued + running requests admitted in quota,
-//!            and the most its quota can keep in the system)
-//!     └─ legitimate(sample) = Σ tenants min(demand, quota cap)      refused and
-//!                                                                   over-quota = 0
-//!   stable  = mean legitimate over the stable window   → ceil(stable / target)
-//!   panic   = mean legitimate over the panic window    → ceil(panic / target)
-//!   panicking while, within the last stable window, panic desired ≥ threshold × ready
-//!     (then: the panic window's peak so far, never below the current count)
-//!   scale-down: only to the highest count either window wanted over the last
-//!     scale-down delay (so periodic bursts keep their replicas: no Yo-Yo)
-//!   rates: at most up_rate × ready up, ready / down_rate down; then min..max
-//! ```
-//!
-//! KPA-shaped (Knative's stable and panic windows), with one difference that is the point:
-//! the signal is *legitimate* demand. A tenant counts for at most what its quota lets it
-//! keep in the system, so a flood buys nothing, while a spike of in-quota callers is seen
-//! within the panic window.
+//! The decision core: a pure function from the demand history, the policy and the time
+//! to a replica count and the reason for it (the rules: [`super`]). No client, no clock;
+//! [`super::run`] is the shell around it.
 
 use std::time::Duration;
 
@@ -108,9 +88,13 @@ pub struct Decision {
     pub panic_demand: f64,
 }
 
-/// The count `policy` wants at `now_ms` with `ready` replicas, from `history` (samples in
-/// time order; older than the stable window plus the scale-down delay are ignored).
-pub fn decide(history: &[Sample], policy: &Policy, ready: u32, now_ms: u64) -> Decision {
+/// The count `policy` wants at `now_ms` when `current` replicas are asked for (the
+/// workload's replicas: counting the ones still starting, so they are not asked for twice
+/// nor removed before the scale-down delay), from `history` (samples in time order; older
+/// than the stable window plus the scale-down delay are ignored). Each sample's own
+/// `ready` count is what the panic threshold is measured against.
+pub fn decide(history: &[Sample], policy: &Policy, current: u32, now_ms: u64) -> Decision {
+    let ready = current;
     let ms = |d: Duration| d.as_millis() as u64;
     // Prefix sums, so each window mean is two binary searches (the rules below take many).
     let mut prefix = Vec::with_capacity(history.len() + 1);

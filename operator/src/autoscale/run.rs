@@ -1,0 +1,586 @@
+//! The shell around [`super::decide`]: one loop per ModelDeployment with
+//! `spec.autoscaling.enabled`, on the leader only.
+//!
+//! ```text
+//!   run(): every second, a loop for each ModelDeployment in the controller's cache that
+//!          has autoscaling enabled; a loop whose object is gone or disabled stops (and
+//!          takes its status.autoscaling with it)
+//!   loop:  targets  ready frontend pods (a Pod reflector), their metrics port
+//!          poll     sample::poll ─> sample::merge ─> history (stable window + delay)
+//!          decide   decide(history, policy, current, now)
+//!          write    a new count: PATCH /scale, an event, a decision in status
+//!                   status.autoscaling + ScalingActive/ScalingLimited: on change, else
+//!                   every STATUS_EVERY (server-side apply, its own field manager)
+//! ```
+//!
+//! `current` is `spec.frontend.replicas`: replicas still starting count, so a spike does
+//! not ask for them twice, and the scale-down delay protects them too. The autoscaler
+//! writes it through the scale subresource, as an HPA would; reconcile rolls it out, and
+//! frontends removed on scale-down drain (`spec.serving.drainSeconds`) without cutting a
+//! stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+
+use super::sample::{self, Target};
+use super::{Decision, Policy, Reason, Sample, decide};
+use crate::api::{AutoscalingSpec, AutoscalingStatus, ModelDeployment, ScalingDecision};
+use crate::build::{self, Component, METRICS_PORT, METRICS_PORT_NAME, Names};
+use crate::metrics::Metrics;
+
+/// The autoscaler's field manager (status.autoscaling, its conditions, the scale writes).
+pub const FIELD_MANAGER: &str = "switchyard-autoscaler";
+/// `ScalingActive`: the frontends report demand and decisions are being made.
+pub const SCALING_ACTIVE: &str = "ScalingActive";
+/// `ScalingLimited`: a bound (min/max replicas, a scale rate) held the count back.
+pub const SCALING_LIMITED: &str = "ScalingLimited";
+/// Status is rewritten at least this often while nothing changes (signal values).
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// Decisions kept in status.
+const DECISIONS_KEPT: usize = 5;
+
+/// What every loop shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// The controller's ModelDeployment cache.
+    pub deployments: Store<ModelDeployment>,
+    /// Frontend pods of every ModelDeployment in scope.
+    pub pods: Store<Pod>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+/// Label selector of the pods [`Shared::pods`] must hold: every operator-managed frontend.
+pub fn frontend_pods_selector() -> String {
+    format!(
+        "app.kubernetes.io/managed-by={},app.kubernetes.io/component={}",
+        build::FIELD_MANAGER,
+        Component::Frontend.as_str()
+    )
+}
+
+/// Keeps one loop running per enabled ModelDeployment until `stopped` completes.
+pub async fn run(shared: Shared, stopped: impl std::future::Future<Output = ()>) {
+    let mut loops: HashMap<ObjectRef<ModelDeployment>, (String, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
+    let supervise = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let enabled: HashMap<_, _> = shared
+                .deployments
+                .state()
+                .into_iter()
+                .filter(|md| enabled(md).is_some())
+                .map(|md| (ObjectRef::from_obj(&*md), md.uid().unwrap_or_default()))
+                .collect();
+            loops.retain(|key, (uid, handle)| {
+                let keep = !handle.is_finished() && enabled.get(key) == Some(uid);
+                if !keep {
+                    handle.abort();
+                }
+                keep
+            });
+            for (key, uid) in enabled {
+                loops.entry(key.clone()).or_insert_with(|| {
+                    let shared = shared.clone();
+                    let task = tokio::spawn(scale_loop(shared, key, uid.clone()));
+                    (uid, task)
+                });
+            }
+        }
+    };
+    tokio::select! {
+        () = supervise => {}
+        () = stopped => {}
+    }
+    for (_, (_, handle)) in loops {
+        handle.abort();
+    }
+}
+
+fn enabled(md: &ModelDeployment) -> Option<&AutoscalingSpec> {
+    md.spec.autoscaling.as_ref().filter(|a| a.enabled)
+}
+
+/// The decision rules `spec` asks for.
+pub fn policy(spec: &AutoscalingSpec) -> Policy {
+    let secs = |s: i32| Duration::from_secs(u64::try_from(s).unwrap_or_default());
+    Policy {
+        target_per_replica: f64::from(spec.target_queue_depth.max(1)),
+        stable_window: secs(spec.stable_window_seconds),
+        panic_window: secs(spec.panic_window_seconds),
+        panic_threshold: f64::from(spec.panic_threshold_percent) / 100.0,
+        max_scale_up_rate: f64::from(spec.max_scale_up_rate),
+        max_scale_down_rate: f64::from(spec.max_scale_down_rate),
+        scale_down_delay: secs(spec.scale_down_delay_seconds),
+        min: u32::try_from(spec.frontend.min_replicas).unwrap_or_default(),
+        max: u32::try_from(spec.frontend.max_replicas).unwrap_or_default(),
+    }
+}
+
+/// The ready, running frontend pods of `names`' deployment, with their metrics address
+/// (the container port named `metrics`, else the default one).
+fn targets(pods: &Store<Pod>, names: &Names) -> Vec<Target> {
+    let mut targets: Vec<Target> = pods
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(names.namespace.as_str()))
+        .filter(|p| p.labels().get(build::MODEL_DEPLOYMENT_LABEL) == Some(&names.deployment))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let ip = status.pod_ip.as_ref().filter(|_| ready)?;
+            let port = p
+                .spec
+                .iter()
+                .flat_map(|s| &s.containers)
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|port| port.name.as_deref() == Some(METRICS_PORT_NAME))
+                .map_or(METRICS_PORT, |port| port.container_port);
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip.clone()
+            };
+            Some(Target {
+                pod: p.name_any(),
+                authority: format!("{host}:{port}"),
+            })
+        })
+        .collect();
+    targets.sort_by(|a, b| a.pod.cmp(&b.pod));
+    targets
+}
+
+/// One ModelDeployment's loop; returns when it is gone, replaced or disabled.
+async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String) {
+    let started = Instant::now();
+    let now_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut history: VecDeque<Sample> = VecDeque::new();
+    // A count written and not yet seen in the cache: (count, when).
+    let mut pending: Option<(i32, Instant)> = None;
+    let mut last_status: Option<(Instant, AutoscalingStatus, bool, String)> = None;
+    tracing::info!(deployment = %key, "autoscaler started");
+    loop {
+        let tick = Instant::now();
+        let Some(md) = shared
+            .deployments
+            .get(&key)
+            .filter(|md| md.uid().as_deref() == Some(uid.as_str()))
+        else {
+            break;
+        };
+        let Some(spec) = enabled(&md).cloned() else {
+            clear_status(&shared.client, &md).await;
+            break;
+        };
+        let Ok(names) = Names::new(&md) else { break };
+        let interval =
+            Duration::from_millis(u64::try_from(spec.poll_interval_milliseconds).unwrap_or(500));
+        let policy = policy(&spec);
+
+        let targets = targets(&shared.pods, &names);
+        let polled = sample::poll(&targets, interval.min(Duration::from_secs(1))).await;
+        let at = now_ms();
+        let (sample, total) = sample::merge(
+            at,
+            u32::try_from(targets.len()).unwrap_or(u32::MAX),
+            &polled.reports,
+        );
+        let labels = [names.namespace.as_str(), names.deployment.as_str()];
+        shared
+            .metrics
+            .autoscaler_poll_failures
+            .with_label_values(&labels)
+            .inc_by(polled.failures.len() as u64);
+        if let Some(first) = polled.failures.first() {
+            tracing::debug!(deployment = %key, failures = polled.failures.len(), first = %first, "frontends did not report demand");
+        }
+        // No answer at all is no information, not zero demand.
+        if sample.reporting > 0 {
+            history.push_back(sample.clone());
+        }
+        let keep = policy.stable_window + policy.scale_down_delay + Duration::from_secs(1);
+        while history
+            .front()
+            .is_some_and(|s| s.at_ms + (keep.as_millis() as u64) < at)
+        {
+            history.pop_front();
+        }
+
+        let spec_replicas = md.spec.frontend.replicas;
+        let current = match pending {
+            Some((count, since)) if spec_replicas != count && since.elapsed() < STATUS_EVERY => {
+                count
+            }
+            _ => {
+                pending = None;
+                spec_replicas
+            }
+        };
+        let decision = decide(
+            history.make_contiguous(),
+            &policy,
+            u32::try_from(current).unwrap_or_default(),
+            at,
+        );
+        let desired = i32::try_from(decision.desired).unwrap_or(i32::MAX);
+        shared
+            .metrics
+            .autoscaler_desired
+            .with_label_values(&labels)
+            .set(i64::from(desired));
+        shared
+            .metrics
+            .autoscaler_demand
+            .with_label_values(&[labels[0], labels[1], "stable"])
+            .set(decision.stable_demand);
+        shared
+            .metrics
+            .autoscaler_demand
+            .with_label_values(&[labels[0], labels[1], "panic"])
+            .set(decision.panic_demand);
+        shared
+            .metrics
+            .autoscaler_demand
+            .with_label_values(&[labels[0], labels[1], "all"])
+            .set(total);
+
+        let mut decisions = last_status
+            .as_ref()
+            .map(|(_, s, _, _)| s.decisions.clone())
+            .or_else(|| {
+                md.status
+                    .as_ref()
+                    .and_then(|s| s.autoscaling.as_ref())
+                    .map(|a| a.decisions.clone())
+            })
+            .unwrap_or_default();
+        let mut changed = false;
+        if desired != current {
+            match scale(&shared.client, &md, desired).await {
+                Ok(()) => {
+                    changed = true;
+                    pending = Some((desired, Instant::now()));
+                    let record = record(current, desired, &decision, total);
+                    announce(&shared, &md, &record, &policy).await;
+                    shared
+                        .metrics
+                        .autoscaler_decisions
+                        .with_label_values(&[labels[0], labels[1], &record.reason])
+                        .inc();
+                    decisions.push(record);
+                    let excess = decisions.len().saturating_sub(DECISIONS_KEPT);
+                    decisions.drain(..excess);
+                }
+                Err(e) => {
+                    tracing::warn!(deployment = %key, error = %e, from = current, to = desired, "could not scale the frontends");
+                }
+            }
+        }
+
+        let status = AutoscalingStatus {
+            desired_frontends: desired,
+            current_frontends: if changed { desired } else { current },
+            ready_frontends: i32::try_from(targets.len()).unwrap_or(i32::MAX),
+            reporting_frontends: i32::try_from(sample.reporting).unwrap_or(i32::MAX),
+            stable_demand: decimal(decision.stable_demand),
+            panic_demand: decimal(decision.panic_demand),
+            total_demand: decimal(total),
+            sampled_at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+            decisions,
+        };
+        let active = sample.reporting > 0;
+        let limited = limited_message(&decision, &policy);
+        let due = match &last_status {
+            None => true,
+            Some((when, previous, was_active, was_limited)) => {
+                changed
+                    || when.elapsed() >= STATUS_EVERY
+                    || *was_active != active
+                    || *was_limited != limited
+                    || previous.ready_frontends != status.ready_frontends
+                    || previous.desired_frontends != status.desired_frontends
+            }
+        };
+        if due {
+            let failures = (!active).then(|| polled.failures.join("; "));
+            match write_status(&shared.client, &md, &status, failures, &limited).await {
+                Ok(()) => last_status = Some((Instant::now(), status, active, limited)),
+                Err(e) => {
+                    tracing::warn!(deployment = %key, error = %e, "could not write status.autoscaling")
+                }
+            }
+        }
+        tokio::time::sleep(interval.saturating_sub(tick.elapsed())).await;
+    }
+    tracing::info!(deployment = %key, "autoscaler stopped");
+}
+
+/// Two decimals: status and events are read by people.
+fn decimal(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+fn record(from: i32, to: i32, decision: &Decision, total: f64) -> ScalingDecision {
+    ScalingDecision {
+        time: Time(k8s_openapi::jiff::Timestamp::now()),
+        role: Component::Frontend.as_str().into(),
+        from,
+        to,
+        reason: format!("{:?}", decision.reason),
+        stable_demand: decimal(decision.stable_demand),
+        panic_demand: decimal(decision.panic_demand),
+        total_demand: decimal(total),
+    }
+}
+
+/// Why a bound holds the count back, or "" when none does.
+fn limited_message(decision: &Decision, policy: &Policy) -> String {
+    match decision.reason {
+        Reason::Bounded if decision.desired >= policy.max => format!(
+            "at autoscaling.frontend.maxReplicas ({}): demand wants more",
+            policy.max
+        ),
+        Reason::Bounded => format!(
+            "at autoscaling.frontend.minReplicas ({}): demand wants fewer",
+            policy.min
+        ),
+        Reason::RateLimited => format!(
+            "held to {} by maxScaleUpRate / maxScaleDownRate",
+            decision.desired
+        ),
+        _ => String::new(),
+    }
+}
+
+/// `spec.frontend.replicas = count`, through the scale subresource.
+async fn scale(client: &Client, md: &ModelDeployment, count: i32) -> kube::Result<()> {
+    let api: Api<ModelDeployment> =
+        Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    api.patch_scale(
+        &md.name_any(),
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(serde_json::json!({ "spec": { "replicas": count } })),
+    )
+    .await
+    .map(drop)
+}
+
+/// An event for each change, with the signal behind it.
+async fn announce(shared: &Shared, md: &ModelDeployment, d: &ScalingDecision, policy: &Policy) {
+    let direction = if d.to > d.from { "up" } else { "down" };
+    let event = Event {
+        type_: EventType::Normal,
+        reason: if d.to > d.from {
+            "ScaledUp"
+        } else {
+            "ScaledDown"
+        }
+        .into(),
+        note: Some(format!(
+            "frontends {} → {} ({direction}, {}): legitimate demand {} over the last {} s, {} over {} s; target {} per frontend; all demand {}",
+            d.from,
+            d.to,
+            d.reason,
+            d.panic_demand,
+            policy.panic_window.as_secs(),
+            d.stable_demand,
+            policy.stable_window.as_secs(),
+            policy.target_per_replica,
+            d.total_demand,
+        )),
+        action: "Autoscale".into(),
+        secondary: None,
+    };
+    if let Err(e) = shared.recorder.publish(&event, &md.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not record an event");
+    }
+}
+
+fn condition(
+    md: &ModelDeployment,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last_transition_time = md
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(
+            || Time(k8s_openapi::jiff::Timestamp::now()),
+            |c| c.last_transition_time.clone(),
+        );
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: md.metadata.generation,
+        last_transition_time,
+    }
+}
+
+/// Server-side applies status.autoscaling and the two conditions, under
+/// [`FIELD_MANAGER`] (reconcile owns the rest of status).
+async fn write_status(
+    client: &Client,
+    md: &ModelDeployment,
+    status: &AutoscalingStatus,
+    failures: Option<String>,
+    limited: &str,
+) -> kube::Result<()> {
+    let active = match failures {
+        None => condition(
+            md,
+            SCALING_ACTIVE,
+            true,
+            "Polling",
+            format!(
+                "{} of {} ready frontends report demand",
+                status.reporting_frontends, status.ready_frontends
+            ),
+        ),
+        Some(failures) => condition(
+            md,
+            SCALING_ACTIVE,
+            false,
+            "NoSignal",
+            if status.ready_frontends == 0 {
+                "no ready frontend to poll: the count is held".to_string()
+            } else {
+                format!("no ready frontend answered /demand: the count is held ({failures})")
+            },
+        ),
+    };
+    let limited = if limited.is_empty() {
+        condition(
+            md,
+            SCALING_LIMITED,
+            false,
+            "WithinBounds",
+            "the count is what demand wants".into(),
+        )
+    } else {
+        condition(md, SCALING_LIMITED, true, "Bounded", limited.to_string())
+    };
+    apply_status(
+        client,
+        md,
+        serde_json::json!({ "autoscaling": status, "conditions": [active, limited] }),
+    )
+    .await
+}
+
+/// Gives up status.autoscaling and the autoscaler's conditions (autoscaling turned off).
+async fn clear_status(client: &Client, md: &ModelDeployment) {
+    if let Err(e) = apply_status(client, md, serde_json::json!({})).await {
+        tracing::warn!(error = %e, "could not clear status.autoscaling");
+    }
+}
+
+async fn apply_status(
+    client: &Client,
+    md: &ModelDeployment,
+    status: serde_json::Value,
+) -> kube::Result<()> {
+    let api: Api<ModelDeployment> =
+        Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    let body = serde_json::json!({
+        "apiVersion": ModelDeployment::api_version(&()),
+        "kind": ModelDeployment::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &md.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_autoscaling_field_reaches_the_policy() {
+        let spec: AutoscalingSpec = serde_json::from_value(serde_json::json!({
+            "enabled": true,
+            "frontend": {"minReplicas": 2, "maxReplicas": 9},
+            "targetQueueDepth": 7,
+            "stableWindowSeconds": 30,
+            "panicWindowSeconds": 3,
+            "panicThresholdPercent": 150,
+            "maxScaleUpRate": 4,
+            "maxScaleDownRate": 3,
+            "scaleDownDelaySeconds": 45,
+            "pollIntervalMilliseconds": 250,
+        }))
+        .unwrap();
+        assert_eq!(
+            policy(&spec),
+            Policy {
+                target_per_replica: 7.0,
+                stable_window: Duration::from_secs(30),
+                panic_window: Duration::from_secs(3),
+                panic_threshold: 1.5,
+                max_scale_up_rate: 4.0,
+                max_scale_down_rate: 3.0,
+                scale_down_delay: Duration::from_secs(45),
+                min: 2,
+                max: 9,
+            }
+        );
+        // The defaults: KPA's, but a 2 s panic window and a 10× scale-up rate.
+        let p = policy(&AutoscalingSpec::default());
+        assert_eq!(
+            (p.panic_window, p.panic_threshold, p.max_scale_up_rate),
+            (Duration::from_secs(2), 2.0, 10.0)
+        );
+    }
+
+    #[test]
+    fn a_bound_that_holds_the_count_is_named() {
+        let p = policy(&AutoscalingSpec::default());
+        let at = |desired, reason| Decision {
+            desired,
+            reason,
+            stable_demand: 0.0,
+            panic_demand: 0.0,
+        };
+        assert!(limited_message(&at(4, Reason::Bounded), &p).contains("maxReplicas (4)"));
+        assert!(limited_message(&at(1, Reason::Bounded), &p).contains("minReplicas (1)"));
+        assert!(limited_message(&at(3, Reason::RateLimited), &p).contains("maxScaleUpRate"));
+        assert_eq!(limited_message(&at(3, Reason::Panic), &p), "");
+    }
+}
