@@ -36,9 +36,27 @@ enum Command {
     Crd,
     /// Run the controller (uses the in-cluster config, or KUBECONFIG / ~/.kube/config).
     Run(RunArgs),
+    /// Simulate the autoscaler and an aggregate-queue-depth policy on the same scenario
+    /// traces (a model, not a measurement): a table, and per scenario and policy a CSV
+    /// time series and an SVG plot.
+    Simulate(SimulateArgs),
     /// Exit 0 when an operator's readiness endpoint answers 200, else 1 with the reason
     /// (the Helm chart's `helm test` runs this against the operator's metrics Service).
     CheckReady(CheckReadyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SimulateArgs {
+    /// Scenarios to run: spike, flood, flood+spike, yoyo (default: all four).
+    #[arg(long, value_delimiter = ',')]
+    scenario: Vec<String>,
+    /// A ModelDeployment manifest whose `spec.autoscaling` sets the rules (default: the
+    /// defaults, with targetQueueDepth 4 and maxReplicas 12).
+    #[arg(long, value_name = "FILE")]
+    manifest: Option<std::path::PathBuf>,
+    /// Directory for `<scenario>-<policy>.csv` and `.svg` (default: none written).
+    #[arg(long, value_name = "DIR")]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,7 +116,81 @@ async fn main() -> std::process::ExitCode {
         }
         Command::Run(args) => run(args).await,
         Command::CheckReady(args) => check_ready(args).await,
+        Command::Simulate(args) => simulate(args),
     })
+}
+
+/// `simulate`: both policies over each scenario; the table on stdout.
+fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    use switchyard_operator::autoscale::sim::{self, PolicyKind};
+    let spec = match &args.manifest {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--manifest {}", path.display()))?;
+            let md: ModelDeployment = serde_yaml::from_str(&text)
+                .with_context(|| format!("--manifest {}: not a ModelDeployment", path.display()))?;
+            md.spec
+                .autoscaling
+                .with_context(|| format!("--manifest {}: no spec.autoscaling", path.display()))?
+        }
+        None => serde_json::from_value(serde_json::json!({
+            "enabled": true,
+            "frontend": {"minReplicas": 1, "maxReplicas": 12},
+            "targetQueueDepth": 4,
+        }))?,
+    };
+    let policy = autoscale::run::policy(&spec);
+    let names: Vec<String> = if args.scenario.is_empty() {
+        sim::SCENARIOS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenario.clone()
+    };
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("--out {}", dir.display()))?;
+    }
+    println!(
+        "| scenario | policy | replicas bought by the flood | spike: decision after (s) | legit p99 TTFT (s) | legit refused or unserved | replica-minutes | direction reversals | most replicas |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    // flood+spike: the flood's share is what it adds to the spike alone.
+    let spike_alone =
+        |kind| sim::scenario("spike").map(|s| sim::simulate(&s, kind, &policy).1.max_replicas);
+    for name in &names {
+        let scenario = sim::scenario(name).map_err(|e| anyhow::anyhow!("--scenario {e}"))?;
+        for kind in [PolicyKind::Legitimate, PolicyKind::Aggregate] {
+            let (rows, s) = sim::simulate(&scenario, kind, &policy);
+            let or_dash = |v: Option<String>| v.unwrap_or_else(|| "–".into());
+            let bought = match name.as_str() {
+                "flood+spike" => spike_alone(kind)
+                    .ok()
+                    .map(|alone| (i64::from(s.max_replicas) - i64::from(alone)).to_string()),
+                _ => s.bought_by_attack.map(|b| b.to_string()),
+            };
+            println!(
+                "| {} | {} | {} | {} | {:.1} | {} | {:.1} | {} | {} |",
+                s.scenario,
+                kind.name(),
+                or_dash(bought),
+                or_dash(s.spike_decision_s.map(|d| format!("{d:.1}"))),
+                s.legit_p99_ttft_s,
+                s.legit_failed,
+                s.replica_minutes,
+                s.reversals,
+                s.max_replicas,
+            );
+            if let Some(dir) = &args.out {
+                let stem = format!("{}-{}", name.replace('+', "-"), kind.name());
+                let csv = dir.join(format!("{stem}.csv"));
+                std::fs::write(&csv, sim::csv(&scenario, &rows))
+                    .with_context(|| format!("writing {}", csv.display()))?;
+                let svg = dir.join(format!("{stem}.svg"));
+                let title = format!("{name}: {} policy (simulated)", kind.name());
+                std::fs::write(&svg, sim::svg(&title, &scenario, &rows))
+                    .with_context(|| format!("writing {}", svg.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `check-ready`: polls `args.url` until it answers 200 or the timeout passes.

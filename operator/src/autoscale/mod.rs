@@ -33,9 +33,12 @@
 //! - [`decide`]: the decision core, pure.
 //! - [`sample`]: one poll of the frontends, merged into a [`Sample`].
 //! - [`run`]: the loop per ModelDeployment and the writer (scale, status, events, metrics).
+//! - [`sim`]: a deterministic simulation comparing ours with an aggregate-queue-depth
+//!   policy on the same trace (`switchyard-operator simulate`).
 
 pub mod decide;
 pub mod run;
 pub mod sample;
+pub mod sim;
 
 pub use decide::{Decision, Policy, Reason, Sample, TenantDemand, decide};
