@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!   run(): every second, a loop for each ModelDeployment in the controller's cache that
-//!          has autoscaling enabled; a loop whose object is gone or disabled stops (and
-//!          takes its status.autoscaling with it)
+//!          has autoscaling enabled; a loop whose object is disabled stops by itself and
+//!          takes its status.autoscaling with it; one whose object is gone is stopped
 //!   loop:  targets  ready frontend pods (a Pod reflector), their metrics port
 //!          poll     sample::poll ─> sample::merge ─> history (stable window + delay)
 //!          decide   decide(history, policy, current, now)
@@ -82,20 +82,24 @@ pub async fn run(shared: Shared, stopped: impl std::future::Future<Output = ()>)
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let enabled: HashMap<_, _> = shared
-                .deployments
-                .state()
-                .into_iter()
-                .filter(|md| enabled(md).is_some())
-                .map(|md| (ObjectRef::from_obj(&*md), md.uid().unwrap_or_default()))
+            let deployments = shared.deployments.state();
+            // A loop stops by itself when its object is disabled (clearing its status);
+            // one whose object is gone or replaced is stopped here.
+            let present: HashMap<_, _> = deployments
+                .iter()
+                .map(|md| (ObjectRef::from_obj(&**md), md.uid().unwrap_or_default()))
                 .collect();
             loops.retain(|key, (uid, handle)| {
-                let keep = !handle.is_finished() && enabled.get(key) == Some(uid);
+                let keep = !handle.is_finished() && present.get(key) == Some(uid);
                 if !keep {
                     handle.abort();
                 }
                 keep
             });
+            let enabled = deployments
+                .iter()
+                .filter(|md| enabled(md).is_some())
+                .map(|md| (ObjectRef::from_obj(&**md), md.uid().unwrap_or_default()));
             for (key, uid) in enabled {
                 loops.entry(key.clone()).or_insert_with(|| {
                     let shared = shared.clone();
