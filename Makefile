@@ -16,7 +16,7 @@ tools: ## Build the test control plane and node (etcd, kube-*, kubelet, kube-pro
 	hack/build-control-plane.sh
 
 .PHONY: node-runtime
-node-runtime: ## Install the real test node's runtime and the image tools (containerd, runc, CNI plugins, iptables, buildah, mmdebstrap) from Debian, if missing
+node-runtime: ## Install the real test node's runtime, the image tools and redis-server (containerd, runc, CNI plugins, iptables, buildah, mmdebstrap, redis-server) from Debian, if missing
 	hack/install-node-runtime.sh
 
 .PHONY: images

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the real test node and the image build need: containerd,
-# runc, the CNI plugins, iptables and conntrack (the node), buildah, mmdebstrap, umoci and
-# skopeo (images without a Docker engine or registry). Idempotent: when every package is
-# already installed it does nothing, so a second run costs a fraction of a second.
+# Installs the Debian packages the real test node, the image build and the quota tests
+# need: containerd, runc, the CNI plugins, iptables and conntrack (the node), buildah,
+# mmdebstrap, umoci and skopeo (images without a Docker engine or registry), redis-server
+# (tests/tests/quotas.rs runs its own instance on a loopback port, for quotas shared by
+# frontends). Idempotent: when every package is already installed it does nothing, so a
+# second run costs a fraction of a second.
 #
 # Versions are Debian bookworm's (containerd 1.6, runc 1.1, CNI plugins 1.1): kubelet 1.37
 # still falls back to its own cgroup driver setting with containerd 1.6; Kubernetes 1.38
@@ -11,7 +13,7 @@
 set -euo pipefail
 
 packages=(containerd runc containernetworking-plugins iptables conntrack iproute2
-  buildah mmdebstrap umoci skopeo)
+  buildah mmdebstrap umoci skopeo redis-server)
 
 log() { printf '[install-node-runtime %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
@@ -34,6 +36,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq || { echo "install-node-runtime: FAILED at step 'apt-get update'" >&2; exit 1; }
 apt-get install -y -qq "${missing[@]}" >/dev/null ||
   { echo "install-node-runtime: FAILED at step 'apt-get install ${missing[*]}'" >&2; exit 1; }
-# Debian starts containerd as a service where it can; the test node runs its own instance
-# with its own socket and state, so a system one is not needed (and there is no systemd here).
+# Debian starts containerd and redis-server as services where it can; the test node and the
+# quota tests run their own instances with their own sockets, ports and state, so system
+# ones are not needed (and there is no systemd here).
 log "installed in $((SECONDS - start))s"

@@ -140,7 +140,9 @@ pub struct QuotaScopeConfig {
     pub mode: String,
     /// DNS name whose addresses are the ready frontends (a headless Service): how a
     /// frontend counts its peers (both modes; `redis` falls back to `split` when Redis
-    /// does not answer).
+    /// does not answer). Several names or addresses may be given, separated by commas;
+    /// each is resolved and the distinct addresses are counted (with the pod's own,
+    /// `SWITCHYARD_POD_IP`), so `127.0.0.1,127.0.0.2,127.0.0.3` counts three.
     pub peers: String,
     /// `host:port` of Redis (`redis` mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]

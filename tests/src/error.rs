@@ -72,6 +72,10 @@ pub enum HarnessError {
     #[error("timed out after {timeout:?} waiting for {what}")]
     Timeout { what: String, timeout: Duration },
 
+    /// A program a test runs is not installed.
+    #[error("`{name}` is not installed: {hint}")]
+    MissingProgram { name: String, hint: String },
+
     /// A piece of the real test node is missing on this machine.
     #[error("the real test node needs {what}, which is missing: {hint}")]
     MissingNodeRuntime { what: String, hint: String },

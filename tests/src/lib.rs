@@ -10,6 +10,8 @@
 //!   node           RealNode: a real single-node cluster —   (tier 5 tests)
 //!                  kubelet, kube-proxy, CoreDNS, containerd — running our images
 //!   operator   switchyard-operator as a child process, one namespace each
+//!   worker     switchyard-worker frontends and expert shards as child processes
+//!   redis      redis-server on a loopback port (quotas shared by frontends)
 //! ```
 //!
 //! Each test binary under `tests/` starts at most one control plane (or cluster), on first
@@ -24,6 +26,7 @@ pub mod node;
 pub mod operator;
 pub mod pki;
 pub mod process;
+pub mod redis;
 pub mod tools;
 pub mod worker;
 
@@ -37,4 +40,5 @@ pub use node::RealNode;
 pub const MODEL_DEPLOYMENT_CRD: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/modeldeployment.yaml");
 pub use operator::OperatorProcess;
+pub use redis::RedisServer;
 pub use worker::{FrontendProcess, ShardProcess};

@@ -950,6 +950,10 @@ async fn the_demand_report_shows_each_tenants_admitted_requests_and_quota_cap() 
     };
     let idle = body(f.http("/demand").await.expect("/demand"));
     assert_eq!(idle["tenants"], serde_json::json!([]), "{idle}");
+    assert_eq!(
+        idle["frontends"], 1,
+        "no quota scope: the frontend alone: {idle}"
+    );
 
     // A stream nobody reads holds the only engine slot; a free-tier request queues.
     let mut c = client(&f).await;

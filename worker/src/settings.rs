@@ -149,6 +149,11 @@ pub struct FrontendArgs {
     /// [default: the max batch size].
     #[arg(long, env = "SWITCHYARD_MAX_INFLIGHT")]
     pub max_inflight: Option<usize>,
+    /// Longest a call to the Redis of shared quotas (worker.json `admission.quotaScope`,
+    /// mode redis) may take, in milliseconds; past it the request is decided by this
+    /// frontend's split share [default: 50].
+    #[arg(long, env = "SWITCHYARD_QUOTA_REDIS_TIMEOUT_MS")]
+    pub quota_redis_timeout_ms: Option<u64>,
 }
 
 /// Expert-shard flags.
@@ -329,6 +334,8 @@ pub struct FrontendSettings {
     pub admission: AdmissionSource,
     /// Requests in the engine at most.
     pub max_inflight: usize,
+    /// Longest a Redis call of shared quotas may take.
+    pub quota_redis_timeout: Duration,
 }
 
 impl FrontendSettings {
@@ -396,6 +403,11 @@ impl FrontendSettings {
             overlap: args.overlap.unwrap_or(DEFAULT_OVERLAP),
             admission,
             max_inflight: args.max_inflight.unwrap_or(max_batch_size),
+            quota_redis_timeout: args
+                .quota_redis_timeout_ms
+                .map_or(crate::admission::scope::DEFAULT_REDIS_TIMEOUT, |ms| {
+                    Duration::from_millis(ms.max(1))
+                }),
         })
     }
 
@@ -432,6 +444,7 @@ impl FrontendSettings {
             overlap = self.overlap,
             admission = %admission,
             max_inflight = self.max_inflight,
+            quota_redis_timeout_ms = self.quota_redis_timeout.as_millis(),
             "effective settings"
         );
     }
@@ -441,6 +454,7 @@ impl FrontendSettings {
     pub fn into_options(self) -> Result<FrontendOptions, StartError> {
         let (model, model_id) = self.model.open()?;
         let mut admission = AdmissionOptions::open(self.max_inflight);
+        admission.redis_timeout = self.quota_redis_timeout;
         match self.admission {
             AdmissionSource::Open => {}
             AdmissionSource::WorkerJson(config) => admission.config = config,
@@ -874,6 +888,10 @@ mod tests {
             ("device", "SWITCHYARD_DEVICE"),
             ("max_batch_size", "SWITCHYARD_MAX_BATCH_SIZE"),
             ("max_inflight", "SWITCHYARD_MAX_INFLIGHT"),
+            (
+                "quota_redis_timeout_ms",
+                "SWITCHYARD_QUOTA_REDIS_TIMEOUT_MS",
+            ),
             ("overlap", "SWITCHYARD_OVERLAP"),
             ("expert_wire_dtype", "SWITCHYARD_EXPERT_WIRE_DTYPE"),
             ("expert_timeout_ms", "SWITCHYARD_EXPERT_TIMEOUT_MS"),

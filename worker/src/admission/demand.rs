@@ -5,6 +5,10 @@
 //! traffic is absent by construction) and `cap`, the most its request quota can keep in
 //! the system (rate × mean time in the system). The autoscaler counts each tenant for at
 //! most its cap (`switchyard_operator::autoscale`), so a flood over quota buys nothing.
+//! With a quota scope (several frontends share each quota) a frontend reports its share,
+//! cap ÷ the frontends it counted, in split and redis mode alike, and that count: the
+//! autoscaler takes a tenant's whole cap as the largest share × count any frontend
+//! reports.
 //! Anonymous callers are one entry with one tier's cap: many addresses do not add up to
 //! many quotas.
 
@@ -25,6 +29,9 @@ pub struct Demand {
     /// Requests in the engine and waiting, all tenants.
     pub running: usize,
     pub queued: usize,
+    /// The frontends this one shares quotas with, itself included (1 without a quota
+    /// scope): each tenant's `cap` is its share, so cap × frontends is the whole.
+    pub frontends: u32,
     /// Tenants with requests in the system, by name.
     pub tenants: Vec<TenantDemand>,
 }
@@ -38,7 +45,9 @@ pub struct TenantDemand {
     pub tier: String,
     pub queued: usize,
     pub running: usize,
-    /// The most requests its quota can keep in the system; absent: no request quota.
+    /// The most requests its quota can keep in the system — this frontend's share of it:
+    /// with `admission.quotaScope` set, the cap ÷ [`Demand::frontends`] (in both modes);
+    /// absent: no request quota.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cap: Option<f64>,
 }
@@ -55,6 +64,8 @@ impl Admission {
         } else {
             mean
         };
+        // Each frontend reports its share and the count it divided by.
+        let frontends = self.scope.as_ref().map_or(1, |s| s.frontends());
         let st = self.lock();
         // By name, so anonymous addresses fold into one entry and the report is sorted.
         let mut tenants: std::collections::BTreeMap<String, TenantDemand> = Default::default();
@@ -68,10 +79,10 @@ impl Admission {
                 let tier = tier.unwrap_or_else(|| self.tiers.default_tier());
                 TenantDemand {
                     tenant: name,
-                    cap: tier
-                        .limits
-                        .requests
-                        .map(|l| l.rate_per_minute() as f64 / 60.0 * service.as_secs_f64()),
+                    cap: tier.limits.requests.map(|l| {
+                        l.rate_per_minute() as f64 / 60.0 * service.as_secs_f64()
+                            / f64::from(frontends)
+                    }),
                     tier: tier.name.clone(),
                     queued: 0,
                     running: 0,
@@ -84,6 +95,7 @@ impl Admission {
             mean_service_seconds: mean.as_secs_f64(),
             running: st.shares.total(),
             queued: st.queue.len(),
+            frontends,
             tenants: tenants.into_values().collect(),
         }
     }

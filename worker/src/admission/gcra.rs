@@ -416,6 +416,13 @@ struct Shard<K> {
 ///
 /// Every method takes the current time as `now`; pass instants that do not go back
 /// (an older one is treated as the newest already seen for that key).
+///
+/// The limits may change between calls for one key (a tier edit, or a frontend's split
+/// share when the frontend count changes: `super::scope`). The state stays consistent:
+/// debts are kept in cells, so a smaller bucket refuses until the debt fits it and a
+/// larger one admits at once; the time since a key's last call is repaid at the rate
+/// of the call that observes it; a refund passed the limits its charge was made under
+/// credits at most that charge's unused cells and never below zero debt.
 pub struct Quotas<K> {
     shards: Box<[Mutex<Shard<K>>]>,
     hasher: RandomState,
@@ -540,7 +547,8 @@ impl<K: Eq + Hash + Clone> Quotas<K> {
     ///
     /// Such a key behaves exactly like one never seen, so no later decision changes as
     /// long as later calls pass `now` no earlier than this one and the key's limits
-    /// stay the same (after a tier change, debt may be judged repaid at the old rate).
+    /// stay the same. When they change, a key is full at the rates of the last check or
+    /// refund that looked at it (until then, debt may be judged repaid at the old rate).
     /// Call it periodically to bound memory under floods of distinct keys; each shard
     /// is locked in turn while its keys are scanned.
     pub fn evict_idle(&self, now: Instant) -> usize {
@@ -582,6 +590,10 @@ fn admit(
     now: Instant,
 ) -> Result<Grant, Denied> {
     state.advance(limits, now);
+    // A refusal changes no debt, but the key's full time follows the limits just applied
+    // (they change with a split share's frontend count), so eviction never forgets debt
+    // those limits still count.
+    state.settle(limits);
     let deny = |reason, retry_after| Denied {
         reason,
         retry_after,
@@ -997,6 +1009,49 @@ mod tests {
         let faster = tokens_only(600, 100);
         assert_eq!(q.remaining(&1, &faster, t0).tokens, Some(0));
         assert_eq!(q.remaining(&1, &faster, t0).reset_tokens, 10 * SEC);
+    }
+
+    #[test]
+    fn limits_that_change_mid_stream_keep_the_debt_in_cells_and_decide_by_the_new_ones() {
+        // A frontend's split share: 60 a minute alone, 20 once three frontends share it.
+        let q = Quotas::new();
+        let t0 = Instant::now();
+        let alone = limits(Some((60, 60)), Some((600, 600)));
+        let third = limits(Some((20, 20)), Some((200, 200)));
+        let mut receipts: Vec<Receipt> = (0..30)
+            .map(|_| q.check(&1, &alone, 10, t0).unwrap().receipt)
+            .collect();
+        // 30 requests and 300 tokens of debt: more than the new buckets hold.
+        assert_eq!(
+            q.remaining(&1, &third, t0),
+            Remaining {
+                requests: Some(0),
+                tokens: Some(0),
+                reset_requests: 90 * SEC,
+                reset_tokens: 90 * SEC,
+            }
+        );
+        // A charge made under the old share, refunded under it: its unused 10 come off.
+        q.refund(&1, &alone, receipts.pop().unwrap(), 10, t0);
+        assert_eq!(q.remaining(&1, &third, t0).reset_tokens, 87 * SEC);
+        // The next request waits until the debt fits the new bucket: 11 cells at 20/min.
+        let denied = q.check(&1, &third, 0, t0).unwrap_err();
+        assert_eq!(denied.reason, DenyReason::Requests);
+        assert_eq!(denied.retry_after, 33 * SEC);
+        // That look moved the key's full time to the new rates: it is not forgotten when
+        // the old ones would have repaid it.
+        assert_eq!(q.evict_idle(t0 + 30 * SEC), 0);
+        assert!(q.check(&1, &third, 0, t0 + 33 * SEC - NS).is_err());
+        let g = q.check(&1, &third, 0, t0 + 33 * SEC).unwrap();
+        assert_eq!(g.remaining.requests, Some(0));
+        // Back to one frontend: the same debt in cells (20 requests, 180 tokens), and
+        // the whole buckets around it.
+        let whole = q.remaining(&1, &alone, t0 + 33 * SEC);
+        assert_eq!((whole.requests, whole.tokens), (Some(40), Some(420)));
+        for _ in 0..40 {
+            q.check(&1, &alone, 0, t0 + 33 * SEC).unwrap();
+        }
+        assert!(q.check(&1, &alone, 0, t0 + 33 * SEC).is_err());
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! | `switchyard_admission_queued` | gauge | `band` |
 //! | `switchyard_admission_inflight` | gauge | |
 //! | `switchyard_admission_queue_wait_seconds` | histogram | `band` |
+//! | `switchyard_admission_quota_frontends` | gauge | |
+//! | `switchyard_admission_quota_fallbacks_total` | counter | |
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -27,6 +29,10 @@ pub(super) struct AdmissionMetrics {
     inflight: prometheus::IntGauge,
     pub(super) queue_wait: HistogramVec,
     pub(super) key_reloads: IntCounterVec,
+    /// The frontends a tenant's quota is split over (1 without `quotaScope`).
+    pub(super) quota_frontends: prometheus::IntGauge,
+    /// Requests decided by this frontend's split share because Redis did not answer.
+    pub(super) quota_fallbacks: prometheus::IntCounter,
 }
 
 impl AdmissionMetrics {
@@ -84,6 +90,19 @@ impl AdmissionMetrics {
             ),
             &["result"],
         )?;
+        let quota_frontends = prometheus::IntGauge::new(
+            "admission_quota_frontends",
+            "Frontends each tenant's quota is shared by, as this frontend last counted them \
+             (admission.quotaScope.peers); 1 without a quota scope",
+        )?;
+        let quota_fallbacks = prometheus::IntCounter::new(
+            "admission_quota_fallbacks_total",
+            "Requests whose quota was decided by this frontend's split share because Redis \
+             did not answer in time (quotaScope.mode redis)",
+        )?;
+        quota_frontends.set(1);
+        registry.register(Box::new(quota_frontends.clone()))?;
+        registry.register(Box::new(quota_fallbacks.clone()))?;
         registry.register(Box::new(key_reloads.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(accepted.clone()))?;
@@ -104,6 +123,8 @@ impl AdmissionMetrics {
             inflight,
             queue_wait,
             key_reloads,
+            quota_frontends,
+            quota_fallbacks,
         })
     }
 

@@ -18,8 +18,9 @@
 //!       │                        ─> RESOURCE_EXHAUSTED + grpc-retry-pushback-ms, retry-after
 //!  ── the protocol decodes and validates the body ─> INVALID_ARGUMENT ──────────────────────
 //!  admit(call, cost, priority, deadline) -> Reservation ([`pipeline`]):
-//!       ─ charge ────────────── 1 request + prompt + max_tokens tokens, both or neither
-//!       │ (accounting)           over ─> RESOURCE_EXHAUSTED (+ pushback)
+//!       ─ charge ────────────── 1 request + prompt + max_tokens tokens, both or neither:
+//!       │ (accounting, scope)    here, this frontend's share, or in Redis (quotaScope)
+//!       │                        over ─> RESOURCE_EXHAUSTED (+ pushback)
 //!       ─ fair queue ────────── strict bands by tier/priority; within a band the tenant with
 //!       │ (queue, fair_queue)    the least virtual tokens served; deadline-aware; bounded
 //!       │                        full ─> UNAVAILABLE + pushback (lowest band shed first)
@@ -42,6 +43,8 @@
 //! - [`keys`]: API keys (constant-time lookup, never logged).
 //! - [`demand`]: the per-tenant demand report the autoscaler polls (`/demand`).
 //! - [`gcra`]: per-tenant quotas (GCRA with exact refunds).
+//! - [`scope`]: how quotas hold across frontends (split over the live frontends, or in
+//!   Redis: [`global`] over the small client [`redis`]).
 //! - [`fair_queue`]: the bounded fair queue.
 
 pub mod accounting;
@@ -49,12 +52,15 @@ pub mod connections;
 pub mod demand;
 pub mod fair_queue;
 pub mod gcra;
+pub mod global;
 pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
 pub mod queue;
+pub mod redis;
+pub mod scope;
 pub mod share;
 pub mod status;
 pub mod tiers;
@@ -67,7 +73,7 @@ use prometheus::Registry;
 use switchyard_proto::worker_config::AdmissionConfig;
 use tokio::sync::Notify;
 
-pub use accounting::Charge;
+pub use accounting::{Charge, Kept, QuotaView};
 pub use connections::TransportLimits;
 pub use identity::Caller;
 pub use outcome::{Call, Outcome, Rejection, StatusCounter};
@@ -80,6 +86,7 @@ use gcra::Quotas;
 use keys::LiveKeys;
 use metrics::AdmissionMetrics;
 use queue::QueueState;
+use scope::QuotaScope;
 use share::Shares;
 use tiers::Tiers;
 
@@ -89,6 +96,9 @@ pub enum AdmissionError {
     /// A tier is out of range; the message names the field and what is accepted.
     #[error("{0}")]
     Tier(String),
+    /// `quotaScope` is out of range; the message names the field.
+    #[error("{0}")]
+    Scope(String),
     /// The API key files are unusable.
     #[error(transparent)]
     Keys(#[from] keys::KeyError),
@@ -107,6 +117,9 @@ pub struct AdmissionOptions {
     /// Least time a request needs from leaving the queue to its first token: a queued
     /// request whose deadline is closer than this is expired at once.
     pub min_service: Duration,
+    /// Longest a Redis call may take before the request is decided locally
+    /// (`quotaScope.mode: redis`).
+    pub redis_timeout: Duration,
 }
 
 impl AdmissionOptions {
@@ -123,6 +136,7 @@ impl AdmissionOptions {
             },
             max_inflight,
             min_service: Duration::from_millis(10),
+            redis_timeout: scope::DEFAULT_REDIS_TIMEOUT,
         }
     }
 }
@@ -138,6 +152,8 @@ pub struct Admission {
     keys: Option<LiveKeys>,
     tiers: Tiers,
     quotas: Arc<Quotas<String>>,
+    /// How quotas hold across frontends; `None`: each frontend enforces them in full.
+    scope: Option<Arc<QuotaScope>>,
     state: Mutex<QueueState>,
     max_inflight: usize,
     default_deadline: Duration,
@@ -158,6 +174,7 @@ impl std::fmt::Debug for Admission {
             .field("keys", &self.keys)
             .field("tiers", &self.tiers)
             .field("max_inflight", &self.max_inflight)
+            .field("quota_scope", &self.scope.as_ref().map(|s| s.describe()))
             .finish_non_exhaustive()
     }
 }
@@ -180,10 +197,21 @@ impl Admission {
             None => None,
         };
         let metrics = AdmissionMetrics::new(registry)?;
+        let scope = match &c.quota_scope {
+            Some(config) => Some(Arc::new(QuotaScope::new(
+                config,
+                QuotaScope::own_ip_from_env(),
+                opts.redis_timeout,
+                metrics.quota_frontends.clone(),
+                metrics.quota_fallbacks.clone(),
+            )?)),
+            None => None,
+        };
         Ok(Arc::new(Self {
             keys,
             tiers,
             quotas: Arc::new(Quotas::new()),
+            scope,
             state: Mutex::new(QueueState {
                 queue: FairQueue::new(QueueConfig {
                     max_queued: c.max_queued.max(1) as usize,
@@ -204,9 +232,13 @@ impl Admission {
 
     /// Starts the housekeeping task: expiring queued requests that can no longer start in
     /// time, forgetting idle tenants' quota and fairness state, and re-reading the API keys
-    /// every [`KEY_RELOAD`].
+    /// every [`KEY_RELOAD`]; with a quota scope, also the task that counts the frontends
+    /// ([`scope::PEER_REFRESH`]).
     pub fn spawn_housekeeping(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
+        if let Some(scope) = &self.scope {
+            scope.spawn_peer_count(weak.clone());
+        }
         tokio::spawn(async move {
             let mut last_gc = Instant::now();
             let mut last_keys = Instant::now();
@@ -233,6 +265,9 @@ impl Admission {
                 if last_gc.elapsed() >= Duration::from_secs(1) {
                     last_gc = Instant::now();
                     me.quotas.evict_idle(last_gc);
+                    if let Some(scope) = &me.scope {
+                        scope.forget_spent(last_gc);
+                    }
                     let mut st = me.lock();
                     st.queue.forget_idle();
                     let QueueState { queue, shares } = &mut *st;
@@ -258,6 +293,11 @@ impl Admission {
                 tracing::error!(error = %why, "API keys changed but cannot be used; keeping the previous keys");
             }
         }
+    }
+
+    /// The quota scope, if the configuration sets one.
+    pub fn quota_scope(&self) -> Option<&Arc<QuotaScope>> {
+        self.scope.as_ref()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {

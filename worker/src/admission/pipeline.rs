@@ -10,6 +10,7 @@
 //!                  the body is decoded; charges nothing                   (here)
 //!  ── the protocol decodes and validates the body (INVALID_ARGUMENT), then ──────────────
 //!   admit()        charge 1 request + prompt + max_tokens tokens          (accounting.rs)
+//!                  (async: in redis mode the charge asks Redis)           (scope.rs)
 //!                  count it accepted                                      (metrics.rs)
 //!                  a slot now, or a place in the fair queue, or
 //!                  UNAVAILABLE / DEADLINE_EXCEEDED                        (queue.rs)
@@ -102,7 +103,10 @@ impl Admission {
     /// default; a request may lower its band below its tier's, never raise it. `deadline`
     /// is the client's: when the request must have finished (it is not started once it
     /// can no longer finish in time); `None`: it must start within the configured default.
-    pub fn admit(
+    ///
+    /// Async for the quota scope `redis`, whose charge asks Redis (bounded by its timeout,
+    /// after which the request is decided locally); otherwise it never waits.
+    pub async fn admit(
         self: &Arc<Self>,
         call: &Call,
         cost: Cost,
@@ -114,12 +118,13 @@ impl Admission {
                 "the call was not identified (the service is served without admission)",
             )
         })?;
-        let (remaining, charge) = self
+        let (quota, charge) = self
             .charge(caller, cost.prompt + cost.max_tokens)
+            .await
             .map_err(|r| call.refuse(r))?;
         self.record_accepted(caller);
         let band = caller.tier.band_for(priority);
-        let paced = super::share::paced(&caller.tier.limits, &remaining);
+        let paced = super::share::paced(&quota.limits, &quota.remaining);
         let turn = self
             .enter(caller, band, paced, cost, charge, deadline)
             .map_err(|r| call.refuse(r))?;
@@ -128,7 +133,7 @@ impl Admission {
             caller: caller.clone(),
             band,
             turn,
-            remaining,
+            quota,
         })
     }
 }
@@ -262,6 +267,7 @@ mod tests {
             },
             max_inflight,
             min_service: Duration::from_millis(1),
+            redis_timeout: Duration::from_millis(50),
         };
         let metrics = Arc::new(FrontendMetrics::new(1, 0));
         let admission = Admission::new(&opts, metrics.registry()).expect("admission");
@@ -439,7 +445,7 @@ mod tests {
             .identify(&request("Generate", Some(KEY)).headers().clone(), None)
             .expect("caller");
         // The one request a minute is spent.
-        let spent = admission.charge(&caller, 0).expect("first");
+        let spent = admission.charge(&caller, 0).await.expect("first");
         drop(spent);
         let (mut svc, calls) = stack(&admission, &metrics, false);
         let response = call(&mut svc, request("Generate", Some(KEY))).await;
@@ -511,6 +517,7 @@ mod tests {
     fn tokens_left(admission: &Admission, call: &Call) -> u64 {
         admission
             .remaining(call.caller().expect("caller"))
+            .remaining
             .tokens
             .expect("a token quota")
     }
@@ -532,12 +539,19 @@ mod tests {
         let deadline = None;
         let running = admission
             .admit(&call, cost, 0, deadline)
+            .await
             .expect("runs at once");
-        let queued = admission.admit(&call, cost, 0, deadline).expect("queued");
+        let queued = admission
+            .admit(&call, cost, 0, deadline)
+            .await
+            .expect("queued");
         let left = tokens_left(&admission, &call);
         assert!(about(left, 40), "{left}");
         // The queue is full: refused, and the refused charge is refunded at once.
-        let full = admission.admit(&call, cost, 0, deadline).expect_err("full");
+        let full = admission
+            .admit(&call, cost, 0, deadline)
+            .await
+            .expect_err("full");
         assert_eq!(full.code(), tonic::Code::Unavailable);
         assert!(about(tokens_left(&admission, &call), 40));
         // A queued request whose client went away: all of it.
@@ -551,6 +565,7 @@ mod tests {
         // A deadline too close to start: refused and refunded.
         let late = admission
             .admit(&call, cost, 0, Some(Instant::now()))
+            .await
             .expect_err("too late");
         assert_eq!(late.code(), tonic::Code::DeadlineExceeded);
         assert!(about(tokens_left(&admission, &call), 85));
@@ -564,13 +579,18 @@ mod tests {
             prompt: 5,
             max_tokens: 5,
         };
-        let running = admission.admit(&low_call, cost, 0, None).expect("runs");
+        let running = admission
+            .admit(&low_call, cost, 0, None)
+            .await
+            .expect("runs");
         let low = admission
             .admit(&low_call, cost, 1, None)
+            .await
             .expect("queued, low");
         let high_call = identified(&admission);
         let _high = admission
             .admit(&high_call, cost, 0, None)
+            .await
             .expect("queued, evicting the low one");
         let shed = low.start().await.expect_err("shed");
         assert_eq!(shed.code(), tonic::Code::Unavailable);
@@ -600,6 +620,7 @@ mod tests {
         let now = Instant::now();
         let refused = admission
             .admit(&call, cost, 0, Some(now + Duration::from_millis(100)))
+            .await
             .expect_err("cannot finish");
         assert_eq!(refused.code(), tonic::Code::DeadlineExceeded);
         assert!(
@@ -613,11 +634,13 @@ mod tests {
         // Time enough: it runs; a second one queues behind it with 250 ms to go...
         let running = admission
             .admit(&call, cost, 0, Some(now + Duration::from_secs(5)))
+            .await
             .expect("runs");
         let slot = running.start().await.expect("slot");
         let late_call = identified(&admission);
         let queued = admission
             .admit(&late_call, cost, 0, Some(now + Duration::from_millis(250)))
+            .await
             .expect("queued");
         // ... and when the slot frees 100 ms later it could no longer finish: expired,
         // never started.
@@ -672,6 +695,7 @@ mod tests {
         // The steady tenant has a request running when the flood starts.
         let steady = admission
             .admit(&legit, cost, 0, None)
+            .await
             .expect("admitted")
             .start()
             .await
@@ -679,7 +703,10 @@ mod tests {
         let mut running = Vec::new();
         let mut waiting = Vec::new();
         for _ in 0..60 {
-            let r = admission.admit(&flood, cost, 0, None).expect("admitted");
+            let r = admission
+                .admit(&flood, cost, 0, None)
+                .await
+                .expect("admitted");
             let mut turn = Box::pin(r.start());
             match (&mut turn).now_or_never() {
                 Some(slot) => running.push(slot.expect("slot")),
@@ -694,7 +721,10 @@ mod tests {
         // The steady tenant's next requests start at once, up to its own share.
         let mut legit_slots = vec![steady];
         for _ in 0..3 {
-            let r = admission.admit(&legit, cost, 0, None).expect("admitted");
+            let r = admission
+                .admit(&legit, cost, 0, None)
+                .await
+                .expect("admitted");
             legit_slots.push(r.start().now_or_never().expect("at once").expect("slot"));
         }
         // As flood requests end, the next flood ones take their place, never more.

@@ -15,9 +15,8 @@ use tokio::sync::oneshot;
 use tonic::Status;
 
 use super::Admission;
-use super::accounting::Charge;
+use super::accounting::{Charge, QuotaView};
 use super::fair_queue::{Band, FairQueue, Pushed, Ticket};
-use super::gcra::Remaining;
 use super::identity::Caller;
 use super::outcome::{Call, Outcome, REPLY_MARGIN, Rejection};
 use super::pipeline::Cost;
@@ -306,7 +305,7 @@ pub struct Reservation {
     pub(super) caller: Caller,
     pub(super) band: Band,
     pub(super) turn: Turn,
-    pub(super) remaining: Remaining,
+    pub(super) quota: QuotaView,
 }
 
 impl Reservation {
@@ -320,9 +319,10 @@ impl Reservation {
         self.band
     }
 
-    /// The caller's quota left right after the charge (for response metadata).
-    pub fn remaining(&self) -> &Remaining {
-        &self.remaining
+    /// The caller's quota right after the charge: the limits applied and what was left
+    /// (for response metadata).
+    pub fn quota(&self) -> &QuotaView {
+        &self.quota
     }
 
     /// The slot, now or once the queued requests ahead have run; a refusal meanwhile

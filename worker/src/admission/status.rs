@@ -8,8 +8,9 @@ use std::time::Duration;
 use tonic::Status;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
+use super::accounting::{Kept, QuotaView};
 use super::fair_queue::Band;
-use super::gcra::{Denied, DenyReason, Remaining};
+use super::gcra::{Denied, DenyReason, Limit};
 use super::outcome::{Outcome, Rejection};
 use super::tiers::Tier;
 
@@ -25,41 +26,53 @@ pub fn unauthenticated(message: &str) -> Rejection {
     }
 }
 
-/// Over a quota of `tier`: `RESOURCE_EXHAUSTED` naming the quota, with the exact wait (or
-/// do-not-retry for a request larger than the bucket) and the quota left.
-pub fn over_quota(tier: &Tier, tokens: u64, denied: &Denied, left: &Remaining) -> Rejection {
-    let limits = &tier.limits;
+/// Over a quota of `tier` (as `view` applies it): `RESOURCE_EXHAUSTED` naming the quota,
+/// with the exact wait (or do-not-retry for a request larger than the bucket) and the
+/// quota left.
+pub fn over_quota(tier: &Tier, view: &QuotaView, tokens: u64, denied: &Denied) -> Rejection {
+    let limits = &view.limits;
+    // Split over several frontends: say so, or the numbers would not add up for the caller.
+    let share = |whole: Option<Limit>, what: fn(&Limit) -> u64| match (view.kept, whole) {
+        (Kept::Here { frontends }, Some(whole)) if frontends > 1 => format!(
+            ": this frontend's share of {} over {frontends} frontends",
+            what(&whole)
+        ),
+        _ => String::new(),
+    };
     let (message, wait) = match denied.reason {
         DenyReason::TooLarge => (
             format!(
                 "the request needs {tokens} tokens (prompt + max_tokens) but tier {:?} \
-                 allows at most {} at once; lower max_tokens",
+                 allows at most {} at once{}; lower max_tokens",
                 tier.name,
-                limits.tokens.map_or(0, |l| l.burst())
+                limits.tokens.map_or(0, |l| l.burst()),
+                share(tier.limits.tokens, Limit::burst),
             ),
             None,
         ),
         DenyReason::Requests => (
             format!(
-                "request quota of tier {:?} exhausted ({} per minute); retry in {} ms",
+                "request quota of tier {:?} exhausted ({} per minute{}); retry in {} ms",
                 tier.name,
                 limits.requests.map_or(0, |l| l.rate_per_minute()),
+                share(tier.limits.requests, Limit::rate_per_minute),
                 denied.retry_after.as_millis().max(1)
             ),
             Some(denied.retry_after),
         ),
         DenyReason::Tokens => (
             format!(
-                "token quota of tier {:?} exhausted ({} per minute); retry in {} ms",
+                "token quota of tier {:?} exhausted ({} per minute{}); retry in {} ms",
                 tier.name,
                 limits.tokens.map_or(0, |l| l.rate_per_minute()),
+                share(tier.limits.tokens, Limit::rate_per_minute),
                 denied.retry_after.as_millis().max(1)
             ),
             Some(denied.retry_after),
         ),
     };
     let mut status = with_pushback(Status::resource_exhausted(message), wait);
-    quota_metadata(status.metadata_mut(), tier, left);
+    quota_metadata(status.metadata_mut(), view);
     Rejection {
         status,
         outcome: Outcome::Rejected,
@@ -157,14 +170,16 @@ pub fn with_pushback(mut status: Status, wait: Option<Duration>) -> Status {
     status
 }
 
-/// Adds the remaining-quota metadata (`x-ratelimit-*`, as the major LLM APIs send).
-pub fn quota_metadata(md: &mut MetadataMap, tier: &Tier, r: &Remaining) {
+/// Adds the remaining-quota metadata (`x-ratelimit-*`, as the major LLM APIs send): the
+/// limits applied (a frontend's split share in split mode) and what is left of them.
+pub fn quota_metadata(md: &mut MetadataMap, view: &QuotaView) {
+    let r = &view.remaining;
     let mut put = |name: &'static str, v: String| {
         if let Ok(v) = MetadataValue::try_from(v) {
             md.insert(name, v);
         }
     };
-    if let (Some(l), Some(left)) = (tier.limits.requests, r.requests) {
+    if let (Some(l), Some(left)) = (view.limits.requests, r.requests) {
         put(
             "x-ratelimit-limit-requests",
             l.rate_per_minute().to_string(),
@@ -175,7 +190,7 @@ pub fn quota_metadata(md: &mut MetadataMap, tier: &Tier, r: &Remaining) {
             r.reset_requests.as_millis().to_string(),
         );
     }
-    if let (Some(l), Some(left)) = (tier.limits.tokens, r.tokens) {
+    if let (Some(l), Some(left)) = (view.limits.tokens, r.tokens) {
         put("x-ratelimit-limit-tokens", l.rate_per_minute().to_string());
         put("x-ratelimit-remaining-tokens", left.to_string());
         put(

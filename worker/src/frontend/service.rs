@@ -103,7 +103,7 @@ impl Frontend {
 
     /// Validates the body, then admits it ([`Admission::admit`]: charge, fair queue);
     /// a refusal's outcome is noted on the call for the outcome layer.
-    fn admit<T>(
+    async fn admit<T>(
         &self,
         request: &Request<T>,
         body: &pb::GenerateRequest,
@@ -114,10 +114,11 @@ impl Frontend {
             prompt: checked.engine.prompt.len() as u64,
             max_tokens: checked.engine.max_tokens as u64,
         };
-        let reservation =
-            self.inner
-                .admission
-                .admit(&call, cost, body.priority, checked.engine.deadline)?;
+        let reservation = self
+            .inner
+            .admission
+            .admit(&call, cost, body.priority, checked.engine.deadline)
+            .await?;
         Ok(Admitted {
             checked,
             reservation,
@@ -346,8 +347,9 @@ impl Inference for Frontend {
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let started = Instant::now();
         let body = request.get_ref().clone();
-        let admitted = self.admit(&request, &body)?;
+        let admitted = self.admit(&request, &body).await?;
         let caller = admitted.reservation.caller().clone();
+        let charged = *admitted.reservation.quota();
         let mut collected = Collect::default();
         let result = tokio::select! {
             r = self.run_admitted(admitted, &mut collected) => r,
@@ -363,8 +365,8 @@ impl Inference for Frontend {
             summary: Some(summary),
         });
         // After the slot's refund: what the caller may spend next.
-        let remaining = self.inner.admission.remaining(&caller);
-        quota_metadata(response.metadata_mut(), &caller.tier, &remaining);
+        let quota = self.inner.admission.remaining_after(&caller, &charged);
+        quota_metadata(response.metadata_mut(), &quota);
         Ok(response)
     }
 
@@ -376,9 +378,8 @@ impl Inference for Frontend {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let started = Instant::now();
         let body = request.get_ref().clone();
-        let admitted = self.admit(&request, &body)?;
-        let tier = admitted.reservation.caller().tier.clone();
-        let remaining = *admitted.reservation.remaining();
+        let admitted = self.admit(&request, &body).await?;
+        let quota = *admitted.reservation.quota();
         let (tx, rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(64);
         let this = self.clone();
         tokio::spawn(async move {
@@ -401,7 +402,7 @@ impl Inference for Frontend {
         });
         let mut response =
             Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ChunkStream);
-        quota_metadata(response.metadata_mut(), &tier, &remaining);
+        quota_metadata(response.metadata_mut(), &quota);
         Ok(response)
     }
 
