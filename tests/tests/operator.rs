@@ -783,14 +783,15 @@ fn demand(tenants: &[(&str, usize, Option<f64>)]) -> serde_json::Value {
 async fn ready_frontend_pod(ns: &TestNamespace, md: &ModelDeployment, port: u16) {
     use k8s_openapi::api::core::v1::Pod;
     let names = switchyard_operator::build::Names::new(md).unwrap();
-    let mut labels = switchyard_operator::build::labels(
-        &names,
-        Some(switchyard_operator::build::Component::Frontend),
-    );
-    labels.extend(switchyard_operator::build::selector_labels(
-        &names,
-        switchyard_operator::build::Component::Frontend,
-    ));
+    // The labels the frontend Deployment gives its pods.
+    let labels = desired(md, &Defaults::default())
+        .unwrap()
+        .frontend
+        .spec
+        .template
+        .metadata
+        .and_then(|m| m.labels)
+        .unwrap();
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": format!("{}-frontend-0", names.deployment), "labels": labels},
         // The operator's worker ServiceAccount (no controller-manager makes `default`).
@@ -845,6 +846,17 @@ async fn the_autoscaler_scales_on_legitimate_demand_and_shows_its_decisions() {
     );
     let md = create(&ns, &md).await;
     let name = md.name_any();
+    // No frontend yet: no signal, the count held, and status says so.
+    let held = eventually("ScalingActive=False without frontends", || async {
+        let status = get::<ModelDeployment>(&ns, &name).await?.status?;
+        let active = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ScalingActive")?;
+        (active.status == "False").then(|| (active.reason.clone(), status.autoscaling))
+    })
+    .await;
+    assert_eq!(held.0, "NoSignal", "{held:?}");
     ready_frontend_pod(&ns, &md, frontend.port).await;
     let autoscaling = |want: &'static str| {
         let (ns, name) = (ns.clone(), name.clone());
@@ -860,6 +872,14 @@ async fn the_autoscaler_scales_on_legitimate_demand_and_shows_its_decisions() {
     };
 
     // Polled and active, at the minimum.
+    eventually("the frontend polled", || async {
+        let a = get::<ModelDeployment>(&ns, &name)
+            .await?
+            .status?
+            .autoscaling?;
+        (a.reporting_frontends == 1).then_some(())
+    })
+    .await;
     let (replicas, a, conditions) = autoscaling("status.autoscaling").await;
     assert_eq!(
         (

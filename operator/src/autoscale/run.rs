@@ -65,12 +65,14 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// Label selector of the pods [`Shared::pods`] must hold: every operator-managed frontend.
+/// Label selector of the pods [`Shared::pods`] must hold: every Switchyard frontend pod
+/// (pods do not carry `managed-by`: the operator manages their workloads, not them; each
+/// carries its ModelDeployment's label, which [`targets`] filters on).
 pub fn frontend_pods_selector() -> String {
     format!(
-        "app.kubernetes.io/managed-by={},app.kubernetes.io/component={}",
-        build::FIELD_MANAGER,
-        Component::Frontend.as_str()
+        "app.kubernetes.io/name=switchyard,app.kubernetes.io/component={},{}",
+        Component::Frontend.as_str(),
+        build::MODEL_DEPLOYMENT_LABEL
     )
 }
 
@@ -329,6 +331,12 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
             }
         };
         if due {
+            if last_status
+                .as_ref()
+                .is_none_or(|(_, _, was, _)| *was != active)
+            {
+                tracing::info!(deployment = %key, ready = targets.len(), reporting = sample.reporting, "demand signal {}", if active { "active" } else { "lost: holding the count" });
+            }
             let failures = (!active).then(|| polled.failures.join("; "));
             match write_status(&shared.client, &md, &status, failures, &limited).await {
                 Ok(()) => last_status = Some((Instant::now(), status, active, limited)),
