@@ -9,7 +9,10 @@
 //! lists the services by reflection and calls Generate. A shard pod deleted mid-stream
 //! comes back and new requests succeed; `kubectl scale` brings a third frontend that
 //! serves, and back to one while 20 streams run cuts none of them (the stopping frontends
-//! drain); `helm uninstall` removes the operator and its RBAC and leaves the CRD.
+//! drain). The autoscaler, turned on: a legitimate spike of 12 streams gets a Panic
+//! decision to 3 frontends that serve, and back to 1 after the load with no stream cut; a
+//! tenant flooding at 100× its quota buys no frontend while another's requests all
+//! succeed. `helm uninstall` removes the operator and its RBAC and leaves the CRD.
 //!
 //! One scenario, in order, because each step stands on the one before (the operator the
 //! chart installed reconciles the deployment the later steps use). Each step prints how
@@ -105,6 +108,44 @@ async fn generate_stream(
         }
     }
     Err("the stream ended without a summary".into())
+}
+
+/// A TLS channel to the frontend at `ip` (trusting `ca`, for `host`): one connection.
+async fn tls_channel_at(
+    ip: &str,
+    ca: &Path,
+    host: &str,
+) -> Result<tonic::transport::Channel, tonic::Status> {
+    let pem = std::fs::read(ca).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        .domain_name(host);
+    tonic::transport::Channel::from_shared(format!("https://{ip}:50051"))
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .tls_config(tls)
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))
+}
+
+/// A unary Generate of `max_tokens` on `channel` with `key`.
+async fn keyed_on(
+    channel: tonic::transport::Channel,
+    key: &str,
+    max_tokens: u32,
+) -> Result<Vec<u32>, tonic::Status> {
+    let mut request = tonic::Request::new(greedy(max_tokens));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}")
+            .parse()
+            .map_err(|_| tonic::Status::internal("key"))?,
+    );
+    InferenceClient::new(channel)
+        .generate(request)
+        .await
+        .map(|r| r.into_inner().token_ids)
 }
 
 /// The UIDs of the pods of `selector`, terminating ones included, sorted.
@@ -779,6 +820,161 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         t,
     );
 
+    // 7e. The autoscaler, on a legitimate spike: 12 streams, 3× what one frontend runs at
+    // once (maxBatchSize 4, target 4 per frontend): a Panic decision to 3 frontends, seen
+    // in status; the new frontends Ready and serving. When the load ends, back to 1 after
+    // the delay while two slow streams run through the Service: none cut.
+    let t = Instant::now();
+    mds_api
+        .patch(
+            MD,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"autoscaling": {
+                "enabled": true,
+                "frontend": {"minReplicas": 1, "maxReplicas": 3},
+                "targetQueueDepth": 4,
+                "stableWindowSeconds": 10,
+                "panicWindowSeconds": 2,
+                "scaleDownDelaySeconds": 5,
+                "pollIntervalMilliseconds": 250,
+            }}})),
+        )
+        .await
+        .expect("turning the autoscaler on");
+    let autoscaling = || {
+        let mds_api = mds_api.clone();
+        async move {
+            let md = mds_api.get(MD).await.map_err(|e| e.to_string())?;
+            let a = md
+                .status
+                .and_then(|s| s.autoscaling)
+                .ok_or("no status.autoscaling yet")?;
+            Ok::<_, String>((md.spec.frontend.replicas, a))
+        }
+    };
+    let polled = node
+        .wait_for(
+            &client,
+            namespace,
+            &instance,
+            "the autoscaler polling the frontend",
+            POD_TIMEOUT,
+            || async {
+                let (_, a) = autoscaling().await?;
+                Ok(a.ready_frontends == 1 && a.reporting_frontends == 1)
+            },
+        )
+        .await;
+    if let Err(e) = polled {
+        let operator = node
+            .diagnose(&client, RELEASE_NAMESPACE, operator_selector)
+            .await;
+        panic!("the operator polls the frontend's /demand: {e}\n--- the operator:\n{operator}");
+    }
+    step("autoscaling on to the frontend's demand polled", t);
+
+    let t = Instant::now();
+    const SPIKE: usize = 12;
+    let spike: Vec<_> = (0..SPIKE)
+        .map(|_| {
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                generate_stream(&endpoint, 200, Duration::from_millis(20), |_| {}).await
+            })
+        })
+        .collect();
+    let scaled_after = loop {
+        let (replicas, _) = autoscaling().await.expect("status");
+        if replicas > 1 {
+            break t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no scale-up within 60 s of a spike of {SPIKE} streams"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    node.wait_for_ready_pods(&client, namespace, &frontend_selector, 3, POD_TIMEOUT)
+        .await
+        .expect("3 frontends Ready");
+    let ready_after = t.elapsed();
+    for (name, ip) in pod_ips(&client, namespace, &frontend_selector).await {
+        let got = generate(&format!("http://{ip}:50051"))
+            .await
+            .unwrap_or_else(|e| panic!("frontend {name} serves: {e}"));
+        assert_eq!(got, reference, "frontend {name}");
+    }
+    let (replicas, a) = autoscaling().await.expect("status");
+    let up = a.decisions.last().cloned().expect("a decision in status");
+    assert_eq!(
+        (replicas, up.from, up.to, up.reason.as_str()),
+        (3, 1, 3, "Panic"),
+        "{a:?}"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: spike of {SPIKE} streams: scale-up written {:.2}s after \
+         the load began (poll 250 ms, panic window 2 s), 3 frontends Ready after {:.1}s; \
+         decision {up:?}",
+        scaled_after.as_secs_f64(),
+        ready_after.as_secs_f64(),
+    );
+    let mut cut = Vec::new();
+    for (i, stream) in spike.into_iter().enumerate() {
+        match stream.await.expect("the stream task") {
+            Ok(ids) if ids.len() == 200 => {}
+            Ok(ids) => cut.push(format!("spike stream {i}: {} of 200 tokens", ids.len())),
+            Err(e) => cut.push(format!("spike stream {i}: {e}")),
+        }
+    }
+    assert!(cut.is_empty(), "spike streams failed: {cut:?}");
+    step(
+        "a legitimate spike to a Panic scale-up and 3 frontends serving",
+        t,
+    );
+
+    let t = Instant::now();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                generate_stream(&endpoint, 200, Duration::from_millis(100), |_| {}).await
+            })
+        })
+        .collect();
+    let drains = watch_drains(&client, namespace, &frontend_selector, 1, POD_TIMEOUT).await;
+    for (i, stream) in slow.into_iter().enumerate() {
+        match stream.await.expect("the stream task") {
+            Ok(ids) if ids.len() == 200 => {}
+            Ok(ids) => cut.push(format!("slow stream {i}: {} of 200 tokens", ids.len())),
+            Err(e) => cut.push(format!("slow stream {i}: {e}")),
+        }
+    }
+    let (replicas, a) = autoscaling().await.expect("status");
+    let down = a.decisions.last().cloned().expect("a decision");
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: load ended: back to {replicas} frontend(s) {:.1}s later; \
+         drains {drains:?}; decision {down:?}; {} streams cut",
+        t.elapsed().as_secs_f64(),
+        cut.len(),
+    );
+    assert!(
+        cut.is_empty(),
+        "streams cut by the autoscaled scale-down: {cut:?}"
+    );
+    assert_eq!((replicas, down.to), (1, 1), "{a:?}");
+    // Off again: the count is the user's (the later steps scale by hand).
+    mds_api
+        .patch(
+            MD,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"autoscaling": {"enabled": false}}})),
+        )
+        .await
+        .expect("turning the autoscaler off");
+    step("load ended to 1 frontend, no stream cut", t);
+
     // 7d. A dense checkpoint with no expert shards (frontends only), serving TLS from a
     // kubernetes.io/tls Secret, behind API keys from a Secret; the key Secret rotated
     // while the frontend runs: the new key works and the old one stops, within the
@@ -975,6 +1171,183 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         "Secret rotated to the new key working and the old refused (same pod)",
         t,
     );
+
+    // 7f. A flood buys no replicas: mallory (tier `free`, 6 requests a minute) sends 10
+    // a second, 100× its quota, for 30 s while acme sends one request at a time; the
+    // autoscaler (target 2 per frontend) keeps 1 frontend and every acme request succeeds.
+    let t = Instant::now();
+    const MALLORY_KEY: &str = "mallory-key-0123456789abcdef";
+    let dense_before = uids_of(&client, namespace, dense_selector).await;
+    secrets
+        .replace(
+            "dense-keys",
+            &PostParams::default(),
+            &key_secret(&format!(
+                "acme:{NEW_KEY}:standard\nmallory:{MALLORY_KEY}:free\n"
+            )),
+        )
+        .await
+        .expect("adding mallory's key");
+    mds_api
+        .patch(
+            "dense",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {
+                "admission": {"tiers": [
+                    {"name": "standard"},
+                    {"name": "free", "priority": "low", "requestsPerMinute": 6},
+                ]},
+                "autoscaling": {
+                    "enabled": true,
+                    "frontend": {"minReplicas": 1, "maxReplicas": 3},
+                    "targetQueueDepth": 2,
+                    "stableWindowSeconds": 10,
+                    "panicWindowSeconds": 2,
+                    "scaleDownDelaySeconds": 5,
+                    "pollIntervalMilliseconds": 250,
+                },
+            }})),
+        )
+        .await
+        .expect("a quota tier and the autoscaler on the dense deployment");
+    // The tier change rolls the frontend: find the new one and wait for both keys.
+    let rolled = std::sync::Mutex::new(None::<String>);
+    node.wait_for(
+        &client,
+        namespace,
+        dense_selector,
+        "the dense frontend rolled, Ready, with mallory's key",
+        POD_TIMEOUT,
+        || async {
+            let ready = pod_ips(&client, namespace, dense_selector).await;
+            let all = uids_of(&client, namespace, dense_selector).await;
+            if ready.len() != 1 || all.len() != 1 || dense_before.contains(&all[0]) {
+                return Err(format!("pods {all:?}, ready {ready:?}"));
+            }
+            let ip = ready[0].1.clone();
+            let channel = tls_channel_at(&ip, &pki.serving_ca, &dense_host).await;
+            match async { keyed_on(channel?, MALLORY_KEY, 4).await }.await {
+                Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                    Err("mallory's key not in use yet".into())
+                }
+                _ => {
+                    *rolled.lock().expect("lock") = Some(ip);
+                    Ok(true)
+                }
+            }
+        },
+    )
+    .await
+    .expect("the dense frontend with the new keys");
+    let dense_ip = rolled
+        .into_inner()
+        .expect("lock")
+        .expect("the new frontend's IP");
+    // One connection per tenant, as real clients keep (and as the per-address
+    // connection rate cap expects).
+    let acme = tls_channel_at(&dense_ip, &pki.serving_ca, &dense_host)
+        .await
+        .expect("acme's connection");
+    let mallory = tls_channel_at(&dense_ip, &pki.serving_ca, &dense_host)
+        .await
+        .expect("mallory's connection");
+    let acme_latencies = |n: usize| {
+        let acme = acme.clone();
+        async move {
+            let mut took = Vec::new();
+            for _ in 0..n {
+                let began = Instant::now();
+                keyed_on(acme.clone(), NEW_KEY, 8)
+                    .await
+                    .unwrap_or_else(|s| panic!("an acme request failed: {s}"));
+                took.push(began.elapsed());
+            }
+            took.sort();
+            took
+        }
+    };
+    let baseline = acme_latencies(10).await;
+    let flood_for = Duration::from_secs(30);
+    let flood = {
+        let mallory = mallory.clone();
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut calls = tokio::task::JoinSet::new();
+            while began.elapsed() < flood_for {
+                tick.tick().await;
+                calls.spawn(keyed_on(mallory.clone(), MALLORY_KEY, 64));
+            }
+            let (mut accepted, mut refused, mut other) = (0, 0, Vec::new());
+            while let Some(call) = calls.join_next().await {
+                match call.expect("a flood call") {
+                    Ok(_) => accepted += 1,
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
+                    Err(s) => other.push(s.code()),
+                }
+            }
+            (accepted, refused, other)
+        })
+    };
+    let watch = {
+        let mds_api = mds_api.clone();
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let mut most = 0;
+            let mut last = None;
+            // The most demand the autoscaler saw: all of it, and the legitimate part.
+            let mut seen = (0.0f64, 0.0f64);
+            while began.elapsed() < flood_for + Duration::from_secs(5) {
+                if let Ok(md) = mds_api.get("dense").await {
+                    most = most.max(md.spec.frontend.replicas);
+                    last = md.status.and_then(|s| s.autoscaling);
+                    if let Some(a) = &last {
+                        let v = |s: &str| s.parse::<f64>().unwrap_or(0.0);
+                        seen.0 = seen.0.max(v(&a.total_demand));
+                        seen.1 = seen.1.max(v(&a.panic_demand));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (most, last, seen)
+        })
+    };
+    let mut during = Vec::new();
+    while t.elapsed() < flood_for {
+        during.extend(acme_latencies(1).await);
+    }
+    during.sort();
+    let (accepted, refused, other) = flood.await.expect("the flood task");
+    let (most, last, seen) = watch.await.expect("the watch task");
+    let p99 = |v: &[Duration]| v[(v.len() * 99).div_ceil(100).max(1) - 1];
+    let last = last.expect("status.autoscaling during the flood");
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: flood of mallory (100× a 6/min quota, 30 s): {accepted} \
+         accepted, {refused} refused, other {other:?}; frontends at most {most}; acme {} \
+         requests, all served, p99 {:.0} ms during vs {:.0} ms before; most demand seen: all \
+         {:.2}, legitimate (panic window) {:.2}; last signal: legitimate {} (stable) / {} \
+         (panic), all {}",
+        during.len(),
+        p99(&during).as_secs_f64() * 1000.0,
+        p99(&baseline).as_secs_f64() * 1000.0,
+        seen.0,
+        seen.1,
+        last.stable_demand,
+        last.panic_demand,
+        last.total_demand,
+    );
+    assert_eq!(most, 1, "the flood bought frontends: {last:?}");
+    assert!(
+        other.is_empty(),
+        "mallory's calls ended otherwise: {other:?}"
+    );
+    assert!(
+        accepted <= 10,
+        "mallory got past its quota: {accepted} accepted"
+    );
+    assert!(last.reporting_frontends == 1, "{last:?}");
+    step("a 30 s flood at 100× quota to 0 frontends added", t);
 
     // 8. helm uninstall: the operator and its RBAC go, the CRD stays.
     node.run(
