@@ -306,6 +306,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         defaults: Defaults {
             worker_image: args.default_worker_image.clone(),
+            operator_namespace: std::env::var("POD_NAMESPACE").ok(),
         },
     });
     let ns = args.namespace.as_deref();

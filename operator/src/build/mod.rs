@@ -74,12 +74,17 @@ pub const DEFAULT_WORKER_IMAGE: &str = concat!(
 pub struct Defaults {
     /// Image for ModelDeployments without `spec.image`.
     pub worker_image: String,
+    /// The operator's own namespace, where the chart runs its pods: with autoscaling on
+    /// and `spec.monitoring.scrapeFrom` restricting the metrics port, the frontends'
+    /// NetworkPolicy also admits the operator's pods there (it polls `/demand`).
+    pub operator_namespace: Option<String>,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
         Self {
             worker_image: DEFAULT_WORKER_IMAGE.to_string(),
+            operator_namespace: None,
         }
     }
 }
@@ -467,6 +472,35 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         from: (!spec.monitoring.scrape_from.is_empty())
             .then(|| spec.monitoring.scrape_from.clone()),
     };
+    // The autoscaler polls the frontends' `/demand` on the metrics port: where scrapers
+    // are restricted, the operator's pods (the chart's labels) may reach it too.
+    let autoscaled = spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
+    let mut frontend_scrapes = scrapes();
+    if let (true, Some(from), Some(ns)) = (
+        autoscaled,
+        frontend_scrapes.from.as_mut(),
+        defaults.operator_namespace.as_ref(),
+    ) {
+        from.push(NetworkPolicyPeer {
+            namespace_selector: Some(label_selector(
+                &[("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
+            )),
+            pod_selector: Some(label_selector(
+                &[
+                    (
+                        "app.kubernetes.io/part-of".to_string(),
+                        "switchyard".to_string(),
+                    ),
+                    (
+                        "app.kubernetes.io/component".to_string(),
+                        "operator".to_string(),
+                    ),
+                ]
+                .into(),
+            )),
+            ..NetworkPolicyPeer::default()
+        });
+    }
     let frontend_policy = NetworkPolicy {
         metadata: meta(&names.frontend, Some(Component::Frontend)),
         spec: Some(NetworkPolicySpec {
@@ -479,7 +513,7 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
                     ports: Some(vec![grpc_only()]),
                     from: None,
                 },
-                scrapes(),
+                frontend_scrapes,
             ]),
             ..NetworkPolicySpec::default()
         }),

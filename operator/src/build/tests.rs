@@ -511,6 +511,46 @@ fn metrics_are_reachable_on_the_services_and_from_the_scrapers_only() {
             "monitoring"
         );
     }
+    // Autoscaled: the operator's pods (in its own namespace) may poll the frontends'
+    // /demand on the metrics port too; the shards' policy is unchanged.
+    let mut autoscaled = md.clone();
+    autoscaled.spec.autoscaling =
+        Some(serde_json::from_value(serde_json::json!({"enabled": true})).unwrap());
+    let defaults = Defaults {
+        operator_namespace: Some("switchyard-system".into()),
+        ..Defaults::default()
+    };
+    let a = desired(&autoscaled, &defaults).unwrap();
+    let scrape_from = |p: &NetworkPolicy| {
+        p.spec.as_ref().unwrap().ingress.as_ref().unwrap()[1]
+            .from
+            .clone()
+            .unwrap()
+    };
+    let from = scrape_from(&a.frontend_policy);
+    assert_eq!(from.len(), 2, "{from:?}");
+    let operator = &from[1];
+    assert_eq!(
+        operator
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["kubernetes.io/metadata.name"],
+        "switchyard-system"
+    );
+    assert_eq!(
+        operator
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["app.kubernetes.io/component"],
+        "operator"
+    );
+    assert_eq!(scrape_from(&shards(&a).policy).len(), 1);
     let monitor = d.pod_monitor.as_ref().expect("the PodMonitor");
     assert_eq!(
         monitor.data["spec"]["podMetricsEndpoints"][0]["interval"],
