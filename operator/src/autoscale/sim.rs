@@ -486,7 +486,7 @@ pub fn svg(title: &str, scenario: &Scenario, rows: &[Row]) -> String {
     let colors = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{LEFT}\" y=\"20\" font-size=\"14\">{title}</text>\n",
-        h = TOP + 3.0 * PANEL + 60.0
+        h = TOP + 3.0 * (PANEL + 20.0) + 30.0
     );
     // One panel: series of (label, color, values), scaled to their max.
     let mut panel = |index: usize, unit: &str, series: Vec<(String, &str, Vec<f64>)>| {
