@@ -9,7 +9,8 @@
 //! - [`api`]: the `ModelDeployment` types; the CRD (`crds/modeldeployment.yaml`) is
 //!   generated from them by `switchyard-operator crd`, and a test fails when it drifts.
 //! - [`build`]: spec → desired objects, pure, unit-tested from the manifests in `examples/`.
-//! - [`status`]: workloads' status → the ModelDeployment's status and conditions, pure.
+//! - [`status`]: workloads' status → the ModelDeployment's status and conditions, pure;
+//!   and the one status write (server-side apply, per field manager).
 //! - [`reconcile`]: the shell: server-side apply, status write, events.
 //! - [`leader`]: leader election on a Lease; [`metrics`]: Prometheus and health endpoints.
 //! - [`autoscale`]: the autoscaler: polls the frontends' legitimate demand, decides

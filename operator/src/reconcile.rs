@@ -417,19 +417,8 @@ async fn write_status(
     md: &ModelDeployment,
     status: &crate::api::ModelDeploymentStatus,
 ) -> Result<(), Error> {
-    let api: Api<ModelDeployment> =
-        Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
-    let body = serde_json::json!({
-        "apiVersion": ModelDeployment::api_version(&()),
-        "kind": ModelDeployment::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &md.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map(|_| ())
-    .map_err(Error::Status)
+    let status = serde_json::to_value(status).expect("a status always serializes");
+    status::apply(client, md, FIELD_MANAGER, status)
+        .await
+        .map_err(Error::Status)
 }

@@ -5,12 +5,67 @@
 //!   StatefulSet.status ┼─> derive() ─> ModelDeploymentStatus { counts, endpoint, placement,
 //!   apply error? ──────┘                 conditions Ready / Progressing / Degraded }
 //! ```
+//!
+//! [`apply`] is the one write: reconcile and the autoscaler each server-side apply their
+//! own fields of status.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{ModelDeployment, ModelDeploymentStatus, PlacementSummary, RoleStatus};
 use crate::build::{Component, Names, selector_string};
+
+/// A condition of `md` at `now`; it keeps its previous transition time while its status
+/// does not change (the autoscaler's conditions are made the same way).
+pub fn condition(
+    md: &ModelDeployment,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let last_transition_time = md
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: md.metadata.generation,
+        last_transition_time,
+    }
+}
+
+/// Writes `status` (a part of the status object) as `field_manager`, by server-side
+/// apply on the status subresource: reconcile and the autoscaler each own their fields.
+pub async fn apply(
+    client: &kube::Client,
+    md: &ModelDeployment,
+    field_manager: &str,
+    status: serde_json::Value,
+) -> kube::Result<()> {
+    use kube::{Resource as _, ResourceExt as _};
+    let api: kube::Api<ModelDeployment> =
+        kube::Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    let body = serde_json::json!({
+        "apiVersion": ModelDeployment::api_version(&()),
+        "kind": ModelDeployment::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &md.name_any(),
+        &kube::api::PatchParams::apply(field_manager).force(),
+        &kube::api::Patch::Apply(body),
+    )
+    .await
+    .map(drop)
+}
 
 /// Condition types.
 pub const READY: &str = "Ready";
@@ -151,26 +206,8 @@ pub fn derive(
         ),
     };
 
-    let previous = md
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
     let condition = |type_: &str, status: bool, reason: &str, message: String| {
-        let status = if status { "True" } else { "False" };
-        let last_transition_time = previous
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| now.clone());
-        Condition {
-            type_: type_.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: generation,
-            last_transition_time,
-        }
+        condition(md, type_, status, reason, message, &now)
     };
 
     ModelDeploymentStatus {

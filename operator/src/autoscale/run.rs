@@ -441,24 +441,14 @@ fn condition(
     reason: &str,
     message: String,
 ) -> Condition {
-    let status = if status { "True" } else { "False" };
-    let last_transition_time = md
-        .status
-        .iter()
-        .flat_map(|s| &s.conditions)
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map_or_else(
-            || Time(k8s_openapi::jiff::Timestamp::now()),
-            |c| c.last_transition_time.clone(),
-        );
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
+    crate::status::condition(
+        md,
+        type_,
+        status,
+        reason,
         message,
-        observed_generation: md.metadata.generation,
-        last_transition_time,
-    }
+        &Time(k8s_openapi::jiff::Timestamp::now()),
+    )
 }
 
 /// Server-side applies status.autoscaling and the two conditions, under
@@ -524,20 +514,7 @@ async fn apply_status(
     md: &ModelDeployment,
     status: serde_json::Value,
 ) -> kube::Result<()> {
-    let api: Api<ModelDeployment> =
-        Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
-    let body = serde_json::json!({
-        "apiVersion": ModelDeployment::api_version(&()),
-        "kind": ModelDeployment::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &md.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await
-    .map(drop)
+    crate::status::apply(client, md, FIELD_MANAGER, status).await
 }
 
 #[cfg(test)]
