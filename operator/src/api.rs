@@ -857,6 +857,18 @@ pub struct AutoscalingStatus {
     pub panic_demand: String,
     /// All demand the frontends hold, quota or not (what an aggregate autoscaler sees).
     pub total_demand: String,
+    /// Over the frontends' last 10 s, all frontends together: requests refused (over
+    /// quota, shed, expired) and tokens generated, per second. Shown, not scaled on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_per_second: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<String>,
+    /// The fullest frontend's KV cache use, in percent of its blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_used_percent: Option<i32>,
+    /// The slowest frontend's p99 time to first token over its last 10 s, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_p99_seconds: Option<String>,
     /// When the sample above was taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_at: Option<Time>,

@@ -993,5 +993,44 @@ async fn the_demand_report_shows_each_tenants_admitted_requests_and_quota_cap() 
     // 3 requests a minute, times the mean time in the system (1 s assumed before any ends).
     let cap = acme["cap"].as_f64().expect("free has a request quota");
     assert!(cap > 0.0 && cap < 1.0, "{acme}");
-    waiting.abort();
+    assert!(
+        report["kvCache"]["usedBlocks"].as_u64() > Some(0),
+        "{report}"
+    );
+    assert_eq!(report["windowSeconds"], 10, "{report}");
+
+    // The last seconds, per tenant: what was admitted, generated and refused, by reason.
+    drop(_held);
+    waiting
+        .await
+        .expect("the queued task")
+        .expect("the queued request ends");
+    let mut refused = 0;
+    for _ in 0..6 {
+        match c.generate(request(Some(FREE_KEY), 2)).await {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
+            Err(s) => panic!("a free-tier request ended with {s}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "the free tier's quota refuses some of 6 at once"
+    );
+    let report = body(f.http("/demand").await.expect("/demand"));
+    let tenants = report["tenants"].as_array().expect("tenants");
+    let acme = tenants
+        .iter()
+        .find(|t| t["tenant"] == "acme")
+        .unwrap_or_else(|| panic!("acme, quiet but refused in the window: {report}"));
+    let rate = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("{v} in {acme}"));
+    assert!(rate(&acme["refusedPerSecond"]["quota"]) > 0.0, "{acme}");
+    assert_eq!(rate(&acme["refusedPerSecond"]["shed"]), 0.0, "{acme}");
+    assert!(rate(&acme["admittedPerSecond"]) > 0.0, "{acme}");
+    assert!(rate(&acme["tokensPerSecond"]) > 0.0, "{acme}");
+    let ttft = &report["ttft"];
+    assert!(
+        ttft["samples"].as_u64() >= Some(2) && ttft["p99Seconds"].as_f64() > Some(0.0),
+        "the TTFT of the requests that ran: {report}"
+    );
 }

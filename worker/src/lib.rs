@@ -19,6 +19,7 @@
 //! - [`config`]: loading `worker.json`, the contract file the operator mounts.
 //! - [`settings`]: each role's effective settings: defaults, worker.json, env, flags.
 //! - [`error`]: why a worker could not start ([`StartError`]), naming the input.
+//! - [`recent`]: rates and latency quantiles over the last seconds, for live reports.
 //! - [`telemetry`]: the gRPC status label, metric constructors and the `/metrics` server
 //!   both roles use.
 //!
@@ -33,6 +34,7 @@ pub mod error;
 pub mod experts;
 pub mod frontend;
 pub mod model;
+pub mod recent;
 pub mod server;
 pub mod settings;
 pub mod telemetry;

@@ -209,7 +209,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
         let targets = targets(&shared.pods, &names);
         let polled = sample::poll(&targets, interval.min(Duration::from_secs(1))).await;
         let at = now_ms();
-        let (sample, total) = sample::merge(
+        let (sample, seen) = sample::merge(
             at,
             u32::try_from(targets.len()).unwrap_or(u32::MAX),
             &polled.reports,
@@ -271,7 +271,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
             .metrics
             .autoscaler_demand
             .with_label_values(&[labels[0], labels[1], "all"])
-            .set(total);
+            .set(seen.total);
 
         let mut decisions = last_status
             .as_ref()
@@ -289,7 +289,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
                 Ok(()) => {
                     changed = true;
                     pending = Some((desired, Instant::now()));
-                    let record = record(current, desired, &decision, total);
+                    let record = record(current, desired, &decision, seen.total);
                     announce(&shared, &md, &record, &policy).await;
                     shared
                         .metrics
@@ -313,7 +313,13 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
             reporting_frontends: i32::try_from(sample.reporting).unwrap_or(i32::MAX),
             stable_demand: decimal(decision.stable_demand),
             panic_demand: decimal(decision.panic_demand),
-            total_demand: decimal(total),
+            total_demand: decimal(seen.total),
+            refused_per_second: Some(decimal(seen.refused_per_second)),
+            tokens_per_second: Some(decimal(seen.tokens_per_second)),
+            kv_cache_used_percent: seen
+                .kv_used_percent
+                .map(|p| i32::try_from(p).unwrap_or(100)),
+            ttft_p99_seconds: seen.ttft_p99_seconds.map(|s| format!("{s:.3}")),
             sampled_at: Some(Time(k8s_openapi::jiff::Timestamp::now())),
             decisions,
         };

@@ -22,6 +22,38 @@ pub struct Report {
     pub frontends: u32,
     #[serde(default)]
     pub tenants: Vec<ReportTenant>,
+    /// Its KV cache's blocks; absent from older workers.
+    #[serde(default)]
+    pub kv_cache: Option<KvUse>,
+    /// Its time to first token over the report's window; absent with no request in it.
+    #[serde(default)]
+    pub ttft: Option<Ttft>,
+}
+
+/// A frontend's KV cache blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KvUse {
+    pub used_blocks: u64,
+    pub free_blocks: u64,
+}
+
+/// A frontend's recent TTFT.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ttft {
+    pub p99_seconds: f64,
+}
+
+/// Refusals per second, by reason.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+pub struct Refused {
+    #[serde(default)]
+    pub quota: f64,
+    #[serde(default)]
+    pub shed: f64,
+    #[serde(default)]
+    pub expired: f64,
 }
 
 fn one() -> u32 {
@@ -39,6 +71,11 @@ pub struct ReportTenant {
     /// no request quota.
     #[serde(default)]
     pub cap: Option<f64>,
+    /// Over the report's window: tokens generated and requests refused, per second.
+    #[serde(default)]
+    pub tokens_per_second: f64,
+    #[serde(default)]
+    pub refused_per_second: Refused,
 }
 
 /// A ready frontend to poll.
@@ -79,19 +116,47 @@ pub async fn poll(targets: &[Target], timeout: Duration) -> Poll {
     poll
 }
 
-/// The reports of one poll as a [`Sample`] (with `ready` frontends at the time), and all
-/// the demand they hold, quota or not (what an aggregate autoscaler would scale on).
+/// What the frontends report beside the scaling signal, summed or at its worst, for
+/// `status.autoscaling`: none of it drives a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Seen {
+    /// All demand in the system, quota or not (what an aggregate autoscaler scales on).
+    pub total: f64,
+    /// Refused (quota, shed, expired) and generated tokens, per second, all frontends.
+    pub refused_per_second: f64,
+    pub tokens_per_second: f64,
+    /// The fullest KV cache, in percent of its blocks.
+    pub kv_used_percent: Option<u32>,
+    /// The slowest frontend's p99 TTFT.
+    pub ttft_p99_seconds: Option<f64>,
+}
+
+/// The reports of one poll as a [`Sample`] (with `ready` frontends at the time), and what
+/// else they say ([`Seen`]).
 ///
 /// A tenant's demand is summed over the frontends; its cap is the largest of
 /// `share × frontends` any of them reports (each frontend reports its share of the cap:
 /// in split mode the shares add up to the whole, in Redis mode any one of them times the
 /// count is the whole).
-pub fn merge(at_ms: u64, ready: u32, reports: &[Report]) -> (Sample, f64) {
+pub fn merge(at_ms: u64, ready: u32, reports: &[Report]) -> (Sample, Seen) {
     let mut tenants: BTreeMap<&str, TenantDemand> = BTreeMap::new();
-    let mut total = 0.0;
+    let mut seen = Seen::default();
     for report in reports {
-        total += (report.running + report.queued) as f64;
+        seen.total += (report.running + report.queued) as f64;
+        if let Some(kv) = report.kv_cache {
+            let blocks = kv.used_blocks + kv.free_blocks;
+            let percent = (kv.used_blocks * 100).checked_div(blocks).unwrap_or(0);
+            let percent = u32::try_from(percent).unwrap_or(100);
+            seen.kv_used_percent = Some(seen.kv_used_percent.unwrap_or(0).max(percent));
+        }
+        if let Some(ttft) = report.ttft {
+            seen.ttft_p99_seconds =
+                Some(seen.ttft_p99_seconds.unwrap_or(0.0).max(ttft.p99_seconds));
+        }
         for t in &report.tenants {
+            let r = t.refused_per_second;
+            seen.refused_per_second += r.quota + r.shed + r.expired;
+            seen.tokens_per_second += t.tokens_per_second;
             let cap = t
                 .cap
                 .map(|share| share * f64::from(report.frontends.max(1)));
@@ -112,7 +177,7 @@ pub fn merge(at_ms: u64, ready: u32, reports: &[Report]) -> (Sample, f64) {
         reporting: u32::try_from(reports.len()).unwrap_or(u32::MAX),
         tenants: tenants.into_values().collect(),
     };
-    (sample, total)
+    (sample, seen)
 }
 
 #[cfg(test)]
@@ -131,15 +196,19 @@ mod tests {
                     queued,
                     running,
                     cap,
+                    tokens_per_second: 0.0,
+                    refused_per_second: Refused::default(),
                 })
                 .collect(),
+            kv_cache: None,
+            ttft: None,
         }
     }
 
     #[test]
     fn a_tenant_is_summed_over_frontends_and_capped_by_its_whole_quota() {
         // Split over 2 frontends: each reports half the cap (2 of 4).
-        let (sample, total) = merge(
+        let (sample, seen) = merge(
             7,
             2,
             &[
@@ -151,7 +220,7 @@ mod tests {
             ],
         );
         assert_eq!(sample.reporting, 2);
-        assert_eq!(total, 64.0);
+        assert_eq!(seen.total, 64.0);
         assert_eq!(
             sample.tenants,
             vec![
@@ -179,6 +248,34 @@ mod tests {
         assert_eq!(old.frontends, 1);
         let (sample, _) = merge(0, 1, &[old]);
         assert_eq!(sample.legitimate(), 3.0);
+    }
+
+    #[test]
+    fn refusals_and_tokens_add_up_and_kv_and_ttft_take_the_worst_frontend() {
+        // The worker's report shape, as `switchyard_worker::admission::demand` writes it.
+        let a: Report = serde_json::from_str(
+            r#"{"meanServiceSeconds":0.2,"running":1,"queued":0,"frontends":2,
+                "windowSeconds":10,
+                "tenants":[{"tenant":"mallory","tier":"free","queued":0,"running":1,
+                  "cap":0.01,"admittedPerSecond":0.1,"tokensPerSecond":6.4,
+                  "refusedPerSecond":{"quota":4.9,"shed":0.0,"expired":0.1}}],
+                "kvCache":{"usedBlocks":30,"freeBlocks":70},
+                "ttft":{"samples":12,"p50Seconds":0.003,"p99Seconds":0.008}}"#,
+        )
+        .unwrap();
+        let b: Report = serde_json::from_str(
+            r#"{"running":0,"queued":0,"frontends":2,
+                "tenants":[{"tenant":"acme","tier":"standard","queued":0,"running":0,
+                  "admittedPerSecond":2.0,"tokensPerSecond":16.0,
+                  "refusedPerSecond":{"quota":0.0,"shed":1.0,"expired":0.0}}],
+                "kvCache":{"usedBlocks":1,"freeBlocks":99}}"#,
+        )
+        .unwrap();
+        let (_, seen) = merge(0, 2, &[a, b]);
+        assert_eq!(seen.kv_used_percent, Some(30));
+        assert_eq!(seen.ttft_p99_seconds, Some(0.008));
+        assert!((seen.refused_per_second - 6.0).abs() < 1e-9, "{seen:?}");
+        assert!((seen.tokens_per_second - 22.4).abs() < 1e-9, "{seen:?}");
     }
 
     #[tokio::test]

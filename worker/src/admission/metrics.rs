@@ -149,6 +149,10 @@ impl Admission {
             .requests
             .with_label_values(&[label, tier, outcome.label()])
             .inc();
+        if let Some(caller) = caller {
+            self.recent_mut()
+                .ended(caller, outcome, std::time::Instant::now());
+        }
     }
 
     /// Counts a request that started and then ran past its deadline.
@@ -162,5 +166,11 @@ impl Admission {
             .accepted
             .with_label_values(&[&caller.label, &caller.tier.name])
             .inc();
+        self.recent_mut()
+            .admitted(caller, std::time::Instant::now());
+    }
+
+    pub(super) fn recent_mut(&self) -> std::sync::MutexGuard<'_, super::demand::Recent> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -166,6 +166,8 @@ pub struct Admission {
     us_per_token_dev: AtomicU64,
     wake: Arc<Notify>,
     metrics: AdmissionMetrics,
+    /// Per tenant, what the last seconds held (the demand report's rates).
+    recent: Mutex<demand::Recent>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -227,6 +229,7 @@ impl Admission {
             us_per_token_dev: AtomicU64::new(0),
             wake: Arc::new(Notify::new()),
             metrics,
+            recent: Mutex::default(),
         }))
     }
 

@@ -438,6 +438,9 @@ impl Slot {
     pub fn generated(&self, n: u64) {
         self.used.fetch_add(n, Ordering::Relaxed);
         self.admission
+            .recent_mut()
+            .generated(&self.of.label, n, Instant::now());
+        self.admission
             .lock()
             .queue
             .charge_output(&self.of.key, self.of.band, self.of.weight, n);

@@ -97,6 +97,8 @@ pub struct FrontendMetrics {
     num_experts: usize,
     /// `num_layers * num_experts` lazily created series, indexed `layer * num_experts + expert`.
     expert_series: Vec<OnceLock<IntCounter>>,
+    /// The last seconds' TTFTs, for the demand report's quantiles.
+    recent_ttft: std::sync::Mutex<crate::recent::RecentLatencies>,
 }
 
 impl FrontendMetrics {
@@ -227,6 +229,7 @@ impl FrontendMetrics {
             num_layers,
             num_experts,
             expert_series: (0..series).map(|_| OnceLock::new()).collect(),
+            recent_ttft: Default::default(),
         }
     }
 
@@ -251,6 +254,27 @@ impl FrontendMetrics {
     /// Time from receiving a request to its first generated token.
     pub fn observe_ttft(&self, ttft: Duration) {
         self.ttft.observe(ttft.as_secs_f64());
+        self.recent_ttft
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(std::time::Instant::now(), ttft);
+    }
+
+    /// TTFT quantiles over the last [`crate::recent::WINDOW_SECONDS`]; `None` when no
+    /// request got its first token in it.
+    pub fn recent_ttft(&self) -> Option<crate::recent::Quantiles> {
+        self.recent_ttft
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .quantiles(std::time::Instant::now())
+    }
+
+    /// KV cache blocks in use and free, as last set.
+    pub fn kv_use(&self) -> crate::admission::demand::KvUse {
+        crate::admission::demand::KvUse {
+            used_blocks: u64::try_from(self.kv_used.get()).unwrap_or(0),
+            free_blocks: u64::try_from(self.kv_free.get()).unwrap_or(0),
+        }
     }
 
     /// Time between two consecutive tokens of one request. For tokens produced together

@@ -82,6 +82,18 @@ pub struct Started {
     pub readiness: Option<crate::server::Readiness>,
 }
 
+/// The demand report (`GET /demand`): admission's, with the frontend's KV cache use and
+/// recent TTFT from its metrics.
+pub fn demand(
+    admission: &crate::admission::Admission,
+    metrics: &FrontendMetrics,
+) -> crate::admission::demand::Demand {
+    let mut demand = admission.demand();
+    demand.kv_cache = Some(metrics.kv_use());
+    demand.ttft = metrics.recent_ttft();
+    demand
+}
+
 /// The KV cache size when the memory left cannot be measured: `max_batch_size` ×
 /// min(context, 2048) tokens, with a warning saying why and what to set.
 fn fallback_kv_tokens(opts: &FrontendOptions, context: usize, why: &str) -> u64 {

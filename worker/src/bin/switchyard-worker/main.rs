@@ -156,11 +156,11 @@ async fn start_frontend(
     })
     .await
     .context("the model loading task panicked")??;
-    let admission = started.admission.clone();
+    let (admission, metrics) = (started.admission.clone(), started.metrics.clone());
     let demand = switchyard_edge::metrics::JsonEndpoint {
         path: "/demand",
         body: std::sync::Arc::new(move || {
-            serde_json::to_string(&admission.demand())
+            serde_json::to_string(&frontend::demand(&admission, &metrics))
                 .unwrap_or_else(|e| format!("{{\"error\": \"encoding the demand report: {e}\"}}"))
         }),
     };
