@@ -146,13 +146,33 @@ struct BenchArgs {
     /// over the tenants of --tenants/--api-keys-file — baseline (the legitimate tenants
     /// only), flood (plus the tenant named `attacker` at --attack-rate), botnet (plus
     /// every `bot-*` tenant at --attack-rate each), h2-abuse (the legitimate tenants while
-    /// other connections abuse HTTP/2 and TCP). Scenarios other than uniform need --rate.
+    /// other connections abuse HTTP/2 and TCP); or an autoscaling scenario: spike,
+    /// flood+spike, yoyo (see --spike-factor). Scenarios other than uniform need --rate.
     #[arg(long, value_name = "NAME", default_value = "uniform", value_parser = parse_scenario)]
     scenario: loadgen::ScenarioKind,
-    /// Requests per second of each attacking tenant (flood, botnet); default 50 × a
-    /// legitimate tenant's share of --rate.
+    /// Requests per second of each attacking tenant (flood, botnet, flood+spike); default
+    /// 50 × a legitimate tenant's share of --rate.
     #[arg(long, value_name = "R", value_parser = parse_rate)]
     attack_rate: Option<f64>,
+    /// The autoscaling scenarios: spike (the legitimate rate × --spike-factor for the
+    /// middle third of --duration), flood+spike (the same, with the `attacker` tenant at
+    /// --attack-rate throughout) and yoyo (× --spike-factor for the first quarter of every
+    /// --yoyo-period). The factor; default 3.
+    #[arg(long, value_name = "F", value_parser = parse_factor)]
+    spike_factor: Option<f64>,
+    /// yoyo: the period of the bursts (default 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    yoyo_period: Option<Duration>,
+    /// Write the run's time series, one row a second, to DIR/<scenario>.csv and a plot to
+    /// DIR/<scenario>.svg: offered load per tenant, accepted load, replicas (with
+    /// --replicas-command) and the legitimate p99 TTFT.
+    #[arg(long, value_name = "DIR")]
+    series: Option<PathBuf>,
+    /// With --series: a shell command printing the deployment's replicas as `DESIRED
+    /// [READY]`, run every second, e.g. kubectl get modeldeployment NAME -o
+    /// jsonpath='{.spec.frontend.replicas} {.status.frontend.readyReplicas}'.
+    #[arg(long, value_name = "COMMAND", requires = "series")]
+    replicas_command: Option<String>,
     /// A time-to-first-token objective (e.g. 500ms): the report adds how many successful
     /// requests met it and their rate, the goodput.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -429,6 +449,57 @@ fn parse_scenario(s: &str) -> Result<loadgen::ScenarioKind, String> {
     loadgen::ScenarioKind::parse(s)
 }
 
+fn parse_factor(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 1.0 => Ok(f),
+        _ => Err("expected a number of at least 1 (the rate's multiple), e.g. 3".into()),
+    }
+}
+
+/// The legitimate rate's shape for `kind` from the flags; flags a scenario does not use
+/// are refused, not ignored.
+fn bench_shape(args: &BenchArgs) -> anyhow::Result<loadgen::Shape> {
+    use loadgen::ScenarioKind as K;
+    let kind = args.scenario;
+    if args.spike_factor.is_some() && !kind.shaped() {
+        bail!(
+            "--spike-factor: scenario {} has no spike (spike, flood+spike and yoyo do)",
+            kind.name()
+        );
+    }
+    if args.yoyo_period.is_some() && kind != K::Yoyo {
+        bail!("--yoyo-period: only the yoyo scenario has a period");
+    }
+    let factor = args.spike_factor.unwrap_or(3.0);
+    Ok(match kind {
+        K::Spike | K::FloodSpike => {
+            let Some(duration) = args.duration else {
+                bail!(
+                    "--scenario {}: give --duration (the spike is its middle third)",
+                    kind.name()
+                );
+            };
+            loadgen::Shape::Spike {
+                from: duration / 3,
+                to: duration * 2 / 3,
+                factor,
+            }
+        }
+        K::Yoyo => {
+            let period = args.yoyo_period.unwrap_or(Duration::from_secs(60));
+            if period < Duration::from_secs(4) {
+                bail!("--yoyo-period: {period:?}: give at least 4s");
+            }
+            loadgen::Shape::Yoyo {
+                period,
+                burst: period / 4,
+                factor,
+            }
+        }
+        _ => loadgen::Shape::Steady,
+    })
+}
+
 fn bench_tenants(args: &BenchArgs) -> anyhow::Result<Vec<Tenant>> {
     if let Some(list) = &args.tenants {
         return Ok(loadgen::parse_tenant_list(list)?);
@@ -525,7 +596,9 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
                 .count()
                 .max(1);
             let attack = args.attack_rate.unwrap_or(50.0 * rate / legit as f64);
-            let (scenario, total) = Scenario::named(kind, tenants, workload, rate, attack)?;
+            let shape = bench_shape(&args)?;
+            let (scenario, total) =
+                Scenario::named_shaped(kind, tenants, workload, rate, attack, shape)?;
             (scenario, Load::Open { rate: total })
         }
         (kind, Load::Closed { .. }) => bail!(
@@ -559,6 +632,9 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
         timeout: args.timeout,
         seed: args.seed,
         progress,
+        series: args.series.as_ref().map(|_| loadgen::SeriesOptions {
+            replicas_command: args.replicas_command.clone(),
+        }),
     };
     if !args.no_progress {
         eprintln!("{}", start_line(&config, addr));
@@ -574,6 +650,9 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
         Some(task) => task.await.context("the abuse task failed")?,
         None => Vec::new(),
     };
+    if let (Some(dir), Some(rows)) = (&args.series, &report.series) {
+        write_series(dir, &config_name(&report), &report, rows)?;
+    }
     if args.json {
         let mut value = serde_json::to_value(&report).context("encoding the report as JSON")?;
         if !abuse.is_empty() {
@@ -605,6 +684,36 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
             .collect();
         bail!("no request succeeded ({})", errors.join(", "));
     }
+    Ok(())
+}
+
+fn config_name(report: &loadgen::Report) -> String {
+    report.run.scenario.replace('+', "-")
+}
+
+/// `--series`: DIR/<scenario>.csv and DIR/<scenario>.svg.
+fn write_series(
+    dir: &std::path::Path,
+    stem: &str,
+    report: &loadgen::Report,
+    rows: &[switchyard_edge::series::Row],
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--series: creating {}", dir.display()))?;
+    let names: Vec<&str> = report.tenants.iter().map(|t| t.name.as_str()).collect();
+    let csv = dir.join(format!("{stem}.csv"));
+    std::fs::write(&csv, switchyard_edge::series::csv(&names, rows))
+        .with_context(|| format!("--series: writing {}", csv.display()))?;
+    let svg = dir.join(format!("{stem}.svg"));
+    let title = format!("{}: measured by switchyard bench", report.run.scenario);
+    std::fs::write(&svg, switchyard_edge::series::svg(&title, &names, rows))
+        .with_context(|| format!("--series: writing {}", svg.display()))?;
+    eprintln!(
+        "bench: time series ({} s) in {} and {}",
+        rows.len(),
+        csv.display(),
+        svg.display()
+    );
     Ok(())
 }
 

@@ -14,9 +14,12 @@
 //! - [`metrics`]: the `/metrics`, `/healthz` (and `/readyz`) HTTP endpoint, and the label
 //!   a gRPC status code gets in server metrics and client reports alike.
 //! - [`rng`]: the seeded PRNG behind reproducible workloads, sampler seeds and demo weights.
+//! - [`series`]: the autoscaling time series (CSV and SVG) the simulation and the load
+//!   generator write.
 
 pub mod exit;
 pub mod logging;
 pub mod metrics;
 pub mod rng;
+pub mod series;
 pub mod signal;

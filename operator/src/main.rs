@@ -180,12 +180,13 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             );
             if let Some(dir) = &args.out {
                 let stem = format!("{}-{}", name.replace('+', "-"), kind.name());
+                let names: Vec<&str> = scenario.tenants.iter().map(|t| t.name).collect();
                 let csv = dir.join(format!("{stem}.csv"));
-                std::fs::write(&csv, sim::csv(&scenario, &rows))
+                std::fs::write(&csv, switchyard_edge::series::csv(&names, &rows))
                     .with_context(|| format!("writing {}", csv.display()))?;
                 let svg = dir.join(format!("{stem}.svg"));
                 let title = format!("{name}: {} policy (simulated)", kind.name());
-                std::fs::write(&svg, sim::svg(&title, &scenario, &rows))
+                std::fs::write(&svg, switchyard_edge::series::svg(&title, &names, &rows))
                     .with_context(|| format!("writing {}", svg.display()))?;
             }
         }

@@ -106,6 +106,7 @@ async fn run(f: &FrontendProcess, kind: ScenarioKind, seconds: u64) -> Report {
             timeout: Duration::from_secs(10),
             seed: 7,
             progress: ProgressMode::Off,
+            series: None,
         },
         std::future::pending(),
     )

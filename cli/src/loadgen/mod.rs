@@ -17,6 +17,8 @@
 //! - [`stats`]: latency distributions with exact nearest-rank percentiles.
 //! - [`report`]: aggregation per tenant, the human table and the JSON report.
 //! - [`run`]: [`run_bench`], which drives it all.
+//! - [`series`]: the per-second time series of a run (`--series`): offered and accepted
+//!   load, replicas, legitimate p99 TTFT.
 //! - [`generate`]: request building and output formatting for `switchyard generate`.
 //! - [`rng`]: the seeded PRNG behind prompts and arrivals.
 //! - [`abuse`]: the `h2-abuse` scenario's attackers (rapid reset, header and connection
@@ -35,15 +37,16 @@ pub mod report;
 pub use switchyard_edge::rng;
 pub mod run;
 pub mod schedule;
+pub mod series;
 pub mod stats;
 pub mod workload;
 
 pub use call::{CallError, Measurement, describe_status, finish_reason_name, measure_stream};
 pub use report::{Aggregator, GroupReport, Report, RequestOutcome, RunInfo, format_report};
-pub use run::{BenchConfig, Load, ProgressMode, run_bench};
+pub use run::{BenchConfig, Load, ProgressMode, SeriesOptions, run_bench};
 pub use stats::{LatencyHistogram, LatencySummary};
 pub use workload::{
-    ApiKey, InvalidInput, Scenario, ScenarioKind, Tenant, TenantLoad, VocabRange, Workload,
+    ApiKey, InvalidInput, Scenario, ScenarioKind, Shape, Tenant, TenantLoad, VocabRange, Workload,
     parse_duration, parse_priority, parse_tenant_file, parse_tenant_list,
 };
 

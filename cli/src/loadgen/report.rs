@@ -223,6 +223,7 @@ impl Aggregator {
                     stats.report(name, Some(*weight), seconds, self.ttft_slo)
                 })
                 .collect(),
+            series: None,
         }
     }
 }
@@ -254,6 +255,9 @@ pub struct Report {
     pub duration_s: f64,
     pub total: GroupReport,
     pub tenants: Vec<GroupReport>,
+    /// One row a second, when the run recorded its time series (`--series`).
+    #[serde(skip)]
+    pub series: Option<Vec<switchyard_edge::series::Row>>,
 }
 
 /// The figures of one group of measured requests (all of them, or one tenant's).

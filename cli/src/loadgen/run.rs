@@ -16,7 +16,8 @@ use super::report::{
 };
 use super::rng::Rng;
 use super::schedule::{PoissonArrivals, WeightedSplit};
-use super::workload::{ApiKey, InvalidInput, Scenario, Workload};
+use super::series::{SeriesRecorder, replicas_from};
+use super::workload::{ApiKey, InvalidInput, Scenario, Shape, Workload};
 
 /// How requests are timed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,6 +58,16 @@ pub struct BenchConfig {
     /// Count the successful requests whose TTFT is at most this (goodput).
     pub ttft_slo: Option<Duration>,
     pub progress: ProgressMode,
+    /// Record the time series ([`Report::series`]).
+    pub series: Option<SeriesOptions>,
+}
+
+/// What the time series records besides the traffic.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeriesOptions {
+    /// A shell command printing the deployment's replicas (`DESIRED [READY]`), run every
+    /// second ([`super::series::replicas_from`]).
+    pub replicas_command: Option<String>,
 }
 
 impl BenchConfig {
@@ -96,6 +107,15 @@ impl BenchConfig {
                 "zero: give a positive duration",
             ));
         }
+        if self.scenario.shape != Shape::Steady && !matches!(self.load, Load::Open { .. }) {
+            return Err(InvalidInput::new(
+                "--rate",
+                format!(
+                    "scenario {} changes the rate over time: give --rate (open loop)",
+                    self.scenario.name
+                ),
+            ));
+        }
         if self.scenario.tenants.iter().all(|t| t.tenant.weight == 0) {
             return Err(InvalidInput::new(
                 "--tenants",
@@ -127,7 +147,18 @@ impl BenchConfig {
 struct Planned {
     tenant: usize,
     measured: bool,
+    /// When it was due.
+    at: Instant,
     request: GenerateRequest,
+}
+
+/// What the planner says at an arrival.
+#[derive(Debug)]
+enum Plan {
+    Send(Box<Planned>),
+    /// Not this one: the scenario's shape thins the tenant's arrivals now.
+    Skip,
+    Done,
 }
 
 /// Decides the next request: whose, what, and whether there is one at all.
@@ -142,13 +173,26 @@ struct Planner {
     warmup_end: Instant,
     end: Option<Instant>,
     done: bool,
+    shape: Shape,
+    /// Per tenant: legitimate (shaped), not an attacker.
+    legit: Vec<bool>,
 }
 
 impl Planner {
-    fn next(&mut self, now: Instant) -> Option<Planned> {
+    fn next(&mut self, now: Instant) -> Plan {
         if self.done || self.end.is_some_and(|end| now >= end) {
             self.done = true;
-            return None;
+            return Plan::Done;
+        }
+        let tenant = self.split.next_index();
+        if self.shape != Shape::Steady && self.legit.get(tenant).copied().unwrap_or(false) {
+            // Thinning: arrivals come at the peak rate; keep factor / peak of them.
+            let factor = self
+                .shape
+                .factor_at(now.saturating_duration_since(self.warmup_end));
+            if self.rng.next_f64() >= factor / self.shape.peak() {
+                return Plan::Skip;
+            }
         }
         let measured = now >= self.warmup_end;
         if measured {
@@ -157,18 +201,18 @@ impl Planner {
                 .is_some_and(|limit| self.measured_sent >= limit)
             {
                 self.done = true;
-                return None;
+                return Plan::Done;
             }
             self.measured_sent += 1;
         }
-        let tenant = self.split.next_index();
         self.seq += 1;
         let request = self.workloads[tenant].request(&mut self.rng, format!("bench-{}", self.seq));
-        Some(Planned {
+        Plan::Send(Box::new(Planned {
             tenant,
             measured,
+            at: now,
             request,
-        })
+        }))
     }
 }
 
@@ -192,19 +236,30 @@ struct Shared {
     keys: Vec<Option<ApiKey>>,
     timeout: Duration,
     outcomes: tokio::sync::mpsc::UnboundedSender<RequestOutcome>,
+    series: Option<Mutex<SeriesRecorder>>,
 }
 
 impl Shared {
-    fn plan(&self, now: Instant) -> Option<Planned> {
-        let planned = self
+    fn plan(&self, now: Instant) -> Plan {
+        let plan = self
             .planner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .next(now);
-        if planned.is_none() {
-            self.counters.dispatch_done.store(true, Ordering::Relaxed);
+        match &plan {
+            Plan::Done => self.counters.dispatch_done.store(true, Ordering::Relaxed),
+            Plan::Send(p) => self.record(|s| s.sent(p.tenant, p.at)),
+            Plan::Skip => {}
         }
-        planned
+        plan
+    }
+
+    fn record(&self, f: impl FnOnce(&mut SeriesRecorder)) {
+        if let Some(series) = &self.series {
+            f(&mut series
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner));
+        }
     }
 
     /// Sends one request, times it, and hands its outcome to the aggregator.
@@ -237,6 +292,7 @@ impl Shared {
             prompt_tokens,
             measurement,
         );
+        self.record(|s| s.ended(planned.at, &outcome));
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         if outcome.result.is_err() {
             counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -282,6 +338,8 @@ pub async fn run_bench(
             warmup_end,
             end,
             done: false,
+            shape: config.scenario.shape,
+            legit: tenants.iter().map(|t| !t.attacker).collect(),
         }),
         counters: Counters::default(),
         clients: channels.into_iter().map(InferenceClient::new).collect(),
@@ -289,7 +347,18 @@ pub async fn run_bench(
         keys: tenants.iter().map(|t| t.tenant.api_key.clone()).collect(),
         timeout: config.timeout,
         outcomes,
+        series: config.series.as_ref().map(|_| {
+            Mutex::new(SeriesRecorder::new(
+                start,
+                tenants.iter().map(|t| !t.attacker).collect(),
+            ))
+        }),
     });
+    let watcher = config
+        .series
+        .as_ref()
+        .and_then(|s| s.replicas_command.clone())
+        .map(|command| tokio::spawn(watch_replicas(shared.clone(), command)));
 
     let mut aggregator = Aggregator::new(
         tenants
@@ -325,6 +394,15 @@ pub async fn run_bench(
         }
     };
     tasks.shutdown().await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+        let _ = watcher.await;
+    }
+    let series = shared.series.as_ref().map(|s| {
+        s.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .rows()
+    });
     if let Some(progress) = progress {
         progress.abort();
         let _ = progress.await;
@@ -337,7 +415,34 @@ pub async fn run_bench(
     let aggregator = collector
         .await
         .map_err(|e| InvalidInput::new("bench", format!("the result collector failed: {e}")))?;
-    Ok(aggregator.report(config.run_info(connections, interrupted)))
+    let mut report = aggregator.report(config.run_info(connections, interrupted));
+    report.series = series;
+    Ok(report)
+}
+
+/// Every second, the replicas `command` reports, into the series. A failing command is
+/// said once on stderr and retried each second (a kubectl hiccup costs a point, not the
+/// run).
+async fn watch_replicas(shared: Arc<Shared>, command: String) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut said = false;
+    loop {
+        ticks.tick().await;
+        let at = Instant::now();
+        let command = command.clone();
+        let answer = tokio::task::spawn_blocking(move || replicas_from(&command))
+            .await
+            .unwrap_or_else(|e| Err(format!("the replica command's task failed: {e}")));
+        match answer {
+            Ok((desired, ready)) => shared.record(|s| s.replicas(at, desired, ready)),
+            Err(why) if !said => {
+                said = true;
+                eprintln!("bench: --replicas-command: {why} (retrying every second)");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Sends requests until the planner says stop, then waits for those in flight.
@@ -353,8 +458,9 @@ async fn drive(
             for _ in 0..concurrency {
                 let shared = shared.clone();
                 tasks.spawn(async move {
-                    while let Some(planned) = shared.plan(Instant::now()) {
-                        shared.execute(planned).await;
+                    // Closed loops are never shaped (validated), so never skip.
+                    while let Plan::Send(planned) = shared.plan(Instant::now()) {
+                        shared.execute(*planned).await;
                     }
                 });
             }
@@ -365,11 +471,13 @@ async fn drive(
             for offset in PoissonArrivals::new(rate, seed ^ 0x5EED_A441_7A15_0000) {
                 let at = start + offset;
                 tokio::time::sleep_until(at.into()).await;
-                let Some(planned) = shared.plan(at) else {
-                    break;
+                let planned = match shared.plan(at) {
+                    Plan::Send(planned) => planned,
+                    Plan::Skip => continue,
+                    Plan::Done => break,
                 };
                 let shared = shared.clone();
-                tasks.spawn(async move { shared.execute(planned).await });
+                tasks.spawn(async move { shared.execute(*planned).await });
                 while tasks.try_join_next().is_some() {}
             }
         }

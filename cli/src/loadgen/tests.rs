@@ -253,6 +253,7 @@ fn config(scenario: Scenario, load: Load, requests: Option<u64>) -> BenchConfig 
         timeout: Duration::from_secs(30),
         seed: 1,
         progress: ProgressMode::Off,
+        series: None,
     }
 }
 
@@ -480,4 +481,59 @@ async fn invalid_configs_are_refused_before_sending() {
         assert_eq!(e.what, flag);
     }
     assert!(fake.seen().is_empty());
+}
+
+/// `spike` over a real (fake) server: the legitimate tenant's arrivals thin to the base
+/// rate outside the spike and reach the factor within it, the attacker's stay at its rate
+/// and are refused; the series has a row a second with the replicas a command printed.
+#[tokio::test]
+async fn a_shaped_scenario_thins_legitimate_arrivals_and_records_its_series() {
+    use super::workload::{ScenarioKind, Shape};
+    let fake = Fake::new(1, 1, Duration::from_millis(1));
+    let channel = serve(fake).await;
+    let duration = Duration::from_secs(3);
+    let shape = Shape::Spike {
+        from: Duration::from_secs(1),
+        to: Duration::from_secs(2),
+        factor: 4.0,
+    };
+    let (scenario, total) = Scenario::named_shaped(
+        ScenarioKind::FloodSpike,
+        vec![tenant("acme", "good", 1), tenant("attacker", "bad", 1)],
+        workload(""),
+        20.0,
+        30.0,
+        shape,
+    )
+    .expect("a scenario");
+    assert_eq!(total, 20.0 * 4.0 + 30.0, "arrivals at the peak rate");
+    let mut config = config(scenario, Load::Open { rate: total }, None);
+    config.duration = Some(duration);
+    config.series = Some(super::SeriesOptions {
+        replicas_command: Some("echo 2 1".into()),
+    });
+    let report = run_bench(vec![channel], config, never())
+        .await
+        .expect("runs");
+    let rows = report.series.expect("a series");
+    assert!(rows.len() >= 3, "{rows:?}");
+    let acme: Vec<f64> = rows.iter().take(3).map(|r| r.offered[0]).collect();
+    let attacker: Vec<f64> = rows.iter().take(3).map(|r| r.offered[1]).collect();
+    // Poisson counts: 20 ± 3σ outside, 80 ± 3σ within.
+    assert!((5.0..=35.0).contains(&acme[0]), "{acme:?}");
+    assert!((53.0..=107.0).contains(&acme[1]), "{acme:?}");
+    assert!((5.0..=35.0).contains(&acme[2]), "{acme:?}");
+    assert!(
+        attacker.iter().all(|&n| (13.0..=47.0).contains(&n)),
+        "{attacker:?}"
+    );
+    // The attacker's key is refused (unauthenticated): only acme's requests count as accepted.
+    let accepted: f64 = rows.iter().map(|r| r.accepted).sum();
+    let offered_acme: f64 = rows.iter().map(|r| r.offered[0]).sum();
+    assert_eq!(accepted, offered_acme);
+    assert!(
+        rows.iter().skip(1).all(|r| (r.desired, r.ready) == (2, 1)),
+        "{rows:?}"
+    );
+    assert!(rows[1].legit_p99_ttft > 0.0, "{rows:?}");
 }

@@ -350,6 +350,8 @@ impl Workload {
 pub struct TenantLoad {
     pub tenant: Tenant,
     pub workload: Workload,
+    /// Sends the attack (not legitimate traffic: no shape, no TTFT in the series).
+    pub attacker: bool,
 }
 
 /// What a benchmark sends, whatever drives its timing ([`Load`](super::Load)): the tenants,
@@ -365,6 +367,55 @@ pub struct Scenario {
     pub name: String,
     /// At least one tenant.
     pub tenants: Vec<TenantLoad>,
+    /// How the legitimate tenants' rate changes over the run (open loop only); their
+    /// weights are their rates at its peak.
+    pub shape: Shape,
+}
+
+/// How the legitimate tenants' request rate changes over a run (the autoscaling
+/// scenarios), as a factor on their base rate at each time since the warmup ended.
+/// Attackers always send at their own rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Shape {
+    /// The base rate throughout.
+    Steady,
+    /// `factor` × the base rate from `from` to `to`.
+    Spike {
+        from: Duration,
+        to: Duration,
+        factor: f64,
+    },
+    /// `factor` × the base rate for `burst` at the start of every `period` (periodic
+    /// bursts: the Yo-Yo pattern).
+    Yoyo {
+        period: Duration,
+        burst: Duration,
+        factor: f64,
+    },
+}
+
+impl Shape {
+    /// The factor at `t` after the warmup.
+    pub fn factor_at(&self, t: Duration) -> f64 {
+        match *self {
+            Shape::Steady => 1.0,
+            Shape::Spike { from, to, factor } if t >= from && t < to => factor,
+            Shape::Yoyo {
+                period,
+                burst,
+                factor,
+            } if !period.is_zero() && t.as_nanos() % period.as_nanos() < burst.as_nanos() => factor,
+            _ => 1.0,
+        }
+    }
+
+    /// The largest factor of the run.
+    pub fn peak(&self) -> f64 {
+        match *self {
+            Shape::Steady => 1.0,
+            Shape::Spike { factor, .. } | Shape::Yoyo { factor, .. } => factor.max(1.0),
+        }
+    }
 }
 
 /// Named traffic mixes for `switchyard bench --scenario` (admission under attack).
@@ -383,6 +434,12 @@ pub enum ScenarioKind {
     /// The legitimate tenants, while attackers abuse HTTP/2 and TCP (rapid reset, header
     /// floods, connection floods).
     H2Abuse,
+    /// The legitimate tenants, their rate multiplied for a while (a legitimate spike).
+    Spike,
+    /// `flood` and `spike` at once: the attacker throughout, the legitimate spike within.
+    FloodSpike,
+    /// The legitimate tenants in periodic bursts (the Yo-Yo pattern).
+    Yoyo,
 }
 
 impl ScenarioKind {
@@ -394,9 +451,13 @@ impl ScenarioKind {
             "flood" => Self::Flood,
             "botnet" => Self::Botnet,
             "h2-abuse" => Self::H2Abuse,
+            "spike" => Self::Spike,
+            "flood+spike" => Self::FloodSpike,
+            "yoyo" => Self::Yoyo,
             other => {
                 return Err(format!(
-                    "{other:?}: expected uniform, baseline, flood, botnet or h2-abuse"
+                    "{other:?}: expected uniform, baseline, flood, botnet, h2-abuse, spike, \
+                     flood+spike or yoyo"
                 ));
             }
         })
@@ -410,12 +471,20 @@ impl ScenarioKind {
             Self::Flood => "flood",
             Self::Botnet => "botnet",
             Self::H2Abuse => "h2-abuse",
+            Self::Spike => "spike",
+            Self::FloodSpike => "flood+spike",
+            Self::Yoyo => "yoyo",
         }
+    }
+
+    /// Whether its legitimate rate changes over the run (the autoscaling scenarios).
+    pub fn shaped(self) -> bool {
+        matches!(self, Self::Spike | Self::FloodSpike | Self::Yoyo)
     }
 
     fn attacker(self, tenant: &Tenant) -> bool {
         match self {
-            Self::Flood => tenant.name == "attacker",
+            Self::Flood | Self::FloodSpike => tenant.name == "attacker",
             Self::Botnet => tenant.name.starts_with("bot-"),
             _ => tenant.name == "attacker" || tenant.name.starts_with("bot-"),
         }
@@ -434,6 +503,20 @@ impl Scenario {
         rate: f64,
         attack_rate: f64,
     ) -> Result<(Self, f64), InvalidInput> {
+        Self::named_shaped(kind, tenants, workload, rate, attack_rate, Shape::Steady)
+    }
+
+    /// [`Self::named`], the legitimate tenants' rate following `shape`: their weights and
+    /// the total are at its peak, and the load generator thins their arrivals to the
+    /// factor of the moment (a thinned Poisson process is Poisson at the lower rate).
+    pub fn named_shaped(
+        kind: ScenarioKind,
+        tenants: Vec<Tenant>,
+        workload: Workload,
+        rate: f64,
+        attack_rate: f64,
+        shape: Shape,
+    ) -> Result<(Self, f64), InvalidInput> {
         if kind == ScenarioKind::Uniform {
             return Ok((Self::uniform(tenants, workload), rate));
         }
@@ -445,14 +528,17 @@ impl Scenario {
                 "no legitimate tenant (every tenant is named attacker or bot-*)",
             ));
         }
-        let attacking = matches!(kind, ScenarioKind::Flood | ScenarioKind::Botnet);
+        let attacking = matches!(
+            kind,
+            ScenarioKind::Flood | ScenarioKind::Botnet | ScenarioKind::FloodSpike
+        );
         if attacking && attackers.is_empty() {
             return Err(InvalidInput::new(
                 "--tenants/--api-keys-file",
                 format!(
                     "scenario {} needs {}",
                     kind.name(),
-                    if kind == ScenarioKind::Flood {
+                    if kind != ScenarioKind::Botnet {
                         "a tenant named attacker"
                     } else {
                         "tenants named bot-*"
@@ -463,17 +549,19 @@ impl Scenario {
         let total_weight: u32 = legit.iter().map(|t| t.weight).sum::<u32>().max(1);
         // Integer weights in thousandths of a request per second.
         let milli = |r: f64| ((r * 1000.0).round() as u32).max(1);
+        let peak = rate * shape.peak();
         let mut loads: Vec<TenantLoad> = legit
             .into_iter()
             .map(|t| TenantLoad {
                 tenant: Tenant {
-                    weight: milli(rate * f64::from(t.weight) / f64::from(total_weight)),
+                    weight: milli(peak * f64::from(t.weight) / f64::from(total_weight)),
                     ..t
                 },
                 workload: workload.clone(),
+                attacker: false,
             })
             .collect();
-        let mut total = rate;
+        let mut total = peak;
         if attacking {
             for t in attackers {
                 loads.push(TenantLoad {
@@ -482,6 +570,7 @@ impl Scenario {
                         ..t
                     },
                     workload: workload.clone(),
+                    attacker: true,
                 });
                 total += attack_rate;
             }
@@ -490,6 +579,7 @@ impl Scenario {
             Self {
                 name: kind.name().into(),
                 tenants: loads,
+                shape,
             },
             total,
         ))
@@ -504,8 +594,10 @@ impl Scenario {
                 .map(|tenant| TenantLoad {
                     tenant,
                     workload: workload.clone(),
+                    attacker: false,
                 })
                 .collect(),
+            shape: Shape::Steady,
         }
     }
 }

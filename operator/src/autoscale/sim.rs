@@ -20,7 +20,6 @@
 //! test (tests/tests/real_node.rs, step 7e/7f) measures the real system.
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::{Policy, Sample, TenantDemand, decide};
@@ -84,20 +83,7 @@ impl PolicyKind {
     }
 }
 
-/// One second of the run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Row {
-    pub second: u64,
-    /// Offered requests per second, per tenant (scenario order).
-    pub offered: Vec<f64>,
-    /// Requests admitted in that second (all tenants).
-    pub accepted: f64,
-    /// Replicas asked for and ready at the end of the second.
-    pub desired: u32,
-    pub ready: u32,
-    /// p99 TTFT of the legitimate requests that started in that second (0: none).
-    pub legit_p99_ttft: f64,
-}
+pub use switchyard_edge::series::Row;
 
 /// The figures docs/benchmarks.md compares.
 #[derive(Debug, Clone, PartialEq)]
@@ -452,126 +438,6 @@ pub fn scenario(name: &str) -> Result<Scenario, String> {
 /// Every scenario name.
 pub const SCENARIOS: [&str; 4] = ["spike", "flood", "flood+spike", "yoyo"];
 
-/// The time series as CSV: one column per tenant's offered load, then accepted,
-/// desired, ready and the legitimate p99 TTFT.
-pub fn csv(scenario: &Scenario, rows: &[Row]) -> String {
-    let mut out = String::from("second");
-    for t in &scenario.tenants {
-        let _ = write!(out, ",offered_{}", t.name);
-    }
-    out.push_str(",accepted,desired_replicas,ready_replicas,legit_p99_ttft_s\n");
-    for r in rows {
-        let _ = write!(out, "{}", r.second);
-        for o in &r.offered {
-            let _ = write!(out, ",{o:.2}");
-        }
-        let _ = writeln!(
-            out,
-            ",{:.0},{},{},{:.3}",
-            r.accepted, r.desired, r.ready, r.legit_p99_ttft
-        );
-    }
-    out
-}
-
-/// A plot of the time series: offered load per tenant and accepted load (requests/s,
-/// left axis) above, replicas and the legitimate p99 TTFT below.
-pub fn svg(title: &str, scenario: &Scenario, rows: &[Row]) -> String {
-    const W: f64 = 900.0;
-    const PANEL: f64 = 180.0;
-    const LEFT: f64 = 60.0;
-    const TOP: f64 = 40.0;
-    let seconds = rows.len().max(1) as f64;
-    let x = |s: f64| LEFT + (W - LEFT - 20.0) * s / seconds;
-    let colors = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{LEFT}\" y=\"20\" font-size=\"14\">{title}</text>\n",
-        h = TOP + 3.0 * (PANEL + 20.0) + 30.0
-    );
-    // One panel: series of (label, color, values), scaled to their max.
-    let mut panel = |index: usize, unit: &str, series: Vec<(String, &str, Vec<f64>)>| {
-        let top = TOP + index as f64 * (PANEL + 20.0);
-        let max = series
-            .iter()
-            .flat_map(|(_, _, v)| v.iter().copied())
-            .fold(0.0f64, f64::max)
-            .max(1e-9);
-        let y = |v: f64| top + PANEL - PANEL * v / max;
-        let _ = writeln!(
-            out,
-            "<rect x=\"{LEFT}\" y=\"{top}\" width=\"{}\" height=\"{PANEL}\" fill=\"none\" stroke=\"#ccc\"/>\n<text x=\"5\" y=\"{}\">{max:.1}</text><text x=\"5\" y=\"{}\">0</text><text x=\"5\" y=\"{}\">{unit}</text>",
-            W - LEFT - 20.0,
-            top + 10.0,
-            top + PANEL,
-            top + PANEL / 2.0
-        );
-        for (i, (label, color, values)) in series.iter().enumerate() {
-            let points: Vec<String> = values
-                .iter()
-                .enumerate()
-                .map(|(s, v)| format!("{:.1},{:.1}", x(s as f64), y(*v)))
-                .collect();
-            let _ = writeln!(
-                out,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{color}\">{label}</text>",
-                points.join(" "),
-                LEFT + 10.0 + 150.0 * i as f64,
-                top + 14.0
-            );
-        }
-    };
-    let mut load: Vec<(String, &str, Vec<f64>)> = scenario
-        .tenants
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            (
-                format!("offered {}", t.name),
-                colors[i % colors.len()],
-                rows.iter().map(|r| r.offered[i]).collect(),
-            )
-        })
-        .collect();
-    load.push((
-        "accepted".into(),
-        "#000",
-        rows.iter().map(|r| r.accepted).collect(),
-    ));
-    panel(0, "req/s", load);
-    panel(
-        1,
-        "replicas",
-        vec![
-            (
-                "desired".into(),
-                "#ff7f0e",
-                rows.iter().map(|r| f64::from(r.desired)).collect(),
-            ),
-            (
-                "ready".into(),
-                "#17becf",
-                rows.iter().map(|r| f64::from(r.ready)).collect(),
-            ),
-        ],
-    );
-    panel(
-        2,
-        "s",
-        vec![(
-            "legit p99 TTFT".into(),
-            "#d62728",
-            rows.iter().map(|r| r.legit_p99_ttft).collect(),
-        )],
-    );
-    let _ = writeln!(
-        out,
-        "<text x=\"{LEFT}\" y=\"{}\">seconds (0–{})</text>\n</svg>",
-        TOP + 3.0 * (PANEL + 20.0) + 10.0,
-        rows.len()
-    );
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -627,12 +493,13 @@ mod tests {
         let s = scenario("flood").unwrap();
         let (rows, _) = simulate(&s, PolicyKind::Legitimate, &policy());
         assert_eq!(rows.len(), 600);
-        let csv = csv(&s, &rows);
+        let names: Vec<&str> = s.tenants.iter().map(|t| t.name).collect();
+        let csv = switchyard_edge::series::csv(&names, &rows);
         assert!(csv.starts_with(
             "second,offered_acme,offered_beta,offered_attacker,accepted,desired_replicas"
         ));
         assert_eq!(csv.lines().count(), 601);
-        let plot = svg("flood", &s, &rows);
+        let plot = switchyard_edge::series::svg("flood", &names, &rows);
         assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
         assert!(scenario("nope").unwrap_err().contains("expected spike"));
     }
