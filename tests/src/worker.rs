@@ -155,6 +155,11 @@ impl ShardProcess {
         )
     }
 
+    /// `GET <path>` on its metrics port (`/load`): the body of a 200, else the error.
+    pub async fn http(&self, path: &str) -> std::result::Result<String, String> {
+        http_get_plain(self.metrics_port, path).await
+    }
+
     /// The process (for its log, or to kill it).
     pub fn process(&self) -> &ManagedProcess {
         &self.process

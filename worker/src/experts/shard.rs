@@ -288,6 +288,20 @@ impl ShardService {
         }
     }
 
+    /// Its load now: what `Describe` reports to the frontends and `GET /load` on the
+    /// metrics port to the operator.
+    pub fn load(&self) -> Load {
+        let s = &self.inner;
+        Load {
+            shard_index: s.opts.shard_index,
+            utilisation: self.utilisation(),
+            in_flight_requests: s.in_flight.load(Ordering::Relaxed),
+            queue_depth: s.queued.load(Ordering::Relaxed),
+            rows_processed_total: s.rows_total.load(Ordering::Relaxed),
+            expert_rows_processed_total: s.expert_rows_total.load(Ordering::Relaxed),
+        }
+    }
+
     /// Fraction of the last ~10 s the device computed `Forward` work.
     fn utilisation(&self) -> f32 {
         let samples = self
@@ -490,14 +504,38 @@ impl ExpertShard for ShardService {
             hidden_size: s.cfg.hidden_size as u32,
             accepted_dtypes: accepted,
             max_request_bytes: s.opts.max_request_bytes as u64,
-            load: Some(pb::ShardLoad {
-                in_flight_requests: s.in_flight.load(Ordering::Relaxed),
-                queue_depth: s.queued.load(Ordering::Relaxed),
-                rows_processed_total: s.rows_total.load(Ordering::Relaxed),
-                expert_rows_processed_total: s.expert_rows_total.load(Ordering::Relaxed),
-                utilisation: self.utilisation(),
-            }),
+            load: Some(self.load().into()),
         }))
+    }
+}
+
+/// A shard's load ([`ShardService::load`]): `Describe`'s `ShardLoad`, and the JSON of
+/// `GET /load` on the metrics port (camelCase), which the autoscaler can poll like the
+/// frontends' `/demand`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Load {
+    /// Its index in the StatefulSet (a copy's is past `shards.count`).
+    pub shard_index: u32,
+    /// Fraction of the last ~10 s it computed `Forward` work (one computation at a time,
+    /// so 1.0 is saturated).
+    pub utilisation: f32,
+    /// `Forward` calls being served, and those of them waiting to compute.
+    pub in_flight_requests: u32,
+    pub queue_depth: u32,
+    pub rows_processed_total: u64,
+    pub expert_rows_processed_total: u64,
+}
+
+impl From<Load> for pb::ShardLoad {
+    fn from(l: Load) -> Self {
+        pb::ShardLoad {
+            in_flight_requests: l.in_flight_requests,
+            queue_depth: l.queue_depth,
+            rows_processed_total: l.rows_processed_total,
+            expert_rows_processed_total: l.expert_rows_processed_total,
+            utilisation: l.utilisation,
+        }
     }
 }
 

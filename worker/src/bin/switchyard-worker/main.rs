@@ -187,11 +187,19 @@ async fn start_shard(
     .await
     .context("the expert loading task panicked")??;
     started.service.spawn_background(Duration::from_secs(2));
+    let service = started.service.clone();
+    let load = switchyard_edge::metrics::JsonEndpoint {
+        path: "/load",
+        body: std::sync::Arc::new(move || {
+            serde_json::to_string(&service.load())
+                .unwrap_or_else(|e| format!("{{\"error\": \"encoding the load report: {e}\"}}"))
+        }),
+    };
     switchyard_worker::telemetry::spawn_server(
         metrics_listen,
         started.registry.clone(),
         ready,
-        None,
+        Some(load),
     )
     .await?;
     let mut routes = tonic::service::RoutesBuilder::default();
