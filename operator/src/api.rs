@@ -377,6 +377,9 @@ impl Default for FrontendSpec {
 /// The expert-shard role.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.replicaShards == 0 || self.shards >= 1")
+    .message("experts.replicaShards copies shards: it needs experts.shards >= 1")
+    .field_path(".replicaShards"))]
 #[x_kube(validation = Rule::new("self.redundantExperts == 0")
     .message("experts.redundantExperts is not supported yet (replicated expert slots land with online expert placement); leave it 0")
     .field_path(".redundantExperts"))]
@@ -388,6 +391,15 @@ pub struct ExpertsSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 256))]
     pub shards: i32,
+    /// Shard pods beyond `shards`, each a full copy of one shard's experts (pod k copies
+    /// shard k mod `shards`): more capacity for the experts without re-spreading them.
+    /// The frontends find the copies through the headless Service and send each expert's
+    /// rows to its least loaded holder; adding or removing copies restarts no pod (a
+    /// removed copy's calls in flight are re-planned on the other holders). Default 0;
+    /// needs `shards` ≥ 1.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 256))]
+    pub replica_shards: i32,
     /// Extra expert slots per MoE layer, for replicas of the most loaded experts. Not
     /// supported yet: only 0 (the default) is accepted.
     #[serde(default)]

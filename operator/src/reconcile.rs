@@ -170,10 +170,14 @@ async fn reconcile_inner(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
                 EventType::Normal,
                 "Applied",
                 format!(
-                    "applied generation {}: {} frontend(s), {} expert shard(s)",
+                    "applied generation {}: {} frontend(s), {} expert shard(s){}",
                     md.metadata.generation.unwrap_or_default(),
                     md.spec.frontend.replicas,
-                    md.spec.experts.shards
+                    md.spec.experts.shards,
+                    match md.spec.experts.replica_shards {
+                        0 => String::new(),
+                        n => format!(" + {n} copies"),
+                    }
                 ),
             )
             .await;

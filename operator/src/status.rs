@@ -109,7 +109,12 @@ pub fn derive(
             )
         })
         .unwrap_or((0, 0, 0, false));
-    let shards_desired = spec.experts.shards;
+    // The shards and their copies (`replicaShards`): every pod of the StatefulSet.
+    let shards_desired = if spec.experts.shards > 0 {
+        spec.experts.shards + spec.experts.replica_shards
+    } else {
+        0
+    };
     let (e_replicas, e_ready, e_updated, e_current) = observed
         .experts
         .map(|s| {

@@ -175,9 +175,11 @@ pub struct TierConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ShardsConfig {
-    /// Number of expert shards.
+    /// Number of expert shards the experts are spread over (copies come on top).
     pub count: u32,
-    /// Headless Service of the shards; shard `i` is `<podPrefix><i>.<service>:<port>`.
+    /// Headless Service of the shards: frontends address every ready shard pod it
+    /// resolves to (re-resolved every second), copies included; shard `i` alone is
+    /// `<podPrefix><i>.<service>:<port>` ([`ShardsConfig::address`]).
     pub service: String,
     /// StatefulSet pod name prefix (`<statefulset>-`).
     pub pod_prefix: String,

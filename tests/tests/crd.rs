@@ -215,6 +215,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.model.quantization",
     ),
     (
+        "shard copies without shards",
+        "experts",
+        "{shards: 0, replicaShards: 2}",
+        "spec.experts.replicaShards",
+    ),
+    (
         "redundant experts, not supported yet",
         "experts.redundantExperts",
         "8",

@@ -417,6 +417,56 @@ async fn shards_behind_a_dns_name_are_found() {
     assert!(rows > 0.0, "the shard found by name served the experts");
 }
 
+/// A shard past `--shard-count` copies block `index mod count` (what the operator's
+/// `experts.replicaShards` runs): it holds shard 0's experts, the frontend sends it rows
+/// like any holder without changing a token, and `GET /load` reports each shard's work.
+#[tokio::test]
+async fn a_copy_of_a_shard_holds_its_experts_serves_rows_and_reports_its_load() {
+    let model = fixture_model("qwen3_moe");
+    let shards = futures::future::join_all((0..3).map(|i| {
+        let model = model.clone();
+        async move {
+            let index = i.to_string();
+            ShardProcess::start(&model, &["--shard-count", "2", "--shard-index", &index])
+                .await
+                .expect("shard")
+        }
+    }))
+    .await;
+    let layers = |d: ep::DescribeResponse| {
+        d.layers
+            .into_iter()
+            .map(|l| (l.layer, l.experts))
+            .collect::<Vec<_>>()
+    };
+    let original = layers(describe(&mut shard_client(&shards[0]).await).await);
+    let copy = describe(&mut shard_client(&shards[2]).await).await;
+    assert_eq!(copy.shard_index, 2);
+    assert_eq!(layers(copy), original, "shard 2 of 2 copies shard 0");
+
+    let alone = FrontendProcess::start(&model, &[]).await.expect("frontend");
+    let reference = generate_all(&alone, 6).await;
+    let all: Vec<&ShardProcess> = shards.iter().collect();
+    let frontend = FrontendProcess::start(&model, &["--expert-shards", &addresses(&all)])
+        .await
+        .expect("frontend");
+    assert_eq!(generate_all(&frontend, 6).await, reference);
+
+    for (i, shard) in shards.iter().enumerate() {
+        let body = shard.http("/load").await.expect("/load");
+        let (head, json) = body.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.contains("application/json"), "{head}");
+        let load: serde_json::Value = serde_json::from_str(json).expect("JSON");
+        assert_eq!(load["shardIndex"], i, "{load}");
+        assert!(
+            load["rowsProcessedTotal"].as_u64() > Some(0),
+            "shard {i} served rows, the copy too: {load}"
+        );
+        let utilisation = load["utilisation"].as_f64().expect("utilisation");
+        assert!((0.0..=1.0).contains(&utilisation), "{load}");
+    }
+}
+
 #[tokio::test]
 async fn a_slow_shard_fails_over_or_fails_fast() {
     let model = fixture_model("qwen3_moe");

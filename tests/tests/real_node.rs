@@ -213,8 +213,8 @@ async fn bench_series(
         },
         priority: pb::Priority::Unspecified,
     };
-    let (scenario, total) = Scenario::named_shaped(kind, tenants, workload, 1.0, 5.0, shape)
-        .expect("the scenario");
+    let (scenario, total) =
+        Scenario::named_shaped(kind, tenants, workload, 1.0, 5.0, shape).expect("the scenario");
     let channel = switchyard_cli::client::connect(endpoint)
         .await
         .expect("a connection");
@@ -931,6 +931,114 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         t,
     );
 
+    // 7c2. A copy of a shard (experts.replicaShards: 1): a third shard pod holding shard
+    // 0's experts, which the frontend finds through the headless Service and sends rows to,
+    // with no pod restarted; then removed while a stream runs, and the stream completes.
+    let t = Instant::now();
+    let shards_before = uids_of(&client, namespace, &shard_selector).await;
+    let frontends_before = uids_of(&client, namespace, &frontend_selector).await;
+    let copies = |n: i32| {
+        let mds_api = mds_api.clone();
+        async move {
+            mds_api
+                .patch(
+                    MD,
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"spec": {"experts": {"replicaShards": n}}})),
+                )
+                .await
+                .expect("patching experts.replicaShards")
+        }
+    };
+    copies(1).await;
+    node.wait_for_ready_pods(&client, namespace, &shard_selector, 3, POD_TIMEOUT)
+        .await
+        .expect("a third shard pod, the copy, Ready");
+    let copy = format!("{MD}-experts-2");
+    let copy_ip = pod_ips(&client, namespace, &shard_selector)
+        .await
+        .into_iter()
+        .find(|(name, _)| *name == copy)
+        .map(|(_, ip)| ip)
+        .expect("the copy's IP");
+    // One connection, as a client keeps (the per-address new-connection cap would reset a
+    // loop that opened one per call).
+    let mut one = InferenceClient::connect(endpoint.clone())
+        .await
+        .expect("a connection through the Service");
+    let mut copy_rows = 0.0;
+    while copy_rows == 0.0 {
+        assert!(
+            t.elapsed() < POD_TIMEOUT,
+            "the frontend sent the copy no rows within {POD_TIMEOUT:?}"
+        );
+        let got = one
+            .generate(greedy(MAX_TOKENS))
+            .await
+            .expect("Generate with the copy")
+            .into_inner()
+            .token_ids;
+        assert_eq!(got, reference);
+        let text = http_get(&copy_ip, 9090, "/metrics")
+            .await
+            .expect("copy metrics");
+        copy_rows = metric(&text, "switchyard_shard_rows_total");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let found_after = t.elapsed();
+    let shards_now = uids_of(&client, namespace, &shard_selector).await;
+    assert!(
+        shards_before.iter().all(|u| shards_now.contains(u)),
+        "the shards were not restarted by a copy"
+    );
+    assert_eq!(
+        uids_of(&client, namespace, &frontend_selector).await,
+        frontends_before,
+        "the frontend was not restarted by a copy"
+    );
+    let stream = {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            generate_stream(&endpoint, 400, Duration::from_millis(10), |_| {}).await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    copies(0).await;
+    let removed = Instant::now();
+    node.wait_for(
+        &client,
+        namespace,
+        &shard_selector,
+        "the copy gone",
+        POD_TIMEOUT,
+        || async { Ok(uids_of(&client, namespace, &shard_selector).await.len() == 2) },
+    )
+    .await
+    .expect("the copy removed");
+    let gone_after = removed.elapsed();
+    let tokens = stream
+        .await
+        .expect("the stream task")
+        .expect("the stream across the copy's removal");
+    assert_eq!(tokens.len(), 400, "the stream across the copy's removal");
+    assert_eq!(
+        uids_of(&client, namespace, &frontend_selector).await,
+        frontends_before,
+        "the frontend was not restarted by removing the copy"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: shard copy: rows sent to it {:.1}s after the patch \
+         ({copy_rows} so far); removed mid-stream, gone {:.1}s after the patch, the stream \
+         ended with 400 tokens; nothing restarted",
+        found_after.as_secs_f64(),
+        gone_after.as_secs_f64(),
+    );
+    step(
+        "a shard copy added and used, then removed under a stream, nothing restarted",
+        t,
+    );
+
     // 7e. The autoscaler, on a legitimate spike: 12 streams, 3× what one frontend runs at
     // once (maxBatchSize 4, target 4 per frontend): a Panic decision to 3 frontends, seen
     // in status; the new frontends Ready and serving. When the load ends, back to 1 after
@@ -1515,6 +1623,19 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         most[1],
     );
     assert_eq!(most[0], 1, "the flood bought frontends: {last:?}");
+    // What the autoscaler shows beside its signal: the flood's refusals, the KV cache.
+    let refused = last
+        .refused_per_second
+        .as_deref()
+        .and_then(|r| r.parse::<f64>().ok());
+    assert!(
+        refused.is_some_and(|r| r > 1.0),
+        "status.autoscaling.refusedPerSecond during the flood: {last:?}"
+    );
+    assert!(
+        last.kv_cache_used_percent.is_some() && last.tokens_per_second.is_some(),
+        "{last:?}"
+    );
     assert!(cut.is_empty(), "acme's spike streams failed: {cut:?}");
     assert!(
         other.is_empty(),
@@ -1553,7 +1674,9 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     let t = Instant::now();
     let series_dir = std::env::var_os("SWITCHYARD_SERIES_DIR").map(PathBuf::from);
     let scratch = switchyard_tests::process::TempDir::new("series").expect("dir");
-    let out = series_dir.clone().unwrap_or_else(|| scratch.path().to_path_buf());
+    let out = series_dir
+        .clone()
+        .unwrap_or_else(|| scratch.path().to_path_buf());
     let scenarios: &[ScenarioKind] = if series_dir.is_some() {
         &[
             ScenarioKind::Spike,
@@ -1615,7 +1738,10 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
             "the replica command answered: {rows:?}"
         );
         assert_eq!(most(&rows[..third]), 1, "the flood alone bought frontends");
-        assert!(most(&rows[third..]) >= 2, "the spike bought nothing: {rows:?}");
+        assert!(
+            most(&rows[third..]) >= 2,
+            "the spike bought nothing: {rows:?}"
+        );
     }
     step("switchyard bench flood+spike with its time series", t);
 

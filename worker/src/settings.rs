@@ -360,9 +360,13 @@ impl FrontendSettings {
                     })?,
                 )
             }
-            (None, Some(c)) if c.shards.count > 0 => Some(ShardTargets::Static(
-                (0..c.shards.count).map(|i| c.shards.address(i)).collect(),
-            )),
+            // Every ready shard pod the headless Service resolves to, re-resolved each
+            // refresh: the shards, and the copies (`experts.replicaShards`) as they come
+            // and go, with no restart.
+            (None, Some(c)) if c.shards.count > 0 => Some(ShardTargets::Dns {
+                host: c.shards.service.clone(),
+                port: c.shards.port,
+            }),
             (None, _) => None,
         };
         let experts = match targets {
@@ -760,7 +764,10 @@ mod tests {
         let e = s.experts.expect("worker.json has shards");
         assert_eq!(
             e.targets,
-            ShardTargets::Static(vec![config.shards.address(0), config.shards.address(1)])
+            ShardTargets::Dns {
+                host: config.shards.service.clone(),
+                port: config.shards.port,
+            }
         );
         assert_eq!(e.wait, Duration::from_secs(DEFAULT_EXPERT_WAIT_SECS));
 

@@ -380,7 +380,9 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
     let statefulset = StatefulSet {
         metadata: meta(&names.experts, Some(Component::ExpertShard)),
         spec: StatefulSetSpec {
-            replicas: Some(spec.experts.shards),
+            // The copies (replicaShards) are more pods of the same template: changing
+            // their number rolls nothing.
+            replicas: Some(spec.experts.shards + spec.experts.replica_shards),
             selector: label_selector(&experts_selector),
             service_name: Some(names.experts.clone()),
             // Shards keep no per-request state: start and replace them all at once.

@@ -362,6 +362,23 @@ fn a_config_change_rolls_the_pods_and_a_replica_change_does_not() {
 }
 
 #[test]
+fn shard_copies_are_more_pods_of_the_same_template_and_roll_nothing() {
+    let base = sharded(2);
+    let mut copied = base.clone();
+    copied.spec.experts.replica_shards = 3;
+    assert_eq!(
+        role_hashes(&base),
+        role_hashes(&copied),
+        "adding copies restarts neither frontends nor shards"
+    );
+    let replicas = |md: &ModelDeployment| {
+        let d = desired(md, &Defaults::default()).unwrap();
+        shards(&d).statefulset.spec.replicas
+    };
+    assert_eq!((replicas(&base), replicas(&copied)), (Some(2), Some(5)));
+}
+
+#[test]
 fn a_frontend_only_change_does_not_roll_the_shards() {
     let base = sharded(2);
     let (front, shard) = role_hashes(&base);

@@ -12,7 +12,9 @@
 //!   The same expert on several shards is a replica. The file is re-read while the shard
 //!   runs, so a changed placement takes effect without a restart.
 //! - the operator's **even spread** (`worker.json`: `placement.strategy: evenSpread` over
-//!   `shards.count`): contiguous near-equal blocks of every MoE layer's experts.
+//!   `shards.count`): contiguous near-equal blocks of every MoE layer's experts. A shard
+//!   whose index is past the count (`spec.experts.replicaShards`) copies block
+//!   `index mod count`.
 //! - nothing: the shard holds every routed expert (single-shard setups and tests).
 //!
 //! Every id is checked against the checkpoint: an expert it lacks, or a layer that is not
@@ -130,14 +132,15 @@ impl PlacementSource {
                     path: PathBuf::from("worker.json"),
                     message,
                 };
-                if shard >= shards {
-                    return Err(invalid(format!(
-                        "shard index {shard} is not below shards.count {shards}"
-                    )));
+                if *shards == 0 {
+                    return Err(invalid("shards.count is 0: no shard to spread over".into()));
                 }
+                // Shards past the count (`experts.replicaShards`) copy a block: shard k
+                // holds block k mod count, so every pod added is one more holder of one
+                // block's experts, and the frontends spread rows over the holders.
                 let block = switchyard_proto::worker_config::even_spread(num_experts, *shards)
                     .into_iter()
-                    .nth(*shard as usize)
+                    .nth((*shard % *shards) as usize)
                     .unwrap_or_default();
                 Ok(Assignment {
                     revision: revision.clone(),
@@ -335,6 +338,16 @@ mod tests {
         let a = src.resolve(&cfg()).expect("valid");
         assert_eq!(a.layers[&3], BTreeSet::from([6, 7]));
         assert_eq!(a.revision, "abc");
+        // A shard past the count copies block index mod count.
+        let copy = PlacementSource::EvenSpread {
+            shards: 3,
+            shard: 5,
+            revision: "abc".into(),
+        };
+        assert_eq!(
+            copy.resolve(&cfg()).expect("valid").layers[&3],
+            a.layers[&3]
+        );
         let all = PlacementSource::All.resolve(&cfg()).expect("valid");
         assert_eq!(all.len(), 3 * 8);
         assert!(all.holds(1, 7) && !all.holds(0, 0));
