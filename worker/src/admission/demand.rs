@@ -192,6 +192,17 @@ impl Admission {
                 l.rate_per_minute() as f64 / 60.0 * service.as_secs_f64() / f64::from(frontends)
             })
         };
+        // A tenant's entry before its counts are added.
+        let nothing_yet = |tenant: String, tier: &super::tiers::Tier| TenantDemand {
+            tenant,
+            cap: cap(tier),
+            tier: tier.name.clone(),
+            queued: 0,
+            running: 0,
+            admitted_per_second: 0.0,
+            tokens_per_second: 0.0,
+            refused_per_second: Refused::default(),
+        };
         let st = self.lock();
         // By name, so anonymous addresses fold into one entry and the report is sorted.
         let mut tenants: BTreeMap<String, TenantDemand> = Default::default();
@@ -202,17 +213,7 @@ impl Admission {
                 key
             };
             let entry = tenants.entry(name.clone()).or_insert_with(|| {
-                let tier = tier.unwrap_or_else(|| self.tiers.default_tier());
-                TenantDemand {
-                    tenant: name,
-                    cap: cap(&tier),
-                    tier: tier.name.clone(),
-                    queued: 0,
-                    running: 0,
-                    admitted_per_second: 0.0,
-                    tokens_per_second: 0.0,
-                    refused_per_second: Refused::default(),
-                }
+                nothing_yet(name, &tier.unwrap_or_else(|| self.tiers.default_tier()))
             });
             entry.queued += queued;
             entry.running += running;
@@ -228,16 +229,7 @@ impl Admission {
                     || self.tiers.default_tier(),
                     |t| self.tiers.get_or_default(t),
                 );
-                TenantDemand {
-                    tenant: name.clone(),
-                    cap: cap(&tier),
-                    tier: tier.name.clone(),
-                    queued: 0,
-                    running: 0,
-                    admitted_per_second: 0.0,
-                    tokens_per_second: 0.0,
-                    refused_per_second: Refused::default(),
-                }
+                nothing_yet(name.clone(), &tier)
             });
             entry.admitted_per_second = r.admitted.per_second(now);
             entry.tokens_per_second = r.tokens.per_second(now);
