@@ -81,6 +81,9 @@ pub const GROUP: &str = "switchyard.dev";
 #[x_kube(validation = Rule::new(
     "!has(self.autoscaling) || !self.autoscaling.enabled || (self.frontend.replicas >= self.autoscaling.frontend.minReplicas && self.frontend.replicas <= self.autoscaling.frontend.maxReplicas)"
 ).message("frontend.replicas must lie within autoscaling.frontend.minReplicas..maxReplicas while autoscaling is enabled").field_path(".frontend.replicas"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.autoscaling) || !self.autoscaling.enabled || !has(self.autoscaling.experts) || self.experts.shards >= 1"
+).message("autoscaling.experts sizes the shard pods: it needs experts.shards >= 1").field_path(".autoscaling.experts"))]
 pub struct ModelDeploymentSpec {
     /// Where the checkpoint is and how to load it.
     pub model: ModelSpec,
@@ -678,9 +681,6 @@ fn default_deadline_seconds() -> i32 {
 #[x_kube(validation = Rule::new("self.panicWindowSeconds < self.stableWindowSeconds")
     .message("autoscaling.panicWindowSeconds must be shorter than autoscaling.stableWindowSeconds")
     .field_path(".panicWindowSeconds"))]
-#[x_kube(validation = Rule::new("!self.enabled || !has(self.experts)")
-    .message("autoscaling.experts: expert shards are not autoscaled yet; leave autoscaling.experts out and set experts.shards")
-    .field_path(".experts"))]
 pub struct AutoscalingSpec {
     /// Whether the operator sizes the frontends by itself, from the legitimate demand
     /// its frontends report (`spec.frontend.replicas` is then the autoscaler's: it writes
@@ -690,7 +690,10 @@ pub struct AutoscalingSpec {
     pub enabled: bool,
     #[serde(default)]
     pub frontend: FrontendScaling,
-    /// Not supported yet: expert shards are not autoscaled. Refused while `enabled`.
+    /// Expert-shard autoscaling: absent, the shard count is the user's. Present (with
+    /// `enabled`), the autoscaler sizes the shard pods, `experts.shards` plus the copies it
+    /// writes to `experts.replicaShards`, from the utilisation the shards report; needs
+    /// `experts.shards` ≥ 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub experts: Option<ExpertScaling>,
     /// Legitimate requests in the system (queued + running, each tenant counted up to
@@ -801,14 +804,20 @@ fn default_max_frontends() -> i32 {
     .message("autoscaling.experts.minShards must not exceed autoscaling.experts.maxShards")
     .field_path(".minShards"))]
 pub struct ExpertScaling {
-    /// Default 1.
+    /// Fewest shard pods (shards and copies together); never fewer than
+    /// `experts.shards`, which every expert needs. Default 1.
     #[serde(default = "one")]
     #[schemars(range(min = 1, max = 256))]
     pub min_shards: i32,
-    /// Default 8.
+    /// Most shard pods (shards and copies together). Default 8.
     #[serde(default = "default_max_shards")]
     #[schemars(range(min = 1, max = 256))]
     pub max_shards: i32,
+    /// The utilisation (percent of the time a shard computes `Forward` work) to aim for
+    /// on the busiest shard's experts: a shard's experts at 2× this get a copy. Default 70.
+    #[serde(default = "default_target_utilization")]
+    #[schemars(range(min = 10, max = 100))]
+    pub target_utilization_percent: i32,
 }
 
 impl Default for ExpertScaling {
@@ -816,8 +825,13 @@ impl Default for ExpertScaling {
         Self {
             min_shards: 1,
             max_shards: default_max_shards(),
+            target_utilization_percent: default_target_utilization(),
         }
     }
+}
+
+fn default_target_utilization() -> i32 {
+    70
 }
 
 fn default_max_shards() -> i32 {
@@ -881,6 +895,17 @@ pub struct AutoscalingStatus {
     /// The slowest frontend's p99 time to first token over its last 10 s, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttft_p99_seconds: Option<String>,
+    /// With `autoscaling.experts`: shard pods (shards and copies) wanted and asked for
+    /// (`experts.shards` + `experts.replicaShards`), ready and reporting, and their mean
+    /// utilisation over their last ~10 s (a decimal string, 0–1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_shards: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_shards: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reporting_shards: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_utilization: Option<String>,
     /// When the sample above was taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_at: Option<Time>,
@@ -895,7 +920,7 @@ pub struct AutoscalingStatus {
 #[serde(rename_all = "camelCase")]
 pub struct ScalingDecision {
     pub time: Time,
-    /// `frontend`.
+    /// `frontend`, or `expert-shard` (its counts are shard pods, copies included).
     pub role: String,
     pub from: i32,
     pub to: i32,

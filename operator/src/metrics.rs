@@ -29,6 +29,8 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Frontends the autoscaler wants, per deployment.
     pub autoscaler_desired: IntGaugeVec,
+    /// Expert-shard pods (copies included) the autoscaler wants, per deployment.
+    pub autoscaler_desired_shards: IntGaugeVec,
     /// Demand per deployment: legitimate over the `stable` and `panic` windows, and `all`
     /// (quota or not) in the last sample.
     pub autoscaler_demand: GaugeVec,
@@ -81,6 +83,14 @@ impl Metrics {
             &deployment,
         )
         .expect("static metric options are valid");
+        let autoscaler_desired_shards = IntGaugeVec::new(
+            Opts::new(
+                "autoscaler_desired_shards",
+                "Expert-shard pods (shards and copies) the autoscaler wants",
+            ),
+            &deployment,
+        )
+        .expect("static metric options are valid");
         let autoscaler_demand = GaugeVec::new(
             Opts::new(
                 "autoscaler_demand",
@@ -112,6 +122,7 @@ impl Metrics {
             Box::new(managed_objects.clone()),
             Box::new(leader.clone()),
             Box::new(autoscaler_desired.clone()),
+            Box::new(autoscaler_desired_shards.clone()),
             Box::new(autoscaler_demand.clone()),
             Box::new(autoscaler_decisions.clone()),
             Box::new(autoscaler_poll_failures.clone()),
@@ -128,6 +139,7 @@ impl Metrics {
             managed_objects,
             leader,
             autoscaler_desired,
+            autoscaler_desired_shards,
             autoscaler_demand,
             autoscaler_decisions,
             autoscaler_poll_failures,

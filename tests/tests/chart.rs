@@ -356,6 +356,8 @@ fn expected_operator_grants() -> BTreeSet<(String, String, String)> {
         ("switchyard.dev", "modeldeployments", "get"),
         ("switchyard.dev", "modeldeployments", "list"),
         ("switchyard.dev", "modeldeployments", "watch"),
+        // The autoscaler's shard copies (spec.experts.replicaShards).
+        ("switchyard.dev", "modeldeployments", "patch"),
         ("switchyard.dev", "modeldeployments/status", "patch"),
         // blockOwnerDeletion under OwnerReferencesPermissionEnforcement.
         ("switchyard.dev", "modeldeployments/finalizers", "update"),

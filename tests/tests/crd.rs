@@ -227,7 +227,7 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.experts.redundantExperts",
     ),
     (
-        "expert-shard autoscaling, not built yet",
+        "expert-shard autoscaling without shards to copy",
         "autoscaling",
         "{enabled: true, frontend: {minReplicas: 1, maxReplicas: 4}, experts: {minShards: 1, maxShards: 2}}",
         "spec.autoscaling.experts",
@@ -285,11 +285,6 @@ async fn fields_whose_feature_is_not_built_are_refused_as_not_supported_yet() {
             "experts.redundantExperts",
             "1",
             "experts.redundantExperts is not supported yet",
-        ),
-        (
-            "autoscaling",
-            "{enabled: true, experts: {minShards: 1, maxShards: 8}}",
-            "autoscaling.experts: expert shards are not autoscaled yet",
         ),
     ]
     .into_iter()

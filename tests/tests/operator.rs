@@ -763,6 +763,14 @@ impl DemandServer {
     fn set(&self, tenants: &[(&str, usize, Option<f64>)]) {
         *self.report.lock().unwrap() = demand(tenants);
     }
+
+    /// Answers as expert shard `index` at `utilisation` (`/load`).
+    fn set_load(&self, index: u32, utilisation: f64) {
+        *self.report.lock().unwrap() = serde_json::json!({
+            "shardIndex": index, "utilisation": utilisation, "inFlightRequests": 0,
+            "queueDepth": 0, "rowsProcessedTotal": 1, "expertRowsProcessedTotal": 2,
+        });
+    }
 }
 
 /// A `/demand` report: (tenant, requests in the system, cap).
@@ -781,7 +789,6 @@ fn demand(tenants: &[(&str, usize, Option<f64>)]) -> serde_json::Value {
 
 /// A Ready frontend Pod object of `md` at 127.0.0.1 whose metrics port is `port`.
 async fn ready_frontend_pod(ns: &TestNamespace, md: &ModelDeployment, port: u16) {
-    use k8s_openapi::api::core::v1::Pod;
     let names = switchyard_operator::build::Names::new(md).unwrap();
     // The labels the frontend Deployment gives its pods.
     let labels = desired(md, &Defaults::default())
@@ -792,8 +799,45 @@ async fn ready_frontend_pod(ns: &TestNamespace, md: &ModelDeployment, port: u16)
         .metadata
         .and_then(|m| m.labels)
         .unwrap();
+    ready_pod(
+        ns,
+        md,
+        &format!("{}-frontend-0", names.deployment),
+        labels,
+        port,
+    )
+    .await;
+}
+
+/// A Ready expert-shard Pod object `<md>-experts-<index>` at 127.0.0.1 whose metrics port
+/// is `port`.
+async fn ready_shard_pod(ns: &TestNamespace, md: &ModelDeployment, index: u32, port: u16) {
+    let names = switchyard_operator::build::Names::new(md).unwrap();
+    let labels = desired(md, &Defaults::default())
+        .unwrap()
+        .experts
+        .expect("shards")
+        .statefulset
+        .spec
+        .template
+        .metadata
+        .and_then(|m| m.labels)
+        .unwrap();
+    ready_pod(ns, md, &format!("{}-{index}", names.experts), labels, port).await;
+}
+
+/// A Ready Pod object `name` of `md` with `labels`, at 127.0.0.1, metrics on `port`.
+async fn ready_pod(
+    ns: &TestNamespace,
+    md: &ModelDeployment,
+    name: &str,
+    labels: std::collections::BTreeMap<String, String>,
+    port: u16,
+) {
+    use k8s_openapi::api::core::v1::Pod;
+    let names = switchyard_operator::build::Names::new(md).unwrap();
     let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": format!("{}-frontend-0", names.deployment), "labels": labels},
+        "metadata": {"name": name, "labels": labels},
         // The operator's worker ServiceAccount (no controller-manager makes `default`).
         "spec": {"serviceAccountName": names.service_account, "automountServiceAccountToken": false,
             "containers": [{"name": "worker", "image": "x",
@@ -1005,4 +1049,90 @@ async fn the_autoscaler_scales_on_legitimate_demand_and_shows_its_decisions() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let md_now = get::<ModelDeployment>(&ns, &name).await.unwrap();
     assert_eq!(md_now.spec.frontend.replicas, 1, "scaled while disabled");
+}
+
+/// Expert shards scale on their own signal: the autoscaler polls each shard's `/load`, a
+/// saturated shard gets a copy (`spec.experts.replicaShards`, so the StatefulSet grows by
+/// one), status and events say so, and the copy goes when the load does.
+#[tokio::test]
+async fn the_autoscaler_copies_a_busy_shard_and_removes_the_copy_when_it_idles() {
+    let (cp, ns) = setup("op-autoscale-shards").await;
+    let _operator = OperatorProcess::start(cp, &ns.name, "op-s", LEASE)
+        .await
+        .unwrap();
+    let mut md = example("minimal.yaml");
+    md.spec.experts.shards = 2;
+    md.spec.autoscaling = Some(
+        serde_json::from_value(serde_json::json!({
+            "enabled": true,
+            "frontend": {"minReplicas": 1, "maxReplicas": 4},
+            "experts": {"minShards": 2, "maxShards": 4, "targetUtilizationPercent": 70},
+            "stableWindowSeconds": 6,
+            "panicWindowSeconds": 2,
+            "scaleDownDelaySeconds": 3,
+            "pollIntervalMilliseconds": 200,
+        }))
+        .unwrap(),
+    );
+    let md = create(&ns, &md).await;
+    let name = md.name_any();
+    let shards = [DemandServer::start().await, DemandServer::start().await];
+    for (i, shard) in shards.iter().enumerate() {
+        let i = u32::try_from(i).unwrap();
+        shard.set_load(i, 0.1);
+        ready_shard_pod(&ns, &md, i, shard.port).await;
+    }
+    eventually("both shards polled", || async {
+        let a = get::<ModelDeployment>(&ns, &name)
+            .await?
+            .status?
+            .autoscaling?;
+        (a.reporting_shards == Some(2) && a.desired_shards == Some(2)).then_some(())
+    })
+    .await;
+
+    // Shard 1 saturated: its experts need 2 holders at 70 %: pod 3 copies shard 1, so
+    // 4 pods (pod 2 copies shard 0 on the way).
+    shards[1].set_load(1, 1.0);
+    let scaled = eventually("replicaShards 2", || async {
+        let md = get::<ModelDeployment>(&ns, &name).await?;
+        (md.spec.experts.replica_shards == 2).then_some(md)
+    })
+    .await;
+    eventually("the shard StatefulSet at 4", || async {
+        let sts = get::<StatefulSet>(&ns, &format!("{name}-experts")).await?;
+        (sts.spec.replicas == Some(4)).then_some(())
+    })
+    .await;
+    let a = eventually("the decision in status", || async {
+        let a = get::<ModelDeployment>(&ns, &name)
+            .await?
+            .status?
+            .autoscaling?;
+        (a.desired_shards == Some(4) && a.current_shards == Some(4)).then_some(a)
+    })
+    .await;
+    assert!(
+        a.shard_utilization.is_some() && a.reporting_shards >= Some(2),
+        "{a:?}"
+    );
+    let up = a
+        .decisions
+        .iter()
+        .rev()
+        .find(|d| d.role == "expert-shard")
+        .expect("a shard decision");
+    assert_eq!((up.from, up.to), (2, 4), "{a:?}");
+    assert_eq!(
+        scaled.spec.frontend.replicas, 1,
+        "the frontends are not scaled by shard load"
+    );
+
+    // Idle again: after the delay and the stable window, the copies go.
+    shards[1].set_load(1, 0.0);
+    eventually("replicaShards back to 0", || async {
+        let md = get::<ModelDeployment>(&ns, &name).await?;
+        (md.spec.experts.replica_shards == 0).then_some(())
+    })
+    .await;
 }

@@ -1745,6 +1745,90 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     }
     step("switchyard bench flood+spike with its time series", t);
 
+    // 7h. The shards scale on their own signal: with autoscaling.experts (a low target,
+    // 10 %, for the tiny model's light experts), a minute of acme's spike makes the
+    // autoscaler add shard copies (spec.experts.replicaShards), which it removes after.
+    let t = Instant::now();
+    mds_api
+        .patch(
+            MD,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"autoscaling": {
+                "experts": {"minShards": 2, "maxShards": 4, "targetUtilizationPercent": 10},
+            }}})),
+        )
+        .await
+        .expect("expert-shard autoscaling on");
+    let kind = ScenarioKind::Spike;
+    // The shard side of the run: the busiest utilisation and the most shard pods the
+    // autoscaler asked for.
+    let shard_watch = {
+        let mds_api = mds_api.clone();
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let (mut busiest, mut most) = (0.0f64, 0);
+            let mut ups = Vec::new();
+            while began.elapsed() < Duration::from_secs(62) {
+                if let Ok(Some(a)) = mds_api
+                    .get(MD)
+                    .await
+                    .map(|md| md.status.and_then(|s| s.autoscaling))
+                {
+                    busiest = busiest.max(
+                        a.shard_utilization
+                            .as_deref()
+                            .and_then(|u| u.parse().ok())
+                            .unwrap_or(0.0),
+                    );
+                    most = most.max(a.desired_shards.unwrap_or(0));
+                    for d in a.decisions.iter().filter(|d| d.role == "expert-shard") {
+                        if !ups.contains(d) {
+                            ups.push(d.clone());
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            (busiest, most, ups)
+        })
+    };
+    bench_series(
+        &endpoint,
+        kind,
+        &[("acme", NEW_KEY)],
+        &replicas_command,
+        scratch.path(),
+    )
+    .await;
+    let (busiest, most_shards, shard_ups) = shard_watch.await.expect("the shard watch");
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: bench {}: shards' mean utilisation at most \
+             {busiest:.2}, shard pods asked for at most {most_shards}; shard decisions \
+             {shard_ups:?}",
+        kind.name()
+    );
+    let copies_added = shard_ups.iter().any(|d| d.to > d.from);
+    assert!(
+        copies_added,
+        "no shard copy added at {busiest:.2} utilisation (target 0.10): {shard_ups:?}"
+    );
+    mds_api
+        .patch(
+            MD,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {
+                "autoscaling": {"experts": null},
+                "experts": {"replicaShards": 0},
+            }})),
+        )
+        .await
+        .expect("expert-shard autoscaling off");
+    step(
+        "a minute of load to shard copies added by the autoscaler",
+        t,
+    );
+
     // 8. helm uninstall: the operator and its RBAC go, the CRD stays.
     node.run(
         &helm,

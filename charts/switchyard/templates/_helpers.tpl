@@ -133,9 +133,12 @@ tests/tests/chart.rs pins the exact set, so a change here is deliberate.
 # ModelDeployments: the Controller (main.rs, Controller::new) lists and watches them;
 # main.rs check_crd_installed lists them at start-up. `get` adds nothing that `list`
 # does not already grant, and keeps `kubectl auth can-i get` truthful.
+# autoscale/run.rs copies: with spec.autoscaling.experts, the autoscaler writes
+# spec.experts.replicaShards (a merge patch of that one field; the scale subresource
+# carries the frontend count only).
 - apiGroups: ["switchyard.dev"]
   resources: ["modeldeployments"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
 # reconcile.rs write_status: server-side apply (PATCH) on the status subresource.
 - apiGroups: ["switchyard.dev"]
   resources: ["modeldeployments/status"]
@@ -145,8 +148,8 @@ tests/tests/chart.rs pins the exact set, so a change here is deliberate.
 - apiGroups: ["switchyard.dev"]
   resources: ["modeldeployments/scale"]
   verbs: ["patch"]
-# main.rs: the autoscaler watches frontend pods (label selector: managed by the operator,
-# component frontend) for their readiness and address, to poll their /demand.
+# main.rs: the autoscaler watches frontend and expert-shard pods (label selector) for
+# their readiness and address, to poll their /demand and /load.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]

@@ -32,7 +32,9 @@ use kube::{Client, Resource, ResourceExt};
 
 use super::sample::{self, Target};
 use super::{Decision, Policy, Reason, Sample, decide};
-use crate::api::{AutoscalingSpec, AutoscalingStatus, ModelDeployment, ScalingDecision};
+use crate::api::{
+    AutoscalingSpec, AutoscalingStatus, ExpertScaling, ModelDeployment, ScalingDecision,
+};
 use crate::build::{self, Component, METRICS_PORT, METRICS_PORT_NAME, Names};
 use crate::metrics::Metrics;
 
@@ -65,13 +67,15 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// Label selector of the pods [`Shared::pods`] must hold: every Switchyard frontend pod
-/// (pods do not carry `managed-by`: the operator manages their workloads, not them; each
-/// carries its ModelDeployment's label, which [`targets`] filters on).
+/// Label selector of the pods [`Shared::pods`] must hold: every Switchyard frontend and
+/// expert-shard pod (pods do not carry `managed-by`: the operator manages their
+/// workloads, not them; each carries its ModelDeployment's label and its component, which
+/// [`targets`] filters on).
 pub fn frontend_pods_selector() -> String {
     format!(
-        "app.kubernetes.io/name=switchyard,app.kubernetes.io/component={},{}",
+        "app.kubernetes.io/name=switchyard,app.kubernetes.io/component in ({},{}),{}",
         Component::Frontend.as_str(),
+        Component::ExpertShard.as_str(),
         build::MODEL_DEPLOYMENT_LABEL
     )
 }
@@ -140,14 +144,20 @@ pub fn policy(spec: &AutoscalingSpec) -> Policy {
     }
 }
 
-/// The ready, running frontend pods of `names`' deployment, with their metrics address
-/// (the container port named `metrics`, else the default one).
-fn targets(pods: &Store<Pod>, names: &Names) -> Vec<Target> {
+/// The ready, running `component` pods of `names`' deployment, with their metrics
+/// address (the container port named `metrics`, else the default one).
+fn targets(pods: &Store<Pod>, names: &Names, component: Component) -> Vec<Target> {
     let mut targets: Vec<Target> = pods
         .state()
         .iter()
         .filter(|p| p.namespace().as_deref() == Some(names.namespace.as_str()))
         .filter(|p| p.labels().get(build::MODEL_DEPLOYMENT_LABEL) == Some(&names.deployment))
+        .filter(|p| {
+            p.labels()
+                .get("app.kubernetes.io/component")
+                .map(String::as_str)
+                == Some(component.as_str())
+        })
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
             let status = p.status.as_ref()?;
@@ -187,6 +197,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
     // A count written and not yet seen in the cache: (count, when).
     let mut pending: Option<(i32, Instant)> = None;
     let mut last_status: Option<(Instant, AutoscalingStatus, bool, String)> = None;
+    let mut shard_scaler = ShardScaler::default();
     tracing::info!(deployment = %key, "autoscaler started");
     loop {
         let tick = Instant::now();
@@ -206,7 +217,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
             Duration::from_millis(u64::try_from(spec.poll_interval_milliseconds).unwrap_or(500));
         let policy = policy(&spec);
 
-        let targets = targets(&shared.pods, &names);
+        let targets = targets(&shared.pods, &names, Component::Frontend);
         let polled = sample::poll(&targets, interval.min(Duration::from_secs(1))).await;
         let at = now_ms();
         let (sample, seen) = sample::merge(
@@ -306,7 +317,21 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
             }
         }
 
+        let shards = match &spec.experts {
+            Some(experts) if md.spec.experts.shards > 0 => {
+                shard_scaler
+                    .step(&shared, &md, &names, &spec, experts, at, &mut decisions)
+                    .await
+            }
+            _ => None,
+        };
+        changed |= shards.as_ref().is_some_and(|s| s.changed);
+
         let status = AutoscalingStatus {
+            desired_shards: shards.as_ref().map(|s| s.desired),
+            current_shards: shards.as_ref().map(|s| s.current),
+            reporting_shards: shards.as_ref().map(|s| s.reporting),
+            shard_utilization: shards.as_ref().map(|s| decimal(s.utilization)),
             desired_frontends: desired,
             current_frontends: if changed { desired } else { current },
             ready_frontends: i32::try_from(targets.len()).unwrap_or(i32::MAX),
@@ -334,6 +359,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
                     || *was_limited != limited
                     || previous.ready_frontends != status.ready_frontends
                     || previous.desired_frontends != status.desired_frontends
+                    || previous.desired_shards != status.desired_shards
             }
         };
         if due {
@@ -354,6 +380,148 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
         tokio::time::sleep(interval.saturating_sub(tick.elapsed())).await;
     }
     tracing::info!(deployment = %key, "autoscaler stopped");
+}
+
+/// The expert-shard half of a loop (`autoscaling.experts`): the shards' `/load`, the pods
+/// their busiest experts need ([`sample::pods_needed`]), [`decide`] with the same windows
+/// and rates, and `spec.experts.replicaShards` written to match.
+#[derive(Debug, Default)]
+struct ShardScaler {
+    history: VecDeque<Sample>,
+    /// A count written and not yet seen in the cache: (count, when).
+    pending: Option<(i32, Instant)>,
+}
+
+/// What the shard half saw and did, for status.
+#[derive(Debug)]
+struct ShardView {
+    desired: i32,
+    current: i32,
+    reporting: i32,
+    /// Mean utilisation of the reporting shards.
+    utilization: f64,
+    changed: bool,
+}
+
+impl ShardScaler {
+    #[allow(clippy::too_many_arguments)]
+    async fn step(
+        &mut self,
+        shared: &Shared,
+        md: &ModelDeployment,
+        names: &Names,
+        spec: &AutoscalingSpec,
+        experts: &ExpertScaling,
+        at: u64,
+        decisions: &mut Vec<ScalingDecision>,
+    ) -> Option<ShardView> {
+        let shards = u32::try_from(md.spec.experts.shards).ok()?;
+        let targets = targets(&shared.pods, names, Component::ExpertShard);
+        let interval =
+            Duration::from_millis(u64::try_from(spec.poll_interval_milliseconds).unwrap_or(500));
+        let polled = sample::poll_shards(&targets, interval.min(Duration::from_secs(1))).await;
+        let target = f64::from(experts.target_utilization_percent) / 100.0;
+        let needed = sample::pods_needed(&polled.reports, shards, target);
+        let reporting = u32::try_from(polled.reports.len()).unwrap_or(u32::MAX);
+        let utilization = if polled.reports.is_empty() {
+            0.0
+        } else {
+            polled.reports.iter().map(|l| l.utilisation).sum::<f64>() / f64::from(reporting)
+        };
+        if reporting > 0 {
+            // The signal in pods: decide() with a target of 1 per pod.
+            self.history.push_back(Sample {
+                at_ms: at,
+                ready: u32::try_from(targets.len()).unwrap_or(u32::MAX),
+                reporting,
+                tenants: vec![super::TenantDemand {
+                    demand: f64::from(needed),
+                    cap: None,
+                }],
+            });
+        }
+        let mut policy = policy(spec);
+        policy.target_per_replica = 1.0;
+        policy.min = u32::try_from(experts.min_shards).unwrap_or(1).max(shards);
+        policy.max = u32::try_from(experts.max_shards)
+            .unwrap_or(1)
+            .max(policy.min);
+        let keep = policy.stable_window + policy.scale_down_delay + Duration::from_secs(1);
+        while self
+            .history
+            .front()
+            .is_some_and(|s| s.at_ms + (keep.as_millis() as u64) < at)
+        {
+            self.history.pop_front();
+        }
+        let spec_pods = md.spec.experts.shards + md.spec.experts.replica_shards;
+        let current = match self.pending {
+            Some((count, since)) if spec_pods != count && since.elapsed() < STATUS_EVERY => count,
+            _ => {
+                self.pending = None;
+                spec_pods
+            }
+        };
+        let decision = decide(
+            self.history.make_contiguous(),
+            &policy,
+            u32::try_from(current).unwrap_or_default(),
+            at,
+        );
+        let desired = i32::try_from(decision.desired).unwrap_or(i32::MAX);
+        let labels = [names.namespace.as_str(), names.deployment.as_str()];
+        shared
+            .metrics
+            .autoscaler_desired_shards
+            .with_label_values(&labels)
+            .set(i64::from(desired));
+        let mut changed = false;
+        if desired != current {
+            match copies(&shared.client, md, desired - md.spec.experts.shards).await {
+                Ok(()) => {
+                    changed = true;
+                    self.pending = Some((desired, Instant::now()));
+                    let mut record = record(current, desired, &decision, f64::from(needed));
+                    record.role = Component::ExpertShard.as_str().into();
+                    announce(shared, md, &record, &policy).await;
+                    shared
+                        .metrics
+                        .autoscaler_decisions
+                        .with_label_values(&[labels[0], labels[1], &record.reason])
+                        .inc();
+                    decisions.push(record);
+                    let excess = decisions.len().saturating_sub(DECISIONS_KEPT);
+                    decisions.drain(..excess);
+                }
+                Err(e) => {
+                    tracing::warn!(deployment = %names.deployment, error = %e, from = current, to = desired, "could not scale the expert shards");
+                }
+            }
+        }
+        Some(ShardView {
+            desired,
+            current: if changed { desired } else { current },
+            reporting: i32::try_from(reporting).unwrap_or(i32::MAX),
+            utilization,
+            changed,
+        })
+    }
+}
+
+/// `spec.experts.replicaShards = count` (a merge patch under [`FIELD_MANAGER`]).
+async fn copies(client: &Client, md: &ModelDeployment, count: i32) -> kube::Result<()> {
+    let api: Api<ModelDeployment> =
+        Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
+    api.patch(
+        &md.name_any(),
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(serde_json::json!({ "spec": { "experts": { "replicaShards": count } } })),
+    )
+    .await
+    .map(drop)
 }
 
 /// Two decimals: status and events are read by people.
@@ -420,18 +588,32 @@ async fn announce(shared: &Shared, md: &ModelDeployment, d: &ScalingDecision, po
             "ScaledDown"
         }
         .into(),
-        note: Some(format!(
-            "frontends {} → {} ({direction}, {}): legitimate demand {} over the last {} s, {} over {} s; target {} per frontend; all demand {}",
-            d.from,
-            d.to,
-            d.reason,
-            d.panic_demand,
-            policy.panic_window.as_secs(),
-            d.stable_demand,
-            policy.stable_window.as_secs(),
-            policy.target_per_replica,
-            d.total_demand,
-        )),
+        note: Some(if d.role == Component::ExpertShard.as_str() {
+            format!(
+                "expert-shard pods {} → {} ({direction}, {}): the busiest experts need {} pods now, {} over the last {} s, {} over {} s (at the target utilisation)",
+                d.from,
+                d.to,
+                d.reason,
+                d.total_demand,
+                d.panic_demand,
+                policy.panic_window.as_secs(),
+                d.stable_demand,
+                policy.stable_window.as_secs(),
+            )
+        } else {
+            format!(
+                "frontends {} → {} ({direction}, {}): legitimate demand {} over the last {} s, {} over {} s; target {} per frontend; all demand {}",
+                d.from,
+                d.to,
+                d.reason,
+                d.panic_demand,
+                policy.panic_window.as_secs(),
+                d.stable_demand,
+                policy.stable_window.as_secs(),
+                policy.target_per_replica,
+                d.total_demand,
+            )
+        }),
         action: "Autoscale".into(),
         secondary: None,
     };

@@ -87,26 +87,43 @@ pub struct Target {
 }
 
 /// The answers of one poll.
-#[derive(Debug, Default)]
-pub struct Poll {
-    pub reports: Vec<Report>,
-    /// `pod: why` for each frontend that did not answer usefully.
+#[derive(Debug)]
+pub struct Poll<R = Report> {
+    pub reports: Vec<R>,
+    /// `pod: why` for each pod that did not answer usefully.
     pub failures: Vec<String>,
 }
 
-/// Polls every target at once; each has `timeout`.
+/// Polls every frontend's `/demand` at once; each has `timeout`.
 pub async fn poll(targets: &[Target], timeout: Duration) -> Poll {
+    poll_json(targets, "/demand", timeout).await
+}
+
+/// Polls every shard's `/load` at once; each has `timeout`.
+pub async fn poll_shards(targets: &[Target], timeout: Duration) -> Poll<ShardLoad> {
+    poll_json(targets, "/load", timeout).await
+}
+
+async fn poll_json<R: serde::de::DeserializeOwned>(
+    targets: &[Target],
+    path: &str,
+    timeout: Duration,
+) -> Poll<R> {
     let answers = futures::future::join_all(targets.iter().map(|t| async move {
-        let result = match crate::http::get(&t.authority, "/demand", timeout).await {
-            Ok((200, body)) => serde_json::from_slice::<Report>(&body)
-                .map_err(|e| format!("unreadable /demand: {e}")),
-            Ok((status, _)) => Err(format!("/demand answered HTTP {status}")),
-            Err(e) => Err(format!("/demand at {}: {e}", t.authority)),
+        let result = match crate::http::get(&t.authority, path, timeout).await {
+            Ok((200, body)) => {
+                serde_json::from_slice::<R>(&body).map_err(|e| format!("unreadable {path}: {e}"))
+            }
+            Ok((status, _)) => Err(format!("{path} answered HTTP {status}")),
+            Err(e) => Err(format!("{path} at {}: {e}", t.authority)),
         };
         result.map_err(|why| format!("{}: {why}", t.pod))
     }))
     .await;
-    let mut poll = Poll::default();
+    let mut poll = Poll {
+        reports: Vec::new(),
+        failures: Vec::new(),
+    };
     for answer in answers {
         match answer {
             Ok(report) => poll.reports.push(report),
@@ -114,6 +131,38 @@ pub async fn poll(targets: &[Target], timeout: Duration) -> Poll {
         }
     }
     poll
+}
+
+/// What one expert shard reports (`GET /load`; the worker's
+/// `switchyard_worker::experts::shard::Load`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardLoad {
+    /// Its StatefulSet index: it holds the experts of shard `index mod shards`.
+    pub shard_index: u32,
+    /// Fraction of its last ~10 s spent computing (0..1).
+    pub utilisation: f64,
+}
+
+/// The shard pods the reported load needs, as a count: for each of the `shards` blocks,
+/// the holders its utilisation needs at `target` each (the shard and its copies share
+/// its work), and the pods it takes to give every block that many when copies go
+/// round-robin (pod k holds block k mod `shards`). At least `shards`.
+pub fn pods_needed(loads: &[ShardLoad], shards: u32, target: f64) -> u32 {
+    let shards = shards.max(1);
+    let mut busy = vec![0.0f64; shards as usize];
+    for l in loads {
+        busy[(l.shard_index % shards) as usize] += l.utilisation.clamp(0.0, 1.0);
+    }
+    busy.iter()
+        .enumerate()
+        .map(|(block, &u)| {
+            let holders = ((u / target.max(0.01)).ceil() as u32).max(1);
+            (holders - 1) * shards + block as u32 + 1
+        })
+        .max()
+        .unwrap_or(shards)
+        .max(shards)
 }
 
 /// What the frontends report beside the scaling signal, summed or at its worst, for
@@ -276,6 +325,37 @@ mod tests {
         assert_eq!(seen.ttft_p99_seconds, Some(0.008));
         assert!((seen.refused_per_second - 6.0).abs() < 1e-9, "{seen:?}");
         assert!((seen.tokens_per_second - 22.4).abs() < 1e-9, "{seen:?}");
+    }
+
+    #[test]
+    fn shard_pods_follow_the_busiest_blocks_copies() {
+        let load = |shard_index, utilisation| ShardLoad {
+            shard_index,
+            utilisation,
+        };
+        // Two blocks, both idle: the two shards.
+        assert_eq!(pods_needed(&[load(0, 0.1), load(1, 0.2)], 2, 0.7), 2);
+        // Block 1 saturated: it needs 2 holders at 70 %: pods 0, 1, 2, 3 (3 copies 1).
+        assert_eq!(pods_needed(&[load(0, 0.1), load(1, 1.0)], 2, 0.7), 4);
+        // Block 0 saturated: pod 2 is its copy.
+        assert_eq!(pods_needed(&[load(0, 1.0), load(1, 0.1)], 2, 0.7), 3);
+        // With its copy (pod 2) sharing the work, block 0 at 0.5 + 0.5 keeps it.
+        assert_eq!(
+            pods_needed(&[load(0, 0.5), load(1, 0.1), load(2, 0.5)], 2, 0.7),
+            3
+        );
+        // Both copies idle again: back to the shards.
+        assert_eq!(
+            pods_needed(&[load(0, 0.0), load(1, 0.0), load(2, 0.0)], 2, 0.7),
+            2
+        );
+        // The worker's report shape parses.
+        let parsed: ShardLoad = serde_json::from_str(
+            r#"{"shardIndex":2,"utilisation":0.25,"inFlightRequests":1,"queueDepth":0,
+                "rowsProcessedTotal":9,"expertRowsProcessedTotal":18}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed, load(2, 0.25));
     }
 
     #[tokio::test]
