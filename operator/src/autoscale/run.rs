@@ -301,15 +301,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
                     changed = true;
                     pending = Some((desired, Instant::now()));
                     let record = record(current, desired, &decision, seen.total);
-                    announce(&shared, &md, &record, &policy).await;
-                    shared
-                        .metrics
-                        .autoscaler_decisions
-                        .with_label_values(&[labels[0], labels[1], &record.reason])
-                        .inc();
-                    decisions.push(record);
-                    let excess = decisions.len().saturating_sub(DECISIONS_KEPT);
-                    decisions.drain(..excess);
+                    publish(&shared, &md, record, &policy, &mut decisions).await;
                 }
                 Err(e) => {
                     tracing::warn!(deployment = %key, error = %e, from = current, to = desired, "could not scale the frontends");
@@ -483,15 +475,7 @@ impl ShardScaler {
                     self.pending = Some((desired, Instant::now()));
                     let mut record = record(current, desired, &decision, f64::from(needed));
                     record.role = Component::ExpertShard.as_str().into();
-                    announce(shared, md, &record, &policy).await;
-                    shared
-                        .metrics
-                        .autoscaler_decisions
-                        .with_label_values(&[labels[0], labels[1], &record.reason])
-                        .inc();
-                    decisions.push(record);
-                    let excess = decisions.len().saturating_sub(DECISIONS_KEPT);
-                    decisions.drain(..excess);
+                    publish(shared, md, record, &policy, decisions).await;
                 }
                 Err(e) => {
                     tracing::warn!(deployment = %names.deployment, error = %e, from = current, to = desired, "could not scale the expert shards");
@@ -575,6 +559,30 @@ async fn scale(client: &Client, md: &ModelDeployment, count: i32) -> kube::Resul
     )
     .await
     .map(drop)
+}
+
+/// A change written: its event, its count in the metrics, and its place in the last
+/// [`DECISIONS_KEPT`] decisions of status.
+async fn publish(
+    shared: &Shared,
+    md: &ModelDeployment,
+    record: ScalingDecision,
+    policy: &Policy,
+    decisions: &mut Vec<ScalingDecision>,
+) {
+    announce(shared, md, &record, policy).await;
+    shared
+        .metrics
+        .autoscaler_decisions
+        .with_label_values(&[
+            md.namespace().unwrap_or_default().as_str(),
+            md.name_any().as_str(),
+            &record.reason,
+        ])
+        .inc();
+    decisions.push(record);
+    let excess = decisions.len().saturating_sub(DECISIONS_KEPT);
+    decisions.drain(..excess);
 }
 
 /// An event for each change, with the signal behind it.
