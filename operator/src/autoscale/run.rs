@@ -32,9 +32,7 @@ use kube::{Client, Resource, ResourceExt};
 
 use super::sample::{self, Target};
 use super::{Decision, Policy, Reason, Sample, decide};
-use crate::api::{
-    AutoscalingSpec, AutoscalingStatus, ExpertScaling, ModelDeployment, ScalingDecision,
-};
+use crate::api::{AutoscalingSpec, AutoscalingStatus, ModelDeployment, ScalingDecision};
 use crate::build::{self, Component, METRICS_PORT, METRICS_PORT_NAME, Names};
 use crate::metrics::Metrics;
 
@@ -309,14 +307,9 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
             }
         }
 
-        let shards = match &spec.experts {
-            Some(experts) if md.spec.experts.shards > 0 => {
-                shard_scaler
-                    .step(&shared, &md, &names, &spec, experts, at, &mut decisions)
-                    .await
-            }
-            _ => None,
-        };
+        let shards = shard_scaler
+            .step(&shared, &md, &spec, at, &mut decisions)
+            .await;
         changed |= shards.as_ref().is_some_and(|s| s.changed);
 
         let status = AutoscalingStatus {
@@ -396,18 +389,21 @@ struct ShardView {
 }
 
 impl ShardScaler {
-    #[allow(clippy::too_many_arguments)]
+    /// One poll of the shards of `md` (whose `autoscaling.experts` is `spec.experts`);
+    /// `None` when it has no shards or no shard autoscaling.
     async fn step(
         &mut self,
         shared: &Shared,
         md: &ModelDeployment,
-        names: &Names,
         spec: &AutoscalingSpec,
-        experts: &ExpertScaling,
         at: u64,
         decisions: &mut Vec<ScalingDecision>,
     ) -> Option<ShardView> {
-        let shards = u32::try_from(md.spec.experts.shards).ok()?;
+        let experts = spec.experts.as_ref()?;
+        let shards = u32::try_from(md.spec.experts.shards)
+            .ok()
+            .filter(|&n| n > 0)?;
+        let names = &Names::new(md).ok()?;
         let targets = targets(&shared.pods, names, Component::ExpertShard);
         let interval =
             Duration::from_millis(u64::try_from(spec.poll_interval_milliseconds).unwrap_or(500));
@@ -492,20 +488,29 @@ impl ShardScaler {
     }
 }
 
-/// `spec.experts.replicaShards = count` (a merge patch under [`FIELD_MANAGER`]).
+/// `spec.experts.replicaShards = count` (a merge patch of that one field).
 async fn copies(client: &Client, md: &ModelDeployment, count: i32) -> kube::Result<()> {
-    let api: Api<ModelDeployment> =
-        Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
-    api.patch(
-        &md.name_any(),
-        &PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        },
-        &Patch::Merge(serde_json::json!({ "spec": { "experts": { "replicaShards": count } } })),
-    )
-    .await
-    .map(drop)
+    api(client, md)
+        .patch(
+            &md.name_any(),
+            &writes(),
+            &Patch::Merge(serde_json::json!({ "spec": { "experts": { "replicaShards": count } } })),
+        )
+        .await
+        .map(drop)
+}
+
+/// The namespaced API of `md`.
+fn api(client: &Client, md: &ModelDeployment) -> Api<ModelDeployment> {
+    Api::namespaced(client.clone(), &md.namespace().unwrap_or_default())
+}
+
+/// The autoscaler's writes: under [`FIELD_MANAGER`].
+fn writes() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    }
 }
 
 /// Two decimals: status and events are read by people.
@@ -547,18 +552,14 @@ fn limited_message(decision: &Decision, policy: &Policy) -> String {
 
 /// `spec.frontend.replicas = count`, through the scale subresource.
 async fn scale(client: &Client, md: &ModelDeployment, count: i32) -> kube::Result<()> {
-    let api: Api<ModelDeployment> =
-        Api::namespaced(client.clone(), &md.namespace().unwrap_or_default());
-    api.patch_scale(
-        &md.name_any(),
-        &PatchParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..PatchParams::default()
-        },
-        &Patch::Merge(serde_json::json!({ "spec": { "replicas": count } })),
-    )
-    .await
-    .map(drop)
+    api(client, md)
+        .patch_scale(
+            &md.name_any(),
+            &writes(),
+            &Patch::Merge(serde_json::json!({ "spec": { "replicas": count } })),
+        )
+        .await
+        .map(drop)
 }
 
 /// A change written: its event, its count in the metrics, and its place in the last
