@@ -127,16 +127,30 @@ pub async fn serve(
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = match &extra {
-                        Some(e)
-                            if request.uri().path() == e.path
-                                && request.method() == Method::GET =>
-                        {
-                            json_response((e.body)())
+                    let path = request.uri().path().to_string();
+                    let get = request.method() == Method::GET;
+                    let answer = match &extra {
+                        Some(JsonEndpoint {
+                            path: p,
+                            body: JsonBody::Now(body),
+                        }) if get && path == *p => Answer::Ready(json_response(200, body())),
+                        Some(JsonEndpoint {
+                            path: p,
+                            body: JsonBody::Under(body),
+                        }) if get && path.starts_with(*p) => {
+                            Answer::Later(body(path[p.len()..].to_string()))
                         }
-                        _ => route(&request, &registry, readiness.as_ref()),
+                        _ => Answer::Ready(route(&request, &registry, readiness.as_ref())),
                     };
-                    async move { Ok::<_, Infallible>(response) }
+                    async move {
+                        Ok::<_, Infallible>(match answer {
+                            Answer::Ready(response) => response,
+                            Answer::Later(body) => {
+                                let (status, body) = body.await;
+                                json_response(status, body)
+                            }
+                        })
+                    }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -149,14 +163,39 @@ pub async fn serve(
     }
 }
 
-/// One more read-only endpoint answering JSON (the frontends' `/demand`), computed per
-/// request.
+/// One more read-only endpoint answering JSON (the frontends' `/demand`, the operator's
+/// `/autoscaling/...`), computed per request.
 #[derive(Clone)]
 pub struct JsonEndpoint {
-    /// The path, e.g. `/demand`.
+    /// The path, e.g. `/demand`; with [`JsonBody::Under`], a prefix ending in `/`.
     pub path: &'static str,
-    /// The body.
-    pub body: Arc<dyn Fn() -> String + Send + Sync>,
+    pub body: JsonBody,
+}
+
+/// A future answer: the HTTP status and the JSON body.
+pub type JsonFuture = std::pin::Pin<Box<dyn Future<Output = (u16, String)> + Send>>;
+
+/// How a [`JsonEndpoint`] answers.
+#[derive(Clone)]
+pub enum JsonBody {
+    /// At once, 200, for exactly the path.
+    Now(Arc<dyn Fn() -> String + Send + Sync>),
+    /// For every path under the prefix: from the rest of the path, asynchronously.
+    Under(Arc<dyn Fn(String) -> JsonFuture + Send + Sync>),
+}
+
+impl std::fmt::Debug for JsonBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Now(_) => "JsonBody::Now",
+            Self::Under(_) => "JsonBody::Under",
+        })
+    }
+}
+
+enum Answer {
+    Ready(Response<Full<Bytes>>),
+    Later(JsonFuture),
 }
 
 impl std::fmt::Debug for JsonEndpoint {
@@ -167,8 +206,9 @@ impl std::fmt::Debug for JsonEndpoint {
     }
 }
 
-fn json_response(body: String) -> Response<Full<Bytes>> {
+fn json_response(status: u16, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),

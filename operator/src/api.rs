@@ -79,8 +79,11 @@ pub const GROUP: &str = "switchyard.dev";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(
-    "!has(self.autoscaling) || !self.autoscaling.enabled || (self.frontend.replicas >= self.autoscaling.frontend.minReplicas && self.frontend.replicas <= self.autoscaling.frontend.maxReplicas)"
-).message("frontend.replicas must lie within autoscaling.frontend.minReplicas..maxReplicas while autoscaling is enabled").field_path(".frontend.replicas"))]
+    "!has(self.autoscaling) || !self.autoscaling.enabled || self.autoscaling.mode == 'Shadow' || (self.frontend.replicas >= self.autoscaling.frontend.minReplicas && self.frontend.replicas <= self.autoscaling.frontend.maxReplicas)"
+).message("frontend.replicas must lie within autoscaling.frontend.minReplicas..maxReplicas while autoscaling is enabled in mode Active").field_path(".frontend.replicas"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.autoscaling) || !has(self.autoscaling.tierBudgets) || self.autoscaling.tierBudgets.all(b, b.tier == 'anonymous' || (has(self.admission) && has(self.admission.tiers) && self.admission.tiers.exists(t, t.name == b.tier)))"
+).message("autoscaling.tierBudgets: each tier must be one of admission.tiers, or anonymous").field_path(".autoscaling.tierBudgets"))]
 #[x_kube(validation = Rule::new(
     "!has(self.autoscaling) || !self.autoscaling.enabled || !has(self.autoscaling.experts) || self.experts.shards >= 1"
 ).message("autoscaling.experts sizes the shard pods: it needs experts.shards >= 1").field_path(".autoscaling.experts"))]
@@ -412,6 +415,10 @@ pub struct ExpertsSpec {
     pub pod: PodSettings,
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn one() -> i32 {
     1
 }
@@ -688,8 +695,26 @@ pub struct AutoscalingSpec {
     /// or an HPA's or KEDA's through the same subresource.
     #[serde(default)]
     pub enabled: bool,
+    /// `Active` (the default): the autoscaler writes the counts it decides. `Shadow`: it
+    /// decides exactly as in `Active` and shows each recommendation, its reason and the
+    /// signal in `status.autoscaling`, Events and metrics, but never changes a count (the
+    /// user, an HPA or KEDA keep them). Switching to `Active` applies the current
+    /// recommendation.
+    #[serde(default)]
+    pub mode: AutoscalingMode,
     #[serde(default)]
     pub frontend: FrontendScaling,
+    /// What each tier's demand can buy, as a share of `frontend.maxReplicas`: a tier's
+    /// legitimate demand counts for at most the frontends its share gives (rounded up)
+    /// times `targetQueueDepth`, however many tenants it has, so many keys each within
+    /// its quota (a sybil flood) cannot buy more. `tier` names one of `admission.tiers`,
+    /// or `anonymous` for callers without an API key. Unlisted, anonymous callers and the
+    /// default tier (`admission.defaultTier`, where keys without a tier land) get 50 %;
+    /// other tiers are unbounded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 33))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["tier"]))]
+    pub tier_budgets: Vec<TierBudget>,
     /// Expert-shard autoscaling: absent, the shard count is the user's. Present (with
     /// `enabled`), the autoscaler sizes the shard pods, `experts.shards` plus the copies it
     /// writes to `experts.replicaShards`, from the utilisation the shards report; needs
@@ -764,6 +789,30 @@ fn default_poll_interval() -> i32 {
 }
 fn default_scale_down_delay() -> i32 {
     300
+}
+
+/// See [`AutoscalingSpec::mode`].
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AutoscalingMode {
+    #[default]
+    Active,
+    Shadow,
+}
+
+/// The most one tier's demand can buy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TierBudget {
+    /// A tier of `admission.tiers`, or `anonymous` (callers without an API key).
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub tier: String,
+    /// Its share of `autoscaling.frontend.maxReplicas`, in percent (rounded up to whole
+    /// frontends); 0: its demand never adds a frontend.
+    #[schemars(range(min = 0, max = 100))]
+    pub max_frontends_percent: i32,
 }
 
 /// Frontend replica bounds.
@@ -870,8 +919,15 @@ pub struct ModelDeploymentStatus {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingStatus {
-    /// Frontends the autoscaler wants now.
+    /// `Active` or `Shadow` (recommendations only: the counts are someone else's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<AutoscalingMode>,
+    /// Frontends the autoscaler wants now (in `Shadow`: recommends).
     pub desired_frontends: i32,
+    /// Why: `Panic`, `Stable`, `ScaleDownDelay`, `RateLimited`, `Bounded`,
+    /// `PartialSignal` or `NoSignal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Frontends `spec.frontend.replicas` asks for.
     pub current_frontends: i32,
     /// Ready frontends, and how many of them answered the last poll.
@@ -906,6 +962,11 @@ pub struct AutoscalingStatus {
     pub reporting_shards: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_utilization: Option<String>,
+    /// Legitimate demand per tier in the last sample (anonymous callers as `anonymous`),
+    /// and what its budget (`autoscaling.tierBudgets`) lets it count for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 33))]
+    pub tiers: Vec<TierDemandStatus>,
     /// When the sample above was taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_at: Option<Time>,
@@ -915,11 +976,29 @@ pub struct AutoscalingStatus {
     pub decisions: Vec<ScalingDecision>,
 }
 
-/// One change of `spec.frontend.replicas` by the autoscaler.
+/// One tier's demand in [`AutoscalingStatus::tiers`].
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TierDemandStatus {
+    pub tier: String,
+    /// Its tenants' legitimate demand (each up to its quota), a decimal string.
+    pub demand: String,
+    /// What it counts for: the demand, at most its budget's frontends × targetQueueDepth.
+    pub counted: String,
+    /// The frontends its budget buys at most; absent: unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_frontends: Option<i32>,
+}
+
+/// One change of `spec.frontend.replicas` by the autoscaler (or, in `Shadow`, of its
+/// recommendation).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingDecision {
     pub time: Time,
+    /// False in `Shadow`: recommended, not written.
+    #[serde(default = "yes")]
+    pub applied: bool,
     /// `frontend`, or `expert-shard` (its counts are shard pods, copies included).
     pub role: String,
     pub from: i32,

@@ -263,7 +263,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    tokio::spawn(metrics::serve(listener, metrics.clone(), stopped()));
+    // The demand signal for KEDA: on every replica, computed when asked.
+    let external = {
+        let client = client.clone();
+        switchyard_edge::metrics::JsonEndpoint {
+            path: autoscale::external::PREFIX,
+            body: switchyard_edge::metrics::JsonBody::Under(Arc::new(move |rest| {
+                Box::pin(autoscale::external::answer(client.clone(), rest))
+            })),
+        }
+    };
+    tokio::spawn(metrics::serve(
+        listener,
+        metrics.clone(),
+        Some(external),
+        stopped(),
+    ));
     tokio::spawn(async move {
         switchyard_edge::signal::shutdown_signal().await;
         let _ = stop_tx.send(true);

@@ -5,6 +5,8 @@
 //!   GET /metrics   switchyard_operator_* (text format)
 //!   GET /healthz   200 while the process runs
 //!   GET /readyz    200 once the controller runs (leader) or stands by (follower)
+//!   GET /autoscaling/<namespace>/<name>   the demand signal for KEDA
+//!                  (`crate::autoscale::external`), on every replica
 //! ```
 
 use std::net::SocketAddr;
@@ -34,7 +36,7 @@ pub struct Metrics {
     /// Demand per deployment: legitimate over the `stable` and `panic` windows, and `all`
     /// (quota or not) in the last sample.
     pub autoscaler_demand: GaugeVec,
-    /// Changes of the frontend count, by reason.
+    /// Changes of a count, by reason and mode (Shadow: recommended only).
     pub autoscaler_decisions: IntCounterVec,
     /// Frontends that did not answer a demand poll.
     pub autoscaler_poll_failures: IntCounterVec,
@@ -102,9 +104,9 @@ impl Metrics {
         let autoscaler_decisions = IntCounterVec::new(
             Opts::new(
                 "autoscaler_decisions_total",
-                "Changes of the frontend count, by reason",
+                "Changes of a count (frontends or shard pods), by reason; mode Shadow: recommended, not applied",
             ),
-            &["namespace", "deployment", "reason"],
+            &["namespace", "deployment", "reason", "mode"],
         )
         .expect("static metric options are valid");
         let autoscaler_poll_failures = IntCounterVec::new(
@@ -185,13 +187,14 @@ impl Metrics {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    extra: Option<switchyard_edge::metrics::JsonEndpoint>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     switchyard_edge::metrics::serve(
         listener,
         metrics.registry.clone(),
         Some(metrics.ready.clone()),
-        None,
+        extra,
         shutdown,
     )
     .await

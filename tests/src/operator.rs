@@ -63,6 +63,11 @@ impl OperatorProcess {
         http_get_plain(self.metrics_port, "/metrics").await
     }
 
+    /// `GET path` on the metrics port: the whole response, status line included.
+    pub async fn http(&self, path: &str) -> std::result::Result<String, String> {
+        http_get_plain(self.metrics_port, path).await
+    }
+
     /// Peak resident memory of the operator so far, in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         self.process.peak_rss_kib()

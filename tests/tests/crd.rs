@@ -160,6 +160,24 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.frontend.replicas",
     ),
     (
+        "a tier budget for a tier admission does not have",
+        "autoscaling",
+        "{tierBudgets: [{tier: gold, maxFrontendsPercent: 10}]}",
+        "spec.autoscaling.tierBudgets",
+    ),
+    (
+        "a tier budget over 100 %",
+        "autoscaling",
+        "{tierBudgets: [{tier: anonymous, maxFrontendsPercent: 101}]}",
+        "spec.autoscaling.tierBudgets[0].maxFrontendsPercent",
+    ),
+    (
+        "an unknown autoscaling mode",
+        "autoscaling",
+        "{mode: Passive}",
+        "spec.autoscaling.mode",
+    ),
+    (
         "a panic window as long as the stable window",
         "autoscaling",
         "{stableWindowSeconds: 30, panicWindowSeconds: 30}",
@@ -328,6 +346,18 @@ async fn fields_whose_feature_is_not_built_are_refused_as_not_supported_yet() {
         (Some(2), Some(200), Some(500)),
         "the defaults: a 2 s panic window, 2× threshold, polled every 500 ms"
     );
+    assert_eq!(a["mode"], "Active", "the default mode");
+    // In Shadow the count is someone else's (the user's, an HPA's, KEDA's): it may lie
+    // outside the bounds, and budgets may name anonymous callers.
+    let mut obj = valid_with(
+        "autoscaling",
+        "{enabled: true, mode: Shadow, frontend: {minReplicas: 2, maxReplicas: 4}, \
+         tierBudgets: [{tier: anonymous, maxFrontendsPercent: 0}]}",
+    );
+    obj.metadata.name = Some("shadow".into());
+    api.create(&PostParams::default(), &obj)
+        .await
+        .expect("Shadow with the count outside the bounds accepted");
 }
 
 #[tokio::test]

@@ -764,6 +764,11 @@ impl DemandServer {
         *self.report.lock().unwrap() = demand(tenants);
     }
 
+    /// As [`Self::set`], each tenant in its own tier: (tenant, tier, requests, cap).
+    fn set_tiered(&self, tenants: &[(String, &str, usize, Option<f64>)]) {
+        *self.report.lock().unwrap() = tiered_demand(tenants);
+    }
+
     /// Answers as expert shard `index` at `utilisation` (`/load`).
     fn set_load(&self, index: u32, utilisation: f64) {
         *self.report.lock().unwrap() = serde_json::json!({
@@ -773,16 +778,25 @@ impl DemandServer {
     }
 }
 
-/// A `/demand` report: (tenant, requests in the system, cap).
+/// A `/demand` report: (tenant, requests in the system, cap), all in tier `t`.
 fn demand(tenants: &[(&str, usize, Option<f64>)]) -> serde_json::Value {
-    let running: usize = tenants.iter().map(|t| t.1).sum();
+    let tenants: Vec<_> = tenants
+        .iter()
+        .map(|&(tenant, n, cap)| (tenant.to_string(), "t", n, cap))
+        .collect();
+    tiered_demand(&tenants)
+}
+
+/// A `/demand` report: (tenant, tier, requests in the system, cap).
+fn tiered_demand(tenants: &[(String, &str, usize, Option<f64>)]) -> serde_json::Value {
+    let running: usize = tenants.iter().map(|t| t.2).sum();
     serde_json::json!({
         "meanServiceSeconds": 1.0,
         "running": running,
         "queued": 0,
         "frontends": 1,
-        "tenants": tenants.iter().map(|(tenant, n, cap)| serde_json::json!({
-            "tenant": tenant, "tier": "t", "queued": 0, "running": n, "cap": cap,
+        "tenants": tenants.iter().map(|(tenant, tier, n, cap)| serde_json::json!({
+            "tenant": tenant, "tier": tier, "queued": 0, "running": n, "cap": cap,
         })).collect::<Vec<_>>(),
     })
 }
@@ -1135,4 +1149,279 @@ async fn the_autoscaler_copies_a_busy_shard_and_removes_the_copy_when_it_idles()
         (md.spec.experts.replica_shards == 0).then_some(())
     })
     .await;
+}
+
+/// Shadow mode against the real API server: under a legitimate spike the recommendation
+/// and its reason reach status within 2 s while the count never changes; switching to
+/// Active applies it. Then a sybil flood (50 free tenants, each at its quota) buys only
+/// the free tier's budget, and says so in ScalingLimited.
+#[tokio::test]
+async fn shadow_mode_recommends_without_scaling_and_tier_budgets_bound_a_sybil_flood() {
+    let (cp, ns) = setup("op-shadow").await;
+    let operator = OperatorProcess::start(cp, &ns.name, "op-s", LEASE)
+        .await
+        .unwrap();
+    let frontend = DemandServer::start().await;
+    let mut md = example("minimal.yaml");
+    md.spec.admission = serde_json::from_value(serde_json::json!({
+        "defaultTier": "free",
+        "tiers": [{"name": "free", "requestsPerMinute": 6}, {"name": "pro"}],
+    }))
+    .unwrap();
+    md.spec.autoscaling = Some(
+        serde_json::from_value(serde_json::json!({
+            "enabled": true,
+            "mode": "Shadow",
+            "frontend": {"minReplicas": 1, "maxReplicas": 8},
+            "targetQueueDepth": 5,
+            "stableWindowSeconds": 6,
+            "panicWindowSeconds": 2,
+            "scaleDownDelaySeconds": 3,
+            "pollIntervalMilliseconds": 200,
+            "tierBudgets": [{"tier": "free", "maxFrontendsPercent": 25}],
+        }))
+        .unwrap(),
+    );
+    let md = create(&ns, &md).await;
+    let name = md.name_any();
+    ready_frontend_pod(&ns, &md, frontend.port).await;
+    eventually("the frontend polled in Shadow", || async {
+        let status = get::<ModelDeployment>(&ns, &name).await?.status?;
+        let active = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ScalingActive")?;
+        (active.reason == "Shadow" && status.autoscaling?.reporting_frontends == 1).then_some(())
+    })
+    .await;
+
+    // A legitimate spike: 14 pro requests, target 5: 3 frontends recommended, none made.
+    let spike = std::time::Instant::now();
+    frontend.set_tiered(&[("acme".into(), "pro", 14, None)]);
+    let a = eventually("the recommendation in status", || async {
+        let a = get::<ModelDeployment>(&ns, &name)
+            .await?
+            .status?
+            .autoscaling?;
+        (a.desired_frontends == 3).then_some(a)
+    })
+    .await;
+    let seen_after = spike.elapsed();
+    let last = a.decisions.last().expect("a recommended decision");
+    assert_eq!(
+        (
+            a.mode,
+            a.reason.as_deref(),
+            a.current_frontends,
+            last.applied,
+            last.to
+        ),
+        (
+            Some(switchyard_operator::api::AutoscalingMode::Shadow),
+            Some("Panic"),
+            1,
+            false,
+            3
+        ),
+        "{a:?}"
+    );
+    eprintln!("shadow: the recommendation in status {seen_after:?} after the spike");
+    assert!(
+        seen_after < Duration::from_secs(2) + Duration::from_millis(500),
+        "the recommendation took {seen_after:?} (poll 200 ms; allowing 500 ms for the test's own reads)"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = get::<ModelDeployment>(&ns, &name).await.unwrap();
+    assert_eq!(now.spec.frontend.replicas, 1, "Shadow changed the count");
+    let deployment = get::<Deployment>(&ns, &format!("{name}-frontend"))
+        .await
+        .unwrap();
+    assert_eq!(deployment.spec.replicas, Some(1));
+    let events = cp
+        .kubectl(&["get", "events", "-n", &ns.name, "-o", "json"])
+        .await
+        .unwrap();
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("RecommendScaleUp") && events.contains("shadow, not applied"),
+        "{events}"
+    );
+    assert!(!events.contains("\"ScaledUp\""), "{events}");
+    let metrics = operator.metrics().await.unwrap();
+    assert!(metrics.contains("mode=\"Shadow\""), "{metrics}");
+
+    // Switching to Active applies the current recommendation.
+    merge_patch(
+        &ns,
+        &name,
+        serde_json::json!({"spec": {"autoscaling": {"mode": "Active"}}}),
+    )
+    .await;
+    eventually("Active applies the recommendation", || async {
+        let md = get::<ModelDeployment>(&ns, &name).await?;
+        (md.spec.frontend.replicas == 3).then_some(())
+    })
+    .await;
+
+    // The load ends: back to 1 after the windows and the delay.
+    frontend.set(&[]);
+    eventually("back to 1 frontend", || async {
+        let md = get::<ModelDeployment>(&ns, &name).await?;
+        (md.spec.frontend.replicas == 1).then_some(())
+    })
+    .await;
+
+    // The sybil flood: 50 free tenants, each at 100 % of its quota (cap 0.5 requests in
+    // the system each: 25 in all, 5 frontends' worth), and nothing else. The free tier's
+    // budget is 25 % of 8 = 2 frontends: the count goes up to 2, not to 5.
+    let sybils: Vec<(String, &str, usize, Option<f64>)> = (0..50)
+        .map(|i| (format!("sybil-{i}"), "free", 1, Some(0.5)))
+        .collect();
+    frontend.set_tiered(&sybils);
+    let md_now = eventually("the count at the free tier's budget", || async {
+        let md = get::<ModelDeployment>(&ns, &name).await?;
+        (md.spec.frontend.replicas == 2).then_some(md)
+    })
+    .await;
+    // It stays there (the windows see only the capped demand).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let md_now = get::<ModelDeployment>(&ns, &name)
+        .await
+        .filter(|md| md.spec.frontend.replicas == 2)
+        .unwrap_or_else(|| panic!("the sybils bought more than 2: {md_now:?}"));
+    let status = md_now.status.unwrap();
+    let a = status.autoscaling.unwrap();
+    let free = a.tiers.iter().find(|t| t.tier == "free").expect("free");
+    assert_eq!(
+        (
+            free.demand.as_str(),
+            free.counted.as_str(),
+            free.budget_frontends
+        ),
+        ("25.00", "10.00", Some(2)),
+        "{a:?}"
+    );
+    let limited = eventually("ScalingLimited=TierBudget", || async {
+        let status = get::<ModelDeployment>(&ns, &name).await?.status?;
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "ScalingLimited" && c.reason == "TierBudget")
+    })
+    .await;
+    assert!(limited.message.contains("tier free"), "{limited:?}");
+    // A paid spike during the flood still gets its frontends: 20 pro requests on top.
+    let mut both = sybils.clone();
+    both.push(("acme".into(), "pro", 20, None));
+    frontend.set_tiered(&both);
+    eventually(
+        "the pro spike's 4 frontends on top of the free tier's 2",
+        || async {
+            let md = get::<ModelDeployment>(&ns, &name).await?;
+            (md.spec.frontend.replicas == 6).then_some(())
+        },
+    )
+    .await;
+    drop(operator);
+}
+
+/// `GET path` on the operator's metrics port: the status and the JSON body.
+async fn read(operator: &OperatorProcess, path: String) -> (u16, serde_json::Value) {
+    let response = operator.http(&path).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap())
+}
+
+/// The KEDA ScaledObject in docs/autoscaling.md against the real operator's endpoint: its
+/// `metrics-api` trigger's `valueLocation` resolves to the legitimate demand, its URL is
+/// the endpoint's shape for its scale target, and its target is the queue depth.
+#[tokio::test]
+async fn the_keda_trigger_in_the_docs_reads_the_operators_endpoint() {
+    let (_cp, ns) = setup("op-keda").await;
+    // A standby answers too: start two, the second stands by.
+    let first = OperatorProcess::start(_cp, &ns.name, "op-k1", LEASE)
+        .await
+        .unwrap();
+    let standby = OperatorProcess::start(_cp, &ns.name, "op-k2", LEASE)
+        .await
+        .unwrap();
+    let frontend = DemandServer::start().await;
+    // Autoscaling off: KEDA owns the count; the endpoint still answers.
+    let md = create(&ns, &example("minimal.yaml")).await;
+    let name = md.name_any();
+
+    // The documented ScaledObject.
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/autoscaling.md"),
+    )
+    .unwrap();
+    let scaled_object: serde_json::Value = docs
+        .split("```yaml")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .find(|block| block.contains("kind: ScaledObject"))
+        .map(|block| serde_yaml::from_str(block).expect("the ScaledObject parses"))
+        .expect("docs/autoscaling.md has a ScaledObject");
+    let target = &scaled_object["spec"]["scaleTargetRef"];
+    assert_eq!(
+        (target["apiVersion"].as_str(), target["kind"].as_str()),
+        (Some("switchyard.dev/v1alpha1"), Some("ModelDeployment"))
+    );
+    let trigger = &scaled_object["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "metrics-api");
+    let meta = &trigger["metadata"];
+    let url = meta["url"].as_str().unwrap();
+    let path = format!(
+        "/autoscaling/{}/{}",
+        scaled_object["metadata"]["namespace"].as_str().unwrap(),
+        target["name"].as_str().unwrap()
+    );
+    assert!(
+        url.ends_with(&path)
+            && url.starts_with("http://switchyard-metrics.switchyard-system.svc:8080/"),
+        "{url} is the chart's metrics Service and {path}"
+    );
+    assert_eq!(
+        meta["targetValue"].as_str(),
+        Some(
+            switchyard_operator::api::AutoscalingSpec::default()
+                .target_queue_depth
+                .to_string()
+                .as_str()
+        )
+    );
+    let location = meta["valueLocation"].as_str().unwrap();
+    let resolve = |doc: &serde_json::Value| {
+        location
+            .split('.')
+            .fold(doc.clone(), |v, key| v[key].clone())
+            .as_f64()
+    };
+
+    let ours = format!("/autoscaling/{}/{name}", ns.name);
+    // No ready frontend: 503, no signal (not zero demand).
+    let (status, body) = read(&first, ours.clone()).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no ready frontend")
+    );
+    let (status, body) = read(&first, format!("/autoscaling/{}/nope", ns.name)).await;
+    assert_eq!(status, 404, "{body}");
+
+    // Demand: a flood over quota and legitimate callers.
+    ready_frontend_pod(&ns, &md, frontend.port).await;
+    frontend.set(&[("flood", 200, Some(2.0)), ("legit", 12, None)]);
+    for operator in [&first, &standby] {
+        let (status, body) = read(operator, ours.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(resolve(&body), Some(14.0), "{location} in {body}");
+        assert_eq!(body["frontend"]["allDemand"], 212.0, "{body}");
+        assert_eq!(body["frontend"]["desiredReplicas"], 3, "{body}");
+        assert_eq!(body["targetQueueDepth"], 5, "{body}");
+        assert!(body.get("mode").is_none(), "autoscaling is off: {body}");
+    }
 }

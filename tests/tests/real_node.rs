@@ -1056,6 +1056,9 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
                 "panicWindowSeconds": 2,
                 "scaleDownDelaySeconds": 5,
                 "pollIntervalMilliseconds": 250,
+                // No API keys here: every caller is anonymous, whose demand may buy half
+                // of maxReplicas by default; these are the test's own callers.
+                "tierBudgets": [{"tier": "anonymous", "maxFrontendsPercent": 100}],
             }}})),
         )
         .await
@@ -1440,6 +1443,9 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
                     "panicWindowSeconds": 2,
                     "scaleDownDelaySeconds": 5,
                     "pollIntervalMilliseconds": 250,
+                    // acme's paid tier is the default one here: unbounded, as a paid
+                    // tier is (the default tier's default budget is half).
+                    "tierBudgets": [{"tier": "standard", "maxFrontendsPercent": 100}],
                 },
             }})),
         )

@@ -2,11 +2,17 @@
 //! to a replica count and the reason for it (the rules: [`super`]). No client, no clock;
 //! [`super::run`] is the shell around it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+/// The budget group of anonymous callers (whatever tier they are served in).
+pub const ANONYMOUS: &str = "anonymous";
 
 /// One tenant's part of a sample, summed over the frontends that reported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TenantDemand {
+    /// Its budget group: its tier, or [`ANONYMOUS`] for callers without a key.
+    pub tier: String,
     /// Requests of this tenant in the system (queued + running), admitted within quota.
     pub demand: f64,
     /// The most requests its quota can keep in the system (its request rate quota times
@@ -39,6 +45,30 @@ impl Sample {
     pub fn legitimate(&self) -> f64 {
         self.tenants.iter().map(TenantDemand::legitimate).sum()
     }
+
+    /// Per tier (budget group): its legitimate demand, and what it counts for under
+    /// `budgets` (at most the tier's budget).
+    pub fn by_tier(&self, budgets: &BTreeMap<String, f64>) -> BTreeMap<&str, (f64, f64)> {
+        let mut tiers: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+        for t in &self.tenants {
+            tiers.entry(&t.tier).or_default().0 += t.legitimate();
+        }
+        for (tier, (demand, counted)) in &mut tiers {
+            *counted = budgets
+                .get(*tier)
+                .map_or(*demand, |b| demand.min(b.max(0.0)));
+        }
+        tiers
+    }
+
+    /// What drives decisions: Σ over tiers of their legitimate demand, each at most its
+    /// budget.
+    pub fn counted(&self, budgets: &BTreeMap<String, f64>) -> f64 {
+        if budgets.is_empty() {
+            return self.legitimate();
+        }
+        self.by_tier(budgets).values().map(|(_, c)| c).sum()
+    }
 }
 
 /// The decision rules (from `spec.autoscaling` and its role bounds).
@@ -57,6 +87,9 @@ pub struct Policy {
     pub scale_down_delay: Duration,
     pub min: u32,
     pub max: u32,
+    /// The most legitimate demand each tier (budget group) counts for; unlisted tiers
+    /// count in full (`autoscaling.tierBudgets`).
+    pub tier_budgets: BTreeMap<String, f64>,
 }
 
 /// Why the count is what it is.
@@ -100,7 +133,7 @@ pub fn decide(history: &[Sample], policy: &Policy, current: u32, now_ms: u64) ->
     let mut prefix = Vec::with_capacity(history.len() + 1);
     prefix.push(0.0);
     for s in history {
-        prefix.push(prefix.last().copied().unwrap_or(0.0) + s.legitimate());
+        prefix.push(prefix.last().copied().unwrap_or(0.0) + s.counted(&policy.tier_budgets));
     }
     let mean = |window: Duration, until: u64| {
         let from = until.saturating_sub(ms(window));
@@ -200,6 +233,7 @@ mod tests {
             scale_down_delay: Duration::from_secs(300),
             min: 1,
             max: 8,
+            tier_budgets: BTreeMap::new(),
         }
     }
 
@@ -212,12 +246,16 @@ mod tests {
 
     /// Runs `load` for `secs`, deciding at every sample; new replicas become ready
     /// `start_ms` after the decision that asked for them, removals at once.
-    fn simulate(
+    fn simulate(secs: u64, start_ms: u64, load: impl FnMut(u64, u32) -> Vec<TenantDemand>) -> Sim {
+        simulate_with(&policy(), secs, start_ms, load)
+    }
+
+    fn simulate_with(
+        p: &Policy,
         secs: u64,
         start_ms: u64,
         mut load: impl FnMut(u64, u32) -> Vec<TenantDemand>,
     ) -> Sim {
-        let p = policy();
         let mut sim = Sim {
             history: Vec::new(),
             ready: 1,
@@ -241,7 +279,7 @@ mod tests {
                 reporting: sim.ready,
                 tenants,
             });
-            let d = decide(&sim.history, &p, sim.ready, t);
+            let d = decide(&sim.history, p, sim.ready, t);
             let last = sim.decisions.last().map(|x| x.1).unwrap_or(1);
             if d.desired != last {
                 sim.decisions.push((t, d.desired, d.reason));
@@ -262,6 +300,7 @@ mod tests {
     /// `n` legitimate callers' worth of demand, with no quota.
     fn legit(n: f64) -> TenantDemand {
         TenantDemand {
+            tier: "paid".into(),
             demand: n,
             cap: None,
         }
@@ -270,6 +309,7 @@ mod tests {
     /// An attacker holding `n` requests in the system with a quota that allows `cap`.
     fn flood(n: f64, cap: f64) -> TenantDemand {
         TenantDemand {
+            tier: "free".into(),
             demand: n,
             cap: Some(cap),
         }
@@ -411,6 +451,71 @@ mod tests {
         };
         let d = decide(&history, &p, 1, 1000);
         assert_eq!((d.desired, d.reason), (2, Reason::RateLimited));
+    }
+
+    /// 50 free-tier tenants, each exactly at its quota (legitimate one by one), and a
+    /// policy whose free tier may buy 2 frontends (25 % of 8; target 5 → 10 requests).
+    fn sybil_policy() -> Policy {
+        Policy {
+            tier_budgets: [("free".to_string(), 10.0)].into(),
+            ..policy()
+        }
+    }
+
+    fn sybils() -> Vec<TenantDemand> {
+        (0..50).map(|_| flood(0.5, 0.5)).collect()
+    }
+
+    #[test]
+    fn many_tenants_each_at_quota_buy_no_more_than_their_tiers_budget() {
+        // Unbounded, 50 × 0.5 = 25 legitimate requests would want 5 frontends.
+        let unbounded = simulate(120, 10_000, |_, _| sybils());
+        assert_eq!(unbounded.ready, 5, "{:?}", unbounded.decisions);
+        let bounded = simulate_with(&sybil_policy(), 120, 10_000, |_, _| sybils());
+        assert!(
+            bounded.decisions.iter().all(|d| d.1 <= 2),
+            "the free tier's budget is 2 frontends: {:?}",
+            bounded.decisions
+        );
+        assert_eq!(bounded.ready, 2);
+        let sample = Sample {
+            at_ms: 0,
+            ready: 1,
+            reporting: 1,
+            tenants: sybils(),
+        };
+        let tiers = sample.by_tier(&sybil_policy().tier_budgets);
+        let (demand, counted) = tiers["free"];
+        assert!((demand - 25.0).abs() < 1e-9 && (counted - 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_paid_spike_during_a_sybil_flood_still_gets_its_replicas() {
+        // The paid tier (unbounded) spikes to 20 in-quota requests (4 frontends alone)
+        // from 30 s to 90 s, while the 50 free tenants stay at their quotas throughout.
+        let paid = |t: u64| {
+            if (30_000..90_000).contains(&t) {
+                20.0
+            } else {
+                0.0
+            }
+        };
+        let alone = simulate_with(&sybil_policy(), 120, 10_000, |t, _| vec![legit(paid(t))]);
+        let during = simulate_with(&sybil_policy(), 120, 10_000, |t, _| {
+            let mut tenants = sybils();
+            tenants.push(legit(paid(t)));
+            tenants
+        });
+        let most = |sim: &Sim| sim.decisions.iter().map(|d| d.1).max().unwrap_or(1);
+        assert_eq!(most(&alone), 4, "{:?}", alone.decisions);
+        // The spike gets its 4, on top of at most the free tier's 2.
+        assert_eq!(most(&during), 6, "{:?}", during.decisions);
+        let spike_up = during
+            .decisions
+            .iter()
+            .find(|d| d.0 >= 30_000 && d.1 > 2)
+            .expect("the paid spike scales up");
+        assert!(spike_up.0 - 30_000 <= 2_000, "{spike_up:?}");
     }
 
     #[test]

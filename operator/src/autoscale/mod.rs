@@ -33,10 +33,13 @@
 //! - [`decide`]: the decision core, pure.
 //! - [`sample`]: one poll of the frontends, merged into a [`Sample`].
 //! - [`run`]: the loop per ModelDeployment and the writer (scale, status, events, metrics).
+//! - [`external`]: the same signal for KEDA or any external scaler
+//!   (`GET /autoscaling/<namespace>/<name>`).
 //! - [`sim`]: a deterministic simulation comparing ours with an aggregate-queue-depth
 //!   policy on the same trace (`switchyard-operator simulate`).
 
 pub mod decide;
+pub mod external;
 pub mod run;
 pub mod sample;
 pub mod sim;

@@ -19,7 +19,7 @@
 //! frontends removed on scale-down drain (`spec.serving.drainSeconds`) without cutting a
 //! stream.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,9 +30,13 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 
+use super::decide::ANONYMOUS;
 use super::sample::{self, Target};
 use super::{Decision, Policy, Reason, Sample, decide};
-use crate::api::{AutoscalingSpec, AutoscalingStatus, ModelDeployment, ScalingDecision};
+use crate::api::{
+    AutoscalingMode, AutoscalingSpec, AutoscalingStatus, ModelDeployment, ModelDeploymentSpec,
+    ScalingDecision, TierDemandStatus,
+};
 use crate::build::{self, Component, METRICS_PORT, METRICS_PORT_NAME, Names};
 use crate::metrics::Metrics;
 
@@ -46,6 +50,11 @@ pub const SCALING_LIMITED: &str = "ScalingLimited";
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 /// Decisions kept in status.
 const DECISIONS_KEPT: usize = 5;
+/// The share of `frontend.maxReplicas` anonymous callers and the default tier may buy
+/// when `autoscaling.tierBudgets` does not list them.
+pub const DEFAULT_BUDGET_PERCENT: i32 = 50;
+/// The worker's name for its built-in tier (no `admission.defaultTier`).
+const BUILT_IN_TIER: &str = "default";
 
 /// What every loop shares.
 #[derive(Clone)]
@@ -139,15 +148,81 @@ pub fn policy(spec: &AutoscalingSpec) -> Policy {
         scale_down_delay: secs(spec.scale_down_delay_seconds),
         min: u32::try_from(spec.frontend.min_replicas).unwrap_or_default(),
         max: u32::try_from(spec.frontend.max_replicas).unwrap_or_default(),
+        tier_budgets: BTreeMap::new(),
     }
+}
+
+/// The frontends each bounded tier's demand may buy: `autoscaling.tierBudgets` (a share
+/// of `frontend.maxReplicas`, rounded up), with [`DEFAULT_BUDGET_PERCENT`] for anonymous
+/// callers and the default tier where it does not list them. Unlisted others: unbounded.
+pub fn tier_budgets(md: &ModelDeploymentSpec, spec: &AutoscalingSpec) -> BTreeMap<String, u32> {
+    let max = u32::try_from(spec.frontend.max_replicas).unwrap_or_default();
+    let frontends = |percent: i32| {
+        (max * u32::try_from(percent.clamp(0, 100)).unwrap_or_default()).div_ceil(100)
+    };
+    let default_tier = md
+        .admission
+        .default_tier
+        .clone()
+        .unwrap_or_else(|| BUILT_IN_TIER.into());
+    let mut budgets: BTreeMap<String, u32> = [ANONYMOUS.to_string(), default_tier]
+        .into_iter()
+        .map(|tier| (tier, frontends(DEFAULT_BUDGET_PERCENT)))
+        .collect();
+    for b in &spec.tier_budgets {
+        budgets.insert(b.tier.clone(), frontends(b.max_frontends_percent));
+    }
+    budgets
+}
+
+/// [`policy`] for `md`, with its tier budgets in requests (frontends × target), and the
+/// budgets in frontends.
+pub fn deployment_policy(
+    md: &ModelDeploymentSpec,
+    spec: &AutoscalingSpec,
+) -> (Policy, BTreeMap<String, u32>) {
+    let mut policy = policy(spec);
+    let budgets = tier_budgets(md, spec);
+    policy.tier_budgets = budgets
+        .iter()
+        .map(|(tier, &n)| (tier.clone(), f64::from(n) * policy.target_per_replica))
+        .collect();
+    (policy, budgets)
+}
+
+/// Per tier of `sample`: its demand, what it counts for, and its budget in frontends.
+pub fn tiers_status(
+    sample: &Sample,
+    policy: &Policy,
+    budgets: &BTreeMap<String, u32>,
+) -> Vec<TierDemandStatus> {
+    sample
+        .by_tier(&policy.tier_budgets)
+        .into_iter()
+        .map(|(tier, (demand, counted))| TierDemandStatus {
+            tier: tier.to_string(),
+            demand: decimal(demand),
+            counted: decimal(counted),
+            budget_frontends: budgets
+                .get(tier)
+                .map(|&n| i32::try_from(n).unwrap_or(i32::MAX)),
+        })
+        .collect()
 }
 
 /// The ready, running `component` pods of `names`' deployment, with their metrics
 /// address (the container port named `metrics`, else the default one).
 fn targets(pods: &Store<Pod>, names: &Names, component: Component) -> Vec<Target> {
+    targets_in(pods.state().iter().map(|p| &**p), names, component)
+}
+
+/// [`targets`] among `pods`.
+pub fn targets_in<'a>(
+    pods: impl Iterator<Item = &'a Pod>,
+    names: &Names,
+    component: Component,
+) -> Vec<Target> {
     let mut targets: Vec<Target> = pods
-        .state()
-        .iter()
         .filter(|p| p.namespace().as_deref() == Some(names.namespace.as_str()))
         .filter(|p| p.labels().get(build::MODEL_DEPLOYMENT_LABEL) == Some(&names.deployment))
         .filter(|p| {
@@ -196,6 +271,9 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
     let mut pending: Option<(i32, Instant)> = None;
     let mut last_status: Option<(Instant, AutoscalingStatus, bool, String)> = None;
     let mut shard_scaler = ShardScaler::default();
+    // In Shadow: the count last recommended, which the next decision starts from (as the
+    // written count would in Active); switching to Active applies it.
+    let mut recommended: Option<i32> = None;
     tracing::info!(deployment = %key, "autoscaler started");
     loop {
         let tick = Instant::now();
@@ -213,7 +291,8 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
         let Ok(names) = Names::new(&md) else { break };
         let interval =
             Duration::from_millis(u64::try_from(spec.poll_interval_milliseconds).unwrap_or(500));
-        let policy = policy(&spec);
+        let (policy, budgets) = deployment_policy(&md.spec, &spec);
+        let shadow = spec.mode == AutoscalingMode::Shadow;
 
         let targets = targets(&shared.pods, &names, Component::Frontend);
         let polled = sample::poll(&targets, interval.min(Duration::from_secs(1))).await;
@@ -254,10 +333,11 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
                 spec_replicas
             }
         };
+        let basis = recommended.take().unwrap_or(current);
         let decision = decide(
             history.make_contiguous(),
             &policy,
-            u32::try_from(current).unwrap_or_default(),
+            u32::try_from(basis).unwrap_or_default(),
             at,
         );
         let desired = i32::try_from(decision.desired).unwrap_or(i32::MAX);
@@ -293,7 +373,15 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
             })
             .unwrap_or_default();
         let mut changed = false;
-        if desired != current {
+        if shadow {
+            if desired != basis {
+                changed = true;
+                let mut record = record(basis, desired, &decision, seen.total);
+                record.applied = false;
+                publish(&shared, &md, record, &policy, &mut decisions).await;
+            }
+            recommended = Some(desired);
+        } else if desired != current {
             match scale(&shared.client, &md, desired).await {
                 Ok(()) => {
                     changed = true;
@@ -307,18 +395,23 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
             }
         }
 
+        let written = changed && !shadow;
         let shards = shard_scaler
             .step(&shared, &md, &spec, at, &mut decisions)
             .await;
+
         changed |= shards.as_ref().is_some_and(|s| s.changed);
 
         let status = AutoscalingStatus {
+            mode: Some(spec.mode),
+            reason: Some(format!("{:?}", decision.reason)),
+            tiers: tiers_status(&sample, &policy, &budgets),
             desired_shards: shards.as_ref().map(|s| s.desired),
             current_shards: shards.as_ref().map(|s| s.current),
             reporting_shards: shards.as_ref().map(|s| s.reporting),
             shard_utilization: shards.as_ref().map(|s| decimal(s.utilization)),
             desired_frontends: desired,
-            current_frontends: if changed { desired } else { current },
+            current_frontends: if written { desired } else { current },
             ready_frontends: i32::try_from(targets.len()).unwrap_or(i32::MAX),
             reporting_frontends: i32::try_from(sample.reporting).unwrap_or(i32::MAX),
             stable_demand: decimal(decision.stable_demand),
@@ -334,7 +427,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
             decisions,
         };
         let active = sample.reporting > 0;
-        let limited = limited_message(&decision, &policy);
+        let limited = limited_message(&decision, &policy, &sample);
         let due = match &last_status {
             None => true,
             Some((when, previous, was_active, was_limited)) => {
@@ -355,7 +448,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
                 tracing::info!(deployment = %key, ready = targets.len(), reporting = sample.reporting, "demand signal {}", if active { "active" } else { "lost: holding the count" });
             }
             let failures = (!active).then(|| polled.failures.join("; "));
-            match write_status(&shared.client, &md, &status, failures, &limited).await {
+            match write_status(&shared.client, &md, &status, failures, &limited, shadow).await {
                 Ok(()) => last_status = Some((Instant::now(), status, active, limited)),
                 Err(e) => {
                     tracing::warn!(deployment = %key, error = %e, "could not write status.autoscaling")
@@ -375,6 +468,8 @@ struct ShardScaler {
     history: VecDeque<Sample>,
     /// A count written and not yet seen in the cache: (count, when).
     pending: Option<(i32, Instant)>,
+    /// In Shadow: the count last recommended (as for the frontends).
+    recommended: Option<i32>,
 }
 
 /// What the shard half saw and did, for status.
@@ -423,6 +518,7 @@ impl ShardScaler {
                 ready: u32::try_from(targets.len()).unwrap_or(u32::MAX),
                 reporting,
                 tenants: vec![super::TenantDemand {
+                    tier: String::new(),
                     demand: f64::from(needed),
                     cap: None,
                 }],
@@ -450,10 +546,12 @@ impl ShardScaler {
                 spec_pods
             }
         };
+        let shadow = spec.mode == AutoscalingMode::Shadow;
+        let basis = self.recommended.take().unwrap_or(current);
         let decision = decide(
             self.history.make_contiguous(),
             &policy,
-            u32::try_from(current).unwrap_or_default(),
+            u32::try_from(basis).unwrap_or_default(),
             at,
         );
         let desired = i32::try_from(decision.desired).unwrap_or(i32::MAX);
@@ -464,7 +562,16 @@ impl ShardScaler {
             .with_label_values(&labels)
             .set(i64::from(desired));
         let mut changed = false;
-        if desired != current {
+        if shadow {
+            if desired != basis {
+                changed = true;
+                let mut record = record(basis, desired, &decision, f64::from(needed));
+                record.role = Component::ExpertShard.as_str().into();
+                record.applied = false;
+                publish(shared, md, record, &policy, decisions).await;
+            }
+            self.recommended = Some(desired);
+        } else if desired != current {
             match copies(&shared.client, md, desired - md.spec.experts.shards).await {
                 Ok(()) => {
                     changed = true;
@@ -480,7 +587,7 @@ impl ShardScaler {
         }
         Some(ShardView {
             desired,
-            current: if changed { desired } else { current },
+            current: if changed && !shadow { desired } else { current },
             reporting: i32::try_from(reporting).unwrap_or(i32::MAX),
             utilization,
             changed,
@@ -521,6 +628,7 @@ fn decimal(v: f64) -> String {
 fn record(from: i32, to: i32, decision: &Decision, total: f64) -> ScalingDecision {
     ScalingDecision {
         time: Time(k8s_openapi::jiff::Timestamp::now()),
+        applied: true,
         role: Component::Frontend.as_str().into(),
         from,
         to,
@@ -531,8 +639,29 @@ fn record(from: i32, to: i32, decision: &Decision, total: f64) -> ScalingDecisio
     }
 }
 
-/// Why a bound holds the count back, or "" when none does.
-fn limited_message(decision: &Decision, policy: &Policy) -> String {
+/// Why a bound or a tier's budget holds the count back, or "" when none does.
+fn limited_message(decision: &Decision, policy: &Policy, sample: &Sample) -> String {
+    let bound = bound_message(decision, policy);
+    let tiers: Vec<String> = sample
+        .by_tier(&policy.tier_budgets)
+        .into_iter()
+        .filter(|(_, (demand, counted))| counted + 1e-9 < *demand)
+        .map(|(tier, (demand, counted))| {
+            format!(
+                "tier {tier} at its budget (autoscaling.tierBudgets: {} frontends): its demand {demand:.2} counts as {counted:.2}",
+                (counted / policy.target_per_replica.max(1e-9)).round()
+            )
+        })
+        .collect();
+    [bound, tiers.join("; ")]
+        .into_iter()
+        .filter(|m| !m.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why `min`, `max` or a rate holds the count back, or "".
+fn bound_message(decision: &Decision, policy: &Policy) -> String {
     match decision.reason {
         Reason::Bounded if decision.desired >= policy.max => format!(
             "at autoscaling.frontend.maxReplicas ({}): demand wants more",
@@ -579,6 +708,7 @@ async fn publish(
             md.namespace().unwrap_or_default().as_str(),
             md.name_any().as_str(),
             &record.reason,
+            if record.applied { "Active" } else { "Shadow" },
         ])
         .inc();
     decisions.push(record);
@@ -589,40 +719,49 @@ async fn publish(
 /// An event for each change, with the signal behind it.
 async fn announce(shared: &Shared, md: &ModelDeployment, d: &ScalingDecision, policy: &Policy) {
     let direction = if d.to > d.from { "up" } else { "down" };
+    let shadow = if d.applied {
+        ""
+    } else {
+        "shadow, not applied: "
+    };
     let event = Event {
         type_: EventType::Normal,
-        reason: if d.to > d.from {
-            "ScaledUp"
-        } else {
-            "ScaledDown"
+        reason: match (d.applied, d.to > d.from) {
+            (true, true) => "ScaledUp",
+            (true, false) => "ScaledDown",
+            (false, true) => "RecommendScaleUp",
+            (false, false) => "RecommendScaleDown",
         }
         .into(),
-        note: Some(if d.role == Component::ExpertShard.as_str() {
-            format!(
-                "expert-shard pods {} → {} ({direction}, {}): the busiest experts need {} pods now, {} over the last {} s, {} over {} s (at the target utilisation)",
-                d.from,
-                d.to,
-                d.reason,
-                d.total_demand,
-                d.panic_demand,
-                policy.panic_window.as_secs(),
-                d.stable_demand,
-                policy.stable_window.as_secs(),
-            )
-        } else {
-            format!(
-                "frontends {} → {} ({direction}, {}): legitimate demand {} over the last {} s, {} over {} s; target {} per frontend; all demand {}",
-                d.from,
-                d.to,
-                d.reason,
-                d.panic_demand,
-                policy.panic_window.as_secs(),
-                d.stable_demand,
-                policy.stable_window.as_secs(),
-                policy.target_per_replica,
-                d.total_demand,
-            )
-        }),
+        note: Some(
+            shadow.to_string()
+                + &if d.role == Component::ExpertShard.as_str() {
+                    format!(
+                        "expert-shard pods {} → {} ({direction}, {}): the busiest experts need {} pods now, {} over the last {} s, {} over {} s (at the target utilisation)",
+                        d.from,
+                        d.to,
+                        d.reason,
+                        d.total_demand,
+                        d.panic_demand,
+                        policy.panic_window.as_secs(),
+                        d.stable_demand,
+                        policy.stable_window.as_secs(),
+                    )
+                } else {
+                    format!(
+                        "frontends {} → {} ({direction}, {}): legitimate demand {} over the last {} s, {} over {} s; target {} per frontend; all demand {}",
+                        d.from,
+                        d.to,
+                        d.reason,
+                        d.panic_demand,
+                        policy.panic_window.as_secs(),
+                        d.stable_demand,
+                        policy.stable_window.as_secs(),
+                        policy.target_per_replica,
+                        d.total_demand,
+                    )
+                },
+        ),
         action: "Autoscale".into(),
         secondary: None,
     };
@@ -656,8 +795,19 @@ async fn write_status(
     status: &AutoscalingStatus,
     failures: Option<String>,
     limited: &str,
+    shadow: bool,
 ) -> kube::Result<()> {
     let active = match failures {
+        None if shadow => condition(
+            md,
+            SCALING_ACTIVE,
+            true,
+            "Shadow",
+            format!(
+                "{} of {} ready frontends report demand; mode Shadow: recommendations only, no count is changed",
+                status.reporting_frontends, status.ready_frontends
+            ),
+        ),
         None => condition(
             md,
             SCALING_ACTIVE,
@@ -689,7 +839,13 @@ async fn write_status(
             "the count is what demand wants".into(),
         )
     } else {
-        condition(md, SCALING_LIMITED, true, "Bounded", limited.to_string())
+        // A bound first, then the tiers at their budgets (see `limited_message`).
+        let reason = if limited.starts_with("tier ") {
+            "TierBudget"
+        } else {
+            "Bounded"
+        };
+        condition(md, SCALING_LIMITED, true, reason, limited.to_string())
     };
     apply_status(
         client,
@@ -745,6 +901,7 @@ mod tests {
                 scale_down_delay: Duration::from_secs(45),
                 min: 2,
                 max: 9,
+                tier_budgets: BTreeMap::new(),
             }
         );
         // The defaults: KPA's, but a 2 s panic window and a 10× scale-up rate.
@@ -764,9 +921,81 @@ mod tests {
             stable_demand: 0.0,
             panic_demand: 0.0,
         };
-        assert!(limited_message(&at(4, Reason::Bounded), &p).contains("maxReplicas (4)"));
-        assert!(limited_message(&at(1, Reason::Bounded), &p).contains("minReplicas (1)"));
-        assert!(limited_message(&at(3, Reason::RateLimited), &p).contains("maxScaleUpRate"));
-        assert_eq!(limited_message(&at(3, Reason::Panic), &p), "");
+        let quiet = Sample {
+            at_ms: 0,
+            ready: 1,
+            reporting: 1,
+            tenants: vec![],
+        };
+        let limited = |d, p: &Policy| limited_message(&d, p, &quiet);
+        assert!(limited(at(4, Reason::Bounded), &p).contains("maxReplicas (4)"));
+        assert!(limited(at(1, Reason::Bounded), &p).contains("minReplicas (1)"));
+        assert!(limited(at(3, Reason::RateLimited), &p).contains("maxScaleUpRate"));
+        assert_eq!(limited(at(3, Reason::Panic), &p), "");
+
+        // A tier over its budget is named, with its budget and what it counts for.
+        let md: ModelDeploymentSpec = serde_json::from_value(serde_json::json!({
+            "model": {"hostPath": {"path": "/m"}},
+            "admission": {"apiKeySecret": {"name": "k"}, "defaultTier": "free",
+                "tiers": [{"name": "free"}, {"name": "pro"}]},
+        }))
+        .unwrap();
+        let (p, budgets) = deployment_policy(&md, &AutoscalingSpec::default());
+        let tenant = |tier: &str, demand| crate::autoscale::TenantDemand {
+            tier: tier.into(),
+            demand,
+            cap: None,
+        };
+        let sybils = Sample {
+            tenants: vec![tenant("free", 30.0), tenant("pro", 30.0)],
+            ..quiet
+        };
+        let message = limited_message(&at(3, Reason::Stable), &p, &sybils);
+        assert_eq!(
+            message,
+            "tier free at its budget (autoscaling.tierBudgets: 2 frontends): its demand 30.00 counts as 10.00"
+        );
+        let tiers = tiers_status(&sybils, &p, &budgets);
+        assert_eq!(
+            (tiers[0].budget_frontends, tiers[1].budget_frontends),
+            (Some(2), None),
+            "{tiers:?}"
+        );
+    }
+
+    #[test]
+    fn tier_budgets_default_to_half_for_anonymous_callers_and_the_default_tier() {
+        let md = |admission: serde_json::Value| -> ModelDeploymentSpec {
+            serde_json::from_value(serde_json::json!({
+                "model": {"hostPath": {"path": "/m"}}, "admission": admission,
+            }))
+            .unwrap()
+        };
+        let spec = |budgets: serde_json::Value| -> AutoscalingSpec {
+            serde_json::from_value(serde_json::json!({
+                "frontend": {"maxReplicas": 5}, "tierBudgets": budgets,
+            }))
+            .unwrap()
+        };
+        // No keys: everyone is anonymous, in the built-in tier; 50 % of 5 is 3.
+        let budgets = tier_budgets(&md(serde_json::json!({})), &spec(serde_json::json!([])));
+        assert_eq!(
+            budgets,
+            [("anonymous".into(), 3), ("default".into(), 3)].into()
+        );
+        // Listed tiers take their share (0 %: never adds one); others stay unbounded.
+        let budgets = tier_budgets(
+            &md(
+                serde_json::json!({"defaultTier": "free", "tiers": [{"name": "free"}, {"name": "pro"}]}),
+            ),
+            &spec(serde_json::json!([
+                {"tier": "free", "maxFrontendsPercent": 20},
+                {"tier": "anonymous", "maxFrontendsPercent": 0},
+            ])),
+        );
+        assert_eq!(
+            budgets,
+            [("anonymous".into(), 0), ("free".into(), 1)].into()
+        );
     }
 }

@@ -65,6 +65,9 @@ fn one() -> u32 {
 #[serde(rename_all = "camelCase")]
 pub struct ReportTenant {
     pub tenant: String,
+    /// Its tier's name (absent from the oldest workers: the budget of an unnamed tier).
+    #[serde(default)]
+    pub tier: String,
     pub queued: usize,
     pub running: usize,
     /// This frontend's share of the most the tenant's quota keeps in the system; absent:
@@ -209,9 +212,17 @@ pub fn merge(at_ms: u64, ready: u32, reports: &[Report]) -> (Sample, Seen) {
             let cap = t
                 .cap
                 .map(|share| share * f64::from(report.frontends.max(1)));
-            let entry = tenants
-                .entry(&t.tenant)
-                .or_insert(TenantDemand { demand: 0.0, cap });
+            // Anonymous callers share one budget, whichever tier serves them.
+            let tier = if t.tenant == super::decide::ANONYMOUS {
+                super::decide::ANONYMOUS
+            } else {
+                t.tier.as_str()
+            };
+            let entry = tenants.entry(&t.tenant).or_insert(TenantDemand {
+                tier: tier.to_string(),
+                demand: 0.0,
+                cap,
+            });
             entry.demand += (t.queued + t.running) as f64;
             entry.cap = match (entry.cap, cap) {
                 (Some(a), Some(b)) => Some(a.max(b)),
@@ -242,6 +253,7 @@ mod tests {
                 .iter()
                 .map(|&(tenant, queued, running, cap)| ReportTenant {
                     tenant: tenant.into(),
+                    tier: "t".into(),
                     queued,
                     running,
                     cap,
@@ -274,10 +286,12 @@ mod tests {
             sample.tenants,
             vec![
                 TenantDemand {
+                    tier: "t".into(),
                     demand: 63.0,
                     cap: Some(4.0)
                 },
                 TenantDemand {
+                    tier: "t".into(),
                     demand: 1.0,
                     cap: Some(4.0)
                 },
@@ -297,6 +311,8 @@ mod tests {
         assert_eq!(old.frontends, 1);
         let (sample, _) = merge(0, 1, &[old]);
         assert_eq!(sample.legitimate(), 3.0);
+        // Anonymous callers are their own budget group, whatever their tier.
+        assert_eq!(sample.tenants[0].tier, "anonymous");
     }
 
     #[test]

@@ -225,6 +225,7 @@ pub fn simulate(scenario: &Scenario, kind: PolicyKind, policy: &Policy) -> (Vec<
                     .tenants
                     .iter()
                     .map(|t| TenantDemand {
+                        tier: String::new(),
                         demand: 0.0,
                         cap: t.quota.map(|(rate, _)| rate * mean_in_system_ms / 1000.0),
                     })

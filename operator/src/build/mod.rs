@@ -474,35 +474,34 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         from: (!spec.monitoring.scrape_from.is_empty())
             .then(|| spec.monitoring.scrape_from.clone()),
     };
-    // The autoscaler polls the frontends' `/demand` on the metrics port: where scrapers
+    // The operator polls the frontends' `/demand` and the shards' `/load` on the metrics
+    // port (its autoscaler, and the KEDA endpoint with or without it): where scrapers
     // are restricted, the operator's pods (the chart's labels) may reach it too.
-    let autoscaled = spec.autoscaling.as_ref().is_some_and(|a| a.enabled);
-    let mut frontend_scrapes = scrapes();
-    if let (true, Some(from), Some(ns)) = (
-        autoscaled,
-        frontend_scrapes.from.as_mut(),
-        defaults.operator_namespace.as_ref(),
-    ) {
-        from.push(NetworkPolicyPeer {
-            namespace_selector: Some(label_selector(
-                &[("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
-            )),
-            pod_selector: Some(label_selector(
-                &[
-                    (
-                        "app.kubernetes.io/part-of".to_string(),
-                        "switchyard".to_string(),
-                    ),
-                    (
-                        "app.kubernetes.io/component".to_string(),
-                        "operator".to_string(),
-                    ),
-                ]
-                .into(),
-            )),
-            ..NetworkPolicyPeer::default()
-        });
-    }
+    let operator_scrapes = || {
+        let mut rule = scrapes();
+        if let (Some(from), Some(ns)) = (rule.from.as_mut(), defaults.operator_namespace.as_ref()) {
+            from.push(NetworkPolicyPeer {
+                namespace_selector: Some(label_selector(
+                    &[("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
+                )),
+                pod_selector: Some(label_selector(
+                    &[
+                        (
+                            "app.kubernetes.io/part-of".to_string(),
+                            "switchyard".to_string(),
+                        ),
+                        (
+                            "app.kubernetes.io/component".to_string(),
+                            "operator".to_string(),
+                        ),
+                    ]
+                    .into(),
+                )),
+                ..NetworkPolicyPeer::default()
+            });
+        }
+        rule
+    };
     let frontend_policy = NetworkPolicy {
         metadata: meta(&names.frontend, Some(Component::Frontend)),
         spec: Some(NetworkPolicySpec {
@@ -515,7 +514,7 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
                     ports: Some(vec![grpc_only()]),
                     from: None,
                 },
-                frontend_scrapes,
+                operator_scrapes(),
             ]),
             ..NetworkPolicySpec::default()
         }),
@@ -535,7 +534,7 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
                         ..NetworkPolicyPeer::default()
                     }]),
                 },
-                scrapes(),
+                operator_scrapes(),
             ]),
             ..NetworkPolicySpec::default()
         }),

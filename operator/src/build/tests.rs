@@ -528,16 +528,13 @@ fn metrics_are_reachable_on_the_services_and_from_the_scrapers_only() {
             "monitoring"
         );
     }
-    // Autoscaled: the operator's pods (in its own namespace) may poll the frontends'
-    // /demand on the metrics port too; the shards' policy is unchanged.
-    let mut autoscaled = md.clone();
-    autoscaled.spec.autoscaling =
-        Some(serde_json::from_value(serde_json::json!({"enabled": true})).unwrap());
+    // With the operator's namespace known, its pods may poll the frontends' /demand and
+    // the shards' /load on the metrics port too (its autoscaler, the KEDA endpoint).
     let defaults = Defaults {
         operator_namespace: Some("switchyard-system".into()),
         ..Defaults::default()
     };
-    let a = desired(&autoscaled, &defaults).unwrap();
+    let a = desired(&md, &defaults).unwrap();
     let scrape_from = |p: &NetworkPolicy| {
         p.spec.as_ref().unwrap().ingress.as_ref().unwrap()[1]
             .from
@@ -567,7 +564,7 @@ fn metrics_are_reachable_on_the_services_and_from_the_scrapers_only() {
             .unwrap()["app.kubernetes.io/component"],
         "operator"
     );
-    assert_eq!(scrape_from(&shards(&a).policy).len(), 1);
+    assert_eq!(scrape_from(&shards(&a).policy).len(), 2);
     let monitor = d.pod_monitor.as_ref().expect("the PodMonitor");
     assert_eq!(
         monitor.data["spec"]["podMetricsEndpoints"][0]["interval"],

@@ -159,10 +159,10 @@ async fn start_frontend(
     let (admission, metrics) = (started.admission.clone(), started.metrics.clone());
     let demand = switchyard_edge::metrics::JsonEndpoint {
         path: "/demand",
-        body: std::sync::Arc::new(move || {
+        body: switchyard_edge::metrics::JsonBody::Now(std::sync::Arc::new(move || {
             serde_json::to_string(&frontend::demand(&admission, &metrics))
                 .unwrap_or_else(|e| format!("{{\"error\": \"encoding the demand report: {e}\"}}"))
-        }),
+        })),
     };
     switchyard_worker::telemetry::spawn_server(
         metrics_listen,
@@ -190,10 +190,10 @@ async fn start_shard(
     let service = started.service.clone();
     let load = switchyard_edge::metrics::JsonEndpoint {
         path: "/load",
-        body: std::sync::Arc::new(move || {
+        body: switchyard_edge::metrics::JsonBody::Now(std::sync::Arc::new(move || {
             serde_json::to_string(&service.load())
                 .unwrap_or_else(|e| format!("{{\"error\": \"encoding the load report: {e}\"}}"))
-        }),
+        })),
     };
     switchyard_worker::telemetry::spawn_server(
         metrics_listen,
