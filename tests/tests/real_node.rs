@@ -9,11 +9,15 @@
 //! lists the services by reflection and calls Generate. A shard pod deleted mid-stream
 //! comes back and new requests succeed; `kubectl scale` brings a third frontend that
 //! serves, and back to one while 20 streams run cuts none of them (the stopping frontends
-//! drain). The autoscaler, turned on: a legitimate spike of 12 streams gets a Panic
-//! decision to 3 frontends that serve, and back to 1 after the load with no stream cut; a
-//! tenant flooding at 50× its quota for 2 minutes buys no frontend while another's requests
-//! all succeed at their usual TTFT, and a spike during the flood buys what the spike alone
-//! buys. `helm uninstall` removes the operator and its RBAC and leaves the CRD.
+//! drain). The autoscaler, turned on in Shadow mode, recommends for a spike without
+//! changing the count, and Active applies the recommendation; a legitimate spike of 12
+//! callers gets a Panic decision to 3 frontends that serve, and back to 1 after the load
+//! with no stream cut. Each new frontend's time to useful capacity (the scale write to its
+//! first token served through the Service) is measured 5 times for the tiny model and for
+//! a 0.5 B-parameter checkpoint. A tenant flooding at 50× its quota for 2 minutes buys no
+//! frontend while another's requests all succeed at their usual TTFT, and a spike during
+//! the flood buys what the spike alone buys; 50 tenants each at their quota (a sybil
+//! flood) buy no more than their tier's budget, while a paid spike still scales. `helm uninstall` removes the operator and its RBAC and leaves the CRD.
 //!
 //! One scenario, in order, because each step stands on the one before (the operator the
 //! chart installed reconciles the deployment the later steps use). Each step prints how
@@ -167,6 +171,42 @@ async fn keyed_stream_ttft(
     Err(tonic::Status::internal(
         "the stream ended without a summary",
     ))
+}
+
+/// How long each caller of a spike keeps streaming.
+const SPIKE_FOR: Duration = Duration::from_secs(6);
+
+/// One caller of a spike: GenerateStreams of 200 tokens, read as fast as they come, back
+/// to back for [`SPIKE_FOR`], each on a connection of its own through `endpoint`, with
+/// `key` when set: a closed loop that always has a request in the system. (A stream read
+/// at a human pace leaves the server long before the reader is done; the tiny model
+/// generates 200 tokens in a fraction of a second, so one stream per caller is a blip, not
+/// a spike.) The streams it completed, or the first failure.
+async fn spike_caller(endpoint: String, key: Option<&'static str>) -> Result<usize, String> {
+    let began = Instant::now();
+    let mut streams = 0;
+    while began.elapsed() < SPIKE_FOR {
+        match key {
+            None => {
+                let ids = generate_stream(&endpoint, 200, Duration::ZERO, |_| {}).await?;
+                if ids.len() != 200 {
+                    return Err(format!("{} of 200 tokens", ids.len()));
+                }
+            }
+            Some(key) => {
+                let channel = tonic::transport::Channel::from_shared(endpoint.clone())
+                    .map_err(|e| e.to_string())?
+                    .connect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                keyed_stream_ttft(channel, key, 200, Duration::ZERO)
+                    .await
+                    .map_err(|s| s.to_string())?;
+            }
+        }
+        streams += 1;
+    }
+    Ok(streams)
 }
 
 /// Runs `switchyard bench --scenario KIND --series OUT` (the library behind it) against
@@ -370,6 +410,184 @@ async fn print_pod_timelines(client: &kube::Client, namespace: &str, selector: &
             span(started, ready),
             span(Some(created), ready)
         );
+    }
+}
+
+/// Unix time now, in seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One new frontend's way to useful capacity, in seconds after the decision (the write to
+/// the scale subresource, as the autoscaler makes it): its pod scheduled and Ready (seen
+/// by a 50 ms poll of the API), its process started, its weights loaded and its gRPC port
+/// open (the worker's own clock, `switchyard_startup_timestamp_seconds`), and the first
+/// token it served to a request that came through the Service
+/// (`switchyard_first_token_timestamp_seconds`). The node's clock is the test's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Capacity {
+    scheduled: f64,
+    started: f64,
+    loaded: f64,
+    listening: f64,
+    ready: f64,
+    first_token: f64,
+}
+
+impl Capacity {
+    /// The per-step medians of `runs`.
+    fn median(runs: &[Capacity]) -> Capacity {
+        let m = |f: fn(&Capacity) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Capacity {
+            scheduled: m(|c| c.scheduled),
+            started: m(|c| c.started),
+            loaded: m(|c| c.loaded),
+            listening: m(|c| c.listening),
+            ready: m(|c| c.ready),
+            first_token: m(|c| c.first_token),
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "scheduled {:.2}s, process started {:.2}s, weights loaded {:.2}s, port open {:.2}s, \
+             Ready {:.2}s, first token served {:.2}s",
+            self.scheduled, self.started, self.loaded, self.listening, self.ready, self.first_token
+        )
+    }
+}
+
+/// Scales `md`'s frontends up by one, times the new pod's way to its first token served
+/// through `endpoint` ([`Capacity`]), and scales back down (the pod drained and gone).
+/// Requests of one token go to the Service every 100 ms throughout, each on a connection
+/// of its own, so the new pod is sent work as soon as kube-proxy knows it: the load a
+/// scale-up is for.
+async fn time_to_capacity(
+    client: &kube::Client,
+    namespace: &str,
+    md: &str,
+    endpoint: &str,
+) -> Capacity {
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("app.kubernetes.io/instance={md},app.kubernetes.io/component=frontend");
+    let names = |list: &[Pod]| -> std::collections::HashSet<String> {
+        list.iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect()
+    };
+    let listed = || async {
+        pods.list(&ListParams::default().labels(&selector))
+            .await
+            .expect("listing the frontends")
+            .items
+    };
+    let before = names(&listed().await);
+    let replicas = mds
+        .get(md)
+        .await
+        .expect("the ModelDeployment")
+        .spec
+        .frontend
+        .replicas;
+    let traffic = {
+        let endpoint = endpoint.to_string();
+        tokio::spawn(async move {
+            loop {
+                let endpoint = endpoint.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut c) = InferenceClient::connect(endpoint).await {
+                        let _ = c.generate(greedy(1)).await;
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let t0 = unix_now();
+    let scale = |n: i32| {
+        let mds = mds.clone();
+        async move {
+            mds.patch_scale(
+                md,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"replicas": n}})),
+            )
+            .await
+            .expect("writing the scale subresource")
+        }
+    };
+    scale(replicas + 1).await;
+    let deadline = Instant::now() + POD_TIMEOUT;
+    let mut scheduled = None;
+    let (ready, ip) = loop {
+        assert!(Instant::now() < deadline, "no new Ready frontend of {md}");
+        let new = listed()
+            .await
+            .into_iter()
+            .find(|p| !before.contains(p.metadata.name.as_deref().unwrap_or_default()));
+        if let Some(pod) = new {
+            let at = unix_now() - t0;
+            if scheduled.is_none() && pod.spec.as_ref().is_some_and(|s| s.node_name.is_some()) {
+                scheduled = Some(at);
+            }
+            if switchyard_tests::node::is_pod_ready(&pod) {
+                break (
+                    at,
+                    pod.status.and_then(|s| s.pod_ip).expect("a Ready pod's IP"),
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let metrics = || {
+        let ip = ip.clone();
+        async move { http_get(&ip, 9090, "/metrics").await.unwrap_or_default() }
+    };
+    let text = metrics().await;
+    let phase = |p: &str| {
+        metric(
+            &text,
+            &format!("switchyard_startup_timestamp_seconds{{phase=\"{p}\"}}"),
+        ) - t0
+    };
+    let (started, loaded, listening) = (phase("process"), phase("loaded"), phase("listening"));
+    let first_token = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the new frontend {ip} of {md} served no request through the Service"
+        );
+        let first = metric(&metrics().await, "switchyard_first_token_timestamp_seconds");
+        if first > 0.0 {
+            break first - t0;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    traffic.abort();
+    scale(replicas).await;
+    loop {
+        assert!(
+            Instant::now() < deadline + POD_TIMEOUT,
+            "{md} never back to {replicas} frontends"
+        );
+        if listed().await.len() == usize::try_from(replicas).unwrap_or_default() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Capacity {
+        scheduled: scheduled.unwrap_or(ready),
+        started,
+        loaded,
+        listening,
+        ready,
+        first_token,
     }
 }
 
@@ -1039,7 +1257,158 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         t,
     );
 
-    // 7e. The autoscaler, on a legitimate spike: 12 streams, 3× what one frontend runs at
+    // 7e0. Shadow mode first: the autoscaler on in mode Shadow, the same spike as 7e below.
+    // The recommendation (3, Panic) shows in status within about a second while the count
+    // never moves; switched to Active mid-spike, the recommendation is applied. Then the
+    // load ends and the count is back to 1 before 7e.
+    let t = Instant::now();
+    let autoscaling_spec = |mode: &str| {
+        serde_json::json!({"spec": {"autoscaling": {
+            "enabled": true,
+            "mode": mode,
+            "frontend": {"minReplicas": 1, "maxReplicas": 3},
+            "targetQueueDepth": 4,
+            "stableWindowSeconds": 10,
+            "panicWindowSeconds": 2,
+            "scaleDownDelaySeconds": 5,
+            "pollIntervalMilliseconds": 250,
+            // No API keys here: every caller is anonymous, whose demand may buy half of
+            // maxReplicas by default; these are the test's own callers.
+            "tierBudgets": [{"tier": "anonymous", "maxFrontendsPercent": 100}],
+        }}})
+    };
+    mds_api
+        .patch(
+            MD,
+            &PatchParams::default(),
+            &Patch::Merge(autoscaling_spec("Shadow")),
+        )
+        .await
+        .expect("the autoscaler on in Shadow");
+    let frontend_workloads: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let shadow_state = || {
+        let (mds_api, deployments) = (mds_api.clone(), frontend_workloads.clone());
+        async move {
+            let md = mds_api.get(MD).await.map_err(|e| e.to_string())?;
+            let frontends = deployments
+                .get(&format!("{MD}-frontend"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let a = md.status.and_then(|s| s.autoscaling);
+            Ok::<_, String>((md.spec.frontend.replicas, frontends.spec.replicas, a))
+        }
+    };
+    node.wait_for(
+        &client,
+        namespace,
+        &instance,
+        "the autoscaler polling in Shadow",
+        POD_TIMEOUT,
+        || async {
+            let (_, _, a) = shadow_state().await?;
+            Ok(a.is_some_and(|a| a.reporting_frontends == 1))
+        },
+    )
+    .await
+    .expect("Shadow polling");
+    let spike_at = Instant::now();
+    let shadow_spike: Vec<_> = (0..12)
+        .map(|_| {
+            let endpoint = endpoint.clone();
+            tokio::spawn(spike_caller(endpoint, None))
+        })
+        .collect();
+    let mut counts = std::collections::BTreeSet::new();
+    let (recommended_after, recommendation) = loop {
+        let (replicas, workload, a) = shadow_state().await.expect("status");
+        counts.insert((replicas, workload));
+        if let Some(a) = a.filter(|a| a.desired_frontends == 3) {
+            break (spike_at.elapsed(), a);
+        }
+        assert!(
+            spike_at.elapsed() < Duration::from_secs(30),
+            "no recommendation within 30 s of the spike"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Held for 2 s more with the spike on: the count never moves in Shadow.
+    while spike_at.elapsed() < recommended_after + Duration::from_secs(2) {
+        let (replicas, workload, _) = shadow_state().await.expect("status");
+        counts.insert((replicas, workload));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        vec![(1, Some(1))],
+        "Shadow changed the count"
+    );
+    let shadowed = recommendation
+        .decisions
+        .last()
+        .cloned()
+        .expect("a decision");
+    assert_eq!(
+        (
+            recommendation.reason.as_deref(),
+            shadowed.applied,
+            shadowed.to
+        ),
+        (Some("Panic"), false, 3),
+        "{recommendation:?}"
+    );
+    mds_api
+        .patch(
+            MD,
+            &PatchParams::default(),
+            &Patch::Merge(autoscaling_spec("Active")),
+        )
+        .await
+        .expect("the autoscaler to Active");
+    let switched = Instant::now();
+    let applied_after = loop {
+        let (replicas, _, _) = shadow_state().await.expect("status");
+        if replicas == 3 {
+            break switched.elapsed();
+        }
+        assert!(
+            switched.elapsed() < Duration::from_secs(30),
+            "Active did not apply the recommendation of 3"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for caller in shadow_spike {
+        caller
+            .await
+            .expect("the caller task")
+            .expect("a spike caller");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: Shadow: recommendation of 3 (Panic) in status {:.2}s after \
+         the spike began, the count held at 1; Active applied it {:.2}s after the switch",
+        recommended_after.as_secs_f64(),
+        applied_after.as_secs_f64(),
+    );
+    node.wait_for(
+        &client,
+        namespace,
+        &frontend_selector,
+        "back to 1 frontend after the Shadow step",
+        POD_TIMEOUT,
+        || async {
+            let (replicas, workload, _) = shadow_state().await?;
+            let pods = uids_of(&client, namespace, &frontend_selector).await;
+            Ok(replicas == 1 && workload == Some(1) && pods.len() == 1)
+        },
+    )
+    .await
+    .expect("back to 1 frontend");
+    step(
+        "Shadow: a spike recommended, not applied; Active applied it; back to 1",
+        t,
+    );
+
+    // 7e. The autoscaler, on a legitimate spike: 12 callers streaming back to back for 6 s (SPIKE_FOR), 3× what one frontend runs at
     // once (maxBatchSize 4, target 4 per frontend): a Panic decision to 3 frontends, seen
     // in status; the new frontends Ready and serving. When the load ends, back to 1 after
     // the delay while two slow streams run through the Service: none cut.
@@ -1100,9 +1469,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     let spike: Vec<_> = (0..SPIKE)
         .map(|_| {
             let endpoint = endpoint.clone();
-            tokio::spawn(async move {
-                generate_stream(&endpoint, 200, Duration::from_millis(20), |_| {}).await
-            })
+            tokio::spawn(spike_caller(endpoint, None))
         })
         .collect();
     let scaled_after = loop {
@@ -1112,13 +1479,22 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         }
         assert!(
             t.elapsed() < Duration::from_secs(60),
-            "no scale-up within 60 s of a spike of {SPIKE} streams"
+            "no scale-up within 60 s of a spike of {SPIKE} callers"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    node.wait_for_ready_pods(&client, namespace, &frontend_selector, 3, POD_TIMEOUT)
+    if let Err(e) = node
+        .wait_for_ready_pods(&client, namespace, &frontend_selector, 3, POD_TIMEOUT)
         .await
-        .expect("3 frontends Ready");
+    {
+        let a = autoscaling().await;
+        let operator = node
+            .diagnose(&client, RELEASE_NAMESPACE, operator_selector)
+            .await;
+        panic!(
+            "3 frontends Ready: {e}\n--- status.autoscaling: {a:?}\n--- the operator:\n{operator}"
+        );
+    }
     let ready_after = t.elapsed();
     for (name, ip) in pod_ips(&client, namespace, &frontend_selector).await {
         let got = generate(&format!("http://{ip}:50051"))
@@ -1146,7 +1522,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     let spike_alone = replicas;
     let _ = writeln!(
         std::io::stderr(),
-        "switchyard-tests: real node: spike of {SPIKE} streams: scale-up written {:.2}s after \
+        "switchyard-tests: real node: spike of {SPIKE} callers: scale-up written {:.2}s after \
          the load began (poll 250 ms, panic window 2 s), 3 frontends Ready after {:.1}s; \
          decisions {ups:?}",
         scaled_after.as_secs_f64(),
@@ -1155,9 +1531,8 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     let mut cut = Vec::new();
     for (i, stream) in spike.into_iter().enumerate() {
         match stream.await.expect("the stream task") {
-            Ok(ids) if ids.len() == 200 => {}
-            Ok(ids) => cut.push(format!("spike stream {i}: {} of 200 tokens", ids.len())),
-            Err(e) => cut.push(format!("spike stream {i}: {e}")),
+            Ok(_) => {}
+            Err(e) => cut.push(format!("spike caller {i}: {e}")),
         }
     }
     assert!(cut.is_empty(), "spike streams failed: {cut:?}");
@@ -1207,6 +1582,134 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         .await
         .expect("turning the autoscaler off");
     step("load ended to 1 frontend, no stream cut", t);
+
+    // 7e2. Time to useful capacity, per new frontend: 5 times, the scale write → its pod
+    // scheduled → process started → weights loaded → port open → Ready → the first token
+    // it serves to a request through the Service; for this tiny MoE (2 shards) and for
+    // the bench checkpoint (about 0.5 B parameters, f32, 1.8 GB, frontends only). The
+    // figures are in docs/benchmarks.md (reported, not asserted).
+    let t = Instant::now();
+    let mut tiny = Vec::new();
+    for run in 1..=5 {
+        let c = time_to_capacity(&client, namespace, MD, &endpoint).await;
+        let _ = writeln!(
+            std::io::stderr(),
+            "switchyard-tests: real node: capacity {MD} run {run}: {}",
+            c.line()
+        );
+        tiny.push(c);
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: capacity {MD} median of 5: {}",
+        Capacity::median(&tiny).line()
+    );
+    // Each step follows the one before it, on every run.
+    for c in &tiny {
+        assert!(
+            c.scheduled <= c.ready
+                && c.started <= c.loaded
+                && c.loaded <= c.listening
+                && c.listening <= c.ready + 0.05
+                && c.ready <= c.first_token + 0.05,
+            "{c:?}"
+        );
+    }
+    let bench_dir = Path::new(ROOT)
+        .join("volumes")
+        .join(namespace)
+        .join("bench");
+    let maker = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/switchyard-worker");
+    assert!(
+        maker.exists(),
+        "{} is missing: hack/build-images.sh builds it (the images hold it)",
+        maker.display()
+    );
+    let made = std::process::Command::new(&maker)
+        .args(["make-checkpoint", "--shape", "bench", "--out"])
+        .arg(&bench_dir)
+        .output()
+        .expect("running make-checkpoint");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let _ = std::process::Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(&bench_dir)
+        .status();
+    mds_api
+        .create(
+            &PostParams::default(),
+            &from_json(serde_json::json!({
+                "apiVersion": "switchyard.dev/v1alpha1",
+                "kind": "ModelDeployment",
+                "metadata": {"name": "bench"},
+                "spec": {
+                    "model": {"hostPath": {"path": bench_dir.display().to_string()}, "dtype": "f32"},
+                },
+            })),
+        )
+        .await
+        .expect("creating the bench ModelDeployment");
+    node.wait_for_ready_pods(
+        &client,
+        namespace,
+        "app.kubernetes.io/instance=bench",
+        1,
+        POD_TIMEOUT,
+    )
+    .await
+    .expect("the bench frontend Ready");
+    let bench_ip = services
+        .get("bench")
+        .await
+        .expect("the bench Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP");
+    let bench_endpoint = format!("http://{bench_ip}:50051");
+    let mut bench = Vec::new();
+    for run in 1..=5 {
+        let c = time_to_capacity(&client, namespace, "bench", &bench_endpoint).await;
+        let _ = writeln!(
+            std::io::stderr(),
+            "switchyard-tests: real node: capacity bench run {run}: {}",
+            c.line()
+        );
+        bench.push(c);
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: capacity bench median of 5: {}",
+        Capacity::median(&bench).line()
+    );
+    mds_api
+        .delete("bench", &DeleteParams::default())
+        .await
+        .expect("deleting the bench ModelDeployment");
+    node.wait_for(
+        &client,
+        namespace,
+        "app.kubernetes.io/instance=bench",
+        "the bench pods gone",
+        POD_TIMEOUT,
+        || async {
+            let left = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/instance=bench"))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(left.items.is_empty())
+        },
+    )
+    .await
+    .expect("the bench pods gone");
+    let _ = std::fs::remove_dir_all(&bench_dir);
+    step(
+        "time to useful capacity, 5 new frontends each of the tiny and the bench model",
+        t,
+    );
 
     // 7d. A dense checkpoint with no expert shards (frontends only), serving TLS from a
     // kubernetes.io/tls Secret, behind API keys from a Secret; the key Secret rotated
@@ -1414,8 +1917,13 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     let t = Instant::now();
     const MALLORY_KEY: &str = "mallory-key-0123456789abcdef";
     let moe_before = uids_of(&client, namespace, &frontend_selector).await;
+    // 50 more free keys for 7f2's sybil flood, idle until then.
+    let sybil_key = |i: usize| format!("sybil-key-{i:02}-0123456789abcdef");
+    let sybil_lines: String = (0..50)
+        .map(|i| format!("sybil-{i:02}:{}:trial\n", sybil_key(i)))
+        .collect();
     let mut moe_keys = key_secret(&format!(
-        "acme:{NEW_KEY}:standard\nmallory:{MALLORY_KEY}:free\n"
+        "acme:{NEW_KEY}:standard\nmallory:{MALLORY_KEY}:free\n{sybil_lines}"
     ));
     moe_keys.metadata.name = Some("moe-keys".into());
     secrets
@@ -1432,6 +1940,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
                     "tiers": [
                         {"name": "standard"},
                         {"name": "free", "priority": "low", "requestsPerMinute": 6},
+                        {"name": "trial", "priority": "low", "requestsPerMinute": 60},
                     ],
                     "defaultTier": "standard",
                 },
@@ -1584,19 +2093,12 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         during.extend(acme_ttft(1).await);
     }
     during.sort();
-    // The spike of 7e, from acme: 12 streams of 200 tokens read at 50/s, each on a
+    // The spike of 7e, from acme: 12 callers, streams of 200 tokens read at 50/s, each on a
     // connection of its own through the Service.
     let spike: Vec<_> = (0..SPIKE)
         .map(|_| {
             let endpoint = endpoint.clone();
-            tokio::spawn(async move {
-                let channel = tonic::transport::Channel::from_shared(endpoint)
-                    .map_err(|e| tonic::Status::internal(e.to_string()))?
-                    .connect()
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                keyed_stream_ttft(channel, NEW_KEY, 200, Duration::from_millis(20)).await
-            })
+            tokio::spawn(spike_caller(endpoint, Some(NEW_KEY)))
         })
         .collect();
     for (i, stream) in spike.into_iter().enumerate() {
@@ -1615,7 +2117,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
          accepted, {refused} refused, other {other:?}; frontends at most {} in the first \
          minute; acme {} streams, all served, p99 TTFT {:.1} ms during vs {:.1} ms before \
          (p50 {:.1} vs {:.1}); most demand seen: all {:.2}, legitimate (panic window) {:.2}; \
-         then a spike of {SPIKE} acme streams in the flood: frontends at most {} (the spike \
+         then a spike of {SPIKE} acme callers in the flood: frontends at most {} (the spike \
          alone: {spike_alone}); scale-ups {ups:?}; spike streams failed: {cut:?}; the \
          frontends' reports when the flood's legitimate demand passed 2: {reports:?}",
         most[0],
@@ -1668,6 +2170,213 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     );
     step(
         "a 2 min flood at 50× quota to 0 frontends added, and with a spike, the spike's",
+        t,
+    );
+
+    // 7f2. A sybil flood: 50 tenants of the `trial` tier, each at 100 % of its quota (60
+    // a minute: a stream of 100 tokens every second, over 5 shared connections) for 2
+    // minutes: legitimate one by one, 5 000 tokens/s together, several frontends' worth.
+    // The trial tier's budget is 25 % of maxReplicas 5: 2 frontends. In the first minute
+    // the count stays within 2 while the tier's demand is past its budget; in the second,
+    // acme's spike (as in 7e) still gets its replicas on top.
+    let t = Instant::now();
+    node.wait_for(
+        &client,
+        namespace,
+        &frontend_selector,
+        "back to 1 frontend before the sybils",
+        POD_TIMEOUT,
+        || async {
+            let (replicas, _) = autoscaling().await?;
+            Ok(replicas == 1)
+        },
+    )
+    .await
+    .expect("back to 1 frontend");
+    mds_api
+        .patch(
+            MD,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"autoscaling": {"tierBudgets": [
+                {"tier": "standard", "maxFrontendsPercent": 100},
+                {"tier": "trial", "maxFrontendsPercent": 25},
+            ]}}})),
+        )
+        .await
+        .expect("the trial tier's budget");
+    let sybils_end = Instant::now() + Duration::from_secs(120);
+    let sybils_began = Instant::now();
+    let mut shared = Vec::new();
+    for _ in 0..5 {
+        shared.push(
+            tonic::transport::Channel::from_shared(endpoint.clone())
+                .expect("the endpoint")
+                .connect()
+                .await
+                .expect("a sybil connection through the Service"),
+        );
+    }
+    let sybils: Vec<_> = (0..50)
+        .map(|i| {
+            let (channel, key) = (shared[i % shared.len()].clone(), sybil_key(i));
+            tokio::spawn(async move {
+                // Spread over the first second, then one a second.
+                tokio::time::sleep(Duration::from_millis(20 * i as u64)).await;
+                let (mut served, mut refused, mut other) = (0, 0, Vec::new());
+                while Instant::now() < sybils_end {
+                    let began = Instant::now();
+                    let result =
+                        keyed_stream_ttft(channel.clone(), &key, 100, Duration::ZERO).await;
+                    match result {
+                        Ok(_) => served += 1,
+                        // Over quota (split over the frontends a caller reaches), shed when
+                        // the queue is full, or past its deadline: admission's refusals.
+                        Err(s)
+                            if matches!(
+                                s.code(),
+                                tonic::Code::ResourceExhausted
+                                    | tonic::Code::Unavailable
+                                    | tonic::Code::DeadlineExceeded
+                            ) =>
+                        {
+                            refused += 1
+                        }
+                        Err(s) => other.push(s.to_string()),
+                    }
+                    tokio::time::sleep(Duration::from_secs(1).saturating_sub(began.elapsed()))
+                        .await;
+                }
+                (served, refused, other)
+            })
+        })
+        .collect();
+    // The count, the trial tier's demand and what it counted for (in the first minute),
+    // every 250 ms.
+    let watch = {
+        let mds_api = mds_api.clone();
+        let autoscaling = move || {
+            let mds_api = mds_api.clone();
+            async move {
+                let md = mds_api.get(MD).await.map_err(|e| e.to_string())?;
+                let a = md.status.and_then(|s| s.autoscaling).ok_or("no status")?;
+                Ok::<_, String>((md.spec.frontend.replicas, a))
+            }
+        };
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let mut most = [0i32; 2];
+            let (mut trial_most, mut trial_counted_most) = (0.0f64, 0.0f64);
+            let mut ups = Vec::new();
+            while Instant::now() < sybils_end {
+                if let Ok((replicas, a)) = autoscaling().await {
+                    let minute = usize::from(began.elapsed() >= Duration::from_secs(60));
+                    most[minute] = most[minute].max(replicas);
+                    let trial = a.tiers.iter().find(|t| t.tier == "trial");
+                    if let (0, Some(trial)) = (minute, trial) {
+                        let num = |s: &str| s.parse::<f64>().unwrap_or(0.0);
+                        trial_most = trial_most.max(num(&trial.demand));
+                        trial_counted_most = trial_counted_most.max(num(&trial.counted));
+                    }
+                    for d in a.decisions {
+                        if d.to > d.from && !ups.contains(&d) {
+                            ups.push(d);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (most, trial_most, trial_counted_most, ups)
+        })
+    };
+    let conditions = || {
+        let mds_api = mds_api.clone();
+        async move {
+            mds_api
+                .get(MD)
+                .await
+                .ok()
+                .and_then(|md| md.status)
+                .map(|s| s.conditions)
+                .unwrap_or_default()
+        }
+    };
+    let mut tier_limited = None;
+    while sybils_began.elapsed() < Duration::from_secs(60) {
+        if tier_limited.is_none() {
+            tier_limited = conditions()
+                .await
+                .into_iter()
+                .find(|c| c.type_ == "ScalingLimited" && c.reason == "TierBudget");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The second minute: acme's spike, as in 7e, each stream on its own connection.
+    let spike: Vec<_> = (0..12)
+        .map(|_| {
+            let endpoint = endpoint.clone();
+            tokio::spawn(spike_caller(endpoint, Some(NEW_KEY)))
+        })
+        .collect();
+    let mut spike_failed = Vec::new();
+    for stream in spike {
+        if let Err(s) = stream.await.expect("the spike task") {
+            spike_failed.push(s.to_string());
+        }
+    }
+    let (mut served, mut refused, mut other) = (0, 0, Vec::new());
+    for sybil in sybils {
+        let (s, r, o) = sybil.await.expect("a sybil task");
+        (served, refused) = (served + s, refused + r);
+        other.extend(o);
+    }
+    let (most, trial_most, trial_counted_most, ups) = watch.await.expect("the watch");
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: sybil flood (50 trial tenants at their quota, 2 min, \
+         trial budget 2 frontends): {served} streams served, {refused} refused (over the quota \
+         split over frontends, shed or expired), other {other:?}; frontends at most {} in the first minute, {} with \
+         acme's spike in the second (the spike alone: {spike_alone}); in the first minute the trial \
+         tier's demand up to {trial_most:.2}, counted up to {trial_counted_most:.2}; ScalingLimited: {:?}; \
+         scale-ups {ups:?}; spike streams failed: {spike_failed:?}",
+        most[0],
+        most[1],
+        tier_limited.as_ref().map(|c| &c.message),
+    );
+    assert!(
+        most[0] <= 2,
+        "the sybils bought {} frontends, their tier's budget is 2: {ups:?}",
+        most[0]
+    );
+    assert!(
+        most[1] >= spike_alone,
+        "acme's spike during the sybil flood got {} frontends, alone it got {spike_alone}",
+        most[1]
+    );
+    assert!(spike_failed.is_empty(), "{spike_failed:?}");
+    assert!(
+        other.is_empty(),
+        "sybil calls ended otherwise than served or over quota: {other:?}"
+    );
+    assert!(
+        tier_limited.is_some() && trial_most > trial_counted_most,
+        "the trial tier's demand ({trial_most:.2}) never passed its budget ({trial_counted_most:.2}) in the first minute: the flood was too light to test it"
+    );
+    // Back to 1 frontend (the delay and the windows) before 7g measures from there.
+    node.wait_for(
+        &client,
+        namespace,
+        &frontend_selector,
+        "back to 1 frontend after the sybils",
+        POD_TIMEOUT,
+        || async {
+            let (replicas, _) = autoscaling().await?;
+            Ok(replicas == 1)
+        },
+    )
+    .await
+    .expect("back to 1 frontend");
+    step(
+        "a 2 min sybil flood held to its tier's budget, a paid spike still scaled",
         t,
     );
 

@@ -151,8 +151,11 @@ impl std::fmt::Debug for Readiness {
     }
 }
 
-/// How often the role's health follows its [`Readiness`].
+/// How often the role's health follows its [`Readiness`] while ready.
 pub const READINESS_POLL: Duration = Duration::from_secs(1);
+/// How often while not ready: a new pod (a frontend waiting for its shards) counts as
+/// capacity within this of being able to serve, not a second later.
+pub const UNREADY_POLL: Duration = Duration::from_millis(100);
 
 /// The role's own gRPC service, and what its health and shutdown follow.
 #[derive(Debug)]
@@ -314,7 +317,7 @@ pub async fn serve(
 const HARD_STOP: Duration = Duration::from_secs(2);
 
 /// Keeps the role's health (and `/readyz`) equal to its readiness, every
-/// [`READINESS_POLL`], logging each change with the reason; NOT_SERVING for good once the
+/// [`READINESS_POLL`] ([`UNREADY_POLL`] while not ready), logging each change with the reason; NOT_SERVING for good once the
 /// drain has begun (`began` holds when).
 async fn follow_readiness(
     role: Role,
@@ -369,6 +372,12 @@ async fn follow_readiness(
         if readiness.is_none() {
             return;
         }
-        tokio::time::sleep(READINESS_POLL).await;
+        let ready_now = matches!(last, Some(Ok(())));
+        tokio::time::sleep(if ready_now {
+            READINESS_POLL
+        } else {
+            UNREADY_POLL
+        })
+        .await;
     }
 }

@@ -173,10 +173,13 @@ pub fn template(
         resources: settings.resources.clone(),
         volume_mounts: Some(mounts),
         // Liveness: the process answers; readiness: the role's engine has its model.
+        // Capacity counts from the moment the port opens: the startup probe looks every
+        // second (a 10 s period cost up to 10 s per new pod), and so does readiness, which
+        // the kubelet only starts probing once the startup probe has passed.
         liveness_probe: Some(probe("", 10, 3)),
-        readiness_probe: Some(probe(component.grpc_service(), 5, 3)),
+        readiness_probe: Some(probe(component.grpc_service(), 1, 3)),
         // Loading a large checkpoint takes minutes; give it up to 30 of them.
-        startup_probe: Some(probe("", 10, 180)),
+        startup_probe: Some(probe("", 1, 1800)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),

@@ -188,6 +188,20 @@ fn pods_are_hardened_and_probed_on_grpc_health() {
         );
         let readiness = c.readiness_probe.as_ref().unwrap().grpc.as_ref().unwrap();
         assert_eq!(readiness.service.as_deref(), Some(component.grpc_service()));
+        // A new pod counts as capacity within a second of its port opening; a slow load
+        // still has 30 minutes.
+        let (startup, ready) = (
+            c.startup_probe.as_ref().unwrap(),
+            c.readiness_probe.as_ref().unwrap(),
+        );
+        assert_eq!(
+            (
+                startup.period_seconds,
+                startup.failure_threshold,
+                ready.period_seconds
+            ),
+            (Some(1), Some(1800), Some(1))
+        );
         // The pod's labels include the selector, or the workload would never own its pods.
         let pod_labels = template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
         for (k, v) in selector_labels(&Names::new(&md).unwrap(), component) {

@@ -9,6 +9,7 @@
 //! | --- | --- | --- |
 //! | `switchyard_requests_total` | counter | `status`: gRPC code, [`status_label`](crate::telemetry::status_label) |
 //! | `switchyard_time_to_first_token_seconds` | histogram | |
+//! | `switchyard_first_token_timestamp_seconds` | gauge (Unix time; 0 until then) | |
 //! | `switchyard_inter_token_latency_seconds` | histogram | |
 //! | `switchyard_request_duration_seconds` | histogram | |
 //! | `switchyard_prompt_tokens_total` | counter | |
@@ -80,6 +81,9 @@ pub struct FrontendMetrics {
     /// One handle per status code, in [`ALL_CODES`] order (`tonic::Code as usize`).
     requests_by_code: Vec<IntCounter>,
     ttft: Histogram,
+    /// When the first request got its first token (Unix time), set once.
+    first_token: prometheus::Gauge,
+    first_token_set: std::sync::Once,
     itl: Histogram,
     request_duration: Histogram,
     prompt_tokens: IntCounter,
@@ -128,6 +132,11 @@ impl FrontendMetrics {
             "Time from receiving a request to its first generated token (queueing and prefill)",
             TTFT_BUCKETS,
         );
+        let first_token = prometheus::Gauge::new(
+            "first_token_timestamp_seconds",
+            "When this frontend's first request got its first token (Unix time; 0 until then)",
+        )
+        .expect("static metric options are valid");
         let itl = histogram(
             "inter_token_latency_seconds",
             "Time between consecutive generated tokens of one request",
@@ -186,9 +195,10 @@ impl FrontendMetrics {
         )
         .expect("static metric options are valid");
 
-        let collectors: [Box<dyn Collector>; 14] = [
+        let collectors: [Box<dyn Collector>; 15] = [
             Box::new(requests.clone()),
             Box::new(ttft.clone()),
+            Box::new(first_token.clone()),
             Box::new(itl.clone()),
             Box::new(request_duration.clone()),
             Box::new(prompt_tokens.clone()),
@@ -213,6 +223,8 @@ impl FrontendMetrics {
             requests,
             requests_by_code,
             ttft,
+            first_token,
+            first_token_set: std::sync::Once::new(),
             itl,
             request_duration,
             prompt_tokens,
@@ -254,6 +266,8 @@ impl FrontendMetrics {
     /// Time from receiving a request to its first generated token.
     pub fn observe_ttft(&self, ttft: Duration) {
         self.ttft.observe(ttft.as_secs_f64());
+        self.first_token_set
+            .call_once(|| self.first_token.set(crate::telemetry::unix_now()));
         self.recent_ttft
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -80,6 +80,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let startup = switchyard_worker::telemetry::Startup::begin();
     switchyard_edge::logging::init(&args.log)?;
     if let Some(tool) = args.command {
         return tokio::task::spawn_blocking(move || tools::run(tool))
@@ -103,17 +104,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Role::Frontend => {
             let settings = FrontendSettings::resolve(&args.model, &args.frontend, config.as_ref())?;
             settings.log();
-            start_frontend(settings, args.metrics_listen, ready.clone()).await?
+            start_frontend(settings, args.metrics_listen, ready.clone(), &startup).await?
         }
         Role::ExpertShard => {
             let settings = ShardSettings::resolve(&args.model, &args.shard, config.as_ref())?;
             settings.log();
-            start_shard(settings, args.metrics_listen, ready.clone()).await?
+            start_shard(settings, args.metrics_listen, ready.clone(), &startup).await?
         }
     };
     let listener = server::bind(args.listen).await?;
     let addr = listener.local_addr().context("reading the bound address")?;
     tracing::info!(%addr, "listening");
+    startup.mark("listening");
     server::serve(
         role,
         listener,
@@ -149,6 +151,7 @@ async fn start_frontend(
     settings: FrontendSettings,
     metrics_listen: SocketAddr,
     ready: switchyard_edge::metrics::Readiness,
+    startup: &switchyard_worker::telemetry::Startup,
 ) -> anyhow::Result<server::RoleService> {
     let started = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let options = settings.into_options()?;
@@ -156,6 +159,8 @@ async fn start_frontend(
     })
     .await
     .context("the model loading task panicked")??;
+    startup.mark("loaded");
+    startup.register(started.metrics.registry());
     let (admission, metrics) = (started.admission.clone(), started.metrics.clone());
     let demand = switchyard_edge::metrics::JsonEndpoint {
         path: "/demand",
@@ -179,6 +184,7 @@ async fn start_shard(
     settings: ShardSettings,
     metrics_listen: SocketAddr,
     ready: switchyard_edge::metrics::Readiness,
+    startup: &switchyard_worker::telemetry::Startup,
 ) -> anyhow::Result<server::RoleService> {
     let started = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let options = settings.into_options()?;
@@ -186,6 +192,8 @@ async fn start_shard(
     })
     .await
     .context("the expert loading task panicked")??;
+    startup.mark("loaded");
+    startup.register(&started.registry);
     started.service.spawn_background(Duration::from_secs(2));
     let service = started.service.clone();
     let load = switchyard_edge::metrics::JsonEndpoint {
