@@ -591,6 +591,31 @@ async fn time_to_capacity(
     }
 }
 
+/// [`time_to_capacity`] 5 times, each run and the medians printed.
+async fn capacity_runs(
+    client: &kube::Client,
+    namespace: &str,
+    md: &str,
+    endpoint: &str,
+) -> Vec<Capacity> {
+    let mut runs = Vec::new();
+    for run in 1..=5 {
+        let c = time_to_capacity(client, namespace, md, endpoint).await;
+        let _ = writeln!(
+            std::io::stderr(),
+            "switchyard-tests: real node: capacity {md} run {run}: {}",
+            c.line()
+        );
+        runs.push(c);
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: capacity {md} median of 5: {}",
+        Capacity::median(&runs).line()
+    );
+    runs
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name))
@@ -1589,21 +1614,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     // the bench checkpoint (about 0.5 B parameters, f32, 1.8 GB, frontends only). The
     // figures are in docs/benchmarks.md (reported, not asserted).
     let t = Instant::now();
-    let mut tiny = Vec::new();
-    for run in 1..=5 {
-        let c = time_to_capacity(&client, namespace, MD, &endpoint).await;
-        let _ = writeln!(
-            std::io::stderr(),
-            "switchyard-tests: real node: capacity {MD} run {run}: {}",
-            c.line()
-        );
-        tiny.push(c);
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "switchyard-tests: real node: capacity {MD} median of 5: {}",
-        Capacity::median(&tiny).line()
-    );
+    let tiny = capacity_runs(&client, namespace, MD, &endpoint).await;
     // Each step follows the one before it, on every run.
     for c in &tiny {
         assert!(
@@ -1670,21 +1681,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         .and_then(|s| s.cluster_ip)
         .expect("a ClusterIP");
     let bench_endpoint = format!("http://{bench_ip}:50051");
-    let mut bench = Vec::new();
-    for run in 1..=5 {
-        let c = time_to_capacity(&client, namespace, "bench", &bench_endpoint).await;
-        let _ = writeln!(
-            std::io::stderr(),
-            "switchyard-tests: real node: capacity bench run {run}: {}",
-            c.line()
-        );
-        bench.push(c);
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "switchyard-tests: real node: capacity bench median of 5: {}",
-        Capacity::median(&bench).line()
-    );
+    capacity_runs(&client, namespace, "bench", &bench_endpoint).await;
     mds_api
         .delete("bench", &DeleteParams::default())
         .await
