@@ -1442,18 +1442,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         .patch(
             MD,
             &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"autoscaling": {
-                "enabled": true,
-                "frontend": {"minReplicas": 1, "maxReplicas": 3},
-                "targetQueueDepth": 4,
-                "stableWindowSeconds": 10,
-                "panicWindowSeconds": 2,
-                "scaleDownDelaySeconds": 5,
-                "pollIntervalMilliseconds": 250,
-                // No API keys here: every caller is anonymous, whose demand may buy half
-                // of maxReplicas by default; these are the test's own callers.
-                "tierBudgets": [{"tier": "anonymous", "maxFrontendsPercent": 100}],
-            }}})),
+            &Patch::Merge(autoscaling_spec("Active")),
         )
         .await
         .expect("turning the autoscaler on");
@@ -2177,19 +2166,23 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     // the count stays within 2 while the tier's demand is past its budget; in the second,
     // acme's spike (as in 7e) still gets its replicas on top.
     let t = Instant::now();
-    node.wait_for(
-        &client,
-        namespace,
-        &frontend_selector,
-        "back to 1 frontend before the sybils",
-        POD_TIMEOUT,
-        || async {
-            let (replicas, _) = autoscaling().await?;
-            Ok(replicas == 1)
-        },
-    )
-    .await
-    .expect("back to 1 frontend");
+    // Back to 1 frontend (the scale-down delay and the windows).
+    let back_to_one = |what: &'static str| {
+        node.wait_for(
+            &client,
+            namespace,
+            &frontend_selector,
+            what,
+            POD_TIMEOUT,
+            move || async move {
+                let (replicas, _) = autoscaling().await?;
+                Ok(replicas == 1)
+            },
+        )
+    };
+    back_to_one("back to 1 frontend before the sybils")
+        .await
+        .expect("back to 1 frontend");
     mds_api
         .patch(
             MD,
@@ -2358,20 +2351,10 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         tier_limited.is_some() && trial_most > trial_counted_most,
         "the trial tier's demand ({trial_most:.2}) never passed its budget ({trial_counted_most:.2}) in the first minute: the flood was too light to test it"
     );
-    // Back to 1 frontend (the delay and the windows) before 7g measures from there.
-    node.wait_for(
-        &client,
-        namespace,
-        &frontend_selector,
-        "back to 1 frontend after the sybils",
-        POD_TIMEOUT,
-        || async {
-            let (replicas, _) = autoscaling().await?;
-            Ok(replicas == 1)
-        },
-    )
-    .await
-    .expect("back to 1 frontend");
+    // 7g measures from 1 frontend.
+    back_to_one("back to 1 frontend after the sybils")
+        .await
+        .expect("back to 1 frontend");
     step(
         "a 2 min sybil flood held to its tier's budget, a paid spike still scaled",
         t,
