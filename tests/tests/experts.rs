@@ -158,6 +158,79 @@ async fn every_family_gives_the_same_greedy_tokens_on_one_two_and_three_shards()
     }
 }
 
+/// `--quantization int4` on both sides: shards hold their experts in 4 bits (Q4_0 at the
+/// fixture's 64-wide rows), the frontend holds its attention and head quantized too, and the
+/// tokens are those of the same int4 model in one process. A shard holding other weights
+/// (no quantization) is refused by identity rather than mixed in.
+#[tokio::test]
+async fn int4_experts_on_two_shards_give_the_in_process_int4_tokens() {
+    let dir = TempDir::new("placements").expect("dir");
+    let model = fixture_model("qwen3_moe");
+    let int4 = ["--quantization", "int4"];
+    let local = FrontendProcess::start(&model, &int4)
+        .await
+        .expect("local frontend");
+    let want = generate_all(&local, 16).await;
+    drop(local);
+    let dense = FrontendProcess::start(&model, &[])
+        .await
+        .expect("dense frontend");
+    assert_ne!(
+        generate_all(&dense, 16).await,
+        want,
+        "int4 changes the tokens"
+    );
+    drop(dense);
+    let file = placement(dir.path(), "int4.json", num_experts(&model), 2, "t1");
+    let shards = start_shards(&model, &file, 2, &int4).await;
+    for s in &shards {
+        let log = std::fs::read_to_string(s.process().log_path()).unwrap_or_default();
+        // gate+up rows are 64 wide (Q4_0); down rows are 40 wide, which no block divides.
+        assert!(
+            log.contains("routed experts: f32 ×8 q4_0 ×8"),
+            "a shard logs its experts' types:\n{log}"
+        );
+    }
+    let refs: Vec<&ShardProcess> = shards.iter().collect();
+    let frontend = FrontendProcess::start(
+        &model,
+        &[
+            "--expert-shards",
+            &addresses(&refs),
+            "--quantization",
+            "int4",
+        ],
+    )
+    .await
+    .expect("frontend on int4 shards");
+    assert_eq!(generate_all(&frontend, 16).await, want, "int4 on 2 shards");
+    drop(frontend);
+    // A frontend that holds dense weights does not use int4 shards: their identity differs,
+    // so its requests fail UNAVAILABLE instead of mixing weights.
+    let mismatched = FrontendProcess::start(
+        &model,
+        &[
+            "--expert-shards",
+            &addresses(&refs),
+            "--expert-wait-secs",
+            "1",
+        ],
+    )
+    .await
+    .expect("a frontend starts without its experts");
+    let status = client(&mismatched)
+        .await
+        .generate(greedy(PROMPTS[0], 4))
+        .await
+        .expect_err("no shard serves its weights");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let log = mismatched.process().log_tail(200);
+    assert!(
+        log.contains("-f32-int4, not "),
+        "the log names the mismatch:\n{log}"
+    );
+}
+
 /// The bf16 wire: one MoE layer's routed output through two shard processes, against
 /// the same experts in process, on random hidden rows.
 #[tokio::test]
@@ -176,7 +249,12 @@ async fn bf16_on_the_wire_stays_within_tolerance_and_f32_is_exact() {
     let shards = start_shards(&model, &file, 2, &[]).await;
     let cfg = switchyard_worker::model::config::load(&model).expect("config");
     let ckpt = Checkpoint::open(&model).expect("checkpoint");
-    let identity = switchyard_worker::experts::identity(name, &ckpt, DType::F32).expect("id");
+    let identity = switchyard_worker::experts::identity(
+        name,
+        &ckpt,
+        switchyard_worker::model::layers::Precision::uniform(DType::F32),
+    )
+    .expect("id");
     let local = LocalExperts::load(&cfg, &ckpt, Precision::uniform(DType::F32), &Device::Cpu)
         .expect("local experts");
     let layer = cfg
@@ -749,6 +827,7 @@ async fn only_the_sequences_that_need_a_missing_expert_fail() {
     use switchyard_worker::model::moe::{
         ExpertBackend, ExpertError, LocalExperts, Pending, Routes,
     };
+    use switchyard_worker::model::quant::Quantization;
 
     #[derive(Debug)]
     struct Missing {
@@ -794,17 +873,23 @@ async fn only_the_sequences_that_need_a_missing_expert_fail() {
 
     let model = fixture_model("qwen3_moe");
     let engine = |backend: Option<(usize, u32)>, observer: Arc<dyn EngineObserver>| {
-        let loaded = LoadedModel::load_with(&model, None, &Device::Cpu, |cfg, ckpt, p| {
-            let inner = LocalExperts::load(cfg, ckpt, p, &Device::Cpu)?;
-            Ok(match backend {
-                Some((layer, expert)) => Arc::new(Missing {
-                    inner,
-                    layer,
-                    expert,
-                }),
-                None => Arc::new(inner),
-            })
-        })
+        let loaded = LoadedModel::load_with(
+            &model,
+            None,
+            Quantization::Auto,
+            &Device::Cpu,
+            |cfg, ckpt, p| {
+                let inner = LocalExperts::load(cfg, ckpt, p, &Device::Cpu)?;
+                Ok(match backend {
+                    Some((layer, expert)) => Arc::new(Missing {
+                        inner,
+                        layer,
+                        expert,
+                    }),
+                    None => Arc::new(inner),
+                })
+            },
+        )
         .expect("load");
         EngineHandle::start(
             Arc::new(loaded.transformer),

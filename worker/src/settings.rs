@@ -27,6 +27,7 @@ use crate::experts::placement::PlacementSource;
 use crate::experts::remote::{RemoteOptions, ShardTargets};
 use crate::experts::shard::{MAX_REQUEST_BYTES, ShardOptions};
 use crate::frontend::FrontendOptions;
+use crate::model::quant::Quantization;
 
 /// Compute dtype unless `--dtype` or worker.json says.
 pub const DEFAULT_DTYPE: &str = "auto";
@@ -85,6 +86,11 @@ pub struct ModelArgs {
     /// --config (worker.json's model.dtype).
     #[arg(long, env = "SWITCHYARD_DTYPE")]
     pub dtype: Option<String>,
+    /// How weight matrices are stored: auto (as the checkpoint stores them), none (dense;
+    /// a GGUF's quantized tensors dequantized), int8 (Q8_0) or int4 (Q4_K/Q4_0, Q6_K/Q8_0
+    /// head) [default: auto]. Refused with --config (worker.json's model.quantization).
+    #[arg(long, env = "SWITCHYARD_QUANTIZATION")]
+    pub quantization: Option<String>,
     /// Compute device: auto (a CUDA GPU when built with the `cuda` feature), cpu, cuda:N
     /// [default: auto].
     #[arg(long, env = "SWITCHYARD_DEVICE")]
@@ -194,6 +200,8 @@ pub struct ModelSettings {
     pub model_id: Option<String>,
     /// `auto`, `f32`, `bf16` or `f16`.
     pub dtype: String,
+    /// How weight matrices are stored.
+    pub quantization: Quantization,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: String,
 }
@@ -209,7 +217,13 @@ impl ModelSettings {
             let Some(model) = &args.model else {
                 return Err(SettingsError::NoModel { role });
             };
+            let quantization = Quantization::parse(args.quantization.as_deref().unwrap_or(""))
+                .map_err(|message| SettingsError::Invalid {
+                    flag: "--quantization",
+                    message,
+                })?;
             return Ok(Self {
+                quantization,
                 source: if model.as_os_str() == "demo" {
                     ModelSource::Demo {
                         cache: args.cache_dir.clone(),
@@ -240,16 +254,32 @@ impl ModelSettings {
             "SWITCHYARD_DTYPE",
             "worker.json's model.dtype sets it, and frontends and shards must compute in the same dtype",
         )?;
-        if config.model.quantization != "none" {
-            return Err(SettingsError::Invalid {
+        refuse(
+            args.quantization.is_some(),
+            "--quantization",
+            "SWITCHYARD_QUANTIZATION",
+            "worker.json's model.quantization sets it, and frontends and shards must hold the same weights",
+        )?;
+        let quantization = Quantization::parse(&config.model.quantization).map_err(|message| {
+            SettingsError::Invalid {
                 flag: "worker.json model.quantization",
+                message,
+            }
+        })?;
+        if let Some(group) = config.model.quantization_group_size
+            && group != crate::model::quant::GROUP_SIZE
+        {
+            return Err(SettingsError::Invalid {
+                flag: "worker.json model.quantizationGroupSize",
                 message: format!(
-                    "{:?} is not supported yet (INT4 weights land in a later release); use \"none\"",
-                    config.model.quantization
+                    "{group}: every quantized type here has one scale per {} weights; set {} or leave it out",
+                    crate::model::quant::GROUP_SIZE,
+                    crate::model::quant::GROUP_SIZE
                 ),
             });
         }
         Ok(Self {
+            quantization,
             source: ModelSource::Dir(PathBuf::from(&config.model.path)),
             model_id: Some(config.deployment.clone()),
             dtype: config.model.dtype.clone(),
@@ -434,6 +464,7 @@ impl FrontendSettings {
             model = %self.model.describe(),
             model_id = ?self.model.model_id,
             dtype = %self.model.dtype,
+            quantization = %self.model.quantization,
             device = %self.model.device,
             max_batch_size = self.max_batch_size,
             max_batch_tokens = self.max_batch_tokens,
@@ -477,6 +508,7 @@ impl FrontendSettings {
             model,
             model_id,
             dtype: self.model.dtype,
+            quantization: self.model.quantization,
             device: self.model.device,
             max_batch_size: self.max_batch_size,
             max_batch_tokens: self.max_batch_tokens,
@@ -557,6 +589,7 @@ impl ShardSettings {
             model = %self.model.describe(),
             model_id = ?self.model.model_id,
             dtype = %self.model.dtype,
+            quantization = %self.model.quantization,
             device = %self.model.device,
             shard_index = self.shard_index,
             placement = ?self.placement,
@@ -572,6 +605,7 @@ impl ShardSettings {
             model,
             model_id,
             dtype: self.model.dtype,
+            quantization: self.model.quantization,
             device: self.model.device,
             shard_index: self.shard_index,
             placement: self.placement,
@@ -857,13 +891,27 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_json_asking_for_int4_is_refused_not_ignored() {
+    fn quantization_comes_from_worker_json_or_the_flag_and_bad_values_are_named() {
         let mut config = worker_json();
         config.model.quantization = "int4".into();
+        config.model.quantization_group_size = Some(32);
+        let s = ModelSettings::resolve(&parse(&[]).model, Some(&config), "frontend").expect("int4");
+        assert_eq!(s.quantization, Quantization::Int4);
+        config.model.quantization_group_size = Some(128);
         let e = ModelSettings::resolve(&parse(&[]).model, Some(&config), "frontend")
-            .expect_err("int4 is not built");
-        assert!(e.to_string().contains("model.quantization"), "{e}");
-        assert!(e.to_string().contains("not supported yet"), "{e}");
+            .expect_err("group 128");
+        assert!(e.to_string().contains("quantizationGroupSize"), "{e}");
+        config.model.quantization = "int3".into();
+        let e =
+            ModelSettings::resolve(&parse(&[]).model, Some(&config), "frontend").expect_err("int3");
+        assert!(e.to_string().contains("auto, none, int8, int4"), "{e}");
+        let args = parse(&["--model", "/m", "--quantization", "int8"]);
+        let s = ModelSettings::resolve(&args.model, None, "frontend").expect("flag");
+        assert_eq!(s.quantization, Quantization::Int8);
+        let args = parse(&["--quantization", "int8"]);
+        let e = ModelSettings::resolve(&args.model, Some(&worker_json()), "frontend")
+            .expect_err("refused with --config");
+        assert!(e.to_string().contains("--quantization"), "{e}");
     }
 
     /// README.md says so: every flag of the server roles has an environment fallback.

@@ -12,6 +12,7 @@ use switchyard_worker::engine::sampling::SamplingConfig;
 use switchyard_worker::engine::{EngineConfig, EngineHandle, Event, GenerationRequest, NoObserver};
 use switchyard_worker::model::LoadedModel;
 use switchyard_worker::model::attention::{ForwardBatch, LogitRows, PagedKv, SeqStep};
+use switchyard_worker::model::quant::Quantization;
 
 /// f32 logits may differ from PyTorch's by summation order only.
 const TOLERANCE_F32: f32 = 1e-4;
@@ -74,8 +75,13 @@ fn reference(dir: &Path) -> Reference {
 }
 
 fn load(name: &str) -> LoadedModel {
-    LoadedModel::load(&fixture_dir(name), Some(DType::F32), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("loading fixture {name}: {e}"))
+    LoadedModel::load(
+        &fixture_dir(name),
+        Some(DType::F32),
+        Quantization::Auto,
+        &Device::Cpu,
+    )
+    .unwrap_or_else(|e| panic!("loading fixture {name}: {e}"))
 }
 
 /// Runs `tokens` after `cached` tokens already in `kv`, returning every new row's logits.
@@ -161,7 +167,13 @@ fn check_against_reference(name: &str, model: &LoadedModel, r: &Reference) {
 
 fn engine(model: &LoadedModel) -> EngineHandle {
     // The engine takes the transformer by Arc; load a second copy for it.
-    let m = LoadedModel::load(&model.dir, Some(DType::F32), &Device::Cpu).expect("reload");
+    let m = LoadedModel::load(
+        &model.dir,
+        Some(DType::F32),
+        Quantization::Auto,
+        &Device::Cpu,
+    )
+    .expect("reload");
     EngineHandle::start(
         Arc::new(m.transformer),
         EngineConfig {
@@ -337,7 +349,8 @@ fn strip_tensors(dir: &Path, strip: impl Fn(&str) -> bool) -> usize {
 }
 
 fn load_error(dir: &Path) -> String {
-    let err = LoadedModel::load(dir, Some(DType::F32), &Device::Cpu).expect_err("must not load");
+    let err = LoadedModel::load(dir, Some(DType::F32), Quantization::Auto, &Device::Cpu)
+        .expect_err("must not load");
     let _ = std::fs::remove_dir_all(dir);
     err.to_string()
 }
@@ -382,8 +395,13 @@ fn bf16_weights_on_the_cpu_match_the_reference() {
     // olmoe_bf16's reference was computed from its bf16 weights upcast to f32, which is
     // exactly what the CPU's bf16 mode multiplies by (f32 arithmetic, bf16 storage).
     let name = "olmoe_bf16";
-    let model = LoadedModel::load(&fixture_dir(name), Some(DType::BF16), &Device::Cpu)
-        .unwrap_or_else(|e| panic!("loading {name} as bf16: {e}"));
+    let model = LoadedModel::load(
+        &fixture_dir(name),
+        Some(DType::BF16),
+        Quantization::Auto,
+        &Device::Cpu,
+    )
+    .unwrap_or_else(|e| panic!("loading {name} as bf16: {e}"));
     assert_eq!(model.transformer.precision().weights, DType::BF16);
     assert_eq!(model.transformer.dtype(), DType::F32);
     check_against_reference(

@@ -14,7 +14,6 @@ use crate::api::{Dtype, ModelDeployment, Priority, Quantization, QuotaScopeMode}
 pub fn worker_config(md: &ModelDeployment, names: &Names) -> WorkerConfig {
     let spec = &md.spec;
     let model = &spec.model;
-    let int4 = model.quantization == Quantization::Int4;
     let serving = &spec.serving;
     let admission = &spec.admission;
     WorkerConfig {
@@ -29,9 +28,14 @@ pub fn worker_config(md: &ModelDeployment, names: &Names) -> WorkerConfig {
                 Dtype::F32 => "f32",
             }
             .into(),
-            quantization: if int4 { "int4" } else { "none" }.into(),
-            quantization_group_size: int4
-                .then(|| model.quantization_group_size.map_or(128, |g| g.0)),
+            quantization: match model.quantization {
+                Quantization::Auto => "auto",
+                Quantization::None => "none",
+                Quantization::Int8 => "int8",
+                Quantization::Int4 => "int4",
+            }
+            .into(),
+            quantization_group_size: model.quantization_group_size.map(|g| g.0),
         },
         serving: ServingConfig {
             port: u16::try_from(serving.port).unwrap_or_default(),

@@ -287,8 +287,8 @@ fn the_full_example_asks_for_gpus_and_mounts_api_keys_on_frontends_only() {
 
     let config: WorkerConfig =
         serde_json::from_str(&d.config.data.as_ref().unwrap()[CONFIG_FILE]).unwrap();
-    assert_eq!(config.model.quantization, "none");
-    assert_eq!(config.model.quantization_group_size, None);
+    assert_eq!(config.model.quantization, "int4");
+    assert_eq!(config.model.quantization_group_size, Some(32));
     assert_eq!(config.shards.count, 4);
     assert_eq!(
         config.shards.service,
@@ -453,17 +453,24 @@ fn config_hash_is_stable() {
     assert_eq!(config_hash("a"), "af63dc4c8601ec8c");
 }
 
-/// The API server refuses `int4` until INT4 loading lands; the worker config already
-/// carries it through for then (the worker refuses it too: see docs/operator.md).
+/// `quantization` and `quantizationGroupSize` reach the worker as written (the worker
+/// refuses a group size other than 32 too).
 #[test]
-fn int4_is_carried_into_the_worker_config_with_its_default_group_size() {
-    let mut md = example("minimal.yaml");
-    md.spec.model.quantization = crate::api::Quantization::Int4;
-    let d = desired(&md, &Defaults::default()).unwrap();
-    let config: WorkerConfig =
-        serde_json::from_str(&d.config.data.as_ref().unwrap()[CONFIG_FILE]).unwrap();
-    assert_eq!(config.model.quantization, "int4");
-    assert_eq!(config.model.quantization_group_size, Some(128));
+fn quantization_is_carried_into_the_worker_config() {
+    for (q, name) in [
+        (crate::api::Quantization::Int4, "int4"),
+        (crate::api::Quantization::Int8, "int8"),
+        (crate::api::Quantization::None, "none"),
+    ] {
+        let mut md = example("minimal.yaml");
+        md.spec.model.quantization = q;
+        md.spec.model.quantization_group_size = Some(crate::api::QuantizationGroupSize(32));
+        let d = desired(&md, &Defaults::default()).unwrap();
+        let config: WorkerConfig =
+            serde_json::from_str(&d.config.data.as_ref().unwrap()[CONFIG_FILE]).unwrap();
+        assert_eq!(config.model.quantization, name);
+        assert_eq!(config.model.quantization_group_size, Some(32));
+    }
 }
 
 #[test]

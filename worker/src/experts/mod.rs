@@ -18,7 +18,7 @@
 //!   over shards: discovery, holder choice by outstanding work, failover, metrics.
 //!
 //! A shard and a frontend only work together when their [`identity`] is equal: the same
-//! model id, checkpoint content and weight dtype.
+//! model id, checkpoint content, weight dtype and quantization.
 
 pub mod bench;
 pub mod placement;
@@ -26,27 +26,31 @@ pub mod remote;
 pub mod shard;
 pub mod wire;
 
-use candle_core::DType;
 use switchyard_proto::expert::v1 as pb;
 
 use crate::model::ModelError;
 use crate::model::checkpoint::Checkpoint;
+use crate::model::layers::Precision;
+use crate::model::quant::Quantization;
 
 /// The identity a frontend and its shards must share: `model_id`, and a fingerprint of the
-/// checkpoint's content plus the dtype the experts' weights are held in (which changes
-/// their outputs).
+/// checkpoint's content plus the dtype and quantization the experts' weights are held in
+/// (both change their outputs): `<hash>-f32`, or `<hash>-f32-int4` when quantized (and
+/// always with the setting for a GGUF, whose `auto` and `none` differ).
 pub fn identity(
     model_id: &str,
     ckpt: &Checkpoint,
-    weights: DType,
+    precision: Precision,
 ) -> Result<pb::ModelIdentity, ModelError> {
+    let weights = format!("{:?}", precision.weights).to_lowercase();
+    // `auto` and `none` hold a safetensors checkpoint alike; a GGUF's differ.
+    let held = match (precision.quant, ckpt.gguf().is_some()) {
+        (Quantization::Auto | Quantization::None, false) => weights,
+        (q, _) => format!("{weights}-{q}"),
+    };
     Ok(pb::ModelIdentity {
         model_id: model_id.to_string(),
-        fingerprint: format!(
-            "{:016x}-{}",
-            ckpt.fingerprint()?,
-            format!("{weights:?}").to_lowercase()
-        ),
+        fingerprint: format!("{:016x}-{held}", ckpt.fingerprint()?),
     })
 }
 

@@ -43,6 +43,8 @@ pub struct ShardOptions {
     pub model_id: String,
     /// `auto`, `f32`, `bf16` or `f16` (must equal the frontends').
     pub dtype: String,
+    /// How the experts' weight matrices are stored.
+    pub quantization: crate::model::quant::Quantization,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: String,
     /// This shard's index in the deployment.
@@ -122,14 +124,14 @@ pub fn start(opts: &ShardOptions) -> Result<StartedShard, StartError> {
     let dtype = crate::model::parse_dtype(&opts.dtype, &device)
         .map_err(StartError::Invalid)?
         .unwrap_or_else(|| crate::model::saved_dtype(&cfg, &ckpt));
-    let precision = crate::model::precision_for(dtype, &device);
+    let precision = crate::model::precision_for(dtype, &device).with_quant(opts.quantization);
     let assignment = opts
         .placement
         .resolve(&cfg)
         .map_err(StartError::Placement)?;
     let t0 = Instant::now();
     let experts = load(&cfg, &ckpt, precision, &device, &assignment, None)?;
-    let identity = identity(&opts.model_id, &ckpt, precision.weights)?;
+    let identity = identity(&opts.model_id, &ckpt, precision)?;
     let num_experts = cfg.moe.as_ref().map_or(0, |m| m.num_experts);
     let metrics = ShardMetrics::new()?;
     metrics.experts_held.set(assignment.len() as i64);
@@ -139,6 +141,12 @@ pub fn start(opts: &ShardOptions) -> Result<StartedShard, StartError> {
         experts = assignment.len(),
         revision = %assignment.revision,
         weight_mib = experts.weight_bytes() >> 20,
+        quantization = %opts.quantization,
+        held = %{
+            let mut t = crate::model::quant::Tally::default();
+            crate::model::moe::ExpertBackend::tally(&experts, &mut t);
+            t
+        },
         took_ms = t0.elapsed().as_millis() as u64,
         "routed experts loaded"
     );

@@ -39,6 +39,8 @@ pub struct FrontendOptions {
     pub model_id: String,
     /// `auto`, `f32`, `bf16` or `f16`.
     pub dtype: String,
+    /// How weight matrices are stored.
+    pub quantization: crate::model::quant::Quantization,
     /// `auto` (the first CUDA GPU when built with the `cuda` feature and one is present,
     /// else the CPU), `cpu`, or `cuda:<ordinal>`.
     pub device: String,
@@ -119,7 +121,7 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
     ));
     let mut remote_experts = None;
     let loaded = match &opts.experts {
-        None => LoadedModel::load(&opts.model, dtype, &device)?,
+        None => LoadedModel::load(&opts.model, dtype, opts.quantization, &device)?,
         Some(remote) if cfg.moe.is_some() => {
             let rt = tokio::runtime::Handle::try_current().map_err(StartError::NoRuntime)?;
             let mut failure = None;
@@ -127,10 +129,10 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
             let loaded = LoadedModel::load_with(
                 &opts.model,
                 dtype,
+                opts.quantization,
                 &device,
                 |cfg, ckpt, precision| {
-                    let identity =
-                        crate::experts::identity(&opts.model_id, ckpt, precision.weights)?;
+                    let identity = crate::experts::identity(&opts.model_id, ckpt, precision)?;
                     tracing::info!(model = %crate::experts::describe_identity(Some(&identity)), targets = ?remote.targets, "routed experts are on expert shards");
                     match rt.block_on(crate::experts::remote::RemoteExperts::connect(
                         cfg,
@@ -164,7 +166,7 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
             tracing::warn!(
                 "the model is dense: it has no routed experts to put on shards; running it whole"
             );
-            LoadedModel::load(&opts.model, dtype, &device)?
+            LoadedModel::load(&opts.model, dtype, opts.quantization, &device)?
         }
     };
     let tokenizer =
@@ -208,12 +210,16 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
         None => fallback_kv_tokens(opts, context, "free GPU memory is not measured yet"),
     };
     let kv_blocks = (kv_tokens as usize).div_ceil(opts.kv_block_size);
+    let tally = loaded.transformer.weight_tally();
+    let quantized = tally.rows().iter().any(|(_, t, _)| t.starts_with('q'));
     let kv_bytes = kv_blocks * opts.kv_block_size * per_token;
     tracing::info!(
         model = %opts.model.display(),
         family = %cfg.family,
         parameters = cfg.parameter_count(),
         weights = ?weights_dtype,
+        quantization = %opts.quantization,
+        held = %tally,
         activations = ?dtype,
         saved = ?loaded.saved_dtypes,
         context,
@@ -245,8 +251,21 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
         max_tokens_per_request: opts.max_tokens_per_request as u32,
         vocab_size: cfg.vocab_size as u32,
         dtype: format!("{weights_dtype:?}").to_lowercase(),
-        quantization: "none".into(),
-        quantization_group_size: 0,
+        quantization: opts.quantization.name().into(),
+        quantization_group_size: if quantized {
+            crate::model::quant::GROUP_SIZE
+        } else {
+            0
+        },
+        weights: tally
+            .rows()
+            .into_iter()
+            .map(|(part, r#type, n)| pb::WeightStorage {
+                part: part.into(),
+                r#type,
+                matrices: n as u32,
+            })
+            .collect(),
         num_experts: cfg.moe.as_ref().map_or(0, |m| m.num_experts as u32),
         experts_per_token: cfg.moe.as_ref().map_or(0, |m| m.top_k as u32),
         has_chat_template: tokenizer.chat_template().is_some(),

@@ -260,6 +260,13 @@ impl Attention {
         })
     }
 
+    /// Counts its projections' storage types.
+    pub fn tally(&self, t: &mut super::quant::Tally) {
+        for l in [&self.q, &self.k, &self.v, &self.o] {
+            t.add("attention", l.weight().type_name());
+        }
+    }
+
     /// Bytes of weights one token reads.
     pub fn weight_bytes(&self) -> usize {
         [&self.q, &self.k, &self.v, &self.o]

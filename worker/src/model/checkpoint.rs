@@ -16,17 +16,26 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use super::ModelError;
-use super::layers::Precision;
+use candle_core::quantized::{GgmlDType, QTensor};
 
-/// The mapped weight files of one checkpoint.
+use super::ModelError;
+use super::gguf::{GgufFile, is_gguf};
+use super::layers::Precision;
+use super::matmul::Weight;
+use super::quant::{Plan, Role};
+
+/// The weight files of one checkpoint: a directory of safetensors, or one GGUF file.
 pub struct Checkpoint {
+    /// The directory, or the `.gguf` file.
     dir: PathBuf,
-    files: MmapedSafetensors,
+    /// The mapped safetensors files (none for a GGUF).
+    files: Option<MmapedSafetensors>,
     /// The weight files, in a stable order.
     paths: Vec<PathBuf>,
     /// Tensor name → the file that holds it (for messages) and its shape.
     index: HashMap<String, (PathBuf, Vec<usize>)>,
+    /// The GGUF file, when the checkpoint is one.
+    gguf: Option<GgufFile>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -34,6 +43,7 @@ impl std::fmt::Debug for Checkpoint {
         f.debug_struct("Checkpoint")
             .field("dir", &self.dir)
             .field("tensors", &self.index.len())
+            .field("gguf", &self.gguf.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -44,8 +54,18 @@ struct IndexFile {
 }
 
 impl Checkpoint {
-    /// Maps the weight files of `dir`.
+    /// Maps the weight files of `dir`, or reads the header of a `.gguf` file.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        if is_gguf(dir) {
+            let gguf = GgufFile::open(dir)?;
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                files: None,
+                paths: vec![dir.to_path_buf()],
+                index: HashMap::new(),
+                gguf: Some(gguf),
+            });
+        }
         let files = weight_files(dir)?;
         let mapped = map_files(&files)?;
         let mut index = HashMap::new();
@@ -61,10 +81,40 @@ impl Checkpoint {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            files: mapped,
+            files: Some(mapped),
             paths: files,
             index,
+            gguf: None,
         })
+    }
+
+    /// The GGUF file, when the checkpoint is one.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        self.gguf.as_ref()
+    }
+
+    /// How `name` is stored when it is a quantized GGUF tensor (`None`: dense, or a
+    /// safetensors checkpoint).
+    pub fn stored_quantized(&self, name: &str) -> Option<GgmlDType> {
+        self.gguf
+            .as_ref()
+            .and_then(|g| g.stored_type(name))
+            .filter(|t| !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16))
+    }
+
+    /// `name` as the GGUF stores it, checked to have `shape`.
+    pub fn quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<QTensor, ModelError> {
+        self.checked(name, shape, None)?;
+        let gguf = self.gguf.as_ref().ok_or_else(|| ModelError::Unsupported {
+            file: self.dir.clone(),
+            what: format!("tensor `{name}`: quantized tensors come from GGUF files"),
+        })?;
+        gguf.qtensor(name, device)
     }
 
     /// The checkpoint directory.
@@ -74,7 +124,10 @@ impl Checkpoint {
 
     /// Whether a tensor exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        match &self.gguf {
+            Some(g) => g.contains(name),
+            None => self.index.contains_key(name),
+        }
     }
 
     /// Reads `name`, checks it has `shape`, converts it to `dtype` on `device`.
@@ -97,6 +150,26 @@ impl Checkpoint {
         shape: &[usize],
         entry: Option<usize>,
     ) -> Result<&PathBuf, ModelError> {
+        if let Some(g) = &self.gguf {
+            // The GGUF map names each expert of an `_exps` tensor on its own (the
+            // per-expert layout), so there are no fused entries to read here.
+            let Some(saved) = g.shape(name).filter(|_| entry.is_none()) else {
+                return Err(ModelError::MissingTensor {
+                    dir: self.dir.clone(),
+                    name: name.to_string(),
+                    expected: format!("{shape:?}"),
+                });
+            };
+            if saved != shape {
+                return Err(ModelError::TensorShape {
+                    file: self.dir.clone(),
+                    name: name.to_string(),
+                    expected: format!("{shape:?}"),
+                    found: format!("{saved:?}"),
+                });
+            }
+            return Ok(&self.dir);
+        }
         let Some((file, saved)) = self.index.get(name) else {
             return Err(ModelError::MissingTensor {
                 dir: self.dir.clone(),
@@ -134,7 +207,7 @@ impl Checkpoint {
             name: name.to_string(),
             message: e.to_string(),
         };
-        let view = self.files.get(name).map_err(wrap)?;
+        let view = self.files()?.get(name).map_err(wrap)?;
         let saved_dtype = DType::try_from(view.dtype()).map_err(wrap)?;
         let row_shape = &shape[1..];
         let row_bytes = row_shape.iter().product::<usize>() * saved_dtype.size_in_bytes();
@@ -165,11 +238,13 @@ impl Checkpoint {
     pub fn fingerprint(&self) -> Result<u64, ModelError> {
         use std::io::{Read as _, Seek as _, SeekFrom};
         let mut hash = Fnv1a::default();
-        let config = self.dir.join("config.json");
-        hash.write(&std::fs::read(&config).map_err(|source| ModelError::Io {
-            file: config.clone(),
-            source,
-        })?);
+        if self.gguf.is_none() {
+            let config = self.dir.join("config.json");
+            hash.write(&std::fs::read(&config).map_err(|source| ModelError::Io {
+                file: config.clone(),
+                source,
+            })?);
+        }
         const SAMPLE: u64 = 64 << 10;
         for path in &self.paths {
             let io = |source| ModelError::Io {
@@ -181,7 +256,12 @@ impl Checkpoint {
             hash.write(&len.to_le_bytes());
             let mut header_len = [0u8; 8];
             f.read_exact(&mut header_len).map_err(io)?;
-            let header_len = u64::from_le_bytes(header_len).min(len);
+            // A GGUF's header is sampled like its data (it starts at offset 0).
+            let header_len = if self.gguf.is_some() {
+                0
+            } else {
+                u64::from_le_bytes(header_len).min(len)
+            };
             let mut header = Vec::new();
             (&mut f)
                 .take(header_len)
@@ -202,6 +282,9 @@ impl Checkpoint {
 
     /// Reads `name` whatever its shape (the caller checks it), in `dtype` on `device`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
+        if let Some(g) = &self.gguf {
+            return g.dense(name, dtype, device);
+        }
         let file = self
             .index
             .get(name)
@@ -214,7 +297,7 @@ impl Checkpoint {
         };
         // Convert on the CPU side first when the device differs, so a bf16 file becomes an
         // f32 device tensor without a device round trip.
-        let tensor = self.files.load(name, &Device::Cpu).map_err(wrap)?;
+        let tensor = self.files()?.load(name, &Device::Cpu).map_err(wrap)?;
         let tensor = if tensor.dtype() == dtype {
             tensor
         } else {
@@ -225,11 +308,22 @@ impl Checkpoint {
 
     /// The dtypes the weight files hold (for the start-up log and `ListModels`).
     pub fn saved_dtypes(&self) -> BTreeSet<String> {
-        self.files
-            .tensors()
-            .iter()
-            .map(|(_, view)| format!("{:?}", view.dtype()).to_lowercase())
-            .collect()
+        match (&self.gguf, &self.files) {
+            (Some(g), _) => g.saved_types().into_iter().collect(),
+            (None, Some(files)) => files
+                .tensors()
+                .iter()
+                .map(|(_, view)| format!("{:?}", view.dtype()).to_lowercase())
+                .collect(),
+            (None, None) => BTreeSet::new(),
+        }
+    }
+
+    fn files(&self) -> Result<&MmapedSafetensors, ModelError> {
+        self.files.as_ref().ok_or_else(|| ModelError::Unsupported {
+            file: self.dir.clone(),
+            what: "safetensors access to a GGUF checkpoint".into(),
+        })
     }
 }
 
@@ -304,10 +398,35 @@ impl<'a> Weights<'a> {
         self.ckpt.contains(&self.name(leaf))
     }
 
-    /// A weight matrix (`weights` dtype), checked to have `shape`.
-    pub fn matrix(&self, leaf: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        self.ckpt
-            .tensor(&self.name(leaf), shape, self.precision.weights, self.device)
+    /// A weight matrix, checked to have `shape`, held as the precision's quantization
+    /// setting says for the body of the model ([`super::quant`]).
+    pub fn matrix(&self, leaf: &str, shape: &[usize]) -> Result<Weight, ModelError> {
+        self.matrix_as(leaf, shape, Role::Body)
+    }
+
+    /// A weight matrix of `role`, checked to have `shape`: the stored quantized tensor, a
+    /// dense one in the `weights` dtype, or one quantized at load.
+    pub fn matrix_as(&self, leaf: &str, shape: &[usize], role: Role) -> Result<Weight, ModelError> {
+        let name = self.name(leaf);
+        let stored = self.ckpt.stored_quantized(&name);
+        let cols = shape.last().copied().unwrap_or(0);
+        match super::quant::plan(self.precision.quant, role, stored, cols) {
+            Plan::Keep => Ok(Weight::Quantized(std::sync::Arc::new(
+                self.ckpt.quantized(&name, shape, self.device)?,
+            ))),
+            Plan::Dense => Ok(Weight::Dense(self.ckpt.tensor(
+                &name,
+                shape,
+                self.precision.weights,
+                self.device,
+            )?)),
+            Plan::Quantize(to) => {
+                // From the stored values in f32 (a bf16 or re-quantized tensor loses nothing
+                // more on the way), quantized on the CPU, then moved to the device.
+                let dense = self.ckpt.tensor(&name, shape, DType::F32, &Device::Cpu)?;
+                Weight::quantize_onto(&dense, to, self.device).map_err(|e| self.error(leaf, e))
+            }
+        }
     }
 
     /// Any other tensor (norms, biases, embeddings: the `acts` dtype), checked to have
@@ -324,14 +443,28 @@ impl<'a> Weights<'a> {
         leaf: &str,
         shape: &[usize],
         index: usize,
-    ) -> Result<Tensor, ModelError> {
-        self.ckpt.tensor_row(
-            &self.name(leaf),
-            shape,
-            index,
-            self.precision.weights,
-            self.device,
-        )
+    ) -> Result<Weight, ModelError> {
+        let cols = shape.last().copied().unwrap_or(0);
+        // Fused expert tensors come from safetensors: dense, or quantized at load.
+        match super::quant::plan(self.precision.quant, Role::Body, None, cols) {
+            Plan::Quantize(to) => {
+                let dense = self.ckpt.tensor_row(
+                    &self.name(leaf),
+                    shape,
+                    index,
+                    DType::F32,
+                    &Device::Cpu,
+                )?;
+                Weight::quantize_onto(&dense, to, self.device).map_err(|e| self.error(leaf, e))
+            }
+            _ => Ok(Weight::Dense(self.ckpt.tensor_row(
+                &self.name(leaf),
+                shape,
+                index,
+                self.precision.weights,
+                self.device,
+            )?)),
+        }
     }
 
     /// `leaf` as host f32 values, checked to have `shape`.

@@ -269,8 +269,17 @@ impl RawConfig {
     }
 }
 
-/// Reads and validates `<dir>/config.json`.
+/// Reads and validates `<dir>/config.json`, or a GGUF file's metadata (see
+/// [`super::gguf`]).
 pub fn load(dir: &Path) -> Result<ModelConfig, ModelError> {
+    if super::gguf::is_gguf(dir) {
+        let json = super::gguf::GgufFile::open(dir)?.config_json()?;
+        let raw: RawConfig = serde_json::from_value(json).map_err(|e| ModelError::Json {
+            file: dir.to_path_buf(),
+            message: format!("GGUF metadata: {e}"),
+        })?;
+        return resolve(dir, raw);
+    }
     let file = dir.join("config.json");
     let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io {
         file: file.clone(),

@@ -11,7 +11,8 @@ use super::ModelError;
 use super::checkpoint::Weights;
 use super::config::RopeScaling;
 use super::family::MlpNames;
-use super::matmul::linear;
+use super::matmul::{Weight, linear_w};
+use super::quant::{Quantization, Tally};
 
 /// The dtypes a model is computed in: weight matrices, and everything else (activations,
 /// norms, biases, embeddings, the KV cache). They differ on the CPU for bf16/f16
@@ -23,24 +24,32 @@ pub struct Precision {
     pub weights: DType,
     /// Activations and every other tensor.
     pub acts: DType,
+    /// How weight matrices are stored (see [`super::quant`]).
+    pub quant: Quantization,
 }
 
 impl Precision {
-    /// One dtype for everything.
+    /// One dtype for everything, nothing quantized (a quantized GGUF tensor dequantized).
     pub fn uniform(dtype: DType) -> Self {
         Self {
             weights: dtype,
             acts: dtype,
+            quant: Quantization::None,
         }
+    }
+
+    /// The same with `quant`.
+    pub fn with_quant(self, quant: Quantization) -> Self {
+        Self { quant, ..self }
     }
 }
 
-/// `y = x Wᵀ (+ b)`, the weight kept as saved (`[out, in]`); the product is
-/// [`linear`], which picks the fastest path for the batch's shape.
+/// `y = x Wᵀ (+ b)`, the weight kept as saved (`[out, in]`, dense or block-quantized);
+/// the product is [`linear_w`], which picks the fastest path for the batch's shape.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`.
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
@@ -71,22 +80,24 @@ impl Linear {
     }
 
     /// From an existing `[out, in]` weight (shares its storage).
-    pub fn from_weight(weight: &Tensor) -> Result<Self> {
-        Ok(Self {
-            weight: weight.clone(),
-            bias: None,
-        })
+    pub fn from_weight(weight: Weight) -> Self {
+        Self { weight, bias: None }
     }
 
     /// Bytes of the weight.
     pub fn weight_bytes(&self) -> usize {
-        self.weight.elem_count() * self.weight.dtype().size_in_bytes()
+        self.weight.bytes()
+    }
+
+    /// The weight.
+    pub fn weight(&self) -> &Weight {
+        &self.weight
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = linear(xs, &self.weight)?;
+        let ys = linear_w(xs, &self.weight)?;
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
@@ -118,29 +129,58 @@ impl Module for RmsNorm {
     }
 }
 
-/// SwiGLU MLP: `down(silu(gate(x)) · up(x))`, gate and up fused into one matrix so a token
-/// row costs two products, not three.
+/// SwiGLU MLP: `down(silu(gate(x)) · up(x))`, gate and up fused into one matrix when they
+/// are stored alike, so a token row costs two products, not three.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    /// `[2·ff, d]`: gate rows first.
-    gate_up: Tensor,
+    gate_up: GateUp,
     /// `[d, ff]`.
-    down: Tensor,
+    down: Weight,
     ff: usize,
 }
 
+#[derive(Debug, Clone)]
+enum GateUp {
+    /// `[2·ff, d]`: gate rows first.
+    Fused(Weight),
+    /// Stored in two types (a GGUF may quantize them differently): `[ff, d]` each.
+    Split(Weight, Weight),
+}
+
 impl Mlp {
-    /// From separate `[ff, d]` gate and up weights and a `[d, ff]` down weight.
+    /// From separate dense `[ff, d]` gate and up weights and a `[d, ff]` down weight.
     pub fn new(gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Self> {
-        Self::from_fused(&Tensor::cat(&[gate, up], 0)?, down)
+        Self::from_parts(
+            Weight::Dense(gate.clone()),
+            Weight::Dense(up.clone()),
+            Weight::Dense(down.contiguous()?),
+        )
+    }
+
+    /// From separate gate, up and down weights, dense or quantized.
+    pub fn from_parts(gate: Weight, up: Weight, down: Weight) -> Result<Self> {
+        let ff = gate.dims2()?.0;
+        let gate_up = match Weight::cat_rows(&gate, &up)? {
+            Some(fused) => GateUp::Fused(fused),
+            None => GateUp::Split(gate, up),
+        };
+        Ok(Self { gate_up, down, ff })
     }
 
     /// From an already fused `[2·ff, d]` gate+up weight (gate rows first).
-    pub fn from_fused(gate_up: &Tensor, down: &Tensor) -> Result<Self> {
-        let ff = gate_up.dim(0)? / 2;
+    pub fn from_fused(gate_up: Weight, down: Weight) -> Result<Self> {
+        let ff = gate_up.dims2()?.0 / 2;
+        let gate_up = match gate_up {
+            Weight::Dense(t) => Weight::Dense(t.contiguous()?),
+            q => q,
+        };
+        let down = match down {
+            Weight::Dense(t) => Weight::Dense(t.contiguous()?),
+            q => q,
+        };
         Ok(Self {
-            gate_up: gate_up.contiguous()?,
-            down: down.contiguous()?,
+            gate_up: GateUp::Fused(gate_up),
+            down,
             ff,
         })
     }
@@ -156,22 +196,45 @@ impl Mlp {
         let gate = w.pp(names.gate).matrix("weight", &[ff, d])?;
         let up = w.pp(names.up).matrix("weight", &[ff, d])?;
         let down = w.pp(names.down).matrix("weight", &[d, ff])?;
-        Self::new(&gate, &up, &down).map_err(|e| w.pp(names.gate).error("weight", e))
+        Self::from_parts(gate, up, down).map_err(|e| w.pp(names.gate).error("weight", e))
     }
 
     /// Bytes of weights one token reads.
     pub fn weight_bytes(&self) -> usize {
-        (self.gate_up.elem_count() + self.down.elem_count()) * self.gate_up.dtype().size_in_bytes()
+        let gate_up = match &self.gate_up {
+            GateUp::Fused(w) => w.bytes(),
+            GateUp::Split(g, u) => g.bytes() + u.bytes(),
+        };
+        gate_up + self.down.bytes()
+    }
+
+    /// Counts its matrices' storage types under `part`.
+    pub fn tally(&self, part: &'static str, t: &mut Tally) {
+        match &self.gate_up {
+            GateUp::Fused(w) => t.add(part, w.type_name()),
+            GateUp::Split(g, u) => {
+                t.add(part, g.type_name());
+                t.add(part, u.type_name());
+            }
+        }
+        t.add(part, self.down.type_name());
     }
 }
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = linear(xs, &self.gate_up)?;
-        let gate = h.narrow(D::Minus1, 0, self.ff)?;
-        let up = h.narrow(D::Minus1, self.ff, self.ff)?;
+        let (gate, up) = match &self.gate_up {
+            GateUp::Fused(w) => {
+                let h = linear_w(xs, w)?;
+                (
+                    h.narrow(D::Minus1, 0, self.ff)?,
+                    h.narrow(D::Minus1, self.ff, self.ff)?,
+                )
+            }
+            GateUp::Split(g, u) => (linear_w(xs, g)?, linear_w(xs, u)?),
+        };
         let act = (candle_nn::ops::silu(&gate)? * up)?;
-        linear(&act.contiguous()?, &self.down)
+        linear_w(&act.contiguous()?, &self.down)
     }
 }
 

@@ -103,6 +103,24 @@ impl Mla {
         })
     }
 
+    /// Counts its projections' storage types (the absorbed `kv_b_proj` is always dense).
+    pub fn tally(&self, t: &mut super::quant::Tally) {
+        let mut add = |l: &Linear| t.add("attention", l.weight().type_name());
+        match &self.q {
+            QueryProj::Direct(q) => add(q),
+            QueryProj::LowRank { a, b, .. } => {
+                add(a);
+                add(b);
+            }
+        }
+        add(&self.kv_a);
+        add(&self.o);
+        t.add(
+            "attention (kv_b, absorbed)",
+            format!("{:?}", self.w_uk.dtype()).to_lowercase(),
+        );
+    }
+
     /// Bytes of weights one token reads.
     pub fn weight_bytes(&self) -> usize {
         let q = match &self.q {

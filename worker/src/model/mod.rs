@@ -29,10 +29,13 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod family;
+pub mod gguf;
 pub mod layers;
 pub mod matmul;
 pub mod mla;
 pub mod moe;
+pub mod perplexity;
+pub mod quant;
 pub mod router;
 pub mod transformer;
 
@@ -189,11 +192,17 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads `dir` with every expert local. `dtype` `None` keeps the checkpoint's own. On
-    /// the CPU a 16-bit dtype applies to the weight matrices only; activations are f32
-    /// (see [`layers::Precision`]).
-    pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Self, ModelError> {
-        Self::load_with(dir, dtype, device, |config, ckpt, precision| {
+    /// Loads `dir` (a checkpoint directory or a `.gguf` file) with every expert local.
+    /// `dtype` `None` keeps the checkpoint's own. On the CPU a 16-bit dtype applies to the
+    /// weight matrices only; activations are f32 (see [`layers::Precision`]). `quant` says
+    /// how weight matrices are stored ([`quant`]).
+    pub fn load(
+        dir: &Path,
+        dtype: Option<DType>,
+        quant: quant::Quantization,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Self::load_with(dir, dtype, quant, device, |config, ckpt, precision| {
             Ok(Arc::new(moe::LocalExperts::load(
                 config, ckpt, precision, device,
             )?))
@@ -206,6 +215,7 @@ impl LoadedModel {
     pub fn load_with(
         dir: &Path,
         dtype: Option<DType>,
+        quant: quant::Quantization,
         device: &Device,
         experts: impl FnOnce(
             &ModelConfig,
@@ -219,7 +229,7 @@ impl LoadedModel {
             Some(d) => d,
             None => saved_dtype(&config, &ckpt),
         };
-        let precision = precision_for(dtype, device);
+        let precision = precision_for(dtype, device).with_quant(quant);
         let experts = experts(&config, &ckpt, precision)?;
         let transformer = Transformer::load(&config, &ckpt, experts, precision, device)?;
         Ok(Self {
@@ -238,9 +248,10 @@ pub fn precision_for(dtype: DType, device: &Device) -> layers::Precision {
         layers::Precision {
             weights: dtype,
             acts: DType::F32,
+            quant: quant::Quantization::Auto,
         }
     } else {
-        layers::Precision::uniform(dtype)
+        layers::Precision::uniform(dtype).with_quant(quant::Quantization::Auto)
     }
 }
 

@@ -116,6 +116,10 @@ pub trait ExpertBackend: Send + Sync + Debug {
     fn is_remote(&self) -> bool {
         false
     }
+
+    /// Counts the storage types of the experts held here (none for a remote backend: the
+    /// shards log theirs).
+    fn tally(&self, _: &mut super::quant::Tally) {}
 }
 
 /// Routed experts in this process: every one (single-process mode), or the subset an
@@ -347,7 +351,7 @@ impl<'a> ExpertSource<'a> {
                     .experts
                     .matrix_row("gate_up_proj", &[n, 2 * ff, d], e)?;
                 let dn = self.experts.matrix_row("down_proj", &[n, d, ff], e)?;
-                Mlp::from_fused(&gu, &dn).map_err(|err| self.experts.error("gate_up_proj", err))
+                Mlp::from_fused(gu, dn).map_err(|err| self.experts.error("gate_up_proj", err))
             }
         }
     }
@@ -369,6 +373,12 @@ impl ExpertBackend for LocalExperts {
             })?;
         let groups = routes.by_expert(experts.len());
         Ok(Pending::Ready(self.forward_groups(layer, xs, &groups)?))
+    }
+
+    fn tally(&self, t: &mut super::quant::Tally) {
+        for mlp in self.layers.iter().flatten().flatten() {
+            mlp.tally("routed experts", t);
+        }
     }
 }
 
@@ -420,7 +430,16 @@ impl MoeBlock {
         let shared = match (spec.shared, moe.shared_expert_intermediate_size) {
             (SharedExpert::Gated { mlp, gate }, Some(ff)) => Some((
                 Mlp::load(&block.pp(mlp), SWIGLU, d, ff)?,
-                Some(Linear::load(&block.pp(gate), (1, d), false)?),
+                // A one-row gate, like the router: never quantized.
+                Some(Linear::load(
+                    &block.pp(gate).with_precision(
+                        block
+                            .precision()
+                            .with_quant(super::quant::Quantization::None),
+                    ),
+                    (1, d),
+                    false,
+                )?),
             )),
             (SharedExpert::AlwaysOn { mlp }, Some(ff)) => {
                 Some((Mlp::load(&block.pp(mlp), SWIGLU, d, ff)?, None))
@@ -437,6 +456,17 @@ impl MoeBlock {
             num_experts: moe.num_experts,
             shared,
         })
+    }
+
+    /// Counts the router's and the shared expert's storage types.
+    pub fn tally(&self, t: &mut super::quant::Tally) {
+        t.add("router", self.gate.weight().type_name());
+        if let Some((mlp, gate)) = &self.shared {
+            mlp.tally("shared experts", t);
+            if let Some(g) = gate {
+                t.add("router", g.weight().type_name());
+            }
+        }
     }
 
     /// Bytes of weights every token reads whatever its routes: the router and the shared

@@ -13,8 +13,10 @@ use super::checkpoint::{Checkpoint, Weights};
 use super::config::ModelConfig;
 use super::family::{DENSE_MLP, SWIGLU};
 use super::layers::{Linear, Mlp, Precision, RmsNorm, Rotary};
+use super::matmul::Weight;
 use super::mla::Mla;
 use super::moe::{ExpertBackend, ExpertError, MoeBlock, PendingMoe, Routes};
+use super::quant::{Role, Tally};
 
 #[derive(Debug, Clone)]
 enum FeedForward {
@@ -107,10 +109,19 @@ impl Transformer {
         // Tied checkpoints usually omit lm_head; some save a copy anyway.
         let head = root.pp("lm_head");
         let lm_head = if head.contains("weight") {
-            Linear::load(&head, (v, d), false)?
+            Linear::from_weight(head.matrix_as("weight", &[v, d], Role::Head)?)
         } else if cfg.tie_word_embeddings {
-            let tied = |e| model.pp("embed_tokens").error("weight", e);
-            Linear::from_weight(&embed.to_dtype(dtype.weights).map_err(tied)?).map_err(tied)?
+            let table = model.pp("embed_tokens");
+            let stored = ckpt.stored_quantized(&table.name("weight"));
+            if super::quant::plan(dtype.quant, Role::Head, stored, d) == super::quant::Plan::Dense {
+                // The lookup table itself (shared storage when the dtypes agree).
+                let tied = |e| table.error("weight", e);
+                Linear::from_weight(Weight::Dense(embed.to_dtype(dtype.weights).map_err(tied)?))
+            } else {
+                // Read again as a matrix, held quantized by the head's precision rule while
+                // the lookup table stays dense.
+                Linear::from_weight(table.matrix_as("weight", &[v, d], Role::Head)?)
+            }
         } else {
             return Err(ModelError::MissingTensor {
                 dir: ckpt.dir().to_path_buf(),
@@ -236,6 +247,33 @@ impl Transformer {
         Ok((logits.to_dtype(DType::F32)?, routes))
     }
 
+    /// Which storage types the model holds, per part (see [`super::quant`]).
+    pub fn weight_tally(&self) -> Tally {
+        let mut t = Tally::default();
+        t.add(
+            "embeddings",
+            format!("{:?}", self.embed.dtype()).to_lowercase(),
+        );
+        for layer in &self.layers {
+            match &layer.attention {
+                SelfAttention::Mha(a) => a.tally(&mut t),
+                SelfAttention::Mla(a) => a.tally(&mut t),
+            }
+            match &layer.ff {
+                FeedForward::Dense(m) => m.tally("mlp", &mut t),
+                FeedForward::Moe(m) => m.tally(&mut t),
+            }
+        }
+        self.experts.tally(&mut t);
+        t.add("head", self.lm_head.weight().type_name());
+        t
+    }
+
+    /// [`Self::weight_tally`] on one line.
+    pub fn describe_weights(&self) -> String {
+        self.weight_tally().to_string()
+    }
+
     /// Whether the routed experts run elsewhere (so micro-batches can overlap with them).
     pub fn experts_are_remote(&self) -> bool {
         self.experts.is_remote()
@@ -246,9 +284,15 @@ impl Transformer {
     /// from the loaded tensors (norms and the embedding gather are left out).
     pub fn weight_bytes_per_step(&self, distinct_experts: usize) -> u64 {
         let c = &self.cfg;
-        let bytes = self.precision.weights.size_in_bytes();
+        // Bytes per weight of a routed expert: its type under the quantization setting
+        // (18 or 34 bytes per 32 weights), else the dense dtype's size.
+        let per_weight = match self.precision.quant {
+            super::quant::Quantization::Int4 => 18.0 / 32.0,
+            super::quant::Quantization::Int8 => 34.0 / 32.0,
+            _ => self.precision.weights.size_in_bytes() as f64,
+        };
         let per_expert = c.moe.as_ref().map_or(0, |m| {
-            (3 * c.hidden_size * m.expert_intermediate_size * bytes) as u64
+            (3.0 * (c.hidden_size * m.expert_intermediate_size) as f64 * per_weight) as u64
         });
         let routed = c.moe.as_ref().map_or(0, |m| {
             distinct_experts.min(m.num_experts) as u64 * per_expert

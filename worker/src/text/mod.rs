@@ -20,6 +20,7 @@
 
 pub mod chat;
 pub mod detokenize;
+pub mod gguf;
 pub mod stop;
 pub mod tokenizer;
 

@@ -80,8 +80,12 @@ impl fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Reads the tokenizer files of the checkpoint in `dir` (see the module docs for which).
+    /// Reads the tokenizer files of the checkpoint in `dir` (see the module docs for which),
+    /// or the tokenizer a `.gguf` file embeds ([`super::gguf`]).
     pub fn load(dir: &Path) -> Result<Tokenizer, TextError> {
+        if crate::model::gguf::is_gguf(dir) {
+            return Self::from_gguf(dir);
+        }
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
             return Err(TextError::MissingFile {
@@ -212,6 +216,47 @@ impl Tokenizer {
             generation,
         };
         tokenizer.resolve_add_flags(add_bos, add_eos, config_bos, config_eos)?;
+        Ok(tokenizer)
+    }
+
+    /// The tokenizer, chat template and special tokens a GGUF file embeds.
+    pub fn from_gguf(file: &Path) -> Result<Tokenizer, TextError> {
+        let content = crate::model::gguf::read_content(file).map_err(|e| TextError::Tokenizer {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let g = super::gguf::tokenizer(file, &content)?;
+        let text = |id: Option<u32>| id.and_then(|i| g.inner.id_to_token(i));
+        let special = TemplateTokens {
+            bos_token: text(g.bos),
+            eos_token: text(g.eos.first().copied()),
+            unk_token: text(g.unk),
+            pad_token: text(g.pad),
+        };
+        let chat_template = g
+            .chat_template
+            .as_deref()
+            .map(|source| {
+                ChatTemplate::new(
+                    source,
+                    format!("{} (`tokenizer.chat_template`)", file.display()),
+                    special.clone(),
+                )
+            })
+            .transpose()?;
+        let mut tokenizer = Tokenizer {
+            inner: g.inner,
+            chat_template,
+            special,
+            eos_token_ids: g.eos.clone(),
+            bos_token_id: g.bos,
+            pad_token_id: g.pad,
+            extra_bos: None,
+            extra_eos: None,
+            model_max_length: g.context_length,
+            generation: GenerationDefaults::default(),
+        };
+        tokenizer.resolve_add_flags(g.add_bos, g.add_eos, g.bos, g.eos.first().copied())?;
         Ok(tokenizer)
     }
 

@@ -22,6 +22,9 @@ pub enum Tool {
         /// Compute dtype: auto, f32, bf16 or f16.
         #[arg(long, default_value = "auto")]
         dtype: String,
+        /// How weight matrices are stored: auto, none, int8 or int4.
+        #[arg(long, default_value = "auto")]
+        quantization: String,
         /// Decode batch sizes, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         batch: Vec<usize>,
@@ -68,6 +71,27 @@ pub enum Tool {
         #[arg(long)]
         model_id: Option<String>,
     },
+    /// Perplexity of a checkpoint on a text file, computed as llama.cpp's
+    /// `llama-perplexity` does by default (chunks of --ctx tokens, the second half of each
+    /// scored), so the two can be compared on the same file and text. Progress on stderr,
+    /// one JSON object on stdout.
+    Perplexity {
+        /// Checkpoint directory or `.gguf` file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The text (UTF-8).
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per chunk (llama-perplexity's -c).
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Compute dtype: auto, f32, bf16 or f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// How weight matrices are stored: auto, none, int8 or int4.
+        #[arg(long, default_value = "auto")]
+        quantization: String,
+    },
     /// Write a deterministic random checkpoint (Hugging Face layout, qwen3_moe) to a
     /// directory: `demo` (what `make demo` serves), `bench` (about 0.5 B parameters),
     /// `deepseek-bench` (DeepSeek-V2-Lite proportions, MLA, about 0.45 B parameters) or
@@ -95,7 +119,7 @@ fn tool_remote_experts(
 ) -> anyhow::Result<RemoteExperts> {
     let targets = ShardTargets::parse(spec).map_err(|e| anyhow::anyhow!("--expert-shards {e}"))?;
     let remote = remote_options(targets, wire, 10_000, 60)?;
-    let identity = experts::identity(model_id, ckpt, precision.weights)?;
+    let identity = experts::identity(model_id, ckpt, precision)?;
     let registry = prometheus::Registry::new();
     Ok(tokio::runtime::Handle::current()
         .block_on(RemoteExperts::connect(cfg, identity, remote, &registry))?)
@@ -104,11 +128,13 @@ fn tool_remote_experts(
 /// Runs `tool` (blocking; called on a blocking thread of the runtime).
 pub fn run(tool: Tool) -> anyhow::Result<()> {
     use switchyard_worker::engine::bench;
+    use switchyard_worker::model::quant::Quantization;
     use switchyard_worker::model::{LoadedModel, demo, parse_dtype};
     match tool {
         Tool::Bench {
             model,
             dtype,
+            quantization,
             batch,
             prompt_len,
             decode_len,
@@ -119,6 +145,7 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
         } => {
             let device = candle_core::Device::Cpu;
             let dtype = parse_dtype(&dtype, &device).map_err(anyhow::Error::msg)?;
+            let quant = Quantization::parse(&quantization).map_err(anyhow::Error::msg)?;
             eprintln!("measuring memory bandwidth...");
             let copy = bench::copy_bandwidth();
             let read = bench::read_bandwidth();
@@ -131,19 +158,26 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                 model.display()
             );
             let loaded = match &expert_shards {
-                None => LoadedModel::load(&model, dtype, &device)?,
+                None => LoadedModel::load(&model, dtype, quant, &device)?,
                 Some(spec) => {
                     let id = model_id.clone().unwrap_or_else(|| default_model_id(&model));
-                    LoadedModel::load_with(&model, dtype, &device, |cfg, ckpt, precision| {
-                        tool_remote_experts(cfg, ckpt, precision, &id, spec, &expert_wire_dtype)
-                            .map(|b| {
-                                Arc::new(b) as Arc<dyn switchyard_worker::model::moe::ExpertBackend>
-                            })
-                            .map_err(|e| switchyard_worker::model::ModelError::Unsupported {
-                                file: model.clone(),
-                                what: format!("expert shards: {e:#}"),
-                            })
-                    })?
+                    LoadedModel::load_with(
+                        &model,
+                        dtype,
+                        quant,
+                        &device,
+                        |cfg, ckpt, precision| {
+                            tool_remote_experts(cfg, ckpt, precision, &id, spec, &expert_wire_dtype)
+                                .map(|b| {
+                                    Arc::new(b)
+                                        as Arc<dyn switchyard_worker::model::moe::ExpertBackend>
+                                })
+                                .map_err(|e| switchyard_worker::model::ModelError::Unsupported {
+                                    file: model.clone(),
+                                    what: format!("expert shards: {e:#}"),
+                                })
+                        },
+                    )?
                 }
             };
             let vocab = loaded.config.vocab_size;
@@ -227,6 +261,50 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                     "expert_shards": expert_shards,
                     "wire": expert_wire_dtype,
                     "results": results,
+                })
+            );
+            Ok(())
+        }
+        Tool::Perplexity {
+            model,
+            text,
+            ctx,
+            dtype,
+            quantization,
+        } => {
+            let device = candle_core::Device::Cpu;
+            let dtype = parse_dtype(&dtype, &device).map_err(anyhow::Error::msg)?;
+            let quant = Quantization::parse(&quantization).map_err(anyhow::Error::msg)?;
+            let body = std::fs::read_to_string(&text)
+                .map_err(|e| anyhow::anyhow!("--text {}: {e}", text.display()))?;
+            let tokenizer = switchyard_worker::text::Tokenizer::load(&model)?;
+            let tokens = tokenizer.encode(&body, true)?;
+            let started = std::time::Instant::now();
+            let loaded = LoadedModel::load(&model, dtype, quant, &device)?;
+            eprintln!(
+                "{}: {} tokens, {} chunks of {ctx}; weights {}",
+                text.display(),
+                tokens.len(),
+                tokens.len() / ctx.max(1),
+                loaded.transformer.describe_weights()
+            );
+            let result = switchyard_worker::model::perplexity::perplexity(
+                &loaded.transformer,
+                &tokens,
+                ctx,
+                |done, of, ppl| eprintln!("[{done}/{of}] perplexity so far {ppl:.4}"),
+            )?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": model.display().to_string(),
+                    "text": text.display().to_string(),
+                    "ctx": ctx,
+                    "quantization": quant.name(),
+                    "weights": loaded.transformer.describe_weights(),
+                    "tokens": tokens.len(),
+                    "seconds": started.elapsed().as_secs_f64(),
+                    "result": result,
                 })
             );
             Ok(())

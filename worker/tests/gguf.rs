@@ -1,0 +1,246 @@
+//! GGUF checkpoints: a committed safetensors fixture written out as a GGUF file the way
+//! llama.cpp lays one out (its tensor names, `[experts, rows, cols]` expert tensors,
+//! `Q8_0` matrices where rows allow), then loaded through the GGUF path and compared with
+//! the safetensors path holding the same `Q8_0` weights (`quantization: int8`): the logits
+//! must be the same, so the name map, the config from metadata and the expert slicing are
+//! right. A missing tensor and a missing metadata key are errors that name them.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use switchyard_worker::model::LoadedModel;
+use switchyard_worker::model::attention::{ForwardBatch, LogitRows, PagedKv, SeqStep};
+use switchyard_worker::model::checkpoint::Checkpoint;
+use switchyard_worker::model::quant::Quantization;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+/// `t` in `dtype` when its rows are whole blocks of it, else f32 (as llama.cpp's converter
+/// falls back).
+fn store(t: &Tensor, dtype: GgmlDType) -> QTensor {
+    let cols = *t.dims().last().expect("rank");
+    let dtype = if cols.is_multiple_of(dtype.block_size()) {
+        dtype
+    } else {
+        GgmlDType::F32
+    };
+    QTensor::quantize(t, dtype).expect("quantize")
+}
+
+/// Writes the qwen3_moe fixture as a GGUF file at `out`, leaving out `skip_tensor` and
+/// `skip_key`.
+fn write_qwen3_moe_gguf(out: &Path, skip_tensor: Option<&str>, skip_key: Option<&str>) {
+    let dir = fixture("qwen3_moe");
+    let ckpt = Checkpoint::open(&dir).expect("fixture");
+    let get = |name: &str| ckpt.load(name, DType::F32, &Device::Cpu).expect(name);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut put = |name: String, t: QTensor| tensors.push((name, t));
+    put(
+        "token_embd.weight".into(),
+        store(&get("model.embed_tokens.weight"), GgmlDType::F32),
+    );
+    put(
+        "output_norm.weight".into(),
+        store(&get("model.norm.weight"), GgmlDType::F32),
+    );
+    put(
+        "output.weight".into(),
+        store(&get("lm_head.weight"), GgmlDType::Q8_0),
+    );
+    for l in 0..2 {
+        let hf = |leaf: &str| format!("model.layers.{l}.{leaf}");
+        let blk = |leaf: &str| format!("blk.{l}.{leaf}");
+        for (from, to, dtype) in [
+            ("input_layernorm.weight", "attn_norm.weight", GgmlDType::F32),
+            (
+                "post_attention_layernorm.weight",
+                "ffn_norm.weight",
+                GgmlDType::F32,
+            ),
+            ("self_attn.q_proj.weight", "attn_q.weight", GgmlDType::Q8_0),
+            ("self_attn.k_proj.weight", "attn_k.weight", GgmlDType::Q8_0),
+            ("self_attn.v_proj.weight", "attn_v.weight", GgmlDType::Q8_0),
+            (
+                "self_attn.o_proj.weight",
+                "attn_output.weight",
+                GgmlDType::Q8_0,
+            ),
+            (
+                "self_attn.q_norm.weight",
+                "attn_q_norm.weight",
+                GgmlDType::F32,
+            ),
+            (
+                "self_attn.k_norm.weight",
+                "attn_k_norm.weight",
+                GgmlDType::F32,
+            ),
+            ("mlp.gate.weight", "ffn_gate_inp.weight", GgmlDType::F32),
+        ] {
+            put(blk(to), store(&get(&hf(from)), dtype));
+        }
+        // transformers v5 fuses gate and up per expert: `[experts, 2·ff, d]`, gate first.
+        let gate_up = get(&hf("mlp.experts.gate_up_proj"));
+        let ff = gate_up.dim(1).expect("dim") / 2;
+        let gate = gate_up
+            .narrow(1, 0, ff)
+            .and_then(|t| t.contiguous())
+            .expect("gate");
+        let up = gate_up
+            .narrow(1, ff, ff)
+            .and_then(|t| t.contiguous())
+            .expect("up");
+        put(blk("ffn_gate_exps.weight"), store(&gate, GgmlDType::Q8_0));
+        put(blk("ffn_up_exps.weight"), store(&up, GgmlDType::Q8_0));
+        put(
+            blk("ffn_down_exps.weight"),
+            store(&get(&hf("mlp.experts.down_proj")), GgmlDType::Q8_0),
+        );
+    }
+    tensors.retain(|(n, _)| Some(n.as_str()) != skip_tensor);
+    let metadata: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("qwen3moe".into())),
+        ("qwen3moe.block_count", Value::U32(2)),
+        ("qwen3moe.context_length", Value::U32(512)),
+        ("qwen3moe.embedding_length", Value::U32(64)),
+        ("qwen3moe.feed_forward_length", Value::U32(96)),
+        ("qwen3moe.attention.head_count", Value::U32(4)),
+        ("qwen3moe.attention.head_count_kv", Value::U32(2)),
+        ("qwen3moe.attention.key_length", Value::U32(8)),
+        (
+            "qwen3moe.attention.layer_norm_rms_epsilon",
+            Value::F32(1e-6),
+        ),
+        ("qwen3moe.rope.freq_base", Value::F32(1_000_000.0)),
+        ("qwen3moe.expert_count", Value::U32(8)),
+        ("qwen3moe.expert_used_count", Value::U32(4)),
+        ("qwen3moe.expert_feed_forward_length", Value::U32(40)),
+        ("qwen3moe.vocab_size", Value::U32(380)),
+    ]
+    .into_iter()
+    .filter(|(k, _)| Some(*k) != skip_key)
+    .collect();
+    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut f = std::fs::File::create(out).expect("create");
+    gguf_file::write(&mut f, &meta, &refs).expect("write gguf");
+}
+
+fn logits(model: &LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
+    const BLOCK: usize = 16;
+    let blocks: Vec<u32> = (0..tokens.len().div_ceil(BLOCK) as u32).collect();
+    let kv = PagedKv::new(
+        &model.config,
+        blocks.len() * BLOCK,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("kv");
+    let step = SeqStep {
+        tokens,
+        cached: 0,
+        blocks: &blocks,
+        logits: LogitRows::All,
+    };
+    let batch = ForwardBatch::new(&[step], BLOCK, &Device::Cpu).expect("batch");
+    let (l, _) = model
+        .transformer
+        .forward(std::slice::from_ref(&batch), &kv)
+        .expect("forward");
+    l.to_vec2::<f32>().expect("logits")
+}
+
+#[test]
+fn a_gguf_loads_as_the_same_model_as_its_safetensors_with_the_same_q8_0_weights() {
+    let dir = tempdir();
+    let file = dir.join("qwen3-moe-tiny.gguf");
+    write_qwen3_moe_gguf(&file, None, None);
+    let gguf = LoadedModel::load(&file, Some(DType::F32), Quantization::Auto, &Device::Cpu)
+        .expect("the GGUF loads");
+    let st = LoadedModel::load(
+        &fixture("qwen3_moe"),
+        Some(DType::F32),
+        Quantization::Int8,
+        &Device::Cpu,
+    )
+    .expect("the safetensors load");
+    // The metadata resolved to the config.json's architecture.
+    let mut want = st.config.clone();
+    want.saved_dtype = None;
+    want.bos_token_id = None;
+    want.eos_token_ids = Vec::new();
+    // GGUF stores the epsilon as an f32 (as llama.cpp computes with it).
+    want.rms_norm_eps = f64::from(1e-6f32);
+    assert_eq!(gguf.config, want);
+    assert_eq!(
+        gguf.transformer.describe_weights(),
+        st.transformer.describe_weights(),
+        "both hold the same types"
+    );
+    let held = gguf.transformer.describe_weights();
+    assert!(held.contains("routed experts: f32 ×16 q8_0 ×16"), "{held}");
+    let tokens = [3u32, 17, 200, 5, 99, 42, 7, 311, 12];
+    let (a, b) = (logits(&gguf, &tokens), logits(&st, &tokens));
+    for (ra, rb) in a.iter().zip(&b) {
+        for (x, y) in ra.iter().zip(rb) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+    }
+    // `none` dequantizes the stored Q8_0 tensors: the same values in f32, computed without
+    // quantizing the activations, so close to (not equal to) the quantized run.
+    let dense = LoadedModel::load(&file, Some(DType::F32), Quantization::None, &Device::Cpu)
+        .expect("dequantized");
+    assert!(!dense.transformer.describe_weights().contains("q8_0"));
+    let c = logits(&dense, &tokens);
+    let worst = a
+        .iter()
+        .flatten()
+        .zip(c.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = c.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        worst < 0.05 * scale,
+        "dequantized run differs by {worst} (logits up to {scale})"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_gguf_missing_a_tensor_or_a_metadata_key_names_it() {
+    let dir = tempdir();
+    let file = dir.join("no-q.gguf");
+    write_qwen3_moe_gguf(&file, Some("blk.1.attn_q.weight"), None);
+    let e = LoadedModel::load(&file, Some(DType::F32), Quantization::Auto, &Device::Cpu)
+        .expect_err("a tensor is missing");
+    assert!(
+        e.to_string()
+            .contains("model.layers.1.self_attn.q_proj.weight"),
+        "{e}"
+    );
+    let file = dir.join("no-heads.gguf");
+    write_qwen3_moe_gguf(&file, None, Some("qwen3moe.attention.head_count"));
+    let e = LoadedModel::load(&file, Some(DType::F32), Quantization::Auto, &Device::Cpu)
+        .expect_err("a key is missing");
+    assert!(
+        e.to_string().contains("qwen3moe.attention.head_count"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-gguf-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
