@@ -3,7 +3,9 @@
 //! `Q8_0` matrices where rows allow), then loaded through the GGUF path and compared with
 //! the safetensors path holding the same `Q8_0` weights (`quantization: int8`): the logits
 //! must be the same, so the name map, the config from metadata and the expert slicing are
-//! right. A missing tensor and a missing metadata key are errors that name them.
+//! right. A missing tensor and a missing metadata key are errors that name them. And the
+//! real model (SmolLM2) against `transformers` loading the same GGUF: the same token ids,
+//! chat prompt and logits within 1e-4, the tolerance of the safetensors fixtures.
 
 use std::path::{Path, PathBuf};
 
@@ -243,4 +245,102 @@ fn tempdir() -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+/// SmolLM2-135M-Instruct's GGUF (`hack/fetch-model.sh`; `make test` fetches it first):
+/// the tokens, the chat prompt and the logits of the GGUF path against Python
+/// `transformers` loading the same file (`gguf_file=`, dequantized to f32;
+/// `hack/fixtures/gguf_reference.py` wrote the reference).
+#[test]
+fn smollm2_matches_transformers_loading_the_same_gguf() {
+    use switchyard_worker::text::{ChatMessage, Tokenizer};
+    let out = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../hack/fetch-model.sh"
+        ))
+        .output()
+        .expect("run hack/fetch-model.sh");
+    assert!(
+        out.status.success(),
+        "hack/fetch-model.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim());
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("../gguf/smollm2_reference.json")).expect("reference"),
+    )
+    .expect("json");
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|x| x.as_u64().expect("id") as u32)
+            .collect()
+    };
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|x| x.as_f64().expect("float") as f32)
+            .collect()
+    };
+
+    let tokenizer = Tokenizer::load(&file).expect("the GGUF's tokenizer");
+    let prompt = reference["prompt"].as_str().expect("prompt");
+    let tokens = tokenizer.encode(prompt, false).expect("encode");
+    assert_eq!(
+        tokens,
+        ids(&reference["input_ids"]),
+        "token ids for {prompt:?}"
+    );
+    let chat = tokenizer
+        .chat_template()
+        .expect("the GGUF's chat template")
+        .render(
+            &[ChatMessage::new("user", "What is the capital of France?")],
+            true,
+        )
+        .expect("render");
+    assert_eq!(chat, reference["chat_prompt"].as_str().expect("chat"));
+
+    let model = LoadedModel::load(&file, Some(DType::F32), Quantization::None, &Device::Cpu)
+        .expect("SmolLM2 loads");
+    let got = logits(&model, &tokens);
+    let fixed = ids(&reference["fixed_ids"]);
+    let mut worst = 0f32;
+    for (p, (row, want)) in got
+        .iter()
+        .zip(reference["positions"].as_array().expect("positions"))
+        .enumerate()
+    {
+        for (ids_key, values_key) in [("top_ids", "top_logits"), ("fixed_ids", "fixed_logits")] {
+            let which = if ids_key == "fixed_ids" {
+                fixed.clone()
+            } else {
+                ids(&want[ids_key])
+            };
+            for (id, value) in which.iter().zip(floats(&want[values_key])) {
+                let diff = (row[*id as usize] - value).abs();
+                worst = worst.max(diff);
+                assert!(
+                    diff < 1e-4,
+                    "position {p}, token {id}: {} vs transformers {value}",
+                    row[*id as usize]
+                );
+            }
+        }
+        // The most likely next token is transformers'.
+        let argmax = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32);
+        assert_eq!(
+            argmax,
+            ids(&want["top_ids"]).first().copied(),
+            "position {p}"
+        );
+    }
+    eprintln!("SmolLM2 GGUF logits: largest difference from transformers {worst:e}");
 }
