@@ -4,6 +4,7 @@
 #
 #   $SWITCHYARD_CACHE_DIR/tools/llama.cpp-<version>/bin/  llama-perplexity llama-bench
 #                                                         llama-batched-bench llama-simple
+#                                                         llama-quantize
 #
 # llama.cpp is the engine people run on CPUs: the benchmarks and the perplexity check set
 # Switchyard beside it on the same GGUF file. Built with CMake for this machine's CPU
@@ -19,13 +20,22 @@ source "$repo/hack/versions.env"
 cache=${SWITCHYARD_CACHE_DIR:-$HOME/.cache/switchyard}
 root="$cache/tools/llama.cpp-$LLAMA_CPP_PYTHON_VERSION"
 bindir="$root/bin"
-targets=(llama-perplexity llama-bench llama-batched-bench llama-simple)
+targets=(llama-perplexity llama-bench llama-batched-bench llama-simple llama-quantize)
 
 if [[ "${1:-}" == "--print-bin-dir" ]]; then
   echo "$bindir"
   exit 0
 fi
-if [[ -f "$root/.complete" ]]; then
+# The stamp lists the targets built: a target added later is built into the same tree.
+if [[ -f "$root/.complete" && "$(cat "$root/.complete")" == "${targets[*]}" ]]; then
+  echo "$bindir"
+  exit 0
+fi
+if [[ -f "$root/.complete" && -d "$root/build" ]]; then
+  echo "build-llamacpp: building ${targets[*]} in the existing tree" >&2
+  cmake --build "$root/build" --config Release -j "$(nproc)" --target "${targets[@]}" >&2
+  for t in "${targets[@]}"; do cp "$root/build/bin/$t" "$bindir/"; done
+  echo "${targets[*]}" >"$root/.complete"
   echo "$bindir"
   exit 0
 fi
@@ -51,5 +61,5 @@ for t in "${targets[@]}"; do
 done
 # The converter (convert_hf_to_gguf.py) and its gguf-py package stay in the source tree.
 ln -sfn "$src" "$root/src"
-touch "$root/.complete"
+echo "${targets[*]}" >"$root/.complete"
 echo "$bindir"

@@ -11,7 +11,11 @@
 # candle's kernels are compiled to PTX and the quantized-matmul kernels to a static library
 # for CUDA_COMPUTE_CAP (90: H100/H200); cudarc loads the driver at run time, so nothing here
 # needs libcuda. The build goes to target/cuda (its own directory: the CPU build in target/
-# is not disturbed). Versions: hack/versions.env. Usage: hack/check-cuda.sh [cargo args...]
+# is not disturbed). Versions: hack/versions.env.
+#
+# Usage: hack/check-cuda.sh [build|test|run ...] [cargo args...]
+#   hack/check-cuda.sh                       # cargo build --bins (what `make check-cuda` runs)
+#   hack/check-cuda.sh test --release --test model_reference   # hack/gpu-check.sh, on a GPU
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,6 +50,11 @@ export CUDARC_CUDA_VERSION CUDA_COMPUTE_CAP
 echo "check-cuda: $("$nvcc" --version | tail -1) at $cuda_home; compute capability $CUDA_COMPUTE_CAP" >&2
 
 cd "$repo"
+cmd=(build --bins)
+if [[ $# -gt 0 && "$1" != -* ]]; then
+  cmd=("$1")
+  shift
+fi
 started=$(date +%s)
-cargo build --target-dir target/cuda -p switchyard-worker --features cuda --bins "$@"
-echo "check-cuda: switchyard-worker built with --features cuda in $(( $(date +%s) - started )) s" >&2
+cargo "${cmd[@]}" --target-dir target/cuda -p switchyard-worker --features cuda "$@"
+echo "check-cuda: cargo ${cmd[*]} $* with --features cuda took $(( $(date +%s) - started )) s" >&2

@@ -74,12 +74,20 @@ fn reference(dir: &Path) -> Reference {
     }
 }
 
+/// The device the fidelity checks run on: the CPU, or `SWITCHYARD_TEST_DEVICE` (`cuda:0`
+/// with a `--features cuda` build; `hack/gpu-check.sh` sets it).
+fn device() -> Device {
+    let name = std::env::var("SWITCHYARD_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    switchyard_worker::model::parse_device(&name)
+        .unwrap_or_else(|e| panic!("SWITCHYARD_TEST_DEVICE={name}: {e}"))
+}
+
 fn load(name: &str) -> LoadedModel {
     LoadedModel::load(
         &fixture_dir(name),
         Some(DType::F32),
         Quantization::Auto,
-        &Device::Cpu,
+        &device(),
     )
     .unwrap_or_else(|e| panic!("loading fixture {name}: {e}"))
 }
@@ -98,7 +106,7 @@ fn run(
         blocks,
         logits: LogitRows::All,
     };
-    let batch = ForwardBatch::new(&[step], BLOCK, &Device::Cpu).expect("batch");
+    let batch = ForwardBatch::new(&[step], BLOCK, &device()).expect("batch");
     let (logits, _) = model
         .transformer
         .forward(std::slice::from_ref(&batch), kv)
@@ -118,7 +126,7 @@ fn kv_for(model: &LoadedModel, tokens: usize) -> (PagedKv, Vec<u32>) {
     let blocks = tokens.div_ceil(BLOCK) + 1;
     // Blocks in reverse order, so the test also proves the slot mapping (not identity).
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
-    let kv = PagedKv::new(&model.config, blocks * BLOCK, DType::F32, &Device::Cpu).expect("kv");
+    let kv = PagedKv::new(&model.config, blocks * BLOCK, DType::F32, &device()).expect("kv");
     (kv, table)
 }
 
@@ -167,13 +175,8 @@ fn check_against_reference(name: &str, model: &LoadedModel, r: &Reference) {
 
 fn engine(model: &LoadedModel) -> EngineHandle {
     // The engine takes the transformer by Arc; load a second copy for it.
-    let m = LoadedModel::load(
-        &model.dir,
-        Some(DType::F32),
-        Quantization::Auto,
-        &Device::Cpu,
-    )
-    .expect("reload");
+    let m = LoadedModel::load(&model.dir, Some(DType::F32), Quantization::Auto, &device())
+        .expect("reload");
     EngineHandle::start(
         Arc::new(m.transformer),
         EngineConfig {

@@ -25,6 +25,9 @@ pub enum Tool {
         /// How weight matrices are stored: auto, none, int8 or int4.
         #[arg(long, default_value = "auto")]
         quantization: String,
+        /// Compute device: cpu, auto or cuda:N (a `--features cuda` build).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Decode batch sizes, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         batch: Vec<usize>,
@@ -135,6 +138,7 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
             model,
             dtype,
             quantization,
+            device,
             batch,
             prompt_len,
             decode_len,
@@ -143,7 +147,7 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
             overlap,
             model_id,
         } => {
-            let device = candle_core::Device::Cpu;
+            let device = switchyard_worker::model::parse_device(&device)?;
             let dtype = parse_dtype(&dtype, &device).map_err(anyhow::Error::msg)?;
             let quant = Quantization::parse(&quantization).map_err(anyhow::Error::msg)?;
             eprintln!("measuring memory bandwidth...");
@@ -183,6 +187,9 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
             let vocab = loaded.config.vocab_size;
             let config = loaded.config.clone();
             let dtype_name = format!("{:?}", loaded.transformer.precision().weights).to_lowercase();
+            let held = loaded.transformer.describe_weights();
+            let device_name = format!("{:?}", loaded.transformer.device());
+            eprintln!("weights held: {held}");
             let figures = bench::run(
                 std::sync::Arc::new(loaded.transformer),
                 &bench::BenchConfig {
@@ -200,6 +207,8 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                 "model": model.display().to_string(),
                 "parameters": config.parameter_count(),
                 "dtype": dtype_name,
+                "device": device_name,
+                "weights": held,
                 "prompt_len": prompt_len,
                 "expert_shards": expert_shards,
                 "overlap": overlap,

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# `make bench-llamacpp`: the engine against llama.cpp (built by hack/build-llamacpp.sh from
+# the llama-cpp-python sdist) on the same GGUF files, the same machine, the same thread
+# count, interleaved: SmolLM2-135M-Instruct as shipped (Q4_1), and requantized by
+# llama.cpp's own llama-quantize to Q8_0 and F32. Switchyard loads each file with
+# `quantization: auto` (as stored). Prefill tokens/s of a 128-token prompt (llama-bench
+# pp128) and decode tokens/s at batch 1, 8, 32 after 128-token prompts
+# (llama-batched-bench S_TG); REPS repetitions, medians and ours/theirs ratios. Then the
+# MoE bench checkpoint (safetensors) on Switchyard alone, bf16 against int4.
+#
+#   REPS=3 THREADS=2 make bench-llamacpp
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+reps=${REPS:-3}
+threads=${THREADS:-2}
+cache=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}
+out=${BENCH_OUT:-$repo/target/bench-llamacpp}
+mkdir -p "$out"
+rm -f "$out"/*.json "$out"/*.txt
+
+echo "==> building switchyard-worker (release) and llama.cpp"
+cargo build --quiet --release -p switchyard-worker --bin switchyard-worker
+worker="$repo/target/release/switchyard-worker"
+llama=$(hack/build-llamacpp.sh)
+q41=$(hack/fetch-model.sh)
+dir=$(dirname "$q41")
+for t in Q8_0 F32; do
+  f="$dir/SmolLM2-135M-Instruct.$t.gguf"
+  [ -s "$f" ] || "$llama/llama-quantize" --allow-requantize "$q41" "$f" "$t" "$threads" >/dev/null 2>&1
+done
+export RAYON_NUM_THREADS=$threads
+
+for rep in $(seq "$reps"); do
+  for t in Q4_1 Q8_0 F32; do
+    f="$dir/SmolLM2-135M-Instruct.$t.gguf"
+    echo "==> [$rep/$reps] $t: switchyard"
+    "$worker" bench --model "$f" --batch 1,8,32 --prompt-len 128 --decode-len 32 \
+      >"$out/switchyard-$t-$rep.json" 2>"$out/switchyard-$t-$rep.log"
+    echo "==> [$rep/$reps] $t: llama.cpp"
+    "$llama/llama-bench" -m "$f" -t "$threads" -p 128 -n 0 -r 1 -o json \
+      >"$out/llamabench-$t-$rep.json" 2>/dev/null
+    "$llama/llama-batched-bench" -m "$f" -t "$threads" -c 8192 -b 2048 -ub 512 \
+      -npp 128 -ntg 32 -npl 1,8,32 >"$out/batched-$t-$rep.txt" 2>&1
+  done
+done
+
+moe=$cache/bench-qwen3-moe-0.5b-v1
+if [ ! -f "$moe/model.safetensors" ]; then
+  "$worker" make-checkpoint --shape bench --out "$moe.tmp" && mv "$moe.tmp" "$moe"
+fi
+for q in none int4; do
+  echo "==> MoE bench checkpoint, switchyard, bf16 weights, quantization $q"
+  "$worker" bench --model "$moe" --dtype bf16 --quantization "$q" --batch 1,8,32 \
+    --prompt-len 128 --decode-len 32 >"$out/moe-$q.json" 2>"$out/moe-$q.log"
+done
+
+echo "==> results ($out; $threads threads, medians of $reps)"
+python3 - "$out" "$reps" <<'PY'
+import json, re, statistics, sys, pathlib
+out, reps = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+def ours(t, rep):
+    d = json.loads((out / f"switchyard-{t}-{rep}.json").read_text())
+    return {(f["phase"], f["batch"]): f["tokens_per_s"] for f in d["figures"]}
+def theirs(t, rep):
+    r = {}
+    for row in json.loads((out / f"llamabench-{t}-{rep}.json").read_text()):
+        if row.get("n_prompt") == 128 and row.get("n_gen") == 0:
+            r[("prefill", 1)] = row["avg_ts"]
+    for line in (out / f"batched-{t}-{rep}.txt").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and cells[0] == "128" and cells[1] == "32":
+            r[("decode", int(cells[2]))] = float(cells[7])
+    return r
+print(f"{'file':6} {'phase':8} {'batch':>5} {'switchyard':>11} {'llama.cpp':>10} {'ratio':>6}   per run (ours / theirs)")
+for t in ["Q4_1", "Q8_0", "F32"]:
+    a = [ours(t, r) for r in range(1, reps + 1)]
+    b = [theirs(t, r) for r in range(1, reps + 1)]
+    for key in [("prefill", 1), ("decode", 1), ("decode", 8), ("decode", 32)]:
+        xs = [x.get(key, float("nan")) for x in a]
+        ys = [y.get(key, float("nan")) for y in b]
+        mx, my = statistics.median(xs), statistics.median(ys)
+        runs = ", ".join(f"{x:.0f}/{y:.0f}" for x, y in zip(xs, ys))
+        print(f"{t:6} {key[0]:8} {key[1]:5} {mx:11.1f} {my:10.1f} {mx / my:6.2f}   {runs}")
+for q in ["none", "int4"]:
+    d = json.loads((out / f"moe-{q}.json").read_text())
+    figs = ", ".join(f"{f['phase']} b{f['batch']} {f['tokens_per_s']:.1f}" for f in d["figures"])
+    print(f"MoE bench (bf16, quantization {q}): {figs}")
+PY
