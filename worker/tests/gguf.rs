@@ -134,6 +134,153 @@ fn write_qwen3_moe_gguf(out: &Path, skip_tensor: Option<&str>, skip_key: Option<
     gguf_file::write(&mut f, &meta, &refs).expect("write gguf");
 }
 
+/// llama.cpp's name for a dense model's Hugging Face tensor.
+fn gguf_name(hf: &str) -> String {
+    match hf {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.").expect("a layer tensor");
+    let (layer, part) = rest.split_once('.').expect("layer.part");
+    let (stem, leaf) = part.rsplit_once('.').expect("stem.leaf");
+    let to = match stem {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        other => panic!("no GGUF name for {other}"),
+    };
+    format!("blk.{layer}.{to}.{leaf}")
+}
+
+/// Writes a dense fixture (`qwen2`, `qwen3`) as a GGUF file of architecture `arch`, with
+/// every matrix Q8_0 where its rows allow, and the metadata its config.json implies.
+fn write_dense_gguf(name: &str, arch: &str, out: &Path) {
+    let dir = fixture(name);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+            .expect("json");
+    let ckpt = Checkpoint::open(&dir).expect("fixture");
+    let header = std::fs::read(dir.join("model.safetensors")).expect("weights");
+    let len = u64::from_le_bytes(header[..8].try_into().expect("len")) as usize;
+    let index: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header[8..8 + len]).expect("header");
+    let mut tensors = Vec::new();
+    for hf in index.keys().filter(|k| *k != "__metadata__") {
+        let t = ckpt.load(hf, DType::F32, &Device::Cpu).expect("tensor");
+        let dtype = if t.rank() == 2 && !hf.contains("embed_tokens") {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::F32
+        };
+        tensors.push((gguf_name(hf), store(&t, dtype)));
+    }
+    let u = |k: &str| Value::U32(config[k].as_u64().expect(k) as u32);
+    let theta = config["rope_theta"]
+        .as_f64()
+        .or_else(|| config["rope_parameters"]["rope_theta"].as_f64())
+        .expect("rope_theta");
+    let mut metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
+        (format!("{arch}.block_count"), u("num_hidden_layers")),
+        (
+            format!("{arch}.context_length"),
+            u("max_position_embeddings"),
+        ),
+        (format!("{arch}.embedding_length"), u("hidden_size")),
+        (
+            format!("{arch}.feed_forward_length"),
+            u("intermediate_size"),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            u("num_attention_heads"),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u("num_key_value_heads"),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(config["rms_norm_eps"].as_f64().expect("eps") as f32),
+        ),
+        (format!("{arch}.rope.freq_base"), Value::F32(theta as f32)),
+        (format!("{arch}.vocab_size"), u("vocab_size")),
+    ];
+    if config["head_dim"].is_u64() {
+        metadata.push((format!("{arch}.attention.key_length"), u("head_dim")));
+    }
+    // Linear rope scaling, as llama.cpp's converter writes it (qwen2's fixture has it).
+    let scaling = &config["rope_scaling"];
+    if scaling["rope_type"].as_str().or(scaling["type"].as_str()) == Some("linear") {
+        metadata.push((
+            format!("{arch}.rope.scaling.type"),
+            Value::String("linear".into()),
+        ));
+        metadata.push((
+            format!("{arch}.rope.scaling.factor"),
+            Value::F32(scaling["factor"].as_f64().expect("factor") as f32),
+        ));
+    }
+    let meta: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut f = std::fs::File::create(out).expect("create");
+    gguf_file::write(&mut f, &meta, &refs).expect("write gguf");
+}
+
+/// qwen2 (q/k/v biases, linear rope scaling, a separate head) and qwen3 (per-head q/k
+/// norms, a tied head) as GGUF files give the logits of their safetensors, both at int8.
+#[test]
+fn dense_ggufs_load_as_their_safetensors() {
+    let dir = tempdir();
+    for (name, arch) in [("qwen2", "qwen2"), ("qwen3", "qwen3")] {
+        let file = dir.join(format!("{name}.gguf"));
+        write_dense_gguf(name, arch, &file);
+        // int8 on both sides: the GGUF's Q8_0 matrices are kept, its f32 (tied) head is
+        // quantized as the safetensors' is.
+        let gguf = LoadedModel::load(&file, Some(DType::F32), Quantization::Int8, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let st = LoadedModel::load(
+            &fixture(name),
+            Some(DType::F32),
+            Quantization::Int8,
+            &Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(gguf.config.family, st.config.family, "{name}");
+        assert_eq!(gguf.config.rope_scaling, st.config.rope_scaling, "{name}");
+        assert_eq!(gguf.config.qkv_bias, st.config.qkv_bias, "{name}");
+        assert_eq!(
+            gguf.config.tie_word_embeddings, st.config.tie_word_embeddings,
+            "{name}"
+        );
+        assert_eq!(
+            gguf.transformer.describe_weights(),
+            st.transformer.describe_weights(),
+            "{name}"
+        );
+        let tokens = [3u32, 17, 200, 5, 99, 42, 7];
+        for (ra, rb) in logits(&gguf, &tokens).iter().zip(&logits(&st, &tokens)) {
+            for (x, y) in ra.iter().zip(rb) {
+                assert!((x - y).abs() < 1e-4, "{name}: {x} vs {y}");
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 fn logits(model: &LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
     const BLOCK: usize = 16;
     let blocks: Vec<u32> = (0..tokens.len().div_ceil(BLOCK) as u32).collect();
