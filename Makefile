@@ -72,6 +72,10 @@ bench-engine: ## Engine vs Python transformers on a generated 0.5B MoE checkpoin
 demo: ## Serve SmolLM2-135M-Instruct (a real model) on loopback and ask it a question through the CLI; MODEL=demo: the random MoE on 2 expert shards
 	hack/demo.sh
 
+.PHONY: check-cuda
+check-cuda: ## Compile the worker's CUDA path without a GPU (NVIDIA toolkit wheels from PyPI): the library built, binary and tests type-checked; not in `make test` (about 40 min cold, see hack/README.md)
+	hack/check-cuda.sh
+
 .PHONY: bench-llamacpp
 bench-llamacpp: ## Engine vs llama.cpp on SmolLM2's GGUF (Q4_1, Q8_0, F32), prefill and decode at batch 1/8/32, plus the MoE bench model bf16 vs int4 (docs/benchmarks.md)
 	hack/bench/engine-vs-llamacpp.sh

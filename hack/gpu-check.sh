@@ -9,7 +9,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-export SWITCHYARD_TEST_DEVICE=cuda:0
+export SWITCHYARD_TEST_DEVICE=cuda:0 CUDA_LINK=1
 
 echo "==> build (release, --features cuda)"
 hack/check-cuda.sh build --release --bins
