@@ -13,10 +13,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-
-use candle_core::quantized::{GgmlDType, QTensor};
 
 use super::ModelError;
 use super::gguf::{GgufFile, is_gguf};
