@@ -11,10 +11,10 @@
 //! ```
 //!
 //! A flag or its variable the user set wins over worker.json; an unset one falls back to
-//! worker.json, then to the default. Four flags name what worker.json fixes for the whole
-//! deployment — `--model`, `--model-id`, `--dtype` and `--shard-count` — and are refused
-//! with `--config` (a frontend and its shards must agree on them, so one pod must not
-//! differ). The flags are `Option`s without clap defaults so "set" and "default" differ.
+//! worker.json, then to the default. Five flags name what worker.json fixes for the whole
+//! deployment — `--model`, `--model-id`, `--dtype`, `--quantization` and `--shard-count` —
+//! and are refused with `--config` (a frontend and its shards must agree on them, so one
+//! pod must not differ). The flags are `Option`s without clap defaults so "set" and "default" differ.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -73,8 +73,8 @@ pub enum SettingsError {
 /// Flags both roles read: the checkpoint and how to load it.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ModelArgs {
-    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json), or `demo` for the
-    /// built-in random demo model (generated into the cache on first use). Refused with
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json), a `.gguf` file, or
+    /// `demo` for the built-in random demo model (generated into the cache on first use). Refused with
     /// --config (worker.json's model.path).
     #[arg(long, env = "SWITCHYARD_MODEL")]
     pub model: Option<PathBuf>,
