@@ -6,18 +6,21 @@
 # `quantization: auto` (as stored). Prefill tokens/s of a 128-token prompt (llama-bench
 # pp128) and decode tokens/s at batch 1, 8, 32 after 128-token prompts
 # (llama-batched-bench S_TG); REPS repetitions, medians and ours/theirs ratios. Then the
-# MoE bench checkpoint (safetensors) on Switchyard alone, bf16 against int4.
+# same for the MoE bench checkpoint (`make-checkpoint --shape bench`), written as a BF16
+# GGUF by hack/bench/bench_to_gguf.py (llama.cpp's converter refuses its generated
+# tokenizer) and quantized by llama-quantize to Q4_K_M: both engines on both files.
 #
 #   REPS=3 THREADS=2 make bench-llamacpp
+#   PARTS=moe make bench-llamacpp        # only the MoE files (PARTS="smollm2 moe" is both)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 reps=${REPS:-3}
+parts=${PARTS:-"smollm2 moe"}
 threads=${THREADS:-2}
 cache=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}
 out=${BENCH_OUT:-$repo/target/bench-llamacpp}
 mkdir -p "$out"
-rm -f "$out"/*.json "$out"/*.txt
 
 echo "==> building switchyard-worker (release) and llama.cpp"
 cargo build --quiet --release -p switchyard-worker --bin switchyard-worker
@@ -31,34 +34,54 @@ for t in Q8_0 F32; do
 done
 export RAYON_NUM_THREADS=$threads
 
-for rep in $(seq "$reps"); do
-  for t in Q4_1 Q8_0 F32; do
-    f="$dir/SmolLM2-135M-Instruct.$t.gguf"
-    echo "==> [$rep/$reps] $t: switchyard"
-    "$worker" bench --model "$f" --batch 1,8,32 --prompt-len 128 --decode-len 32 \
-      >"$out/switchyard-$t-$rep.json" 2>"$out/switchyard-$t-$rep.log"
-    echo "==> [$rep/$reps] $t: llama.cpp"
-    "$llama/llama-bench" -m "$f" -t "$threads" -p 128 -n 0 -r 1 -o json \
-      >"$out/llamabench-$t-$rep.json" 2>/dev/null
-    "$llama/llama-batched-bench" -m "$f" -t "$threads" -c 8192 -b 2048 -ub 512 \
-      -npp 128 -ntg 32 -npl 1,8,32 >"$out/batched-$t-$rep.txt" 2>&1
-  done
-done
+# run LABEL FILE DTYPE REP: both engines on one GGUF file.
+run() {
+  local label=$1 f=$2 dtype=$3 rep=$4
+  echo "==> [$rep/$reps] $label: switchyard"
+  "$worker" bench --model "$f" --dtype "$dtype" --batch 1,8,32 --prompt-len 128 --decode-len 32 \
+    >"$out/switchyard-$label-$rep.json" 2>"$out/switchyard-$label-$rep.log"
+  echo "==> [$rep/$reps] $label: llama.cpp"
+  "$llama/llama-bench" -m "$f" -t "$threads" -p 128 -n 0 -r 1 -o json \
+    >"$out/llamabench-$label-$rep.json" 2>/dev/null
+  "$llama/llama-batched-bench" -m "$f" -t "$threads" -c 8192 -b 2048 -ub 512 \
+    -npp 128 -ntg 32 -npl 1,8,32 >"$out/batched-$label-$rep.txt" 2>&1
+}
 
-moe=$cache/bench-qwen3-moe-0.5b-v1
-if [ ! -f "$moe/model.safetensors" ]; then
-  "$worker" make-checkpoint --shape bench --out "$moe.tmp" && mv "$moe.tmp" "$moe"
+labels=()
+if [[ " $parts " == *" smollm2 "* ]]; then
+  labels+=(Q4_1 Q8_0 F32)
+  for rep in $(seq "$reps"); do
+    for t in Q4_1 Q8_0 F32; do
+      run "$t" "$dir/SmolLM2-135M-Instruct.$t.gguf" auto "$rep"
+    done
+  done
 fi
-for q in none int4; do
-  echo "==> MoE bench checkpoint, switchyard, bf16 weights, quantization $q"
-  "$worker" bench --model "$moe" --dtype bf16 --quantization "$q" --batch 1,8,32 \
-    --prompt-len 128 --decode-len 32 >"$out/moe-$q.json" 2>"$out/moe-$q.log"
-done
+
+if [[ " $parts " == *" moe "* ]]; then
+  moe=$cache/bench-qwen3-moe-0.5b-v1
+  if [ ! -f "$moe/model.safetensors" ]; then
+    "$worker" make-checkpoint --shape bench --out "$moe.tmp" && mv "$moe.tmp" "$moe"
+  fi
+  venv=${SWITCHYARD_FIXTURES_VENV:-$cache/venv-fixtures}
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet -r hack/fixtures/requirements.txt
+  fi
+  bf16="$moe.bf16.gguf"
+  q4km="$moe.q4_k_m.gguf"
+  [ -s "$bf16" ] || "$venv/bin/python" hack/bench/bench_to_gguf.py "$(dirname "$llama")/src" "$moe" "$bf16" bf16
+  [ -s "$q4km" ] || "$llama/llama-quantize" "$bf16" "$q4km" Q4_K_M "$threads" >/dev/null 2>&1
+  labels+=(MoE-BF16 MoE-Q4_K_M)
+  for rep in $(seq "$reps"); do
+    run MoE-BF16 "$bf16" bf16 "$rep"
+    run MoE-Q4_K_M "$q4km" bf16 "$rep"
+  done
+fi
 
 echo "==> results ($out; $threads threads, medians of $reps)"
-python3 - "$out" "$reps" <<'PY'
+python3 - "$out" "$reps" "${labels[@]}" <<'PY'
 import json, re, statistics, sys, pathlib
-out, reps = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+out, reps, labels = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 def ours(t, rep):
     d = json.loads((out / f"switchyard-{t}-{rep}.json").read_text())
     return {(f["phase"], f["batch"]): f["tokens_per_s"] for f in d["figures"]}
@@ -72,8 +95,8 @@ def theirs(t, rep):
         if len(cells) >= 8 and cells[0] == "128" and cells[1] == "32":
             r[("decode", int(cells[2]))] = float(cells[7])
     return r
-print(f"{'file':6} {'phase':8} {'batch':>5} {'switchyard':>11} {'llama.cpp':>10} {'ratio':>6}   per run (ours / theirs)")
-for t in ["Q4_1", "Q8_0", "F32"]:
+print(f"{'file':10} {'phase':8} {'batch':>5} {'switchyard':>11} {'llama.cpp':>10} {'ratio':>6}   per run (ours / theirs)")
+for t in labels:
     a = [ours(t, r) for r in range(1, reps + 1)]
     b = [theirs(t, r) for r in range(1, reps + 1)]
     for key in [("prefill", 1), ("decode", 1), ("decode", 8), ("decode", 32)]:
@@ -81,9 +104,8 @@ for t in ["Q4_1", "Q8_0", "F32"]:
         ys = [y.get(key, float("nan")) for y in b]
         mx, my = statistics.median(xs), statistics.median(ys)
         runs = ", ".join(f"{x:.0f}/{y:.0f}" for x, y in zip(xs, ys))
-        print(f"{t:6} {key[0]:8} {key[1]:5} {mx:11.1f} {my:10.1f} {mx / my:6.2f}   {runs}")
-for q in ["none", "int4"]:
-    d = json.loads((out / f"moe-{q}.json").read_text())
-    figs = ", ".join(f"{f['phase']} b{f['batch']} {f['tokens_per_s']:.1f}" for f in d["figures"])
-    print(f"MoE bench (bf16, quantization {q}): {figs}")
+        print(f"{t:10} {key[0]:8} {key[1]:5} {mx:11.1f} {my:10.1f} {mx / my:6.2f}   {runs}")
+for t in labels:
+    held = json.loads((out / f"switchyard-{t}-1.json").read_text()).get("weights")
+    print(f"{t}: switchyard holds {held}")
 PY
