@@ -966,7 +966,10 @@ async fn the_demand_report_shows_each_tenants_admitted_requests_and_quota_cap() 
     let started = Instant::now();
     let report = loop {
         let report = body(f.http("/demand").await.expect("/demand"));
-        if report["queued"] == 1 && report["running"] == 1 {
+        // Running means admitted; its KV blocks appear once the engine has taken it in,
+        // a step later: wait for both rather than race the engine.
+        let holds_blocks = report["kvCache"]["usedBlocks"].as_u64() > Some(0);
+        if report["queued"] == 1 && report["running"] == 1 && holds_blocks {
             break report;
         }
         assert!(started.elapsed() < Duration::from_secs(10), "{report}");
