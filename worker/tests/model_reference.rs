@@ -131,12 +131,18 @@ fn kv_for(model: &LoadedModel, tokens: usize) -> (PagedKv, Vec<u32>) {
 }
 
 fn check_logits(name: &str) {
-    check_against_reference(name, &load(name), &reference(&fixture_dir(name)));
+    check_against_reference(
+        name,
+        &load(name),
+        &reference(&fixture_dir(name)),
+        TOLERANCE_F32,
+    );
 }
 
 /// Logits within tolerance at every position: full prefill, token by token through the
-/// cache, and one chunked step. `name` labels the failures.
-fn check_against_reference(name: &str, model: &LoadedModel, r: &Reference) {
+/// cache, and one chunked step, each `|Δlogit|` at most `tolerance`. `name` labels the
+/// failures.
+fn check_against_reference(name: &str, model: &LoadedModel, r: &Reference, tolerance: f32) {
     assert_eq!(r.logits.len(), r.input_ids.len());
 
     // Full prefill.
@@ -145,7 +151,7 @@ fn check_against_reference(name: &str, model: &LoadedModel, r: &Reference) {
     for (pos, (got, want)) in prefill.iter().zip(&r.logits).enumerate() {
         let d = max_diff(got, want);
         assert!(
-            d <= TOLERANCE_F32,
+            d <= tolerance,
             "{name}: prefill position {pos}: max |Δlogit| = {d}"
         );
     }
@@ -156,7 +162,7 @@ fn check_against_reference(name: &str, model: &LoadedModel, r: &Reference) {
         let got = run(model, &kv, &table, pos, &r.input_ids[pos..=pos]);
         let d = max_diff(&got[0], want);
         assert!(
-            d <= TOLERANCE_F32,
+            d <= tolerance,
             "{name}: decode position {pos}: max |Δlogit| = {d}"
         );
     }
@@ -166,7 +172,7 @@ fn check_against_reference(name: &str, model: &LoadedModel, r: &Reference) {
     for (i, row) in got.iter().enumerate() {
         let d = max_diff(row, &r.logits[3 + i]);
         assert!(
-            d <= TOLERANCE_F32,
+            d <= tolerance,
             "{name}: chunked position {}: max |Δlogit| = {d}",
             3 + i
         );
@@ -395,8 +401,17 @@ fn malformed_checkpoints_fail_with_the_file_the_key_and_the_expectation() {
 
 #[test]
 fn bf16_weights_on_the_cpu_match_the_reference() {
-    // olmoe_bf16's reference was computed from its bf16 weights upcast to f32, which is
-    // exactly what the CPU's bf16 mode multiplies by (f32 arithmetic, bf16 storage).
+    // olmoe_bf16's reference was computed from its bf16 weights upcast to f32. A CPU
+    // without AVX512-BF16 multiplies exactly that (f32 arithmetic, bf16 storage). One with
+    // it multiplies bf16 pairs (`vdpbf16ps`, as llama.cpp and PyTorch do): each product's
+    // inputs are rounded to bf16 (8 significant bits, relative error ≤ 2⁻⁹) and summed in
+    // f32, which moves these logits (|logit| up to ~10) by a few hundredths, not more.
+    #[cfg(target_arch = "x86_64")]
+    let bf16_pairs = std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512bw");
+    #[cfg(not(target_arch = "x86_64"))]
+    let bf16_pairs = false;
+    let tolerance = if bf16_pairs { 0.05 } else { TOLERANCE_F32 };
     let name = "olmoe_bf16";
     let model = LoadedModel::load(
         &fixture_dir(name),
@@ -411,6 +426,7 @@ fn bf16_weights_on_the_cpu_match_the_reference() {
         &format!("{name} (bf16 weights)"),
         &model,
         &reference(&fixture_dir(name)),
+        tolerance,
     );
 }
 

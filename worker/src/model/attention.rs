@@ -6,7 +6,7 @@
 //! (`block · block_size + offset`) of the layer's cache; then each sequence attends from its
 //! new rows over its whole context, gathered from the cache by slot.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 
 use super::ModelError;
 use super::checkpoint::Weights;
@@ -204,12 +204,59 @@ enum QkNorms {
     Full(RmsNorm, RmsNorm),
 }
 
+/// The q, k and v projections: one product for all three when they are stored alike.
+#[derive(Debug, Clone)]
+enum Qkv {
+    /// `[q; k; v]` rows, and the widths of q and of k (= v).
+    Fused(Linear, usize, usize),
+    Split(Linear, Linear, Linear),
+}
+
+impl Qkv {
+    fn new(q: Linear, k: Linear, v: Linear, qw: usize, kvw: usize) -> Result<Self> {
+        Ok(match Linear::cat_rows(&[&q, &k, &v])? {
+            Some(fused) => Self::Fused(fused, qw, kvw),
+            None => Self::Split(q, k, v),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Self::Fused(l, qw, kvw) => {
+                let h = l.forward(xs)?;
+                Ok((
+                    h.narrow(D::Minus1, 0, *qw)?,
+                    h.narrow(D::Minus1, *qw, *kvw)?,
+                    h.narrow(D::Minus1, qw + kvw, *kvw)?,
+                ))
+            }
+            Self::Split(q, k, v) => Ok((q.forward(xs)?, k.forward(xs)?, v.forward(xs)?)),
+        }
+    }
+
+    /// (storage type, how many of the three projections hold it).
+    fn types(&self) -> Vec<(String, usize)> {
+        match self {
+            Self::Fused(l, ..) => vec![(l.weight().type_name(), 3)],
+            Self::Split(q, k, v) => [q, k, v]
+                .iter()
+                .map(|l| (l.weight().type_name(), 1))
+                .collect(),
+        }
+    }
+
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Fused(l, ..) => l.weight_bytes(),
+            Self::Split(q, k, v) => q.weight_bytes() + k.weight_bytes() + v.weight_bytes(),
+        }
+    }
+}
+
 /// Self-attention of one decoder layer.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
     o: Linear,
     qk_norm: QkNorms,
     clip_qkv: Option<f64>,
@@ -246,9 +293,7 @@ impl Attention {
             }
         };
         Ok(Self {
-            q,
-            k,
-            v,
+            qkv: Qkv::new(q, k, v, qw, kvw).map_err(|e| w.pp("q_proj").error("weight", e))?,
             o,
             qk_norm,
             clip_qkv: cfg.clip_qkv,
@@ -262,17 +307,17 @@ impl Attention {
 
     /// Counts its projections' storage types.
     pub fn tally(&self, t: &mut super::quant::Tally) {
-        for l in [&self.q, &self.k, &self.v, &self.o] {
-            t.add("attention", l.weight().type_name());
+        for (name, count) in self.qkv.types() {
+            for _ in 0..count {
+                t.add("attention", name.clone());
+            }
         }
+        t.add("attention", self.o.weight().type_name());
     }
 
     /// Bytes of weights one token reads.
     pub fn weight_bytes(&self) -> usize {
-        [&self.q, &self.k, &self.v, &self.o]
-            .iter()
-            .map(|l| l.weight_bytes())
-            .sum()
+        self.qkv.weight_bytes() + self.o.weight_bytes()
     }
 
     /// `xs` is `[n, hidden]` (normed); writes this step's keys/values into `kv` and returns
@@ -286,9 +331,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let n = batch.num_tokens;
         let (hd, h, kvh) = (self.head_dim, self.heads, self.kv_heads);
-        let mut q = self.q.forward(xs)?;
-        let mut k = self.k.forward(xs)?;
-        let mut v = self.v.forward(xs)?;
+        let (mut q, mut k, mut v) = self.qkv.forward(xs)?;
         if let Some(c) = self.clip_qkv {
             q = q.clamp(-c, c)?;
             k = k.clamp(-c, c)?;

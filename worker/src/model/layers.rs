@@ -11,7 +11,7 @@ use super::ModelError;
 use super::checkpoint::Weights;
 use super::config::RopeScaling;
 use super::family::MlpNames;
-use super::matmul::{Weight, linear_w};
+use super::matmul::{HeldRows, Weight, linear_w};
 use super::quant::{Quantization, Tally};
 
 /// The dtypes a model is computed in: weight matrices, and everything else (activations,
@@ -92,6 +92,32 @@ impl Linear {
     /// The weight.
     pub fn weight(&self) -> &Weight {
         &self.weight
+    }
+
+    /// One projection computing `parts` side by side (their output rows stacked, biases
+    /// likewise), so a token row costs one product instead of several; `None` when the
+    /// parts are stored differently or only some have a bias.
+    pub fn cat_rows(parts: &[&Linear]) -> Result<Option<Self>> {
+        let Some((first, rest)) = parts.split_first() else {
+            return Ok(None);
+        };
+        let mut weight = first.weight.clone();
+        for p in rest {
+            match Weight::cat_rows(&weight, &p.weight)? {
+                Some(w) => weight = w,
+                None => return Ok(None),
+            }
+        }
+        let bias = match parts
+            .iter()
+            .map(|p| p.bias.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(b) => Some(Tensor::cat(&b, 0)?),
+            None if parts.iter().all(|p| p.bias.is_none()) => None,
+            None => return Ok(None),
+        };
+        Ok(Some(Self { weight, bias }))
     }
 }
 
@@ -218,6 +244,68 @@ impl Mlp {
             }
         }
         t.add(part, self.down.type_name());
+    }
+}
+
+impl Mlp {
+    /// Several MLPs, each on its own rows (`[rows, d]` row-major f32), as two parallel
+    /// regions: every gate+up product at once, then every down product; `silu(gate) · up`
+    /// between them in the same order of operations as [`Module::forward`]. Each result is
+    /// transposed, `[d, rows]`. `None` unless every MLP holds fused dense f32/bf16 CPU
+    /// weights and the CPU has a [`simd`](super::simd) kernel.
+    pub fn forward_many_cpu(parts: &[(&Mlp, &[f32], usize)]) -> Option<Vec<Vec<f32>>> {
+        use super::simd::{self, Job};
+        let isa = simd::Isa::detect();
+        let mut held = Vec::with_capacity(parts.len());
+        for (mlp, _, _) in parts {
+            let GateUp::Fused(gate_up) = &mlp.gate_up else {
+                return None;
+            };
+            held.push((HeldRows::of(gate_up)?, HeldRows::of(&mlp.down)?));
+        }
+        let d = match parts.first() {
+            Some((mlp, _, _)) => mlp.down.dims2().ok()?.0,
+            None => return Some(Vec::new()),
+        };
+        let jobs: Vec<Job<'_>> = parts
+            .iter()
+            .zip(&held)
+            .map(|((_, x, rows), (gu, _))| Job {
+                x,
+                rows: *rows,
+                k: d,
+                w: gu.rows(),
+            })
+            .collect();
+        let h = simd::products(&jobs, isa)?;
+        let acts: Vec<Vec<f32>> = parts
+            .iter()
+            .zip(&h)
+            .map(|((mlp, _, rows), h)| {
+                let (ff, rows) = (mlp.ff, *rows);
+                let mut act = vec![0f32; rows * ff];
+                for (r, a) in act.chunks_exact_mut(ff.max(1)).enumerate() {
+                    for (j, v) in a.iter_mut().enumerate() {
+                        let (g, u) = (h[j * rows + r], h[(ff + j) * rows + r]);
+                        // candle's silu: x / (1 + e^-x).
+                        *v = g / (1.0 + (-g).exp()) * u;
+                    }
+                }
+                act
+            })
+            .collect();
+        let jobs: Vec<Job<'_>> = parts
+            .iter()
+            .zip(&held)
+            .zip(&acts)
+            .map(|(((mlp, _, rows), (_, down)), x)| Job {
+                x,
+                rows: *rows,
+                k: mlp.ff,
+                w: down.rows(),
+            })
+            .collect();
+        simd::products(&jobs, isa)
     }
 }
 

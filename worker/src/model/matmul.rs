@@ -19,6 +19,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
+use super::simd;
+
 /// Rows at most for the CPU small-batch kernel.
 pub const SMALL_ROWS: usize = 8;
 
@@ -152,11 +154,11 @@ pub fn linear(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     if rows == 0 {
         return Tensor::zeros((0, w.dim(0)?), xs.dtype(), xs.device());
     }
-    if rows <= SMALL_ROWS
+    if (rows <= SMALL_ROWS || simd::Isa::detect() >= simd::Isa::Avx512)
         && xs.device().is_cpu()
         && xs.dtype() == DType::F32
         && matches!(w.dtype(), DType::F32 | DType::BF16)
-        && let Some(ys) = small_rows_cpu(xs, w)?
+        && let Some(ys) = dense_cpu(xs, w)?
     {
         return Ok(ys);
     }
@@ -247,14 +249,19 @@ fn blocks_cpu(xs: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
                 .zip(out.chunks_exact_mut(rows))
             {
                 kernel::widen(kind, w, &mut row);
-                kernel::rows_dot(&x, rows, k, &row, o);
+                super::simd::x86::rows_dot(&x, rows, k, &row, o);
             }
         });
     Ok(Some(transposed(yt, rows, n, xs.device())?))
 }
 
 /// `[rows, n]` from the weight-major `[n, rows]` products.
-fn transposed(yt: Vec<f32>, rows: usize, n: usize, device: &candle_core::Device) -> Result<Tensor> {
+pub(super) fn transposed(
+    yt: Vec<f32>,
+    rows: usize,
+    n: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     if rows == 1 {
         return Tensor::from_vec(yt, (1, n), device);
     }
@@ -267,50 +274,73 @@ fn transposed(yt: Vec<f32>, rows: usize, n: usize, device: &candle_core::Device)
     Tensor::from_vec(y, (rows, n), device)
 }
 
-/// The small-batch CPU kernel; `None` when the CPU lacks AVX2/FMA or the weight is not a
-/// plain contiguous CPU tensor.
-fn small_rows_cpu(xs: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    use rayon::prelude::*;
-    if !kernel::available() || !w.is_contiguous() {
-        return Ok(None);
+/// A dense, contiguous f32 or bf16 CPU weight's rows as [`simd`] takes them, its storage
+/// held for reading as long as this lives.
+pub struct HeldRows<'a> {
+    storage: candle_core::StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for HeldRows<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldRows")
+            .field("start", &self.start)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
+}
+
+impl<'a> HeldRows<'a> {
+    /// `None` for a quantized, non-contiguous, non-CPU or other-dtype weight.
+    pub fn of(w: &'a Weight) -> Option<Self> {
+        let Weight::Dense(t) = w else {
+            return None;
+        };
+        if !t.is_contiguous() || !matches!(t.dtype(), DType::F32 | DType::BF16) {
+            return None;
+        }
+        let (storage, layout) = t.storage_and_layout();
+        if !matches!(&*storage, candle_core::Storage::Cpu(_)) {
+            return None;
+        }
+        Some(Self {
+            start: layout.start_offset(),
+            len: t.elem_count(),
+            storage,
+        })
+    }
+
+    /// The rows.
+    pub fn rows(&self) -> simd::Rows<'_> {
+        let candle_core::Storage::Cpu(cpu) = &*self.storage else {
+            unreachable!("`of` keeps CPU storage only")
+        };
+        match cpu {
+            candle_core::CpuStorage::BF16(v) => simd::Rows::Bf16(&v[self.start..][..self.len]),
+            candle_core::CpuStorage::F32(v) => simd::Rows::F32(&v[self.start..][..self.len]),
+            _ => unreachable!("`of` keeps f32 and bf16 only"),
+        }
+    }
+}
+
+/// Dense f32/bf16 weights on a CPU with one of [`simd::Isa`]'s kernels; `None` when the
+/// CPU has none or the weight is not a plain contiguous CPU tensor.
+fn dense_cpu(xs: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let isa = simd::Isa::detect();
+    let w = Weight::Dense(w.clone());
+    let Some(held) = HeldRows::of(&w).filter(|_| isa != simd::Isa::None) else {
+        return Ok(None);
+    };
     let (rows, k) = xs.dims2()?;
     let (n, wk) = w.dims2()?;
     if wk != k {
         candle_core::bail!("linear: input width {k} but the weight is [{n}, {wk}]");
     }
     let x = xs.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let (storage, layout) = w.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
+    let Some(yt) = simd::product(&x, rows, k, held.rows(), isa) else {
         return Ok(None);
     };
-    // Output rows of the weight in chunks, one task each: [n, rows] (transposed result).
-    const CHUNK: usize = 64;
-    let mut yt = vec![0f32; n * rows];
-    let at = layout.start_offset();
-    match w.dtype() {
-        DType::BF16 => {
-            let wd = &cpu.as_slice::<half::bf16>()?[at..][..n * k];
-            yt.par_chunks_mut(CHUNK * rows)
-                .zip(wd.par_chunks(CHUNK * k))
-                .for_each(|(out, w_rows)| {
-                    // Widen one weight row at a time; the row stays in L1 for its dots.
-                    let mut row = vec![0f32; k];
-                    for (w, o) in w_rows.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
-                        for (dst, src) in row.iter_mut().zip(w) {
-                            *dst = src.to_f32();
-                        }
-                        kernel::rows_dot(&x, rows, k, &row, o);
-                    }
-                });
-        }
-        _ => {
-            let wd = &cpu.as_slice::<f32>()?[at..][..n * k];
-            yt.par_chunks_mut(CHUNK * rows)
-                .zip(wd.par_chunks(CHUNK * k))
-                .for_each(|(out, w_rows)| kernel::rows_dot(&x, rows, k, w_rows, out));
-        }
-    }
     Ok(Some(transposed(yt, rows, n, xs.device())?))
 }
 
@@ -370,94 +400,6 @@ mod kernel {
             }
         }
     }
-
-    /// `out[o · rows + r] = x[r] · w_rows[o]` for every weight row `o` of `w_rows`.
-    #[allow(unsafe_code)]
-    pub fn rows_dot(x: &[f32], rows: usize, k: usize, w_rows: &[f32], out: &mut [f32]) {
-        debug_assert!(available());
-        // SAFETY: `rows_dot_avx2` only needs the CPU to support AVX2 and FMA, which
-        // `available()` checked at run time before any caller gets here (`small_rows_cpu`
-        // returns early otherwise). It takes slices, so there is no other contract.
-        unsafe { rows_dot_avx2(x, rows, k, w_rows, out) }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn rows_dot_avx2(x: &[f32], rows: usize, k: usize, w_rows: &[f32], out: &mut [f32]) {
-        for (w, o) in w_rows.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
-            // Four input rows per pass: each loaded weight vector feeds four FMAs, so the
-            // loop is bound by FMA throughput rather than by loads.
-            let mut r = 0;
-            while r + 4 <= rows {
-                let d = dot4(
-                    [
-                        &x[r * k..(r + 1) * k],
-                        &x[(r + 1) * k..(r + 2) * k],
-                        &x[(r + 2) * k..(r + 3) * k],
-                        &x[(r + 3) * k..(r + 4) * k],
-                    ],
-                    w,
-                );
-                o[r..r + 4].copy_from_slice(&d);
-                r += 4;
-            }
-            for (rr, y) in o.iter_mut().enumerate().skip(r) {
-                *y = dot(&x[rr * k..(rr + 1) * k], w);
-            }
-        }
-    }
-
-    /// Four dot products against one weight row, 16 lanes per input row.
-    #[inline(always)]
-    fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
-        const L: usize = 16;
-        let (mut s0, mut s1, mut s2, mut s3) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
-        let chunks = w
-            .chunks_exact(L)
-            .zip(x[0].chunks_exact(L))
-            .zip(x[1].chunks_exact(L))
-            .zip(x[2].chunks_exact(L))
-            .zip(x[3].chunks_exact(L));
-        for ((((wc, a), b), c), d) in chunks {
-            for j in 0..L {
-                s0[j] = a[j].mul_add(wc[j], s0[j]);
-                s1[j] = b[j].mul_add(wc[j], s1[j]);
-                s2[j] = c[j].mul_add(wc[j], s2[j]);
-                s3[j] = d[j].mul_add(wc[j], s3[j]);
-            }
-        }
-        let n = w.len() / L * L;
-        let tail = |xr: &[f32]| -> f32 { xr[n..].iter().zip(&w[n..]).map(|(p, q)| p * q).sum() };
-        [
-            s0.iter().sum::<f32>() + tail(x[0]),
-            s1.iter().sum::<f32>() + tail(x[1]),
-            s2.iter().sum::<f32>() + tail(x[2]),
-            s3.iter().sum::<f32>() + tail(x[3]),
-        ]
-    }
-
-    /// Eight independent FMA accumulators of eight lanes each, so the loop is not bound by
-    /// one accumulator's latency; compiled with AVX2+FMA where it is inlined.
-    #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; 64];
-        let (ca, cb) = (a.chunks_exact(64), b.chunks_exact(64));
-        let mut tail = 0f32;
-        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-            tail = x.mul_add(*y, tail);
-        }
-        for (x, y) in ca.zip(cb) {
-            for i in 0..64 {
-                acc[i] = x[i].mul_add(y[i], acc[i]);
-            }
-        }
-        let mut lanes = [0f32; 8];
-        for chunk in acc.chunks_exact(8) {
-            for i in 0..8 {
-                lanes[i] += chunk[i];
-            }
-        }
-        lanes.iter().sum::<f32>() + tail
-    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -465,8 +407,6 @@ mod kernel {
     pub fn available() -> bool {
         false
     }
-
-    pub fn rows_dot(_: &[f32], _: usize, _: usize, _: &[f32], _: &mut [f32]) {}
 
     pub fn widen(_: super::Blocks, _: &[u8], _: &mut [f32]) {}
 }
@@ -540,14 +480,22 @@ mod tests {
         let dev = Device::Cpu;
         // Odd sizes: a partial chunk of weight rows, a dot-product tail.
         let w32 = Tensor::randn(0f32, 1.0, (131, 200), &dev)?;
-        // bf16 weights: compared with the same rounded weights in f32.
+        // bf16 weights: compared with the same rounded weights in f32 (and, where the CPU
+        // multiplies bf16 pairs, the activations rounded to bf16 too).
         let w16 = w32.to_dtype(candle_core::DType::BF16)?;
         let w16_as_32 = w16.to_dtype(candle_core::DType::F32)?;
+        let pairs = simd::Isa::detect() == simd::Isa::Avx512Bf16;
         for (w, exact) in [(&w32, &w32), (&w16, &w16_as_32)] {
-            for rows in [1, 2, 5, 8, 9, 33] {
+            for rows in [1, 2, 5, 8, 9, 33, 130] {
                 let xs = Tensor::randn(0f32, 1.0, (rows, 200), &dev)?;
                 let got = linear(&xs, w)?.to_vec2::<f32>()?;
-                let want = reference(&xs, exact);
+                let xs_as_used = if pairs && w.dtype() == candle_core::DType::BF16 {
+                    xs.to_dtype(candle_core::DType::BF16)?
+                        .to_dtype(candle_core::DType::F32)?
+                } else {
+                    xs.clone()
+                };
+                let want = reference(&xs_as_used, exact);
                 for (g, r) in got.iter().flatten().zip(want.iter().flatten()) {
                     assert!(
                         (g - r).abs() < 1e-3,

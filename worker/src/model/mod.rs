@@ -37,6 +37,7 @@ pub mod moe;
 pub mod perplexity;
 pub mod quant;
 pub mod router;
+mod simd;
 pub mod transformer;
 
 use std::path::{Path, PathBuf};

@@ -240,6 +240,19 @@ impl LocalExperts {
         // One gather, one weighting and one scatter-add for the whole layer (not one per
         // expert): rows grouped by expert in ascending order, so each row's partial sums
         // are still added in ascending expert order.
+        if let Some(out) = self.forward_groups_cpu(layer, xs, groups)? {
+            return Ok(out);
+        }
+        self.forward_groups_tensors(layer, xs, groups)
+    }
+
+    /// [`Self::forward_groups`] with candle's tensor operations, on any device and weight.
+    fn forward_groups_tensors(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        groups: &[ExpertRows],
+    ) -> Result<Tensor> {
         let mut rows = Vec::new();
         let mut weights = Vec::new();
         for (_, r, w) in groups {
@@ -266,6 +279,57 @@ impl LocalExperts {
             .unsqueeze(1)?;
         let ys = Tensor::cat(&ys, 0)?.broadcast_mul(&w)?;
         out.index_add(&idx, &ys, 0)
+    }
+}
+
+impl LocalExperts {
+    /// [`Self::forward_groups`] on the CPU with dense f32/bf16 experts: the experts'
+    /// products in two parallel regions ([`Mlp::forward_many_cpu`]) and the weighted sum
+    /// into one buffer, with no tensor per expert. The same arithmetic in the same order
+    /// as the general path. `None` where that does not apply.
+    fn forward_groups_cpu(
+        &self,
+        layer: usize,
+        xs: &Tensor,
+        groups: &[ExpertRows],
+    ) -> Result<Option<Tensor>> {
+        if !xs.device().is_cpu() || xs.dtype() != DType::F32 || groups.is_empty() {
+            return Ok(None);
+        }
+        let (total, d) = xs.dims2()?;
+        let x = xs.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut gathered = Vec::with_capacity(groups.len());
+        let mut mlps = Vec::with_capacity(groups.len());
+        for (expert, r, _) in groups {
+            mlps.push(self.get(layer, *expert).ok_or_else(|| {
+                candle_core::Error::Msg(format!("expert {expert} of layer {layer} is not held"))
+            })?);
+            let mut g = Vec::with_capacity(r.len() * d);
+            for &row in r {
+                g.extend_from_slice(&x[row as usize * d..][..d]);
+            }
+            gathered.push(g);
+        }
+        let parts: Vec<(&Mlp, &[f32], usize)> = mlps
+            .iter()
+            .zip(&gathered)
+            .zip(groups)
+            .map(|((m, g), (_, r, _))| (*m, g.as_slice(), r.len()))
+            .collect();
+        let Some(ys) = Mlp::forward_many_cpu(&parts) else {
+            return Ok(None);
+        };
+        let mut out = vec![0f32; total * d];
+        for ((_, r, w), yt) in groups.iter().zip(&ys) {
+            let rows = r.len();
+            for (i, (&row, &wt)) in r.iter().zip(w).enumerate() {
+                let o = &mut out[row as usize * d..][..d];
+                for (c, v) in o.iter_mut().enumerate() {
+                    *v += yt[c * rows + i] * wt;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (total, d), xs.device())?))
     }
 }
 
@@ -598,6 +662,36 @@ mod tests {
         assert!((ys[0][0] - 1.5).abs() < 1e-3, "{ys:?}");
         // row 1: 1.0 · expert 1 on x=2: 2·(2·50)/50·... = silu(100)·4/50 = 8.
         assert!((ys[1][0] - 8.0).abs() < 1e-3, "{ys:?}");
+        Ok(())
+    }
+
+    /// The CPU's grouped path gives the tensor path's numbers bit for bit (same operations
+    /// in the same order), for f32 and bf16 experts and uneven groups.
+    #[test]
+    fn the_grouped_cpu_path_equals_the_tensor_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let (d, ff, n) = (96, 80, 5);
+        for dtype in [DType::F32, DType::BF16] {
+            let mk = |_| -> Result<Option<Mlp>> {
+                let w = |r, c| Tensor::randn(0f32, 0.2, (r, c), &dev)?.to_dtype(dtype);
+                Ok(Some(Mlp::new(&w(ff, d)?, &w(ff, d)?, &w(d, ff)?)?))
+            };
+            let experts = LocalExperts {
+                layers: vec![(0..n).map(mk).collect::<Result<Vec<_>>>()?],
+            };
+            let xs = Tensor::randn(0f32, 1.0, (7, d), &dev)?;
+            let groups: Vec<ExpertRows> = vec![
+                (0, vec![0, 3, 6], vec![0.5, 0.25, 1.0]),
+                (2, vec![1], vec![0.75]),
+                (4, vec![0, 1, 2, 3, 4, 5, 6], vec![0.1; 7]),
+            ];
+            let fast = experts
+                .forward_groups_cpu(0, &xs, &groups)?
+                .expect("dense CPU experts take the grouped path");
+            let general = experts.forward_groups_tensors(0, &xs, &groups)?;
+            let diff = (fast - general)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{dtype:?}");
+        }
         Ok(())
     }
 }

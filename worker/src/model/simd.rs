@@ -1,0 +1,556 @@
+//! The CPU's dense products `yᵀ = W · xᵀ` for weights saved `[out, in]` (f32 or bf16) and
+//! f32 activations, chosen at run time by what the CPU has ([`Isa`]).
+//!
+//! Both operands are row-major with the reduction dimension `k` contiguous, so each output
+//! is a dot product of two contiguous rows. The kernels work on tiles of up to four input
+//! rows by four weight rows: sixteen vector accumulators, each loaded weight vector feeds
+//! four FMAs and each loaded input vector four, so the loop is bound by the FMA units rather
+//! than by loads. A task takes a band of weight rows; within it, a tile of four weight rows
+//! (16 KiB of f32 at `k` = 1024, half that in bf16) stays in L1 while every block of four
+//! input rows passes over it, and input rows are taken 64 at a time so they stay in L2.
+//!
+//! - `Avx512Bf16` (AVX512-BF16, e.g. AMD Zen 4, Intel Sapphire Rapids): bf16 weights are
+//!   multiplied as stored by `vdpbf16ps`, two products per f32 lane, against the
+//!   activations rounded to bf16 once per call (as a bf16 model computes them); f32 weights
+//!   as below.
+//! - `Avx512` (AVX-512F/BW): f32 FMAs on 16 lanes; bf16 weights widened in registers (a
+//!   16-bit shift), activations kept in f32.
+//! - `Avx2` (AVX2+FMA): 8 lanes, one weight row at a time against up to four input rows,
+//!   bf16 rows widened into an L1 buffer first.
+//! - `None`: the caller falls back to candle's GEMM.
+
+use half::bf16;
+
+/// The instruction sets the kernels use, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// No kernel here: use candle's GEMM.
+    None,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512 F and BW.
+    Avx512,
+    /// AVX-512 F, BW and BF16.
+    Avx512Bf16,
+}
+
+impl Isa {
+    /// What this CPU runs (detected once).
+    pub fn detect() -> Self {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(detect)
+    }
+
+    /// The paths this CPU can run, for tests that compare them.
+    #[cfg(test)]
+    pub fn all_available() -> Vec<Self> {
+        [Self::Avx2, Self::Avx512, Self::Avx512Bf16]
+            .into_iter()
+            .filter(|i| *i <= Self::detect())
+            .collect()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Isa {
+    use std::arch::is_x86_feature_detected as has;
+    if !(has!("avx2") && has!("fma")) {
+        Isa::None
+    } else if !(has!("avx512f") && has!("avx512bw")) {
+        Isa::Avx2
+    } else if has!("avx512bf16") {
+        Isa::Avx512Bf16
+    } else {
+        Isa::Avx512
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Isa {
+    Isa::None
+}
+
+/// A weight's rows as stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(w) => w.len(),
+            Self::Bf16(w) => w.len(),
+        }
+    }
+}
+
+/// Weight rows per parallel task: a multiple of the tile's four.
+const BAND: usize = 64;
+/// Input rows per pass over a band (kept in L2).
+const ROW_BLOCK: usize = 64;
+
+/// One product of a batch of them: `x` `[rows, k]` by the weight rows `w` `[n, k]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    pub x: &'a [f32],
+    pub rows: usize,
+    pub k: usize,
+    pub w: Rows<'a>,
+}
+
+impl Job<'_> {
+    fn n(&self) -> usize {
+        self.w.len() / self.k
+    }
+}
+
+/// `yt[o · rows + r] = x[r] · w[o]` for `x` `[rows, k]` and `w` `[n, k]`, on `isa` (at most
+/// [`Isa::detect`]), parallel over bands of weight rows. `None` when `isa` is `None`.
+pub fn product(x: &[f32], rows: usize, k: usize, w: Rows<'_>, isa: Isa) -> Option<Vec<f32>> {
+    products(&[Job { x, rows, k, w }], isa).map(|mut v| v.remove(0))
+}
+
+/// Several products in one parallel region (the experts of a MoE layer: one fork and join
+/// for all of them, and both cores busy even when each expert has few weight rows): the
+/// bands of every job form one list of tasks. Each result as [`product`]'s.
+pub fn products(jobs: &[Job<'_>], isa: Isa) -> Option<Vec<Vec<f32>>> {
+    use rayon::prelude::*;
+    assert!(isa <= Isa::detect(), "{isa:?} is not available on this CPU");
+    if isa == Isa::None {
+        return None;
+    }
+    for j in jobs {
+        assert_eq!(
+            j.x.len(),
+            j.rows * j.k,
+            "input is not [{}, {}]",
+            j.rows,
+            j.k
+        );
+        assert!(
+            j.k > 0 && j.w.len().is_multiple_of(j.k),
+            "weight rows are not {} wide",
+            j.k
+        );
+    }
+    // bf16 pairs multiply bf16 inputs: each job's rows rounded once.
+    let rounded: Vec<Option<Vec<bf16>>> = jobs
+        .iter()
+        .map(|j| match (isa, j.w) {
+            (Isa::Avx512Bf16, Rows::Bf16(_)) => {
+                Some(j.x.iter().map(|v| bf16::from_f32(*v)).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.n() * j.rows]).collect();
+    let mut tasks = Vec::new();
+    for ((j, out), xb) in jobs.iter().zip(outs.iter_mut()).zip(&rounded) {
+        if j.rows == 0 {
+            continue;
+        }
+        for (band, out) in out.chunks_mut(BAND * j.rows).enumerate() {
+            tasks.push((j, xb.as_deref(), band * BAND, out));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(j, xb, first, out)| band(j, xb, first, out, isa));
+    Some(outs)
+}
+
+/// One band of `job`'s weight rows from `first`, into `out` (`[band rows, job.rows]`).
+fn band(job: &Job<'_>, xb: Option<&[bf16]>, first: usize, out: &mut [f32], isa: Isa) {
+    let (x, rows, k) = (job.x, job.rows, job.k);
+    let n = out.len() / rows;
+    let w = match job.w {
+        Rows::F32(w) => Rows::F32(&w[first * k..(first + n) * k]),
+        Rows::Bf16(w) => Rows::Bf16(&w[first * k..(first + n) * k]),
+    };
+    match (isa, w, xb) {
+        (Isa::None, ..) => unreachable!("`products` returns early"),
+        (Isa::Avx2, w, _) => avx2_band(x, rows, k, w, out),
+        (Isa::Avx512Bf16, Rows::Bf16(w), Some(xb)) => tiles(rows, n, out, |r, mr, o, nr, acc| {
+            // SAFETY: `products` asserted `isa <= Isa::detect()`, so the CPU has
+            // AVX512-BF16; `tiles` keeps rows `r..r + mr` and `o..o + nr` in bounds.
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::tile_dpbf16(&xb[r * k..(r + mr) * k], &w[o * k..(o + nr) * k], k, acc)
+            }
+        }),
+        (_, Rows::Bf16(w), _) => tiles(rows, n, out, |r, mr, o, nr, acc| {
+            // SAFETY: as above, with AVX-512 F/BW.
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::tile_bf16_widen(&x[r * k..(r + mr) * k], &w[o * k..(o + nr) * k], k, acc)
+            }
+        }),
+        (_, Rows::F32(w), _) => tiles(rows, n, out, |r, mr, o, nr, acc| {
+            // SAFETY: as above, with AVX-512 F.
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::tile_f32(&x[r * k..(r + mr) * k], &w[o * k..(o + nr) * k], k, acc)
+            }
+        }),
+    }
+}
+
+/// Walks one band of `n` weight rows in tiles of up to 4 × 4, input rows `ROW_BLOCK` at a
+/// time; `tile(r, mr, o, nr, acc)` fills `acc[c][j]` with `x[r + j] · w[o + c]`.
+fn tiles(
+    rows: usize,
+    n: usize,
+    out: &mut [f32],
+    mut tile: impl FnMut(usize, usize, usize, usize, &mut [[f32; 4]; 4]),
+) {
+    debug_assert_eq!(out.len(), n * rows);
+    let mut acc = [[0f32; 4]; 4];
+    for block in (0..rows).step_by(ROW_BLOCK) {
+        let block_end = (block + ROW_BLOCK).min(rows);
+        for o in (0..n).step_by(4) {
+            let nr = (n - o).min(4);
+            for r in (block..block_end).step_by(4) {
+                let mr = (block_end - r).min(4);
+                tile(r, mr, o, nr, &mut acc);
+                for (c, col) in acc.iter().enumerate().take(nr) {
+                    out[(o + c) * rows + r..][..mr].copy_from_slice(&col[..mr]);
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 path for one band: each weight row (widened to f32 in an L1 buffer when bf16)
+/// against the input rows, four at a time.
+fn avx2_band(x: &[f32], rows: usize, k: usize, w: Rows<'_>, out: &mut [f32]) {
+    match w {
+        Rows::F32(w) => x86::rows_dot(x, rows, k, w, out),
+        Rows::Bf16(w) => {
+            let mut row = vec![0f32; k];
+            for (src, y) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+                for (d, s) in row.iter_mut().zip(src) {
+                    *d = s.to_f32();
+                }
+                x86::rows_dot(x, rows, k, &row, y);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    /// One tile, `mr` = `x.len() / k` input rows by `nr` = `w.len() / k` weight rows (each
+    /// 1..=4), f32 on 16 lanes; the tail of `k` by masked loads.
+    #[target_feature(enable = "avx512f")]
+    pub fn tile_f32(x: &[f32], w: &[f32], k: usize, acc: &mut [[f32; 4]; 4]) {
+        let (mr, nr) = (x.len() / k, w.len() / k);
+        assert!((1..=4).contains(&mr) && (1..=4).contains(&nr));
+        let load = |s: &[f32], at: usize, m: __mmask16| -> __m512 {
+            // SAFETY: `at + popcount(m) <= s.len()` (the loop below), and masked-off lanes
+            // are not read.
+            #[allow(unsafe_code)]
+            unsafe {
+                _mm512_maskz_loadu_ps(m, s.as_ptr().add(at))
+            }
+        };
+        let mut a = [[_mm512_setzero_ps(); 4]; 4];
+        let mut i = 0;
+        while i < k {
+            let m: __mmask16 = if k - i >= 16 {
+                0xffff
+            } else {
+                (1u16 << (k - i)) - 1
+            };
+            let mut xv = [_mm512_setzero_ps(); 4];
+            for (j, v) in xv.iter_mut().enumerate().take(mr) {
+                *v = load(x, j * k + i, m);
+            }
+            for (c, ac) in a.iter_mut().enumerate().take(nr) {
+                let wv = load(w, c * k + i, m);
+                for (j, v) in ac.iter_mut().enumerate().take(mr) {
+                    *v = _mm512_fmadd_ps(xv[j], wv, *v);
+                }
+            }
+            i += 16;
+        }
+        for (out, ac) in acc.iter_mut().zip(&a).take(nr) {
+            for (o, v) in out.iter_mut().zip(ac).take(mr) {
+                *o = _mm512_reduce_add_ps(*v);
+            }
+        }
+    }
+
+    /// As [`tile_f32`] for bf16 weights, widened in registers (bf16 is the top half of an
+    /// f32); activations stay f32.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub fn tile_bf16_widen(x: &[f32], w: &[bf16], k: usize, acc: &mut [[f32; 4]; 4]) {
+        let (mr, nr) = (x.len() / k, w.len() / k);
+        assert!((1..=4).contains(&mr) && (1..=4).contains(&nr));
+        let load_x = |at: usize, m: __mmask16| -> __m512 {
+            // SAFETY: in bounds as in `tile_f32`.
+            #[allow(unsafe_code)]
+            unsafe {
+                _mm512_maskz_loadu_ps(m, x.as_ptr().add(at))
+            }
+        };
+        let load_w = |at: usize, m: __mmask16| -> __m512 {
+            // SAFETY: 16 lanes of 16 bits from `w[at..]`, masked to what is in bounds.
+            #[allow(unsafe_code)]
+            let h = unsafe { _mm256_maskz_loadu_epi16(m, w.as_ptr().add(at).cast::<i16>()) };
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        };
+        let mut a = [[_mm512_setzero_ps(); 4]; 4];
+        let mut i = 0;
+        while i < k {
+            let m: __mmask16 = if k - i >= 16 {
+                0xffff
+            } else {
+                (1u16 << (k - i)) - 1
+            };
+            let mut xv = [_mm512_setzero_ps(); 4];
+            for (j, v) in xv.iter_mut().enumerate().take(mr) {
+                *v = load_x(j * k + i, m);
+            }
+            for (c, ac) in a.iter_mut().enumerate().take(nr) {
+                let wv = load_w(c * k + i, m);
+                for (j, v) in ac.iter_mut().enumerate().take(mr) {
+                    *v = _mm512_fmadd_ps(xv[j], wv, *v);
+                }
+            }
+            i += 16;
+        }
+        for (out, ac) in acc.iter_mut().zip(&a).take(nr) {
+            for (o, v) in out.iter_mut().zip(ac).take(mr) {
+                *o = _mm512_reduce_add_ps(*v);
+            }
+        }
+    }
+
+    /// bf16 activations by bf16 weights with `vdpbf16ps`: 32 products per instruction,
+    /// summed pairwise into 16 f32 lanes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub fn tile_dpbf16(x: &[bf16], w: &[bf16], k: usize, acc: &mut [[f32; 4]; 4]) {
+        let (mr, nr) = (x.len() / k, w.len() / k);
+        assert!((1..=4).contains(&mr) && (1..=4).contains(&nr));
+        let load = |s: &[bf16], at: usize, m: __mmask32| -> __m512bh {
+            // SAFETY: 32 lanes of 16 bits from `s[at..]`, masked to what is in bounds; the
+            // bits are bf16 values, which is what `__m512bh` holds.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
+                    m,
+                    s.as_ptr().add(at).cast::<i16>(),
+                ))
+            }
+        };
+        let mut a = [[_mm512_setzero_ps(); 4]; 4];
+        let mut i = 0;
+        while i < k {
+            let m: __mmask32 = if k - i >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << (k - i)) - 1
+            };
+            let mut xv = [_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_setzero_ps()); 4];
+            for (j, v) in xv.iter_mut().enumerate().take(mr) {
+                *v = load(x, j * k + i, m);
+            }
+            for (c, ac) in a.iter_mut().enumerate().take(nr) {
+                let wv = load(w, c * k + i, m);
+                for (j, v) in ac.iter_mut().enumerate().take(mr) {
+                    *v = _mm512_dpbf16_ps(*v, xv[j], wv);
+                }
+            }
+            i += 32;
+        }
+        for (out, ac) in acc.iter_mut().zip(&a).take(nr) {
+            for (o, v) in out.iter_mut().zip(ac).take(mr) {
+                *o = _mm512_reduce_add_ps(*v);
+            }
+        }
+    }
+
+    /// `out[o · rows + r] = x[r] · w_rows[o]` for every weight row `o` of `w_rows`.
+    pub fn rows_dot(x: &[f32], rows: usize, k: usize, w_rows: &[f32], out: &mut [f32]) {
+        debug_assert!(super::Isa::detect() >= super::Isa::Avx2);
+        // SAFETY: `rows_dot_avx2` only needs AVX2 and FMA, which every caller checked with
+        // `Isa::detect()` first; it takes slices, so there is no other contract.
+        #[allow(unsafe_code)]
+        unsafe {
+            rows_dot_avx2(x, rows, k, w_rows, out)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn rows_dot_avx2(x: &[f32], rows: usize, k: usize, w_rows: &[f32], out: &mut [f32]) {
+        for (w, o) in w_rows.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+            // Four input rows per pass: each loaded weight vector feeds four FMAs.
+            let mut r = 0;
+            while r + 4 <= rows {
+                let d = dot4(
+                    [
+                        &x[r * k..(r + 1) * k],
+                        &x[(r + 1) * k..(r + 2) * k],
+                        &x[(r + 2) * k..(r + 3) * k],
+                        &x[(r + 3) * k..(r + 4) * k],
+                    ],
+                    w,
+                );
+                o[r..r + 4].copy_from_slice(&d);
+                r += 4;
+            }
+            for (rr, y) in o.iter_mut().enumerate().skip(r) {
+                *y = dot(&x[rr * k..(rr + 1) * k], w);
+            }
+        }
+    }
+
+    /// Four dot products against one weight row, 16 lanes per input row.
+    #[inline(always)]
+    fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+        const L: usize = 16;
+        let (mut s0, mut s1, mut s2, mut s3) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
+        let chunks = w
+            .chunks_exact(L)
+            .zip(x[0].chunks_exact(L))
+            .zip(x[1].chunks_exact(L))
+            .zip(x[2].chunks_exact(L))
+            .zip(x[3].chunks_exact(L));
+        for ((((wc, a), b), c), d) in chunks {
+            for j in 0..L {
+                s0[j] = a[j].mul_add(wc[j], s0[j]);
+                s1[j] = b[j].mul_add(wc[j], s1[j]);
+                s2[j] = c[j].mul_add(wc[j], s2[j]);
+                s3[j] = d[j].mul_add(wc[j], s3[j]);
+            }
+        }
+        let n = w.len() / L * L;
+        let tail = |xr: &[f32]| -> f32 { xr[n..].iter().zip(&w[n..]).map(|(p, q)| p * q).sum() };
+        [
+            s0.iter().sum::<f32>() + tail(x[0]),
+            s1.iter().sum::<f32>() + tail(x[1]),
+            s2.iter().sum::<f32>() + tail(x[2]),
+            s3.iter().sum::<f32>() + tail(x[3]),
+        ]
+    }
+
+    /// Eight independent FMA accumulators of eight lanes each, so the loop is not bound by
+    /// one accumulator's latency; compiled with AVX2+FMA where it is inlined.
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 64];
+        let (ca, cb) = (a.chunks_exact(64), b.chunks_exact(64));
+        let mut tail = 0f32;
+        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+            tail = x.mul_add(*y, tail);
+        }
+        for (x, y) in ca.zip(cb) {
+            for i in 0..64 {
+                acc[i] = x[i].mul_add(y[i], acc[i]);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        for chunk in acc.chunks_exact(8) {
+            for i in 0..8 {
+                lanes[i] += chunk[i];
+            }
+        }
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub mod x86 {
+    //! Never called: [`super::Isa::detect`] is `None` off x86-64.
+    use half::bf16;
+
+    pub fn tile_f32(_: &[f32], _: &[f32], _: usize, _: &mut [[f32; 4]; 4]) {
+        unreachable!("no SIMD kernels on this architecture")
+    }
+    pub fn tile_bf16_widen(_: &[f32], _: &[bf16], _: usize, _: &mut [[f32; 4]; 4]) {
+        unreachable!("no SIMD kernels on this architecture")
+    }
+    pub fn tile_dpbf16(_: &[bf16], _: &[bf16], _: usize, _: &mut [[f32; 4]; 4]) {
+        unreachable!("no SIMD kernels on this architecture")
+    }
+    pub fn rows_dot(_: &[f32], _: usize, _: usize, _: &[f32], _: &mut [f32]) {
+        unreachable!("no SIMD kernels on this architecture")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Every path this CPU has, at shapes with partial tiles, partial bands, more than one
+    /// block of input rows and a tail of `k` shorter than a vector, against f64 sums of the
+    /// same operands (bf16 weights as rounded; the `vdpbf16ps` path also rounds the inputs).
+    #[test]
+    fn every_path_matches_a_plain_sum() {
+        let mut seed = 7u64;
+        for (rows, n, k) in [
+            (1, 1, 1),
+            (1, 67, 200),
+            (3, 131, 31),
+            (8, 64, 256),
+            (70, 9, 100),
+            (5, 260, 1040),
+        ] {
+            let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+            let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+            for isa in Isa::all_available() {
+                for (weights, bf) in [(Rows::F32(&w), false), (Rows::Bf16(&wb), true)] {
+                    let got = product(&x, rows, k, weights, isa).expect("a kernel");
+                    let dp = bf && isa == Isa::Avx512Bf16;
+                    for o in 0..n {
+                        for r in 0..rows {
+                            let want: f64 = (0..k)
+                                .map(|i| {
+                                    let (mut a, mut b) = (x[r * k + i], w[o * k + i]);
+                                    if bf {
+                                        b = wb[o * k + i].to_f32();
+                                    }
+                                    if dp {
+                                        a = bf16::from_f32(a).to_f32();
+                                    }
+                                    f64::from(a) * f64::from(b)
+                                })
+                                .sum();
+                            let g = got[o * rows + r];
+                            assert!(
+                                (f64::from(g) - want).abs() < 1e-4 * (k as f64).sqrt(),
+                                "{isa:?} bf16={bf} {rows}x{n}x{k} at ({r}, {o}): {g} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_rows_or_no_weights_give_an_empty_product() {
+        for isa in Isa::all_available() {
+            assert_eq!(product(&[], 0, 4, Rows::F32(&[1.0; 8]), isa), Some(vec![]));
+            assert_eq!(product(&[1.0; 4], 1, 4, Rows::F32(&[]), isa), Some(vec![]));
+        }
+        assert_eq!(
+            product(&[1.0; 4], 1, 4, Rows::F32(&[1.0; 4]), Isa::None),
+            None
+        );
+    }
+}
