@@ -7,15 +7,17 @@
 # pp128) and decode tokens/s at batch 1, 8, 32 after 128-token prompts
 # (llama-batched-bench S_TG); REPS repetitions, medians and ours/theirs ratios. Then the
 # same for the MoE bench checkpoint (`make-checkpoint --shape bench`), written as a BF16
-# GGUF by hack/bench/bench_to_gguf.py (llama.cpp's converter refuses its generated
-# tokenizer) and quantized by llama-quantize to Q4_K_M: both engines on both files.
+# GGUF in F32 and BF16 by hack/bench/bench_to_gguf.py (llama.cpp's converter refuses its
+# generated tokenizer) and quantized by llama-quantize to Q8_0 and Q4_K_M: both engines on
+# every file. Each step runs under hack/bench/measured.py, which records how much CPU other
+# processes took meanwhile (these machines are shared); the summary prints the worst share.
 #
-#   REPS=3 THREADS=2 make bench-llamacpp
+#   REPS=5 THREADS=2 make bench-llamacpp
 #   PARTS=moe make bench-llamacpp        # only the MoE files (PARTS="smollm2 moe" is both)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
-reps=${REPS:-3}
+reps=${REPS:-5}
 parts=${PARTS:-"smollm2 moe"}
 threads=${THREADS:-2}
 cache=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}
@@ -33,18 +35,22 @@ for t in Q8_0 F32; do
   [ -s "$f" ] || "$llama/llama-quantize" --allow-requantize "$q41" "$f" "$t" "$threads" >/dev/null 2>&1
 done
 export RAYON_NUM_THREADS=$threads
+steps="$out/steps.jsonl"
+: >"$steps"
+measured() { python3 hack/bench/measured.py "$steps" "$@"; }
 
 # run LABEL FILE DTYPE REP: both engines on one GGUF file.
 run() {
   local label=$1 f=$2 dtype=$3 rep=$4
   echo "==> [$rep/$reps] $label: switchyard"
-  "$worker" bench --model "$f" --dtype "$dtype" --batch 1,8,32 --prompt-len 128 --decode-len 32 \
+  measured "switchyard $label" -- "$worker" bench --model "$f" --dtype "$dtype" --batch 1,8,32 \
+    --prompt-len 128 --decode-len 32 \
     >"$out/switchyard-$label-$rep.json" 2>"$out/switchyard-$label-$rep.log"
   echo "==> [$rep/$reps] $label: llama.cpp"
-  "$llama/llama-bench" -m "$f" -t "$threads" -p 128 -n 0 -r 1 -o json \
-    >"$out/llamabench-$label-$rep.json" 2>/dev/null
-  "$llama/llama-batched-bench" -m "$f" -t "$threads" -c 8192 -b 2048 -ub 512 \
-    -npp 128 -ntg 32 -npl 1,8,32 >"$out/batched-$label-$rep.txt" 2>&1
+  measured "llama-bench $label" -- "$llama/llama-bench" -m "$f" -t "$threads" -p 128 -n 0 -r 1 \
+    -o json >"$out/llamabench-$label-$rep.json" 2>/dev/null
+  measured "llama-batched-bench $label" -- "$llama/llama-batched-bench" -m "$f" -t "$threads" \
+    -c 8192 -b 2048 -ub 512 -npp 128 -ntg 32 -npl 1,8,32 >"$out/batched-$label-$rep.txt" 2>&1
 }
 
 labels=()
@@ -67,14 +73,20 @@ if [[ " $parts " == *" moe "* ]]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet -r hack/fixtures/requirements.txt
   fi
-  bf16="$moe.bf16.gguf"
-  q4km="$moe.q4_k_m.gguf"
-  [ -s "$bf16" ] || "$venv/bin/python" hack/bench/bench_to_gguf.py "$(dirname "$llama")/src" "$moe" "$bf16" bf16
-  [ -s "$q4km" ] || "$llama/llama-quantize" "$bf16" "$q4km" Q4_K_M "$threads" >/dev/null 2>&1
-  labels+=(MoE-BF16 MoE-Q4_K_M)
+  for t in f32 bf16; do
+    f="$moe.$t.gguf"
+    [ -s "$f" ] || "$venv/bin/python" hack/bench/bench_to_gguf.py "$(dirname "$llama")/src" "$moe" "$f" "$t"
+  done
+  for t in Q8_0 Q4_K_M; do
+    f="$moe.${t,,}.gguf"
+    [ -s "$f" ] || "$llama/llama-quantize" "$moe.bf16.gguf" "$f" "$t" "$threads" >/dev/null 2>&1
+  done
+  labels+=(MoE-F32 MoE-BF16 MoE-Q8_0 MoE-Q4_K_M)
   for rep in $(seq "$reps"); do
-    run MoE-BF16 "$bf16" bf16 "$rep"
-    run MoE-Q4_K_M "$q4km" bf16 "$rep"
+    run MoE-F32 "$moe.f32.gguf" f32 "$rep"
+    run MoE-BF16 "$moe.bf16.gguf" bf16 "$rep"
+    run MoE-Q8_0 "$moe.q8_0.gguf" auto "$rep"
+    run MoE-Q4_K_M "$moe.q4_k_m.gguf" auto "$rep"
   done
 fi
 
@@ -108,4 +120,10 @@ for t in labels:
 for t in labels:
     held = json.loads((out / f"switchyard-{t}-1.json").read_text()).get("weights")
     print(f"{t}: switchyard holds {held}")
+steps = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines() if l.strip()]
+worst = max(steps, key=lambda s: s["others_share"], default=None)
+if worst:
+    mean = statistics.mean(s["others_share"] for s in steps)
+    print(f"other processes took {100 * mean:.1f} % of the machine on average during the steps, "
+          f"at most {100 * worst['others_share']:.1f} % ({worst['label']}); per step in {out}/steps.jsonl")
 PY

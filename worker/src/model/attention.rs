@@ -430,25 +430,78 @@ fn decode_attention_cpu(
     let (ko, vo) = (k_layout.start_offset(), v_layout.start_offset());
     let (kd, vd) = (&kc.as_slice::<f32>()?[ko..], &vc.as_slice::<f32>()?[vo..]);
     let mut out = vec![0f32; n * h * hd];
-    out.par_chunks_mut(h * hd)
-        .zip(batch.seqs.par_iter())
-        .for_each(|(o, seq)| {
-            let mut scores = vec![0f32; seq.slots.len()];
-            for head in 0..h {
-                let kv_head = head / group;
-                let qh = &qv[(seq.start * h + head) * hd..][..hd];
-                for (score, &slot) in scores.iter_mut().zip(&seq.slots) {
-                    let k = &kd[(slot as usize * kvh + kv_head) * hd..][..hd];
-                    *score = dot(qh, k) * scale;
-                }
-                softmax_in_place(&mut scores);
-                let oh = &mut o[head * hd..][..hd];
-                for (&p, &slot) in scores.iter().zip(&seq.slots) {
-                    axpy(oh, p, &vd[(slot as usize * kvh + kv_head) * hd..][..hd]);
-                }
+    // One task per sequence and head, so that a single sequence's heads (batch 1) still
+    // spread over every core.
+    let avx2 = super::simd::Isa::detect() >= super::simd::Isa::Avx2;
+    out.par_chunks_mut(hd).enumerate().for_each(|(i, oh)| {
+        let (seq, head) = (&batch.seqs[i / h], i % h);
+        let one = Head {
+            q: &qv[(seq.start * h + head) * hd..][..hd],
+            k: kd,
+            v: vd,
+            slots: &seq.slots,
+            stride: kvh * hd,
+            offset: (head / group) * hd,
+            scale,
+        };
+        if avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (`Isa::detect`); the function takes slices.
+            #[allow(unsafe_code)]
+            unsafe {
+                one.attend_avx2(oh)
             }
-        });
+        } else {
+            one.attend(oh)
+        }
+    });
     Ok(Some(Tensor::from_vec(out, (n, h * hd), q.device())?))
+}
+
+/// One query head against its KV head's cached rows.
+struct Head<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    slots: &'a [u32],
+    /// Floats per cache slot (all KV heads), and this KV head's offset in a slot.
+    stride: usize,
+    offset: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    /// `out ← softmax(q·Kᵀ · scale) · V`.
+    #[inline(always)]
+    fn attend(&self, out: &mut [f32]) {
+        let hd = self.q.len();
+        let row = |store: &'_ [f32], slot: u32| -> std::ops::Range<usize> {
+            let at = slot as usize * self.stride + self.offset;
+            debug_assert!(at + hd <= store.len());
+            at..at + hd
+        };
+        let mut scores: Vec<f32> = self
+            .slots
+            .iter()
+            .map(|&slot| dot(self.q, &self.k[row(self.k, slot)]) * self.scale)
+            .collect();
+        softmax_in_place(&mut scores);
+        for (&p, &slot) in scores.iter().zip(self.slots) {
+            axpy(out, p, &self.v[row(self.v, slot)]);
+        }
+    }
+
+    /// [`Self::attend`] compiled for AVX2+FMA, so its dot products and axpys vectorise
+    /// 8 wide.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn attend_avx2(&self, out: &mut [f32]) {
+        self.attend(out)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn attend_avx2(&self, out: &mut [f32]) {
+        self.attend(out)
+    }
 }
 
 /// Whether the CPU decode kernels apply: every sequence decodes one token, and the
@@ -475,6 +528,7 @@ pub(super) fn softmax_in_place(scores: &mut [f32]) {
 }
 
 /// `acc ← acc + w · x`.
+#[inline(always)]
 pub(super) fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
     for (a, x) in acc.iter_mut().zip(x) {
         *a += w * x;
@@ -482,6 +536,7 @@ pub(super) fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
 }
 
 /// Dot product with independent accumulators, so the compiler vectorises it.
+#[inline(always)]
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -177,21 +177,21 @@ fn band(job: &Job<'_>, xb: Option<&[bf16]>, first: usize, out: &mut [f32], isa: 
             // AVX512-BF16; `tiles` keeps rows `r..r + mr` and `o..o + nr` in bounds.
             #[allow(unsafe_code)]
             unsafe {
-                x86::tile_dpbf16(&xb[r * k..(r + mr) * k], &w[o * k..(o + nr) * k], k, acc)
+                x86::tile_dpbf16(&xb[r * k..(r + mr) * k], &w[o * k..], nr, k, acc)
             }
         }),
         (_, Rows::Bf16(w), _) => tiles(rows, n, out, |r, mr, o, nr, acc| {
             // SAFETY: as above, with AVX-512 F/BW.
             #[allow(unsafe_code)]
             unsafe {
-                x86::tile_bf16_widen(&x[r * k..(r + mr) * k], &w[o * k..(o + nr) * k], k, acc)
+                x86::tile_bf16_widen(&x[r * k..(r + mr) * k], &w[o * k..], nr, k, acc)
             }
         }),
         (_, Rows::F32(w), _) => tiles(rows, n, out, |r, mr, o, nr, acc| {
             // SAFETY: as above, with AVX-512 F.
             #[allow(unsafe_code)]
             unsafe {
-                x86::tile_f32(&x[r * k..(r + mr) * k], &w[o * k..(o + nr) * k], k, acc)
+                x86::tile_f32(&x[r * k..(r + mr) * k], &w[o * k..], nr, k, acc)
             }
         }),
     }
@@ -209,8 +209,9 @@ fn tiles(
     let mut acc = [[0f32; 4]; 4];
     for block in (0..rows).step_by(ROW_BLOCK) {
         let block_end = (block + ROW_BLOCK).min(rows);
-        for o in (0..n).step_by(4) {
-            let nr = (n - o).min(4);
+        let step = if rows <= 2 { 1 } else { 4 };
+        for o in (0..n).step_by(step) {
+            let nr = (n - o).min(step);
             for r in (block..block_end).step_by(4) {
                 let mr = (block_end - r).min(4);
                 tile(r, mr, o, nr, &mut acc);
@@ -245,133 +246,213 @@ pub mod x86 {
 
     use half::bf16;
 
-    /// One tile, `mr` = `x.len() / k` input rows by `nr` = `w.len() / k` weight rows (each
-    /// 1..=4), f32 on 16 lanes; the tail of `k` by masked loads.
-    #[target_feature(enable = "avx512f")]
-    pub fn tile_f32(x: &[f32], w: &[f32], k: usize, acc: &mut [[f32; 4]; 4]) {
-        let (mr, nr) = (x.len() / k, w.len() / k);
-        assert!((1..=4).contains(&mr) && (1..=4).contains(&nr));
-        let load = |s: &[f32], at: usize, m: __mmask16| -> __m512 {
-            // SAFETY: `at + popcount(m) <= s.len()` (the loop below), and masked-off lanes
-            // are not read.
-            #[allow(unsafe_code)]
-            unsafe {
-                _mm512_maskz_loadu_ps(m, s.as_ptr().add(at))
+    /// Calls `$kernel::<MR, NR>` for the runtime tile size, so that each size is its own
+    /// fully unrolled function whose sixteen accumulators stay in registers.
+    macro_rules! sized {
+        ($kernel:ident, $mr:expr, $nr:expr, ($($arg:expr),*)) => {
+            match ($mr, $nr) {
+                (1, 1) => $kernel::<1, 1>($($arg),*),
+                (1, 2) => $kernel::<1, 2>($($arg),*),
+                (1, 3) => $kernel::<1, 3>($($arg),*),
+                (1, 4) => $kernel::<1, 4>($($arg),*),
+                (2, 1) => $kernel::<2, 1>($($arg),*),
+                (2, 2) => $kernel::<2, 2>($($arg),*),
+                (2, 3) => $kernel::<2, 3>($($arg),*),
+                (2, 4) => $kernel::<2, 4>($($arg),*),
+                (3, 1) => $kernel::<3, 1>($($arg),*),
+                (3, 2) => $kernel::<3, 2>($($arg),*),
+                (3, 3) => $kernel::<3, 3>($($arg),*),
+                (3, 4) => $kernel::<3, 4>($($arg),*),
+                (4, 1) => $kernel::<4, 1>($($arg),*),
+                (4, 2) => $kernel::<4, 2>($($arg),*),
+                (4, 3) => $kernel::<4, 3>($($arg),*),
+                (4, 4) => $kernel::<4, 4>($($arg),*),
+                (mr, nr) => panic!("tile {mr}x{nr}: rows and weight rows must be 1 to 4"),
             }
         };
-        let mut a = [[_mm512_setzero_ps(); 4]; 4];
-        let mut i = 0;
-        while i < k {
-            let m: __mmask16 = if k - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (k - i)) - 1
-            };
-            let mut xv = [_mm512_setzero_ps(); 4];
-            for (j, v) in xv.iter_mut().enumerate().take(mr) {
-                *v = load(x, j * k + i, m);
-            }
-            for (c, ac) in a.iter_mut().enumerate().take(nr) {
-                let wv = load(w, c * k + i, m);
-                for (j, v) in ac.iter_mut().enumerate().take(mr) {
-                    *v = _mm512_fmadd_ps(xv[j], wv, *v);
-                }
-            }
-            i += 16;
-        }
-        for (out, ac) in acc.iter_mut().zip(&a).take(nr) {
-            for (o, v) in out.iter_mut().zip(ac).take(mr) {
-                *o = _mm512_reduce_add_ps(*v);
-            }
-        }
+    }
+
+    /// One tile, `x.len() / k` input rows by `w.len() / k` weight rows (each 1 to 4), f32
+    /// on 16 lanes.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub fn tile_f32(x: &[f32], w: &[f32], nr: usize, k: usize, acc: &mut [[f32; 4]; 4]) {
+        sized!(f32_tile, x.len() / k, nr, (x, w, k, acc))
     }
 
     /// As [`tile_f32`] for bf16 weights, widened in registers (bf16 is the top half of an
     /// f32); activations stay f32.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub fn tile_bf16_widen(x: &[f32], w: &[bf16], k: usize, acc: &mut [[f32; 4]; 4]) {
-        let (mr, nr) = (x.len() / k, w.len() / k);
-        assert!((1..=4).contains(&mr) && (1..=4).contains(&nr));
-        let load_x = |at: usize, m: __mmask16| -> __m512 {
-            // SAFETY: in bounds as in `tile_f32`.
-            #[allow(unsafe_code)]
-            unsafe {
-                _mm512_maskz_loadu_ps(m, x.as_ptr().add(at))
-            }
-        };
-        let load_w = |at: usize, m: __mmask16| -> __m512 {
-            // SAFETY: 16 lanes of 16 bits from `w[at..]`, masked to what is in bounds.
-            #[allow(unsafe_code)]
-            let h = unsafe { _mm256_maskz_loadu_epi16(m, w.as_ptr().add(at).cast::<i16>()) };
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-        };
-        let mut a = [[_mm512_setzero_ps(); 4]; 4];
-        let mut i = 0;
-        while i < k {
-            let m: __mmask16 = if k - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (k - i)) - 1
-            };
-            let mut xv = [_mm512_setzero_ps(); 4];
-            for (j, v) in xv.iter_mut().enumerate().take(mr) {
-                *v = load_x(j * k + i, m);
-            }
-            for (c, ac) in a.iter_mut().enumerate().take(nr) {
-                let wv = load_w(c * k + i, m);
-                for (j, v) in ac.iter_mut().enumerate().take(mr) {
-                    *v = _mm512_fmadd_ps(xv[j], wv, *v);
-                }
-            }
-            i += 16;
-        }
-        for (out, ac) in acc.iter_mut().zip(&a).take(nr) {
-            for (o, v) in out.iter_mut().zip(ac).take(mr) {
-                *o = _mm512_reduce_add_ps(*v);
-            }
-        }
+    pub fn tile_bf16_widen(x: &[f32], w: &[bf16], nr: usize, k: usize, acc: &mut [[f32; 4]; 4]) {
+        sized!(widen_tile, x.len() / k, nr, (x, w, k, acc))
     }
 
     /// bf16 activations by bf16 weights with `vdpbf16ps`: 32 products per instruction,
     /// summed pairwise into 16 f32 lanes.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub fn tile_dpbf16(x: &[bf16], w: &[bf16], k: usize, acc: &mut [[f32; 4]; 4]) {
-        let (mr, nr) = (x.len() / k, w.len() / k);
-        assert!((1..=4).contains(&mr) && (1..=4).contains(&nr));
-        let load = |s: &[bf16], at: usize, m: __mmask32| -> __m512bh {
-            // SAFETY: 32 lanes of 16 bits from `s[at..]`, masked to what is in bounds; the
-            // bits are bf16 values, which is what `__m512bh` holds.
+    pub fn tile_dpbf16(x: &[bf16], w: &[bf16], nr: usize, k: usize, acc: &mut [[f32; 4]; 4]) {
+        sized!(dpbf16_tile, x.len() / k, nr, (x, w, k, acc))
+    }
+
+    /// 16 f32 lanes of `s` from `at`, the lanes past `s`'s end zero.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn load_f32(s: &[f32], at: usize) -> __m512 {
+        if at + 16 <= s.len() {
+            // SAFETY: the 16 lanes are inside `s`.
             #[allow(unsafe_code)]
             unsafe {
-                std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(
-                    m,
-                    s.as_ptr().add(at).cast::<i16>(),
-                ))
+                _mm512_loadu_ps(s.as_ptr().add(at))
+            }
+        } else {
+            let m: __mmask16 = (1u16 << (s.len() - at)) - 1;
+            // SAFETY: masked to the lanes inside `s`; masked-off lanes are not read.
+            #[allow(unsafe_code)]
+            unsafe {
+                _mm512_maskz_loadu_ps(m, s.as_ptr().add(at))
+            }
+        }
+    }
+
+    /// 16 bf16 of `s` from `at` widened to f32, the lanes past `s`'s end zero.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn load_bf16_as_f32(s: &[bf16], at: usize) -> __m512 {
+        let m: __mmask16 = if at + 16 <= s.len() {
+            u16::MAX
+        } else {
+            (1u16 << (s.len() - at)) - 1
+        };
+        // SAFETY: masked to the lanes inside `s`; masked-off lanes are not read.
+        #[allow(unsafe_code)]
+        let h = unsafe { _mm256_maskz_loadu_epi16(m, s.as_ptr().add(at).cast::<i16>()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+
+    /// 32 bf16 of `s` from `at`, the lanes past `s`'s end zero.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn load_bf16(s: &[bf16], at: usize) -> __m512bh {
+        let v = if at + 32 <= s.len() {
+            // SAFETY: the 32 lanes are inside `s`.
+            #[allow(unsafe_code)]
+            unsafe {
+                _mm512_loadu_si512(s.as_ptr().add(at).cast::<__m512i>())
+            }
+        } else {
+            let m: __mmask32 = (1u32 << (s.len() - at)) - 1;
+            // SAFETY: masked to the lanes inside `s`; masked-off lanes are not read.
+            #[allow(unsafe_code)]
+            unsafe {
+                _mm512_maskz_loadu_epi16(m, s.as_ptr().add(at).cast::<i16>())
             }
         };
-        let mut a = [[_mm512_setzero_ps(); 4]; 4];
-        let mut i = 0;
-        while i < k {
-            let m: __mmask32 = if k - i >= 32 {
-                u32::MAX
-            } else {
-                (1u32 << (k - i)) - 1
-            };
-            let mut xv = [_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_setzero_ps()); 4];
-            for (j, v) in xv.iter_mut().enumerate().take(mr) {
-                *v = load(x, j * k + i, m);
+        // SAFETY: the same 512 bits, read as the bf16 vector they hold.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::mem::transmute::<__m512i, __m512bh>(v)
+        }
+    }
+
+    /// Asks for the cache line holding `s[at]`, if `at` is inside `s`.
+    #[inline(always)]
+    fn prefetch<T>(s: &[T], at: usize) {
+        if at < s.len() {
+            // SAFETY: a prefetch of an address inside `s`; it reads nothing into the program.
+            #[allow(unsafe_code)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().add(at).cast::<i8>())
             }
-            for (c, ac) in a.iter_mut().enumerate().take(nr) {
-                let wv = load(w, c * k + i, m);
-                for (j, v) in ac.iter_mut().enumerate().take(mr) {
-                    *v = _mm512_dpbf16_ps(*v, xv[j], wv);
+        }
+    }
+
+    /// Row `j` of a `[rows, k]` slice.
+    #[inline(always)]
+    fn row<T>(s: &[T], j: usize, k: usize) -> &[T] {
+        &s[j * k..(j + 1) * k]
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn f32_tile<const MR: usize, const NR: usize>(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        acc: &mut [[f32; 4]; 4],
+    ) {
+        let xr: [&[f32]; MR] = std::array::from_fn(|j| row(x, j, k));
+        let wr: [&[f32]; NR] = std::array::from_fn(|c| row(w, c, k));
+        let next = &w[(NR * k).min(w.len())..];
+        let mut a = [[_mm512_setzero_ps(); MR]; NR];
+        for i in (0..k).step_by(16) {
+            let xv: [__m512; MR] = std::array::from_fn(|j| load_f32(xr[j], i));
+            for c in 0..NR {
+                prefetch(next, c * k + i);
+                let wv = load_f32(wr[c], i);
+                for j in 0..MR {
+                    a[c][j] = _mm512_fmadd_ps(xv[j], wv, a[c][j]);
                 }
             }
-            i += 32;
         }
-        for (out, ac) in acc.iter_mut().zip(&a).take(nr) {
-            for (o, v) in out.iter_mut().zip(ac).take(mr) {
-                *o = _mm512_reduce_add_ps(*v);
+        for c in 0..NR {
+            for j in 0..MR {
+                acc[c][j] = _mm512_reduce_add_ps(a[c][j]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn widen_tile<const MR: usize, const NR: usize>(
+        x: &[f32],
+        w: &[bf16],
+        k: usize,
+        acc: &mut [[f32; 4]; 4],
+    ) {
+        let xr: [&[f32]; MR] = std::array::from_fn(|j| row(x, j, k));
+        let wr: [&[bf16]; NR] = std::array::from_fn(|c| row(w, c, k));
+        let next = &w[(NR * k).min(w.len())..];
+        let mut a = [[_mm512_setzero_ps(); MR]; NR];
+        for i in (0..k).step_by(16) {
+            let xv: [__m512; MR] = std::array::from_fn(|j| load_f32(xr[j], i));
+            for c in 0..NR {
+                if i % 32 == 0 {
+                    prefetch(next, c * k + i);
+                }
+                let wv = load_bf16_as_f32(wr[c], i);
+                for j in 0..MR {
+                    a[c][j] = _mm512_fmadd_ps(xv[j], wv, a[c][j]);
+                }
+            }
+        }
+        for c in 0..NR {
+            for j in 0..MR {
+                acc[c][j] = _mm512_reduce_add_ps(a[c][j]);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn dpbf16_tile<const MR: usize, const NR: usize>(
+        x: &[bf16],
+        w: &[bf16],
+        k: usize,
+        acc: &mut [[f32; 4]; 4],
+    ) {
+        let xr: [&[bf16]; MR] = std::array::from_fn(|j| row(x, j, k));
+        let wr: [&[bf16]; NR] = std::array::from_fn(|c| row(w, c, k));
+        let next = &w[(NR * k).min(w.len())..];
+        let mut a = [[_mm512_setzero_ps(); MR]; NR];
+        for i in (0..k).step_by(32) {
+            let xv: [__m512bh; MR] = std::array::from_fn(|j| load_bf16(xr[j], i));
+            for c in 0..NR {
+                prefetch(next, c * k + i);
+                let wv = load_bf16(wr[c], i);
+                for j in 0..MR {
+                    a[c][j] = _mm512_dpbf16_ps(a[c][j], xv[j], wv);
+                }
+            }
+        }
+        for c in 0..NR {
+            for j in 0..MR {
+                acc[c][j] = _mm512_reduce_add_ps(a[c][j]);
             }
         }
     }
@@ -470,13 +551,13 @@ pub mod x86 {
     //! Never called: [`super::Isa::detect`] is `None` off x86-64.
     use half::bf16;
 
-    pub fn tile_f32(_: &[f32], _: &[f32], _: usize, _: &mut [[f32; 4]; 4]) {
+    pub fn tile_f32(_: &[f32], _: &[f32], _: usize, _: usize, _: &mut [[f32; 4]; 4]) {
         unreachable!("no SIMD kernels on this architecture")
     }
-    pub fn tile_bf16_widen(_: &[f32], _: &[bf16], _: usize, _: &mut [[f32; 4]; 4]) {
+    pub fn tile_bf16_widen(_: &[f32], _: &[bf16], _: usize, _: usize, _: &mut [[f32; 4]; 4]) {
         unreachable!("no SIMD kernels on this architecture")
     }
-    pub fn tile_dpbf16(_: &[bf16], _: &[bf16], _: usize, _: &mut [[f32; 4]; 4]) {
+    pub fn tile_dpbf16(_: &[bf16], _: &[bf16], _: usize, _: usize, _: &mut [[f32; 4]; 4]) {
         unreachable!("no SIMD kernels on this architecture")
     }
     pub fn rows_dot(_: &[f32], _: usize, _: usize, _: &[f32], _: &mut [f32]) {
