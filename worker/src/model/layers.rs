@@ -251,7 +251,7 @@ impl Mlp {
     /// Several MLPs, each on its own rows (`[rows, d]` row-major f32), as two parallel
     /// regions: every gate+up product at once, then every down product; `silu(gate) · up`
     /// between them in the same order of operations as [`Module::forward`]. Each result is
-    /// transposed, `[d, rows]`. `None` unless every MLP holds fused dense f32/bf16 CPU
+    /// `[rows, d]`. `None` unless every MLP holds fused dense f32/bf16 CPU
     /// weights and the CPU has a [`simd`](super::simd) kernel.
     pub fn forward_many_cpu(parts: &[(&Mlp, &[f32], usize)]) -> Option<Vec<Vec<f32>>> {
         use super::simd::{self, Job};
@@ -284,9 +284,12 @@ impl Mlp {
             .map(|((mlp, _, rows), h)| {
                 let (ff, rows) = (mlp.ff, *rows);
                 let mut act = vec![0f32; rows * ff];
-                for (r, a) in act.chunks_exact_mut(ff.max(1)).enumerate() {
-                    for (j, v) in a.iter_mut().enumerate() {
-                        let (g, u) = (h[j * rows + r], h[(ff + j) * rows + r]);
+                for (a, h) in act
+                    .chunks_exact_mut(ff.max(1))
+                    .zip(h.chunks_exact(2 * ff.max(1)))
+                {
+                    let (gate, up) = h.split_at(ff);
+                    for ((v, g), u) in a.iter_mut().zip(gate).zip(up) {
                         // candle's silu: x / (1 + e^-x).
                         *v = g / (1.0 + (-g).exp()) * u;
                     }

@@ -338,10 +338,10 @@ fn dense_cpu(xs: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         candle_core::bail!("linear: input width {k} but the weight is [{n}, {wk}]");
     }
     let x = xs.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let Some(yt) = simd::product(&x, rows, k, held.rows(), isa) else {
+    let Some(y) = simd::product(&x, rows, k, held.rows(), isa) else {
         return Ok(None);
     };
-    Ok(Some(transposed(yt, rows, n, xs.device())?))
+    Ok(Some(Tensor::from_vec(y, (rows, n), xs.device())?))
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -320,12 +320,11 @@ impl LocalExperts {
             return Ok(None);
         };
         let mut out = vec![0f32; total * d];
-        for ((_, r, w), yt) in groups.iter().zip(&ys) {
-            let rows = r.len();
-            for (i, (&row, &wt)) in r.iter().zip(w).enumerate() {
+        for ((_, r, w), y) in groups.iter().zip(&ys) {
+            for ((&row, &wt), y) in r.iter().zip(w).zip(y.chunks_exact(d)) {
                 let o = &mut out[row as usize * d..][..d];
-                for (c, v) in o.iter_mut().enumerate() {
-                    *v += yt[c * rows + i] * wt;
+                for (v, y) in o.iter_mut().zip(y) {
+                    *v += y * wt;
                 }
             }
         }

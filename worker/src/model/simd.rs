@@ -106,7 +106,7 @@ impl Job<'_> {
     }
 }
 
-/// `yt[o · rows + r] = x[r] · w[o]` for `x` `[rows, k]` and `w` `[n, k]`, on `isa` (at most
+/// `y[r · n + o] = x[r] · w[o]` for `x` `[rows, k]` and `w` `[n, k]`, on `isa` (at most
 /// [`Isa::detect`]), parallel over bands of weight rows. `None` when `isa` is `None`.
 pub fn product(x: &[f32], rows: usize, k: usize, w: Rows<'_>, isa: Isa) -> Option<Vec<f32>> {
     products(&[Job { x, rows, k, w }], isa).map(|mut v| v.remove(0))
@@ -145,23 +145,36 @@ pub fn products(jobs: &[Job<'_>], isa: Isa) -> Option<Vec<Vec<f32>>> {
             _ => None,
         })
         .collect();
-    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.n() * j.rows]).collect();
     let mut tasks = Vec::new();
-    for ((j, out), xb) in jobs.iter().zip(outs.iter_mut()).zip(&rounded) {
+    for (i, (j, xb)) in jobs.iter().zip(&rounded).enumerate() {
         if j.rows == 0 {
             continue;
         }
-        for (band, out) in out.chunks_mut(BAND * j.rows).enumerate() {
-            tasks.push((j, xb.as_deref(), band * BAND, out));
+        for first in (0..j.n()).step_by(BAND) {
+            tasks.push((i, xb.as_deref(), first, BAND.min(j.n() - first)));
         }
     }
-    tasks
+    // Each band's `[rows, band]` block, then copied into its rows of the result: the copies
+    // are contiguous, and the tasks share nothing.
+    let blocks: Vec<(usize, usize, Vec<f32>)> = tasks
         .into_par_iter()
-        .for_each(|(j, xb, first, out)| band(j, xb, first, out, isa));
+        .map(|(i, xb, first, nb)| {
+            let mut out = vec![0f32; jobs[i].rows * nb];
+            band(&jobs[i], xb, first, &mut out, isa);
+            (i, first, out)
+        })
+        .collect();
+    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.n() * j.rows]).collect();
+    for (i, first, block) in blocks {
+        let (n, nb) = (jobs[i].n(), block.len() / jobs[i].rows);
+        for (dst, src) in outs[i].chunks_exact_mut(n).zip(block.chunks_exact(nb)) {
+            dst[first..first + nb].copy_from_slice(src);
+        }
+    }
     Some(outs)
 }
 
-/// One band of `job`'s weight rows from `first`, into `out` (`[band rows, job.rows]`).
+/// One band of `job`'s weight rows from `first`, into `out` (`[job.rows, band rows]`).
 fn band(job: &Job<'_>, xb: Option<&[bf16]>, first: usize, out: &mut [f32], isa: Isa) {
     let (x, rows, k) = (job.x, job.rows, job.k);
     let n = out.len() / rows;
@@ -216,7 +229,9 @@ fn tiles(
                 let mr = (block_end - r).min(4);
                 tile(r, mr, o, nr, &mut acc);
                 for (c, col) in acc.iter().enumerate().take(nr) {
-                    out[(o + c) * rows + r..][..mr].copy_from_slice(&col[..mr]);
+                    for (j, v) in col.iter().enumerate().take(mr) {
+                        out[(r + j) * n + o + c] = *v;
+                    }
                 }
             }
         }
@@ -226,6 +241,18 @@ fn tiles(
 /// The AVX2 path for one band: each weight row (widened to f32 in an L1 buffer when bf16)
 /// against the input rows, four at a time.
 fn avx2_band(x: &[f32], rows: usize, k: usize, w: Rows<'_>, out: &mut [f32]) {
+    // rows_dot gives `[band, rows]`; the band is small, so transpose it here.
+    let mut yt = vec![0f32; out.len()];
+    avx2_band_t(x, rows, k, w, &mut yt);
+    let n = out.len() / rows;
+    for (o, col) in yt.chunks_exact(rows).enumerate() {
+        for (r, v) in col.iter().enumerate() {
+            out[r * n + o] = *v;
+        }
+    }
+}
+
+fn avx2_band_t(x: &[f32], rows: usize, k: usize, w: Rows<'_>, out: &mut [f32]) {
     match w {
         Rows::F32(w) => x86::rows_dot(x, rows, k, w, out),
         Rows::Bf16(w) => {
@@ -353,6 +380,58 @@ pub mod x86 {
         }
     }
 
+    /// `acc[c][j]` = the sum of `a[c][j]`'s 16 lanes, all 16 of a tile as one tree of lane
+    /// shuffles and adds (about 45 instructions, against about 8 per
+    /// `_mm512_reduce_add_ps`). Every tile size goes through the same tree (absent
+    /// accumulators as zeros), so an output's sum is the same whatever tile, and so
+    /// whatever batch, it was computed in.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn sums<const MR: usize, const NR: usize>(a: &[[__m512; MR]; NR], acc: &mut [[f32; 4]; 4]) {
+        let mut v = [_mm512_setzero_ps(); 16];
+        for c in 0..NR {
+            for j in 0..MR {
+                v[c * 4 + j] = a[c][j];
+            }
+        }
+        let mut lanes = [0f32; 16];
+        // SAFETY: 16 f32 stored into a 16-element array.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm512_storeu_ps(lanes.as_mut_ptr(), hsum16(&v))
+        };
+        for (i, l) in lanes.iter().enumerate() {
+            acc[i / 4][i % 4] = *l;
+        }
+    }
+
+    /// Lane `i` of the result is the sum of `v[i]`'s lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hsum16(v: &[__m512; 16]) -> __m512 {
+        // Pairs: per 128-bit block, [a0+a2, b0+b2, a1+a3, b1+b3].
+        let s1: [__m512; 8] = std::array::from_fn(|p| {
+            let (a, b) = (v[2 * p], v[2 * p + 1]);
+            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+        });
+        // Quads: per block, the block sums of v[4q], v[4q + 1], v[4q + 2], v[4q + 3].
+        let s2: [__m512; 4] = std::array::from_fn(|q| {
+            let (c, d) = (_mm512_castps_pd(s1[2 * q]), _mm512_castps_pd(s1[2 * q + 1]));
+            _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)),
+            )
+        });
+        // Across the four blocks: block q of the result holds quad q's totals.
+        let fold = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(x, y),
+                _mm512_shuffle_f32x4::<0xDD>(x, y),
+            )
+        };
+        fold(fold(s2[0], s2[1]), fold(s2[2], s2[3]))
+    }
+
     /// Asks for the cache line holding `s[at]`, if `at` is inside `s`.
     #[inline(always)]
     fn prefetch<T>(s: &[T], at: usize) {
@@ -383,7 +462,10 @@ pub mod x86 {
         let next = &w[(NR * k).min(w.len())..];
         let mut a = [[_mm512_setzero_ps(); MR]; NR];
         for i in (0..k).step_by(16) {
-            let xv: [__m512; MR] = std::array::from_fn(|j| load_f32(xr[j], i));
+            let mut xv = [_mm512_setzero_ps(); MR];
+            for j in 0..MR {
+                xv[j] = load_f32(xr[j], i);
+            }
             for c in 0..NR {
                 prefetch(next, c * k + i);
                 let wv = load_f32(wr[c], i);
@@ -392,11 +474,7 @@ pub mod x86 {
                 }
             }
         }
-        for c in 0..NR {
-            for j in 0..MR {
-                acc[c][j] = _mm512_reduce_add_ps(a[c][j]);
-            }
-        }
+        sums(&a, acc);
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -411,7 +489,10 @@ pub mod x86 {
         let next = &w[(NR * k).min(w.len())..];
         let mut a = [[_mm512_setzero_ps(); MR]; NR];
         for i in (0..k).step_by(16) {
-            let xv: [__m512; MR] = std::array::from_fn(|j| load_f32(xr[j], i));
+            let mut xv = [_mm512_setzero_ps(); MR];
+            for j in 0..MR {
+                xv[j] = load_f32(xr[j], i);
+            }
             for c in 0..NR {
                 if i % 32 == 0 {
                     prefetch(next, c * k + i);
@@ -422,11 +503,7 @@ pub mod x86 {
                 }
             }
         }
-        for c in 0..NR {
-            for j in 0..MR {
-                acc[c][j] = _mm512_reduce_add_ps(a[c][j]);
-            }
-        }
+        sums(&a, acc);
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -441,7 +518,10 @@ pub mod x86 {
         let next = &w[(NR * k).min(w.len())..];
         let mut a = [[_mm512_setzero_ps(); MR]; NR];
         for i in (0..k).step_by(32) {
-            let xv: [__m512bh; MR] = std::array::from_fn(|j| load_bf16(xr[j], i));
+            let mut xv = [_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), _mm512_setzero_ps()); MR];
+            for j in 0..MR {
+                xv[j] = load_bf16(xr[j], i);
+            }
             for c in 0..NR {
                 prefetch(next, c * k + i);
                 let wv = load_bf16(wr[c], i);
@@ -450,11 +530,7 @@ pub mod x86 {
                 }
             }
         }
-        for c in 0..NR {
-            for j in 0..MR {
-                acc[c][j] = _mm512_reduce_add_ps(a[c][j]);
-            }
-        }
+        sums(&a, acc);
     }
 
     /// `out[o · rows + r] = x[r] · w_rows[o]` for every weight row `o` of `w_rows`.
@@ -487,7 +563,7 @@ pub mod x86 {
                 r += 4;
             }
             for (rr, y) in o.iter_mut().enumerate().skip(r) {
-                *y = dot(&x[rr * k..(rr + 1) * k], w);
+                *y = dot1(&x[rr * k..(rr + 1) * k], w);
             }
         }
     }
@@ -521,28 +597,19 @@ pub mod x86 {
         ]
     }
 
-    /// Eight independent FMA accumulators of eight lanes each, so the loop is not bound by
-    /// one accumulator's latency; compiled with AVX2+FMA where it is inlined.
+    /// One row's dot product in exactly [`dot4`]'s order of operations (16 lane sums, then
+    /// the tail), so a row's result does not depend on whether it was one of four.
     #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; 64];
-        let (ca, cb) = (a.chunks_exact(64), b.chunks_exact(64));
-        let mut tail = 0f32;
-        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-            tail = x.mul_add(*y, tail);
-        }
-        for (x, y) in ca.zip(cb) {
-            for i in 0..64 {
-                acc[i] = x[i].mul_add(y[i], acc[i]);
+    fn dot1(x: &[f32], w: &[f32]) -> f32 {
+        const L: usize = 16;
+        let mut s = [0f32; L];
+        for (wc, a) in w.chunks_exact(L).zip(x.chunks_exact(L)) {
+            for j in 0..L {
+                s[j] = a[j].mul_add(wc[j], s[j]);
             }
         }
-        let mut lanes = [0f32; 8];
-        for chunk in acc.chunks_exact(8) {
-            for i in 0..8 {
-                lanes[i] += chunk[i];
-            }
-        }
-        lanes.iter().sum::<f32>() + tail
+        let n = w.len() / L * L;
+        s.iter().sum::<f32>() + x[n..].iter().zip(&w[n..]).map(|(p, q)| p * q).sum::<f32>()
     }
 }
 
@@ -611,7 +678,7 @@ mod tests {
                                     f64::from(a) * f64::from(b)
                                 })
                                 .sum();
-                            let g = got[o * rows + r];
+                            let g = got[r * n + o];
                             assert!(
                                 (f64::from(g) - want).abs() < 1e-4 * (k as f64).sqrt(),
                                 "{isa:?} bf16={bf} {rows}x{n}x{k} at ({r}, {o}): {g} vs {want}"
@@ -633,5 +700,25 @@ mod tests {
             product(&[1.0; 4], 1, 4, Rows::F32(&[1.0; 4]), Isa::None),
             None
         );
+    }
+
+    /// A row's products do not depend on the batch around it (tile position, block of
+    /// rows, partial tiles): bit for bit, on every path.
+    #[test]
+    fn a_rows_products_do_not_depend_on_its_batch() {
+        let mut seed = 11u64;
+        let (rows, n, k) = (7, 9, 300);
+        let x: Vec<f32> = (0..rows * k).map(|_| lcg(&mut seed)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+        let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+        for isa in Isa::all_available() {
+            for weights in [Rows::F32(&w), Rows::Bf16(&wb)] {
+                let all = product(&x, rows, k, weights, isa).expect("a kernel");
+                for r in 0..rows {
+                    let one = product(&x[r * k..(r + 1) * k], 1, k, weights, isa).expect("one");
+                    assert_eq!(one, all[r * n..(r + 1) * n], "{isa:?} row {r}");
+                }
+            }
+        }
     }
 }
