@@ -92,6 +92,18 @@ pub struct Policy {
     pub tier_budgets: BTreeMap<String, f64>,
 }
 
+impl Policy {
+    /// The replicas `demand` requests want at the target. Window means come from
+    /// differences of running sums, so a demand of exactly 2 replicas' worth can read
+    /// 2.000000000000004: rounding under a millionth of a replica is noise, not a third
+    /// replica.
+    pub fn replicas_for(&self, demand: f64) -> u32 {
+        (demand / self.target_per_replica.max(1e-9) - 1e-6)
+            .ceil()
+            .max(0.0) as u32
+    }
+}
+
 /// Why the count is what it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -141,7 +153,7 @@ pub fn decide(history: &[Sample], policy: &Policy, current: u32, now_ms: u64) ->
         let hi = history.partition_point(|s| s.at_ms <= until);
         (hi > lo).then(|| (prefix[hi] - prefix[lo]) / (hi - lo) as f64)
     };
-    let wanted = |demand: f64| (demand / policy.target_per_replica.max(1e-9)).ceil() as u32;
+    let wanted = |demand: f64| policy.replicas_for(demand);
     let Some(panic_demand) = mean(policy.panic_window, now_ms) else {
         return Decision {
             desired: ready,
@@ -516,6 +528,29 @@ mod tests {
             .find(|d| d.0 >= 30_000 && d.1 > 2)
             .expect("the paid spike scales up");
         assert!(spike_up.0 - 30_000 <= 2_000, "{spike_up:?}");
+    }
+
+    #[test]
+    fn a_tier_held_exactly_at_its_budget_wants_exactly_its_budget() {
+        // Uneven demand first (the running sums the window means come from pick up
+        // rounding), then the free tier saturated: it counts for exactly 10 requests, 2
+        // frontends, and rounding must not make that 3 (a CI run's sybil flood did).
+        let mut x: u64 = 2;
+        let sim = simulate_with(&sybil_policy(), 300, 10_000, move |t, _| {
+            if t < 20_000 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                vec![legit(((x >> 40) % 1000) as f64 / 997.0)]
+            } else {
+                sybils()
+            }
+        });
+        assert!(
+            sim.decisions.iter().all(|d| d.1 <= 2),
+            "the free tier's budget is 2 frontends: {:?}",
+            sim.decisions
+        );
     }
 
     #[test]

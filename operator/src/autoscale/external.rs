@@ -165,7 +165,7 @@ pub async fn demand(md: &ModelDeployment, pods: &[Pod]) -> Result<ExternalDemand
     let ready = u32::try_from(frontends.len()).unwrap_or(u32::MAX);
     let (sample, seen) = sample::merge(0, ready, &polled.reports);
     let legitimate = sample.counted(&policy.tier_budgets);
-    let wanted = (legitimate / policy.target_per_replica.max(1e-9)).ceil() as u32;
+    let wanted = policy.replicas_for(legitimate);
     let tiers = sample
         .by_tier(&policy.tier_budgets)
         .into_iter()
