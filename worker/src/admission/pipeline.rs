@@ -61,8 +61,16 @@ impl Policy {
         counts_outcome: false,
     };
 
-    /// The policy of the RPC at `path` (`/package.Service/Method`).
+    /// The policy of the call at `path`: a gRPC method (`/package.Service/Method`) or an
+    /// OpenAI-style HTTP route (`/v1/...`).
     pub fn of(path: &str) -> Policy {
+        if let Some(route) = path.strip_prefix("/v1/") {
+            return match route {
+                "chat/completions" | "completions" => Policy::GENERATION,
+                // Models, and unknown routes (answered 404 once identified).
+                _ => Policy::LOOKUP,
+            };
+        }
         match path.rsplit('/').next() {
             Some("Generate" | "GenerateStream") => Policy::GENERATION,
             // Tokenize, ListModels, and anything added later until it is listed here.

@@ -5,14 +5,17 @@
 //!     └─ start(): LoadedModel + Tokenizer → EngineHandle (engine thread) → Frontend
 //!  gRPC ─> admission layers ─> service::Frontend ─ validate ─> admit ─> engine ─ tokens
 //!                                          ─> detokenize, stop strings ─> client
+//!  HTTP /v1 (same port) ─> openai::Wire ─> admission layers ─> openai ─> admit ─> engine
 //!  HTTP ─> telemetry::serve_metrics  (/metrics, /healthz)
 //! ```
 //!
 //! - [`validate`]: request checks, each failure naming the field and the accepted range.
 //! - [`service`]: the `Inference` implementation.
+//! - [`openai`]: the OpenAI-compatible HTTP API on the same port and pipeline.
 //! - [`metrics`]: the Prometheus metrics (served by [`crate::telemetry`]).
 
 pub mod metrics;
+pub mod openai;
 pub mod service;
 pub mod validate;
 

@@ -76,40 +76,44 @@ impl Frontend {
         }
     }
 
+    /// What `ListModels` reports.
+    pub fn info(&self) -> &pb::ModelInfo {
+        &self.inner.info
+    }
+
+    /// Admission control, for the quota left after a call.
+    pub(super) fn admission(&self) -> &Arc<Admission> {
+        &self.inner.admission
+    }
+
     /// The drain handle the server expires when the budget after SIGTERM is spent.
     pub fn drain(&self) -> &Drain {
         &self.inner.drain
     }
 
-    /// The checked request, or the status to answer with.
-    fn check<T>(
+    /// Validates `body` ([`validate::check`]: a field out of range → `INVALID_ARGUMENT`
+    /// naming it), then admits it ([`Admission::admit`]: charge, fair queue); a refusal's
+    /// outcome is noted on the call for the outcome layer. `extensions` are the request's
+    /// (the admission layers put the call's record there), `deadline` the client's. Every
+    /// protocol the frontend speaks enters here.
+    pub(super) async fn admit(
         &self,
-        request: &Request<T>,
+        extensions: &http::Extensions,
+        deadline: Option<Instant>,
         body: &pb::GenerateRequest,
-    ) -> Result<Checked, Status> {
-        let deadline = validate::grpc_deadline(request.metadata(), Instant::now());
+    ) -> Result<Admitted, Status> {
+        let call = Call::of(extensions)?;
         let seed = self
             .inner
             .next_seed
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        validate::check(
+        let checked = validate::check(
             body,
             &self.inner.tokenizer,
             &self.inner.limits,
             deadline,
             seed,
-        )
-    }
-
-    /// Validates the body, then admits it ([`Admission::admit`]: charge, fair queue);
-    /// a refusal's outcome is noted on the call for the outcome layer.
-    async fn admit<T>(
-        &self,
-        request: &Request<T>,
-        body: &pb::GenerateRequest,
-    ) -> Result<Admitted, Status> {
-        let call = Call::of(request.extensions())?;
-        let checked = self.check(request, body)?;
+        )?;
         let cost = Cost {
             prompt: checked.engine.prompt.len() as u64,
             max_tokens: checked.engine.max_tokens as u64,
@@ -125,8 +129,18 @@ impl Frontend {
         })
     }
 
+    /// [`Self::admit`] for a gRPC call: its deadline from `grpc-timeout`.
+    async fn admit_grpc<T>(
+        &self,
+        request: &Request<T>,
+        body: &pb::GenerateRequest,
+    ) -> Result<Admitted, Status> {
+        let deadline = validate::grpc_deadline(request.metadata(), Instant::now());
+        self.admit(request.extensions(), deadline, body).await
+    }
+
     /// Waits for the request's turn and runs it; the summary reports the band it ran in.
-    async fn run_admitted(
+    pub(super) async fn run_admitted(
         &self,
         admitted: Admitted,
         out: &mut dyn ChunkSink,
@@ -140,6 +154,27 @@ impl Frontend {
         // The slot counts the tokens as they stream (usage, fair share, refund).
         self.run(checked, self.inner.info.id.clone(), priority, out, &slot)
             .await
+    }
+
+    /// [`Self::run_admitted`] until it ends, `gone` completes (the client went away:
+    /// CANCELLED) or the drain budget is spent (UNAVAILABLE); counts the request's
+    /// duration. Every protocol runs its requests through here.
+    pub(super) async fn run_until_gone(
+        &self,
+        admitted: Admitted,
+        out: &mut dyn ChunkSink,
+        gone: impl std::future::Future<Output = ()>,
+        started: Instant,
+    ) -> Result<pb::GenerateSummary, Status> {
+        let result = tokio::select! {
+            r = self.run_admitted(admitted, out) => r,
+            () = gone => Err(Status::cancelled("the client went away")),
+            () = self.inner.drain.expired() => Err(Drain::status()),
+        };
+        self.inner
+            .metrics
+            .observe_request_duration(started.elapsed());
+        result
     }
 
     /// Runs one checked request, sending chunks to `out` as they are ready; returns the
@@ -295,15 +330,32 @@ impl Frontend {
 
 /// A validated request, charged, with its slot or place in the queue.
 #[derive(Debug)]
-struct Admitted {
+pub(super) struct Admitted {
     checked: Checked,
     reservation: Reservation,
+}
+
+impl Admitted {
+    /// The quota charged for it, as the caller saw it at admission.
+    pub(super) fn quota(&self) -> &crate::admission::QuotaView {
+        self.reservation.quota()
+    }
+
+    /// Who is calling.
+    pub(super) fn caller(&self) -> &crate::admission::Caller {
+        self.reservation.caller()
+    }
+
+    /// The request id the summary will echo.
+    pub(super) fn request_id(&self) -> &str {
+        &self.checked.request_id
+    }
 }
 
 /// Where [`Frontend::run`] puts text chunks: the client's stream, or a buffer for the
 /// unary call. `send` returns false once the receiver is gone.
 #[tonic::async_trait]
-trait ChunkSink: Send {
+pub(super) trait ChunkSink: Send {
     async fn send(&mut self, chunk: pb::TokenChunk) -> bool;
 }
 
@@ -347,18 +399,13 @@ impl Inference for Frontend {
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let started = Instant::now();
         let body = request.get_ref().clone();
-        let admitted = self.admit(&request, &body).await?;
+        let admitted = self.admit_grpc(&request, &body).await?;
         let caller = admitted.reservation.caller().clone();
         let charged = *admitted.reservation.quota();
         let mut collected = Collect::default();
-        let result = tokio::select! {
-            r = self.run_admitted(admitted, &mut collected) => r,
-            () = self.inner.drain.expired() => Err(Drain::status()),
-        };
-        self.inner
-            .metrics
-            .observe_request_duration(started.elapsed());
-        let summary = result?;
+        let summary = self
+            .run_until_gone(admitted, &mut collected, std::future::pending(), started)
+            .await?;
         let mut response = Response::new(pb::GenerateResponse {
             text: collected.text,
             token_ids: collected.ids,
@@ -378,23 +425,17 @@ impl Inference for Frontend {
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let started = Instant::now();
         let body = request.get_ref().clone();
-        let admitted = self.admit(&request, &body).await?;
+        let admitted = self.admit_grpc(&request, &body).await?;
         let quota = *admitted.reservation.quota();
         let (tx, rx) = mpsc::channel::<Result<pb::GenerateStreamResponse, Status>>(64);
         let this = self.clone();
         tokio::spawn(async move {
             let mut sink = tx.clone();
-            let run = this.run_admitted(admitted, &mut sink);
             // The client dropping the stream must cancel even while nothing is produced
             // (queued, or prefilling), not only at the next token.
-            let result = tokio::select! {
-                r = run => r,
-                () = tx.closed() => Err(Status::cancelled("the client went away")),
-                () = this.inner.drain.expired() => Err(Drain::status()),
-            };
-            this.inner
-                .metrics
-                .observe_request_duration(started.elapsed());
+            let result = this
+                .run_until_gone(admitted, &mut sink, tx.closed(), started)
+                .await;
             let message = result.map(|summary| pb::GenerateStreamResponse {
                 event: Some(pb::generate_stream_response::Event::Summary(summary)),
             });
