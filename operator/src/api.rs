@@ -639,6 +639,12 @@ pub struct Tier {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub tokens_per_minute: Option<i64>,
+    /// What a prompt token served from the prefix cache costs against
+    /// `tokensPerMinute`, in percent of a computed one. Unset: 25 (DeepSeek's price ratio
+    /// of cached to computed input tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub cached_prompt_token_percent: Option<i32>,
 }
 
 /// Priority bands, strict: a higher band is always served first. `low`, `normal`, `high`

@@ -169,6 +169,10 @@ pub struct TierConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Token quota per tenant; unset: unlimited.
     pub tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What a prompt token served from the prefix cache costs against the token quota,
+    /// in percent of a computed one (0 to 100); unset: 25.
+    pub cached_prompt_token_percent: Option<u32>,
 }
 
 /// How frontends find the expert shards.

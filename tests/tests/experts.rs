@@ -900,6 +900,7 @@ async fn only_the_sequences_that_need_a_missing_expert_fail() {
                 step_token_budget: 64,
                 max_context: 512,
                 overlap: false,
+                prefix_cache: true,
             },
             observer,
         )
@@ -915,6 +916,7 @@ async fn only_the_sequences_that_need_a_missing_expert_fail() {
         stop_token_ids: Vec::new(),
         deadline: None,
         rank: 0,
+        cache_salt: 0,
     };
     async fn run(
         engine: &EngineHandle,

@@ -2,7 +2,8 @@
 //! process, called by the official `openai` Python package (from PyPI, in a virtualenv
 //! `hack/python-tools.sh` installs): models, chat completion, streaming with usage,
 //! completions, a client that goes away mid-stream, 401, 400, 404 and 429 — and the same
-//! greedy request answered alike over gRPC.
+//! greedy request answered alike over gRPC. And the prefix cache as the APIs report it:
+//! a tenant's repeated prompt served from it, another tenant's never.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -166,10 +167,20 @@ async fn the_official_openai_client_talks_to_the_frontend() {
     );
     assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0);
 
-    // Streamed: the same text, a finish reason, and the usage chunk.
+    // Streamed: the same text, a finish reason, and the usage chunk; the same prompt a
+    // second time, so its full blocks before the last token come from the prefix cache
+    // (16 tokens a block).
     assert_eq!(r["stream"]["content"], grpc_chat.as_str());
     assert_eq!(r["stream"]["finish"], "length");
-    assert_eq!(r["stream"]["usage"], r["chat"]["usage"]);
+    let streamed = &r["stream"]["usage"];
+    let prompt = usage["prompt_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(streamed["prompt_tokens"], prompt);
+    assert_eq!(streamed["completion_tokens"], 12);
+    assert_eq!(
+        streamed["prompt_tokens_details"]["cached_tokens"],
+        (prompt - 1) / 16 * 16,
+        "{streamed}"
+    );
 
     let completion = grpc_text(
         &frontend,
@@ -232,4 +243,96 @@ async fn the_official_openai_client_talks_to_the_frontend() {
             "switchyard_admission_requests_total{outcome=\"completed\",tenant=\"acme\",tier=\"free\"}"
         ) >= 5.0
     );
+}
+
+/// `body` as the tenant of `key` sends it.
+fn keyed(body: pb::GenerateRequest, key: &str) -> tonic::Request<pb::GenerateRequest> {
+    let mut request = tonic::Request::new(body);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ascii"),
+    );
+    request
+}
+
+#[tokio::test]
+async fn a_tenant_reuses_its_own_prompt_prefix_and_never_another_tenants() {
+    let dir = TempDir::new("prefix-cache").expect("temp dir");
+    let config = admission_config(dir.path());
+    let frontend = FrontendProcess::start(
+        &fixture_model("qwen3_moe"),
+        &[
+            "--model-id",
+            MODEL_ID,
+            "--admission-config",
+            config.to_str().expect("utf-8"),
+        ],
+    )
+    .await
+    .expect("frontend");
+    let mut client = InferenceClient::connect(frontend.endpoint())
+        .await
+        .expect("connect");
+    // 50 prompt tokens: 3 full blocks of 16 before the last token.
+    let prompt: Vec<u32> = (0..50).map(|i| (i * 7 + 3) % 200).collect();
+    let request = || pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::TokenIds(pb::TokenIds {
+            ids: prompt.clone(),
+        })),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: Some(4),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut generate = async |key: &str| {
+        let reply = client
+            .generate(keyed(request(), key))
+            .await
+            .expect("generate")
+            .into_inner();
+        let usage = reply.summary.and_then(|s| s.usage).expect("usage");
+        (reply.token_ids, usage.cached_prompt_tokens)
+    };
+    let (first, cached_first) = generate(KEY).await;
+    let (again, cached_again) = generate(KEY).await;
+    let (other, cached_other) = generate(LIMITED_KEY).await;
+    assert_eq!(cached_first, 0, "nothing cached yet");
+    assert_eq!(cached_again, 48, "the same tenant's 3 full blocks");
+    assert_eq!(
+        cached_other, 0,
+        "another tenant's same prompt computes its own blocks"
+    );
+    assert_eq!(first, again, "the same tokens from cached blocks");
+    assert_eq!(first, other);
+
+    // The cache's own counters: 3 lookups of 48 tokens, one hit; each tenant holds its
+    // own 3 blocks (of the 53 tokens whose keys and values were computed, 3 full blocks).
+    let metrics = frontend.metrics().await.expect("metrics");
+    assert_eq!(
+        series(&metrics, "switchyard_prefix_cache_queried_tokens_total"),
+        144.0
+    );
+    assert_eq!(
+        series(&metrics, "switchyard_prefix_cache_hit_tokens_total"),
+        48.0
+    );
+    assert_eq!(
+        series(&metrics, "switchyard_kv_cache_blocks{state=\"cached\"}"),
+        6.0,
+        "3 blocks for each of the two tenants"
+    );
+    // Usage per tenant: cached and computed prompt tokens apart.
+    let tokens = |tenant: &str, kind: &str| {
+        series(
+            &metrics,
+            &format!("switchyard_tenant_tokens_total{{kind=\"{kind}\",tenant=\"{tenant}\"}}"),
+        )
+    };
+    assert_eq!(tokens("acme", "cached_prompt"), 48.0);
+    assert_eq!(tokens("acme", "prompt"), 100.0 - 48.0);
+    assert_eq!(tokens("slow", "cached_prompt"), 0.0);
+    assert_eq!(tokens("slow", "prompt"), 50.0);
 }

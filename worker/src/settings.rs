@@ -50,6 +50,8 @@ pub const DEFAULT_EXPERT_TIMEOUT_MS: u64 = 5000;
 pub const DEFAULT_EXPERT_WAIT_SECS: u64 = 300;
 /// Split decode steps into two overlapping micro-batches.
 pub const DEFAULT_OVERLAP: bool = true;
+/// Reuse computed KV blocks of repeated prompt prefixes (per tenant).
+pub const DEFAULT_PREFIX_CACHE: bool = true;
 
 /// A combination of flags, environment and worker.json that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -145,6 +147,10 @@ pub struct FrontendArgs {
     /// remote experts (`--overlap false` to turn off) [default: true].
     #[arg(long, env = "SWITCHYARD_OVERLAP", action = clap::ArgAction::Set)]
     pub overlap: Option<bool>,
+    /// Reuse the KV-cache blocks of a prompt prefix the same tenant sent before (the
+    /// prefix cache; `--prefix-cache false` to turn off) [default: true].
+    #[arg(long, env = "SWITCHYARD_PREFIX_CACHE", action = clap::ArgAction::Set)]
+    pub prefix_cache: Option<bool>,
     /// Admission settings as a JSON file in the shape of worker.json's `admission` object
     /// (`apiKeysDir`, `tiers`, `defaultTier`, `maxQueued`, `defaultDeadlineSeconds`; see
     /// docs/admission.md) [default: no API keys, one unlimited tier, 256 queued, 30 s;
@@ -360,6 +366,8 @@ pub struct FrontendSettings {
     pub experts: Option<RemoteOptions>,
     /// Two overlapping micro-batches per decode step.
     pub overlap: bool,
+    /// The prefix cache.
+    pub prefix_cache: bool,
     /// Keys, tiers, queue bound and default deadline.
     pub admission: AdmissionSource,
     /// Requests in the engine at most.
@@ -435,6 +443,7 @@ impl FrontendSettings {
             kv_block_size: args.kv_block_size.unwrap_or(DEFAULT_KV_BLOCK_SIZE),
             experts,
             overlap: args.overlap.unwrap_or(DEFAULT_OVERLAP),
+            prefix_cache: args.prefix_cache.unwrap_or(DEFAULT_PREFIX_CACHE),
             admission,
             max_inflight: args.max_inflight.unwrap_or(max_batch_size),
             quota_redis_timeout: args
@@ -477,6 +486,7 @@ impl FrontendSettings {
             expert_timeout_ms = ?self.experts.as_ref().map(|e| e.timeout.as_millis()),
             expert_wait_secs = ?self.experts.as_ref().map(|e| e.wait.as_secs()),
             overlap = self.overlap,
+            prefix_cache = self.prefix_cache,
             admission = %admission,
             max_inflight = self.max_inflight,
             quota_redis_timeout_ms = self.quota_redis_timeout.as_millis(),
@@ -518,6 +528,7 @@ impl FrontendSettings {
             kv_block_size: self.kv_block_size,
             experts: self.experts,
             overlap: self.overlap,
+            prefix_cache: self.prefix_cache,
             admission,
         })
     }
@@ -948,6 +959,7 @@ mod tests {
                 "SWITCHYARD_QUOTA_REDIS_TIMEOUT_MS",
             ),
             ("overlap", "SWITCHYARD_OVERLAP"),
+            ("prefix_cache", "SWITCHYARD_PREFIX_CACHE"),
             ("expert_wire_dtype", "SWITCHYARD_EXPERT_WIRE_DTYPE"),
             ("expert_timeout_ms", "SWITCHYARD_EXPERT_TIMEOUT_MS"),
             ("expert_wait_secs", "SWITCHYARD_EXPERT_WAIT_SECS"),

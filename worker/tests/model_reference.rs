@@ -2,7 +2,8 @@
 //! (`tests/fixtures/models/<name>/`, made by `hack/fixtures/generate.py`), the logits of a
 //! full prefill and of token-by-token decode through the paged KV cache match the
 //! reference at every position, and 16 greedy tokens match exactly. The engine's batched
-//! generation gives each prompt the same tokens as running it alone.
+//! generation gives each prompt the same tokens as running it alone, and the same with the
+//! prefix cache serving a shared prefix as without it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -180,6 +181,10 @@ fn check_against_reference(name: &str, model: &LoadedModel, r: &Reference, toler
 }
 
 fn engine(model: &LoadedModel) -> EngineHandle {
+    engine_with(model, true)
+}
+
+fn engine_with(model: &LoadedModel, prefix_cache: bool) -> EngineHandle {
     // The engine takes the transformer by Arc; load a second copy for it.
     let m = LoadedModel::load(&model.dir, Some(DType::F32), Quantization::Auto, &device())
         .expect("reload");
@@ -192,6 +197,7 @@ fn engine(model: &LoadedModel) -> EngineHandle {
             step_token_budget: 16,
             max_context: model.config.max_position_embeddings,
             overlap: false,
+            prefix_cache,
         },
         Arc::new(NoObserver),
     )
@@ -206,16 +212,25 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         stop_token_ids: Vec::new(),
         deadline: None,
         rank: 0,
+        cache_salt: 0,
     }
 }
 
-async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Vec<u32> {
+async fn collect(rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Vec<u32> {
+    collect_cached(rx).await.0
+}
+
+/// The tokens, and how many prompt tokens came from the prefix cache.
+async fn collect_cached(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, usize) {
     let mut out = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Token { id, .. } => out.push(id),
             Event::Started { .. } => {}
-            Event::Finished { .. } => return out,
+            Event::Finished {
+                cached_prompt_tokens,
+                ..
+            } => return (out, cached_prompt_tokens),
             Event::Failed { message, .. } => panic!("generation failed: {message}"),
         }
     }
@@ -242,10 +257,30 @@ async fn check_greedy_and_batching(name: &str) {
     let prompts: Vec<Vec<u32>> = (0..5)
         .map(|i| r.input_ids[..r.input_ids.len() - i * 2].to_vec())
         .collect();
+    // One by one, each prompt after the first finds the blocks of the prefix it shares
+    // with the one before in the prefix cache; an engine without the cache computes
+    // everything: the same tokens.
     let mut solo = Vec::new();
+    let mut hits = 0;
     for p in &prompts {
-        solo.push(collect(engine.submit(greedy(p.clone(), 8)).expect("submit")).await);
+        let (tokens, cached) =
+            collect_cached(engine.submit(greedy(p.clone(), 8)).expect("submit")).await;
+        solo.push(tokens);
+        hits += cached;
     }
+    assert!(
+        hits > 0,
+        "{name}: the repeated prefixes hit the prefix cache"
+    );
+    let uncached = engine_with(&model, false);
+    let mut computed = Vec::new();
+    for p in &prompts {
+        computed.push(collect(uncached.submit(greedy(p.clone(), 8)).expect("submit")).await);
+    }
+    assert_eq!(
+        solo, computed,
+        "{name}: tokens with the prefix cache differ from tokens without it"
+    );
     let receivers: Vec<_> = prompts
         .iter()
         .map(|p| engine.submit(greedy(p.clone(), 8)).expect("submit"))

@@ -67,6 +67,7 @@ pub fn worker_config(md: &ModelDeployment, names: &Names) -> WorkerConfig {
                     weight: unsigned(t.weight),
                     requests_per_minute: t.requests_per_minute.map(unsigned64),
                     tokens_per_minute: t.tokens_per_minute.map(unsigned64),
+                    cached_prompt_token_percent: t.cached_prompt_token_percent.map(unsigned),
                 })
                 .collect(),
             default_tier: admission.default_tier.clone(),

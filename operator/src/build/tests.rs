@@ -410,8 +410,19 @@ fn a_frontend_only_change_does_not_roll_the_shards() {
         weight: 1,
         requests_per_minute: Some(60),
         tokens_per_minute: None,
+        cached_prompt_token_percent: None,
     });
     changes.push(("admission.tiers", md));
+    let mut md = base.clone();
+    md.spec.admission.tiers.push(crate::api::Tier {
+        name: "free".into(),
+        priority: crate::api::Priority::Low,
+        weight: 1,
+        requests_per_minute: None,
+        tokens_per_minute: Some(1000),
+        cached_prompt_token_percent: Some(10),
+    });
+    changes.push(("admission.tiers[].cachedPromptTokenPercent", md));
     let mut md = base.clone();
     md.spec.admission.queue.max_queued = 9;
     changes.push(("admission.queue.maxQueued", md));

@@ -329,6 +329,7 @@ mod tests {
                     weight: 1,
                     requests_per_minute: requests,
                     tokens_per_minute: tokens,
+                    cached_prompt_token_percent: None,
                 }],
                 max_queued: 16,
                 default_deadline_seconds: 30,

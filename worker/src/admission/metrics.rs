@@ -5,7 +5,7 @@
 //! | `switchyard_admission_requests_total` | counter | `tenant`, `tier`, `outcome` |
 //! | `switchyard_admission_accepted_total` | counter | `tenant`, `tier` |
 //! | `switchyard_admission_deadline_misses_total` | counter | |
-//! | `switchyard_tenant_tokens_total` | counter | `tenant`, `kind`: prompt, cached_prompt, completion |
+//! | `switchyard_tenant_tokens_total` | counter | `tenant`, `kind`: prompt (computed), cached_prompt, completion |
 //! | `switchyard_admission_queued` | gauge | `band` |
 //! | `switchyard_admission_inflight` | gauge | |
 //! | `switchyard_admission_queue_wait_seconds` | histogram | `band` |

@@ -241,6 +241,7 @@ mod tests {
             weight: 1,
             requests_per_minute: Some(requests),
             tokens_per_minute: Some(100),
+            cached_prompt_token_percent: None,
         };
         admission_with(
             &format!("acme:{KEY}:free\n"),
@@ -580,6 +581,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn cached_prompt_tokens_cost_a_quarter_of_computed_ones() {
+        let (admission, metrics) = admission(60, 1, 1);
+        let call = identified(&admission);
+        let cost = Cost {
+            prompt: 40,
+            max_tokens: 20,
+        };
+        let slot = admission
+            .admit(&call, cost, 0, None)
+            .await
+            .expect("runs at once")
+            .start()
+            .await
+            .expect("slot");
+        assert!(about(tokens_left(&admission, &call), 40));
+        // 39 of the 40 prompt tokens from the prefix cache: they cost ⌈39 / 4⌉ = 10.
+        slot.cached_prompt(39);
+        slot.generated(5);
+        drop(slot);
+        assert!(about(tokens_left(&admission, &call), 100 - (1 + 10 + 5)));
+        let tokens = |kind: &str| {
+            series(
+                &metrics,
+                &format!("switchyard_tenant_tokens_total{{kind=\"{kind}\",tenant=\"acme\"}}"),
+            )
+        };
+        assert_eq!((tokens("prompt"), tokens("cached_prompt")), (1.0, 39.0));
+    }
+
+    #[tokio::test]
     async fn a_shed_request_is_refunded_and_its_outcome_noted() {
         let (admission, _metrics) = admission(60, 1, 1);
         let low_call = identified(&admission);
@@ -680,6 +711,7 @@ mod tests {
             weight: 1,
             requests_per_minute: None,
             tokens_per_minute: None,
+            cached_prompt_token_percent: None,
         };
         let (admission, _metrics) = admission_with(
             "legit:legit-key-0123456789\nflood:flood-key-0123456789\n",

@@ -34,6 +34,8 @@ pub(super) struct Waiter {
     finish_by: Option<Instant>,
     max_tokens: u64,
     rank: u8,
+    /// Its tier's price of a cached prompt token, in percent of a computed one.
+    cached_percent: u32,
 }
 
 /// Whose slot [`Admission::take_slot`] makes, and what it is charged.
@@ -49,6 +51,8 @@ struct SlotOf {
     weight: u32,
     /// The pre-charge (prompt + max_tokens), refunded of what was not used as it drops.
     charge: Charge,
+    /// Its tier's price of a cached prompt token, in percent of a computed one.
+    cached_percent: u32,
 }
 
 /// The queue and the requests in the engine (under [`Admission`]'s lock).
@@ -113,6 +117,7 @@ impl Admission {
                         rank,
                         weight,
                         charge,
+                        cached_percent: caller.tier.cached_prompt_percent,
                     },
                     now,
                 );
@@ -136,6 +141,7 @@ impl Admission {
                 finish_by,
                 max_tokens: cost.max_tokens,
                 rank,
+                cached_percent: caller.tier.cached_prompt_percent,
             },
         });
         let queued = st.queue.len();
@@ -225,6 +231,7 @@ impl Admission {
         Slot {
             admission: self.clone(),
             used: AtomicU64::new(of.input),
+            cached: AtomicU64::new(0),
             of,
             started: now,
             armed: true,
@@ -271,6 +278,7 @@ impl Admission {
                     rank: w.rank,
                     weight: t.weight,
                     charge: w.charge,
+                    cached_percent: w.cached_percent,
                 },
                 now,
             );
@@ -412,6 +420,8 @@ pub struct Slot {
     of: SlotOf,
     /// Tokens used so far (prompt + generated).
     used: AtomicU64,
+    /// Of the prompt's tokens, those served from the prefix cache.
+    cached: AtomicU64,
     started: Instant,
     /// False for a slot never handed to its request (it frees nothing when dropped).
     armed: bool,
@@ -431,6 +441,13 @@ impl Slot {
     /// while sequences of a higher rank run, lower ones pause.
     pub fn rank(&self) -> u8 {
         self.of.rank
+    }
+
+    /// `n` of the prompt's tokens came from the prefix cache: they cost the tier's
+    /// `cachedPromptTokenPercent` of a computed token against the token quota (the rest is
+    /// refunded when the slot drops) and are counted as `cached_prompt`.
+    pub fn cached_prompt(&self, n: u64) {
+        self.cached.store(n.min(self.of.input), Ordering::Relaxed);
     }
 
     /// `n` more generated tokens: charged to the tenant's virtual counter, and not
@@ -454,16 +471,20 @@ impl Drop for Slot {
         }
         let a = self.admission.clone();
         let used = self.used.load(Ordering::Relaxed);
-        // Usage as it happened, also for requests cancelled part-way.
+        let cached = self.cached.load(Ordering::Relaxed);
+        // Usage as it happened, also for requests cancelled part-way: prompt tokens
+        // computed, and those served from the prefix cache.
         let t = &a.metrics.tokens;
         t.with_label_values(&[&self.of.label, "prompt"])
-            .inc_by(self.of.input);
+            .inc_by(self.of.input - cached);
         t.with_label_values(&[&self.of.label, "cached_prompt"])
-            .inc_by(0);
+            .inc_by(cached);
         t.with_label_values(&[&self.of.label, "completion"])
             .inc_by(used.saturating_sub(self.of.input));
-        // The charge refunds the rest when it drops, right after this.
-        self.of.charge.settle(used);
+        // The charge refunds the rest when it drops, right after this: the unused output,
+        // and the discount on cached prompt tokens (rounded in the tenant's favour).
+        let cached_cost = (cached * u64::from(self.of.cached_percent)).div_ceil(100);
+        self.of.charge.settle(used - cached + cached_cost);
         let us = self.started.elapsed().as_micros() as u64;
         ewma(&a.mean_service_us, us);
         if let Some(per_token) = us.checked_div(used.saturating_sub(self.of.input)) {

@@ -21,7 +21,14 @@ pub struct Tier {
     pub weight: u32,
     /// Quotas per tenant.
     pub limits: TierLimits,
+    /// What a prompt token from the prefix cache costs against the token quota, in
+    /// percent of a computed one.
+    pub cached_prompt_percent: u32,
 }
+
+/// What a cached prompt token costs when a tier does not say: a quarter of a computed one
+/// (DeepSeek's price ratio).
+pub const DEFAULT_CACHED_PROMPT_PERCENT: u32 = 25;
 
 impl Tier {
     /// The band of a request of this tier asking for `priority` (the protocol's 1 = low
@@ -64,6 +71,17 @@ impl Tiers {
                     requests: per_minute(&t.name, "requestsPerMinute", t.requests_per_minute)?,
                     tokens: per_minute(&t.name, "tokensPerMinute", t.tokens_per_minute)?,
                 },
+                cached_prompt_percent: match t.cached_prompt_token_percent {
+                    None => DEFAULT_CACHED_PROMPT_PERCENT,
+                    Some(p) if p <= 100 => p,
+                    Some(p) => {
+                        return Err(AdmissionError::Tier(format!(
+                            "admission.tiers[{}].cachedPromptTokenPercent: {p} is not a \
+                             percentage (0 to 100)",
+                            t.name
+                        )));
+                    }
+                },
             };
             if by_name.insert(t.name.clone(), Arc::new(tier)).is_some() {
                 return Err(AdmissionError::Tier(format!(
@@ -83,6 +101,7 @@ impl Tiers {
                 band: Band::Normal,
                 weight: 1,
                 limits: TierLimits::default(),
+                cached_prompt_percent: DEFAULT_CACHED_PROMPT_PERCENT,
             }),
         };
         Ok(Self { by_name, default })
@@ -163,6 +182,7 @@ mod tests {
             weight: 0,
             requests_per_minute: Some(60),
             tokens_per_minute: None,
+            cached_prompt_token_percent: None,
         }
     }
 

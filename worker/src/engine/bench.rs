@@ -209,6 +209,8 @@ pub fn run(
             step_token_budget: cfg.prompt_len * max_batch.max(1),
             max_context: c.max_position_embeddings,
             overlap: cfg.overlap,
+            // Prompts repeat across runs: the bench measures computing them.
+            prefix_cache: false,
         },
         recorder.clone(),
     )?;
@@ -224,6 +226,7 @@ pub fn run(
         stop_token_ids: Vec::new(),
         deadline: None,
         rank: 0,
+        cache_salt: 0,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()

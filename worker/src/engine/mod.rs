@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use crate::model::attention::{ForwardBatch, PagedKv, SeqStep};
 use crate::model::moe::ExpertError;
 use crate::model::transformer::{StepRoutes, Transformer};
-use kv_cache::{BlockAllocator, blocks_for_tokens};
+use kv_cache::{BlockHash, BlockHasher, BlockPool, CacheCounters, blocks_for_tokens};
 use sampling::{Sampler, SamplingConfig};
 use scheduler::{Plan, SeqState};
 
@@ -51,6 +51,9 @@ pub struct EngineConfig {
     /// Split a decode step into two micro-batches when the routed experts are remote, so
     /// one micro-batch's attention runs while the other's experts are computed.
     pub overlap: bool,
+    /// Reuse the keys and values of full blocks a sequence of the same salt computed
+    /// before ([`kv_cache`]'s prefix cache).
+    pub prefix_cache: bool,
 }
 
 /// One generation to run.
@@ -70,6 +73,9 @@ pub struct GenerationRequest {
     /// those of lower ranks pause, keeping their cache; equal ranks share each step. At
     /// most `max_running` sequences of a rank or above are admitted at once.
     pub rank: u8,
+    /// The prefix cache's partition: only sequences of the same salt share cached blocks
+    /// (the frontend gives each tenant its own).
+    pub cache_salt: u64,
 }
 
 /// Why a sequence ended normally.
@@ -92,6 +98,8 @@ pub enum Event {
     Started {
         /// From submission to admission.
         queue_time: Duration,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_prompt_tokens: usize,
     },
     /// A new token.
     Token {
@@ -110,6 +118,8 @@ pub enum Event {
         prompt_tokens: usize,
         /// Generated tokens, including a final stop token.
         completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_prompt_tokens: usize,
         /// From submission to the sequence's first step.
         queue_time: Duration,
     },
@@ -178,8 +188,12 @@ pub struct Occupancy {
     pub waiting: usize,
     /// KV blocks held.
     pub kv_used: usize,
-    /// KV blocks free.
+    /// KV blocks free (including cached blocks no sequence holds).
     pub kv_free: usize,
+    /// KV blocks in the prefix cache (held or not).
+    pub kv_cached: usize,
+    /// The prefix cache's counters so far.
+    pub cache: CacheCounters,
 }
 
 /// Receives the engine's numbers (the frontend's Prometheus metrics implement it).
@@ -242,7 +256,7 @@ impl EngineHandle {
         let mut engine = Engine {
             model,
             kv,
-            blocks: BlockAllocator::new(config.kv_blocks, config.block_size),
+            blocks: BlockPool::new(config.kv_blocks, config.block_size),
             config: config.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -314,12 +328,34 @@ struct Sequence {
     deadline: Option<Instant>,
     blocks: Vec<u32>,
     rank: u8,
+    /// The prefix cache's chain over this sequence's full blocks: `hashes[i]` is block
+    /// `i`'s, for the blocks whose keys and values are computed (or were found).
+    hasher: BlockHasher,
+    hashes: Vec<BlockHash>,
+    salt: u64,
+    /// Prompt tokens found in the prefix cache.
+    cached_prompt: usize,
+}
+
+impl Sequence {
+    /// Puts every block that became full and computed in the prefix cache.
+    fn cache_full_blocks(&mut self, pool: &mut BlockPool) {
+        let bs = pool.block_size();
+        while (self.hashes.len() + 1) * bs <= self.state.cached {
+            let i = self.hashes.len();
+            let hash = self
+                .hasher
+                .next(&self.state.history()[i * bs..(i + 1) * bs]);
+            pool.register(self.blocks[i], hash, self.salt);
+            self.hashes.push(hash);
+        }
+    }
 }
 
 struct Engine {
     model: Arc<Transformer>,
     kv: PagedKv,
-    blocks: BlockAllocator,
+    blocks: BlockPool,
     config: Arc<EngineConfig>,
     waiting: VecDeque<Pending>,
     running: Vec<Sequence>,
@@ -382,6 +418,7 @@ impl Engine {
                     reason: FinishReason::Deadline,
                     prompt_tokens: p.request.prompt.len(),
                     completion_tokens: 0,
+                    cached_prompt_tokens: 0,
                     queue_time: now - p.submitted,
                 });
                 return false;
@@ -415,20 +452,43 @@ impl Engine {
             if at_or_above >= self.config.max_running {
                 break;
             }
-            let needed = blocks_for_tokens(r.prompt.len() + r.max_tokens, self.config.block_size);
-            let Some(blocks) = self.blocks.allocate(needed) else {
+            let bs = self.config.block_size;
+            // The prompt's full blocks before its last token (which must run, for the
+            // logits of the first new token) are looked up in the prefix cache.
+            let cacheable = if self.config.prefix_cache {
+                (r.prompt.len() - 1) / bs
+            } else {
+                0
+            };
+            let mut hashes = BlockHasher::chain(r.cache_salt, &r.prompt, bs, cacheable);
+            let mut blocks = self.blocks.lookup(&hashes);
+            let needed = blocks_for_tokens(r.prompt.len() + r.max_tokens, bs) - blocks.len();
+            let Some(more) = self.blocks.allocate(needed) else {
+                self.blocks.release(blocks);
                 break;
             };
             let Some(p) = self.waiting.remove(i) else {
                 break;
             };
+            hashes.truncate(blocks.len());
+            let mut hasher = BlockHasher::new(p.request.cache_salt);
+            for block in p.request.prompt.chunks_exact(bs).take(hashes.len()) {
+                hasher.next(block);
+            }
+            let cached_prompt = blocks.len() * bs;
+            blocks.extend(more);
             let queue_time = p.submitted.elapsed();
-            let _ = p.events.send(Event::Started { queue_time });
+            let _ = p.events.send(Event::Started {
+                queue_time,
+                cached_prompt_tokens: cached_prompt,
+            });
             let mut sampler = Sampler::new(&p.request.sampling);
             sampler.set_prompt_len(p.request.prompt.len());
+            let mut state = SeqState::new(p.request.prompt, p.request.max_tokens);
+            state.cached = cached_prompt;
             self.running.push(Sequence {
                 sampler,
-                state: SeqState::new(p.request.prompt, p.request.max_tokens),
+                state,
                 stop_token_ids: p.request.stop_token_ids,
                 events: p.events,
                 submitted: p.submitted,
@@ -436,6 +496,10 @@ impl Engine {
                 deadline: p.request.deadline,
                 blocks,
                 rank: p.request.rank,
+                hasher,
+                hashes,
+                salt: p.request.cache_salt,
+                cached_prompt,
             });
         }
     }
@@ -446,6 +510,8 @@ impl Engine {
             waiting: self.waiting.len(),
             kv_used: self.blocks.used(),
             kv_free: self.blocks.free(),
+            kv_cached: self.blocks.cached(),
+            cache: self.blocks.counters(),
         };
         if self.last_occupancy != Some(now) {
             self.observer.occupancy(now);
@@ -581,6 +647,9 @@ impl Engine {
         for e in &plan.entries {
             let s = &mut self.running[e.seq];
             s.state.cached += e.tokens;
+            if self.config.prefix_cache {
+                s.cache_full_blocks(&mut self.blocks);
+            }
             if e.logits == crate::model::attention::LogitRows::None {
                 continue;
             }
@@ -628,6 +697,7 @@ impl Engine {
             reason,
             prompt_tokens: s.state.prompt_len(),
             completion_tokens: s.state.generated(),
+            cached_prompt_tokens: s.cached_prompt,
             queue_time: s.queue_time,
         });
         let _ = s.submitted;

@@ -18,6 +18,9 @@
 //! | `switchyard_waiting_sequences` | gauge | |
 //! | `switchyard_kv_cache_blocks` | gauge | `state`: `used`, `free` |
 //! | `switchyard_kv_cache_block_size_tokens` | gauge | |
+//! | `switchyard_prefix_cache_queried_tokens_total` | counter | |
+//! | `switchyard_prefix_cache_hit_tokens_total` | counter | |
+//! | `switchyard_prefix_cache_evicted_blocks_total` | counter | |
 //! | `switchyard_batch_size` | histogram | |
 //! | `switchyard_batch_tokens` | histogram | |
 //! | `switchyard_engine_step_duration_seconds` | histogram | |
@@ -92,7 +95,11 @@ pub struct FrontendMetrics {
     waiting_sequences: IntGauge,
     kv_used: IntGauge,
     kv_free: IntGauge,
+    kv_cached: IntGauge,
     kv_block_size: IntGauge,
+    prefix_queried: IntCounter,
+    prefix_hits: IntCounter,
+    prefix_evicted: IntCounter,
     batch_size: Histogram,
     batch_tokens: Histogram,
     engine_step: Histogram,
@@ -161,12 +168,30 @@ impl FrontendMetrics {
             "Admitted sequences waiting for the scheduler",
         );
         let kv_blocks = IntGaugeVec::new(
-            Opts::new("kv_cache_blocks", "KV cache blocks, by state (used, free)"),
+            Opts::new(
+                "kv_cache_blocks",
+                "KV cache blocks, by state: used (held by sequences) + free = the cache; \
+                 cached: in the prefix cache, held or not",
+            ),
             &["state"],
         )
         .expect("static metric options are valid");
         let kv_used = kv_blocks.with_label_values(&["used"]);
         let kv_free = kv_blocks.with_label_values(&["free"]);
+        let kv_cached = kv_blocks.with_label_values(&["cached"]);
+        let prefix_queried = counter(
+            "prefix_cache_queried_tokens_total",
+            "Prompt tokens looked up in the prefix cache (the full blocks before each prompt's \
+             last token)",
+        );
+        let prefix_hits = counter(
+            "prefix_cache_hit_tokens_total",
+            "Prompt tokens whose keys and values came from the prefix cache",
+        );
+        let prefix_evicted = counter(
+            "prefix_cache_evicted_blocks_total",
+            "Cached KV blocks evicted to make room",
+        );
         let kv_block_size = gauge(
             "kv_cache_block_size_tokens",
             "Tokens held by one KV cache block",
@@ -195,7 +220,10 @@ impl FrontendMetrics {
         )
         .expect("static metric options are valid");
 
-        let collectors: [Box<dyn Collector>; 15] = [
+        let collectors: [Box<dyn Collector>; 18] = [
+            Box::new(prefix_queried.clone()),
+            Box::new(prefix_hits.clone()),
+            Box::new(prefix_evicted.clone()),
             Box::new(requests.clone()),
             Box::new(ttft.clone()),
             Box::new(first_token.clone()),
@@ -233,7 +261,11 @@ impl FrontendMetrics {
             waiting_sequences,
             kv_used,
             kv_free,
+            kv_cached,
             kv_block_size,
+            prefix_queried,
+            prefix_hits,
+            prefix_evicted,
             batch_size,
             batch_tokens,
             engine_step,
@@ -322,6 +354,19 @@ impl FrontendMetrics {
     pub fn set_kv_blocks(&self, used: u64, free: u64) {
         self.kv_used.set(gauge_value(used));
         self.kv_free.set(gauge_value(free));
+    }
+
+    /// The prefix cache's size and its counters so far (monotonic; only the growth is
+    /// added).
+    pub fn set_prefix_cache(&self, cached_blocks: u64, c: crate::engine::kv_cache::CacheCounters) {
+        self.kv_cached.set(gauge_value(cached_blocks));
+        for (counter, total) in [
+            (&self.prefix_queried, c.queried_tokens),
+            (&self.prefix_hits, c.hit_tokens),
+            (&self.prefix_evicted, c.evicted_blocks),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     /// Tokens per KV cache block (set once the cache is allocated).

@@ -64,6 +64,8 @@ pub struct FrontendOptions {
     pub experts: Option<crate::experts::remote::RemoteOptions>,
     /// Split decode steps into two micro-batches to overlap attention with remote experts.
     pub overlap: bool,
+    /// Reuse the KV blocks of prompt prefixes a tenant sent before.
+    pub prefix_cache: bool,
     /// API keys, tiers, quotas, the fair queue and the cap on requests in the engine.
     pub admission: crate::admission::AdmissionOptions,
 }
@@ -243,6 +245,7 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
             step_token_budget: opts.max_batch_tokens,
             max_context: context,
             overlap: opts.overlap,
+            prefix_cache: opts.prefix_cache,
         },
         metrics.clone(),
     )

@@ -150,6 +150,8 @@ impl Frontend {
             reservation,
         } = admitted;
         let priority = priority_of(reservation.band());
+        let mut checked = checked;
+        checked.engine.cache_salt = cache_salt(&self.inner.info.id, &reservation.caller().key);
         let slot = reservation.start().await?;
         // The slot counts the tokens as they stream (usage, fair share, refund).
         self.run(checked, self.inner.info.id.clone(), priority, out, &slot)
@@ -205,6 +207,7 @@ impl Frontend {
         let mut completion = 0usize;
         let summary = |reason: pb::FinishReason,
                        completion: usize,
+                       cached: usize,
                        queue: Duration,
                        first: Option<Instant>,
                        stop_sequence: Option<String>,
@@ -212,7 +215,7 @@ impl Frontend {
             finish_reason: reason as i32,
             usage: Some(pb::Usage {
                 prompt_tokens: prompt_tokens as u32,
-                cached_prompt_tokens: 0,
+                cached_prompt_tokens: cached as u32,
                 completion_tokens: completion as u32,
             }),
             timings: Some(pb::Timings {
@@ -228,10 +231,18 @@ impl Frontend {
             error_message: String::new(),
         };
         let mut queue_time = Duration::ZERO;
+        let mut cached = 0usize;
         let detok = |e: crate::text::TextError| Status::internal(format!("detokenizing: {e}"));
         while let Some(event) = rx.recv().await {
             match event {
-                Event::Started { queue_time: q } => queue_time = q,
+                Event::Started {
+                    queue_time: q,
+                    cached_prompt_tokens,
+                } => {
+                    queue_time = q;
+                    cached = cached_prompt_tokens;
+                    slot.cached_prompt(cached as u64);
+                }
                 Event::Token { id, stop, last } => {
                     let now = Instant::now();
                     match first_token {
@@ -277,6 +288,7 @@ impl Frontend {
                         return Ok(summary(
                             pb::FinishReason::Stop,
                             completion,
+                            cached,
                             queue_time,
                             first_token,
                             Some(stop),
@@ -304,6 +316,7 @@ impl Frontend {
                     return Ok(summary(
                         reason,
                         completion_tokens,
+                        cached,
                         queue_time,
                         first_token,
                         None,
@@ -326,6 +339,17 @@ impl Frontend {
             "the engine dropped the request without an answer",
         ))
     }
+}
+
+/// The prefix cache's partition for the requests of `key` (a tenant, or an anonymous
+/// caller's address) to `model`: a tenant reuses only
+/// its own prompts' keys and values, so no one can tell from a time to first token what
+/// another tenant sent.
+fn cache_salt(model: &str, key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (model, key).hash(&mut h);
+    h.finish()
 }
 
 /// A validated request, charged, with its slot or place in the queue.
@@ -518,5 +542,6 @@ impl crate::engine::EngineObserver for FrontendMetrics {
     fn occupancy(&self, o: Occupancy) {
         self.set_sequences(o.running as u64, o.waiting as u64);
         self.set_kv_blocks(o.kv_used as u64, o.kv_free as u64);
+        self.set_prefix_cache(o.kv_cached as u64, o.cache);
     }
 }

@@ -303,6 +303,8 @@ pub fn check(
             deadline,
             // Set from the admission slot when the request starts.
             rank: 0,
+            // Set from the caller when the request starts.
+            cache_salt: 0,
         },
         stop: params.stop,
         request_id,
