@@ -185,6 +185,15 @@ fn engine(model: &LoadedModel) -> EngineHandle {
 }
 
 fn engine_with(model: &LoadedModel, prefix_cache: bool) -> EngineHandle {
+    engine_sized(model, prefix_cache, 256, Arc::new(NoObserver))
+}
+
+fn engine_sized(
+    model: &LoadedModel,
+    prefix_cache: bool,
+    kv_blocks: usize,
+    observer: Arc<dyn switchyard_worker::engine::EngineObserver>,
+) -> EngineHandle {
     // The engine takes the transformer by Arc; load a second copy for it.
     let m = LoadedModel::load(&model.dir, Some(DType::F32), Quantization::Auto, &device())
         .expect("reload");
@@ -192,14 +201,14 @@ fn engine_with(model: &LoadedModel, prefix_cache: bool) -> EngineHandle {
         Arc::new(m.transformer),
         EngineConfig {
             block_size: BLOCK,
-            kv_blocks: 256,
+            kv_blocks,
             max_running: 16,
             step_token_budget: 16,
             max_context: model.config.max_position_embeddings,
             overlap: false,
             prefix_cache,
         },
-        Arc::new(NoObserver),
+        observer,
     )
     .expect("engine")
 }
@@ -622,4 +631,68 @@ async fn a_higher_rank_runs_alone_and_lower_ranks_resume_unchanged() {
     }
     let order = order.lock().expect("order").clone();
     assert_eq!(order.first(), Some(&"high"), "{order:?}");
+}
+
+/// Records the most preemptions the engine reported.
+#[derive(Default)]
+struct Preemptions(std::sync::atomic::AtomicU64);
+
+impl switchyard_worker::engine::EngineObserver for Preemptions {
+    fn step(&self, _: &switchyard_worker::engine::StepReport<'_>) {}
+    fn occupancy(&self, o: switchyard_worker::engine::Occupancy) {
+        self.0
+            .fetch_max(o.preemptions, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_long_prompts_past_the_cache_finishes_with_the_same_tokens() {
+    for (name, prefix_cache) in [
+        ("qwen3_moe", true),
+        ("qwen3_moe", false),
+        ("deepseek_v3", true),
+    ] {
+        let model = load(name);
+        let r = reference(&fixture_dir(name));
+        // 8 prompts of 36 tokens, 28 new tokens each: 16 blocks of 4 a sequence, 128 for
+        // the burst, in a cache of 40. Blocks are taken as sequences grow, so more run at
+        // once than their whole budgets would allow; when the cache runs short the newest
+        // sequence is preempted and recomputed later.
+        let prompts: Vec<Vec<u32>> = (0..8)
+            .map(|i| {
+                r.input_ids
+                    .iter()
+                    .cycle()
+                    .skip(i)
+                    .take(36)
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        let roomy = engine_with(&model, false);
+        let mut alone = Vec::new();
+        for p in &prompts {
+            alone.push(collect(roomy.submit(greedy(p.clone(), 28)).expect("submit")).await);
+        }
+        let observer = Arc::new(Preemptions::default());
+        let tight = engine_sized(&model, prefix_cache, 40, observer.clone());
+        let receivers: Vec<_> = prompts
+            .iter()
+            .map(|p| tight.submit(greedy(p.clone(), 28)).expect("submit"))
+            .collect();
+        let mut burst = Vec::new();
+        for rx in receivers {
+            burst.push(collect(rx).await);
+        }
+        assert_eq!(
+            burst, alone,
+            "{name} (prefix cache {prefix_cache}): preempted and recomputed sequences changed"
+        );
+        let preemptions = observer.0.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            preemptions > 0,
+            "{name}: the burst did not outgrow the cache, so nothing was tested"
+        );
+        eprintln!("{name} (prefix cache {prefix_cache}): {preemptions} preemptions");
+    }
 }

@@ -1,5 +1,6 @@
 //! The paged KV cache's bookkeeping: a fixed pool of fixed-size blocks, handed to sequences
-//! and returned when they end, with a prefix cache over the full blocks. The storage itself
+//! as they grow and returned when they end or are preempted, with a prefix cache over the
+//! full blocks. The storage itself
 //! ([`crate::model::attention::PagedKv`]) is indexed by the slots these blocks cover.
 //!
 //! ```text
@@ -41,6 +42,15 @@ impl BlockHasher {
     /// Starts a chain under `salt` (the tenant's and the model's).
     pub fn new(salt: u64) -> Self {
         Self { salt, parent: 0 }
+    }
+
+    /// Continues a chain under `salt` after the block hashed `last` (`None`: from the
+    /// start).
+    pub fn after(salt: u64, last: Option<BlockHash>) -> Self {
+        Self {
+            salt,
+            parent: last.unwrap_or(0),
+        }
     }
 
     /// The next block's hash, for its `tokens` (a whole block).

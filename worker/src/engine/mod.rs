@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  EngineHandle::submit ──cmd──> engine thread ──────────────────────────────────────┐
-//!   (any task)                    │ admit: waiting → running when KV blocks suffice  │
+//!   (any task)                    │ admit: preempted/waiting → batch by free blocks  │
+//!                                 │ grow:  blocks for new tokens; short → preempt    │
 //!                                 │ plan:  every decode + prefill chunks ≤ budget    │
 //!                                 │ run:   Transformer::forward(ForwardBatch, PagedKv)│
 //!                                 │ sample, stop checks, free blocks of ended seqs   │
@@ -184,7 +185,8 @@ pub struct StepReport<'a> {
 pub struct Occupancy {
     /// Sequences in the batch.
     pub running: usize,
-    /// Sequences admitted by the caller but waiting for KV blocks or a batch slot.
+    /// Sequences admitted by the caller but waiting for KV blocks or a batch slot
+    /// (preempted ones included).
     pub waiting: usize,
     /// KV blocks held.
     pub kv_used: usize,
@@ -194,6 +196,8 @@ pub struct Occupancy {
     pub kv_cached: usize,
     /// The prefix cache's counters so far.
     pub cache: CacheCounters,
+    /// Sequences preempted so far (the KV cache ran short; recomputed later).
+    pub preemptions: u64,
 }
 
 /// Receives the engine's numbers (the frontend's Prometheus metrics implement it).
@@ -260,6 +264,8 @@ impl EngineHandle {
             config: config.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            preempted: VecDeque::new(),
+            preemptions: 0,
             observer,
             commands: rx,
             last_occupancy: None,
@@ -352,6 +358,13 @@ impl Sequence {
     }
 }
 
+/// Where the next sequence to admit comes from (an index into the list).
+#[derive(Debug, Clone, Copy)]
+enum Candidate {
+    Preempted(usize),
+    Waiting(usize),
+}
+
 struct Engine {
     model: Arc<Transformer>,
     kv: PagedKv,
@@ -359,6 +372,11 @@ struct Engine {
     config: Arc<EngineConfig>,
     waiting: VecDeque<Pending>,
     running: Vec<Sequence>,
+    /// Sequences taken out of the batch when the cache ran short, holding no blocks,
+    /// to be admitted again.
+    preempted: VecDeque<Sequence>,
+    /// Preemptions so far.
+    preemptions: u64,
     observer: Arc<dyn EngineObserver>,
     commands: std_mpsc::Receiver<Command>,
     last_occupancy: Option<Occupancy>,
@@ -367,7 +385,8 @@ struct Engine {
 impl Engine {
     fn run(&mut self) {
         loop {
-            let idle = self.running.is_empty() && self.waiting.is_empty();
+            let idle =
+                self.running.is_empty() && self.waiting.is_empty() && self.preempted.is_empty();
             if idle {
                 // Nothing to do: sleep until a request arrives (or every handle is gone).
                 match self.commands.recv() {
@@ -385,13 +404,14 @@ impl Engine {
             }
             self.drop_gone();
             self.admit();
+            self.grow();
             self.report_occupancy();
             if !self.running.is_empty() {
                 self.step();
                 // Sequences that just ended freed their blocks: report it now, not when the
                 // next request arrives (the engine may go idle right after this step).
                 self.report_occupancy();
-            } else if !self.waiting.is_empty() {
+            } else if !self.waiting.is_empty() || !self.preempted.is_empty() {
                 // Waiting work that cannot be admitted with nothing running cannot happen
                 // (submit rejects what never fits); guard against a busy loop regardless.
                 std::thread::sleep(Duration::from_millis(1));
@@ -437,81 +457,202 @@ impl Engine {
                 i += 1;
             }
         }
+        let mut i = 0;
+        while i < self.preempted.len() {
+            let s = &self.preempted[i];
+            if s.events.is_closed() {
+                self.preempted.remove(i);
+            } else if s.deadline.is_some_and(|d| d <= now) {
+                if let Some(s) = self.preempted.remove(i) {
+                    self.ended(s, FinishReason::Deadline);
+                }
+            } else {
+                i += 1;
+            }
+        }
     }
 
-    /// Moves waiting requests into the batch — the highest rank first, then the oldest —
-    /// while blocks last and each finds fewer than `max_running` sequences of its rank or
+    /// Moves requests into the batch — preempted sequences and waiting requests, the
+    /// highest rank first, then the oldest (a preempted sequence before a waiting request
+    /// of its rank) — while each finds fewer than `max_running` sequences of its rank or
     /// above running (lower ranks pause while a higher one runs, so they never hold a
-    /// higher one back).
+    /// higher one back) and the blocks its tokens need are free, cached ones included.
+    /// Blocks are taken for the tokens known now (the prompt, or everything a preempted
+    /// sequence had); the sequence grows as it generates ([`Self::grow`]). While anything
+    /// runs, a watermark of 1% of the cache stays free, so an admission does not cause a
+    /// preemption in the very next step.
     fn admit(&mut self) {
-        while let Some(i) = (0..self.waiting.len())
-            .max_by_key(|&i| (self.waiting[i].request.rank, std::cmp::Reverse(i)))
-        {
-            let r = &self.waiting[i].request;
-            let at_or_above = self.running.iter().filter(|s| s.rank >= r.rank).count();
+        let bs = self.config.block_size;
+        loop {
+            let resume = (0..self.preempted.len()).max_by_key(|&i| {
+                let s = &self.preempted[i];
+                (s.rank, std::cmp::Reverse(s.submitted))
+            });
+            let new = (0..self.waiting.len())
+                .max_by_key(|&i| (self.waiting[i].request.rank, std::cmp::Reverse(i)));
+            let pick = match (resume, new) {
+                (Some(p), Some(w)) if self.preempted[p].rank >= self.waiting[w].request.rank => {
+                    Candidate::Preempted(p)
+                }
+                (_, Some(w)) => Candidate::Waiting(w),
+                (Some(p), None) => Candidate::Preempted(p),
+                (None, None) => return,
+            };
+            let (rank, tokens, salt) = match pick {
+                Candidate::Preempted(p) => {
+                    let s = &self.preempted[p];
+                    (s.rank, s.state.history(), s.salt)
+                }
+                Candidate::Waiting(w) => {
+                    let r = &self.waiting[w].request;
+                    (r.rank, r.prompt.as_slice(), r.cache_salt)
+                }
+            };
+            let at_or_above = self.running.iter().filter(|s| s.rank >= rank).count();
             if at_or_above >= self.config.max_running {
-                break;
+                return;
             }
-            let bs = self.config.block_size;
-            // The prompt's full blocks before its last token (which must run, for the
-            // logits of the first new token) are looked up in the prefix cache.
+            // The full blocks before the last token (which must run, for the logits of
+            // the next one) are looked up in the prefix cache.
             let cacheable = if self.config.prefix_cache {
-                (r.prompt.len() - 1) / bs
+                (tokens.len() - 1) / bs
             } else {
                 0
             };
-            let mut hashes = BlockHasher::chain(r.cache_salt, &r.prompt, bs, cacheable);
+            let mut hashes = BlockHasher::chain(salt, tokens, bs, cacheable);
+            let needed_total = blocks_for_tokens(tokens.len(), bs);
             let mut blocks = self.blocks.lookup(&hashes);
-            let needed = blocks_for_tokens(r.prompt.len() + r.max_tokens, bs) - blocks.len();
-            let Some(more) = self.blocks.allocate(needed) else {
-                self.blocks.release(blocks);
-                break;
+            let needed = needed_total - blocks.len();
+            let watermark = if self.running.is_empty() {
+                0
+            } else {
+                (self.config.kv_blocks / 100).max(1)
             };
-            let Some(p) = self.waiting.remove(i) else {
-                break;
+            let more = (self.blocks.free() >= needed + watermark)
+                .then(|| self.blocks.allocate(needed))
+                .flatten();
+            let Some(more) = more else {
+                self.blocks.release(blocks);
+                return;
             };
             hashes.truncate(blocks.len());
-            let mut hasher = BlockHasher::new(p.request.cache_salt);
-            for block in p.request.prompt.chunks_exact(bs).take(hashes.len()) {
-                hasher.next(block);
-            }
-            let cached_prompt = blocks.len() * bs;
+            let hasher = BlockHasher::after(salt, hashes.last().copied());
+            let cached = blocks.len() * bs;
             blocks.extend(more);
-            let queue_time = p.submitted.elapsed();
-            let _ = p.events.send(Event::Started {
-                queue_time,
-                cached_prompt_tokens: cached_prompt,
-            });
-            let mut sampler = Sampler::new(&p.request.sampling);
-            sampler.set_prompt_len(p.request.prompt.len());
-            let mut state = SeqState::new(p.request.prompt, p.request.max_tokens);
-            state.cached = cached_prompt;
-            self.running.push(Sequence {
-                sampler,
-                state,
-                stop_token_ids: p.request.stop_token_ids,
-                events: p.events,
-                submitted: p.submitted,
-                queue_time,
-                deadline: p.request.deadline,
-                blocks,
-                rank: p.request.rank,
-                hasher,
-                hashes,
-                salt: p.request.cache_salt,
-                cached_prompt,
-            });
+            match pick {
+                Candidate::Preempted(p) => {
+                    let mut s = self
+                        .preempted
+                        .swap_remove_back(p)
+                        .expect("an index from the list");
+                    s.state.cached = cached;
+                    s.blocks = blocks;
+                    s.hashes = hashes;
+                    s.hasher = hasher;
+                    self.running.push(s);
+                }
+                Candidate::Waiting(w) => {
+                    let p = self.waiting.remove(w).expect("an index from the queue");
+                    let queue_time = p.submitted.elapsed();
+                    let _ = p.events.send(Event::Started {
+                        queue_time,
+                        cached_prompt_tokens: cached,
+                    });
+                    let mut sampler = Sampler::new(&p.request.sampling);
+                    sampler.set_prompt_len(p.request.prompt.len());
+                    let mut state = SeqState::new(p.request.prompt, p.request.max_tokens);
+                    state.cached = cached;
+                    self.running.push(Sequence {
+                        sampler,
+                        state,
+                        stop_token_ids: p.request.stop_token_ids,
+                        events: p.events,
+                        submitted: p.submitted,
+                        queue_time,
+                        deadline: p.request.deadline,
+                        blocks,
+                        rank: p.request.rank,
+                        hasher,
+                        hashes,
+                        salt: p.request.cache_salt,
+                        cached_prompt: cached,
+                    });
+                }
+            }
         }
+    }
+
+    /// Gives every sequence that steps next (the top rank's) blocks for all its tokens
+    /// not yet in the cache. When the pool runs short, the sequence of the lowest rank
+    /// that arrived last is preempted — its blocks freed, its tokens kept, to be
+    /// recomputed when it is admitted again (from the prefix cache, as far as its blocks
+    /// are still there) — and the growth is tried again. A request whose whole budget
+    /// exceeds the cache is refused at submission, so the oldest sequence of the top rank
+    /// can always grow: every admitted request ends, by its own end or its client's.
+    fn grow(&mut self) {
+        let bs = self.config.block_size;
+        loop {
+            let Some(top) = self.running.iter().map(|s| s.rank).max() else {
+                return;
+            };
+            let mut order: Vec<usize> = (0..self.running.len())
+                .filter(|&i| self.running[i].rank == top)
+                .collect();
+            order.sort_by_key(|&i| self.running[i].submitted);
+            let mut short = false;
+            for i in order {
+                let s = &mut self.running[i];
+                let need = blocks_for_tokens(s.state.len(), bs).saturating_sub(s.blocks.len());
+                if need == 0 {
+                    continue;
+                }
+                match self.blocks.allocate(need) {
+                    Some(more) => s.blocks.extend(more),
+                    None => {
+                        short = true;
+                        break;
+                    }
+                }
+            }
+            if !short {
+                return;
+            }
+            let victim = (0..self.running.len())
+                .min_by_key(|&i| {
+                    let s = &self.running[i];
+                    (s.rank, std::cmp::Reverse(s.submitted))
+                })
+                .expect("a sequence runs");
+            self.preempt(victim);
+        }
+    }
+
+    /// Takes sequence `i` out of the batch: its blocks back to the pool (the computed
+    /// full ones stay in the prefix cache until evicted), its tokens and sampler kept.
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        self.blocks.release(std::mem::take(&mut s.blocks));
+        s.state.cached = 0;
+        s.hashes.clear();
+        s.hasher = BlockHasher::new(s.salt);
+        self.preemptions += 1;
+        tracing::debug!(
+            tokens = s.state.len(),
+            rank = s.rank,
+            "KV cache full: preempted a sequence, to recompute when blocks free up"
+        );
+        self.preempted.push_back(s);
     }
 
     fn report_occupancy(&mut self) {
         let now = Occupancy {
             running: self.running.len(),
-            waiting: self.waiting.len(),
+            waiting: self.waiting.len() + self.preempted.len(),
             kv_used: self.blocks.used(),
             kv_free: self.blocks.free(),
             kv_cached: self.blocks.cached(),
             cache: self.blocks.counters(),
+            preemptions: self.preemptions,
         };
         if self.last_occupancy != Some(now) {
             self.observer.occupancy(now);
@@ -693,6 +834,11 @@ impl Engine {
 
     fn finish(&mut self, i: usize, reason: FinishReason) {
         let s = self.running.remove(i);
+        self.ended(s, reason);
+    }
+
+    /// Tells `s`'s caller it ended, and frees its blocks.
+    fn ended(&mut self, s: Sequence, reason: FinishReason) {
         let _ = s.events.send(Event::Finished {
             reason,
             prompt_tokens: s.state.prompt_len(),

@@ -21,6 +21,7 @@
 //! | `switchyard_prefix_cache_queried_tokens_total` | counter | |
 //! | `switchyard_prefix_cache_hit_tokens_total` | counter | |
 //! | `switchyard_prefix_cache_evicted_blocks_total` | counter | |
+//! | `switchyard_preemptions_total` | counter | |
 //! | `switchyard_batch_size` | histogram | |
 //! | `switchyard_batch_tokens` | histogram | |
 //! | `switchyard_engine_step_duration_seconds` | histogram | |
@@ -100,6 +101,7 @@ pub struct FrontendMetrics {
     prefix_queried: IntCounter,
     prefix_hits: IntCounter,
     prefix_evicted: IntCounter,
+    preemptions: IntCounter,
     batch_size: Histogram,
     batch_tokens: Histogram,
     engine_step: Histogram,
@@ -220,7 +222,13 @@ impl FrontendMetrics {
         )
         .expect("static metric options are valid");
 
-        let collectors: [Box<dyn Collector>; 18] = [
+        let preemptions = counter(
+            "preemptions_total",
+            "Sequences taken out of the batch because the KV cache ran short (recomputed \
+             when blocks free up)",
+        );
+        let collectors: [Box<dyn Collector>; 19] = [
+            Box::new(preemptions.clone()),
             Box::new(prefix_queried.clone()),
             Box::new(prefix_hits.clone()),
             Box::new(prefix_evicted.clone()),
@@ -266,6 +274,7 @@ impl FrontendMetrics {
             prefix_queried,
             prefix_hits,
             prefix_evicted,
+            preemptions,
             batch_size,
             batch_tokens,
             engine_step,
@@ -358,9 +367,15 @@ impl FrontendMetrics {
 
     /// The prefix cache's size and its counters so far (monotonic; only the growth is
     /// added).
-    pub fn set_prefix_cache(&self, cached_blocks: u64, c: crate::engine::kv_cache::CacheCounters) {
+    pub fn set_prefix_cache(
+        &self,
+        cached_blocks: u64,
+        c: crate::engine::kv_cache::CacheCounters,
+        preemptions: u64,
+    ) {
         self.kv_cached.set(gauge_value(cached_blocks));
         for (counter, total) in [
+            (&self.preemptions, preemptions),
             (&self.prefix_queried, c.queried_tokens),
             (&self.prefix_hits, c.hit_tokens),
             (&self.prefix_evicted, c.evicted_blocks),

@@ -542,6 +542,6 @@ impl crate::engine::EngineObserver for FrontendMetrics {
     fn occupancy(&self, o: Occupancy) {
         self.set_sequences(o.running as u64, o.waiting as u64);
         self.set_kv_blocks(o.kv_used as u64, o.kv_free as u64);
-        self.set_prefix_cache(o.kv_cached as u64, o.cache);
+        self.set_prefix_cache(o.kv_cached as u64, o.cache, o.preemptions);
     }
 }
