@@ -196,6 +196,14 @@ struct BenchArgs {
     /// Prompt length in tokens (prompts are token ids, so the length is exact).
     #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     prompt_tokens: u32,
+    /// Tokens every prompt starts with, the same for all (a shared system prompt), before
+    /// its own --prompt-tokens: what the server's prefix cache serves.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    shared_prefix_tokens: u32,
+    /// Seed of the shared prefix's tokens (default: --seed), so runs with different
+    /// questions can share one system prompt.
+    #[arg(long, value_name = "N")]
+    shared_prefix_seed: Option<u64>,
     /// Draw each prompt's length uniformly from prompt-tokens ± this.
     #[arg(long, value_name = "N", default_value_t = 0)]
     prompt_tokens_jitter: u32,
@@ -233,6 +241,11 @@ struct BenchArgs {
     /// Print the report as JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// Which of the frontend's APIs to call: grpc (GenerateStream over HTTP/2), or openai
+    /// (streamed POST /v1/completions over HTTP/1.1 keep-alive connections, plaintext;
+    /// the same requests, for comparing the two).
+    #[arg(long, value_enum, default_value = "grpc")]
+    api: BenchApi,
     /// No progress line on stderr.
     #[arg(long)]
     no_progress: bool,
@@ -535,6 +548,27 @@ async fn target_model(channel: Channel, model: &str, key: Option<&ApiKey>) -> Op
     }
 }
 
+/// The API `switchyard bench` calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchApi {
+    Grpc,
+    Openai,
+}
+
+/// `host:port` of a plaintext `http://` endpoint, for the HTTP client of `--api openai`.
+fn http_authority(addr: &str) -> anyhow::Result<String> {
+    let uri: http::Uri = addr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--addr {addr:?}: not a URI ({e})"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(authority)) if authority.port().is_some() => Ok(authority.to_string()),
+        _ => anyhow::bail!(
+            "--api openai: --addr must be a plaintext http://HOST:PORT endpoint (got {addr:?}); \
+             TLS endpoints are not supported by the bench's HTTP client"
+        ),
+    }
+}
+
 async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
     let tenants = bench_tenants(&args)?;
     let mut workload = Workload {
@@ -547,6 +581,7 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
             end: 8000,
         }),
         priority: args.priority,
+        shared_prefix: Vec::new(),
     };
     let load = match (args.rate, args.concurrency) {
         (Some(rate), _) => Load::Open { rate },
@@ -563,21 +598,30 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
     for _ in 0..args.connections {
         channels.push(client::connect(addr).await?);
     }
-    if let Some(model) = target_model(
+    let model = target_model(
         channels[0].clone(),
         &args.model,
         tenants[0].api_key.as_ref(),
     )
-    .await
+    .await;
+    if let Some(model) = &model
+        && args.vocab_range.is_none()
+        && model.vocab_size > 0
+        && model.vocab_size < 8000
     {
-        if args.vocab_range.is_none() && model.vocab_size > 0 && model.vocab_size < 8000 {
-            let v = model.vocab_size;
-            workload.vocab = VocabRange {
-                start: v / 4,
-                end: (v / 4 * 3).max(v / 4 + 1),
-            };
-        }
-        workload.check_against(&model)?;
+        let v = model.vocab_size;
+        workload.vocab = VocabRange {
+            start: v / 4,
+            end: (v / 4 * 3).max(v / 4 + 1),
+        };
+    }
+    workload.shared_prefix = Workload::prefix(
+        workload.vocab,
+        args.shared_prefix_tokens,
+        args.shared_prefix_seed.unwrap_or(args.seed),
+    );
+    if let Some(model) = &model {
+        workload.check_against(model)?;
     }
 
     let progress = if args.no_progress {
@@ -635,6 +679,10 @@ async fn run_bench(addr: &str, args: BenchArgs) -> anyhow::Result<()> {
         series: args.series.as_ref().map(|_| loadgen::SeriesOptions {
             replicas_command: args.replicas_command.clone(),
         }),
+        openai: match args.api {
+            BenchApi::Grpc => None,
+            BenchApi::Openai => Some(http_authority(addr)?),
+        },
     };
     if !args.no_progress {
         eprintln!("{}", start_line(&config, addr));
@@ -741,13 +789,23 @@ fn start_line(config: &BenchConfig, addr: &str) -> String {
             } else {
                 String::new()
             };
+            let shared = if w.shared_prefix.is_empty() {
+                String::new()
+            } else {
+                format!(" after a shared prefix of {}", w.shared_prefix.len())
+            };
             format!(
-                ", prompts {}{jitter} tokens, outputs {} tokens",
+                ", prompts {}{jitter} tokens{shared}, outputs {} tokens",
                 w.prompt_tokens, w.output_tokens
             )
         });
+    let api = if config.openai.is_some() {
+        " (OpenAI HTTP API)"
+    } else {
+        ""
+    };
     format!(
-        "bench {addr}: {load}, {stop}, {tenants} tenant{}{shape}",
+        "bench {addr}{api}: {load}, {stop}, {tenants} tenant{}{shape}",
         if tenants == 1 { "" } else { "s" }
     )
 }

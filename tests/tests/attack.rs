@@ -74,6 +74,7 @@ fn workload() -> Workload {
             end: 300,
         },
         priority: Priority::Unspecified,
+        shared_prefix: Vec::new(),
     }
 }
 
@@ -107,6 +108,7 @@ async fn run(f: &FrontendProcess, kind: ScenarioKind, seconds: u64) -> Report {
             seed: 7,
             progress: ProgressMode::Off,
             series: None,
+            openai: None,
         },
         std::future::pending(),
     )

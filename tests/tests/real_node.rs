@@ -252,6 +252,7 @@ async fn bench_series(
             end: 300,
         },
         priority: pb::Priority::Unspecified,
+        shared_prefix: Vec::new(),
     };
     let (scenario, total) =
         Scenario::named_shaped(kind, tenants, workload, 1.0, 5.0, shape).expect("the scenario");
@@ -273,6 +274,7 @@ async fn bench_series(
             series: Some(loadgen::SeriesOptions {
                 replicas_command: Some(replicas_command.to_string()),
             }),
+            openai: None,
         },
         std::future::pending(),
     )

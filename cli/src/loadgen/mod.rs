@@ -14,6 +14,8 @@
 //!   length, [`Scenario`]; flag parsers ([`parse_duration`], [`VocabRange`]).
 //! - [`schedule`]: Poisson arrival times and the weighted split between tenants.
 //! - [`call`]: [`measure_stream`], one `GenerateStream` call timed by the client.
+//! - [`openai`]: the same call as a streamed `POST /v1/completions` over HTTP/1.1
+//!   (`--api openai`), to compare the frontend's two APIs.
 //! - [`stats`]: latency distributions with exact nearest-rank percentiles.
 //! - [`report`]: aggregation per tenant, the human table and the JSON report.
 //! - [`run`]: [`run_bench`], which drives it all.
@@ -33,6 +35,7 @@
 pub mod abuse;
 pub mod call;
 pub mod generate;
+pub mod openai;
 pub mod report;
 pub use switchyard_edge::rng;
 pub mod run;

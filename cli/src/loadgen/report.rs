@@ -26,6 +26,8 @@ pub struct RequestOutcome {
     pub e2e: Duration,
     /// The prompt's tokens as the summary reports them (else as sent).
     pub prompt_tokens: u64,
+    /// Of those, served from the server's prefix cache (the summary's usage).
+    pub cached_prompt_tokens: u64,
     /// Tokens received.
     pub output_tokens: u64,
     /// A failed call's status carried `grpc-retry-pushback-ms` (the server said when to
@@ -53,11 +55,9 @@ impl RequestOutcome {
             (Ok(()), Some(reason)) => Ok(reason),
             (Ok(()), None) => Err("no_summary".into()),
         };
-        let prompt_tokens = m
-            .summary
-            .as_ref()
-            .and_then(|s| s.usage.as_ref())
-            .map_or(sent_prompt_tokens, |u| u64::from(u.prompt_tokens));
+        let usage = m.summary.as_ref().and_then(|s| s.usage.as_ref());
+        let prompt_tokens = usage.map_or(sent_prompt_tokens, |u| u64::from(u.prompt_tokens));
+        let cached_prompt_tokens = usage.map_or(0, |u| u64::from(u.cached_prompt_tokens));
         let pushback = matches!(&m.result, Err(super::call::CallError::Status(s))
             if s.metadata().contains_key("grpc-retry-pushback-ms"));
         Self {
@@ -70,6 +70,7 @@ impl RequestOutcome {
             result,
             itl: m.itl,
             prompt_tokens,
+            cached_prompt_tokens,
             output_tokens: m.output_tokens,
         }
     }
@@ -83,6 +84,7 @@ struct GroupStats {
     errors: BTreeMap<String, u64>,
     finish_reasons: BTreeMap<String, u64>,
     prompt_tokens: u64,
+    cached_prompt_tokens: u64,
     output_tokens: u64,
     ttft: LatencyHistogram,
     itl: LatencyHistogram,
@@ -98,6 +100,7 @@ impl GroupStats {
                 self.ok += 1;
                 *self.finish_reasons.entry(reason.clone()).or_insert(0) += 1;
                 self.prompt_tokens += o.prompt_tokens;
+                self.cached_prompt_tokens += o.cached_prompt_tokens;
                 self.output_tokens += o.output_tokens;
                 if let Some(ttft) = o.ttft {
                     self.ttft.record(ttft);
@@ -139,8 +142,10 @@ impl GroupStats {
             errors: self.errors.clone(),
             finish_reasons: self.finish_reasons.clone(),
             prompt_tokens: self.prompt_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
             output_tokens: self.output_tokens,
             requests_per_s: per_s(self.ok),
+            computed_prompt_tokens_per_s: per_s(self.prompt_tokens - self.cached_prompt_tokens),
             output_tokens_per_s: per_s(self.output_tokens),
             total_tokens_per_s: per_s(self.prompt_tokens + self.output_tokens),
             ttft: self.ttft.summary(),
@@ -231,6 +236,8 @@ impl Aggregator {
 /// How a benchmark was run, as its report states it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunInfo {
+    /// `grpc` (`GenerateStream`) or `openai` (streamed `POST /v1/completions`).
+    pub api: &'static str,
     /// The scenario's name.
     pub scenario: String,
     /// `closed` (fixed concurrency) or `open` (Poisson arrivals at a rate).
@@ -279,12 +286,16 @@ pub struct GroupReport {
     pub finish_reasons: BTreeMap<String, u64>,
     /// Prompt and output tokens of successful requests.
     pub prompt_tokens: u64,
+    /// Of the prompt tokens, those the server's prefix cache served.
+    pub cached_prompt_tokens: u64,
     pub output_tokens: u64,
     /// Successful requests, their output tokens, and their prompt plus output tokens, per
     /// second of the measured window.
     pub requests_per_s: f64,
     pub output_tokens_per_s: f64,
     pub total_tokens_per_s: f64,
+    /// Prompt tokens the server computed (not from its prefix cache) per second.
+    pub computed_prompt_tokens_per_s: f64,
     /// Time to first token of successful requests.
     pub ttft: Option<LatencySummary>,
     /// Inter-token latency, one sample per token after the first.
@@ -389,9 +400,19 @@ pub fn format_report(report: &Report) -> String {
         "throughput: {:.2} req/s, {:.1} output tok/s, {:.1} total tok/s",
         total.requests_per_s, total.output_tokens_per_s, total.total_tokens_per_s
     );
+    let cached = if total.cached_prompt_tokens > 0 {
+        format!(
+            " ({} from the prefix cache, {:.1}%; {:.1} computed prompt tok/s)",
+            total.cached_prompt_tokens,
+            100.0 * total.cached_prompt_tokens as f64 / total.prompt_tokens as f64,
+            total.computed_prompt_tokens_per_s
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "tokens: {} prompt, {} output",
+        "tokens: {} prompt{cached}, {} output",
         total.prompt_tokens, total.output_tokens
     );
     if let (Some(met), Some(goodput)) = (total.within_ttft_slo, total.goodput_per_s) {
@@ -544,6 +565,7 @@ mod tests {
             ],
             e2e: Duration::from_millis(ttft_ms + 40),
             prompt_tokens: 100,
+            cached_prompt_tokens: 0,
             output_tokens: 4,
         }
     }
@@ -561,6 +583,7 @@ mod tests {
         agg.add(&warm);
         assert_eq!(agg.window(), Duration::from_secs(2));
         agg.report(RunInfo {
+            api: "grpc",
             scenario: "uniform".into(),
             mode: "closed",
             concurrency: Some(4),
@@ -613,6 +636,7 @@ mod tests {
         let agg = Aggregator::new(vec![("x".into(), 1)], base);
         assert_eq!(agg.window(), Duration::ZERO);
         let r = agg.report(RunInfo {
+            api: "grpc",
             scenario: "s".into(),
             mode: "open",
             concurrency: None,

@@ -60,6 +60,10 @@ pub struct BenchConfig {
     pub progress: ProgressMode,
     /// Record the time series ([`Report::series`]).
     pub series: Option<SeriesOptions>,
+    /// `Some(host:port)`: send the requests as streamed `POST /v1/completions` over
+    /// HTTP/1.1 to that address instead of gRPC (the channels then only serve
+    /// `ListModels` before the run).
+    pub openai: Option<String>,
 }
 
 /// What the time series records besides the traffic.
@@ -131,6 +135,11 @@ impl BenchConfig {
             Load::Open { rate } => ("open", None, Some(rate)),
         };
         RunInfo {
+            api: if self.openai.is_some() {
+                "openai"
+            } else {
+                "grpc"
+            },
             scenario: self.scenario.name.clone(),
             mode,
             concurrency,
@@ -232,6 +241,8 @@ struct Shared {
     planner: Mutex<Planner>,
     counters: Counters,
     clients: Vec<InferenceClient<Channel>>,
+    /// With `BenchConfig::openai`: the HTTP connections the requests go over instead.
+    http: Option<super::openai::HttpPool>,
     next_client: AtomicUsize,
     keys: Vec<Option<ApiKey>>,
     timeout: Duration,
@@ -274,18 +285,29 @@ impl Shared {
         };
         let counters = &self.counters;
         counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let measurement = measure_stream(
-            client,
-            planned.request,
-            self.keys[planned.tenant].as_ref(),
-            Some(self.timeout),
-            |chunk| {
-                counters
-                    .output_tokens
-                    .fetch_add(chunk.token_ids.len() as u64, Ordering::Relaxed);
-            },
-        )
-        .await;
+        let key = self.keys[planned.tenant].as_ref();
+        let measurement = match &self.http {
+            None => {
+                measure_stream(client, planned.request, key, Some(self.timeout), |chunk| {
+                    counters
+                        .output_tokens
+                        .fetch_add(chunk.token_ids.len() as u64, Ordering::Relaxed);
+                })
+                .await
+            }
+            Some(pool) => {
+                super::openai::measure_completion(
+                    pool,
+                    planned.request,
+                    key,
+                    Some(self.timeout),
+                    |n| {
+                        counters.output_tokens.fetch_add(n, Ordering::Relaxed);
+                    },
+                )
+                .await
+            }
+        };
         let outcome = RequestOutcome::from_measurement(
             planned.tenant,
             planned.measured,
@@ -343,6 +365,7 @@ pub async fn run_bench(
         }),
         counters: Counters::default(),
         clients: channels.into_iter().map(InferenceClient::new).collect(),
+        http: config.openai.as_deref().map(super::openai::HttpPool::new),
         next_client: AtomicUsize::new(0),
         keys: tenants.iter().map(|t| t.tenant.api_key.clone()).collect(),
         timeout: config.timeout,

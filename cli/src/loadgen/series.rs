@@ -166,6 +166,7 @@ mod tests {
             itl: Vec::new(),
             e2e: Duration::from_millis(ttft_ms),
             prompt_tokens: 1,
+            cached_prompt_tokens: 0,
             output_tokens: 1,
             pushback: false,
         }

@@ -231,6 +231,7 @@ fn workload(model: &str) -> Workload {
             end: 2000,
         },
         priority: Priority::Unspecified,
+        shared_prefix: Vec::new(),
     }
 }
 
@@ -254,6 +255,7 @@ fn config(scenario: Scenario, load: Load, requests: Option<u64>) -> BenchConfig 
         seed: 1,
         progress: ProgressMode::Off,
         series: None,
+        openai: None,
     }
 }
 

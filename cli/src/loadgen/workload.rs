@@ -62,6 +62,12 @@ impl ApiKey {
         Ok(Self(value))
     }
 
+    /// The `authorization` value (`Bearer <key>`), for an HTTP request.
+    pub fn header(&self) -> &str {
+        // Built from visible ASCII in `new`.
+        self.0.to_str().unwrap_or_default()
+    }
+
     /// Adds the `authorization` entry to `request`.
     pub fn authorize<T>(&self, request: &mut tonic::Request<T>) {
         request
@@ -273,12 +279,25 @@ pub struct Workload {
     /// Token ids prompts draw from.
     pub vocab: VocabRange,
     pub priority: Priority,
+    /// Tokens every prompt starts with (a shared system prompt), before its own
+    /// `prompt_tokens`.
+    pub shared_prefix: Vec<u32>,
 }
 
 impl Workload {
     /// The longest prompt this workload sends.
     pub fn max_prompt_tokens(&self) -> u32 {
-        self.prompt_tokens.saturating_add(self.prompt_tokens_jitter)
+        self.prompt_tokens
+            .saturating_add(self.prompt_tokens_jitter)
+            .saturating_add(u32::try_from(self.shared_prefix.len()).unwrap_or(u32::MAX))
+    }
+
+    /// `n` token ids from `vocab`, the same for the same `seed`: a shared prefix.
+    pub fn prefix(vocab: VocabRange, n: u32, seed: u64) -> Vec<u32> {
+        let mut rng = Rng::new(seed ^ 0x5348_4152_4544);
+        (0..n)
+            .map(|_| rng.range_u32(vocab.start, vocab.end))
+            .collect()
     }
 
     /// Draws one request: a prompt of random ids from `vocab`, its length jittered.
@@ -287,11 +306,13 @@ impl Workload {
             .prompt_tokens
             .saturating_sub(self.prompt_tokens_jitter)
             .max(1);
-        let high = self.max_prompt_tokens().max(low);
+        let high = self
+            .prompt_tokens
+            .saturating_add(self.prompt_tokens_jitter)
+            .max(low);
         let len = rng.range_u32(low, high.saturating_add(1));
-        let ids = (0..len)
-            .map(|_| rng.range_u32(self.vocab.start, self.vocab.end))
-            .collect();
+        let mut ids = self.shared_prefix.clone();
+        ids.extend((0..len).map(|_| rng.range_u32(self.vocab.start, self.vocab.end)));
         GenerateRequest {
             model: self.model.clone(),
             input: Some(generate_request::Input::TokenIds(TokenIds { ids })),
@@ -714,6 +735,7 @@ mod tests {
                 end: 110,
             },
             priority: Priority::Unspecified,
+            shared_prefix: Vec::new(),
         }
     }
 
@@ -722,6 +744,27 @@ mod tests {
             Some(generate_request::Input::TokenIds(t)) => t.ids.len(),
             other => panic!("expected token ids, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_shared_prefix_starts_every_prompt() {
+        let mut w = workload(8, 0);
+        w.shared_prefix = Workload::prefix(w.vocab, 20, 9);
+        assert_eq!(w.shared_prefix, Workload::prefix(w.vocab, 20, 9), "seeded");
+        assert_eq!(w.max_prompt_tokens(), 28);
+        let mut rng = Rng::new(1);
+        let ids = |r: GenerateRequest| match r.input {
+            Some(generate_request::Input::TokenIds(t)) => t.ids,
+            _ => panic!("token ids"),
+        };
+        let (a, b) = (
+            ids(w.request(&mut rng, String::new())),
+            ids(w.request(&mut rng, String::new())),
+        );
+        assert_eq!((a.len(), b.len()), (28, 28));
+        assert_eq!(a[..20], w.shared_prefix[..]);
+        assert_eq!(b[..20], w.shared_prefix[..]);
+        assert_ne!(a[20..], b[20..], "each its own question");
     }
 
     #[test]
