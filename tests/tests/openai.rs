@@ -61,6 +61,25 @@ fn admission_config(dir: &Path) -> PathBuf {
     path
 }
 
+/// A frontend of the tiny MoE fixture with the tiers of [`admission_config`], and the
+/// directory holding its configuration (removed when dropped).
+async fn frontend(name: &str) -> (FrontendProcess, TempDir) {
+    let dir = TempDir::new(name).expect("temp dir");
+    let config = admission_config(dir.path());
+    let frontend = FrontendProcess::start(
+        &fixture_model("qwen3_moe"),
+        &[
+            "--model-id",
+            MODEL_ID,
+            "--admission-config",
+            config.to_str().expect("utf-8"),
+        ],
+    )
+    .await
+    .expect("frontend");
+    (frontend, dir)
+}
+
 /// The gRPC API's answer to the greedy request the script sends.
 async fn grpc_text(frontend: &FrontendProcess, input: pb::generate_request::Input) -> String {
     let mut client = InferenceClient::connect(frontend.endpoint())
@@ -99,19 +118,7 @@ fn series(metrics: &str, name: &str) -> f64 {
 #[tokio::test]
 async fn the_official_openai_client_talks_to_the_frontend() {
     let python = python();
-    let dir = TempDir::new("openai").expect("temp dir");
-    let config = admission_config(dir.path());
-    let frontend = FrontendProcess::start(
-        &fixture_model("qwen3_moe"),
-        &[
-            "--model-id",
-            MODEL_ID,
-            "--admission-config",
-            config.to_str().expect("utf-8"),
-        ],
-    )
-    .await
-    .expect("frontend");
+    let (frontend, _dir) = frontend("openai").await;
 
     let script = repo().join("tests/python/openai_client.py");
     let run = tokio::process::Command::new(&python)
@@ -257,19 +264,7 @@ fn keyed(body: pb::GenerateRequest, key: &str) -> tonic::Request<pb::GenerateReq
 
 #[tokio::test]
 async fn a_tenant_reuses_its_own_prompt_prefix_and_never_another_tenants() {
-    let dir = TempDir::new("prefix-cache").expect("temp dir");
-    let config = admission_config(dir.path());
-    let frontend = FrontendProcess::start(
-        &fixture_model("qwen3_moe"),
-        &[
-            "--model-id",
-            MODEL_ID,
-            "--admission-config",
-            config.to_str().expect("utf-8"),
-        ],
-    )
-    .await
-    .expect("frontend");
+    let (frontend, _dir) = frontend("prefix-cache").await;
     let mut client = InferenceClient::connect(frontend.endpoint())
         .await
         .expect("connect");

@@ -88,6 +88,32 @@ pub struct Measurement {
 }
 
 impl Measurement {
+    /// A call sent at `sent`, nothing received yet.
+    pub fn started(sent: Instant) -> Self {
+        Self {
+            sent,
+            first_token: None,
+            last_token: None,
+            ended: sent,
+            itl: Vec::new(),
+            output_tokens: 0,
+            summary: None,
+            result: Ok(()),
+        }
+    }
+
+    /// Ends the measurement with how the call ended: `Ok` only with a summary; a failed
+    /// call ends now.
+    pub fn finish(&mut self, result: Result<(), CallError>) {
+        self.result = match result {
+            Ok(()) if self.summary.is_none() => Err(CallError::NoSummary),
+            other => other,
+        };
+        if self.result.is_err() {
+            self.ended = Instant::now();
+        }
+    }
+
     /// Time to first token, from sending the request.
     pub fn ttft(&self) -> Option<Duration> {
         self.first_token.map(|t| t - self.sent)
@@ -122,17 +148,7 @@ pub async fn measure_stream(
         request.set_timeout(timeout);
     }
     authorize(&mut request, key);
-    let sent = Instant::now();
-    let mut m = Measurement {
-        sent,
-        first_token: None,
-        last_token: None,
-        ended: sent,
-        itl: Vec::new(),
-        output_tokens: 0,
-        summary: None,
-        result: Ok(()),
-    };
+    let mut m = Measurement::started(Instant::now());
     let call = async {
         let mut stream = client.generate_stream(request).await?.into_inner();
         while let Some(message) = stream.message().await? {
@@ -166,12 +182,6 @@ pub async fn measure_stream(
         },
         None => call.await.map_err(CallError::Status),
     };
-    m.result = match result {
-        Ok(()) if m.summary.is_none() => Err(CallError::NoSummary),
-        other => other,
-    };
-    if m.result.is_err() {
-        m.ended = Instant::now();
-    }
+    m.finish(result);
     m
 }

@@ -109,17 +109,7 @@ pub async fn measure_completion(
     timeout: Option<Duration>,
     mut on_tokens: impl FnMut(u64),
 ) -> Measurement {
-    let sent = Instant::now();
-    let mut m = Measurement {
-        sent,
-        first_token: None,
-        last_token: None,
-        ended: sent,
-        itl: Vec::new(),
-        output_tokens: 0,
-        summary: None,
-        result: Ok(()),
-    };
+    let mut m = Measurement::started(Instant::now());
     let call = exchange(pool, &request, key, &mut m, &mut on_tokens);
     let result = match timeout {
         Some(limit) => match tokio::time::timeout(limit, call).await {
@@ -128,13 +118,7 @@ pub async fn measure_completion(
         },
         None => call.await,
     };
-    m.result = match result {
-        Ok(()) if m.summary.is_none() => Err(CallError::NoSummary),
-        other => other,
-    };
-    if m.result.is_err() {
-        m.ended = Instant::now();
-    }
+    m.finish(result);
     m
 }
 
@@ -344,16 +328,7 @@ mod tests {
 
     #[test]
     fn the_usage_chunk_makes_the_summary() {
-        let mut m = Measurement {
-            sent: Instant::now(),
-            first_token: None,
-            last_token: None,
-            ended: Instant::now(),
-            itl: Vec::new(),
-            output_tokens: 0,
-            summary: None,
-            result: Ok(()),
-        };
+        let mut m = Measurement::started(Instant::now());
         let (mut n, mut error) = (0, None);
         for data in [
             r#"{"choices":[{"text":"a","index":0}]}"#,

@@ -645,19 +645,38 @@ fn parse<T: serde::de::DeserializeOwned>(json: Value) -> Result<T, Status> {
     serde_json::from_value(json).map_err(|e| Status::invalid_argument(format!("request body: {e}")))
 }
 
-/// The sampling parameters, and whether to stream (`Some(include_usage)`).
-#[allow(clippy::too_many_arguments)]
-fn sampling(
-    json: &Value,
+/// The fields both endpoints map the same way, as their typed requests hold them.
+struct Common {
+    model: String,
     max_tokens: Option<u32>,
     temperature: Option<f32>,
     top_p: Option<f32>,
     seed: Option<i64>,
-    stop: Option<Vec<String>>,
+    stop: Option<async_openai::types::chat::StopConfiguration>,
     presence_penalty: Option<f32>,
     stream: Option<bool>,
-    include_usage: Option<bool>,
-) -> Result<(pb::SamplingParams, Option<bool>), Status> {
+    stream_options: Option<async_openai::types::chat::ChatCompletionStreamOptions>,
+}
+
+/// The generation request for `input` with `c`'s sampling (and the extensions in `json`),
+/// and whether to stream (`Some(include_usage)`).
+fn generation(
+    json: &Value,
+    c: Common,
+    input: pb::generate_request::Input,
+) -> Result<(pb::GenerateRequest, Option<bool>), Status> {
+    use async_openai::types::chat::StopConfiguration;
+    let Common {
+        model,
+        max_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
+        presence_penalty,
+        stream,
+        stream_options,
+    } = c;
     let ext: Extensions = parse(json.clone())?;
     if let Some(options) = given(json, "stream_options") {
         if stream != Some(true) {
@@ -683,22 +702,26 @@ fn sampling(
         top_p,
         seed,
         max_tokens,
-        stop: stop.unwrap_or_default(),
+        stop: match stop {
+            None => Vec::new(),
+            Some(StopConfiguration::String(s)) => vec![s],
+            Some(StopConfiguration::StringArray(v)) => v,
+        },
         stop_token_ids: ext.stop_token_ids.unwrap_or_default(),
         ignore_eos: ext.ignore_eos.unwrap_or(false),
         repetition_penalty: ext.repetition_penalty,
         presence_penalty,
     };
+    let include_usage = stream_options.and_then(|o| o.include_usage);
     let stream = (stream == Some(true)).then_some(include_usage.unwrap_or(false));
-    Ok((params, stream))
-}
-
-fn stop_list(stop: Option<async_openai::types::chat::StopConfiguration>) -> Option<Vec<String>> {
-    use async_openai::types::chat::StopConfiguration;
-    stop.map(|s| match s {
-        StopConfiguration::String(s) => vec![s],
-        StopConfiguration::StringArray(v) => v,
-    })
+    let request = pb::GenerateRequest {
+        model,
+        input: Some(input),
+        sampling: Some(params),
+        priority: 0,
+        request_id: None,
+    };
+    Ok((request, stream))
 }
 
 /// `POST /v1/chat/completions`'s body as a generation request, and whether to stream.
@@ -725,29 +748,19 @@ fn chat_request(json: Value) -> Result<(pb::GenerateRequest, Option<bool>), Stat
     };
     #[allow(deprecated)]
     let seed = req.seed;
-    let (sampling, stream) = sampling(
-        &json,
+    let common = Common {
+        model: req.model,
         max_tokens,
-        req.temperature,
-        req.top_p,
+        temperature: req.temperature,
+        top_p: req.top_p,
         seed,
-        stop_list(req.stop),
-        req.presence_penalty,
-        req.stream,
-        req.stream_options.and_then(|o| o.include_usage),
-    )?;
-    Ok((
-        pb::GenerateRequest {
-            model: req.model,
-            input: Some(pb::generate_request::Input::Chat(pb::ChatMessages {
-                messages,
-            })),
-            sampling: Some(sampling),
-            priority: 0,
-            request_id: None,
-        },
-        stream,
-    ))
+        stop: req.stop,
+        presence_penalty: req.presence_penalty,
+        stream: req.stream,
+        stream_options: req.stream_options,
+    };
+    let input = pb::generate_request::Input::Chat(pb::ChatMessages { messages });
+    generation(&json, common, input)
 }
 
 /// `messages`: each a role and text content (a string, or text parts).
@@ -842,27 +855,18 @@ fn completion_request(json: Value) -> Result<(pb::GenerateRequest, Option<bool>)
             ));
         }
     };
-    let (sampling, stream) = sampling(
-        &json,
-        req.max_tokens,
-        req.temperature,
-        req.top_p,
-        req.seed,
-        stop_list(req.stop),
-        req.presence_penalty,
-        req.stream,
-        req.stream_options.and_then(|o| o.include_usage),
-    )?;
-    Ok((
-        pb::GenerateRequest {
-            model: req.model,
-            input: Some(input),
-            sampling: Some(sampling),
-            priority: 0,
-            request_id: None,
-        },
-        stream,
-    ))
+    let common = Common {
+        model: req.model,
+        max_tokens: req.max_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+        stop: req.stop,
+        presence_penalty: req.presence_penalty,
+        stream: req.stream,
+        stream_options: req.stream_options,
+    };
+    generation(&json, common, input)
 }
 
 /// The OpenAI status, and error body, of a gRPC status.
