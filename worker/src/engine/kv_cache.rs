@@ -381,6 +381,43 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_new_prompts_does_not_evict_another_tenants_hot_system_prompt() {
+        // A cache of 256 blocks of 16 tokens. The victim sends a 1,000-token system prompt
+        // (62 full blocks) and a new question each time; between two of its requests the
+        // flooder sends 10 prompts of 1,040 random tokens: 650 new blocks, 2.5 times the
+        // cache, so least-recently-used eviction alone would evict the system prompt before
+        // every victim request. Evicting the biggest holder's blocks first, the victim
+        // keeps it: every request after the first hits all 62 blocks.
+        let mut pool = BlockPool::new(256, 16);
+        let system: Vec<u32> = (0..1000).collect();
+        let mut next = 10_000u32;
+        let mut fresh = |n: usize| -> Vec<u32> {
+            (0..n)
+                .map(|_| {
+                    next += 1;
+                    next
+                })
+                .collect()
+        };
+        let mut hits = Vec::new();
+        for _ in 0..20 {
+            let mut prompt = system.clone();
+            prompt.extend(fresh(40));
+            hits.push(run(&mut pool, 1, &prompt).len());
+            for _ in 0..10 {
+                let flood = fresh(1040);
+                run(&mut pool, 2, &flood);
+            }
+        }
+        assert_eq!(hits[0], 0);
+        assert!(hits[1..].iter().all(|&h| h == 62), "{hits:?}");
+        assert!(
+            pool.counters().evicted_blocks > 1000,
+            "the flood churned the cache"
+        );
+    }
+
+    #[test]
     fn a_block_computed_twice_is_cached_once() {
         let mut pool = BlockPool::new(4, 2);
         let h = BlockHasher::chain(0, &[1, 2], 2, 1)[0];
