@@ -217,7 +217,7 @@ fn blocks_cpu(xs: &Tensor, q: &QTensor) -> Result<Option<Tensor>> {
     let Some(kind) = Blocks::of(q.dtype()) else {
         return Ok(None);
     };
-    if !xs.device().is_cpu() || xs.dtype() != DType::F32 || !kernel::available() {
+    if !xs.device().is_cpu() || xs.dtype() != DType::F32 || simd::Isa::detect() < simd::Isa::Avx2 {
         return Ok(None);
     }
     let (rows, k) = xs.dims2()?;
@@ -294,9 +294,14 @@ impl std::fmt::Debug for HeldRows<'_> {
 impl<'a> HeldRows<'a> {
     /// `None` for a quantized, non-contiguous, non-CPU or other-dtype weight.
     pub fn of(w: &'a Weight) -> Option<Self> {
-        let Weight::Dense(t) = w else {
-            return None;
-        };
+        match w {
+            Weight::Dense(t) => Self::of_tensor(t),
+            _ => None,
+        }
+    }
+
+    /// `None` for a non-contiguous, non-CPU or other-dtype tensor.
+    pub fn of_tensor(t: &'a Tensor) -> Option<Self> {
         if !t.is_contiguous() || !matches!(t.dtype(), DType::F32 | DType::BF16) {
             return None;
         }
@@ -328,8 +333,7 @@ impl<'a> HeldRows<'a> {
 /// CPU has none or the weight is not a plain contiguous CPU tensor.
 fn dense_cpu(xs: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let isa = simd::Isa::detect();
-    let w = Weight::Dense(w.clone());
-    let Some(held) = HeldRows::of(&w).filter(|_| isa != simd::Isa::None) else {
+    let Some(held) = HeldRows::of_tensor(w).filter(|_| isa != simd::Isa::None) else {
         return Ok(None);
     };
     let (rows, k) = xs.dims2()?;
@@ -346,21 +350,12 @@ fn dense_cpu(xs: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 
 #[cfg(target_arch = "x86_64")]
 mod kernel {
-    /// Whether this CPU runs the kernel.
-    pub fn available() -> bool {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-
     /// One row of 32-weight blocks of `kind` widened to f32 into `out`.
     #[allow(unsafe_code)]
     pub fn widen(kind: super::Blocks, row: &[u8], out: &mut [f32]) {
-        debug_assert!(available());
+        debug_assert!(super::simd::Isa::detect() >= super::simd::Isa::Avx2);
         // SAFETY: as for `rows_dot`: the routine only needs AVX2 and FMA, which every caller
-        // checked with `available()` first; it takes slices.
+        // checked with `simd::Isa::detect() >= Avx2` first; it takes slices.
         unsafe { widen_avx2(kind, row, out) }
     }
 
@@ -404,10 +399,6 @@ mod kernel {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod kernel {
-    pub fn available() -> bool {
-        false
-    }
-
     pub fn widen(_: super::Blocks, _: &[u8], _: &mut [f32]) {}
 }
 
