@@ -16,6 +16,8 @@
 //! - [`autoscale`]: the autoscaler: polls the frontends' legitimate demand, decides
 //!   (pure), writes the scale subresource and status (leader only).
 //! - [`http`]: a plain HTTP GET for the workers' and the operator's small endpoints.
+//! - [`placement`]: expert placement from measured load (pure): the even spread, and the
+//!   balanced placement with replicas of the hottest experts.
 //!
 //! Dependencies point one way: `reconcile` and `autoscale` use `build`, `status` and
 //! `metrics`; none of those uses them (metrics takes an error's `reason()`, not the
@@ -31,6 +33,7 @@ pub mod build;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod placement;
 pub mod reconcile;
 pub mod status;
 
