@@ -2168,17 +2168,23 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     // the count stays within 2 while the tier's demand is past its budget; in the second,
     // acme's spike (as in 7e) still gets its replicas on top.
     let t = Instant::now();
-    // Back to 1 frontend (the scale-down delay and the windows).
+    // Back to 1 frontend (the scale-down delay and the windows), and the frontends scaled
+    // away gone: on two cores, pods still draining their streams would slow the one left,
+    // and its legitimate demand would rise with it (a CI run's next scenario asked for 4).
     let back_to_one = |what: &'static str| {
+        let (pods, selector) = (client.clone(), frontend_selector.clone());
         node.wait_for(
             &client,
             namespace,
             &frontend_selector,
             what,
             POD_TIMEOUT,
-            move || async move {
-                let (replicas, _) = autoscaling().await?;
-                Ok(replicas == 1)
+            move || {
+                let (client, selector) = (pods.clone(), selector.clone());
+                async move {
+                    let (replicas, _) = autoscaling().await?;
+                    Ok(replicas == 1 && uids_of(&client, namespace, &selector).await.len() == 1)
+                }
             },
         )
     };
