@@ -336,7 +336,6 @@ struct Sequence {
     rank: u8,
     /// The prefix cache's chain over this sequence's full blocks: `hashes[i]` is block
     /// `i`'s, for the blocks whose keys and values are computed (or were found).
-    hasher: BlockHasher,
     hashes: Vec<BlockHash>,
     salt: u64,
     /// Prompt tokens found in the prefix cache.
@@ -347,11 +346,10 @@ impl Sequence {
     /// Puts every block that became full and computed in the prefix cache.
     fn cache_full_blocks(&mut self, pool: &mut BlockPool) {
         let bs = pool.block_size();
+        let mut hasher = BlockHasher::after(self.salt, self.hashes.last().copied());
         while (self.hashes.len() + 1) * bs <= self.state.cached {
             let i = self.hashes.len();
-            let hash = self
-                .hasher
-                .next(&self.state.history()[i * bs..(i + 1) * bs]);
+            let hash = hasher.next(&self.state.history()[i * bs..(i + 1) * bs]);
             pool.register(self.blocks[i], hash, self.salt);
             self.hashes.push(hash);
         }
@@ -536,7 +534,6 @@ impl Engine {
                 return;
             };
             hashes.truncate(blocks.len());
-            let hasher = BlockHasher::after(salt, hashes.last().copied());
             let cached = blocks.len() * bs;
             blocks.extend(more);
             match pick {
@@ -548,7 +545,6 @@ impl Engine {
                     s.state.cached = cached;
                     s.blocks = blocks;
                     s.hashes = hashes;
-                    s.hasher = hasher;
                     self.running.push(s);
                 }
                 Candidate::Waiting(w) => {
@@ -572,7 +568,6 @@ impl Engine {
                         deadline: p.request.deadline,
                         blocks,
                         rank: p.request.rank,
-                        hasher,
                         hashes,
                         salt: p.request.cache_salt,
                         cached_prompt: cached,
@@ -634,7 +629,6 @@ impl Engine {
         self.blocks.release(std::mem::take(&mut s.blocks));
         s.state.cached = 0;
         s.hashes.clear();
-        s.hasher = BlockHasher::new(s.salt);
         self.preemptions += 1;
         tracing::debug!(
             tokens = s.state.len(),
