@@ -640,9 +640,9 @@ fn neutral_fields() -> Vec<(&'static str, Value)> {
     ]
 }
 
-/// Parses `json` as `T`, the message naming what is wrong.
-fn parse<T: serde::de::DeserializeOwned>(json: Value) -> Result<T, Status> {
-    serde_json::from_value(json).map_err(|e| Status::invalid_argument(format!("request body: {e}")))
+/// Reads `json` as `T` (without copying the document), the message naming what is wrong.
+fn parse<T: serde::de::DeserializeOwned>(json: &Value) -> Result<T, Status> {
+    T::deserialize(json).map_err(|e| Status::invalid_argument(format!("request body: {e}")))
 }
 
 /// The fields both endpoints map the same way, as their typed requests hold them.
@@ -677,7 +677,7 @@ fn generation(
         stream,
         stream_options,
     } = c;
-    let ext: Extensions = parse(json.clone())?;
+    let ext: Extensions = parse(json)?;
     if let Some(options) = given(json, "stream_options") {
         if stream != Some(true) {
             return Err(Status::invalid_argument(
@@ -736,7 +736,7 @@ fn chat_request(json: Value) -> Result<(pb::GenerateRequest, Option<bool>), Stat
     ]);
     refuse_unsupported(&json, &accepted, &neutral_fields())?;
     let messages = chat_messages(given(&json, "messages"))?;
-    let req: CreateChatCompletionRequest = parse(json.clone())?;
+    let req: CreateChatCompletionRequest = parse(&json)?;
     #[allow(deprecated)]
     let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
         (Some(a), Some(b)) if a != b => {
@@ -838,7 +838,7 @@ fn completion_request(json: Value) -> Result<(pb::GenerateRequest, Option<bool>)
     let mut accepted = SAMPLING_FIELDS.to_vec();
     accepted.extend(["prompt", "stop_token_ids", "user"]);
     refuse_unsupported(&json, &accepted, &neutral_fields())?;
-    let req: CreateCompletionRequest = parse(json.clone())?;
+    let req: CreateCompletionRequest = parse(&json)?;
     let input = match req.prompt {
         Prompt::String(s) => pb::generate_request::Input::Prompt(s),
         Prompt::StringArray(mut v) if v.len() == 1 => {
