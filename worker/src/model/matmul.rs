@@ -136,6 +136,11 @@ pub fn linear_w(xs: &Tensor, w: &Weight) -> Result<Tensor> {
             if rows == 0 {
                 return Tensor::zeros((0, q.shape().dims2()?.0), xs.dtype(), xs.device());
             }
+            if xs.dtype() == DType::F32
+                && let Some(ys) = simd_cpu(xs, HeldRows::of(w), w.dims2()?)?
+            {
+                return Ok(ys);
+            }
             if let Some(ys) = blocks_cpu(xs, q)? {
                 return Ok(ys);
             }
@@ -158,7 +163,7 @@ pub fn linear(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
         && xs.device().is_cpu()
         && xs.dtype() == DType::F32
         && matches!(w.dtype(), DType::F32 | DType::BF16)
-        && let Some(ys) = dense_cpu(xs, w)?
+        && let Some(ys) = simd_cpu(xs, HeldRows::of_tensor(w), w.dims2()?)?
     {
         return Ok(ys);
     }
@@ -203,7 +208,8 @@ impl Blocks {
     }
 }
 
-/// `Q8_0`, `Q4_0` and `Q4_1` weights on the CPU with f32 activations, unquantized. candle's
+/// `Q8_0`, `Q4_0` and `Q4_1` weights on a CPU without [`simd::blocks`]' integer kernels (no
+/// AVX512-VNNI), with f32 activations, unquantized. candle's
 /// kernels quantize the activations to 8 bits (on AVX-512, for rows of 256·n, with one
 /// scale per 256 values) and have no SIMD kernel for `Q4_1`: on SmolLM2, int8 that way lost
 /// 0.68 % of perplexity (llama.cpp's Q8_0: 0.28 %) and the shipped Q4_1 file decoded at
@@ -274,29 +280,50 @@ pub(super) fn transposed(
     Tensor::from_vec(y, (rows, n), device)
 }
 
-/// A dense, contiguous f32 or bf16 CPU weight's rows as [`simd`] takes them, its storage
-/// held for reading as long as this lives.
-pub struct HeldRows<'a> {
-    storage: candle_core::StorageRef<'a>,
-    start: usize,
-    len: usize,
+/// A CPU weight's rows as [`simd`] takes them (dense f32 or bf16, or one of the block types
+/// of [`simd::blocks`]), its storage held for reading as long as this lives.
+pub enum HeldRows<'a> {
+    Dense {
+        storage: candle_core::StorageRef<'a>,
+        start: usize,
+        len: usize,
+    },
+    Blocks(simd::blocks::Kind, &'a [u8]),
 }
 
 impl std::fmt::Debug for HeldRows<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HeldRows")
-            .field("start", &self.start)
-            .field("len", &self.len)
-            .finish_non_exhaustive()
+        match self {
+            Self::Dense { start, len, .. } => f
+                .debug_struct("Dense")
+                .field("start", start)
+                .field("len", len)
+                .finish_non_exhaustive(),
+            Self::Blocks(kind, data) => f
+                .debug_tuple("Blocks")
+                .field(kind)
+                .field(&data.len())
+                .finish(),
+        }
     }
 }
 
 impl<'a> HeldRows<'a> {
-    /// `None` for a quantized, non-contiguous, non-CPU or other-dtype weight.
+    /// `None` for a non-contiguous, non-CPU or other-dtype weight, or a block type without
+    /// a kernel here (or a CPU without [`simd::blocks::available`]).
     pub fn of(w: &'a Weight) -> Option<Self> {
         match w {
             Weight::Dense(t) => Self::of_tensor(t),
-            _ => None,
+            Weight::Quantized(q) => {
+                let kind = block_kind(q.dtype())?;
+                if !simd::blocks::available() || !q.device().is_cpu() {
+                    return None;
+                }
+                match q.data().ok()? {
+                    std::borrow::Cow::Borrowed(data) => Some(Self::Blocks(kind, data)),
+                    std::borrow::Cow::Owned(_) => None,
+                }
+            }
         }
     }
 
@@ -309,7 +336,7 @@ impl<'a> HeldRows<'a> {
         if !matches!(&*storage, candle_core::Storage::Cpu(_)) {
             return None;
         }
-        Some(Self {
+        Some(Self::Dense {
             start: layout.start_offset(),
             len: t.elem_count(),
             storage,
@@ -318,26 +345,53 @@ impl<'a> HeldRows<'a> {
 
     /// The rows.
     pub fn rows(&self) -> simd::Rows<'_> {
-        let candle_core::Storage::Cpu(cpu) = &*self.storage else {
+        let (storage, start, len) = match self {
+            Self::Blocks(kind, data) => return simd::Rows::Blocks(*kind, data),
+            Self::Dense {
+                storage,
+                start,
+                len,
+            } => (storage, *start, *len),
+        };
+        let candle_core::Storage::Cpu(cpu) = &**storage else {
             unreachable!("`of` keeps CPU storage only")
         };
         match cpu {
-            candle_core::CpuStorage::BF16(v) => simd::Rows::Bf16(&v[self.start..][..self.len]),
-            candle_core::CpuStorage::F32(v) => simd::Rows::F32(&v[self.start..][..self.len]),
+            candle_core::CpuStorage::BF16(v) => simd::Rows::Bf16(&v[start..][..len]),
+            candle_core::CpuStorage::F32(v) => simd::Rows::F32(&v[start..][..len]),
             _ => unreachable!("`of` keeps f32 and bf16 only"),
         }
     }
 }
 
-/// Dense f32/bf16 weights on a CPU with one of [`simd::Isa`]'s kernels; `None` when the
-/// CPU has none or the weight is not a plain contiguous CPU tensor.
-fn dense_cpu(xs: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+/// The [`simd::blocks`] kernel for a ggml type, if there is one.
+fn block_kind(dtype: GgmlDType) -> Option<simd::blocks::Kind> {
+    use simd::blocks::Kind;
+    Some(match dtype {
+        GgmlDType::Q8_0 => Kind::Q8_0,
+        GgmlDType::Q4_0 => Kind::Q4_0,
+        GgmlDType::Q4_1 => Kind::Q4_1,
+        GgmlDType::Q5_0 => Kind::Q5_0,
+        GgmlDType::Q4K => Kind::Q4K,
+        GgmlDType::Q6K => Kind::Q6K,
+        _ => return None,
+    })
+}
+
+/// `xs` times `w`'s rows `held` (`[n, k]`) on [`simd`]'s kernels: dense f32/bf16 weights
+/// with one of [`simd::Isa`]'s, block-quantized ones with [`simd::blocks`]' against
+/// activations quantized to 8 bits per 32 values. `None` when the CPU has no such kernel or
+/// the weight is not held as they take it.
+fn simd_cpu(
+    xs: &Tensor,
+    held: Option<HeldRows<'_>>,
+    (n, wk): (usize, usize),
+) -> Result<Option<Tensor>> {
     let isa = simd::Isa::detect();
-    let Some(held) = HeldRows::of_tensor(w).filter(|_| isa != simd::Isa::None) else {
+    let Some(held) = held.filter(|_| isa != simd::Isa::None && xs.device().is_cpu()) else {
         return Ok(None);
     };
     let (rows, k) = xs.dims2()?;
-    let (n, wk) = w.dims2()?;
     if wk != k {
         candle_core::bail!("linear: input width {k} but the weight is [{n}, {wk}]");
     }

@@ -18,6 +18,11 @@
 //! - `Avx2` (AVX2+FMA): 8 lanes, one weight row at a time against up to four input rows,
 //!   bf16 rows widened into an L1 buffer first.
 //! - `None`: the caller falls back to candle's GEMM.
+//!
+//! Block-quantized weights ([`Rows::Blocks`]) take [`blocks`]' integer kernels, on CPUs with
+//! AVX512-VNNI, against activations quantized to 8 bits once per call.
+
+pub mod blocks;
 
 use half::bf16;
 
@@ -75,13 +80,40 @@ fn detect() -> Isa {
 pub enum Rows<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
+    /// ggml blocks of `kind`, each row `k / kind.values()` of them.
+    Blocks(blocks::Kind, &'a [u8]),
 }
 
-impl Rows<'_> {
-    fn len(&self) -> usize {
+impl<'a> Rows<'a> {
+    /// Rows of `k` values held.
+    fn n(&self, k: usize) -> usize {
         match self {
-            Self::F32(w) => w.len(),
-            Self::Bf16(w) => w.len(),
+            Self::F32(w) => w.len() / k,
+            Self::Bf16(w) => w.len() / k,
+            Self::Blocks(kind, w) => w.len() / kind.row_bytes(k),
+        }
+    }
+
+    /// Whether they are whole rows of `k` values.
+    fn whole(&self, k: usize) -> bool {
+        match self {
+            Self::F32(w) => w.len().is_multiple_of(k),
+            Self::Bf16(w) => w.len().is_multiple_of(k),
+            Self::Blocks(kind, w) => {
+                k.is_multiple_of(kind.values()) && w.len().is_multiple_of(kind.row_bytes(k))
+            }
+        }
+    }
+
+    /// Rows `first..first + n`.
+    fn slice(&self, first: usize, n: usize, k: usize) -> Rows<'a> {
+        match *self {
+            Self::F32(w) => Self::F32(&w[first * k..(first + n) * k]),
+            Self::Bf16(w) => Self::Bf16(&w[first * k..(first + n) * k]),
+            Self::Blocks(kind, w) => {
+                let b = kind.row_bytes(k);
+                Self::Blocks(kind, &w[first * b..(first + n) * b])
+            }
         }
     }
 }
@@ -102,12 +134,23 @@ pub struct Job<'a> {
 
 impl Job<'_> {
     fn n(&self) -> usize {
-        self.w.len() / self.k
+        self.w.n(self.k)
     }
 }
 
+/// A job's activations as its kernel takes them.
+enum Input {
+    /// As given (f32).
+    F32,
+    /// Rounded to bf16, for `vdpbf16ps`.
+    Bf16(Vec<bf16>),
+    /// Quantized to 8 bits, for block-quantized weights.
+    Blocks(blocks::Acts),
+}
+
 /// `y[r · n + o] = x[r] · w[o]` for `x` `[rows, k]` and `w` `[n, k]`, on `isa` (at most
-/// [`Isa::detect`]), parallel over bands of weight rows. `None` when `isa` is `None`.
+/// [`Isa::detect`]), parallel over bands of weight rows. `None` when `isa` is `None`, or
+/// the weight is block-quantized and the CPU lacks [`blocks::available`].
 pub fn product(x: &[f32], rows: usize, k: usize, w: Rows<'_>, isa: Isa) -> Option<Vec<f32>> {
     products(&[Job { x, rows, k, w }], isa).map(|mut v| v.remove(0))
 }
@@ -118,7 +161,8 @@ pub fn product(x: &[f32], rows: usize, k: usize, w: Rows<'_>, isa: Isa) -> Optio
 pub fn products(jobs: &[Job<'_>], isa: Isa) -> Option<Vec<Vec<f32>>> {
     use rayon::prelude::*;
     assert!(isa <= Isa::detect(), "{isa:?} is not available on this CPU");
-    if isa == Isa::None {
+    let quantized = jobs.iter().any(|j| matches!(j.w, Rows::Blocks(..)));
+    if isa == Isa::None || (quantized && !blocks::available()) {
         return None;
     }
     for j in jobs {
@@ -130,37 +174,39 @@ pub fn products(jobs: &[Job<'_>], isa: Isa) -> Option<Vec<Vec<f32>>> {
             j.k
         );
         assert!(
-            j.k > 0 && j.w.len().is_multiple_of(j.k),
+            j.k > 0 && j.w.whole(j.k),
             "weight rows are not {} wide",
             j.k
         );
     }
-    // bf16 pairs multiply bf16 inputs: each job's rows rounded once.
-    let rounded: Vec<Option<Vec<bf16>>> = jobs
+    // bf16 pairs multiply bf16 inputs, and quantized weights 8-bit inputs: each job's rows
+    // converted once.
+    let inputs: Vec<Input> = jobs
         .iter()
         .map(|j| match (isa, j.w) {
             (Isa::Avx512Bf16, Rows::Bf16(_)) => {
-                Some(j.x.iter().map(|v| bf16::from_f32(*v)).collect())
+                Input::Bf16(j.x.iter().map(|v| bf16::from_f32(*v)).collect())
             }
-            _ => None,
+            (_, Rows::Blocks(..)) if j.rows > 0 => Input::Blocks(blocks::Acts::quantize(j.x)),
+            _ => Input::F32,
         })
         .collect();
     let mut tasks = Vec::new();
-    for (i, (j, xb)) in jobs.iter().zip(&rounded).enumerate() {
+    for (i, (j, input)) in jobs.iter().zip(&inputs).enumerate() {
         if j.rows == 0 {
             continue;
         }
         for first in (0..j.n()).step_by(BAND) {
-            tasks.push((i, xb.as_deref(), first, BAND.min(j.n() - first)));
+            tasks.push((i, input, first, BAND.min(j.n() - first)));
         }
     }
     // Each band's `[rows, band]` block, then copied into its rows of the result: the copies
     // are contiguous, and the tasks share nothing.
     let blocks: Vec<(usize, usize, Vec<f32>)> = tasks
         .into_par_iter()
-        .map(|(i, xb, first, nb)| {
+        .map(|(i, input, first, nb)| {
             let mut out = vec![0f32; jobs[i].rows * nb];
-            band(&jobs[i], xb, first, &mut out, isa);
+            band(&jobs[i], input, first, &mut out, isa);
             (i, first, out)
         })
         .collect();
@@ -175,24 +221,30 @@ pub fn products(jobs: &[Job<'_>], isa: Isa) -> Option<Vec<Vec<f32>>> {
 }
 
 /// One band of `job`'s weight rows from `first`, into `out` (`[job.rows, band rows]`).
-fn band(job: &Job<'_>, xb: Option<&[bf16]>, first: usize, out: &mut [f32], isa: Isa) {
+fn band(job: &Job<'_>, input: &Input, first: usize, out: &mut [f32], isa: Isa) {
     let (x, rows, k) = (job.x, job.rows, job.k);
     let n = out.len() / rows;
-    let w = match job.w {
-        Rows::F32(w) => Rows::F32(&w[first * k..(first + n) * k]),
-        Rows::Bf16(w) => Rows::Bf16(&w[first * k..(first + n) * k]),
-    };
-    match (isa, w, xb) {
+    let w = job.w.slice(first, n, k);
+    match (isa, w, input) {
         (Isa::None, ..) => unreachable!("`products` returns early"),
+        (_, Rows::Blocks(kind, w), Input::Blocks(xq)) => {
+            let b = kind.row_bytes(k);
+            tiles(rows, n, out, |r, mr, o, nr, acc| {
+                blocks::tile(kind, xq.rows(r, mr, k), &w[o * b..], nr, k, acc)
+            })
+        }
+        (_, Rows::Blocks(..), _) => unreachable!("`products` quantizes the input"),
         (Isa::Avx2, w, _) => avx2_band(x, rows, k, w, out),
-        (Isa::Avx512Bf16, Rows::Bf16(w), Some(xb)) => tiles(rows, n, out, |r, mr, o, nr, acc| {
-            // SAFETY: `products` asserted `isa <= Isa::detect()`, so the CPU has
-            // AVX512-BF16; `tiles` keeps rows `r..r + mr` and `o..o + nr` in bounds.
-            #[allow(unsafe_code)]
-            unsafe {
-                x86::tile_dpbf16(&xb[r * k..(r + mr) * k], &w[o * k..], nr, k, acc)
-            }
-        }),
+        (Isa::Avx512Bf16, Rows::Bf16(w), Input::Bf16(xb)) => {
+            tiles(rows, n, out, |r, mr, o, nr, acc| {
+                // SAFETY: `products` asserted `isa <= Isa::detect()`, so the CPU has
+                // AVX512-BF16; `tiles` keeps rows `r..r + mr` and `o..o + nr` in bounds.
+                #[allow(unsafe_code)]
+                unsafe {
+                    x86::tile_dpbf16(&xb[r * k..(r + mr) * k], &w[o * k..], nr, k, acc)
+                }
+            })
+        }
         (_, Rows::Bf16(w), _) => tiles(rows, n, out, |r, mr, o, nr, acc| {
             // SAFETY: as above, with AVX-512 F/BW.
             #[allow(unsafe_code)]
@@ -264,6 +316,7 @@ fn avx2_band_t(x: &[f32], rows: usize, k: usize, w: Rows<'_>, out: &mut [f32]) {
                 x86::rows_dot(x, rows, k, &row, y);
             }
         }
+        Rows::Blocks(..) => unreachable!("`band` takes block kernels first"),
     }
 }
 
