@@ -185,7 +185,13 @@ pub fn products(jobs: &[Job<'_>], isa: Isa) -> Option<Vec<Vec<f32>>> {
         .iter()
         .map(|j| match (isa, j.w) {
             (Isa::Avx512Bf16, Rows::Bf16(_)) => {
-                Input::Bf16(j.x.iter().map(|v| bf16::from_f32(*v)).collect())
+                let mut xb = vec![bf16::ZERO; j.x.len()];
+                // SAFETY: `isa` is at most what the CPU has (asserted above).
+                #[allow(unsafe_code)]
+                unsafe {
+                    x86::round_bf16(j.x, &mut xb)
+                };
+                Input::Bf16(xb)
             }
             (_, Rows::Blocks(..)) if j.rows > 0 => Input::Blocks(blocks::Acts::quantize(j.x)),
             _ => Input::F32,
@@ -371,6 +377,37 @@ pub mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub fn tile_dpbf16(x: &[bf16], w: &[bf16], nr: usize, k: usize, acc: &mut [[f32; 4]; 4]) {
         sized!(dpbf16_tile, x.len() / k, nr, (x, w, k, acc))
+    }
+
+    /// `x` rounded to bf16 (to nearest, ties to even, as `half::bf16::from_f32`), 16 at a
+    /// time by `vcvtneps2bf16`, which flushes subnormal inputs to zero.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub fn round_bf16(x: &[f32], out: &mut [bf16]) {
+        assert_eq!(x.len(), out.len());
+        for (i, o) in out.chunks_mut(16).enumerate() {
+            let v = load_f32(x, 16 * i);
+            let b: __m256i = bh_bits(_mm512_cvtneps_pbh(v));
+            let m: __mmask16 = if o.len() == 16 {
+                u16::MAX
+            } else {
+                (1u16 << o.len()) - 1
+            };
+            // SAFETY: masked to the `o.len()` lanes inside `o`.
+            #[allow(unsafe_code)]
+            unsafe {
+                _mm256_mask_storeu_epi16(o.as_mut_ptr().cast(), m, b)
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    fn bh_bits(v: __m256bh) -> __m256i {
+        // SAFETY: the same 256 bits, read as the integers they hold.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::mem::transmute::<__m256bh, __m256i>(v)
+        }
     }
 
     /// 16 f32 lanes of `s` from `at`, the lanes past `s`'s end zero.
@@ -680,6 +717,9 @@ pub mod x86 {
     pub fn tile_dpbf16(_: &[bf16], _: &[bf16], _: usize, _: usize, _: &mut [[f32; 4]; 4]) {
         unreachable!("no SIMD kernels on this architecture")
     }
+    pub fn round_bf16(_: &[f32], _: &mut [bf16]) {
+        unreachable!("no SIMD kernels on this architecture")
+    }
     pub fn rows_dot(_: &[f32], _: usize, _: usize, _: &[f32], _: &mut [f32]) {
         unreachable!("no SIMD kernels on this architecture")
     }
@@ -741,6 +781,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The vector rounding is `half`'s, bit for bit (ties, infinities, NaN), except that
+    /// the instruction flushes subnormal inputs (below 1.2e-38) to zero.
+    #[test]
+    fn bf16_rounding_matches_half() {
+        if Isa::detect() < Isa::Avx512Bf16 {
+            return;
+        }
+        let mut seed = 5u64;
+        let mut x: Vec<f32> = (0..1000).map(|_| lcg(&mut seed) * 1e3).collect();
+        x.extend([
+            0.0,
+            -0.0,
+            1.0 + f32::EPSILON * 64.0,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::MIN_POSITIVE / 3.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+        ]);
+        let mut got = vec![bf16::ZERO; x.len()];
+        // SAFETY: the CPU has AVX512-BF16 (checked above).
+        #[allow(unsafe_code)]
+        unsafe {
+            x86::round_bf16(&x, &mut got)
+        };
+        for (v, g) in x.iter().zip(&got) {
+            let want = if v.is_subnormal() {
+                bf16::from_f32(0.0f32.copysign(*v))
+            } else {
+                bf16::from_f32(*v)
+            };
+            assert_eq!(g.to_bits(), want.to_bits(), "{v:e}");
+        }
+        let mut nan = [bf16::ZERO];
+        #[allow(unsafe_code)]
+        unsafe {
+            x86::round_bf16(&[f32::NAN], &mut nan)
+        };
+        assert!(nan[0].is_nan());
     }
 
     #[test]
