@@ -21,7 +21,7 @@ hack/check-cuda.sh test --release --test model_reference --test gguf 2>&1 | tee 
 
 echo "==> decode benchmark on cuda:0"
 smollm2=$(hack/fetch-model.sh)
-moe=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/bench-qwen3-moe-0.5b-v1
+moe=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}/bench-qwen3-moe-0.5b-v2
 [ -f "$moe/model.safetensors" ] || "$worker" make-checkpoint --shape bench --out "$moe"
 runs=(
   "smollm2 f32|$smollm2|f32|none"

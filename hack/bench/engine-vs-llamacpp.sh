@@ -64,7 +64,7 @@ if [[ " $parts " == *" smollm2 "* ]]; then
 fi
 
 if [[ " $parts " == *" moe "* ]]; then
-  moe=$cache/bench-qwen3-moe-0.5b-v1
+  moe=$cache/bench-qwen3-moe-0.5b-v2
   if [ ! -f "$moe/model.safetensors" ]; then
     "$worker" make-checkpoint --shape bench --out "$moe.tmp" && mv "$moe.tmp" "$moe"
   fi

@@ -13,7 +13,7 @@ prompt_len=${PROMPT_LEN:-128}
 decode_len=${DECODE_LEN:-32}
 dtypes=${DTYPES:-"f32 bf16"}
 cache=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}
-ckpt=${BENCH_CHECKPOINT:-$cache/bench-qwen3-moe-0.5b-v1}
+ckpt=${BENCH_CHECKPOINT:-$cache/bench-qwen3-moe-0.5b-v2}
 venv=${SWITCHYARD_FIXTURES_VENV:-$cache/venv-fixtures}
 out=${BENCH_OUT:-$repo/target/bench-engine}
 mkdir -p "$out"

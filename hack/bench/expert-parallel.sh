@@ -20,7 +20,7 @@ echo "==> building (release)"
 cargo build --quiet --release -p switchyard-worker -p switchyard-cli --bins
 bin="$repo/target/release"
 ep="$cache/ep-bench-v1"
-big="$cache/bench-qwen3-moe-0.5b-v1"
+big="$cache/bench-qwen3-moe-0.5b-v2"
 [ -f "$ep/model.safetensors" ] || "$bin/switchyard-worker" make-checkpoint --shape ep-bench --out "$ep"
 [ -f "$big/model.safetensors" ] || "$bin/switchyard-worker" make-checkpoint --shape bench --out "$big"
 

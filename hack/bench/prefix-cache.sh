@@ -28,7 +28,7 @@ mkdir -p "$out"
 echo "==> building (release)"
 cargo build --quiet --release -p switchyard-worker -p switchyard-cli --bins
 bin="$repo/target/release"
-model=$cache/bench-qwen3-moe-0.5b-v1
+model=$cache/bench-qwen3-moe-0.5b-v2
 if [ ! -f "$model/model.safetensors" ]; then
   "$bin/switchyard-worker" make-checkpoint --shape bench --out "$model.tmp" && mv "$model.tmp" "$model"
 fi

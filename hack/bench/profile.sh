@@ -6,7 +6,7 @@
 #
 #   hack/bench/profile.sh MODEL DTYPE BATCH [DECODE_LEN] [SKIP_MS]
 #
-# e.g. hack/bench/profile.sh ~/.cache/switchyard/bench-qwen3-moe-0.5b-v1.bf16.gguf bf16 8
+# e.g. hack/bench/profile.sh ~/.cache/switchyard/bench-qwen3-moe-0.5b-v2.bf16.gguf bf16 8
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"

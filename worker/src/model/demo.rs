@@ -66,7 +66,7 @@ pub const BENCH: DemoShape = DemoShape {
     head_dim: 64,
     experts: 16,
     top_k: 4,
-    expert_ff: 640,
+    expert_ff: 768,
     vocab: 32_000,
     readable: false,
 };
