@@ -453,7 +453,11 @@ mod x86 {
         for blk in 0..k / kind.values() {
             let at = blk * kind.bytes();
             for c in 0..NR {
-                prefetch(next, c * row_bytes + at);
+                // Every cache line of the next tile's block (a k-quant block spans up to
+                // four).
+                for line in (0..kind.bytes()).step_by(64) {
+                    prefetch(next, c * row_bytes + at + line);
+                }
                 // SAFETY: this function's features are those `scales` needs.
                 #[allow(unsafe_code)]
                 unsafe {
@@ -489,9 +493,24 @@ mod x86 {
                         }
                         let v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), xd[j]);
                         a[c][j] = _mm256_fmadd_ps(v, sc, a[c][j]);
-                        if B::MINS {
+                        if B::MINS && groups == 1 {
                             mins[c][j] = m[c][g].mul_add(x.ds[j * gk + xg], mins[c][j]);
                         }
+                    }
+                }
+            }
+            if B::MINS && groups == 8 {
+                // The eight groups' minimums at once, into the same lanes' sums.
+                for c in 0..NR {
+                    // SAFETY: 8 f32 from an 8-element array.
+                    #[allow(unsafe_code)]
+                    let mv = unsafe { _mm256_loadu_ps(m[c].as_ptr()) };
+                    for (j, a) in a[c].iter_mut().enumerate() {
+                        let ds = &x.ds[j * gk + blk * 8..j * gk + blk * 8 + 8];
+                        // SAFETY: 8 f32 inside `ds` (bounds-checked above).
+                        #[allow(unsafe_code)]
+                        let dv = unsafe { _mm256_loadu_ps(ds.as_ptr()) };
+                        *a = _mm256_fmadd_ps(mv, dv, *a);
                     }
                 }
             }
