@@ -105,7 +105,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
     readiness: Option<Readiness>,
-    extra: Option<JsonEndpoint>,
+    extra: Vec<JsonEndpoint>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
@@ -129,17 +129,19 @@ pub async fn serve(
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                     let path = request.uri().path().to_string();
                     let get = request.method() == Method::GET;
-                    let answer = match &extra {
+                    let endpoint = extra.iter().find(|e| match e.body {
+                        JsonBody::Now(_) => path == e.path,
+                        JsonBody::Under(_) => path.starts_with(e.path),
+                    });
+                    let answer = match endpoint {
                         Some(JsonEndpoint {
-                            path: p,
                             body: JsonBody::Now(body),
-                        }) if get && path == *p => Answer::Ready(json_response(200, body())),
+                            ..
+                        }) if get => Answer::Ready(json_response(200, body())),
                         Some(JsonEndpoint {
                             path: p,
                             body: JsonBody::Under(body),
-                        }) if get && path.starts_with(*p) => {
-                            Answer::Later(body(path[p.len()..].to_string()))
-                        }
+                        }) if get => Answer::Later(body(path[p.len()..].to_string())),
                         _ => Answer::Ready(route(&request, &registry, readiness.as_ref())),
                     };
                     async move {
@@ -163,8 +165,8 @@ pub async fn serve(
     }
 }
 
-/// One more read-only endpoint answering JSON (the frontends' `/demand`, the operator's
-/// `/autoscaling/...`), computed per request.
+/// One more read-only endpoint answering JSON (the frontends' `/demand` and
+/// `/expert-load`, the operator's `/autoscaling/...`), computed per request.
 #[derive(Clone)]
 pub struct JsonEndpoint {
     /// The path, e.g. `/demand`; with [`JsonBody::Under`], a prefix ending in `/`.
@@ -311,7 +313,7 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, registry, None, None, async move {
+        let server = tokio::spawn(serve(listener, registry, None, Vec::new(), async move {
             let _ = stopped.await;
         }));
 
@@ -370,7 +372,7 @@ mod tests {
             listener,
             Registry::new(),
             Some(readiness.clone()),
-            None,
+            Vec::new(),
             std::future::pending(),
         ));
         let get = "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";

@@ -276,7 +276,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(metrics::serve(
         listener,
         metrics.clone(),
-        Some(external),
+        vec![external],
         stopped(),
     ));
     tokio::spawn(async move {

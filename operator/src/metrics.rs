@@ -187,7 +187,7 @@ impl Metrics {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    extra: Option<switchyard_edge::metrics::JsonEndpoint>,
+    extra: Vec<switchyard_edge::metrics::JsonEndpoint>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     switchyard_edge::metrics::serve(

@@ -258,6 +258,88 @@ async fn generation_unary_streaming_chat_tokenize_and_models() {
     );
 }
 
+/// `GET /expert-load` on the metrics port: every token a MoE layer forwarded, counted once
+/// per expert it went to, over the last minute; the same totals as the cumulative
+/// `expert_tokens_total` counters, and the imbalance gauge beside them.
+#[tokio::test]
+async fn the_expert_load_report_counts_every_routed_token() {
+    let frontend = FrontendProcess::start(&fixture_model(MODEL), &[])
+        .await
+        .expect("frontend");
+    let report = |response: String| -> serde_json::Value {
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {response}"))
+    };
+    let idle = report(frontend.http("/expert-load").await.expect("/expert-load"));
+    assert_eq!(idle["windowSeconds"], 60, "{idle}");
+    assert_eq!(
+        idle["layers"],
+        serde_json::json!([]),
+        "nothing routed yet: {idle}"
+    );
+
+    let mut c = client(&frontend).await;
+    let info = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .models[0]
+        .clone();
+    let out = c
+        .generate(prompt("The quick brown fox", 6))
+        .await
+        .expect("generate")
+        .into_inner();
+    let usage = out.summary.expect("summary").usage.expect("usage");
+    // The prompt, then each generated token but the last, went through every layer.
+    let forwarded = u64::from(usage.prompt_tokens + usage.completion_tokens - 1);
+    let routed = forwarded * u64::from(info.experts_per_token);
+
+    let r = report(frontend.http("/expert-load").await.expect("/expert-load"));
+    let layers = r["layers"].as_array().expect("layers");
+    assert!(!layers.is_empty(), "{r}");
+    let metrics = frontend.metrics().await.expect("metrics");
+    for layer in layers {
+        let l = layer["layer"].as_u64().expect("layer");
+        let load: Vec<u64> = layer["load"]
+            .as_array()
+            .expect("load")
+            .iter()
+            .map(|v| v.as_u64().expect("count"))
+            .collect();
+        assert_eq!(load.len(), info.num_experts as usize, "{layer}");
+        assert_eq!(layer["tokens"].as_u64(), Some(routed), "layer {l}: {layer}");
+        assert_eq!(load.iter().sum::<u64>(), routed, "layer {l}: {layer}");
+        for (e, n) in load.iter().enumerate() {
+            let counter = switchyard_tests::worker::metric_value(
+                &metrics,
+                &format!("switchyard_expert_tokens_total{{expert=\"{e}\",layer=\"{l}\"}}"),
+            )
+            .unwrap_or(0.0);
+            assert_eq!(counter as u64, *n, "layer {l} expert {e}");
+        }
+        let max = *load.iter().max().expect("experts");
+        let mean = routed as f64 / load.len() as f64;
+        let imbalance = layer["imbalance"].as_f64().expect("imbalance");
+        assert!((imbalance - max as f64 / mean).abs() < 1e-9, "{layer}");
+        let gauge = switchyard_tests::worker::metric_value(
+            &metrics,
+            &format!("switchyard_expert_load_imbalance{{layer=\"{l}\"}}"),
+        );
+        assert!(
+            gauge.is_some_and(|g| (g - imbalance).abs() < 1e-9),
+            "{gauge:?} vs {imbalance}"
+        );
+        let top = layer["top"].as_array().expect("top");
+        assert_eq!(
+            top[0]["share"].as_f64(),
+            Some(max as f64 / routed as f64),
+            "the busiest expert first: {layer}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_cli_streams_and_prints_json_against_a_real_frontend() {
     let frontend = FrontendProcess::start(&fixture_model(MODEL), &[])

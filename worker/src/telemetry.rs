@@ -83,7 +83,7 @@ pub async fn spawn_server(
     addr: SocketAddr,
     registry: Registry,
     ready: switchyard_edge::metrics::Readiness,
-    extra: Option<switchyard_edge::metrics::JsonEndpoint>,
+    extra: Vec<switchyard_edge::metrics::JsonEndpoint>,
 ) -> Result<(), crate::StartError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -26,6 +26,7 @@
 //! | `switchyard_batch_tokens` | histogram | |
 //! | `switchyard_engine_step_duration_seconds` | histogram | |
 //! | `switchyard_expert_tokens_total` | counter | `layer`, `expert` |
+//! | `switchyard_expert_load_imbalance` | gauge: the busiest expert's routed tokens over the mean expert's in the last minute (`GET /expert-load` has the loads) | `layer` |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -33,6 +34,7 @@ use std::time::Duration;
 use prometheus::core::Collector;
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use super::expert_load::{ExpertLoad, ExpertLoadReport};
 use crate::telemetry::{ALL_CODES, counter, gauge, gauge_value, histogram, render, status_label};
 
 /// Prefix of every metric name (`switchyard_requests_total`, ...).
@@ -112,6 +114,10 @@ pub struct FrontendMetrics {
     expert_series: Vec<OnceLock<IntCounter>>,
     /// The last seconds' TTFTs, for the demand report's quantiles.
     recent_ttft: std::sync::Mutex<crate::recent::RecentLatencies>,
+    /// Routed tokens per expert over the last minute, and when the imbalance gauges were
+    /// last set from it.
+    expert_window: std::sync::Mutex<(ExpertLoad, Option<std::time::Instant>)>,
+    expert_imbalance: prometheus::GaugeVec,
 }
 
 impl FrontendMetrics {
@@ -227,7 +233,17 @@ impl FrontendMetrics {
             "Sequences taken out of the batch because the KV cache ran short (recomputed \
              when blocks free up)",
         );
-        let collectors: [Box<dyn Collector>; 19] = [
+        let expert_imbalance = prometheus::GaugeVec::new(
+            Opts::new(
+                "expert_load_imbalance",
+                "Routed tokens of the busiest expert over the mean expert's, per decoder layer, \
+                 in the last minute (1 when even; GET /expert-load has the loads)",
+            ),
+            &["layer"],
+        )
+        .expect("static metric options are valid");
+        let collectors: [Box<dyn Collector>; 20] = [
+            Box::new(expert_imbalance.clone()),
             Box::new(preemptions.clone()),
             Box::new(prefix_queried.clone()),
             Box::new(prefix_hits.clone()),
@@ -283,6 +299,11 @@ impl FrontendMetrics {
             num_experts,
             expert_series: (0..series).map(|_| OnceLock::new()).collect(),
             recent_ttft: Default::default(),
+            expert_window: std::sync::Mutex::new((
+                ExpertLoad::new(num_layers, num_experts, std::time::Instant::now()),
+                None,
+            )),
+            expert_imbalance,
         }
     }
 
@@ -409,6 +430,43 @@ impl FrontendMetrics {
                 .with_label_values(&[layer.to_string(), expert.to_string()])
         });
         series.inc_by(tokens);
+    }
+
+    /// Counts one step's routes of `layer` (`experts`: one entry per routed token) in the
+    /// last minute's window, and sets the imbalance gauges unless they were set in the
+    /// last second.
+    pub fn add_recent_routes(&self, now: std::time::Instant, layer: usize, experts: &[u32]) {
+        let last = {
+            let mut w = self
+                .expert_window
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            w.0.add(now, layer, experts);
+            w.1
+        };
+        if last.is_none_or(|t| now.saturating_duration_since(t).as_secs() >= 1) {
+            self.expert_load(now);
+        }
+    }
+
+    /// The routed tokens per expert over the last minute (`GET /expert-load`); sets the
+    /// imbalance gauges from it.
+    pub fn expert_load(&self, now: std::time::Instant) -> ExpertLoadReport {
+        let report = {
+            let mut w = self
+                .expert_window
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            w.1 = Some(now);
+            w.0.report(now)
+        };
+        self.expert_imbalance.reset();
+        for l in &report.layers {
+            self.expert_imbalance
+                .with_label_values(&[l.layer.to_string()])
+                .set(l.imbalance);
+        }
+        report
     }
 
     /// Adds one layer's routing counts at once: `tokens[e]` tokens went to expert `e`.

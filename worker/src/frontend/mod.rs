@@ -14,6 +14,7 @@
 //! - [`openai`]: the OpenAI-compatible HTTP API on the same port and pipeline.
 //! - [`metrics`]: the Prometheus metrics (served by [`crate::telemetry`]).
 
+pub mod expert_load;
 pub mod metrics;
 pub mod openai;
 pub mod service;

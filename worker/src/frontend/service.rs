@@ -524,7 +524,9 @@ impl crate::engine::EngineObserver for FrontendMetrics {
             report.tokens as u64,
             report.duration,
         );
+        let now = std::time::Instant::now();
         for (layer, routes) in report.routes {
+            self.add_recent_routes(now, *layer, &routes.experts);
             let mut counts: Vec<u64> = Vec::new();
             for &e in &routes.experts {
                 let e = e as usize;

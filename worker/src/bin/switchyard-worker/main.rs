@@ -169,11 +169,19 @@ async fn start_frontend(
                 .unwrap_or_else(|e| format!("{{\"error\": \"encoding the demand report: {e}\"}}"))
         })),
     };
+    let expert_metrics = started.metrics.clone();
+    let expert_load = switchyard_edge::metrics::JsonEndpoint {
+        path: "/expert-load",
+        body: switchyard_edge::metrics::JsonBody::Now(std::sync::Arc::new(move || {
+            serde_json::to_string(&expert_metrics.expert_load(std::time::Instant::now()))
+                .unwrap_or_else(|e| format!("{{\"error\": \"encoding the expert load: {e}\"}}"))
+        })),
+    };
     switchyard_worker::telemetry::spawn_server(
         metrics_listen,
         started.metrics.registry().clone(),
         ready,
-        Some(demand),
+        vec![demand, expert_load],
     )
     .await?;
     Ok(server::frontend_service(&started))
@@ -207,7 +215,7 @@ async fn start_shard(
         metrics_listen,
         started.registry.clone(),
         ready,
-        Some(load),
+        vec![load],
     )
     .await?;
     let mut routes = tonic::service::RoutesBuilder::default();
