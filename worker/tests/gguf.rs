@@ -491,3 +491,83 @@ fn smollm2_matches_transformers_loading_the_same_gguf() {
     }
     eprintln!("SmolLM2 GGUF logits: largest difference from transformers {worst:e}");
 }
+
+/// A GGUF file's header is input from whoever made the file: any byte of it changed, or the
+/// file cut short anywhere, must give an error naming the file (or load, when the change is
+/// harmless), never a panic, an abort or an allocation the file cannot back. The data
+/// section is left alone: changed weights are still weights.
+mod corrupt_headers {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid() -> &'static (Vec<u8>, usize) {
+        static VALID: std::sync::OnceLock<(Vec<u8>, usize)> = std::sync::OnceLock::new();
+        VALID.get_or_init(|| {
+            let dir = tempdir().join("corrupt-headers-source");
+            std::fs::create_dir_all(&dir).expect("dir");
+            let file = dir.join("valid.gguf");
+            write_qwen3_moe_gguf(&file, None, None);
+            let bytes = std::fs::read(&file).expect("read");
+            let content =
+                gguf_file::Content::read(&mut std::io::Cursor::new(&bytes)).expect("valid");
+            (bytes, content.tensor_data_offset as usize)
+        })
+    }
+
+    fn load(bytes: &[u8], case: u64) -> Result<(), String> {
+        let dir = tempdir().join("corrupt-headers");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join(format!("case-{case}.gguf"));
+        std::fs::write(&file, bytes).expect("write");
+        let loaded = LoadedModel::load(&file, Some(DType::F32), Quantization::Auto, &Device::Cpu);
+        let _ = std::fs::remove_file(&file);
+        match loaded {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let message = e.to_string();
+                assert!(
+                    message.contains(&file.display().to_string()),
+                    "the error names the file: {message}"
+                );
+                Err(message)
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn a_changed_header_byte_is_an_error_or_harmless(at in any::<prop::sample::Index>(), value in any::<u8>(), case in any::<u64>()) {
+            let (bytes, header) = valid();
+            let mut bytes = bytes.clone();
+            bytes[at.index(*header)] = value;
+            let _ = load(&bytes, case);
+        }
+
+        #[test]
+        fn a_header_cut_short_is_an_error(at in any::<prop::sample::Index>(), case in any::<u64>()) {
+            let (bytes, header) = valid();
+            let cut = &bytes[..at.index(*header)];
+            prop_assert!(load(cut, case).is_err());
+        }
+    }
+
+    /// Found by the test above: a `general.alignment` of 0 made candle's reader divide by
+    /// zero.
+    #[test]
+    fn an_alignment_of_zero_is_an_error() {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes()); // tensors
+        b.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+        let key = b"general.alignment";
+        b.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        b.extend_from_slice(key);
+        b.extend_from_slice(&4u32.to_le_bytes()); // u32
+        b.extend_from_slice(&0u32.to_le_bytes());
+        let message = load(&b, u64::MAX).expect_err("an error");
+        assert!(message.contains("alignment"), "{message}");
+    }
+}

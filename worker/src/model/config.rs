@@ -305,6 +305,17 @@ impl Checker<'_> {
         }
     }
 
+    /// [`Checker::required`], and at most `cap`: counts that size what is allocated before
+    /// the weights are read, bounded far above any released model so that a corrupt or
+    /// hostile config cannot ask for more memory than the machine has.
+    fn at_most(&self, value: Option<usize>, key: &str, cap: usize) -> Result<usize, ModelError> {
+        let v = self.required(value, key)?;
+        if v > cap {
+            return Err(self.bad(key, format!("a positive integer up to {cap} (got {v})")));
+        }
+        Ok(v)
+    }
+
     fn required(&self, value: Option<usize>, key: &str) -> Result<usize, ModelError> {
         match value {
             Some(v) if v > 0 => Ok(v),
@@ -313,6 +324,9 @@ impl Checker<'_> {
         }
     }
 }
+
+/// The most memory the rotary tables may take (cos and sin, f32, every position).
+pub const MAX_ROTARY_TABLE_BYTES: usize = 1 << 30;
 
 /// Checks a parsed `config.json` and resolves family defaults; `file` names it in errors.
 pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
@@ -333,10 +347,10 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
     {
         return Err(c.bad("hidden_act", format!("\"silu\" (got {act:?})")));
     }
-    let vocab_size = c.required(raw.vocab_size, "vocab_size")?;
-    let hidden_size = c.required(raw.hidden_size, "hidden_size")?;
-    let num_layers = c.required(raw.num_hidden_layers, "num_hidden_layers")?;
-    let num_heads = c.required(raw.num_attention_heads, "num_attention_heads")?;
+    let vocab_size = c.at_most(raw.vocab_size, "vocab_size", 1 << 24)?;
+    let hidden_size = c.at_most(raw.hidden_size, "hidden_size", 1 << 20)?;
+    let num_layers = c.at_most(raw.num_hidden_layers, "num_hidden_layers", 1 << 12)?;
+    let num_heads = c.at_most(raw.num_attention_heads, "num_attention_heads", 1 << 12)?;
     let num_kv_heads = c.required(
         raw.num_key_value_heads.or(Some(num_heads)),
         "num_key_value_heads",
@@ -390,6 +404,25 @@ pub fn resolve(file: &Path, raw: RawConfig) -> Result<ModelConfig, ModelError> {
     };
     if window_applies && let Some(window) = raw.sliding_window.filter(|w| *w > 0) {
         max_position_embeddings = max_position_embeddings.min(window);
+    }
+    // The rotary tables hold every position up front (f32 cos and sin, head_dim / 2 each):
+    // bounded, so a corrupt or hostile config cannot ask for more memory than the machine
+    // has. Every supported family's released models are well under it (Qwen2.5-1M: 512
+    // MiB).
+    let table_bytes = max_position_embeddings
+        .saturating_mul(head_dim)
+        .saturating_mul(4);
+    if table_bytes > MAX_ROTARY_TABLE_BYTES {
+        return Err(c.bad(
+            "max_position_embeddings",
+            format!(
+                "at most {} for head_dim {head_dim} (got {max_position_embeddings}: its rotary \
+                 tables would take {} MiB, over the {} MiB this engine allows)",
+                MAX_ROTARY_TABLE_BYTES / head_dim / 4,
+                table_bytes >> 20,
+                MAX_ROTARY_TABLE_BYTES >> 20
+            ),
+        ));
     }
     let moe = resolve_moe(&c, &raw, family, num_layers)?;
     let mla = if let Some(always_interleaved) = latent {
@@ -579,7 +612,7 @@ fn resolve_moe(
     // for Qwen3-MoE (and Mixtral) but `num_experts` for Qwen2-MoE and OLMoE.
     let experts_key = spec.experts_keys[0];
     let num_experts = spec.experts_keys.iter().find_map(|k| raw.count(k));
-    let num_experts = c.required(num_experts, experts_key)?;
+    let num_experts = c.at_most(num_experts, experts_key, 1 << 16)?;
     let top_k = c.required(raw.num_experts_per_tok, "num_experts_per_tok")?;
     if top_k > num_experts {
         return Err(c.bad(
@@ -809,6 +842,35 @@ mod tests {
     fn unknown_family_names_supported_ones() {
         let e = parse(base("gpt2")).expect_err("unsupported").to_string();
         assert!(e.contains("\"gpt2\"") && e.contains("mixtral"), "{e}");
+    }
+
+    /// Counts that size allocations before the weights are read are bounded, and the
+    /// error names the key, the cap and the value.
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_allocated() {
+        for (key, value, cap) in [
+            ("num_hidden_layers", 1u64 << 40, "4096"),
+            ("vocab_size", 1 << 30, "16777216"),
+            ("hidden_size", 1 << 21, "1048576"),
+        ] {
+            let mut j = base("llama");
+            j[key] = value.into();
+            let e = parse(j).expect_err(key).to_string();
+            assert!(
+                e.contains(key) && e.contains(cap) && e.contains(&value.to_string()),
+                "{e}"
+            );
+        }
+        // head_dim 8: 2^25 positions take 1 GiB of rotary tables; one more is refused.
+        let mut j = base("llama");
+        j["max_position_embeddings"] = (1u64 << 25).into();
+        assert!(parse(j.clone()).is_ok());
+        j["max_position_embeddings"] = ((1u64 << 25) + 1).into();
+        let e = parse(j).expect_err("too long").to_string();
+        assert!(
+            e.contains("max_position_embeddings") && e.contains("rotary"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -52,11 +52,70 @@ pub fn read_content(path: &Path) -> Result<Content, ModelError> {
         file: path.to_path_buf(),
         source,
     })?;
-    Content::read(&mut f).map_err(|e| ModelError::Tensor {
+    let unreadable = |message: String| ModelError::Tensor {
         file: path.to_path_buf(),
         name: String::new(),
-        message: format!("not a readable GGUF file: {e}"),
-    })
+        message: format!("not a readable GGUF file: {message}"),
+    };
+    // candle's reader divides by `general.alignment` unchecked: a header is input, so a
+    // panic in reading it is an error about the file, not the process's end.
+    let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut f)))
+        .map_err(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            unreadable(format!(
+                "its header made the reader fail ({why}); check general.alignment and the counts"
+            ))
+        })?
+        .map_err(|e| unreadable(e.to_string()))?;
+    // Every tensor's bytes inside the file, so that no size read from the header is
+    // allocated or iterated before the file is known to back it.
+    let len = f
+        .metadata()
+        .map_err(|source| ModelError::Io {
+            file: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    for (name, info) in &content.tensor_infos {
+        let bytes = tensor_bytes(info.shape.dims(), info.ggml_dtype);
+        let end = bytes.and_then(|b| {
+            content
+                .tensor_data_offset
+                .checked_add(info.offset)?
+                .checked_add(b)
+        });
+        if end.is_none_or(|end| end > len) {
+            return Err(ModelError::Tensor {
+                file: path.to_path_buf(),
+                name: name.clone(),
+                message: format!(
+                    "GGUF tensor of shape {:?} ({:?}) at data offset {} does not fit in the \
+                     file's {len} bytes",
+                    info.shape.dims(),
+                    info.ggml_dtype,
+                    info.offset
+                ),
+            });
+        }
+    }
+    Ok(content)
+}
+
+/// Bytes of a tensor of `dims` stored as `dtype`; `None` when that overflows or its rows
+/// are not whole blocks.
+fn tensor_bytes(dims: &[usize], dtype: GgmlDType) -> Option<u64> {
+    let cols = *dims.last()?;
+    if !cols.is_multiple_of(dtype.block_size()) {
+        return None;
+    }
+    let elems = dims.iter().try_fold(1usize, |a, d| a.checked_mul(*d))?;
+    (elems / dtype.block_size())
+        .checked_mul(dtype.type_size())
+        .map(|b| b as u64)
 }
 
 /// Where a Hugging Face tensor name is in the file.
@@ -251,7 +310,6 @@ impl GgufFile {
         };
         let info = &self.content.tensor_infos[&m.gguf];
         let dtype = info.ggml_dtype;
-        let elems: usize = m.shape.iter().product();
         let (block, type_size) = (dtype.block_size(), dtype.type_size());
         let cols = *m.shape.last().unwrap_or(&0);
         if !cols.is_multiple_of(block) {
@@ -259,7 +317,10 @@ impl GgufFile {
                 "rows of {cols} values are not whole {block}-value blocks"
             )));
         }
-        let bytes = elems / block * type_size;
+        // `read_content` checked that the whole tensor fits in the file, so a part of it
+        // does too.
+        let bytes = tensor_bytes(&m.shape, dtype)
+            .ok_or_else(|| wrap("its size overflows".into()))? as usize;
         let start = self.content.tensor_data_offset
             + info.offset
             + m.entry.unwrap_or(0) as u64 * bytes as u64;
