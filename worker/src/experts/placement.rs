@@ -198,13 +198,7 @@ pub fn parse(
     let mut default = None;
     for (key, list) in &entry.experts {
         let field = format!("shards[{shard}].experts[{key:?}]");
-        let experts = parse_ids(list).map_err(|e| invalid(format!("{field}: {e}")))?;
-        if let Some(&bad) = experts.iter().find(|&&e| e >= num_experts) {
-            return Err(invalid(format!(
-                "{field}: expert {bad} does not exist: the checkpoint has {num_experts} routed experts per layer (0-{})",
-                num_experts.saturating_sub(1)
-            )));
-        }
+        let experts = parse_ids(list, num_experts).map_err(|e| invalid(format!("{field}: {e}")))?;
         if key == "*" {
             default = Some(experts);
             continue;
@@ -234,8 +228,15 @@ pub fn parse(
     })
 }
 
-/// `"0-3,7,9-10"` → {0, 1, 2, 3, 7, 9, 10}.
-pub fn parse_ids(list: &str) -> Result<BTreeSet<u32>, String> {
+/// `"0-3,7,9-10"` → {0, 1, 2, 3, 7, 9, 10}, every id below `experts` (checked before a
+/// range is expanded, so `"0-4294967295"` is an error, not four billion entries).
+pub fn parse_ids(list: &str, experts: u32) -> Result<BTreeSet<u32>, String> {
+    let missing = |bad: u32| {
+        format!(
+            "expert {bad} does not exist: the checkpoint has {experts} routed experts per layer (0-{})",
+            experts.saturating_sub(1)
+        )
+    };
     let mut ids = BTreeSet::new();
     for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let number = |s: &str| {
@@ -249,10 +250,17 @@ pub fn parse_ids(list: &str) -> Result<BTreeSet<u32>, String> {
                 if a > b {
                     return Err(format!("range {part:?} is empty (start above end)"));
                 }
+                if b >= experts {
+                    return Err(missing(b));
+                }
                 ids.extend(a..=b);
             }
             None => {
-                ids.insert(number(part)?);
+                let id = number(part)?;
+                if id >= experts {
+                    return Err(missing(id));
+                }
+                ids.insert(id);
             }
         }
     }
@@ -302,6 +310,40 @@ mod tests {
         assert_eq!(a.len(), 4 + 3 + 4);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 500, ..Default::default() })]
+
+        /// Any expert list: an error, or ids the checkpoint has; never a panic or a huge
+        /// set.
+        #[test]
+        fn any_expert_list_parses_or_is_refused(list in "[0-9, -]{0,24}") {
+            if let Ok(ids) = parse_ids(&list, 8) {
+                proptest::prop_assert!(ids.iter().all(|e| *e < 8));
+            }
+        }
+
+        /// Any placement file text (valid JSON shapes with arbitrary lists and layer keys,
+        /// and arbitrary text): an error naming the file, or an assignment inside the
+        /// checkpoint.
+        #[test]
+        fn any_placement_file_parses_or_is_refused(
+            key in "[*0-9a-z]{0,4}", list in "[0-9, -]{0,16}", shard in 0u32..3, junk in ".{0,40}"
+        ) {
+            let text = format!(
+                r#"{{"revision": "r", "shards": [{{"experts": {{"{key}": "{list}"}}}}]}}"#
+            );
+            for text in [text.as_str(), junk.as_str()] {
+                match parse(Path::new("p.json"), text, shard, &cfg()) {
+                    Ok(a) => proptest::prop_assert!(a
+                        .layers
+                        .iter()
+                        .all(|(l, e)| (1..4).contains(l) && e.iter().all(|x| *x < 8))),
+                    Err(e) => proptest::prop_assert!(e.to_string().contains("p.json")),
+                }
+            }
+        }
+    }
+
     #[test]
     fn an_expert_the_checkpoint_lacks_is_named() {
         let text = r#"{"revision": "r1", "shards": [{"experts": {"*": "0-8"}}]}"#;
@@ -324,8 +366,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("shards has 1 entries; this is shard 3"), "{e}");
-        assert!(parse_ids("3-1").unwrap_err().contains("empty"));
-        assert!(parse_ids("a").unwrap_err().contains("not an expert id"));
+        assert!(parse_ids("3-1", 8).unwrap_err().contains("empty"));
+        assert!(parse_ids("a", 8).unwrap_err().contains("not an expert id"));
+        // A huge range is refused before it is expanded.
+        assert!(
+            parse_ids("0-4294967295", 8)
+                .unwrap_err()
+                .contains("expert 4294967295 does not exist")
+        );
+        assert!(parse_ids("8", 8).unwrap_err().contains("0-7"));
     }
 
     #[test]
