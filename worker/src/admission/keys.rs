@@ -68,6 +68,24 @@ pub enum KeyError {
 
 /// Shortest key accepted: shorter ones are guessable.
 pub const MIN_KEY_LEN: usize = 16;
+/// Longest tenant name (a Kubernetes label value's limit).
+pub const MAX_TENANT_LEN: usize = 63;
+
+/// A field of a key file as an error may quote it: in full when it cannot be a key (shorter
+/// than [`MIN_KEY_LEN`]), else its first two characters and its length. A line with its
+/// fields out of order puts a key where a tenant or tier name belongs, and errors end up
+/// in logs.
+fn shown(field: &str) -> String {
+    if field.chars().count() < MIN_KEY_LEN {
+        format!("{field:?}")
+    } else {
+        let start: String = field.chars().take(2).collect();
+        format!(
+            "\"{start}…\" ({} characters, not shown in full: it may be a key)",
+            field.chars().count()
+        )
+    }
+}
 
 impl KeyRing {
     /// Reads every file of `dir` (skipping Kubernetes' `..data` links and hidden files).
@@ -131,37 +149,43 @@ impl KeyRing {
                 return Err(bad("expected TENANT:KEY or TENANT:KEY:TIER".into()));
             };
             if tenant.is_empty()
-                || tenant.len() > 63
+                || tenant.len() > MAX_TENANT_LEN
                 || !tenant
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
                 return Err(bad(format!(
-                    "tenant {tenant:?}: 1-63 characters of letters, digits, '-', '_' or '.'"
+                    "tenant {}: 1-{MAX_TENANT_LEN} characters of letters, digits, '-', '_' or '.'",
+                    shown(tenant)
                 )));
             }
             if key.len() < MIN_KEY_LEN || key.chars().any(char::is_whitespace) {
                 return Err(bad(format!(
-                    "the key of tenant {tenant:?} must be at least {MIN_KEY_LEN} characters without spaces"
+                    "the key of tenant {} must be at least {MIN_KEY_LEN} characters without spaces",
+                    shown(tenant)
                 )));
             }
             let tier = match tier.map(str::trim) {
                 Some(t) if tiers.iter().any(|n| n == t) => t.to_string(),
                 Some(t) => {
                     return Err(bad(format!(
-                        "tier {t:?} of tenant {tenant:?} is not one of the configured tiers ({})",
+                        "tier {} of tenant {} is not one of the configured tiers ({})",
+                        shown(t),
+                        shown(tenant),
                         tiers.join(", ")
                     )));
                 }
                 None => default_tier.map(str::to_string).ok_or_else(|| {
                     bad(format!(
-                        "tenant {tenant:?} names no tier and there is no default tier"
+                        "tenant {} names no tier and there is no default tier",
+                        shown(tenant)
                     ))
                 })?,
             };
             if self.lookup(key).is_some() {
                 return Err(bad(format!(
-                    "the key of tenant {tenant:?} is already listed (each key must be unique)"
+                    "the key of tenant {} is already listed (each key must be unique)",
+                    shown(tenant)
                 )));
             }
             let bucket = self.hasher.hash_one(key.as_bytes());
@@ -399,6 +423,10 @@ mod tests {
             ("a b:cccccccccccccccc4", "tenant \"a b\""),
             ("acme:cccccccccccccccc4:pro:x", "cannot contain ':'"),
             ("acme", "expected TENANT:KEY"),
+            // Fields out of order: the key where the tenant or the tier belongs.
+            ("cccccccccccccccc4:pro", "\"cc…\" (17 characters"),
+            ("acme:pro:cccccccccccccccc4", "at least 16 characters"),
+            ("acme:dddddddddddddddd6:cccccccccccccccc4", "tier \"cc…\""),
         ];
         for (line, want) in cases {
             let mut ring = KeyRing::empty();
@@ -433,6 +461,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no default tier"), "{e}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 500, ..Default::default() })]
+
+        /// Any line made of key-like, name-like and junk fields in any order: loaded, or an
+        /// error naming the file and line that quotes no key-like field in full.
+        #[test]
+        fn no_error_quotes_a_key(
+            fields in proptest::collection::vec(
+                proptest::prop_oneof!["[a-z]{1,8}", "[A-Za-z0-9_-]{16,40}", "[ -~]{0,20}"],
+                0..5,
+            )
+        ) {
+            let line = fields.join(":");
+            let mut ring = KeyRing::empty();
+            if let Err(e) = ring.add_text(Path::new("keys"), &line, &tiers(), Some("free")) {
+                let e = e.to_string();
+                proptest::prop_assert!(e.starts_with("API keys keys:1: "), "{}", e);
+                for f in fields.iter().map(|f| f.trim()).filter(|f| f.chars().count() >= MIN_KEY_LEN) {
+                    proptest::prop_assert!(!e.contains(f), "{} quoted in {}", f, e);
+                }
+            }
+        }
     }
 
     #[test]
