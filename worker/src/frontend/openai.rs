@@ -990,6 +990,74 @@ fn to_http(response: http::Response<Body>) -> http::Response<Body> {
 mod tests {
     use super::*;
 
+    /// Any JSON, shallow or nested, with the fields both endpoints read at any value.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "[ -~]{0,12}".prop_map(Value::from),
+        ];
+        let value = leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        const FIELDS: [&str; 16] = [
+            "model",
+            "messages",
+            "prompt",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "stream",
+            "stream_options",
+            "seed",
+            "n",
+            "top_k",
+            "logprobs",
+            "stop_token_ids",
+            "ignore_eos",
+        ];
+        proptest::collection::vec((proptest::sample::select(&FIELDS[..]), value), 0..8).prop_map(
+            |fields| {
+                Value::Object(
+                    fields
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect(),
+                )
+            },
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 1000, ..Default::default() })]
+
+        /// Any request body: a generation request, or INVALID_ARGUMENT whose message names
+        /// what is wrong (a field, or the body); never a panic.
+        #[test]
+        fn any_body_maps_or_is_refused_by_name(json in any_json()) {
+            for result in [chat_request(json.clone()), completion_request(json)] {
+                if let Err(status) = result {
+                    proptest::prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
+                    let m = status.message();
+                    proptest::prop_assert!(
+                        m.contains(':') && !m.trim().is_empty(),
+                        "unnamed: {}", m
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn unsupported_fields_are_refused_by_name() {
         let refused = |json: Value| {
