@@ -338,6 +338,123 @@ mod tests {
         assert_eq!(grpc_deadline(&md, now), None);
     }
 
+    fn any_request() -> impl proptest::strategy::Strategy<Value = pb::GenerateRequest> {
+        use proptest::option::of;
+        use proptest::prelude::*;
+        let float = prop_oneof![
+            any::<f32>(),
+            Just(f32::NAN),
+            Just(f32::INFINITY),
+            -2.0f32..4.0
+        ];
+        let input = prop_oneof![
+            "[ -~]{0,24}".prop_map(Input::Prompt),
+            proptest::collection::vec(prop_oneof![0u32..300, any::<u32>()], 0..40)
+                .prop_map(|ids| Input::TokenIds(pb::TokenIds { ids })),
+            proptest::collection::vec((-1i32..6, "[ -~]{0,12}"), 0..4).prop_map(|m| {
+                Input::Chat(pb::ChatMessages {
+                    messages: m
+                        .into_iter()
+                        .map(|(role, content)| pb::ChatMessage { role, content })
+                        .collect(),
+                })
+            }),
+        ];
+        let sampling = (
+            (
+                of(float.clone()),
+                any::<u32>(),
+                of(float.clone()),
+                of(any::<u64>()),
+            ),
+            (
+                of(prop_oneof![0u32..64, any::<u32>()]),
+                proptest::collection::vec("[ -~]{0,6}", 0..3),
+                proptest::collection::vec(any::<u32>(), 0..3),
+                any::<bool>(),
+                of(float.clone()),
+                of(float),
+            ),
+        )
+            .prop_map(
+                |(
+                    (temperature, top_k, top_p, seed),
+                    (
+                        max_tokens,
+                        stop,
+                        stop_token_ids,
+                        ignore_eos,
+                        repetition_penalty,
+                        presence_penalty,
+                    ),
+                )| pb::SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                    max_tokens,
+                    stop,
+                    stop_token_ids,
+                    ignore_eos,
+                    repetition_penalty,
+                    presence_penalty,
+                },
+            );
+        (
+            prop_oneof![Just(String::new()), Just("demo".to_string()), "[ -~]{0,8}"],
+            of(input),
+            of(sampling),
+            -2i32..8,
+            of("[ -~]{0,70}"),
+        )
+            .prop_map(|(model, input, sampling, priority, request_id)| {
+                pb::GenerateRequest {
+                    model,
+                    input,
+                    sampling,
+                    priority,
+                    request_id,
+                }
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        /// Any request: accepted within the limits, or refused with a message that names
+        /// the field; never a panic.
+        #[test]
+        fn any_request_is_checked_or_refused_by_name(req in any_request()) {
+            let tokenizer = crate::text::testutil::byte_level_tokenizer();
+            let limits = Limits {
+                model_id: "demo".into(),
+                context_length: 64,
+                vocab_size: 300,
+                default_max_tokens: 8,
+                max_tokens_per_request: 32,
+            };
+            match check(&req, &tokenizer, &limits, None, 7) {
+                Ok(c) => {
+                    let e = &c.engine;
+                    proptest::prop_assert!(e.prompt.len() + e.max_tokens <= limits.context_length);
+                    proptest::prop_assert!(e.prompt.iter().all(|t| (*t as usize) < limits.vocab_size));
+                    proptest::prop_assert!(e.max_tokens >= 1 && e.max_tokens <= 32);
+                }
+                Err(s) => {
+                    let m = s.message();
+                    proptest::prop_assert!(
+                        matches!(
+                            s.code(),
+                            tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                        ),
+                        "{:?}: {}", s.code(), m
+                    );
+                    proptest::prop_assert!(m.contains(':') || m.contains("model"), "unnamed: {}", m);
+                }
+            }
+        }
+    }
+
     #[test]
     fn unknown_model_names_the_served_one() {
         let limits = Limits {

@@ -27,7 +27,7 @@ pub mod tokenizer;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 use std::path::PathBuf;
 
