@@ -35,6 +35,9 @@ for t in Q8_0 F32; do
   [ -s "$f" ] || "$llama/llama-quantize" --allow-requantize "$q41" "$f" "$t" "$threads" >/dev/null 2>&1
 done
 export RAYON_NUM_THREADS=$threads
+# Q8_0/Q4_0/Q4_1 with 8-bit activations, as llama.cpp multiplies them (the engine's default
+# keeps f32 activations for those types; INT8_ACTIVATIONS=0 times that instead).
+export SWITCHYARD_INT8_ACTIVATIONS=${INT8_ACTIVATIONS:-1}
 steps="$out/steps.jsonl"
 : >"$steps"
 measured() { python3 hack/bench/measured.py "$steps" "$@"; }

@@ -82,6 +82,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let startup = switchyard_worker::telemetry::Startup::begin();
     switchyard_edge::logging::init(&args.log)?;
+    switchyard_worker::model::matmul::int8_activations_setting().map_err(anyhow::Error::msg)?;
     if let Some(tool) = args.command {
         return tokio::task::spawn_blocking(move || tools::run(tool))
             .await
