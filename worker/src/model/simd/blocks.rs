@@ -217,9 +217,11 @@ mod x86 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
     }
 
+    /// 32 one-byte values (quants or activations) of `b` from `at`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    fn load32(b: &[u8], at: usize) -> __m256i {
+    fn load32<T: Copy>(b: &[T], at: usize) -> __m256i {
+        const { assert!(std::mem::size_of::<T>() == 1, "32 one-byte values") };
         let s = &b[at..at + 32];
         // SAFETY: 32 bytes inside `b` (the slice above is bounds-checked).
         #[allow(unsafe_code)]
@@ -470,7 +472,7 @@ mod x86 {
                 let mut xo = [_mm256_setzero_si256(); MR];
                 let mut xd = [_mm256_setzero_ps(); MR];
                 for j in 0..MR {
-                    xq[j] = load32_i8(x.q, (j * gk + xg) * 32);
+                    xq[j] = load32(x.q, (j * gk + xg) * 32);
                     xd[j] = _mm256_set1_ps(x.d[j * gk + xg]);
                     if B::OFFSET != 0 {
                         xo[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, xq[j]);
@@ -519,17 +521,6 @@ mod x86 {
             for j in 0..MR {
                 acc[c][j] = hsum8(a[c][j]) + mins[c][j];
             }
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    fn load32_i8(s: &[i8], at: usize) -> __m256i {
-        let s = &s[at..at + 32];
-        // SAFETY: 32 bytes inside `s` (bounds-checked above).
-        #[allow(unsafe_code)]
-        unsafe {
-            _mm256_loadu_si256(s.as_ptr().cast())
         }
     }
 
