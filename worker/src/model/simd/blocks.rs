@@ -12,9 +12,17 @@
 //! `w = s · (u − offset) + m`. Then, per group,
 //! `Σ w·x = s · d · (Σ u·q − offset · Σ q) + m · d · Σ q`: `vpdpbusd` multiplies the
 //! unsigned quants by the signed activations (32 products in four-wide integer sums), the
-//! offset term is the same instruction against the constant offset, and the rest is one
-//! conversion and two f32 multiply-adds per group. Signed `Q8_0` quants become unsigned by
-//! adding 128 (a flip of the top bit) with offset 128.
+//! offset term is the same instruction against the constant offset, and the rest is f32:
+//! - 32-value types: per group, on 256-bit registers, one conversion and two f32
+//!   multiplies.
+//! - 256-value types (`Q4_K`, `Q6_K`): two groups per 512-bit register. A block's scales
+//!   are decoded once per weight row as one vector (a lane per 16 weights) and multiplied
+//!   by the input row's eight group scales once per block; per pair of groups, one
+//!   conversion, one lane permutation of those products and one multiply-add. The
+//!   minimums of `Q4_K`'s eight groups are one multiply-add per block.
+//!
+//! Signed `Q8_0` quants become unsigned by adding 128 (a flip of the top bit) with offset
+//! 128.
 //!
 //! | type | bytes / values | quants | offset | scale | minimum |
 //! |---|---|---|---|---|---|
@@ -143,9 +151,9 @@ pub fn tile(kind: Kind, x: ActRows<'_>, w: &[u8], nr: usize, k: usize, acc: &mut
     }
 }
 
-/// Per group of 32 weights and input row: one `vpdpbusd` (and one for the offset, shared by
-/// the tile's weight rows), then a conversion and two f32 multiplies into the row's
-/// accumulator; a stored block's scales are decoded once per weight row.
+/// Per group of 32 weights (two, for the 256-value types) and input row: one `vpdpbusd`
+/// (and one for the offset, shared by the tile's weight rows), then the f32 work the
+/// module's documentation lists; a stored block's scales are decoded once per weight row.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -183,29 +191,49 @@ mod x86 {
         }
     }
 
-    /// How one type's stored blocks read: per group of 32 weights, the unsigned quants and
-    /// the scales and minimum.
+    /// How a 32-value type's stored blocks read: the unsigned quants, the scale and the
+    /// minimum.
     trait Block {
+        const KIND: Kind;
+        /// Subtracted from every quant.
+        const OFFSET: u8;
+        /// Whether blocks have a minimum.
+        const MINS: bool;
+        /// The block's scale and minimum (0 unless `MINS`).
+        ///
+        /// # Safety
+        /// The CPU has AVX-512 F/BW/VL, VNNI and F16C.
+        #[allow(unsafe_code)]
+        unsafe fn scales(b: &[u8]) -> (f32, f32);
+        /// The block's 32 quants.
+        ///
+        /// # Safety
+        /// As for `scales`.
+        #[allow(unsafe_code)]
+        unsafe fn quants(b: &[u8]) -> __m256i;
+    }
+
+    /// How a 256-value type's stored blocks read, two groups of 32 (64 weights, one 512-bit
+    /// register) at a time.
+    trait Super {
         const KIND: Kind;
         /// Subtracted from every quant.
         const OFFSET: u8;
         /// Whether groups have a minimum.
         const MINS: bool;
-        /// Whether each half of a group (16 weights) has its own scale.
-        const HALVES: bool;
-        /// Per group `g` of the block: the scales of its two halves (equal unless
-        /// `HALVES`), and its minimum (0 unless `MINS`).
+        /// The block's scales, one per 16 weights (lane `2g + h`: half `h` of group `g`),
+        /// and its eight groups' minimums (zeros unless `MINS`).
         ///
         /// # Safety
         /// The CPU has AVX-512 F/BW/VL, VNNI and F16C.
         #[allow(unsafe_code)]
-        unsafe fn scales(b: &[u8], s: &mut [[f32; 2]; 8], m: &mut [f32; 8]);
-        /// Group `g`'s 32 quants.
+        unsafe fn scales(b: &[u8]) -> (__m512, __m256);
+        /// Groups `2i` and `2i + 1`'s 64 quants.
         ///
         /// # Safety
         /// As for `scales`.
         #[allow(unsafe_code)]
-        unsafe fn quants(b: &[u8], g: usize) -> __m256i;
+        unsafe fn pair(b: &[u8], i: usize) -> __m512i;
     }
 
     /// The f16 at `b[at..at + 2]` (F16C, inline: `half`'s conversion checks the CPU's
@@ -228,6 +256,36 @@ mod x86 {
         unsafe {
             _mm256_loadu_si256(s.as_ptr().cast())
         }
+    }
+
+    /// 64 one-byte values of `b` from `at`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    fn load64<T: Copy>(b: &[T], at: usize) -> __m512i {
+        const { assert!(std::mem::size_of::<T>() == 1, "64 one-byte values") };
+        let s = &b[at..at + 64];
+        // SAFETY: 64 bytes inside `b`.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm512_loadu_si512(s.as_ptr().cast())
+        }
+    }
+
+    /// The 32 bytes of `b` from `at` in both halves of a 512-bit register.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    fn twice32(b: &[u8], at: usize) -> __m512i {
+        _mm512_broadcast_i64x4(load32(b, at))
+    }
+
+    /// 16-bit shift counts: `lo` in the low 256 bits, `hi` in the high.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    fn counts(lo: i16, hi: i16) -> __m512i {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi16(lo)),
+            _mm256_set1_epi16(hi),
+        )
     }
 
     /// 16 bytes of packed nibbles: the low nibbles as quants 0..16, the high as 16..32.
@@ -254,21 +312,16 @@ mod x86 {
                 const KIND: Kind = Kind::$kind;
                 const OFFSET: u8 = $offset;
                 const MINS: bool = $mins;
-                const HALVES: bool = false;
                 #[inline]
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
                 #[allow(unsafe_code)]
-                unsafe fn scales(b: &[u8], s: &mut [[f32; 2]; 8], m: &mut [f32; 8]) {
-                    let d = f16(b, 0);
-                    s[0] = [d, d];
-                    if $mins {
-                        m[0] = f16(b, 2);
-                    }
+                unsafe fn scales(b: &[u8]) -> (f32, f32) {
+                    (f16(b, 0), if $mins { f16(b, 2) } else { 0.0 })
                 }
                 #[inline]
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
                 #[allow(unsafe_code)]
-                unsafe fn quants($b: &[u8], _: usize) -> __m256i {
+                unsafe fn quants($b: &[u8]) -> __m256i {
                     $quants
                 }
             }
@@ -292,15 +345,14 @@ mod x86 {
     ));
 
     struct Q4K;
-    impl Block for Q4K {
+    impl Super for Q4K {
         const KIND: Kind = Kind::Q4K;
         const OFFSET: u8 = 0;
         const MINS: bool = true;
-        const HALVES: bool = false;
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
         #[allow(unsafe_code)]
-        unsafe fn scales(b: &[u8], s: &mut [[f32; 2]; 8], m: &mut [f32; 8]) {
+        unsafe fn scales(b: &[u8]) -> (__m512, __m256) {
             let (d, dmin) = (f16(b, 0), f16(b, 2));
             // ggml's 6-bit scales and minimums of the 8 groups, 12 bytes from byte 4:
             // groups 0..4 in the low 6 bits of bytes 0..4 (scales) and 4..8 (minimums);
@@ -309,95 +361,92 @@ mod x86 {
             let word = |i: usize| u32::from_le_bytes([b[4 + i], b[5 + i], b[6 + i], b[7 + i]]);
             let (w0, w1, w2) = (word(0), word(4), word(8));
             let (six, four, two) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
-            let scales = [w0 & six, (w2 & four) | (((w0 >> 6) & two) << 4)];
-            let mins = [w1 & six, ((w2 >> 4) & four) | (((w1 >> 6) & two) << 4)];
-            for g in 0..8 {
-                let byte = |v: [u32; 2]| f32::from((v[g / 4] >> (8 * (g % 4))) as u8);
-                let v = d * byte(scales);
-                s[g] = [v, v];
-                m[g] = -dmin * byte(mins);
-            }
+            let bytes =
+                |lo: u32, hi: u32| _mm_cvtsi64_si128((u64::from(hi) << 32 | u64::from(lo)) as i64);
+            let scales = bytes(w0 & six, (w2 & four) | (((w0 >> 6) & two) << 4));
+            let mins = bytes(w1 & six, ((w2 >> 4) & four) | (((w1 >> 6) & two) << 4));
+            // Each group's scale for both of its halves.
+            let s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(scales, scales)));
+            let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mins));
+            (
+                _mm512_mul_ps(s, _mm512_set1_ps(d)),
+                _mm256_mul_ps(m, _mm256_set1_ps(-dmin)),
+            )
         }
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
         #[allow(unsafe_code)]
-        unsafe fn quants(b: &[u8], g: usize) -> __m256i {
+        unsafe fn pair(b: &[u8], i: usize) -> __m512i {
             // Groups 2i and 2i + 1 are the low and high nibbles of bytes 32i..32i + 32.
-            let v = load32(b, 16 + 32 * (g / 2));
-            let v = if g.is_multiple_of(2) {
-                v
-            } else {
-                _mm256_srli_epi16::<4>(v)
-            };
-            _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
+            let v = _mm512_srlv_epi16(twice32(b, 16 + 32 * i), counts(0, 4));
+            _mm512_and_si512(v, _mm512_set1_epi8(0x0f))
         }
     }
 
     struct Q6K;
-    impl Block for Q6K {
+    impl Super for Q6K {
         const KIND: Kind = Kind::Q6K;
         const OFFSET: u8 = 32;
         const MINS: bool = false;
-        const HALVES: bool = true;
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
         #[allow(unsafe_code)]
-        unsafe fn scales(b: &[u8], s: &mut [[f32; 2]; 8], _: &mut [f32; 8]) {
-            let d = f16(b, 208);
-            // Group g (half h = g / 4, position p = g % 4 in it) has scales 8h + 2p and
-            // 8h + 2p + 1 (i8 from byte 192), one per 16 weights: in order.
-            for (g, s) in s.iter_mut().enumerate() {
-                let i = 192 + 2 * g;
-                *s = [d * f32::from(b[i] as i8), d * f32::from(b[i + 1] as i8)];
-            }
+        unsafe fn scales(b: &[u8]) -> (__m512, __m256) {
+            // One i8 scale per 16 weights from byte 192, in order, times the f16 at 208.
+            let s = &b[192..208];
+            // SAFETY: 16 bytes inside `b`.
+            let v = unsafe { _mm_loadu_si128(s.as_ptr().cast()) };
+            let s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+            (
+                _mm512_mul_ps(s, _mm512_set1_ps(f16(b, 208))),
+                _mm256_setzero_ps(),
+            )
         }
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
         #[allow(unsafe_code)]
-        unsafe fn quants(b: &[u8], g: usize) -> __m256i {
-            // In each half of 128: groups 0 and 1 take the low nibbles of `ql` bytes 0..32
-            // and 32..64, groups 2 and 3 their high nibbles; the two high bits of group p
-            // are bits 2p, 2p + 1 of `qh` bytes 0..32.
-            let (h, p) = (g / 4, g % 4);
-            let low = load32(b, 64 * h + 32 * (p % 2));
-            let low = if p < 2 {
-                low
+        unsafe fn pair(b: &[u8], i: usize) -> __m512i {
+            // In each half `h` of 128 weights (pairs 2h and 2h + 1): groups 0 and 1 are the
+            // low nibbles of `ql` bytes 64h..64h + 64, groups 2 and 3 their high nibbles;
+            // the two high bits of group p are bits 2p, 2p + 1 of `qh` bytes
+            // 128 + 32h..128 + 32h + 32.
+            let (h, upper) = (i / 2, i % 2 == 1);
+            let low = load64(b, 64 * h);
+            let qh = twice32(b, 128 + 32 * h);
+            let (low, high) = if upper {
+                (
+                    _mm512_srli_epi16::<4>(low),
+                    _mm512_srlv_epi16(qh, counts(0, 2)),
+                )
             } else {
-                _mm256_srli_epi16::<4>(low)
+                (low, _mm512_sllv_epi16(qh, counts(4, 2)))
             };
-            let qh = load32(b, 128 + 32 * h);
-            let high = match p {
-                0 => _mm256_slli_epi16::<4>(qh),
-                1 => _mm256_slli_epi16::<2>(qh),
-                2 => qh,
-                _ => _mm256_srli_epi16::<2>(qh),
-            };
-            _mm256_or_si256(
-                _mm256_and_si256(low, _mm256_set1_epi8(0x0f)),
-                _mm256_and_si256(high, _mm256_set1_epi8(0x30)),
+            _mm512_or_si512(
+                _mm512_and_si512(low, _mm512_set1_epi8(0x0f)),
+                _mm512_and_si512(high, _mm512_set1_epi8(0x30)),
             )
         }
     }
 
     macro_rules! sized {
-        ($b:ty, $mr:expr, $nr:expr, ($($arg:expr),*)) => {
+        ($kernel:ident, $b:ty, $mr:expr, $nr:expr, ($($arg:expr),*)) => {
             match ($mr, $nr) {
-                (1, 1) => kernel::<$b, 1, 1>($($arg),*),
-                (1, 2) => kernel::<$b, 1, 2>($($arg),*),
-                (1, 3) => kernel::<$b, 1, 3>($($arg),*),
-                (1, 4) => kernel::<$b, 1, 4>($($arg),*),
-                (2, 1) => kernel::<$b, 2, 1>($($arg),*),
-                (2, 2) => kernel::<$b, 2, 2>($($arg),*),
-                (2, 3) => kernel::<$b, 2, 3>($($arg),*),
-                (2, 4) => kernel::<$b, 2, 4>($($arg),*),
-                (3, 1) => kernel::<$b, 3, 1>($($arg),*),
-                (3, 2) => kernel::<$b, 3, 2>($($arg),*),
-                (3, 3) => kernel::<$b, 3, 3>($($arg),*),
-                (3, 4) => kernel::<$b, 3, 4>($($arg),*),
-                (4, 1) => kernel::<$b, 4, 1>($($arg),*),
-                (4, 2) => kernel::<$b, 4, 2>($($arg),*),
-                (4, 3) => kernel::<$b, 4, 3>($($arg),*),
-                (4, 4) => kernel::<$b, 4, 4>($($arg),*),
+                (1, 1) => $kernel::<$b, 1, 1>($($arg),*),
+                (1, 2) => $kernel::<$b, 1, 2>($($arg),*),
+                (1, 3) => $kernel::<$b, 1, 3>($($arg),*),
+                (1, 4) => $kernel::<$b, 1, 4>($($arg),*),
+                (2, 1) => $kernel::<$b, 2, 1>($($arg),*),
+                (2, 2) => $kernel::<$b, 2, 2>($($arg),*),
+                (2, 3) => $kernel::<$b, 2, 3>($($arg),*),
+                (2, 4) => $kernel::<$b, 2, 4>($($arg),*),
+                (3, 1) => $kernel::<$b, 3, 1>($($arg),*),
+                (3, 2) => $kernel::<$b, 3, 2>($($arg),*),
+                (3, 3) => $kernel::<$b, 3, 3>($($arg),*),
+                (3, 4) => $kernel::<$b, 3, 4>($($arg),*),
+                (4, 1) => $kernel::<$b, 4, 1>($($arg),*),
+                (4, 2) => $kernel::<$b, 4, 2>($($arg),*),
+                (4, 3) => $kernel::<$b, 4, 3>($($arg),*),
+                (4, 4) => $kernel::<$b, 4, 4>($($arg),*),
                 (mr, nr) => panic!("tile {mr}x{nr}: rows and weight rows must be 1 to 4"),
             }
         };
@@ -414,12 +463,12 @@ mod x86 {
     ) {
         let mr = x.q.len() / k;
         match kind {
-            Kind::Q8_0 => sized!(Q8_0, mr, nr, (x, w, k, acc)),
-            Kind::Q4_0 => sized!(Q4_0, mr, nr, (x, w, k, acc)),
-            Kind::Q4_1 => sized!(Q4_1, mr, nr, (x, w, k, acc)),
-            Kind::Q5_0 => sized!(Q5_0, mr, nr, (x, w, k, acc)),
-            Kind::Q4K => sized!(Q4K, mr, nr, (x, w, k, acc)),
-            Kind::Q6K => sized!(Q6K, mr, nr, (x, w, k, acc)),
+            Kind::Q8_0 => sized!(kernel32, Q8_0, mr, nr, (x, w, k, acc)),
+            Kind::Q4_0 => sized!(kernel32, Q4_0, mr, nr, (x, w, k, acc)),
+            Kind::Q4_1 => sized!(kernel32, Q4_1, mr, nr, (x, w, k, acc)),
+            Kind::Q5_0 => sized!(kernel32, Q5_0, mr, nr, (x, w, k, acc)),
+            Kind::Q4K => sized!(kernel256, Q4K, mr, nr, (x, w, k, acc)),
+            Kind::Q6K => sized!(kernel256, Q6K, mr, nr, (x, w, k, acc)),
         }
     }
 
@@ -435,84 +484,52 @@ mod x86 {
         }
     }
 
+    /// A tile of a 32-value type: per group and input row, `vpdpbusd`, a conversion and
+    /// two f32 multiplies on 256-bit registers.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-    fn kernel<B: Block, const MR: usize, const NR: usize>(
+    fn kernel32<B: Block, const MR: usize, const NR: usize>(
         x: ActRows<'_>,
         w: &[u8],
         k: usize,
         acc: &mut [[f32; 4]; 4],
     ) {
-        let kind = B::KIND;
-        let (row_bytes, groups) = (kind.row_bytes(k), kind.values() / 32);
+        let bytes = B::KIND.bytes();
+        let row_bytes = B::KIND.row_bytes(k);
         let wr: [&[u8]; NR] = std::array::from_fn(|c| &w[c * row_bytes..(c + 1) * row_bytes]);
         let next = &w[(NR * row_bytes).min(w.len())..];
         let gk = k / 32;
         let offset = _mm256_set1_epi8(B::OFFSET as i8);
         let mut a = [[_mm256_setzero_ps(); MR]; NR];
         let mut mins = [[0f32; MR]; NR];
-        let (mut s, mut m) = ([[[0f32; 2]; 8]; NR], [[0f32; 8]; NR]);
-        for blk in 0..k / kind.values() {
-            let at = blk * kind.bytes();
+        for g in 0..gk {
+            let at = g * bytes;
+            let mut xq = [_mm256_setzero_si256(); MR];
+            let mut xo = [_mm256_setzero_si256(); MR];
+            let mut xd = [_mm256_setzero_ps(); MR];
+            for j in 0..MR {
+                xq[j] = load32(x.q, (j * gk + g) * 32);
+                xd[j] = _mm256_set1_ps(x.d[j * gk + g]);
+                if B::OFFSET != 0 {
+                    xo[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, xq[j]);
+                }
+            }
             for c in 0..NR {
-                // Every cache line of the next tile's block (a k-quant block spans up to
-                // four).
-                for line in (0..kind.bytes()).step_by(64) {
-                    prefetch(next, c * row_bytes + at + line);
-                }
-                // SAFETY: this function's features are those `scales` needs.
+                prefetch(next, c * row_bytes + at);
+                let b = &wr[c][at..at + bytes];
+                // SAFETY: this function's features are those `scales` and `quants` need.
                 #[allow(unsafe_code)]
-                unsafe {
-                    B::scales(&wr[c][at..at + kind.bytes()], &mut s[c], &mut m[c])
-                };
-            }
-            for g in 0..groups {
-                let xg = blk * groups + g;
-                let mut xq = [_mm256_setzero_si256(); MR];
-                let mut xo = [_mm256_setzero_si256(); MR];
-                let mut xd = [_mm256_setzero_ps(); MR];
+                let ((s, m), u) = unsafe { (B::scales(b), B::quants(b)) };
+                let sc = _mm256_set1_ps(s);
                 for j in 0..MR {
-                    xq[j] = load32(x.q, (j * gk + xg) * 32);
-                    xd[j] = _mm256_set1_ps(x.d[j * gk + xg]);
+                    let mut dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xq[j]);
                     if B::OFFSET != 0 {
-                        xo[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, xq[j]);
+                        dot = _mm256_sub_epi32(dot, xo[j]);
                     }
-                }
-                for c in 0..NR {
-                    // SAFETY: this function's features are those `quants` needs.
-                    #[allow(unsafe_code)]
-                    let u = unsafe { B::quants(&wr[c][at..at + kind.bytes()], g) };
-                    let [lo, hi] = s[c][g];
-                    let sc = if B::HALVES {
-                        _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo))
-                    } else {
-                        _mm256_set1_ps(lo)
-                    };
-                    for j in 0..MR {
-                        let mut dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xq[j]);
-                        if B::OFFSET != 0 {
-                            dot = _mm256_sub_epi32(dot, xo[j]);
-                        }
-                        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), xd[j]);
-                        a[c][j] = _mm256_fmadd_ps(v, sc, a[c][j]);
-                        if B::MINS && groups == 1 {
-                            mins[c][j] = m[c][g].mul_add(x.ds[j * gk + xg], mins[c][j]);
-                        }
-                    }
-                }
-            }
-            if B::MINS && groups == 8 {
-                // The eight groups' minimums at once, into the same lanes' sums.
-                for c in 0..NR {
-                    // SAFETY: 8 f32 from an 8-element array.
-                    #[allow(unsafe_code)]
-                    let mv = unsafe { _mm256_loadu_ps(m[c].as_ptr()) };
-                    for (j, a) in a[c].iter_mut().enumerate() {
-                        let ds = &x.ds[j * gk + blk * 8..j * gk + blk * 8 + 8];
-                        // SAFETY: 8 f32 inside `ds` (bounds-checked above).
-                        #[allow(unsafe_code)]
-                        let dv = unsafe { _mm256_loadu_ps(ds.as_ptr()) };
-                        *a = _mm256_fmadd_ps(mv, dv, *a);
+                    let v = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), xd[j]);
+                    a[c][j] = _mm256_fmadd_ps(v, sc, a[c][j]);
+                    if B::MINS {
+                        mins[c][j] = m.mul_add(x.ds[j * gk + g], mins[c][j]);
                     }
                 }
             }
@@ -520,6 +537,136 @@ mod x86 {
         for c in 0..NR {
             for j in 0..MR {
                 acc[c][j] = hsum8(a[c][j]) + mins[c][j];
+            }
+        }
+    }
+
+    /// A tile of a 256-value type, two groups per 512-bit register: per pair of groups and
+    /// input row, `vpdpbusd`, a conversion, the pair's scales and one multiply-add.
+    ///
+    /// The pair's scales are the block's weight scales times the row's activation scales,
+    /// lane by lane, permuted to the pair's lanes. Small tiles multiply once per block and
+    /// permute per pair; tiles of more than 8 products would hold too many registers that
+    /// way, so they permute the two factors per pair and multiply then. Lane-wise products
+    /// commute with the permutation: both give the same bits, so a row's products still do
+    /// not depend on its batch.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    fn kernel256<B: Super, const MR: usize, const NR: usize>(
+        x: ActRows<'_>,
+        w: &[u8],
+        k: usize,
+        acc: &mut [[f32; 4]; 4],
+    ) {
+        let small = MR * NR <= 8;
+        let bytes = B::KIND.bytes();
+        let row_bytes = B::KIND.row_bytes(k);
+        let wr: [&[u8]; NR] = std::array::from_fn(|c| &w[c * row_bytes..(c + 1) * row_bytes]);
+        let next = &w[(NR * row_bytes).min(w.len())..];
+        let gk = k / 32;
+        let offset = _mm512_set1_epi8(B::OFFSET as i8);
+        // Lane 2g + h (a scale per half group) from activation scale g.
+        let halves = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        let mut a = [[_mm512_setzero_ps(); MR]; NR];
+        for blk in 0..k / 256 {
+            let at = blk * bytes;
+            let groups = |v: &[f32], j: usize| {
+                let v = &v[j * gk + blk * 8..j * gk + blk * 8 + 8];
+                // SAFETY: 8 f32 inside `v` (bounds-checked above).
+                #[allow(unsafe_code)]
+                unsafe {
+                    _mm256_loadu_ps(v.as_ptr())
+                }
+            };
+            let xd: [__m512; MR] = std::array::from_fn(|j| {
+                _mm512_permutexvar_ps(halves, _mm512_castps256_ps512(groups(x.d, j)))
+            });
+            let mut ws = [_mm512_setzero_ps(); NR];
+            let mut sc = [[_mm512_setzero_ps(); MR]; NR];
+            for c in 0..NR {
+                // Every cache line of the next tile's block (a block spans up to four).
+                for line in (0..bytes).step_by(64) {
+                    prefetch(next, c * row_bytes + at + line);
+                }
+                // SAFETY: this function's features are those `scales` needs.
+                #[allow(unsafe_code)]
+                let (s, m) = unsafe { B::scales(&wr[c][at..at + bytes]) };
+                ws[c] = s;
+                for j in 0..MR {
+                    if small {
+                        sc[c][j] = _mm512_mul_ps(s, xd[j]);
+                    }
+                    if B::MINS {
+                        // The eight groups' minimums times `d · Σ q`, into the low lanes.
+                        a[c][j] = _mm512_fmadd_ps(
+                            _mm512_zextps256_ps512(m),
+                            _mm512_zextps256_ps512(groups(x.ds, j)),
+                            a[c][j],
+                        );
+                    }
+                }
+            }
+            for i in 0..4 {
+                // Lane l of a pair's sums is half (l / 4) % 2 of group 2i + l / 8: scale
+                // lane 4i + l / 4.
+                let q = 4 * i as i32;
+                let pick = _mm512_set_epi32(
+                    q + 3,
+                    q + 3,
+                    q + 3,
+                    q + 3,
+                    q + 2,
+                    q + 2,
+                    q + 2,
+                    q + 2,
+                    q + 1,
+                    q + 1,
+                    q + 1,
+                    q + 1,
+                    q,
+                    q,
+                    q,
+                    q,
+                );
+                let mut xq = [_mm512_setzero_si512(); MR];
+                let mut xo = [_mm512_setzero_si512(); MR];
+                let mut xp = [_mm512_setzero_ps(); MR];
+                for j in 0..MR {
+                    xq[j] = load64(x.q, (j * gk + blk * 8 + 2 * i) * 32);
+                    if B::OFFSET != 0 {
+                        xo[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), offset, xq[j]);
+                    }
+                    if !small {
+                        xp[j] = _mm512_permutexvar_ps(pick, xd[j]);
+                    }
+                }
+                for c in 0..NR {
+                    // SAFETY: this function's features are those `pair` needs.
+                    #[allow(unsafe_code)]
+                    let u = unsafe { B::pair(&wr[c][at..at + bytes], i) };
+                    let wp = if small {
+                        _mm512_setzero_ps()
+                    } else {
+                        _mm512_permutexvar_ps(pick, ws[c])
+                    };
+                    for j in 0..MR {
+                        let mut dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xq[j]);
+                        if B::OFFSET != 0 {
+                            dot = _mm512_sub_epi32(dot, xo[j]);
+                        }
+                        let s = if small {
+                            _mm512_permutexvar_ps(pick, sc[c][j])
+                        } else {
+                            _mm512_mul_ps(wp, xp[j])
+                        };
+                        a[c][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, a[c][j]);
+                    }
+                }
+            }
+        }
+        for c in 0..NR {
+            for j in 0..MR {
+                acc[c][j] = _mm512_reduce_add_ps(a[c][j]);
             }
         }
     }
