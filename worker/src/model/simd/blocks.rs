@@ -271,6 +271,18 @@ mod x86 {
         }
     }
 
+    /// 8 values of `v` from `at`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
+    fn load8(v: &[f32], at: usize) -> __m256 {
+        let v = &v[at..at + 8];
+        // SAFETY: 8 f32 inside `v` (the slice above is bounds-checked).
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm256_loadu_ps(v.as_ptr())
+        }
+    }
+
     /// The 32 bytes of `b` from `at` in both halves of a 512-bit register.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
@@ -570,17 +582,17 @@ mod x86 {
         let mut a = [[_mm512_setzero_ps(); MR]; NR];
         for blk in 0..k / 256 {
             let at = blk * bytes;
-            let groups = |v: &[f32], j: usize| {
-                let v = &v[j * gk + blk * 8..j * gk + blk * 8 + 8];
-                // SAFETY: 8 f32 inside `v` (bounds-checked above).
-                #[allow(unsafe_code)]
-                unsafe {
-                    _mm256_loadu_ps(v.as_ptr())
+            // The row's eight group scales, spread to the weight scales' lanes, and (for
+            // the minimums) its eight `d · Σ q`.
+            let mut xd = [_mm512_setzero_ps(); MR];
+            let mut xs = [_mm256_setzero_ps(); MR];
+            for j in 0..MR {
+                let at = j * gk + blk * 8;
+                xd[j] = _mm512_permutexvar_ps(halves, _mm512_castps256_ps512(load8(x.d, at)));
+                if B::MINS {
+                    xs[j] = load8(x.ds, at);
                 }
-            };
-            let xd: [__m512; MR] = std::array::from_fn(|j| {
-                _mm512_permutexvar_ps(halves, _mm512_castps256_ps512(groups(x.d, j)))
-            });
+            }
             let mut ws = [_mm512_setzero_ps(); NR];
             let mut sc = [[_mm512_setzero_ps(); MR]; NR];
             for c in 0..NR {
@@ -600,7 +612,7 @@ mod x86 {
                         // The eight groups' minimums times `d · Σ q`, into the low lanes.
                         a[c][j] = _mm512_fmadd_ps(
                             _mm512_zextps256_ps512(m),
-                            _mm512_zextps256_ps512(groups(x.ds, j)),
+                            _mm512_zextps256_ps512(xs[j]),
                             a[c][j],
                         );
                     }
