@@ -9,8 +9,11 @@
 # same for the MoE bench checkpoint (`make-checkpoint --shape bench`), written as a BF16
 # GGUF in F32 and BF16 by hack/bench/bench_to_gguf.py (llama.cpp's converter refuses its
 # generated tokenizer) and quantized by llama-quantize to Q8_0 and Q4_K_M: both engines on
-# every file. Each step runs under hack/bench/measured.py, which records how much CPU other
-# processes took meanwhile (these machines are shared); the summary prints the worst share.
+# every file, after checking that both give the same greedy tokens for the same prompt ids
+# on the F32 file (hack/bench/greedy.c is llama.cpp's side; the other files' agreement is
+# reported in greedy.txt). Each step runs under hack/bench/measured.py, which records how
+# much CPU other processes took meanwhile (these machines are shared); the summary prints
+# the worst share.
 #
 #   REPS=5 THREADS=2 make bench-llamacpp
 #   PARTS=moe make bench-llamacpp        # only the MoE files (PARTS="smollm2 moe" is both)
@@ -83,6 +86,29 @@ if [[ " $parts " == *" moe "* ]]; then
   for t in Q8_0 Q4_K_M; do
     f="$moe.${t,,}.gguf"
     [ -s "$f" ] || "$llama/llama-quantize" "$moe.bf16.gguf" "$f" "$t" "$threads" >/dev/null 2>&1
+  done
+  # Both engines' greedy continuation of the same prompt ids on the same files: llama.cpp's
+  # through hack/bench/greedy.c, linked against the build tree's static libraries. The F32
+  # file must agree token for token (the two compute the same model); the others are
+  # reported (rounding differs by design).
+  tree=$(dirname "$llama")
+  greedy="$out/greedy"
+  g++ -O2 -x c hack/bench/greedy.c -x none -I"$tree/src/include" -I"$tree/src/ggml/include" \
+    "$tree/build/src/libllama.a" "$tree/build/ggml/src/libggml.a" \
+    "$tree/build/ggml/src/libggml-cpu.a" "$tree/build/ggml/src/libggml-base.a" \
+    -fopenmp -lpthread -lm -o "$greedy"
+  ids=$(python3 -c 'print(",".join(str((i * 7919 + 13) % 32000) for i in range(32)))')
+  for t in f32 bf16 q8_0 q4_k_m; do
+    f="$moe.$t.gguf"
+    ours=$("$worker" greedy --model "$f" --dtype "$([[ $t == bf16 ]] && echo bf16 || echo f32)" \
+      --prompt-ids "$ids" --tokens 16 2>/dev/null | python3 -c 'import json, sys; print(",".join(map(str, json.load(sys.stdin)["tokens"])))')
+    theirs=$("$greedy" "$f" "$threads" 16 "$ids")
+    same=$(python3 -c 'import sys; a, b = sys.argv[1].split(","), sys.argv[2].split(","); print(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))' "$ours" "$theirs")
+    echo "==> greedy, $t: $same of 16 new tokens identical (switchyard $ours; llama.cpp $theirs)" | tee -a "$out/greedy.txt"
+    if [[ $t == f32 && $same != 16 ]]; then
+      echo "engine-vs-llamacpp: the engines disagree on the F32 file; the comparison is void" >&2
+      exit 1
+    fi
   done
   labels+=(MoE-F32 MoE-BF16 MoE-Q8_0 MoE-Q4_K_M)
   for rep in $(seq "$reps"); do

@@ -696,3 +696,21 @@ async fn a_burst_of_long_prompts_past_the_cache_finishes_with_the_same_tokens() 
         eprintln!("{name} (prefix cache {prefix_cache}): {preemptions} preemptions");
     }
 }
+
+/// The offline greedy tool (`switchyard-worker greedy`, the cross-check against llama.cpp
+/// in `make bench-llamacpp`) picks the reference's tokens too, on a dense and two MoE
+/// families.
+#[test]
+fn the_greedy_tool_picks_the_references_tokens() {
+    for name in ["llama", "qwen3_moe", "deepseek_v3"] {
+        let model = load(name);
+        let r = reference(&fixture_dir(name));
+        let picked = switchyard_worker::model::perplexity::greedy(
+            &model.transformer,
+            &r.greedy_prompt,
+            r.greedy.len(),
+        )
+        .expect("greedy");
+        assert_eq!(picked, r.greedy, "{name}: greedy tool against transformers");
+    }
+}

@@ -8,6 +8,9 @@
 //!   positions `ctx/2 .. ctx-2` predict tokens `ctx/2+1 .. ctx-1`, so every scored token has
 //!   at least `ctx/2` tokens of context;
 //! - perplexity is `exp(mean negative log-likelihood)` over every scored token, in f64.
+//!
+//! [`greedy`] is the other side-by-side check: the argmax continuation of prompt ids, which
+//! `make bench-llamacpp` compares with llama.cpp's on the same GGUF file.
 
 use candle_core::{DType, Device};
 
@@ -100,4 +103,44 @@ pub fn perplexity(
         scored_tokens: scored,
         mean_nll,
     })
+}
+
+/// The `new_tokens` ids a greedy decode picks after `prompt` (the lowest id on ties, as
+/// the engine's greedy sampler), one sequence from an empty cache.
+pub fn greedy(model: &Transformer, prompt: &[u32], new_tokens: usize) -> anyhow::Result<Vec<u32>> {
+    anyhow::ensure!(!prompt.is_empty(), "the prompt has no tokens");
+    let vocab = model.config().vocab_size;
+    if let Some(bad) = prompt.iter().find(|t| **t as usize >= vocab) {
+        anyhow::bail!("prompt id {bad} is outside the vocabulary ({vocab} ids)");
+    }
+    let device: &Device = model.device();
+    let total = prompt.len() + new_tokens;
+    let blocks = total.div_ceil(BLOCK);
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let kv = PagedKv::new(model.config(), blocks * BLOCK, model.dtype(), device)?;
+    let mut ids = prompt.to_vec();
+    let mut cached = 0;
+    while ids.len() < total {
+        let step = SeqStep {
+            tokens: &ids[cached..],
+            cached,
+            blocks: &table,
+            logits: LogitRows::Last,
+        };
+        let batch = ForwardBatch::new(&[step], BLOCK, device)?;
+        let (logits, _) = model
+            .forward(std::slice::from_ref(&batch), &kv)
+            .map_err(|e| anyhow::anyhow!("position {}: {e}", ids.len()))?;
+        let row = logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let best = row
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, v)| if *v > row[best] { i } else { best });
+        cached = ids.len();
+        ids.push(best as u32);
+    }
+    Ok(ids.split_off(prompt.len()))
 }

@@ -95,6 +95,25 @@ pub enum Tool {
         #[arg(long, default_value = "auto")]
         quantization: String,
     },
+    /// The greedy continuation of prompt token ids (the argmax at every step), printed as
+    /// JSON: the side-by-side check against llama.cpp on the same GGUF file.
+    Greedy {
+        /// Checkpoint directory or `.gguf` file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt token ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        prompt_ids: Vec<u32>,
+        /// New tokens to pick.
+        #[arg(long, default_value_t = 16)]
+        tokens: usize,
+        /// Compute dtype: auto, f32, bf16 or f16.
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// How weight matrices are stored: auto, none, int8 or int4.
+        #[arg(long, default_value = "auto")]
+        quantization: String,
+    },
     /// Write a deterministic random checkpoint (Hugging Face layout, qwen3_moe) to a
     /// directory: `demo` (what `make demo` serves), `bench` (about 0.5 B parameters),
     /// `deepseek-bench` (DeepSeek-V2-Lite proportions, MLA, about 0.45 B parameters) or
@@ -314,6 +333,33 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                     "tokens": tokens.len(),
                     "seconds": started.elapsed().as_secs_f64(),
                     "result": result,
+                })
+            );
+            Ok(())
+        }
+        Tool::Greedy {
+            model,
+            prompt_ids,
+            tokens,
+            dtype,
+            quantization,
+        } => {
+            let device = candle_core::Device::Cpu;
+            let dtype = parse_dtype(&dtype, &device).map_err(anyhow::Error::msg)?;
+            let quant = Quantization::parse(&quantization).map_err(anyhow::Error::msg)?;
+            let loaded = LoadedModel::load(&model, dtype, quant, &device)?;
+            let picked = switchyard_worker::model::perplexity::greedy(
+                &loaded.transformer,
+                &prompt_ids,
+                tokens,
+            )?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": model.display().to_string(),
+                    "weights": loaded.transformer.describe_weights(),
+                    "prompt_ids": prompt_ids,
+                    "tokens": picked,
                 })
             );
             Ok(())
