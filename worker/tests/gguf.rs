@@ -334,6 +334,10 @@ fn a_gguf_loads_as_the_same_model_as_its_safetensors_with_the_same_q8_0_weights(
     );
     let held = gguf.transformer.describe_weights();
     assert!(held.contains("routed experts: f32 ×16 q8_0 ×16"), "{held}");
+    // The bytes a decode step reads (the bench's bandwidth figure) count the experts as
+    // held, whether the types came from the file or from the quantization setting.
+    let per_step = |m: &LoadedModel| m.transformer.weight_bytes_per_step(2);
+    assert_eq!(per_step(&gguf), per_step(&st));
     let tokens = [3u32, 17, 200, 5, 99, 42, 7, 311, 12];
     let (a, b) = (logits(&gguf, &tokens), logits(&st, &tokens));
     for (ra, rb) in a.iter().zip(&b) {
@@ -346,6 +350,7 @@ fn a_gguf_loads_as_the_same_model_as_its_safetensors_with_the_same_q8_0_weights(
     let dense = LoadedModel::load(&file, Some(DType::F32), Quantization::None, &Device::Cpu)
         .expect("dequantized");
     assert!(!dense.transformer.describe_weights().contains("q8_0"));
+    assert!(per_step(&dense) > per_step(&gguf));
     let c = logits(&dense, &tokens);
     let worst = a
         .iter()

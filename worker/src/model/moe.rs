@@ -120,6 +120,12 @@ pub trait ExpertBackend: Send + Sync + Debug {
     /// Counts the storage types of the experts held here (none for a remote backend: the
     /// shards log theirs).
     fn tally(&self, _: &mut super::quant::Tally) {}
+
+    /// Bytes of the routed experts held here, as stored, and how many experts that is
+    /// (`None` for a remote backend).
+    fn held_bytes(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Routed experts in this process: every one (single-process mode), or the subset an
@@ -442,6 +448,11 @@ impl ExpertBackend for LocalExperts {
         for mlp in self.layers.iter().flatten().flatten() {
             mlp.tally("routed experts", t);
         }
+    }
+
+    fn held_bytes(&self) -> Option<(usize, usize)> {
+        let held: Vec<&Mlp> = self.layers.iter().flatten().flatten().collect();
+        Some((held.iter().map(|m| m.weight_bytes()).sum(), held.len()))
     }
 }
 

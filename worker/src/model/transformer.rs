@@ -284,16 +284,23 @@ impl Transformer {
     /// from the loaded tensors (norms and the embedding gather are left out).
     pub fn weight_bytes_per_step(&self, distinct_experts: usize) -> u64 {
         let c = &self.cfg;
-        // Bytes per weight of a routed expert: its type under the quantization setting
-        // (18 or 34 bytes per 32 weights), else the dense dtype's size.
+        // A routed expert's bytes: the mean of those held here, as stored (a GGUF file's
+        // types, or the quantization setting's); for remote experts, their type under the
+        // quantization setting (18 or 34 bytes per 32 weights), else the dense dtype's size.
         let per_weight = match self.precision.quant {
             super::quant::Quantization::Int4 => 18.0 / 32.0,
             super::quant::Quantization::Int8 => 34.0 / 32.0,
             _ => self.precision.weights.size_in_bytes() as f64,
         };
-        let per_expert = c.moe.as_ref().map_or(0, |m| {
-            (3.0 * (c.hidden_size * m.expert_intermediate_size) as f64 * per_weight) as u64
-        });
+        let per_expert = c
+            .moe
+            .as_ref()
+            .map_or(0, |m| match self.experts.held_bytes() {
+                Some((bytes, held)) if held > 0 => (bytes / held) as u64,
+                _ => {
+                    (3.0 * (c.hidden_size * m.expert_intermediate_size) as f64 * per_weight) as u64
+                }
+            });
         let routed = c.moe.as_ref().map_or(0, |m| {
             distinct_experts.min(m.num_experts) as u64 * per_expert
         });
