@@ -183,12 +183,7 @@ pub fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<Figure>, BenchError> {
     let c = model.config().clone();
-    let bytes = model.precision().weights.size_in_bytes() as f64;
-    let d = c.hidden_size as f64;
-    let per_expert = c
-        .moe
-        .as_ref()
-        .map_or(0.0, |m| 3.0 * d * m.expert_intermediate_size as f64 * bytes);
+    let per_expert = model.routed_expert_bytes() as f64;
     let all = model.weight_bytes_per_step(0) as f64;
     let recorder = Arc::new(Recorder {
         per_expert_bytes: per_expert,

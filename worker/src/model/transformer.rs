@@ -279,28 +279,33 @@ impl Transformer {
         self.experts.is_remote()
     }
 
-    /// Bytes of weights one decode step reads for `distinct_experts` routed experts per MoE
-    /// layer: attention, router, shared experts, dense MLPs and the LM head always, counted
-    /// from the loaded tensors (norms and the embedding gather are left out).
-    pub fn weight_bytes_per_step(&self, distinct_experts: usize) -> u64 {
+    /// Bytes one routed expert's weights read: the mean of those held here, as stored (a
+    /// GGUF file's types, or the quantization setting's); for remote experts, their type
+    /// under the quantization setting (18 or 34 bytes per 32 weights), else the dense
+    /// dtype's size. 0 for a dense model.
+    pub fn routed_expert_bytes(&self) -> u64 {
         let c = &self.cfg;
-        // A routed expert's bytes: the mean of those held here, as stored (a GGUF file's
-        // types, or the quantization setting's); for remote experts, their type under the
-        // quantization setting (18 or 34 bytes per 32 weights), else the dense dtype's size.
         let per_weight = match self.precision.quant {
             super::quant::Quantization::Int4 => 18.0 / 32.0,
             super::quant::Quantization::Int8 => 34.0 / 32.0,
             _ => self.precision.weights.size_in_bytes() as f64,
         };
-        let per_expert = c
-            .moe
+        c.moe
             .as_ref()
             .map_or(0, |m| match self.experts.held_bytes() {
                 Some((bytes, held)) if held > 0 => (bytes / held) as u64,
                 _ => {
                     (3.0 * (c.hidden_size * m.expert_intermediate_size) as f64 * per_weight) as u64
                 }
-            });
+            })
+    }
+
+    /// Bytes of weights one decode step reads for `distinct_experts` routed experts per MoE
+    /// layer: attention, router, shared experts, dense MLPs and the LM head always, counted
+    /// from the loaded tensors (norms and the embedding gather are left out).
+    pub fn weight_bytes_per_step(&self, distinct_experts: usize) -> u64 {
+        let c = &self.cfg;
+        let per_expert = self.routed_expert_bytes();
         let routed = c.moe.as_ref().map_or(0, |m| {
             distinct_experts.min(m.num_experts) as u64 * per_expert
         });
