@@ -235,11 +235,13 @@ fn band(job: &Job<'_>, input: &Input, first: usize, out: &mut [f32], isa: Isa) {
         (Isa::None, ..) => unreachable!("`products` returns early"),
         (_, Rows::Blocks(kind, w), Input::Blocks(xq)) => {
             let b = kind.row_bytes(k);
-            // Four weight rows per tile even for one input row: four independent sums
-            // instead of one chain of multiply-adds (batch 1 on the Q4_K_M bench model:
-            // 181 -> 202-242 tokens/s). Dense rows keep one: their kernels wait on memory,
-            // and four streams measured slower there (bf16 batch 1: 112 -> 101).
-            tiles(rows, n, out, 4, |r, mr, o, nr, acc| {
+            // `Q4_K` / `Q6_K`: four weight rows per tile even for one input row, four
+            // independent sums instead of one chain of multiply-adds (batch 1 on the
+            // Q4_K_M bench model: 181 -> 202-242 tokens/s). Dense rows and the 32-value
+            // types keep one: their kernels wait on memory, and four streams measured
+            // slower there (bf16 batch 1: 112 -> 101; Q8_0: 147 -> 138).
+            let few = if kind.values() == 256 { 4 } else { 1 };
+            tiles(rows, n, out, few, |r, mr, o, nr, acc| {
                 blocks::tile(kind, xq.rows(r, mr, k), &w[o * b..], nr, k, acc)
             })
         }
