@@ -737,12 +737,7 @@ impl Engine {
                     device,
                 )?);
             }
-            // The step runs on a worker of rayon's pool, so the products inside fork from
-            // there. Called from this thread, each of a decode step's 60-odd parallel
-            // products injected its work from outside and slept this thread until it was
-            // done: a futex wake and sleep per product, 17 % of a batch-1 Q4_K_M profile
-            // (docs/benchmarks.md).
-            let (logits, routes) = rayon::scope(|_| self.model.forward(&parts, &self.kv))?;
+            let (logits, routes) = self.model.forward(&parts, &self.kv)?;
             Ok((logits.to_vec2::<f32>()?, routes))
         }))
         .unwrap_or_else(|panic| {

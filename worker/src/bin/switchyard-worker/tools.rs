@@ -147,6 +147,23 @@ fn tool_remote_experts(
         .block_on(RemoteExperts::connect(cfg, identity, remote, &registry))?)
 }
 
+/// The CPU, and the `--dtype` and `--quantization` of the offline tools that run on it.
+fn cpu_settings(
+    dtype: &str,
+    quantization: &str,
+) -> anyhow::Result<(
+    candle_core::Device,
+    Option<candle_core::DType>,
+    switchyard_worker::model::quant::Quantization,
+)> {
+    let device = candle_core::Device::Cpu;
+    let dtype =
+        switchyard_worker::model::parse_dtype(dtype, &device).map_err(anyhow::Error::msg)?;
+    let quant = switchyard_worker::model::quant::Quantization::parse(quantization)
+        .map_err(anyhow::Error::msg)?;
+    Ok((device, dtype, quant))
+}
+
 /// Runs `tool` (blocking; called on a blocking thread of the runtime).
 pub fn run(tool: Tool) -> anyhow::Result<()> {
     use switchyard_worker::engine::bench;
@@ -300,9 +317,7 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
             dtype,
             quantization,
         } => {
-            let device = candle_core::Device::Cpu;
-            let dtype = parse_dtype(&dtype, &device).map_err(anyhow::Error::msg)?;
-            let quant = Quantization::parse(&quantization).map_err(anyhow::Error::msg)?;
+            let (device, dtype, quant) = cpu_settings(&dtype, &quantization)?;
             let body = std::fs::read_to_string(&text)
                 .map_err(|e| anyhow::anyhow!("--text {}: {e}", text.display()))?;
             let tokenizer = switchyard_worker::text::Tokenizer::load(&model)?;
@@ -344,9 +359,7 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
             dtype,
             quantization,
         } => {
-            let device = candle_core::Device::Cpu;
-            let dtype = parse_dtype(&dtype, &device).map_err(anyhow::Error::msg)?;
-            let quant = Quantization::parse(&quantization).map_err(anyhow::Error::msg)?;
+            let (device, dtype, quant) = cpu_settings(&dtype, &quantization)?;
             let loaded = LoadedModel::load(&model, dtype, quant, &device)?;
             let picked = switchyard_worker::model::perplexity::greedy(
                 &loaded.transformer,
