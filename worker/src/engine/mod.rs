@@ -737,7 +737,19 @@ impl Engine {
                     device,
                 )?);
             }
-            let (logits, routes) = self.model.forward(&parts, &self.kv)?;
+            // With every expert in this process the step runs on a worker of rayon's
+            // pool, so the products inside fork from there: called from this thread, each
+            // of a decode step's 60-odd parallel products injected its work from outside
+            // and slept this thread until it was done, a futex wake and sleep per product
+            // (17 % of a batch-1 Q4_K_M profile, docs/benchmarks.md). A step that waits on
+            // shards stays on this thread: inside the pool it stalled the real-node test's
+            // frontends (shard utilisation 0.00 under the spike; cause not yet isolated).
+            let forward = || self.model.forward(&parts, &self.kv);
+            let (logits, routes) = if self.model.experts_are_remote() {
+                forward()?
+            } else {
+                rayon::scope(|_| forward())?
+            };
             Ok((logits.to_vec2::<f32>()?, routes))
         }))
         .unwrap_or_else(|panic| {
