@@ -34,20 +34,23 @@ impl HttpPool {
         }
     }
 
-    async fn take(&self) -> std::io::Result<BufReader<TcpStream>> {
+    /// An idle connection (`true`: reused) or a new one.
+    async fn take(&self) -> std::io::Result<(BufReader<TcpStream>, bool)> {
         let idle = self
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop();
         match idle {
-            Some(c) => Ok(c),
-            None => {
-                let stream = TcpStream::connect(&self.addr).await?;
-                stream.set_nodelay(true)?;
-                Ok(BufReader::new(stream))
-            }
+            Some(c) => Ok((c, true)),
+            None => Ok((self.connect().await?, false)),
         }
+    }
+
+    async fn connect(&self) -> std::io::Result<BufReader<TcpStream>> {
+        let stream = TcpStream::connect(&self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(BufReader::new(stream))
     }
 
     fn give_back(&self, c: BufReader<TcpStream>) {
@@ -130,7 +133,7 @@ async fn exchange(
     on_tokens: &mut impl FnMut(u64),
 ) -> Result<(), CallError> {
     let io = |e: std::io::Error| CallError::Status(tonic::Status::unavailable(e.to_string()));
-    let mut conn = pool.take().await.map_err(io)?;
+    let (mut conn, mut reused) = pool.take().await.map_err(io)?;
     let payload = body(request).to_string();
     let auth = key
         .map(|k| format!("Authorization: {}\r\n", k.header()))
@@ -141,13 +144,28 @@ async fn exchange(
         pool.addr,
         payload.len()
     );
-    conn.get_mut()
-        .write_all(format!("{head}{payload}").as_bytes())
-        .await
-        .map_err(io)?;
+    let message = format!("{head}{payload}");
     // Status line and headers.
     let mut line = String::new();
-    conn.read_line(&mut line).await.map_err(io)?;
+    loop {
+        let sent = conn.get_mut().write_all(message.as_bytes()).await;
+        let read = match sent {
+            Ok(()) => conn.read_line(&mut line).await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(n) if n > 0 => break,
+            // A kept-alive connection the server closed while it was idle (llama-server
+            // closes after every streamed response, though it answers `Keep-Alive`): the
+            // request never reached it, so it goes once more on a new connection.
+            _ if reused => {
+                conn = pool.connect().await.map_err(io)?;
+                reused = false;
+            }
+            Ok(_) => return Err(io(std::io::ErrorKind::UnexpectedEof.into())),
+            Err(e) => return Err(io(e)),
+        }
+    }
     let status: u16 = line
         .split_whitespace()
         .nth(1)
@@ -350,5 +368,66 @@ mod tests {
         );
         assert_eq!((m.output_tokens, n), (2, 1));
         assert!(error.is_none());
+    }
+
+    /// A server that answers one streamed completion per connection and then closes it,
+    /// though it says `Keep-Alive` (what llama-server does): every request must still
+    /// succeed, the reused connection's failure retried on a new one.
+    #[tokio::test]
+    async fn a_server_closing_kept_alive_connections_fails_no_request() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut socket = BufReader::new(socket);
+                let mut length = 0;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    socket.read_line(&mut line).await.unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line.trim_end().is_empty() {
+                        break;
+                    }
+                }
+                let mut body = vec![0; length];
+                socket.read_exact(&mut body).await.unwrap();
+                let events = concat!(
+                    "data: {\"choices\":[{\"text\":\"a\",\"finish_reason\":null}]}\n\n",
+                    "data: {\"choices\":[{\"text\":\"\",\"finish_reason\":\"length\"}],",
+                    "\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n",
+                    "data: [DONE]\n\n"
+                );
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                     Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n\
+                     {:x}\r\n{events}\r\n0\r\n\r\n",
+                    events.len()
+                );
+                socket.get_mut().write_all(reply.as_bytes()).await.unwrap();
+                // Dropped: closed after one response.
+            }
+        });
+        let pool = HttpPool::new(&addr);
+        let request = GenerateRequest {
+            input: Some(generate_request::Input::TokenIds(
+                switchyard_proto::inference::v1::TokenIds { ids: vec![1, 2] },
+            )),
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            let m = measure_completion(&pool, request.clone(), None, None, |_| {}).await;
+            assert!(m.result.is_ok(), "{:?}", m.result);
+            assert_eq!(m.output_tokens, 1);
+            // Let the server's close arrive before the connection is reused.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 }
