@@ -89,6 +89,10 @@ check-cuda: ## Compile the worker's CUDA path without a GPU (NVIDIA toolkit whee
 bench-llamacpp: ## Engine vs llama.cpp on SmolLM2's GGUF (Q4_1, Q8_0, F32), prefill and decode at batch 1/8/32, plus the MoE bench model bf16 vs int4 (docs/benchmarks.md)
 	hack/bench/engine-vs-llamacpp.sh
 
+.PHONY: bench-serving
+bench-serving: ## Our frontend vs llama-server through their OpenAI HTTP APIs on the MoE bench model's GGUF: tokens/s, TTFT, ITL at 1/8/32 in flight (docs/benchmarks.md)
+	hack/bench/serving-vs-llamacpp.sh
+
 .PHONY: fixtures
 fixtures: ## Regenerate the tiny HF checkpoints + transformers references in worker/tests/fixtures/models (CI never runs this)
 	@venv="$${SWITCHYARD_FIXTURES_VENV:-$$HOME/.cache/switchyard/venv-fixtures}"; \

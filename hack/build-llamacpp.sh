@@ -4,12 +4,13 @@
 #
 #   $SWITCHYARD_CACHE_DIR/tools/llama.cpp-<version>/bin/  llama-perplexity llama-bench
 #                                                         llama-batched-bench llama-simple
-#                                                         llama-quantize
+#                                                         llama-quantize llama-server
 #
 # llama.cpp is the engine people run on CPUs: the benchmarks and the perplexity check set
 # Switchyard beside it on the same GGUF file. Built with CMake for this machine's CPU
-# (GGML_NATIVE), without CURL or a server. A complete build is not redone: a second run
-# only prints the bin directory. Takes about 5 minutes on 2 cores.
+# (GGML_NATIVE), without CURL; llama-server without its web UI (no npm, no download: its
+# OpenAI API is what hack/bench/serving-vs-llamacpp.sh calls). A complete build is not
+# redone: a second run only prints the bin directory. Takes about 10 minutes on 2 cores.
 # Usage: hack/build-llamacpp.sh [--print-bin-dir]
 set -euo pipefail
 
@@ -20,7 +21,10 @@ source "$repo/hack/versions.env"
 cache=${SWITCHYARD_CACHE_DIR:-$HOME/.cache/switchyard}
 root="$cache/tools/llama.cpp-$LLAMA_CPP_PYTHON_VERSION"
 bindir="$root/bin"
-targets=(llama-perplexity llama-bench llama-batched-bench llama-simple llama-quantize)
+targets=(llama-perplexity llama-bench llama-batched-bench llama-simple llama-quantize llama-server)
+configure=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON
+  -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF
+  -DBUILD_SHARED_LIBS=OFF)
 
 if [[ "${1:-}" == "--print-bin-dir" ]]; then
   echo "$bindir"
@@ -33,6 +37,8 @@ if [[ -f "$root/.complete" && "$(cat "$root/.complete")" == "${targets[*]}" ]]; 
 fi
 if [[ -f "$root/.complete" && -d "$root/build" ]]; then
   echo "build-llamacpp: building ${targets[*]} in the existing tree" >&2
+  # Configured again: a target added later may need an option the tree was built without.
+  cmake -S "$(readlink -f "$root/src")" -B "$root/build" "${configure[@]}" >&2
   cmake --build "$root/build" --config Release -j "$(nproc)" --target "${targets[@]}" >&2
   for t in "${targets[@]}"; do cp "$root/build/bin/$t" "$bindir/"; done
   echo "${targets[*]}" >"$root/.complete"
@@ -51,8 +57,7 @@ tar -xzf "$root"/sdist/llama_cpp_python-*.tar.gz -C "$root/sdist"
 src=$(echo "$root"/sdist/llama_cpp_python-*/vendor/llama.cpp)
 [[ -f "$src/CMakeLists.txt" ]] || { echo "build-llamacpp: no vendor/llama.cpp in the sdist" >&2; exit 1; }
 echo "build-llamacpp: configuring $src" >&2
-cmake -S "$src" -B "$root/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-  -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF >&2
+cmake -S "$src" -B "$root/build" "${configure[@]}" >&2
 echo "build-llamacpp: building ${targets[*]} (several minutes on 2 cores)" >&2
 cmake --build "$root/build" --config Release -j "$(nproc)" --target "${targets[@]}" >&2
 mkdir -p "$bindir"

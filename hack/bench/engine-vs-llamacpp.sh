@@ -23,7 +23,6 @@ cd "$repo"
 reps=${REPS:-5}
 parts=${PARTS:-"smollm2 moe"}
 threads=${THREADS:-2}
-cache=${SWITCHYARD_CACHE:-$HOME/.cache/switchyard}
 out=${BENCH_OUT:-$repo/target/bench-llamacpp}
 mkdir -p "$out"
 
@@ -70,23 +69,7 @@ if [[ " $parts " == *" smollm2 "* ]]; then
 fi
 
 if [[ " $parts " == *" moe "* ]]; then
-  moe=$cache/bench-qwen3-moe-0.5b-v2
-  if [ ! -f "$moe/model.safetensors" ]; then
-    "$worker" make-checkpoint --shape bench --out "$moe.tmp" && mv "$moe.tmp" "$moe"
-  fi
-  venv=${SWITCHYARD_FIXTURES_VENV:-$cache/venv-fixtures}
-  if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet -r hack/fixtures/requirements.txt
-  fi
-  for t in f32 bf16; do
-    f="$moe.$t.gguf"
-    [ -s "$f" ] || "$venv/bin/python" hack/bench/bench_to_gguf.py "$(dirname "$llama")/src" "$moe" "$f" "$t"
-  done
-  for t in Q8_0 Q4_K_M; do
-    f="$moe.${t,,}.gguf"
-    [ -s "$f" ] || "$llama/llama-quantize" "$moe.bf16.gguf" "$f" "$t" "$threads" >/dev/null 2>&1
-  done
+  moe=$(hack/bench/moe-gguf.sh "$worker" "$llama" "$threads")
   # Both engines' greedy continuation of the same prompt ids on the same files: llama.cpp's
   # through hack/bench/greedy.c, linked against the build tree's static libraries. The F32
   # file must agree token for token (the two compute the same model); the others are
