@@ -705,6 +705,170 @@ async fn a_changed_placement_file_is_reloaded_and_describe_reports_it() {
     }
 }
 
+/// Issue 19's online move: two shards swap their halves of every layer's experts in two
+/// revisions of the placement file (first the new sets with the lost experts draining,
+/// then without them) while greedy streams run back to back. No stream fails and each
+/// ends with the all-local tokens; `Describe` shows the draining set during the move, and
+/// the experts are served by their new shards after it.
+#[tokio::test]
+async fn experts_move_between_shards_while_streams_run_and_none_fails() {
+    let model = fixture_model("qwen3_moe");
+    let experts = num_experts(&model);
+    let half = experts / 2;
+    let local = FrontendProcess::start(&model, &[]).await.expect("local");
+    let want = generate_all(&local, 48).await;
+    drop(local);
+    let dir = TempDir::new("placements").expect("dir");
+    let file = placement(dir.path(), "p.json", experts, 2, "r1");
+    // A little latency per call, so that the streams span the move. Shard 1 starts a
+    // second after shard 0: each re-reads the file every 2 s from its start, so shard 0
+    // takes up the new revision about a second before shard 1. Without `draining`, shard
+    // 0's lost experts would have no holder for that second.
+    let path = file.to_str().expect("utf-8 path");
+    let mut shards = Vec::new();
+    for index in ["0", "1"] {
+        if index == "1" {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let args = [
+            "--placement",
+            path,
+            "--shard-index",
+            index,
+            "--debug-forward-delay-ms",
+            "2",
+        ];
+        shards.push(
+            ShardProcess::start(&model, &args)
+                .await
+                .expect("shard starts"),
+        );
+    }
+    let frontend = FrontendProcess::start(
+        &model,
+        &["--expert-shards", &addresses(&[&shards[0], &shards[1]])],
+    )
+    .await
+    .expect("frontend");
+    let (low, high) = (format!("0-{}", half - 1), format!("{half}-{}", experts - 1));
+    let write = |revision: &str, draining: bool| {
+        let entry = |own: &str, lost: &str| {
+            if draining {
+                serde_json::json!({"experts": {"*": own}, "draining": {"*": lost}})
+            } else {
+                serde_json::json!({"experts": {"*": own}})
+            }
+        };
+        let text = serde_json::json!({"revision": revision,
+            "shards": [entry(&high, &low), entry(&low, &high)]});
+        std::fs::write(&file, text.to_string()).expect("rewrite the placement");
+    };
+    let mut clients = Vec::new();
+    for s in &shards {
+        clients.push(shard_client(s).await);
+    }
+    let wait_for = |revision: &'static str, mut clients: Vec<ExpertShardClient<Channel>>| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ds = Vec::new();
+            for c in &mut clients {
+                ds.push(describe(c).await);
+            }
+            if ds.iter().all(|d| d.placement_revision == revision) {
+                return (ds, clients);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the shards did not load {revision}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let streams = async {
+        let mut rounds = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) || rounds < 2 {
+            let c = client(&frontend).await;
+            let calls = PROMPTS.iter().map(|p| {
+                let c = c.clone();
+                async move {
+                    let mut c = c;
+                    let mut stream = c.generate_stream(greedy(p, 48)).await?.into_inner();
+                    let mut ids = Vec::new();
+                    while let Some(msg) = stream.next().await {
+                        if let Some(Event::Chunk(chunk)) = msg?.event {
+                            ids.extend(chunk.token_ids);
+                        }
+                    }
+                    Ok::<_, tonic::Status>(ids)
+                }
+            });
+            for (i, got) in futures::future::join_all(calls)
+                .await
+                .into_iter()
+                .enumerate()
+            {
+                let got =
+                    got.unwrap_or_else(|s| panic!("round {rounds}, prompt {i} failed: {s:?}"));
+                assert_eq!(got, want[i], "round {rounds}, prompt {i}: tokens changed");
+            }
+            rounds += 1;
+        }
+        rounds
+    };
+    let mover = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        write("r2", true);
+        let (ds, clients) = wait_for("r2", clients).await;
+        for (i, d) in ds.iter().enumerate() {
+            let (own, lost) = if i == 0 {
+                (half..experts, 0..half)
+            } else {
+                (0..half, half..experts)
+            };
+            assert!(
+                d.layers
+                    .iter()
+                    .all(|l| l.experts == own.clone().collect::<Vec<_>>()),
+                "shard {i} advertises its new set: {:?}",
+                d.layers
+            );
+            assert!(
+                !d.draining.is_empty()
+                    && d.draining
+                        .iter()
+                        .all(|l| l.experts == lost.clone().collect::<Vec<_>>()),
+                "shard {i} drains what it loses: {:?}",
+                d.draining
+            );
+        }
+        // The frontend asks every shard each second: two rounds, then the old sets go.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        write("r3", false);
+        let (ds, _) = wait_for("r3", clients).await;
+        assert!(ds.iter().all(|d| d.draining.is_empty()));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        ds
+    };
+    let (rounds, at_r3) = tokio::join!(streams, mover);
+    assert!(rounds >= 3, "streams ran across the move ({rounds} rounds)");
+    // After the move, shard 0 serves the high half: its rows for them grow.
+    let after = describe(&mut shard_client(&shards[0]).await).await;
+    let rows = |d: &ep::DescribeResponse| -> u64 {
+        d.layers
+            .iter()
+            .flat_map(|l| l.rows_processed_total.iter())
+            .sum()
+    };
+    let served: u64 = rows(&after);
+    assert!(served > 0, "shard 0 served its new experts: {at_r3:?}");
+    assert_eq!(
+        shards[0].metric("switchyard_shard_experts_held").await,
+        Some(f64::from(half) * after.layers.len() as f64)
+    );
+}
+
 #[tokio::test]
 async fn a_shard_answers_bad_calls_with_clear_statuses() {
     let (_dir, _, shard) = shard_holding_0_to_3().await;

@@ -10,7 +10,9 @@
 //!   `shards[i]` is shard `i`'s assignment: per MoE layer (its decoder index as a string,
 //!   or `"*"` for every MoE layer not listed) a list of expert ids and inclusive ranges.
 //!   The same expert on several shards is a replica. The file is re-read while the shard
-//!   runs, so a changed placement takes effect without a restart.
+//!   runs, so a changed placement takes effect without a restart. An entry may also list
+//!   `"draining"` experts, in the same form: ones it still serves while a move hands them
+//!   to other shards (make-before-break, below), not advertised as its own.
 //! - the operator's **even spread** (`worker.json`: `placement.strategy: evenSpread` over
 //!   `shards.count`): contiguous near-equal blocks of every MoE layer's experts. A shard
 //!   whose index is past the count (`spec.experts.replicaShards`) copies block
@@ -19,6 +21,15 @@
 //!
 //! Every id is checked against the checkpoint: an expert it lacks, or a layer that is not
 //! a MoE layer, stops the shard with a message naming it.
+//!
+//! **Moving experts without losing a call** takes two revisions of the file. First the
+//! new placement, with every expert a shard loses listed under its `draining`: each shard
+//! loads what it gains and keeps what it loses; `Describe` advertises the new set, plus
+//! the draining one apart, and frontends send a draining expert to its old shard only
+//! while no shard advertises it. Once every shard reports the revision (and the frontends
+//! have asked every shard again: they do each second), the second revision drops `draining` and the
+//! shards free those weights. During the move a shard holds at most its old set and its
+//! new one together.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -55,8 +66,11 @@ pub enum PlacementSource {
 pub struct Assignment {
     /// Reported by `Describe`; empty when every expert is held without a placement.
     pub revision: String,
-    /// Layer → experts held.
+    /// Layer → experts assigned (advertised by `Describe`).
     pub layers: BTreeMap<usize, BTreeSet<u32>>,
+    /// Layer → experts still served while a move hands them to other shards, disjoint
+    /// from `layers` (an expert listed in both is assigned).
+    pub draining: BTreeMap<usize, BTreeSet<u32>>,
 }
 
 impl Assignment {
@@ -65,9 +79,23 @@ impl Assignment {
         self.layers.get(&layer).is_some_and(|e| e.contains(&expert))
     }
 
+    /// Whether `(layer, expert)` is assigned or draining: whether `Forward` computes it.
+    pub fn serves(&self, layer: usize, expert: u32) -> bool {
+        self.holds(layer, expert)
+            || self
+                .draining
+                .get(&layer)
+                .is_some_and(|e| e.contains(&expert))
+    }
+
     /// `(layer, expert)` pairs assigned.
     pub fn len(&self) -> usize {
         self.layers.values().map(BTreeSet::len).sum()
+    }
+
+    /// `(layer, expert)` pairs whose weights are held: assigned or draining.
+    pub fn held(&self) -> usize {
+        self.len() + self.draining.values().map(BTreeSet::len).sum::<usize>()
     }
 
     /// Whether nothing is assigned.
@@ -108,6 +136,8 @@ struct PlacementFile {
 #[serde(deny_unknown_fields)]
 struct ShardEntry {
     experts: BTreeMap<String, String>,
+    #[serde(default)]
+    draining: BTreeMap<String, String>,
 }
 
 impl PlacementSource {
@@ -122,6 +152,7 @@ impl PlacementSource {
                     .iter()
                     .map(|&l| (l, (0..num_experts).collect()))
                     .collect(),
+                draining: BTreeMap::new(),
             }),
             PlacementSource::EvenSpread {
                 shards,
@@ -149,6 +180,7 @@ impl PlacementSource {
                         .map(|&l| (l, block.clone().collect()))
                         .filter(|(_, e): &(usize, BTreeSet<u32>)| !e.is_empty())
                         .collect(),
+                    draining: BTreeMap::new(),
                 })
             }
             PlacementSource::File { path, shard } => {
@@ -192,27 +224,49 @@ pub fn parse(
             file.shards.len()
         ))
     })?;
+    let layers =
+        layer_map(&entry.experts, &format!("shards[{shard}].experts"), cfg).map_err(invalid)?;
+    let mut draining =
+        layer_map(&entry.draining, &format!("shards[{shard}].draining"), cfg).map_err(invalid)?;
+    for (layer, experts) in &mut draining {
+        if let Some(held) = layers.get(layer) {
+            experts.retain(|e| !held.contains(e));
+        }
+    }
+    draining.retain(|_, e| !e.is_empty());
+    Ok(Assignment {
+        revision: file.revision,
+        layers,
+        draining,
+    })
+}
+
+/// One entry's layer → expert lists (`field` names it in errors), `"*"` expanded to every
+/// MoE layer not listed, empty layers dropped.
+fn layer_map(
+    entry: &BTreeMap<String, String>,
+    field: &str,
+    cfg: &ModelConfig,
+) -> Result<BTreeMap<usize, BTreeSet<u32>>, String> {
     let moe_layers = moe_layers(cfg);
     let num_experts = cfg.moe.as_ref().map_or(0, |m| m.num_experts) as u32;
     let mut layers = BTreeMap::new();
     let mut default = None;
-    for (key, list) in &entry.experts {
-        let field = format!("shards[{shard}].experts[{key:?}]");
-        let experts = parse_ids(list, num_experts).map_err(|e| invalid(format!("{field}: {e}")))?;
+    for (key, list) in entry {
+        let field = format!("{field}[{key:?}]");
+        let experts = parse_ids(list, num_experts).map_err(|e| format!("{field}: {e}"))?;
         if key == "*" {
             default = Some(experts);
             continue;
         }
-        let layer: usize = key.parse().map_err(|_| {
-            invalid(format!(
-                "{field}: a layer is a decoder layer index or \"*\""
-            ))
-        })?;
+        let layer: usize = key
+            .parse()
+            .map_err(|_| format!("{field}: a layer is a decoder layer index or \"*\""))?;
         if !moe_layers.contains(&layer) {
-            return Err(invalid(format!(
+            return Err(format!(
                 "{field}: layer {layer} is not a MoE layer of this checkpoint (MoE layers: {})",
                 describe_layers(&moe_layers)
-            )));
+            ));
         }
         layers.insert(layer, experts);
     }
@@ -222,10 +276,7 @@ pub fn parse(
         }
     }
     layers.retain(|_, e| !e.is_empty());
-    Ok(Assignment {
-        revision: file.revision,
-        layers,
-    })
+    Ok(layers)
 }
 
 /// `"0-3,7,9-10"` → {0, 1, 2, 3, 7, 9, 10}, every id below `experts` (checked before a
@@ -342,6 +393,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn draining_experts_are_served_not_assigned() {
+        let text = r#"{"revision": "r2", "shards": [
+            {"experts": {"*": "4-7"}, "draining": {"*": "0-4", "3": "1"}}]}"#;
+        let a = parse(Path::new("p.json"), text, 0, &cfg()).expect("valid");
+        assert_eq!(a.layers[&1], BTreeSet::from([4, 5, 6, 7]));
+        // An expert both assigned and draining is assigned.
+        assert_eq!(a.draining[&1], BTreeSet::from([0, 1, 2, 3]));
+        assert_eq!(a.draining[&3], BTreeSet::from([1]));
+        assert!(a.serves(1, 0) && !a.holds(1, 0) && a.holds(1, 4) && !a.serves(3, 0));
+        assert_eq!((a.len(), a.held()), (12, 12 + 4 + 4 + 1));
+        let text = r#"{"revision": "r2", "shards": [{"experts": {}, "draining": {"*": "9"}}]}"#;
+        let e = parse(Path::new("p.json"), text, 0, &cfg())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("shards[0].draining[\"*\"]: expert 9 does not exist"),
+            "{e}"
+        );
     }
 
     #[test]

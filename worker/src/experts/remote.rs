@@ -5,8 +5,12 @@
 //!    └─ task on the runtime: plan → one Forward per shard, all at once
 //!         plan: per routed expert, the up shard holding it with the least outstanding
 //!               work (rows in flight + rows planned), ties to the lowest address
+//!               (a shard draining an expert, during a placement move, only when no
+//!               shard holds it as its own)
 //!         a call fails → that shard is benched (backoff) and its experts re-planned on
 //!               the other holders; none left → Unavailable for the rows that need them
+//!         a shard answers NOT_FOUND (its placement changed under this frontend) → it is
+//!               asked `Describe` again at once, not benched, and the rows re-planned
 //!  Pending::wait → partial sums added on the host in a fixed order (by smallest expert)
 //!  refresh task: resolve DNS (optional), Describe each shard every `refresh`
 //! ```
@@ -125,6 +129,9 @@ struct Link {
 struct LinkState {
     up: bool,
     holds: HashSet<(u32, u32)>,
+    /// Served while a placement move hands them to other shards: used only when no up
+    /// shard holds the expert.
+    draining: HashSet<(u32, u32)>,
     revision: String,
     max_request_bytes: u64,
     last_error: String,
@@ -243,9 +250,10 @@ impl Inner {
         let mut missing = 0;
         for &layer in &self.moe_layers {
             for e in 0..self.num_experts {
+                let pair = (layer as u32, e);
                 if !states
                     .iter()
-                    .any(|s| s.up && s.holds.contains(&(layer as u32, e)))
+                    .any(|s| s.up && (s.holds.contains(&pair) || s.draining.contains(&pair)))
                 {
                     missing += 1;
                 }
@@ -323,60 +331,71 @@ impl Inner {
             links.sort_by(|a, b| a.addr.cmp(&b.addr));
             links.clone()
         };
-        let calls = links.iter().map(|l| async move {
-            let mut req = tonic::Request::new(pb::DescribeRequest {});
-            req.set_timeout(Duration::from_secs(2));
-            let answer =
-                tokio::time::timeout(Duration::from_secs(2), l.client.clone().describe(req)).await;
-            (l, answer)
-        });
+        let calls = links
+            .iter()
+            .map(|l| async move { (l, Self::describe(l).await) });
         for (link, answer) in futures::future::join_all(calls).await {
-            let mut s = link.lock();
-            let was_up = s.up;
-            let benched = s.down_until.is_some_and(|t| Instant::now() < t);
-            match answer {
-                Ok(Ok(resp)) => {
-                    let d = resp.into_inner();
-                    if d.model.as_ref() != Some(&self.identity) {
-                        s.up = false;
-                        s.last_error = format!(
-                            "serves {}, not {}",
-                            describe_identity(d.model.as_ref()),
-                            describe_identity(Some(&self.identity))
-                        );
-                    } else {
-                        s.holds = d
-                            .layers
-                            .iter()
-                            .flat_map(|l| l.experts.iter().map(move |&e| (l.layer, e)))
-                            .collect();
-                        s.revision = d.placement_revision;
-                        s.max_request_bytes = d.max_request_bytes;
-                        s.up = !benched;
-                        if !benched {
-                            s.last_error.clear();
-                        }
+            self.apply(link, answer);
+        }
+    }
+
+    /// One shard's `Describe`, bounded to 2 s.
+    async fn describe(link: &Link) -> Result<pb::DescribeResponse, String> {
+        let mut req = tonic::Request::new(pb::DescribeRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        match tokio::time::timeout(Duration::from_secs(2), link.client.clone().describe(req)).await
+        {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => Err("Describe timed out".into()),
+        }
+    }
+
+    /// What a shard's `Describe` answer says of it: up or down, what it holds.
+    fn apply(&self, link: &Link, answer: Result<pb::DescribeResponse, String>) {
+        let pairs = |layers: &[pb::LayerExperts]| -> HashSet<(u32, u32)> {
+            layers
+                .iter()
+                .flat_map(|l| l.experts.iter().map(move |&e| (l.layer, e)))
+                .collect()
+        };
+        let mut s = link.lock();
+        let was_up = s.up;
+        let benched = s.down_until.is_some_and(|t| Instant::now() < t);
+        match answer {
+            Ok(d) => {
+                if d.model.as_ref() != Some(&self.identity) {
+                    s.up = false;
+                    s.last_error = format!(
+                        "serves {}, not {}",
+                        describe_identity(d.model.as_ref()),
+                        describe_identity(Some(&self.identity))
+                    );
+                } else {
+                    s.holds = pairs(&d.layers);
+                    s.draining = pairs(&d.draining);
+                    s.revision = d.placement_revision;
+                    s.max_request_bytes = d.max_request_bytes;
+                    s.up = !benched;
+                    if !benched {
+                        s.last_error.clear();
                     }
                 }
-                Ok(Err(status)) => {
-                    s.up = false;
-                    s.last_error = format!("{:?}: {}", status.code(), status.message());
-                }
-                Err(_) => {
-                    s.up = false;
-                    s.last_error = "Describe timed out".into();
-                }
             }
-            self.metrics
-                .up
-                .with_label_values(&[&link.addr])
-                .set(i64::from(s.up));
-            if was_up != s.up {
-                if s.up {
-                    tracing::info!(shard = %link.addr, experts = s.holds.len(), revision = %s.revision, "expert shard up");
-                } else {
-                    tracing::warn!(shard = %link.addr, reason = %s.last_error, "expert shard down");
-                }
+            Err(why) => {
+                s.up = false;
+                s.last_error = why;
+            }
+        }
+        self.metrics
+            .up
+            .with_label_values(&[&link.addr])
+            .set(i64::from(s.up));
+        if was_up != s.up {
+            if s.up {
+                tracing::info!(shard = %link.addr, experts = s.holds.len(), revision = %s.revision, "expert shard up");
+            } else {
+                tracing::warn!(shard = %link.addr, reason = %s.last_error, "expert shard down");
             }
         }
     }
@@ -406,6 +425,18 @@ impl Inner {
             for (link, result) in futures::future::join_all(calls).await {
                 match result {
                     Ok(part) => parts.push(part),
+                    // The shard no longer serves an expert it was thought to hold: its
+                    // placement moved. What it holds now decides the next plan.
+                    Err((status, pairs)) if status.code() == tonic::Code::NotFound => {
+                        tracing::info!(shard = %link.addr, error = %status.message(), "expert shard's placement changed; asking it again");
+                        let answer = Self::describe(&link).await;
+                        self.apply(&link, answer);
+                        self.metrics
+                            .failovers
+                            .with_label_values(&[&link.addr])
+                            .inc();
+                        retry.extend(pairs);
+                    }
                     Err((status, pairs)) => {
                         self.bench(&link, &status);
                         self.metrics
@@ -440,29 +471,47 @@ impl Inner {
         for &p in pairs {
             by_expert.entry(p.1).or_default().push(p);
         }
-        let usable: Vec<(usize, HashSet<(u32, u32)>)> = links
+        let layer = layer as u32;
+        // Per usable shard: the experts of this layer it holds, and those it drains.
+        let usable: Vec<(usize, HashSet<u32>, HashSet<u32>)> = links
             .iter()
             .enumerate()
             .filter(|(_, l)| !excluded.contains(&l.addr))
             .filter_map(|(i, l)| {
                 let s = l.lock();
-                s.up.then(|| (i, s.holds.clone()))
+                let of_layer = |set: &HashSet<(u32, u32)>| {
+                    set.iter()
+                        .filter(|p| p.0 == layer)
+                        .map(|p| p.1)
+                        .collect::<HashSet<u32>>()
+                };
+                s.up.then(|| (i, of_layer(&s.holds), of_layer(&s.draining)))
             })
             .collect();
         let mut planned = vec![0u64; links.len()];
         let mut out: BTreeMap<usize, Vec<(u32, u32, f32)>> = BTreeMap::new();
         let mut missing = BTreeSet::new();
         for (expert, ps) in by_expert {
-            let best = usable
+            let holders: Vec<usize> = usable
                 .iter()
-                .filter(|(_, holds)| holds.contains(&(layer as u32, expert)))
-                .min_by_key(|(i, _)| {
-                    (
-                        links[*i].outstanding.load(Ordering::Relaxed) + planned[*i],
-                        *i,
-                    )
-                })
-                .map(|(i, _)| *i);
+                .filter(|(_, holds, _)| holds.contains(&expert))
+                .map(|(i, _, _)| *i)
+                .collect();
+            let holders = if holders.is_empty() {
+                usable
+                    .iter()
+                    .filter(|(_, _, draining)| draining.contains(&expert))
+                    .map(|(i, _, _)| *i)
+                    .collect()
+            } else {
+                holders
+            };
+            let best = holders.into_iter().min_by_key(|i| {
+                (
+                    links[*i].outstanding.load(Ordering::Relaxed) + planned[*i],
+                    *i,
+                )
+            });
             match best {
                 Some(i) => {
                     planned[i] += ps.len() as u64;

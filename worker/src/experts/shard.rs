@@ -11,7 +11,7 @@
 //! A shard keeps no per-request state: any shard holding the requested experts can serve
 //! a call, and a retried call is harmless.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -134,7 +134,7 @@ pub fn start(opts: &ShardOptions) -> Result<StartedShard, StartError> {
     let identity = identity(&opts.model_id, &ckpt, precision)?;
     let num_experts = cfg.moe.as_ref().map_or(0, |m| m.num_experts);
     let metrics = ShardMetrics::new()?;
-    metrics.experts_held.set(assignment.len() as i64);
+    metrics.experts_held.set(assignment.held() as i64);
     tracing::info!(
         shard = opts.shard_index,
         model = %describe_identity(Some(&identity)),
@@ -195,7 +195,7 @@ fn load(
         ckpt,
         precision,
         device,
-        &|l, e| assignment.holds(l, e),
+        &|l, e| assignment.serves(l, e),
         reuse,
     )
 }
@@ -271,10 +271,11 @@ impl ShardService {
         tracing::info!(
             revision = %assignment.revision,
             experts = assignment.len(),
-            was = current.assignment.len(),
+            draining = assignment.held() - assignment.len(),
+            was = current.assignment.held(),
             "placement changed; now holding the new assignment"
         );
-        s.metrics.experts_held.set(assignment.len() as i64);
+        s.metrics.experts_held.set(assignment.held() as i64);
         *s.holding
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Holding {
@@ -379,13 +380,13 @@ impl ShardService {
                         route.expert
                     )));
                 }
-                if !holding.assignment.holds(layer, route.expert) {
+                if !holding.assignment.serves(layer, route.expert) {
                     return Err(Status::not_found(format!(
                         "layer {layer} expert {} (routes[{row}]): not held by shard {} (placement revision {:?}, {} experts held)",
                         route.expert,
                         s.opts.shard_index,
                         holding.assignment.revision,
-                        holding.assignment.len()
+                        holding.assignment.held()
                     )));
                 }
                 pairs.push((row as u32, route.expert, route.weight));
@@ -479,23 +480,22 @@ impl ExpertShard for ShardService {
         let s = &self.inner;
         let holding = self.holding();
         let num_experts = s.cfg.moe.as_ref().map_or(0, |m| m.num_experts);
-        let layers = holding
-            .assignment
-            .layers
-            .iter()
-            .map(|(&layer, experts)| pb::LayerExperts {
-                layer: layer as u32,
-                experts: experts.iter().copied().collect(),
-                rows_processed_total: experts
-                    .iter()
-                    .map(|&e| {
-                        s.rows_by_expert
-                            .get(layer * num_experts + e as usize)
-                            .map_or(0, |c| c.load(Ordering::Relaxed))
-                    })
-                    .collect(),
-            })
-            .collect();
+        let listed = |sets: &BTreeMap<usize, BTreeSet<u32>>| -> Vec<pb::LayerExperts> {
+            sets.iter()
+                .map(|(&layer, experts)| pb::LayerExperts {
+                    layer: layer as u32,
+                    experts: experts.iter().copied().collect(),
+                    rows_processed_total: experts
+                        .iter()
+                        .map(|&e| {
+                            s.rows_by_expert
+                                .get(layer * num_experts + e as usize)
+                                .map_or(0, |c| c.load(Ordering::Relaxed))
+                        })
+                        .collect(),
+                })
+                .collect()
+        };
         let compute = wire::wire_dtype(s.precision.acts).unwrap_or(pb::Dtype::F32);
         let mut accepted = vec![compute as i32];
         accepted.extend(
@@ -508,7 +508,8 @@ impl ExpertShard for ShardService {
             model: Some(s.identity.clone()),
             shard_index: s.opts.shard_index,
             placement_revision: holding.assignment.revision.clone(),
-            layers,
+            layers: listed(&holding.assignment.layers),
+            draining: listed(&holding.assignment.draining),
             hidden_size: s.cfg.hidden_size as u32,
             accepted_dtypes: accepted,
             max_request_bytes: s.opts.max_request_bytes as u64,
