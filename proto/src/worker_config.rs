@@ -227,20 +227,23 @@ pub enum PlacementStrategy {
 /// one (the first `num_experts % shards` blocks get the extra expert). A shard beyond the
 /// expert count gets none.
 pub fn even_spread(num_experts: u32, shards: u32) -> Vec<std::ops::Range<u32>> {
-    if shards == 0 {
-        return Vec::new();
+    (0..shards)
+        .map(|i| even_block(num_experts, shards, i))
+        .collect()
+}
+
+/// Block `index` of [`even_spread`], computed alone: a shard needs only its own, and a
+/// shard count can be as large as a `u32` (a list of every block would not fit in memory).
+/// Empty when `shards` is 0 or `index` is not below it.
+pub fn even_block(num_experts: u32, shards: u32, index: u32) -> std::ops::Range<u32> {
+    if index >= shards {
+        return 0..0;
     }
     let base = num_experts / shards;
     let extra = num_experts % shards;
-    let mut start = 0;
-    (0..shards)
-        .map(|i| {
-            let len = base + u32::from(i < extra);
-            let range = start..start + len;
-            start += len;
-            range
-        })
-        .collect()
+    // Blocks before `index`: `index` of size `base`, the first `extra` of them one longer.
+    let start = base * index + index.min(extra);
+    start..start + base + u32::from(index < extra)
 }
 
 #[cfg(test)]
@@ -262,6 +265,12 @@ mod tests {
         }
         assert_eq!(even_spread(10, 4), [0..3, 3..6, 6..8, 8..10]);
         assert!(even_spread(4, 0).is_empty());
+        // One block of a huge shard count, without the list of all of them.
+        assert_eq!(even_block(64, u32::MAX, 63), 63..64);
+        assert_eq!(even_block(64, u32::MAX, 64), 64..64);
+        assert_eq!(even_block(64, u32::MAX, u32::MAX - 1), 64..64);
+        assert_eq!(even_block(u32::MAX, 2, 1), u32::MAX / 2 + 1..u32::MAX);
+        assert_eq!(even_block(8, 0, 0), 0..0);
     }
 
     #[test]

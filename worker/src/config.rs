@@ -33,11 +33,15 @@ pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let config: WorkerConfig =
-        serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    parse(path, &text)
+}
+
+/// Checks `text`, the content of `path`.
+pub fn parse(path: &Path, text: &str) -> Result<WorkerConfig, ConfigError> {
+    let config: WorkerConfig = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if config.version != CONFIG_VERSION {
         return Err(ConfigError::Version {
             path: path.to_path_buf(),

@@ -1024,4 +1024,161 @@ mod tests {
             .to_string();
         assert!(err.starts_with("--expert-wire-dtype: "), "{err}");
     }
+
+    /// Found by `any_worker_json_is_used_or_refused_by_name`: an empty `apiKeysDir` read
+    /// the current directory's missing "" and said only "API keys : No such file".
+    #[test]
+    fn an_empty_api_keys_dir_is_refused_by_name() {
+        let mut config = worker_json().admission;
+        for dir in ["", "  "] {
+            config.api_keys_dir = Some(dir.into());
+            let opts = crate::admission::AdmissionOptions {
+                config: config.clone(),
+                ..crate::admission::AdmissionOptions::open(4)
+            };
+            let err = crate::admission::Admission::new(&opts, &prometheus::Registry::new())
+                .expect_err("refused")
+                .to_string();
+            assert!(err.starts_with("admission.apiKeysDir: empty"), "{err}");
+        }
+        config.api_keys_dir = Some("/nonexistent/keys".into());
+        let opts = crate::admission::AdmissionOptions {
+            config,
+            ..crate::admission::AdmissionOptions::open(4)
+        };
+        let err = crate::admission::Admission::new(&opts, &prometheus::Registry::new())
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.starts_with("admission.apiKeysDir: API keys /nonexistent/keys"),
+            "{err}"
+        );
+    }
+
+    /// Every leaf of `v` as a JSON pointer.
+    fn leaves(v: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    leaves(x, format!("{at}/{k}"), out);
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    leaves(x, format!("{at}/{i}"), out);
+                }
+            }
+            _ => out.push(at),
+        }
+    }
+
+    fn any_json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::json;
+        prop_oneof![
+            any::<u64>().prop_map(|n| json!(n)),
+            any::<i64>().prop_map(|n| json!(n)),
+            prop_oneof![
+                Just(0u64),
+                Just(1),
+                Just(u64::from(u32::MAX)),
+                Just(u64::MAX)
+            ]
+            .prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[ -~]{0,12}".prop_map(|t| json!(t)),
+            any::<bool>().prop_map(|b| json!(b)),
+            Just(serde_json::Value::Null),
+            // A tier, possibly malformed.
+            (
+                "[a-z]{0,3}",
+                "low|normal|high|critical|[a-z]{0,4}",
+                any::<u32>(),
+                proptest::option::of(prop_oneof![Just(0u64), any::<u64>()]),
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(prop_oneof![0u32..=100, any::<u32>()]),
+            )
+                .prop_map(|(name, priority, weight, rpm, tpm, percent)| {
+                    json!([{"name": name, "priority": priority, "weight": weight,
+                            "requestsPerMinute": rpm, "tokensPerMinute": tpm,
+                            "cachedPromptTokenPercent": percent}])
+                }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 1000, ..Default::default() })]
+
+        /// Any worker.json: the operator's file with up to four fields replaced by other
+        /// values (extremes, other types, a malformed tier), or cut short. Parsing, both
+        /// roles' settings, admission and the shard's placement accept it or refuse it with
+        /// a message naming the file or the field; never a panic, never an allocation sized
+        /// by a number in the file.
+        #[test]
+        fn any_worker_json_is_used_or_refused_by_name(
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), any_json_value()),
+                0..4,
+            ),
+            cut in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
+            tiers in proptest::option::of(any_json_value()),
+        ) {
+            let mut v = serde_json::to_value(worker_json()).expect("encodes");
+            v["admission"]["apiKeysDir"] = serde_json::Value::Null;
+            if let Some(t) = tiers {
+                v["admission"]["tiers"] = t;
+            }
+            let mut paths = Vec::new();
+            leaves(&v, String::new(), &mut paths);
+            for (at, value) in edits {
+                let path = at.get(&paths).clone();
+                if let Some(slot) = v.pointer_mut(&path) {
+                    *slot = value;
+                }
+            }
+            let mut text = v.to_string();
+            if let Some(cut) = cut {
+                text.truncate(cut.index(text.len() + 1));
+            }
+            let file = std::path::Path::new("/etc/switchyard/worker.json");
+            let config = match crate::config::parse(file, &text) {
+                Ok(c) => c,
+                Err(e) => {
+                    proptest::prop_assert!(e.to_string().contains("/etc/switchyard/worker.json"), "{}", e);
+                    return Ok(());
+                }
+            };
+            let args = parse(&[]);
+            match FrontendSettings::resolve(&args.model, &args.frontend, Some(&config)) {
+                Ok(f) => {
+                    if let AdmissionSource::WorkerJson(a) = &f.admission {
+                        let opts = crate::admission::AdmissionOptions {
+                            config: a.clone(),
+                            ..crate::admission::AdmissionOptions::open(f.max_inflight)
+                        };
+                        if let Err(e) = crate::admission::Admission::new(&opts, &prometheus::Registry::new()) {
+                            proptest::prop_assert!(e.to_string().contains("admission."), "{}", e);
+                        }
+                    }
+                }
+                Err(e) => proptest::prop_assert!(e.to_string().contains(':'), "{}", e),
+            }
+            match ShardSettings::resolve(&args.model, &args.shard, Some(&config)) {
+                Ok(sh) => {
+                    let raw: crate::model::config::RawConfig = serde_json::from_value(serde_json::json!({
+                        "model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 16,
+                        "intermediate_size": 32, "moe_intermediate_size": 8,
+                        "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2
+                    })).expect("raw config");
+                    let cfg = crate::model::config::resolve(std::path::Path::new("config.json"), raw)
+                        .expect("a valid config");
+                    if let Err(e) = sh.placement.resolve(&cfg) {
+                        proptest::prop_assert!(e.to_string().contains("worker.json"), "{}", e);
+                    }
+                }
+                Err(e) => proptest::prop_assert!(e.to_string().contains(':'), "{}", e),
+            }
+        }
+    }
 }

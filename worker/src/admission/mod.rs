@@ -100,8 +100,14 @@ pub enum AdmissionError {
     #[error("{0}")]
     Scope(String),
     /// The API key files are unusable.
-    #[error(transparent)]
+    #[error("admission.apiKeysDir: {0}")]
     Keys(#[from] keys::KeyError),
+    /// `apiKeysDir` is set but empty.
+    #[error(
+        "admission.apiKeysDir: empty; give the directory the API-key Secret is mounted at, \
+         or leave the field out to admit every caller without a key"
+    )]
+    EmptyKeysDir,
     /// A metric could not be registered (a bug: a name registered twice).
     #[error("registering the admission metrics")]
     Metrics(#[from] prometheus::Error),
@@ -187,6 +193,7 @@ impl Admission {
         let c = &opts.config;
         let tiers = Tiers::from_config(c)?;
         let keys = match &c.api_keys_dir {
+            Some(dir) if dir.trim().is_empty() => return Err(AdmissionError::EmptyKeysDir),
             Some(dir) => {
                 let keys = LiveKeys::load(
                     std::path::Path::new(dir),

@@ -169,10 +169,11 @@ impl PlacementSource {
                 // Shards past the count (`experts.replicaShards`) copy a block: shard k
                 // holds block k mod count, so every pod added is one more holder of one
                 // block's experts, and the frontends spread rows over the holders.
-                let block = switchyard_proto::worker_config::even_spread(num_experts, *shards)
-                    .into_iter()
-                    .nth((*shard % *shards) as usize)
-                    .unwrap_or_default();
+                let block = switchyard_proto::worker_config::even_block(
+                    num_experts,
+                    *shards,
+                    *shard % *shards,
+                );
                 Ok(Assignment {
                     revision: revision.clone(),
                     layers: moe_layers
@@ -414,6 +415,26 @@ mod tests {
             e.contains("shards[0].draining[\"*\"]: expert 9 does not exist"),
             "{e}"
         );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 500, ..Default::default() })]
+
+        /// Any shard count and index, as `--shard-count`/`--shard-index` or worker.json
+        /// can give them: an error, or a block of existing experts, at once. (Before, the
+        /// list of every shard's block was built first: 4 billion shards ran out of
+        /// memory.)
+        #[test]
+        fn any_even_spread_resolves_without_a_list_per_shard(
+            shards in proptest::prop_oneof![0u32..20, proptest::prelude::any::<u32>()],
+            shard in proptest::prop_oneof![0u32..20, proptest::prelude::any::<u32>()],
+        ) {
+            let src = PlacementSource::EvenSpread { shards, shard, revision: "r".into() };
+            match src.resolve(&cfg()) {
+                Ok(a) => proptest::prop_assert!(a.layers.values().all(|e| e.len() <= 8 && e.iter().all(|x| *x < 8))),
+                Err(e) => proptest::prop_assert!(shards == 0 && e.to_string().contains("shards.count")),
+            }
+        }
     }
 
     #[test]

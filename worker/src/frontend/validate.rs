@@ -455,6 +455,62 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        /// Any bytes on the wire: a request's encoding truncated, with bytes overwritten
+        /// or inserted, or plain random bytes. Decoding refuses them or yields a request
+        /// that is checked like any other; never a panic, and no allocation beyond the
+        /// input's size.
+        #[test]
+        fn any_wire_bytes_decode_and_check_or_are_refused(
+            req in any_request(),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>()),
+                0..6,
+            ),
+            random in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            use prost::Message as _;
+            let mut bytes = req.encode_to_vec();
+            if !bytes.is_empty() {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            for (at, byte, insert) in edits {
+                let i = at.index(bytes.len() + 1);
+                if insert || i == bytes.len() {
+                    bytes.insert(i, byte);
+                } else {
+                    bytes[i] = byte;
+                }
+            }
+            let tokenizer = crate::text::testutil::byte_level_tokenizer();
+            let limits = Limits {
+                model_id: "demo".into(),
+                context_length: 64,
+                vocab_size: 300,
+                default_max_tokens: 8,
+                max_tokens_per_request: 32,
+            };
+            for wire in [bytes.as_slice(), random.as_slice()] {
+                if let Ok(decoded) = pb::GenerateRequest::decode(wire) {
+                    // What was decoded came from the bytes: nothing larger than them.
+                    proptest::prop_assert!(decoded.encoded_len() <= 2 * wire.len() + 16);
+                    match check(&decoded, &tokenizer, &limits, None, 7) {
+                        Ok(c) => proptest::prop_assert!(
+                            c.engine.prompt.len() + c.engine.max_tokens <= limits.context_length
+                        ),
+                        Err(s) => proptest::prop_assert!(matches!(
+                            s.code(),
+                            tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                        ), "{:?}: {}", s.code(), s.message()),
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn unknown_model_names_the_served_one() {
         let limits = Limits {
