@@ -12,6 +12,7 @@
 //!   operator   switchyard-operator as a child process, one namespace each
 //!   worker     switchyard-worker frontends and expert shards as child processes
 //!   redis      redis-server on a loopback port (quotas shared by frontends)
+//!   accounting the frontend's accounting invariant, read from its /metrics
 //! ```
 //!
 //! Each test binary under `tests/` starts at most one control plane (or cluster), on first
@@ -19,6 +20,7 @@
 //! harness starts is killed, and its files removed, when the test binary exits — also after
 //! a panic, and (for processes) even when the binary itself is killed.
 
+pub mod accounting;
 pub mod cluster;
 pub mod control_plane;
 pub mod error;

@@ -10,6 +10,7 @@ use switchyard_proto::inference::v1::{
     inference_client::InferenceClient,
 };
 use switchyard_tests::FrontendProcess;
+use switchyard_tests::accounting::{Accounting, metric_sum};
 use switchyard_tests::process::TempDir;
 use switchyard_tests::worker::fixture_model;
 use tokio_stream::StreamExt as _;
@@ -97,14 +98,6 @@ async fn cancel_while_queued(f: &FrontendProcess, tokens: u32) {
         .expect("queued stream");
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(queued);
-}
-
-/// The sum of the series in `text` whose line starts with `prefix` and contains `needle`.
-fn metric_sum(text: &str, prefix: &str, needle: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix) && l.contains(needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Starts a long streaming request and returns once its first token arrived (so it holds
@@ -375,25 +368,10 @@ async fn a_queued_request_that_cannot_start_in_time_expires() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The accounting invariant, and the outcomes by tenant.
     let text = f.metrics().await.expect("metrics");
-    let sum = |prefix: &str| metric_sum(&text, prefix, "");
-    let accepted = sum("switchyard_admission_accepted_total{");
-    let ended: f64 = ["completed", "shed", "expired", "cancelled", "failed"]
-        .iter()
-        .map(|o| {
-            text.lines()
-                .filter(|l| {
-                    l.starts_with("switchyard_admission_requests_total{")
-                        && l.contains(&format!("outcome=\"{o}\""))
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>()
-        })
-        .sum();
-    assert_eq!(accepted, 4.0, "{text}");
-    assert_eq!(
-        accepted, ended,
-        "accepted = completed + shed + expired + cancelled + failed"
-    );
+    let accounting = Accounting::parse(&text);
+    assert_eq!(accounting.accepted_total(), 4.0, "{text}");
+    assert_eq!(accounting.open, 0.0, "{text}");
+    accounting.check().expect("the accounting invariant");
     assert!(text.contains(
         "switchyard_admission_requests_total{outcome=\"expired\",tenant=\"big\",tier=\"pro\"} 1"
     ));
@@ -858,14 +836,9 @@ async fn after_a_run_of_every_outcome_the_metric_families_agree() {
         sum_where("switchyard_admission_requests_total{", ""),
         "every call was generation\n{text}"
     );
-    let accepted = sum_where("switchyard_admission_accepted_total{", "");
-    let ended: f64 = ["completed", "shed", "expired", "cancelled", "failed"]
-        .iter()
-        .map(|o| outcome(o))
-        .sum();
-    let in_flight = sum_where("switchyard_admission_queued{", "")
-        + sum_where("switchyard_admission_inflight", "");
-    assert_eq!(accepted, ended + in_flight, "{text}");
+    Accounting::parse(&text)
+        .check()
+        .expect("the accounting invariant");
 }
 
 /// Key rotation without a restart: the key file rewritten (as the kubelet swaps a Secret

@@ -853,6 +853,14 @@ async fn experts_move_between_shards_while_streams_run_and_none_fails() {
     };
     let (rounds, at_r3) = tokio::join!(streams, mover);
     assert!(rounds >= 3, "streams ran across the move ({rounds} rounds)");
+    let text = frontend.metrics().await.expect("metrics");
+    let accounting = switchyard_tests::accounting::Accounting::parse(&text);
+    accounting.check().expect("the accounting invariant");
+    assert_eq!(
+        accounting.ended(None),
+        (rounds * PROMPTS.len()) as f64,
+        "every stream completed: {accounting:?}"
+    );
     // After the move, shard 0 serves the high half: its rows for them grow.
     let after = describe(&mut shard_client(&shards[0]).await).await;
     let rows = |d: &ep::DescribeResponse| -> u64 {
