@@ -132,10 +132,5 @@ for t in labels:
 for t in labels:
     held = json.loads((out / f"switchyard-{t}-1.json").read_text()).get("weights")
     print(f"{t}: switchyard holds {held}")
-steps = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines() if l.strip()]
-worst = max(steps, key=lambda s: s["others_share"], default=None)
-if worst:
-    mean = statistics.mean(s["others_share"] for s in steps)
-    print(f"other processes took {100 * mean:.1f} % of the machine on average during the steps, "
-          f"at most {100 * worst['others_share']:.1f} % ({worst['label']}); per step in {out}/steps.jsonl")
 PY
+python3 hack/bench/measured.py --summary "$steps"

@@ -117,10 +117,5 @@ for t in files:
                        row["llama-server"]["ttft50"] / row["switchyard"]["ttft50"]))
 for t, n, tok, ttft in ratios:
     print(f"{t} at {n} in flight: output tokens/s ours/theirs {tok:.2f}; TTFT p50 theirs/ours {ttft:.2f}")
-steps = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines() if l.strip()]
-worst = max(steps, key=lambda s: s["others_share"], default=None)
-if worst:
-    mean = statistics.mean(s["others_share"] for s in steps)
-    print(f"other processes took {100 * mean:.1f} % of the machine on average during the runs, "
-          f"at most {100 * worst['others_share']:.1f} % ({worst['label']}); per run in {out}/steps.jsonl")
 PY
+python3 hack/bench/measured.py --summary "$steps"

@@ -338,6 +338,17 @@ mod tests {
         assert_eq!(grpc_deadline(&md, now), None);
     }
 
+    /// The limits the property tests check requests against.
+    fn fuzz_limits() -> Limits {
+        Limits {
+            model_id: "demo".into(),
+            context_length: 64,
+            vocab_size: 300,
+            default_max_tokens: 8,
+            max_tokens_per_request: 32,
+        }
+    }
+
     fn any_request() -> impl proptest::strategy::Strategy<Value = pb::GenerateRequest> {
         use proptest::option::of;
         use proptest::prelude::*;
@@ -426,13 +437,7 @@ mod tests {
         #[test]
         fn any_request_is_checked_or_refused_by_name(req in any_request()) {
             let tokenizer = crate::text::testutil::byte_level_tokenizer();
-            let limits = Limits {
-                model_id: "demo".into(),
-                context_length: 64,
-                vocab_size: 300,
-                default_max_tokens: 8,
-                max_tokens_per_request: 32,
-            };
+            let limits = fuzz_limits();
             match check(&req, &tokenizer, &limits, None, 7) {
                 Ok(c) => {
                     let e = &c.engine;
@@ -486,13 +491,7 @@ mod tests {
                 }
             }
             let tokenizer = crate::text::testutil::byte_level_tokenizer();
-            let limits = Limits {
-                model_id: "demo".into(),
-                context_length: 64,
-                vocab_size: 300,
-                default_max_tokens: 8,
-                max_tokens_per_request: 32,
-            };
+            let limits = fuzz_limits();
             for wire in [bytes.as_slice(), random.as_slice()] {
                 if let Ok(decoded) = pb::GenerateRequest::decode(wire) {
                     // What was decoded came from the bytes: nothing larger than them.
