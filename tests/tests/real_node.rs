@@ -17,7 +17,9 @@
 //! a 0.5 B-parameter checkpoint. A tenant flooding at 50× its quota for 2 minutes buys no
 //! frontend while another's requests all succeed at their usual TTFT, and a spike during
 //! the flood buys what the spike alone buys; 50 tenants each at their quota (a sybil
-//! flood) buy no more than their tier's budget, while a paid spike still scales. `helm uninstall` removes the operator and its RBAC and leaves the CRD.
+//! flood) buy no more than their tier's budget, while a paid spike still scales. No API
+//! key appears in any container log, Event or ModelDeployment. `helm uninstall` removes
+//! the operator and its RBAC and leaves the CRD.
 //!
 //! One scenario, in order, because each step stands on the one before (the operator the
 //! chart installed reconciles the deployment the later steps use). Each step prints how
@@ -34,7 +36,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use switchyard_cli::loadgen::ScenarioKind;
 use switchyard_operator::api::ModelDeployment;
 use switchyard_proto::inference::v1 as pb;
@@ -2531,6 +2533,78 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         "a minute of load to shard copies added by the autoscaler",
         t,
     );
+
+    // 7i. No API key in what people and other tenants read: every container's log
+    // (this run and the one before a restart) of the pods alive now in the test's and the
+    // release's namespaces, every Event, and the ModelDeployments. Only the Secrets hold
+    // the keys.
+    let t = Instant::now();
+    let mut keys: Vec<String> = vec![OLD_KEY.into(), NEW_KEY.into(), MALLORY_KEY.into()];
+    keys.extend((0..50).map(sybil_key));
+    let mut read: Vec<(String, String)> = Vec::new();
+    for ns in [namespace, RELEASE_NAMESPACE] {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        for pod in pods.list(&ListParams::default()).await.expect("pods").items {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+                for previous in [false, true] {
+                    let params = LogParams {
+                        container: Some(c.name.clone()),
+                        previous,
+                        ..LogParams::default()
+                    };
+                    if let Ok(text) = pods.logs(&name, &params).await {
+                        let run = if previous { " (previous run)" } else { "" };
+                        read.push((format!("log of {ns}/{name} {}{run}", c.name), text));
+                    }
+                }
+            }
+        }
+    }
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(client.clone());
+    let events = events.list(&ListParams::default()).await.expect("events");
+    read.push((
+        format!("{} Events", events.items.len()),
+        serde_json::to_string(&events.items).expect("events as JSON"),
+    ));
+    let every_md: Api<ModelDeployment> = Api::all(client.clone());
+    let every_md = every_md
+        .list(&ListParams::default())
+        .await
+        .expect("ModelDeployments");
+    read.push((
+        "ModelDeployments (spec and status)".into(),
+        serde_json::to_string(&every_md.items).expect("ModelDeployments as JSON"),
+    ));
+    let logs = read
+        .iter()
+        .filter(|(what, _)| what.starts_with("log of"))
+        .count();
+    assert!(
+        logs >= 3,
+        "the operator's and the workers' logs were read ({logs})"
+    );
+    for (what, text) in &read {
+        for key in &keys {
+            assert!(
+                !text.contains(key.as_str()),
+                "an API key ({}…) is in the {what}",
+                &key[..4]
+            );
+        }
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: {} API keys searched for in {logs} container logs, \
+         {}: none found",
+        keys.len(),
+        read.iter()
+            .filter(|(what, _)| !what.starts_with("log of"))
+            .map(|(what, _)| what.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    step("no API key in any log, Event or ModelDeployment", t);
 
     // 8. helm uninstall: the operator and its RBAC go, the CRD stays.
     node.run(
