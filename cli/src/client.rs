@@ -1,6 +1,8 @@
 //! Client-side calls to a worker's standard endpoints (health, reflection), shared by the
 //! `switchyard` CLI and the tests.
 
+use std::time::Duration;
+
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -31,11 +33,21 @@ pub enum ClientError {
     UnexpectedReflectionAnswer,
 }
 
-/// Connects to `addr` (`http://host:port`).
+/// How often an HTTP/2 ping checks the connection, and how long its answer may take.
+/// Behind a Kubernetes Service, a connection made to a pod just before it goes away can
+/// outlive the pod: its IP vanishes without a reset, and every call on it would wait for
+/// its deadline. With pings, such a connection is found dead within about 15 s and the
+/// channel connects again (to a live pod).
+pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
+
+/// Connects to `addr` (`http://host:port`), with HTTP/2 keepalive pings ([`KEEPALIVE`]).
 pub async fn connect(addr: &str) -> Result<Channel, ClientError> {
     let endpoint =
         Channel::from_shared(addr.to_string()).map_err(|_| ClientError::Address(addr.into()))?;
     endpoint
+        .http2_keep_alive_interval(KEEPALIVE.0)
+        .keep_alive_timeout(KEEPALIVE.1)
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|source| ClientError::Connect {
