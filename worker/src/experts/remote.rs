@@ -19,7 +19,7 @@
 //! function, each shard sums its experts in ascending order, and the frontend adds the
 //! shards' partial sums in the order of their smallest expert, whichever shard it was.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -128,10 +128,11 @@ struct Link {
 #[derive(Debug, Default)]
 struct LinkState {
     up: bool,
-    holds: HashSet<(u32, u32)>,
-    /// Served while a placement move hands them to other shards: used only when no up
-    /// shard holds the expert.
-    draining: HashSet<(u32, u32)>,
+    /// Layer → the experts it holds.
+    holds: Layered,
+    /// Layer → experts served while a placement move hands them to other shards: used
+    /// only when no up shard holds the expert.
+    draining: Layered,
     revision: String,
     max_request_bytes: u64,
     last_error: String,
@@ -139,6 +140,24 @@ struct LinkState {
     down_until: Option<Instant>,
     /// Consecutive failed calls (the bench doubles with each, up to 30 s).
     failures: u32,
+}
+
+/// Layer → expert ids, as a shard's `Describe` lists them: a plan looks up one layer's.
+type Layered = HashMap<u32, HashSet<u32>>;
+
+fn layered(layers: &[pb::LayerExperts]) -> Layered {
+    layers
+        .iter()
+        .map(|l| (l.layer, l.experts.iter().copied().collect()))
+        .collect()
+}
+
+fn has(set: &Layered, layer: u32, expert: u32) -> bool {
+    set.get(&layer).is_some_and(|e| e.contains(&expert))
+}
+
+fn count(set: &Layered) -> usize {
+    set.values().map(HashSet::len).sum()
 }
 
 /// One shard's answer for one layer: rows (of the dispatched batch) and their partial
@@ -250,10 +269,10 @@ impl Inner {
         let mut missing = 0;
         for &layer in &self.moe_layers {
             for e in 0..self.num_experts {
-                let pair = (layer as u32, e);
+                let layer = layer as u32;
                 if !states
                     .iter()
-                    .any(|s| s.up && (s.holds.contains(&pair) || s.draining.contains(&pair)))
+                    .any(|s| s.up && (has(&s.holds, layer, e) || has(&s.draining, layer, e)))
                 {
                     missing += 1;
                 }
@@ -272,7 +291,7 @@ impl Inner {
             .map(|l| {
                 let s = l.lock();
                 if s.up {
-                    format!("{} up ({} experts)", l.addr, s.holds.len())
+                    format!("{} up ({} experts)", l.addr, count(&s.holds))
                 } else {
                     format!("{} down ({})", l.addr, s.last_error)
                 }
@@ -353,12 +372,6 @@ impl Inner {
 
     /// What a shard's `Describe` answer says of it: up or down, what it holds.
     fn apply(&self, link: &Link, answer: Result<pb::DescribeResponse, String>) {
-        let pairs = |layers: &[pb::LayerExperts]| -> HashSet<(u32, u32)> {
-            layers
-                .iter()
-                .flat_map(|l| l.experts.iter().map(move |&e| (l.layer, e)))
-                .collect()
-        };
         let mut s = link.lock();
         let was_up = s.up;
         let benched = s.down_until.is_some_and(|t| Instant::now() < t);
@@ -372,8 +385,8 @@ impl Inner {
                         describe_identity(Some(&self.identity))
                     );
                 } else {
-                    s.holds = pairs(&d.layers);
-                    s.draining = pairs(&d.draining);
+                    s.holds = layered(&d.layers);
+                    s.draining = layered(&d.draining);
                     s.revision = d.placement_revision;
                     s.max_request_bytes = d.max_request_bytes;
                     s.up = !benched;
@@ -393,7 +406,7 @@ impl Inner {
             .set(i64::from(s.up));
         if was_up != s.up {
             if s.up {
-                tracing::info!(shard = %link.addr, experts = s.holds.len(), revision = %s.revision, "expert shard up");
+                tracing::info!(shard = %link.addr, experts = count(&s.holds), revision = %s.revision, "expert shard up");
             } else {
                 tracing::warn!(shard = %link.addr, reason = %s.last_error, "expert shard down");
             }
@@ -479,12 +492,7 @@ impl Inner {
             .filter(|(_, l)| !excluded.contains(&l.addr))
             .filter_map(|(i, l)| {
                 let s = l.lock();
-                let of_layer = |set: &HashSet<(u32, u32)>| {
-                    set.iter()
-                        .filter(|p| p.0 == layer)
-                        .map(|p| p.1)
-                        .collect::<HashSet<u32>>()
-                };
+                let of_layer = |set: &Layered| set.get(&layer).cloned().unwrap_or_default();
                 s.up.then(|| (i, of_layer(&s.holds), of_layer(&s.draining)))
             })
             .collect();
