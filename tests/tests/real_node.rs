@@ -684,6 +684,63 @@ async fn pod_ips(client: &kube::Client, namespace: &str, selector: &str) -> Vec<
         .collect()
 }
 
+/// What explains a step that failed through the Service: per pod of `selector`, its IP,
+/// phase, readiness and whether it is terminating, and its log's last lines; then the
+/// kernel's connection-tracking entries to `cluster_ip` (which pod each connection through
+/// the Service went to).
+async fn explain_service(
+    client: &kube::Client,
+    namespace: &str,
+    selector: &str,
+    cluster_ip: &str,
+) -> String {
+    use std::fmt::Write as _;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut out = String::new();
+    let list = match pods.list(&ListParams::default().labels(selector)).await {
+        Ok(list) => list.items,
+        Err(e) => return format!("listing pods: {e}"),
+    };
+    for pod in list {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let status = pod.status.clone().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "--- pod {name}: ip {:?}, phase {:?}, ready {}, terminating {}",
+            status.pod_ip,
+            status.phase,
+            switchyard_tests::node::is_pod_ready(&pod),
+            pod.metadata.deletion_timestamp.is_some(),
+        );
+        let params = LogParams {
+            tail_lines: Some(15),
+            ..LogParams::default()
+        };
+        match pods.logs(&name, &params).await {
+            Ok(text) => out.push_str(&text),
+            Err(e) => {
+                let _ = writeln!(out, "(no log: {e})");
+            }
+        }
+    }
+    match std::process::Command::new("conntrack")
+        .args(["-L", "-d", cluster_ip])
+        .output()
+    {
+        Ok(o) => {
+            let _ = writeln!(
+                out,
+                "--- conntrack -L -d {cluster_ip}:\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "--- conntrack: {e}");
+        }
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanly() {
     let node = RealNode::shared().await.expect("the real test node");
@@ -2522,6 +2579,34 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
             (busiest, most, ups, (fewest_reporting, most_reporting))
         })
     };
+    // Beside the bench's one connection, a fresh connection every 5 s with one short
+    // request: whether the Service serves new connections while the bench runs.
+    let probes = {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let mut seen = Vec::new();
+            while began.elapsed() < Duration::from_secs(60) {
+                let at = began.elapsed().as_secs();
+                let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                    let channel = switchyard_cli::client::connect(&endpoint)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    keyed_on(channel, NEW_KEY, 4)
+                        .await
+                        .map_err(|s| s.to_string())
+                })
+                .await;
+                seen.push(match outcome {
+                    Ok(Ok(_)) => format!("{at}s ok"),
+                    Ok(Err(e)) => format!("{at}s {e}"),
+                    Err(_) => format!("{at}s no answer in 10 s"),
+                });
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            seen
+        })
+    };
     let (rows, outcomes) = bench_series_with_outcomes(
         &endpoint,
         kind,
@@ -2530,6 +2615,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         scratch.path(),
     )
     .await;
+    let probes = probes.await.expect("the probes");
     let (busiest, most_shards, shard_ups, reporting) = shard_watch.await.expect("the shard watch");
     let ready = (
         rows.iter().map(|r| r.ready).min().unwrap_or(0),
@@ -2546,7 +2632,18 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         "switchyard-tests: real node: bench {}: {seen}",
         kind.name()
     );
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: a fresh connection every 5 s beside the bench: {probes:?}"
+    );
     let copies_added = shard_ups.iter().any(|d| d.to > d.from);
+    if !copies_added {
+        let _ = writeln!(
+            std::io::stderr(),
+            "switchyard-tests: real node: the frontends after the bench:\n{}",
+            explain_service(&client, namespace, &instance, &cluster_ip).await
+        );
+    }
     assert!(
         copies_added,
         "no shard copy added (target utilisation 0.10): {seen}"
