@@ -77,7 +77,17 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     pki: Pki,
     startup: StartupTimes,
+    /// What [`ControlPlane::restart`] starts again: etcd's binary, arguments and client
+    /// port, then kube-apiserver's binary and arguments.
+    relaunch: Relaunch,
     dir: TempDir,
+}
+
+#[derive(Debug)]
+struct Relaunch {
+    etcd: (PathBuf, Vec<String>, u16),
+    apiserver: (PathBuf, Vec<String>),
+    restarts: u32,
 }
 
 /// A fresh namespace for one test, and a client made in that test's runtime.
@@ -131,31 +141,29 @@ impl ControlPlane {
         let etcd_peer_port = free_port()?;
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
-        let etcd = ManagedProcess::start(
-            "etcd",
-            &etcd_bin,
-            &[
-                "--name=switchyard-test".into(),
-                format!("--data-dir={}", dir.path().join("etcd").display()),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=switchyard-test={peer_url}"),
-                "--unsafe-no-fsync=true".into(),
-                "--log-level=warn".into(),
-            ],
-            dir.path().join("etcd.log"),
-        )?;
+        let etcd_args: Vec<String> = vec![
+            "--name=switchyard-test".into(),
+            format!("--data-dir={}", dir.path().join("etcd").display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=switchyard-test={peer_url}"),
+            "--unsafe-no-fsync=true".into(),
+            "--log-level=warn".into(),
+        ];
+        let etcd =
+            ManagedProcess::start("etcd", &etcd_bin, &etcd_args, dir.path().join("etcd.log"))?;
         wait_for_etcd(&etcd, etcd_port).await?;
         let etcd_time = started.elapsed();
 
         let port = free_port()?;
         let server = format!("https://{}:{port}", options.address);
+        let apiserver_args = apiserver_args(&etcd_url, port, dir.path(), &pki, options);
         let apiserver = ManagedProcess::start(
             "kube-apiserver",
             &apiserver_bin,
-            &apiserver_args(&etcd_url, port, dir.path(), &pki, options),
+            &apiserver_args,
             dir.path().join("kube-apiserver.log"),
         )?;
         let kubeconfig = dir.path().join("kubeconfig");
@@ -187,8 +195,45 @@ impl ControlPlane {
             kubeconfig,
             pki,
             startup,
+            relaunch: Relaunch {
+                etcd: (etcd_bin, etcd_args, etcd_port),
+                apiserver: (apiserver_bin, apiserver_args),
+                restarts: 0,
+            },
             dir,
         })
+    }
+
+    /// Kills kube-apiserver and etcd (SIGKILL, as a crashed machine would), waits `down`,
+    /// then starts both again on the same ports, data and certificates, and waits until
+    /// the API answers. Clients made before keep working: they reconnect. Returns how long
+    /// the API was unreachable.
+    pub async fn restart(&mut self, down: Duration) -> Result<Duration> {
+        let began = Instant::now();
+        self.apiserver.kill();
+        self.etcd.kill();
+        tokio::time::sleep(down).await;
+        self.relaunch.restarts += 1;
+        let n = self.relaunch.restarts;
+        let (etcd_bin, etcd_args, etcd_port) = &self.relaunch.etcd;
+        self.etcd = ManagedProcess::start(
+            "etcd",
+            etcd_bin,
+            etcd_args,
+            self.dir.path().join(format!("etcd-restart-{n}.log")),
+        )?;
+        wait_for_etcd(&self.etcd, *etcd_port).await?;
+        let (apiserver_bin, apiserver_args) = &self.relaunch.apiserver;
+        self.apiserver = ManagedProcess::start(
+            "kube-apiserver",
+            apiserver_bin,
+            apiserver_args,
+            self.dir
+                .path()
+                .join(format!("kube-apiserver-restart-{n}.log")),
+        )?;
+        wait_for_apiserver(&self.apiserver, &self.kubeconfig).await?;
+        Ok(began.elapsed())
     }
 
     /// A new client for the admin user. Make one per test: a client belongs to the tokio

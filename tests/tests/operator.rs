@@ -3,6 +3,7 @@
 //! workloads get no pods; the cluster tests cover pods and garbage collection.)
 
 use std::future::Future;
+use std::io::Write as _;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -539,6 +540,100 @@ async fn a_restarted_operator_converges_to_the_same_objects() {
     let config: WorkerConfig = serde_json::from_str(&cm.data.unwrap()[CONFIG_FILE]).unwrap();
     assert_eq!(config.shards.count, 4);
     assert_eq!(dep.owner_references().len(), 1);
+}
+
+/// Chaos: kube-apiserver and etcd killed (SIGKILL) and started again while the operator
+/// reconciles a new ModelDeployment. The operator rides the outage out (its lease outlives
+/// it), converges to exactly one of each child, and its watches come back: a spec change
+/// made after the restart is acted on.
+#[tokio::test]
+async fn the_operator_converges_through_an_api_server_and_etcd_restart() {
+    let mut cp = ControlPlane::start().await.unwrap();
+    cp.install_crd(switchyard_tests::MODEL_DEPLOYMENT_CRD)
+        .await
+        .unwrap();
+    let ns = cp.namespace("outage").await.unwrap();
+    let operator = OperatorProcess::start(&cp, &ns.name, "op-a", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut md = example("full.yaml");
+    md.metadata.name = Some("outage".into());
+    create(&ns, &md).await;
+    eventually("the first child", || async {
+        get::<ServiceAccount>(&ns, "outage-worker").await
+    })
+    .await;
+    let outage = cp.restart(Duration::from_secs(2)).await.unwrap();
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: kube-apiserver and etcd unreachable for {:.1}s mid-reconcile",
+        outage.as_secs_f64()
+    );
+    // A request on a connection the restart cut may fail once; the next one reconnects.
+    let lenient = |name: &'static str| {
+        let ns = ns.clone();
+        async move {
+            let dep = Api::<Deployment>::namespaced(ns.client.clone(), &ns.name)
+                .get_opt(&format!("{name}-frontend"))
+                .await
+                .ok()
+                .flatten()?;
+            let sts = Api::<StatefulSet>::namespaced(ns.client.clone(), &ns.name)
+                .get_opt(&format!("{name}-experts"))
+                .await
+                .ok()
+                .flatten()?;
+            Some((dep, sts))
+        }
+    };
+    let (dep, sts) = eventually("every child after the restart", || lenient("outage")).await;
+    assert_eq!(dep.spec.replicas, Some(2));
+    assert_eq!(sts.spec.replicas, Some(4));
+    let lp = ListParams::default().labels("switchyard.dev/model-deployment=outage");
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(deployments.list(&lp).await.unwrap().items.len(), 1);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(statefulsets.list(&lp).await.unwrap().items.len(), 1);
+    let configs: Api<ConfigMap> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(configs.list(&lp).await.unwrap().items.len(), 1);
+    operator
+        .check_running()
+        .unwrap_or_else(|e| panic!("the operator exited in the outage: {e}"));
+
+    // The watches are back: a change made now reaches the Deployment.
+    merge_patch(
+        &ns,
+        "outage",
+        serde_json::json!({"spec": {"frontend": {"nodeSelector": {"chaos": "after"}}}}),
+    )
+    .await;
+    let changed = tokio::time::Instant::now();
+    let deadline = changed + WAIT;
+    loop {
+        let acted = lenient("outage").await.is_some_and(|(dep, _)| {
+            dep.spec
+                .template
+                .spec
+                .as_ref()
+                .and_then(|p| p.node_selector.as_ref())
+                .is_some_and(|n| n.get("chaos").map(String::as_str) == Some("after"))
+        });
+        if acted {
+            let _ = writeln!(
+                std::io::stderr(),
+                "switchyard-tests: a change made after the restart acted on in {:.1}s",
+                changed.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a change made after the restart was not acted on in {WAIT:?}; the operator's log:\n{}",
+            operator.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    operator.check_running().unwrap();
 }
 
 /// Sends SIGTERM; panics with the log unless the operator exits 0 within 20 s.
