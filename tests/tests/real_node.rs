@@ -7,7 +7,9 @@
 //! and gets exactly the tokens the same model gives in process, while the frontends find
 //! the shards through the headless Service's DNS (CoreDNS). grpcurl, a third-party client,
 //! lists the services by reflection and calls Generate. A shard pod deleted mid-stream
-//! comes back and new requests succeed; `kubectl scale` brings a third frontend that
+//! comes back and new requests succeed; a frontend pod killed (SIGKILL) mid-stream ends
+//! its client's stream with an error within seconds (never a hang), calls retried through the Service succeed,
+//! and the other frontend's accounting still holds; `kubectl scale` brings a third frontend that
 //! serves, and back to one while 20 streams run cuts none of them (the stopping frontends
 //! drain). The autoscaler, turned on in Shadow mode, recommends for a spike without
 //! changing the count, and Active applies the recommendation; a legitimate spike of 12
@@ -271,11 +273,19 @@ async fn bench_series_with_outcomes(
     };
     let (scenario, total) =
         Scenario::named_shaped(kind, tenants, workload, 1.0, 5.0, shape).expect("the scenario");
-    let channel = switchyard_cli::client::connect(endpoint)
-        .await
-        .expect("a connection");
+    // Four connections, as `switchyard bench --connections 4`: kube-proxy balances
+    // connections, not calls, so one HTTP/2 connection would pin every request to one
+    // frontend however many the autoscaler adds.
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(
+            switchyard_cli::client::connect(endpoint)
+                .await
+                .expect("a connection"),
+        );
+    }
     let report = loadgen::run_bench(
-        vec![channel],
+        channels,
         BenchConfig {
             ttft_slo: None,
             scenario,
@@ -1095,6 +1105,116 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     }
     step(
         "shard pod deleted mid-stream to requests succeeding again",
+        t,
+    );
+
+    // 6b. A frontend pod killed mid-stream (deleted with grace 0: SIGKILL, no drain): the
+    // client reading from it gets an error promptly, never a hang, and calls through the
+    // Service succeed while the Deployment replaces the pod. The client reads at 50 tokens/s
+    // with a 1 KiB HTTP/2 window, so the stream is still being generated when the pod dies
+    // (with the default 64 KiB window all 400 tokens would already sit in its buffer).
+    let t = Instant::now();
+    let frontends = pod_ips(&client, namespace, &frontend_selector).await;
+    let (victim, victim_ip) = frontends.first().cloned().expect("a Ready frontend");
+    let survivor_ip = frontends
+        .iter()
+        .find(|(name, _)| *name != victim)
+        .map(|(_, ip)| ip.clone())
+        .expect("a second Ready frontend");
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader = async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{victim_ip}:50051"))
+            .expect("an endpoint")
+            .initial_stream_window_size(Some(1024))
+            .initial_connection_window_size(Some(1024))
+            .connect()
+            .await
+            .expect("connecting to the frontend");
+        let mut stream = InferenceClient::new(channel)
+            .generate_stream(greedy(400))
+            .await
+            .expect("the stream starts")
+            .into_inner();
+        let (mut tokens, mut kill_tx) = (0usize, Some(kill_tx));
+        loop {
+            match stream.next().await {
+                Some(Ok(message)) => {
+                    if let Some(Event::Chunk(chunk)) = message.event {
+                        tokens += chunk.token_ids.len();
+                        if tokens >= 5
+                            && let Some(tx) = kill_tx.take()
+                        {
+                            let _ = tx.send(());
+                        }
+                        tokio::time::sleep(
+                            Duration::from_millis(20) * chunk.token_ids.len() as u32,
+                        )
+                        .await;
+                    }
+                }
+                Some(Err(status)) => return (tokens, Err(status), Instant::now()),
+                None => return (tokens, Ok(()), Instant::now()),
+            }
+        }
+    };
+    let killer = async {
+        kill_rx.await.expect("the stream reached 5 tokens");
+        let at = Instant::now();
+        pods.delete(&victim, &DeleteParams::default().grace_period(0))
+            .await
+            .expect("deleting a frontend pod");
+        at
+    };
+    let ((tokens, ended, ended_at), killed_at) =
+        tokio::time::timeout(Duration::from_secs(60), async {
+            tokio::join!(reader, killer)
+        })
+        .await
+        .expect("the stream from the killed frontend ends (an error, never a hang)");
+    let status = ended.expect_err("a stream whose frontend was killed cannot finish");
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: frontend {victim} killed at token {tokens}: the client's \
+         stream ended {:.2}s after the delete with {:?}: {}",
+        ended_at.duration_since(killed_at).as_secs_f64(),
+        status.code(),
+        status.message()
+    );
+    // Through the Service, a client that retries succeeds.
+    let retried = Instant::now();
+    let mut failures = Vec::new();
+    loop {
+        match generate(&endpoint).await {
+            Ok(ids) => {
+                assert_eq!(ids, reference, "tokens through the Service after the kill");
+                break;
+            }
+            Err(e) => failures.push(e),
+        }
+        assert!(
+            retried.elapsed() < Duration::from_secs(60),
+            "no call through the Service succeeded within 60 s of the kill: {failures:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: the first call through the Service after the kill \
+         succeeded after {} failed call(s) {failures:?}",
+        failures.len()
+    );
+    node.wait_for_ready_pods(&client, namespace, &frontend_selector, 2, POD_TIMEOUT)
+        .await
+        .expect("the Deployment replaces the killed frontend");
+    // The frontend that lived through it still accounts for every request it admitted.
+    let text = http_get(&survivor_ip, 9090, "/metrics")
+        .await
+        .expect("the surviving frontend's metrics");
+    switchyard_tests::accounting::Accounting::parse(&text)
+        .check()
+        .expect("the surviving frontend's accounting");
+    step(
+        "a frontend pod killed mid-stream: its stream errs within seconds, retries served",
         t,
     );
 
