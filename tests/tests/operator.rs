@@ -432,19 +432,29 @@ async fn lease_holder(ns: &TestNamespace) -> Option<String> {
         .holder_identity
 }
 
-#[tokio::test]
-async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
-    let (cp, ns) = setup("op-leader").await;
+/// Two operators in `ns`: `op-a`, started first and holding the lease, and `op-b`, the
+/// standby.
+async fn leader_and_standby(
+    cp: &ControlPlane,
+    ns: &TestNamespace,
+) -> (OperatorProcess, OperatorProcess) {
     let first = OperatorProcess::start(cp, &ns.name, "op-a", LEASE)
         .await
         .unwrap();
     eventually("op-a to hold the lease", || async {
-        (lease_holder(&ns).await? == "op-a").then_some(())
+        (lease_holder(ns).await? == "op-a").then_some(())
     })
     .await;
     let second = OperatorProcess::start(cp, &ns.name, "op-b", LEASE)
         .await
         .unwrap();
+    (first, second)
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
+    let (cp, ns) = setup("op-leader").await;
+    let (first, second) = leader_and_standby(cp, &ns).await;
     let md = create(&ns, &example("minimal.yaml")).await;
     let name = md.name_any();
     eventually("the leader's objects", || async {
@@ -500,6 +510,76 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_when_it_dies() {
         get::<Deployment>(&ns, "after-failover-frontend").await
     })
     .await;
+    second.check_running().unwrap();
+}
+
+/// Chaos: the leader killed (SIGKILL, its lease not released) right after a spec change,
+/// mid-rollout of it: the standby takes the lease and finishes the rollout (the new pod
+/// template and config), with one of each child, all written by the operator's one field
+/// manager, and the status observing the new generation.
+#[tokio::test]
+async fn a_leader_killed_mid_rollout_hands_the_rollout_to_the_standby() {
+    let (cp, ns) = setup("op-rollout").await;
+    let (first, second) = leader_and_standby(cp, &ns).await;
+    let mut md = example("full.yaml");
+    md.metadata.name = Some("rollout".into());
+    create(&ns, &md).await;
+    eventually("the first rollout", || async {
+        get::<Deployment>(&ns, "rollout-frontend").await
+    })
+    .await;
+    // The change: a new pod template (node selector) and a new worker config (batch size).
+    merge_patch(
+        &ns,
+        "rollout",
+        serde_json::json!({"spec": {
+            "frontend": {"nodeSelector": {"chaos": "rollout"}},
+            "serving": {"maxBatchSize": 96},
+        }}),
+    )
+    .await;
+    first.kill();
+    let killed = tokio::time::Instant::now();
+    let rolled_out = || async {
+        let dep = get::<Deployment>(&ns, "rollout-frontend").await?;
+        let selector = dep.spec.template.spec.as_ref()?.node_selector.clone()?;
+        let cm = get::<ConfigMap>(&ns, "rollout-config").await?;
+        let config: WorkerConfig =
+            serde_json::from_str(cm.data.as_ref()?.get(CONFIG_FILE)?).ok()?;
+        let md = get::<ModelDeployment>(&ns, "rollout").await?;
+        let observed = md.status.as_ref()?.observed_generation;
+        (selector.get("chaos").map(String::as_str) == Some("rollout")
+            && config.serving.max_batch_size == 96
+            && observed == md.metadata.generation)
+            .then_some(dep)
+    };
+    let dep = eventually("the standby to finish the rollout", rolled_out).await;
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: the leader killed mid-rollout; the standby finished it {:.1}s \
+         after the kill (lease {LEASE:?})",
+        killed.elapsed().as_secs_f64()
+    );
+    assert_eq!(lease_holder(&ns).await.as_deref(), Some("op-b"));
+    let lp = ListParams::default().labels("switchyard.dev/model-deployment=rollout");
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(deployments.list(&lp).await.unwrap().items.len(), 1);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(statefulsets.list(&lp).await.unwrap().items.len(), 1);
+    let configs: Api<ConfigMap> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(configs.list(&lp).await.unwrap().items.len(), 1);
+    let managers: Vec<String> = dep
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|f| f.manager.clone())
+        .collect();
+    assert_eq!(
+        managers,
+        ["switchyard-operator"],
+        "one writer of the Deployment"
+    );
     second.check_running().unwrap();
 }
 
