@@ -64,6 +64,12 @@ fuzz: ## The property tests over untrusted input (GGUF/safetensors headers, conf
 	PROPTEST_CASES=$${FUZZ_CASES:-20000} $(CARGO) test -p switchyard-worker --test gguf --test corrupt_checkpoints -- corrupt_headers a_changed a_safetensors
 	PROPTEST_CASES=$${FUZZ_CASES:-20000} $(CARGO) test -p switchyard-worker --lib -- any_ no_error_quotes_a_key
 
+.PHONY: soak
+soak: tools node-runtime ## Mixed legitimate + attack load on the real node for SOAK_MINUTES (default 30): memory growth per worker, TTFT drift, the accounting (docs/benchmarks.md); not in `make test`
+	$(CARGO) build --workspace --bins
+	hack/build-images.sh
+	SWITCHYARD_SOAK_MINUTES=$${SOAK_MINUTES:-30} $(CARGO) test -p switchyard-tests --test real_node -- --ignored soak_ --nocapture
+
 .PHONY: crds
 crds: ## Regenerate crds/ from the operator's Rust types (a test fails when they drift)
 	$(CARGO) run --quiet -p switchyard-operator -- crd > crds/modeldeployment.yaml

@@ -2984,3 +2984,333 @@ async fn a_stuck_pod_is_reported_with_its_events_its_log_and_the_kubelets_log() 
         assert!(err.contains(wanted), "the report lacks {wanted:?}:\n{err}");
     }
 }
+
+/// One worker process on the node, found by its executable's name.
+#[derive(Debug, Clone, PartialEq)]
+struct WorkerProcess {
+    pid: u32,
+    role: String,
+    rss_kib: u64,
+}
+
+/// Every `switchyard-worker` process on this machine (the pods' containers run as host
+/// processes), with its role (`SWITCHYARD_ROLE`, which the operator sets) and resident
+/// memory.
+fn worker_processes() -> Vec<WorkerProcess> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        // The kernel keeps 15 characters of the name.
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != "switchyard-work" {
+            continue;
+        }
+        let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
+        let role = environ
+            .split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(b"SWITCHYARD_ROLE="))
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .unwrap_or_else(|| "?".into());
+        let rss_kib = std::fs::read_to_string(dir.join("status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        found.push(WorkerProcess { pid, role, rss_kib });
+    }
+    found.sort_by_key(|p| p.pid);
+    found
+}
+
+/// The median of the non-zero values (0 = no sample), or 0.
+fn median_nonzero(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.filter(|x| *x > 0.0).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `make soak`: `SWITCHYARD_SOAK_MINUTES` (default 30) of mixed load on the real node:
+/// acme's legitimate requests (2/s, about 40 % of two frontends) beside an attacker at 5/s
+/// against a 6/min quota, on a ModelDeployment of 2 frontends and 2 expert shards (the
+/// operator as a process). It reports each worker process's resident memory after the
+/// warm-up (a sixth of the run, at most 5 minutes) and at the end, acme's TTFT in the first
+/// and last sixth after the warm-up (the median of each second's p99), and every
+/// frontend's accounting; it fails on more than 5 % memory growth, on any of acme's
+/// requests not served, on a worker restarted, or on the accounting. Not in `make test`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a soak of 30 minutes by default: make soak"]
+async fn soak_mixed_load_keeps_memory_flat_serves_every_legitimate_request_and_accounts_for_all() {
+    use switchyard_cli::loadgen::{self, ApiKey, BenchConfig, Load, Scenario, Shape, Tenant};
+    const ACME_KEY: &str = "soak-acme-0123456789abcdef";
+    const ATTACKER_KEY: &str = "soak-attacker-0123456789abcdef";
+    let minutes: u64 = std::env::var("SWITCHYARD_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .filter(|m| *m > 0)
+        .unwrap_or(30);
+    let duration = Duration::from_secs(minutes * 60);
+    let warmup = (duration / 6).min(Duration::from_secs(300));
+    let report_line = |text: String| {
+        let _ = writeln!(std::io::stderr(), "switchyard-tests: soak: {text}");
+    };
+
+    let node = RealNode::shared().await.expect("the real test node");
+    let cp = node.control_plane();
+    cp.install_crd(switchyard_tests::MODEL_DEPLOYMENT_CRD)
+        .await
+        .expect("the CRD");
+    let ns = node.namespace("soak").await.expect("namespace");
+    let namespace = ns.name.as_str();
+    let client = ns.client.clone();
+    let _operator =
+        switchyard_tests::OperatorProcess::start(cp, namespace, "soak", Duration::from_secs(15))
+            .await
+            .expect("the operator");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    secrets
+        .create(
+            &PostParams::default(),
+            &from_json(serde_json::json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "soak-keys"},
+                "stringData": {"tenants":
+                    format!("acme:{ACME_KEY}:standard\nattacker:{ATTACKER_KEY}:free\n")},
+            })),
+        )
+        .await
+        .expect("the key Secret");
+    let model = model_on_node(namespace, "qwen3_moe");
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), namespace);
+    mds.create(
+        &PostParams::default(),
+        &from_json(serde_json::json!({
+            "apiVersion": "switchyard.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": "soak"},
+            "spec": {
+                "image": node.images().worker,
+                "imagePullPolicy": "Never",
+                "model": {"hostPath": {"path": model.display().to_string()}, "dtype": "f32"},
+                "frontend": {"replicas": 2},
+                "experts": {"shards": 2},
+                "serving": {"maxBatchSize": 8},
+                "admission": {
+                    "apiKeySecret": {"name": "soak-keys"},
+                    "tiers": [
+                        {"name": "standard"},
+                        {"name": "free", "priority": "low", "requestsPerMinute": 6},
+                    ],
+                    "defaultTier": "standard",
+                },
+            },
+        })),
+    )
+    .await
+    .expect("the ModelDeployment");
+    let frontends = "app.kubernetes.io/instance=soak,app.kubernetes.io/component=frontend";
+    let shards = "app.kubernetes.io/instance=soak,app.kubernetes.io/component=expert-shard";
+    node.wait_for_ready_pods(&client, namespace, frontends, 2, POD_TIMEOUT)
+        .await
+        .expect("2 frontends Ready");
+    node.wait_for_ready_pods(&client, namespace, shards, 2, POD_TIMEOUT)
+        .await
+        .expect("2 shards Ready");
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let cluster_ip = services
+        .get("soak")
+        .await
+        .expect("the client Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP");
+    let endpoint = format!("http://{cluster_ip}:50051");
+    let workers_at_start = worker_processes();
+    report_line(format!(
+        "{minutes} min against 2 frontends and 2 shards; worker processes {:?}",
+        workers_at_start
+    ));
+
+    // Memory every 30 s while the load runs.
+    let sampler = tokio::spawn(async move {
+        let began = Instant::now();
+        let mut samples = Vec::new();
+        loop {
+            samples.push((began.elapsed(), worker_processes()));
+            if began.elapsed() >= duration {
+                return samples;
+            }
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    });
+    let tenants = [("acme", ACME_KEY), ("attacker", ATTACKER_KEY)]
+        .iter()
+        .map(|(name, key)| Tenant {
+            name: (*name).into(),
+            api_key: Some(ApiKey::new(key).expect("a key")),
+            weight: 1,
+        })
+        .collect();
+    let workload = loadgen::Workload {
+        model: String::new(),
+        prompt_tokens: 32,
+        prompt_tokens_jitter: 16,
+        output_tokens: 128,
+        vocab: loadgen::VocabRange {
+            start: 100,
+            end: 300,
+        },
+        priority: pb::Priority::Unspecified,
+        shared_prefix: Vec::new(),
+    };
+    let (scenario, total) = Scenario::named_shaped(
+        ScenarioKind::Flood,
+        tenants,
+        workload,
+        2.0,
+        5.0,
+        Shape::Steady,
+    )
+    .expect("the scenario");
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(
+            switchyard_cli::client::connect(&endpoint)
+                .await
+                .expect("a connection"),
+        );
+    }
+    let report = loadgen::run_bench(
+        channels,
+        BenchConfig {
+            ttft_slo: None,
+            scenario,
+            load: Load::Open { rate: total },
+            duration: Some(duration),
+            requests: None,
+            warmup: Duration::ZERO,
+            timeout: Duration::from_secs(30),
+            seed: 7,
+            progress: loadgen::ProgressMode::Off,
+            series: Some(loadgen::SeriesOptions {
+                replicas_command: None,
+            }),
+            openai: None,
+        },
+        std::future::pending(),
+    )
+    .await
+    .expect("the soak's load");
+    let samples = sampler.await.expect("the memory samples");
+
+    // Memory: each process after the warm-up and at the end.
+    let after_warmup = samples
+        .iter()
+        .find(|(at, _)| *at >= warmup)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_default();
+    let at_end = samples.last().map(|(_, p)| p.clone()).unwrap_or_default();
+    let mut growth = Vec::new();
+    for p in &after_warmup {
+        match at_end.iter().find(|q| q.pid == p.pid) {
+            Some(q) => growth.push((
+                p.role.clone(),
+                p.pid,
+                p.rss_kib,
+                q.rss_kib,
+                (q.rss_kib as f64 - p.rss_kib as f64) / p.rss_kib.max(1) as f64 * 100.0,
+            )),
+            None => panic!("worker {} ({}) is gone by the end", p.pid, p.role),
+        }
+    }
+    for (role, pid, from, to, percent) in &growth {
+        report_line(format!(
+            "{role} (pid {pid}): {:.1} MiB after the warm-up, {:.1} MiB at the end: {percent:+.2} %",
+            *from as f64 / 1024.0,
+            *to as f64 / 1024.0,
+        ));
+    }
+    // Latency drift: acme's TTFT, the median of each second's p99, first and last sixth
+    // after the warm-up.
+    let rows = report.series.clone().unwrap_or_default();
+    let skip = warmup.as_secs() as usize;
+    let measured = rows.get(skip..).unwrap_or_default();
+    let sixth = (measured.len() / 6).max(1);
+    let first = median_nonzero(measured.iter().take(sixth).map(|r| r.legit_p99_ttft));
+    let last = median_nonzero(measured.iter().rev().take(sixth).map(|r| r.legit_p99_ttft));
+    let acme = report
+        .tenants
+        .iter()
+        .find(|t| t.name == "acme")
+        .expect("acme's report");
+    let attacker = report
+        .tenants
+        .iter()
+        .find(|t| t.name == "attacker")
+        .expect("the attacker's report");
+    report_line(format!(
+        "acme: {} requests, {} ok, {} failed {:?}, TTFT p50 {:.1} ms p99 {:.1} ms; its p99 \
+         TTFT per second, median over the first sixth after the warm-up {:.1} ms, over the \
+         last sixth {:.1} ms; the attacker: {} ok, {} refused {:?}",
+        acme.requests,
+        acme.ok,
+        acme.failed,
+        acme.errors,
+        acme.ttft.as_ref().map_or(0.0, |t| t.p50_ms),
+        acme.ttft.as_ref().map_or(0.0, |t| t.p99_ms),
+        first * 1000.0,
+        last * 1000.0,
+        attacker.ok,
+        attacker.failed,
+        attacker.errors,
+    ));
+    // The accounting, once the last requests are done.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (name, ip) in pod_ips(&client, namespace, frontends).await {
+        let text = http_get(&ip, 9090, "/metrics")
+            .await
+            .expect("a frontend's metrics");
+        let accounting = switchyard_tests::accounting::Accounting::parse(&text);
+        report_line(format!(
+            "{name}: {:.0} admitted, accounting {:?}",
+            accounting.accepted_total().abs(),
+            accounting.check()
+        ));
+        accounting
+            .check()
+            .unwrap_or_else(|e| panic!("{name}'s accounting: {e}"));
+    }
+    let restarted: Vec<_> = workers_at_start
+        .iter()
+        .filter(|p| !at_end.iter().any(|q| q.pid == p.pid))
+        .collect();
+    assert!(
+        restarted.is_empty(),
+        "workers gone or restarted: {restarted:?}"
+    );
+    assert_eq!(
+        acme.failed, 0,
+        "acme's requests not served: {:?}",
+        acme.errors
+    );
+    assert!(acme.ok > 0, "acme got nothing served");
+    for (role, pid, _, _, percent) in &growth {
+        assert!(
+            *percent < 5.0,
+            "{role} (pid {pid}) grew {percent:.2} % after the warm-up"
+        );
+    }
+}
