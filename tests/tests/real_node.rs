@@ -3138,6 +3138,38 @@ async fn soak_mixed_load_keeps_memory_flat_serves_every_legitimate_request_and_a
         .and_then(|s| s.cluster_ip)
         .expect("a ClusterIP");
     let endpoint = format!("http://{cluster_ip}:50051");
+    // Connect only once the Service lists both frontends: kube-proxy balances connections,
+    // and ones opened before the second frontend is listed all stay on the first.
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client.clone(), namespace);
+    node.wait_for(
+        &client,
+        namespace,
+        frontends,
+        "the client Service listing 2 ready frontends",
+        POD_TIMEOUT,
+        || {
+            let slices = slices.clone();
+            async move {
+                let ready: usize = slices
+                    .list(&ListParams::default().labels("kubernetes.io/service-name=soak"))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .iter()
+                    .flat_map(|s| s.endpoints.iter().flatten())
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                    .count();
+                if ready >= 2 {
+                    Ok(true)
+                } else {
+                    Err(format!("{ready} ready endpoint(s)"))
+                }
+            }
+        },
+    )
+    .await
+    .expect("the Service lists both frontends");
     let workers_at_start = worker_processes();
     report_line(format!(
         "{minutes} min against 2 frontends and 2 shards; worker processes {:?}",
