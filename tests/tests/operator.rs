@@ -65,6 +65,23 @@ where
         .unwrap()
 }
 
+/// How many `K` objects carry the labels of the ModelDeployment `md`.
+async fn children<K>(ns: &TestNamespace, md: &str) -> usize
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let lp = ListParams::default().labels(&format!("switchyard.dev/model-deployment={md}"));
+    Api::<K>::namespaced(ns.client.clone(), &ns.name)
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .len()
+}
+
 fn owned_by(meta: &kube::api::ObjectMeta, md: &ModelDeployment) -> bool {
     meta.owner_references.as_ref().is_some_and(|o| {
         o.len() == 1 && o[0].uid == md.uid().unwrap() && o[0].controller == Some(true)
@@ -561,13 +578,9 @@ async fn a_leader_killed_mid_rollout_hands_the_rollout_to_the_standby() {
         killed.elapsed().as_secs_f64()
     );
     assert_eq!(lease_holder(&ns).await.as_deref(), Some("op-b"));
-    let lp = ListParams::default().labels("switchyard.dev/model-deployment=rollout");
-    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
-    assert_eq!(deployments.list(&lp).await.unwrap().items.len(), 1);
-    let statefulsets: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
-    assert_eq!(statefulsets.list(&lp).await.unwrap().items.len(), 1);
-    let configs: Api<ConfigMap> = Api::namespaced(ns.client.clone(), &ns.name);
-    assert_eq!(configs.list(&lp).await.unwrap().items.len(), 1);
+    assert_eq!(children::<Deployment>(&ns, "rollout").await, 1);
+    assert_eq!(children::<StatefulSet>(&ns, "rollout").await, 1);
+    assert_eq!(children::<ConfigMap>(&ns, "rollout").await, 1);
     let managers: Vec<String> = dep
         .metadata
         .managed_fields
@@ -610,11 +623,8 @@ async fn a_restarted_operator_converges_to_the_same_objects() {
     let (dep, sts, cm) = eventually("every child after the restart", snapshot).await;
 
     // Exactly one of each, owned once, with the content the spec asks for.
-    let lp = ListParams::default().labels("switchyard.dev/model-deployment=restart");
-    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
-    assert_eq!(deployments.list(&lp).await.unwrap().items.len(), 1);
-    let statefulsets: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
-    assert_eq!(statefulsets.list(&lp).await.unwrap().items.len(), 1);
+    assert_eq!(children::<Deployment>(&ns, "restart").await, 1);
+    assert_eq!(children::<StatefulSet>(&ns, "restart").await, 1);
     assert_eq!(dep.spec.replicas, Some(2));
     assert_eq!(sts.spec.replicas, Some(4));
     let config: WorkerConfig = serde_json::from_str(&cm.data.unwrap()[CONFIG_FILE]).unwrap();
@@ -669,13 +679,9 @@ async fn the_operator_converges_through_an_api_server_and_etcd_restart() {
     let (dep, sts) = eventually("every child after the restart", || lenient("outage")).await;
     assert_eq!(dep.spec.replicas, Some(2));
     assert_eq!(sts.spec.replicas, Some(4));
-    let lp = ListParams::default().labels("switchyard.dev/model-deployment=outage");
-    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
-    assert_eq!(deployments.list(&lp).await.unwrap().items.len(), 1);
-    let statefulsets: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
-    assert_eq!(statefulsets.list(&lp).await.unwrap().items.len(), 1);
-    let configs: Api<ConfigMap> = Api::namespaced(ns.client.clone(), &ns.name);
-    assert_eq!(configs.list(&lp).await.unwrap().items.len(), 1);
+    assert_eq!(children::<Deployment>(&ns, "outage").await, 1);
+    assert_eq!(children::<StatefulSet>(&ns, "outage").await, 1);
+    assert_eq!(children::<ConfigMap>(&ns, "outage").await, 1);
     operator
         .check_running()
         .unwrap_or_else(|e| panic!("the operator exited in the outage: {e}"));

@@ -213,6 +213,61 @@ async fn spike_caller(endpoint: String, key: Option<&'static str>) -> Result<usi
     Ok(streams)
 }
 
+/// `tenants` (name, API key) as the load generator's tenants, of weight 1.
+fn keyed_tenants(tenants: &[(&str, &str)]) -> Vec<switchyard_cli::loadgen::Tenant> {
+    use switchyard_cli::loadgen::{ApiKey, Tenant};
+    tenants
+        .iter()
+        .map(|(name, key)| Tenant {
+            name: (*name).into(),
+            api_key: Some(ApiKey::new(key).expect("a key")),
+            weight: 1,
+        })
+        .collect()
+}
+
+/// Runs `scenario` open-loop at `rate` for `duration` against `endpoint` over four
+/// connections, as `switchyard bench --connections 4` (kube-proxy balances connections,
+/// not calls, so one HTTP/2 connection would pin every request to one frontend however
+/// many there are), with a 30 s timeout per request and a per-second series.
+async fn bench_over_four_connections(
+    endpoint: &str,
+    scenario: switchyard_cli::loadgen::Scenario,
+    rate: f64,
+    duration: Duration,
+    seed: u64,
+    replicas_command: Option<String>,
+) -> switchyard_cli::loadgen::Report {
+    use switchyard_cli::loadgen::{self, BenchConfig, Load};
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(
+            switchyard_cli::client::connect(endpoint)
+                .await
+                .expect("a connection"),
+        );
+    }
+    loadgen::run_bench(
+        channels,
+        BenchConfig {
+            ttft_slo: None,
+            scenario,
+            load: Load::Open { rate },
+            duration: Some(duration),
+            requests: None,
+            warmup: Duration::ZERO,
+            timeout: Duration::from_secs(30),
+            seed,
+            progress: loadgen::ProgressMode::Off,
+            series: Some(loadgen::SeriesOptions { replicas_command }),
+            openai: None,
+        },
+        std::future::pending(),
+    )
+    .await
+    .expect("the bench run")
+}
+
 /// Runs `switchyard bench --scenario KIND --series OUT` (the library behind it) against
 /// `endpoint`: acme at 1 request/s, × 8 in the spike or the bursts (about 3× what one
 /// frontend of the tiny MoE generates on this node), the attacker at 5/s; 256 tokens each. Returns the series it wrote.
@@ -236,7 +291,7 @@ async fn bench_series_with_outcomes(
     replicas_command: &str,
     out: &Path,
 ) -> (Vec<switchyard_edge::series::Row>, String) {
-    use switchyard_cli::loadgen::{self, ApiKey, BenchConfig, Load, Scenario, Shape, Tenant};
+    use switchyard_cli::loadgen::{self, Scenario, Shape};
     let duration = Duration::from_secs(60);
     let shape = match kind {
         ScenarioKind::Spike | ScenarioKind::FloodSpike => Shape::Spike {
@@ -251,14 +306,7 @@ async fn bench_series_with_outcomes(
         },
         _ => Shape::Steady,
     };
-    let tenants = tenants
-        .iter()
-        .map(|(name, key)| Tenant {
-            name: (*name).into(),
-            api_key: Some(ApiKey::new(key).expect("a key")),
-            weight: 1,
-        })
-        .collect();
+    let tenants = keyed_tenants(tenants);
     let workload = loadgen::Workload {
         model: String::new(),
         prompt_tokens: 16,
@@ -273,38 +321,15 @@ async fn bench_series_with_outcomes(
     };
     let (scenario, total) =
         Scenario::named_shaped(kind, tenants, workload, 1.0, 5.0, shape).expect("the scenario");
-    // Four connections, as `switchyard bench --connections 4`: kube-proxy balances
-    // connections, not calls, so one HTTP/2 connection would pin every request to one
-    // frontend however many the autoscaler adds.
-    let mut channels = Vec::new();
-    for _ in 0..4 {
-        channels.push(
-            switchyard_cli::client::connect(endpoint)
-                .await
-                .expect("a connection"),
-        );
-    }
-    let report = loadgen::run_bench(
-        channels,
-        BenchConfig {
-            ttft_slo: None,
-            scenario,
-            load: Load::Open { rate: total },
-            duration: Some(duration),
-            requests: None,
-            warmup: Duration::ZERO,
-            timeout: Duration::from_secs(30),
-            seed: 5,
-            progress: loadgen::ProgressMode::Off,
-            series: Some(loadgen::SeriesOptions {
-                replicas_command: Some(replicas_command.to_string()),
-            }),
-            openai: None,
-        },
-        std::future::pending(),
+    let report = bench_over_four_connections(
+        endpoint,
+        scenario,
+        total,
+        duration,
+        5,
+        Some(replicas_command.to_string()),
     )
-    .await
-    .expect("the bench run");
+    .await;
     let rows = report.series.clone().expect("a series");
     let names: Vec<&str> = report.tenants.iter().map(|t| t.name.as_str()).collect();
     let stem = kind.name().replace('+', "-");
@@ -3054,7 +3079,7 @@ fn median_nonzero(values: impl Iterator<Item = f64>) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a soak of 30 minutes by default: make soak"]
 async fn soak_mixed_load_keeps_memory_flat_serves_every_legitimate_request_and_accounts_for_all() {
-    use switchyard_cli::loadgen::{self, ApiKey, BenchConfig, Load, Scenario, Shape, Tenant};
+    use switchyard_cli::loadgen::{self, Scenario, Shape};
     const ACME_KEY: &str = "soak-acme-0123456789abcdef";
     const ATTACKER_KEY: &str = "soak-attacker-0123456789abcdef";
     let minutes: u64 = std::env::var("SWITCHYARD_SOAK_MINUTES")
@@ -3188,14 +3213,7 @@ async fn soak_mixed_load_keeps_memory_flat_serves_every_legitimate_request_and_a
             tokio::time::sleep(Duration::from_secs(30)).await;
         }
     });
-    let tenants = [("acme", ACME_KEY), ("attacker", ATTACKER_KEY)]
-        .iter()
-        .map(|(name, key)| Tenant {
-            name: (*name).into(),
-            api_key: Some(ApiKey::new(key).expect("a key")),
-            weight: 1,
-        })
-        .collect();
+    let tenants = keyed_tenants(&[("acme", ACME_KEY), ("attacker", ATTACKER_KEY)]);
     let workload = loadgen::Workload {
         model: String::new(),
         prompt_tokens: 32,
@@ -3217,35 +3235,7 @@ async fn soak_mixed_load_keeps_memory_flat_serves_every_legitimate_request_and_a
         Shape::Steady,
     )
     .expect("the scenario");
-    let mut channels = Vec::new();
-    for _ in 0..4 {
-        channels.push(
-            switchyard_cli::client::connect(&endpoint)
-                .await
-                .expect("a connection"),
-        );
-    }
-    let report = loadgen::run_bench(
-        channels,
-        BenchConfig {
-            ttft_slo: None,
-            scenario,
-            load: Load::Open { rate: total },
-            duration: Some(duration),
-            requests: None,
-            warmup: Duration::ZERO,
-            timeout: Duration::from_secs(30),
-            seed: 7,
-            progress: loadgen::ProgressMode::Off,
-            series: Some(loadgen::SeriesOptions {
-                replicas_command: None,
-            }),
-            openai: None,
-        },
-        std::future::pending(),
-    )
-    .await
-    .expect("the soak's load");
+    let report = bench_over_four_connections(&endpoint, scenario, total, duration, 7, None).await;
     let samples = sampler.await.expect("the memory samples");
 
     // Memory: each process after the warm-up and at the end.
