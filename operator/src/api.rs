@@ -457,7 +457,9 @@ pub struct ServingSpec {
     #[schemars(range(min = 1, max = 1048576))]
     pub max_tokens_per_request: i32,
     /// Tokens of KV cache per frontend. Default: what fits in the memory left after the
-    /// weights are loaded (90% of it; on CPUs the container's memory limit minus its usage),
+    /// weights are loaded (on CPUs the container's memory limit minus its usage), less a
+    /// reserve for one step's activations at `maxBatchTokens` and 64 KiB per request the
+    /// frontend may hold (`maxBatchSize` + `admission.queue.maxQueued`), 90% of the rest,
     /// at most `maxBatchSize` full-context sequences; a frontend where not even one
     /// full-context sequence fits fails to start, saying so. On GPUs the free memory is not
     /// measured yet: set this there (the default is `maxBatchSize` × min(context, 2048)).

@@ -205,12 +205,29 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
         Some(tokens) => tokens,
         // What fits in the memory left now that the weights are loaded.
         None if device.is_cpu() => match crate::engine::kv_budget::cpu_memory_left() {
-            Some(left) => crate::engine::kv_budget::tokens_for(
-                left,
-                per_token as u64,
-                context as u64,
-                opts.max_batch_size as u64,
-            )?,
+            Some(left) => {
+                // Running requests are at most the engine's cap; the queue holds the rest.
+                let held = opts.admission.max_inflight as u64
+                    + u64::from(opts.admission.config.max_queued);
+                let reserved =
+                    crate::engine::kv_budget::reserve(&cfg, opts.max_batch_tokens as u64, held);
+                let tokens = crate::engine::kv_budget::tokens_for(
+                    left,
+                    reserved,
+                    per_token as u64,
+                    context as u64,
+                    opts.max_batch_size as u64,
+                )?;
+                tracing::info!(
+                    left_mib = left >> 20,
+                    reserved_mib = reserved >> 20,
+                    kv_tokens = tokens,
+                    at_most = opts.max_batch_size as u64 * context as u64,
+                    "KV cache sized from the memory left after the weights, less one step's \
+                     activations and the requests held"
+                );
+                tokens
+            }
             None => fallback_kv_tokens(opts, context, "the memory left cannot be read"),
         },
         None => fallback_kv_tokens(opts, context, "free GPU memory is not measured yet"),
