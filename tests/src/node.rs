@@ -427,6 +427,79 @@ pub fn is_pod_ready(pod: &Pod) -> bool {
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// The kubelet's cgroup of the pod with `uid` in the cgroup v1 hierarchy of `controller`
+/// (`memory`, `pids`, …): `/sys/fs/cgroup/<controller>/kubepods[/<qos>]/pod<uid>`.
+/// `None` when the pod has none on this node (gone, or not started yet).
+pub fn pod_cgroup(controller: &str, uid: &str) -> Option<PathBuf> {
+    fn find(dir: &Path, name: &str, depth: usize) -> Option<PathBuf> {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry.file_name().to_str() == Some(name) {
+                return Some(entry.path());
+            }
+            if depth > 0
+                && let Some(found) = find(&entry.path(), name, depth - 1)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    let root = Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join("kubepods");
+    // kubepods/pod<uid> (Guaranteed) or kubepods/<qos>/pod<uid>.
+    find(&root, &format!("pod{uid}"), 1)
+}
+
+/// Every process of the pod with `uid` (its containers' and its sandbox's), found by its
+/// cgroup: the node's containers run as processes of this machine.
+pub fn pod_processes(uid: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    if let Some(dir) = pod_cgroup("pids", uid).or_else(|| pod_cgroup("memory", uid)) {
+        collect_cgroup_procs(&dir, &mut pids);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// The pod addresses (`ip:port`) kube-proxy's iptables rules send connections to
+/// `namespace/service`'s port `port_name` to, now. kube-proxy writes them a moment after
+/// the EndpointSlice changes; a connection opened before that stays on the endpoints of
+/// the rules it met.
+pub fn proxied_endpoints(namespace: &str, service: &str, port_name: &str) -> Vec<String> {
+    let Ok(out) = Command::new("iptables-save").args(["-t", "nat"]).output() else {
+        return Vec::new();
+    };
+    let marker = format!("\"{namespace}/{service}:{port_name} -> ");
+    let mut found: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SVC-"))
+        .filter_map(|l| {
+            let rest = &l[l.find(&marker)? + marker.len()..];
+            Some(rest[..rest.find('"')?].to_string())
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Sends `signal` (`libc::SIGSTOP`, `libc::SIGCONT`, …) to each of `pids`; a pid already
+/// gone is skipped.
+pub fn signal_processes(pids: &[i32], signal: i32) {
+    for &pid in pids {
+        // SAFETY: kill(2) on the node's processes this test found; no memory is shared.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
 /// The Go-built node binaries.
 struct NodeTools {
     kubelet: PathBuf,

@@ -1128,6 +1128,8 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
             reference
         );
     }
+    check_every_frontends_accounting(&client, namespace, &frontend_selector, "a shard deleted")
+        .await;
     step(
         "shard pod deleted mid-stream to requests succeeding again",
         t,
@@ -1462,6 +1464,18 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         frontends_before,
         "the frontend was not restarted by a copy"
     );
+    step("a shard copy added and used, nothing restarted", t);
+
+    // 7c3. A shard that answers slowly, with and without a copy (`slow_shards`).
+    let t = Instant::now();
+    slow_shards(node, &client, namespace, &frontend_selector, &endpoint).await;
+    step(
+        "a slow shard: routed around to its copy mid-stream; without one, UNAVAILABLE",
+        t,
+    );
+
+    // 7c4. The copy removed while a stream runs.
+    let t = Instant::now();
     let stream = {
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
@@ -1500,8 +1514,23 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         found_after.as_secs_f64(),
         gone_after.as_secs_f64(),
     );
+    check_every_frontends_accounting(
+        &client,
+        namespace,
+        &frontend_selector,
+        "a shard copy removed",
+    )
+    .await;
     step(
-        "a shard copy added and used, then removed under a stream, nothing restarted",
+        "the shard copy removed under a stream, nothing restarted",
+        t,
+    );
+
+    // 7c5. Memory pressure on a frontend (`memory_pressure`).
+    let t = Instant::now();
+    memory_pressure(node, &client, namespace).await;
+    step(
+        "memory pressure: a frontend under a 64 MiB limit flooded, not OOM-killed",
         t,
     );
 
@@ -3008,6 +3037,488 @@ async fn a_stuck_pod_is_reported_with_its_events_its_log_and_the_kubelets_log() 
     ] {
         assert!(err.contains(wanted), "the report lacks {wanted:?}:\n{err}");
     }
+}
+
+/// A pod's worker made slow the way a CPU-starved or swapping process is: stopped
+/// (SIGSTOP) for `stopped`, then let run (SIGCONT) for `running`, in turns, until dropped;
+/// then it runs on normally. The test owns the fault: no traffic control, no flag in the
+/// worker. (Kept under the liveness probe's 30 s, so the kubelet does not restart it.)
+struct Slowed {
+    pids: Vec<i32>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Slowed {
+    fn start(pod_uid: &str, stopped: Duration, running: Duration) -> Slowed {
+        use std::sync::atomic::Ordering;
+        let pids: Vec<i32> = switchyard_tests::node::pod_processes(pod_uid)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim_end() == "switchyard-work")
+            })
+            .collect();
+        assert!(
+            !pids.is_empty(),
+            "no switchyard-worker process of pod {pod_uid} on this machine"
+        );
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (pids, stop) = (pids.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let nap = |d: Duration| {
+                    let until = Instant::now() + d;
+                    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    switchyard_tests::node::signal_processes(&pids, libc::SIGSTOP);
+                    nap(stopped);
+                    switchyard_tests::node::signal_processes(&pids, libc::SIGCONT);
+                    nap(running);
+                }
+            })
+        };
+        Slowed {
+            pids,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Slowed {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        switchyard_tests::node::signal_processes(&self.pids, libc::SIGCONT);
+    }
+}
+
+/// Each Ready frontend's name and `/metrics` text.
+async fn frontend_metrics(
+    client: &kube::Client,
+    namespace: &str,
+    selector: &str,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (name, ip) in pod_ips(client, namespace, selector).await {
+        if let Ok(text) = http_get(&ip, 9090, "/metrics").await {
+            out.push((name, text));
+        }
+    }
+    out
+}
+
+/// Every Ready frontend's accounting invariant holds (`accepted = ended + queued +
+/// running`): nothing admitted was lost in the fault just injected.
+async fn check_every_frontends_accounting(
+    client: &kube::Client,
+    namespace: &str,
+    selector: &str,
+    after: &str,
+) {
+    let frontends = frontend_metrics(client, namespace, selector).await;
+    assert!(!frontends.is_empty(), "no frontend's metrics after {after}");
+    for (name, text) in frontends {
+        switchyard_tests::accounting::Accounting::parse(&text)
+            .check()
+            .unwrap_or_else(|e| panic!("frontend {name}'s accounting after {after}: {e}"));
+    }
+}
+
+/// Waits until every Ready frontend counts `shards` expert shards up (reachable, not
+/// benched): `switchyard_expert_shard_up` is 1 for each.
+async fn wait_shards_up(
+    node: &RealNode,
+    client: &kube::Client,
+    namespace: &str,
+    frontend_selector: &str,
+    shards: usize,
+) {
+    node.wait_for(
+        client,
+        namespace,
+        frontend_selector,
+        "every frontend to count every shard up",
+        POD_TIMEOUT,
+        || async move {
+            for (name, text) in frontend_metrics(client, namespace, frontend_selector).await {
+                let up = text
+                    .lines()
+                    .filter(|l| l.starts_with("switchyard_expert_shard_up{"))
+                    .filter(|l| l.ends_with(" 1"))
+                    .count();
+                if up != shards {
+                    return Err(format!("frontend {name}: {up} of {shards} shards up"));
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await
+    .expect("every frontend counts every shard up");
+}
+
+/// Step 7c3: a shard that answers slowly. With shard 0's copy up, shard 0's own pod is
+/// slowed (6 s stopped, 0.2 s running) under a stream: the frontend misses its 5 s expert
+/// deadline, benches the slow pod and goes on with the copy, so the stream ends with the
+/// tokens it gives without the fault. Then shard 1, which has no copy, is slowed: a
+/// request ends UNAVAILABLE within seconds instead of hanging. Both run normally again
+/// and every frontend counts all three shard pods up.
+async fn slow_shards(
+    node: &RealNode,
+    client: &kube::Client,
+    namespace: &str,
+    frontend_selector: &str,
+    endpoint: &str,
+) {
+    const STOPPED: Duration = Duration::from_secs(6);
+    const RUNNING: Duration = Duration::from_millis(200);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let uid = |name: String| {
+        let pods = pods.clone();
+        async move {
+            pods.get(&name)
+                .await
+                .expect("a shard pod")
+                .metadata
+                .uid
+                .expect("its uid")
+        }
+    };
+    let failovers = || async {
+        frontend_metrics(client, namespace, frontend_selector)
+            .await
+            .iter()
+            .map(|(_, text)| metric(text, "switchyard_expert_failovers_total"))
+            .sum::<f64>()
+    };
+    let want = generate_stream(endpoint, 400, Duration::ZERO, |_| {})
+        .await
+        .expect("the stream without a fault");
+    let before = failovers().await;
+    let shard0 = uid(format!("{MD}-experts-0")).await;
+    let (slow_tx, slow_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut slow_tx = Some(slow_tx);
+    let started = Instant::now();
+    let stream = generate_stream(endpoint, 400, Duration::ZERO, |n| {
+        if n >= 5
+            && let Some(tx) = slow_tx.take()
+        {
+            let _ = tx.send(());
+        }
+    });
+    let slower = async {
+        slow_rx
+            .await
+            .ok()
+            .map(|()| Slowed::start(&shard0, STOPPED, RUNNING))
+    };
+    let (got, slowed) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(stream, slower)
+    })
+    .await
+    .expect("the stream across a slow shard with a copy ends");
+    let took = started.elapsed();
+    assert!(slowed.is_some(), "the stream reached 5 tokens");
+    drop(slowed);
+    let got = got.expect("the stream across a slow shard with a copy");
+    assert_eq!(got, want, "the tokens across a slow shard with a copy");
+    let routed_around = failovers().await - before;
+    assert!(
+        routed_around >= 1.0,
+        "a frontend routed around the slow shard ({routed_around} failovers)"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: shard 0 slowed under a stream, its copy up: 400 tokens \
+         as without the fault in {:.1}s, {routed_around} Forward call(s) failed over",
+        took.as_secs_f64()
+    );
+    wait_shards_up(node, client, namespace, frontend_selector, 3).await;
+
+    let shard1 = uid(format!("{MD}-experts-1")).await;
+    let slowed = Slowed::start(&shard1, STOPPED, RUNNING);
+    let started = Instant::now();
+    let mut call = tonic::Request::new(greedy(MAX_TOKENS));
+    call.set_timeout(Duration::from_secs(60));
+    let outcome = tokio::time::timeout(Duration::from_secs(90), async {
+        InferenceClient::connect(endpoint.to_string())
+            .await
+            .expect("connecting through the Service")
+            .generate(call)
+            .await
+    })
+    .await
+    .expect("a call needing a slow shard with no copy ends");
+    let took = started.elapsed();
+    drop(slowed);
+    let status = outcome.expect_err("shard 1 has no copy: a call cannot finish while it is slow");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "UNAVAILABLE came {took:?} after the call (the expert deadline is 5 s)"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: shard 1 (no copy) slowed: the call ended {:?} after \
+         {:.1}s: {}",
+        status.code(),
+        took.as_secs_f64(),
+        status.message()
+    );
+    wait_shards_up(node, client, namespace, frontend_selector, 3).await;
+    check_every_frontends_accounting(client, namespace, frontend_selector, "a slow shard").await;
+}
+
+/// Step 7c5: memory pressure on a frontend. A frontend-only ModelDeployment whose frontend
+/// may use 64 MiB (`resources.limits.memory`) and batch up to 512 sequences: its KV cache
+/// is sized from the container's limit, less the reserve for one step and the requests it
+/// holds (fewer tokens than 512 full-context sequences), and a flood of 640 requests of
+/// 400 prompt + 100 new tokens (over 6 connections), more than the cache holds and more
+/// than the engine and the queue take (512 + 64), fills it: the engine preempts, the
+/// queue's bound refuses the rest. The frontend is not OOM-killed (no OOM kill in its
+/// cgroup, its container never restarts); every request ends served or with an explicit
+/// UNAVAILABLE or DEADLINE_EXCEEDED; the accounting holds and it serves afterwards.
+async fn memory_pressure(node: &RealNode, client: &kube::Client, namespace: &str) {
+    use pb::generate_request::Input;
+    const NAME: &str = "pressure";
+    const LIMIT_MIB: u64 = 64;
+    const BATCH: u64 = 512;
+    // The fixture's max_position_embeddings.
+    const CONTEXT: f64 = 512.0;
+    const REQUESTS: usize = 640;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), namespace);
+    mds.create(
+        &PostParams::default(),
+        &from_json(serde_json::json!({
+            "apiVersion": "switchyard.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": NAME},
+            "spec": {
+                "model": {"pvc": {"claimName": "models", "path": "/"}, "dtype": "f32"},
+                "frontend": {
+                    "replicas": 1,
+                    "resources": {"limits": {"memory": format!("{LIMIT_MIB}Mi")}},
+                },
+                "experts": {"shards": 0},
+                "serving": {"maxBatchSize": BATCH, "maxBatchTokens": 512},
+                "admission": {"queue": {"maxQueued": 64}},
+            },
+        })),
+    )
+    .await
+    .expect("creating the memory-limited ModelDeployment");
+    let selector =
+        format!("app.kubernetes.io/instance={NAME},app.kubernetes.io/component=frontend");
+    node.wait_for_ready_pods(client, namespace, &selector, 1, POD_TIMEOUT)
+        .await
+        .expect("the memory-limited frontend Ready");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("listing the frontend")
+        .items
+        .into_iter()
+        .find(switchyard_tests::node::is_pod_ready)
+        .expect("the Ready frontend");
+    let (name, uid) = (
+        pod.metadata.name.clone().expect("name"),
+        pod.metadata.uid.clone().expect("uid"),
+    );
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("its IP");
+    let sized = pods
+        .logs(&name, &LogParams::default())
+        .await
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.contains("KV cache sized"))
+        .unwrap_or("(no sizing line in the log)")
+        .to_string();
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: memory pressure: {sized}"
+    );
+    let scrape = || async { http_get(&ip, 9090, "/metrics").await.unwrap_or_default() };
+    let text = scrape().await;
+    let blocks = metric(&text, "switchyard_kv_cache_blocks{state=\"free\"}")
+        + metric(&text, "switchyard_kv_cache_blocks{state=\"used\"}");
+    let kv_tokens = blocks * metric(&text, "switchyard_kv_cache_block_size_tokens");
+    assert!(
+        kv_tokens > 0.0 && kv_tokens < BATCH as f64 * CONTEXT,
+        "the KV cache ({kv_tokens} tokens) is sized from the {LIMIT_MIB} MiB limit, below \
+         {BATCH} full-context sequences"
+    );
+
+    let endpoint = format!("http://{ip}:50051");
+    // At most 128 streams a connection (the frontend's HTTP/2 limit).
+    let mut channels = Vec::new();
+    for _ in 0..6 {
+        channels.push(
+            tonic::transport::Channel::from_shared(endpoint.clone())
+                .expect("an endpoint")
+                .connect()
+                .await
+                .expect("connecting to the frontend"),
+        );
+    }
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (ip, flooding) = (ip.clone(), flooding.clone());
+        tokio::spawn(async move {
+            let mut fullest: f64 = 0.0;
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = http_get(&ip, 9090, "/metrics").await.unwrap_or_default();
+                let used = metric(&text, "switchyard_kv_cache_blocks{state=\"used\"}");
+                let free = metric(&text, "switchyard_kv_cache_blocks{state=\"free\"}");
+                if used + free > 0.0 {
+                    fullest = fullest.max(used / (used + free));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            fullest
+        })
+    };
+    let started = Instant::now();
+    let calls = (0..REQUESTS).map(|i| {
+        let mut c = InferenceClient::new(channels[i % channels.len()].clone());
+        async move {
+            let mut call = tonic::Request::new(pb::GenerateRequest {
+                // Distinct prompts: the prefix cache shares no block between them.
+                input: Some(Input::TokenIds(pb::TokenIds {
+                    ids: (0..400).map(|j| ((i * 7 + j) % 370) as u32).collect(),
+                })),
+                sampling: Some(pb::SamplingParams {
+                    max_tokens: Some(100),
+                    temperature: Some(0.0),
+                    ignore_eos: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            call.set_timeout(Duration::from_secs(120));
+            c.generate(call)
+                .await
+                .map(|r| r.into_inner().token_ids.len())
+        }
+    });
+    let outcomes = tokio::time::timeout(Duration::from_secs(300), futures::future::join_all(calls))
+        .await
+        .expect("every request of the flood ends");
+    let took = started.elapsed();
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let fullest = watcher.await.expect("the KV watcher");
+    let mut tally: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut unexplained = Vec::new();
+    for outcome in &outcomes {
+        let key = match outcome {
+            Ok(100) => "OK".to_string(),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::ResourceExhausted
+                ) =>
+            {
+                format!("{:?}", s.code())
+            }
+            other => {
+                unexplained.push(format!("{other:?}"));
+                "unexplained".to_string()
+            }
+        };
+        *tally.entry(key).or_default() += 1;
+    }
+    let served = tally.get("OK").copied().unwrap_or(0);
+    let text = scrape().await;
+    let preemptions = metric(&text, "switchyard_preemptions_total");
+    let cgroup =
+        switchyard_tests::node::pod_cgroup("memory", &uid).expect("the frontend's memory cgroup");
+    let read = |file: &str| std::fs::read_to_string(cgroup.join(file)).unwrap_or_default();
+    let peak_mib = read("memory.max_usage_in_bytes")
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(0) as f64
+        / (1u64 << 20) as f64;
+    let oom_kills: u64 = read("memory.oom_control")
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or(0);
+    let restarts: i32 = pods
+        .get(&name)
+        .await
+        .expect("the frontend after the flood")
+        .status
+        .and_then(|s| s.container_statuses)
+        .map(|c| c.iter().map(|c| c.restart_count).sum())
+        .unwrap_or(0);
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: memory pressure: KV cache {kv_tokens} tokens under a \
+         {LIMIT_MIB} MiB limit; {REQUESTS} requests in {:.1}s: {tally:?}; KV at most {:.0} % \
+         used, {preemptions} preemption(s); cgroup peak {peak_mib:.1} MiB, {oom_kills} OOM \
+         kill(s), {restarts} restart(s)",
+        took.as_secs_f64(),
+        fullest * 100.0,
+    );
+    assert_eq!(
+        oom_kills, 0,
+        "the kernel OOM-killed in the frontend's cgroup"
+    );
+    assert_eq!(restarts, 0, "the frontend's container restarted");
+    assert!(served > 0, "the flood was served in part: {tally:?}");
+    let refused = tally.get("Unavailable").copied().unwrap_or(0)
+        + tally.get("ResourceExhausted").copied().unwrap_or(0);
+    assert!(
+        refused > 0,
+        "the queue's bound refused what the engine and the queue could not take: {tally:?}"
+    );
+    assert!(
+        fullest >= 0.9 || preemptions >= 1.0,
+        "the flood filled the KV cache (at most {:.0} % used, {preemptions} preemptions)",
+        fullest * 100.0
+    );
+    switchyard_tests::accounting::Accounting::parse(&text)
+        .check()
+        .expect("the frontend's accounting after the flood");
+    assert_eq!(
+        generate(&endpoint)
+            .await
+            .expect("a request after the flood")
+            .len(),
+        MAX_TOKENS as usize
+    );
+    mds.delete(NAME, &DeleteParams::default())
+        .await
+        .expect("deleting the memory-limited ModelDeployment");
+    node.wait_for(
+        client,
+        namespace,
+        &selector,
+        "the memory-limited frontend gone",
+        POD_TIMEOUT,
+        || async {
+            Ok(pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .is_empty())
+        },
+    )
+    .await
+    .expect("the memory-limited frontend removed");
 }
 
 /// One worker process on the node, found by its executable's name.
