@@ -60,7 +60,7 @@ test: tools node-runtime model python-tools fmt-check clippy ## Everything CI ru
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "make test: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' target/test-output.log
 
 .PHONY: fuzz
-fuzz: ## The property tests over untrusted input (GGUF/safetensors headers, config.json, worker.json, placement files, API-key files, gRPC requests as messages and as wire bytes, HTTP requests) at FUZZ_CASES cases each (default 20000; make test runs 200-2000)
+fuzz: ## The property tests over untrusted input (GGUF/safetensors headers, config.json, worker.json, placement files, API-key files, gRPC requests as messages and as wire bytes, HTTP requests, conversations through chat templates) at FUZZ_CASES cases each (default 20000; make test runs 200-2000)
 	PROPTEST_CASES=$${FUZZ_CASES:-20000} $(CARGO) test -p switchyard-worker --test gguf --test corrupt_checkpoints -- corrupt_headers a_changed a_safetensors
 	PROPTEST_CASES=$${FUZZ_CASES:-20000} $(CARGO) test -p switchyard-worker --lib -- any_ no_error_quotes_a_key
 

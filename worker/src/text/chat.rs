@@ -47,6 +47,15 @@ use super::TextError;
 /// messages cite it with a line number.
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Instructions one render may run. A released template over thousands of messages runs
+/// well under a million; a checkpoint's template that loops for ever (nested `range`s)
+/// ends here, in well under a second, with an error naming it.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// Bytes one rendered prompt may have: far beyond any context a model takes, and a bound
+/// on a template that writes without end (each `'x' * n` may be 100 MB in minijinja).
+pub const MAX_RENDERED_BYTES: usize = 32 << 20;
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -103,6 +112,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         // Chat templates produce plain text; an origin name ending in `.html` must not
         // switch on HTML escaping.
         env.set_auto_escape_callback(|_| AutoEscape::None);
@@ -187,10 +197,38 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| self.render_error(&e))?;
-        template.render(context).map_err(|e| self.render_error(&e))
+        let mut out = Capped::default();
+        template
+            .render_captured_to(context, &mut out)
+            .map_err(|e| self.render_error(&e))?;
+        String::from_utf8(out.bytes).map_err(|e| TextError::TemplateRender {
+            origin: self.origin.clone(),
+            message: format!("the rendered prompt is not UTF-8: {e}"),
+        })
     }
 
     fn render_error(&self, error: &Error) -> TextError {
+        match error.kind() {
+            ErrorKind::OutOfFuel => {
+                return TextError::TemplateRender {
+                    origin: self.origin.clone(),
+                    message: format!(
+                        "the template ran more than {TEMPLATE_FUEL} instructions (a loop \
+                         that does not end?)"
+                    ),
+                };
+            }
+            ErrorKind::WriteFailure => {
+                return TextError::TemplateRender {
+                    origin: self.origin.clone(),
+                    message: format!(
+                        "the rendered prompt exceeds {} MiB",
+                        MAX_RENDERED_BYTES >> 20
+                    ),
+                };
+            }
+            _ => {}
+        }
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
         while let Some(e) = cause {
             if let Some(raised) = e.downcast_ref::<Raised>() {
@@ -205,6 +243,26 @@ impl ChatTemplate {
             origin: self.origin.clone(),
             message: error.to_string(),
         }
+    }
+}
+
+/// The render's output, refused past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other("the rendered prompt is too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -869,5 +927,76 @@ mod tests {
             t.render_with(&[], false, &extra).ok().as_deref(),
             Some("<think>\n\n</think>x")
         );
+    }
+
+    #[test]
+    fn a_template_that_would_run_for_ever_runs_out_of_fuel() {
+        // 10^10 iterations without the bound.
+        let t = template(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        );
+        let started = std::time::Instant::now();
+        match t.render(&chat(), true) {
+            Err(e @ TextError::TemplateRender { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("test"), "{text}");
+                assert!(text.contains("20000000 instructions"), "{text}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+        // Not a timing claim: a loose bound so a missing fuel limit fails, not hangs.
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_template_that_writes_without_end_stops_at_the_cap() {
+        // 100 MB a line, a million times: 10^14 bytes without the cap.
+        let t = template("{% for i in range(100000) %}{{ 'x' * 100000000 }}{% endfor %}");
+        match t.render(&chat(), true) {
+            Err(e @ TextError::TemplateRender { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("exceeds 32 MiB"), "{text}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 500, ..Default::default() })]
+
+        /// Any conversation (any roles, any content, Jinja syntax included) through the
+        /// ChatML template and a template that raises on roles it does not know: the
+        /// prompt with every content verbatim (content is data, never template), the
+        /// template's own refusal, or an error naming the template; never a panic.
+        #[test]
+        fn any_conversation_renders_with_its_content_verbatim_or_is_refused(
+            messages in proptest::collection::vec(
+                ("(system|user|assistant|tool|[a-z{}%]{0,6})", ".{0,40}"),
+                0..8,
+            ),
+            generation_prompt in proptest::bool::ANY,
+        ) {
+            let messages: Vec<ChatMessage> =
+                messages.into_iter().map(|(r, c)| ChatMessage::new(r, c)).collect();
+            let strict = template(
+                "{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}\
+                 {{ raise_exception('unknown role ' + m.role) }}{% endif %}\
+                 [{{ m.role }}]{{ m.content }}{% endfor %}",
+            );
+            for t in [template(CHATML), strict] {
+                match t.render(&messages, generation_prompt) {
+                    Ok(prompt) => {
+                        for m in &messages {
+                            proptest::prop_assert!(prompt.contains(&m.content), "{prompt:?}");
+                        }
+                    }
+                    // The template's own refusal is shown as it wrote it.
+                    Err(TextError::TemplateRaised { message, .. }) => {
+                        proptest::prop_assert!(message.starts_with("unknown role"), "{message}")
+                    }
+                    Err(e) => proptest::prop_assert!(e.to_string().contains("test"), "{e}"),
+                }
+            }
+        }
     }
 }
