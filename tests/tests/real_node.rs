@@ -3131,8 +3131,9 @@ async fn check_every_frontends_accounting(
     }
 }
 
-/// Waits until every Ready frontend counts `shards` expert shards up (reachable, not
-/// benched): `switchyard_expert_shard_up` is 1 for each.
+/// Waits until every frontend pod is Ready and counts `shards` expert shards up
+/// (reachable, not benched): `switchyard_expert_shard_up` is 1 for each. (A frontend
+/// reports not ready while some expert has no reachable holder.)
 async fn wait_shards_up(
     node: &RealNode,
     client: &kube::Client,
@@ -3140,28 +3141,44 @@ async fn wait_shards_up(
     frontend_selector: &str,
     shards: usize,
 ) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     node.wait_for(
         client,
         namespace,
         frontend_selector,
-        "every frontend to count every shard up",
+        "every frontend Ready, counting every shard up",
         POD_TIMEOUT,
-        || async move {
-            for (name, text) in frontend_metrics(client, namespace, frontend_selector).await {
-                let up = text
-                    .lines()
-                    .filter(|l| l.starts_with("switchyard_expert_shard_up{"))
-                    .filter(|l| l.ends_with(" 1"))
+        || {
+            let pods = pods.clone();
+            async move {
+                let live = pods
+                    .list(&ListParams::default().labels(frontend_selector))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .into_iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
                     .count();
-                if up != shards {
-                    return Err(format!("frontend {name}: {up} of {shards} shards up"));
+                let ready = frontend_metrics(client, namespace, frontend_selector).await;
+                if live == 0 || ready.len() != live {
+                    return Err(format!("{} of {live} frontend(s) Ready", ready.len()));
                 }
+                for (name, text) in ready {
+                    let up = text
+                        .lines()
+                        .filter(|l| l.starts_with("switchyard_expert_shard_up{"))
+                        .filter(|l| l.ends_with(" 1"))
+                        .count();
+                    if up != shards {
+                        return Err(format!("frontend {name}: {up} of {shards} shards up"));
+                    }
+                }
+                Ok(true)
             }
-            Ok(true)
         },
     )
     .await
-    .expect("every frontend counts every shard up");
+    .expect("every frontend Ready, counting every shard up");
 }
 
 /// Step 7c3: a shard that answers slowly. With shard 0's copy up, shard 0's own pod is
