@@ -3691,38 +3691,26 @@ async fn soak_mixed_load_keeps_memory_flat_serves_every_legitimate_request_and_a
         .and_then(|s| s.cluster_ip)
         .expect("a ClusterIP");
     let endpoint = format!("http://{cluster_ip}:50051");
-    // Connect only once the Service lists both frontends: kube-proxy balances connections,
-    // and ones opened before the second frontend is listed all stay on the first.
-    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-        Api::namespaced(client.clone(), namespace);
+    // Connect only once kube-proxy's rules list both frontends: it balances connections,
+    // and ones opened while its rules list one (they follow the EndpointSlice by a
+    // moment) all stay on that one for the whole run.
     node.wait_for(
         &client,
         namespace,
         frontends,
-        "the client Service listing 2 ready frontends",
+        "kube-proxy's rules for the client Service listing 2 frontends",
         POD_TIMEOUT,
-        || {
-            let slices = slices.clone();
-            async move {
-                let ready: usize = slices
-                    .list(&ListParams::default().labels("kubernetes.io/service-name=soak"))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .items
-                    .iter()
-                    .flat_map(|s| s.endpoints.iter().flatten())
-                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-                    .count();
-                if ready >= 2 {
-                    Ok(true)
-                } else {
-                    Err(format!("{ready} ready endpoint(s)"))
-                }
+        || async move {
+            let listed = switchyard_tests::node::proxied_endpoints(namespace, "soak", "grpc");
+            if listed.len() >= 2 {
+                Ok(true)
+            } else {
+                Err(format!("kube-proxy sends to {listed:?}"))
             }
         },
     )
     .await
-    .expect("the Service lists both frontends");
+    .expect("kube-proxy sends to both frontends");
     let workers_at_start = worker_processes();
     report_line(format!(
         "{minutes} min against 2 frontends and 2 shards; worker processes {:?}",
