@@ -70,9 +70,9 @@ pub struct StartupTimes {
 /// shared one).
 #[derive(Debug)]
 pub struct ControlPlane {
-    // Field order is drop order: processes before the directory they write into.
-    apiserver: ManagedProcess,
-    etcd: ManagedProcess,
+    // Field order is drop order: processes before the directory they write into. Behind a
+    // lock so that a shared control plane (the real node's) can be restarted by a test.
+    processes: tokio::sync::Mutex<Processes>,
     server: String,
     kubeconfig: PathBuf,
     pki: Pki,
@@ -84,10 +84,16 @@ pub struct ControlPlane {
 }
 
 #[derive(Debug)]
+struct Processes {
+    apiserver: ManagedProcess,
+    etcd: ManagedProcess,
+    restarts: u32,
+}
+
+#[derive(Debug)]
 struct Relaunch {
     etcd: (PathBuf, Vec<String>, u16),
     apiserver: (PathBuf, Vec<String>),
-    restarts: u32,
 }
 
 /// A fresh namespace for one test, and a client made in that test's runtime.
@@ -189,8 +195,11 @@ impl ControlPlane {
             dir.path().display()
         );
         Ok(Self {
-            apiserver,
-            etcd,
+            processes: tokio::sync::Mutex::new(Processes {
+                apiserver,
+                etcd,
+                restarts: 0,
+            }),
             server,
             kubeconfig,
             pki,
@@ -198,7 +207,6 @@ impl ControlPlane {
             relaunch: Relaunch {
                 etcd: (etcd_bin, etcd_args, etcd_port),
                 apiserver: (apiserver_bin, apiserver_args),
-                restarts: 0,
             },
             dir,
         })
@@ -208,23 +216,24 @@ impl ControlPlane {
     /// then starts both again on the same ports, data and certificates, and waits until
     /// the API answers. Clients made before keep working: they reconnect. Returns how long
     /// the API was unreachable.
-    pub async fn restart(&mut self, down: Duration) -> Result<Duration> {
+    pub async fn restart(&self, down: Duration) -> Result<Duration> {
+        let mut p = self.processes.lock().await;
         let began = Instant::now();
-        self.apiserver.kill();
-        self.etcd.kill();
+        p.apiserver.kill();
+        p.etcd.kill();
         tokio::time::sleep(down).await;
-        self.relaunch.restarts += 1;
-        let n = self.relaunch.restarts;
+        p.restarts += 1;
+        let n = p.restarts;
         let (etcd_bin, etcd_args, etcd_port) = &self.relaunch.etcd;
-        self.etcd = ManagedProcess::start(
+        p.etcd = ManagedProcess::start(
             "etcd",
             etcd_bin,
             etcd_args,
             self.dir.path().join(format!("etcd-restart-{n}.log")),
         )?;
-        wait_for_etcd(&self.etcd, *etcd_port).await?;
+        wait_for_etcd(&p.etcd, *etcd_port).await?;
         let (apiserver_bin, apiserver_args) = &self.relaunch.apiserver;
-        self.apiserver = ManagedProcess::start(
+        p.apiserver = ManagedProcess::start(
             "kube-apiserver",
             apiserver_bin,
             apiserver_args,
@@ -232,7 +241,7 @@ impl ControlPlane {
                 .path()
                 .join(format!("kube-apiserver-restart-{n}.log")),
         )?;
-        wait_for_apiserver(&self.apiserver, &self.kubeconfig).await?;
+        wait_for_apiserver(&p.apiserver, &self.kubeconfig).await?;
         Ok(began.elapsed())
     }
 
@@ -283,7 +292,8 @@ impl ControlPlane {
             Err(kube::Error::Api(status)) if status.code == 409 => {}
             Err(e) => return Err(HarnessError::kube(format!("creating CRD {name}"))(e)),
         }
-        wait_until(&self.apiserver, Duration::from_secs(60), || {
+        let processes = self.processes.lock().await;
+        wait_until(&processes.apiserver, Duration::from_secs(60), || {
             let crds = crds.clone();
             let name = name.clone();
             async move {
@@ -311,9 +321,13 @@ impl ControlPlane {
     }
 
     /// Fails with the dead component's log if etcd or the API server has exited.
+    /// (While a restart is under way, it is not checked.)
     pub fn check_running(&self) -> Result<()> {
-        self.etcd.check_running()?;
-        self.apiserver.check_running()
+        let Ok(p) = self.processes.try_lock() else {
+            return Ok(());
+        };
+        p.etcd.check_running()?;
+        p.apiserver.check_running()
     }
 
     /// `https://<address>:<port>` (`127.0.0.1` unless the options said otherwise).

@@ -638,7 +638,7 @@ async fn a_restarted_operator_converges_to_the_same_objects() {
 /// made after the restart is acted on.
 #[tokio::test]
 async fn the_operator_converges_through_an_api_server_and_etcd_restart() {
-    let mut cp = ControlPlane::start().await.unwrap();
+    let cp = ControlPlane::start().await.unwrap();
     cp.install_crd(switchyard_tests::MODEL_DEPLOYMENT_CRD)
         .await
         .unwrap();

@@ -31,7 +31,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     PersistentVolume, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
@@ -1360,7 +1360,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         .patch(
             MD,
             &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"serving": {"maxBatchSize": 4}}})),
+            &Patch::Merge(serde_json::json!({"spec": {"serving": {"maxBatchSize": 5}}})),
         )
         .await
         .expect("patching a serving limit");
@@ -1531,6 +1531,246 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     memory_pressure(node, &client, namespace).await;
     step(
         "memory pressure: a frontend under a 64 MiB limit flooded, not OOM-killed",
+        t,
+    );
+
+    // 7c6. The API server and etcd killed (SIGKILL, 3 s down) and started again while a
+    // stream runs: the data plane needs no API (the stream ends with all its tokens, a call
+    // through the Service during the outage is served), and afterwards the operator acts
+    // on a change with one of each child, and every frontend's accounting holds.
+    let t = Instant::now();
+    let stream = {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            generate_stream(&endpoint, 400, Duration::from_millis(10), |_| {}).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        generate(&endpoint).await
+    };
+    let (outage, during) =
+        tokio::join!(node.control_plane().restart(Duration::from_secs(3)), during);
+    let outage = outage.expect("restarting the API server and etcd");
+    assert_eq!(
+        during.expect("a call through the Service while the API server is down"),
+        reference
+    );
+    let tokens = stream
+        .await
+        .expect("the stream task")
+        .expect("the stream across the API server's restart");
+    assert_eq!(
+        tokens.len(),
+        400,
+        "the stream across the API server's restart"
+    );
+    let before = pod_ips(&client, namespace, &frontend_selector).await.len() as i32;
+    let scale = |n: i32| {
+        let mds_api = mds_api.clone();
+        async move {
+            mds_api
+                .patch(
+                    MD,
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"spec": {"frontend": {"replicas": n}}})),
+                )
+                .await
+                .expect("patching frontend.replicas after the restart")
+        }
+    };
+    let changed = Instant::now();
+    scale(before + 1).await;
+    node.wait_for_ready_pods(
+        &client,
+        namespace,
+        &frontend_selector,
+        before as usize + 1,
+        POD_TIMEOUT,
+    )
+    .await
+    .expect("the operator acts on a change after the API server's restart");
+    let acted_after = changed.elapsed();
+    scale(before).await;
+    node.wait_for(
+        &client,
+        namespace,
+        &frontend_selector,
+        "the frontends back to their count",
+        POD_TIMEOUT,
+        || async {
+            Ok(uids_of(&client, namespace, &frontend_selector).await.len() == before as usize)
+        },
+    )
+    .await
+    .expect("the frontends back to their count");
+    let one_of_each = ListParams::default().labels(&instance);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    assert_eq!(
+        deployments
+            .list(&one_of_each)
+            .await
+            .expect("Deployments")
+            .items
+            .len(),
+        1,
+        "one frontend Deployment after the restart"
+    );
+    assert_eq!(
+        statefulsets
+            .list(&one_of_each)
+            .await
+            .expect("StatefulSets")
+            .items
+            .len(),
+        1,
+        "one shard StatefulSet after the restart"
+    );
+    check_every_frontends_accounting(
+        &client,
+        namespace,
+        &frontend_selector,
+        "the API server's restart",
+    )
+    .await;
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: API server + etcd restart: unreachable {:.1}s; the \
+         stream ended with 400 tokens, the call during the outage served; a scale to {} \
+         acted on {:.1}s after the change",
+        outage.as_secs_f64(),
+        before + 1,
+        acted_after.as_secs_f64()
+    );
+    step(
+        "the API server and etcd restarted under a stream: served, then converged",
+        t,
+    );
+
+    // 7c7. The operator's leader killed (grace 0) right after a change that rolls the
+    // frontends, while a stream runs: the standby takes the Lease and finishes the
+    // rollout (every frontend replaced, status.observedGeneration current, one
+    // Deployment), and the stream ends with all its tokens (the old pod drains it).
+    let t = Instant::now();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let holder = || {
+        let leases = leases.clone();
+        async move {
+            leases
+                .get(RELEASE)
+                .await
+                .expect("the leader Lease")
+                .spec
+                .and_then(|s| s.holder_identity)
+                .unwrap_or_default()
+        }
+    };
+    let leader = holder().await;
+    let frontends_before = uids_of(&client, namespace, &frontend_selector).await;
+    let stream = {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            generate_stream(&endpoint, 400, Duration::from_millis(10), |_| {}).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let generation = mds_api
+        .patch(
+            MD,
+            &PatchParams::default(),
+            // 7c set 5; the later steps were written for 4.
+            &Patch::Merge(serde_json::json!({"spec": {"serving": {"maxBatchSize": 4}}})),
+        )
+        .await
+        .expect("a change that rolls the frontends")
+        .metadata
+        .generation
+        .expect("a generation");
+    let operators: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let killed = Instant::now();
+    operators
+        .delete(&leader, &DeleteParams::default().grace_period(0))
+        .await
+        .expect("deleting the leader's pod");
+    node.wait_for(
+        &client,
+        namespace,
+        &instance,
+        "a new leader finishing the rollout",
+        POD_TIMEOUT,
+        || {
+            let (mds_api, holder, frontends_before) =
+                (mds_api.clone(), &holder, frontends_before.clone());
+            let (client, leader, frontend_selector) =
+                (client.clone(), leader.clone(), frontend_selector.clone());
+            async move {
+                let now = holder().await;
+                if now.is_empty() || now == leader {
+                    return Err(format!("the Lease is held by {now:?}"));
+                }
+                let observed = mds_api
+                    .get(MD)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .and_then(|s| s.observed_generation);
+                if observed != Some(generation) {
+                    return Err(format!("observedGeneration {observed:?} of {generation}"));
+                }
+                let all = uids_of(&client, namespace, &frontend_selector).await;
+                let ready = pod_ips(&client, namespace, &frontend_selector).await;
+                if all.iter().any(|u| frontends_before.contains(u))
+                    || ready.len() != frontends_before.len()
+                    || all.len() != frontends_before.len()
+                {
+                    return Err(format!(
+                        "{} of {} frontend(s) replaced and Ready",
+                        ready.len(),
+                        frontends_before.len()
+                    ));
+                }
+                Ok(true)
+            }
+        },
+    )
+    .await
+    .expect("the standby takes the Lease and finishes the rollout");
+    let finished_after = killed.elapsed();
+    let tokens = stream
+        .await
+        .expect("the stream task")
+        .expect("the stream across the rollout and the leader's death");
+    assert_eq!(tokens.len(), 400, "the stream across the rollout");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    assert_eq!(
+        deployments
+            .list(&ListParams::default().labels(&instance))
+            .await
+            .expect("Deployments")
+            .items
+            .len(),
+        1,
+        "one frontend Deployment after the leader's death"
+    );
+    check_every_frontends_accounting(
+        &client,
+        namespace,
+        &frontend_selector,
+        "the leader's death mid-rollout",
+    )
+    .await;
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: leader {leader} killed right after a change: a new \
+         leader ({}) finished the rollout {:.1}s after the kill; the stream ended with 400 \
+         tokens",
+        holder().await,
+        finished_after.as_secs_f64()
+    );
+    step(
+        "the operator's leader killed mid-rollout: the standby finished it, the stream served",
         t,
     );
 
