@@ -120,6 +120,31 @@ async fn generate_stream(
     Err("the stream ended without a summary".into())
 }
 
+/// Merge-patches `spec` into the ModelDeployment `MD`'s spec; `what` names the change if
+/// the API refuses it.
+async fn patch_spec(
+    mds: &Api<ModelDeployment>,
+    spec: serde_json::Value,
+    what: &str,
+) -> ModelDeployment {
+    mds.patch(
+        MD,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": spec})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("patching {what}: {e}"))
+}
+
+/// A stream of 400 tokens through `endpoint`, read at about 100 tokens/s so it stays in
+/// flight for seconds while a step injects a fault; its task ends with the tokens.
+fn paced_stream(endpoint: &str) -> tokio::task::JoinHandle<Result<Vec<u32>, String>> {
+    let endpoint = endpoint.to_string();
+    tokio::spawn(
+        async move { generate_stream(&endpoint, 400, Duration::from_millis(10), |_| {}).await },
+    )
+}
+
 /// A unary Generate of `max_tokens` on `channel` with `key`.
 async fn keyed_on(
     channel: tonic::transport::Channel,
@@ -1406,17 +1431,11 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     let shards_before = uids_of(&client, namespace, &shard_selector).await;
     let frontends_before = uids_of(&client, namespace, &frontend_selector).await;
     let copies = |n: i32| {
-        let mds_api = mds_api.clone();
-        async move {
-            mds_api
-                .patch(
-                    MD,
-                    &PatchParams::default(),
-                    &Patch::Merge(serde_json::json!({"spec": {"experts": {"replicaShards": n}}})),
-                )
-                .await
-                .expect("patching experts.replicaShards")
-        }
+        patch_spec(
+            &mds_api,
+            serde_json::json!({"experts": {"replicaShards": n}}),
+            "experts.replicaShards",
+        )
     };
     copies(1).await;
     node.wait_for_ready_pods(&client, namespace, &shard_selector, 3, POD_TIMEOUT)
@@ -1476,12 +1495,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
 
     // 7c4. The copy removed while a stream runs.
     let t = Instant::now();
-    let stream = {
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            generate_stream(&endpoint, 400, Duration::from_millis(10), |_| {}).await
-        })
-    };
+    let stream = paced_stream(&endpoint);
     tokio::time::sleep(Duration::from_secs(1)).await;
     copies(0).await;
     let removed = Instant::now();
@@ -1539,12 +1553,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     // through the Service during the outage is served), and afterwards the operator acts
     // on a change with one of each child, and every frontend's accounting holds.
     let t = Instant::now();
-    let stream = {
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            generate_stream(&endpoint, 400, Duration::from_millis(10), |_| {}).await
-        })
-    };
+    let stream = paced_stream(&endpoint);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1568,17 +1577,11 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     );
     let before = pod_ips(&client, namespace, &frontend_selector).await.len() as i32;
     let scale = |n: i32| {
-        let mds_api = mds_api.clone();
-        async move {
-            mds_api
-                .patch(
-                    MD,
-                    &PatchParams::default(),
-                    &Patch::Merge(serde_json::json!({"spec": {"frontend": {"replicas": n}}})),
-                )
-                .await
-                .expect("patching frontend.replicas after the restart")
-        }
+        patch_spec(
+            &mds_api,
+            serde_json::json!({"frontend": {"replicas": n}}),
+            "frontend.replicas after the restart",
+        )
     };
     let changed = Instant::now();
     scale(before + 1).await;
@@ -1669,12 +1672,7 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
     };
     let leader = holder().await;
     let frontends_before = uids_of(&client, namespace, &frontend_selector).await;
-    let stream = {
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            generate_stream(&endpoint, 400, Duration::from_millis(10), |_| {}).await
-        })
-    };
+    let stream = paced_stream(&endpoint);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let generation = mds_api
         .patch(
