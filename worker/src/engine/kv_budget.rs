@@ -146,32 +146,25 @@ pub fn cpu_memory_left() -> Option<u64> {
 /// `memory.max` − `memory.current` of the cgroup mounted at `root` (`None` when unlimited
 /// or unreadable).
 fn cgroup_room(root: &Path) -> Option<u64> {
-    let max = std::fs::read_to_string(root.join("memory.max")).ok()?;
-    let max: u64 = max.trim().parse().ok()?; // "max" (unlimited) does not parse
-    let current: u64 = std::fs::read_to_string(root.join("memory.current"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(max.saturating_sub(current))
+    // "max" (unlimited) does not parse.
+    let max = read_bytes(&root.join("memory.max"))?;
+    Some(max.saturating_sub(read_bytes(&root.join("memory.current"))?))
 }
 
 /// `memory.limit_in_bytes` − `memory.usage_in_bytes` of the cgroup v1 memory controller
 /// mounted at `root` (`None` when unreadable or unlimited: v1 writes no limit as a number
 /// near 2^63, the page-rounded `i64::MAX`).
 fn cgroup_v1_room(root: &Path) -> Option<u64> {
-    let read = |name: &str| -> Option<u64> {
-        std::fs::read_to_string(root.join(name))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    let limit = read("memory.limit_in_bytes")?;
+    let limit = read_bytes(&root.join("memory.limit_in_bytes"))?;
     if limit >= 1 << 62 {
         return None;
     }
-    Some(limit.saturating_sub(read("memory.usage_in_bytes")?))
+    Some(limit.saturating_sub(read_bytes(&root.join("memory.usage_in_bytes"))?))
+}
+
+/// A cgroup file holding one number of bytes.
+fn read_bytes(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// `MemAvailable` of a `/proc/meminfo` text, in bytes.
