@@ -389,8 +389,10 @@ impl Default for FrontendSpec {
 #[x_kube(validation = Rule::new("self.replicaShards == 0 || self.shards >= 1")
     .message("experts.replicaShards copies shards: it needs experts.shards >= 1")
     .field_path(".replicaShards"))]
-#[x_kube(validation = Rule::new("self.redundantExperts == 0")
-    .message("experts.redundantExperts is not supported yet (replicated expert slots land with online expert placement); leave it 0")
+#[x_kube(validation = Rule::new(
+    "self.redundantExperts == 0 || (has(self.placement) && has(self.placement.strategy) && self.placement.strategy == 'balanced')"
+)
+    .message("experts.redundantExperts needs experts.placement.strategy: balanced (the even spread holds each expert once); set the strategy, or leave redundantExperts 0")
     .field_path(".redundantExperts"))]
 pub struct ExpertsSpec {
     /// Number of expert shards: the expert-parallel degree. The routed experts of every
@@ -409,13 +411,92 @@ pub struct ExpertsSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 256))]
     pub replica_shards: i32,
-    /// Extra expert slots per MoE layer, for replicas of the most loaded experts. Not
-    /// supported yet: only 0 (the default) is accepted.
+    /// Extra expert slots per MoE layer, over all shards, for replicas of the most loaded
+    /// experts: each shard has ⌈(experts + redundantExperts) / shards⌉ slots per layer
+    /// (vLLM's and SGLang's `num_redundant_experts`). A slot is filled only where a
+    /// replica lowers the busiest shard's load. Needs `placement.strategy: balanced`.
+    /// Default 0.
     #[serde(default)]
     #[schemars(range(min = 0, max = 1024))]
     pub redundant_experts: i32,
+    /// How the routed experts are spread over the shards.
+    #[serde(default)]
+    pub placement: PlacementSpec,
     #[serde(flatten)]
     pub pod: PodSettings,
+}
+
+/// Where the routed experts go (`spec.experts.placement`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSpec {
+    /// `evenSpread` (the default): shard i holds the i-th contiguous block of every MoE
+    /// layer's experts, fixed. `balanced`: the operator reads each frontend's routed tokens
+    /// per expert over the last minute (`GET /expert-load`) and, when the busiest shard
+    /// carries too much more than the mean (`rebalance`), moves experts and places
+    /// replicas of the hottest in the `redundantExperts` slots, while serving: shards load
+    /// what they gain before they drop what they lose, and no pod restarts. Shards start
+    /// on the even spread. `status.placement.balanced` shows the placement and the last
+    /// move.
+    #[serde(default)]
+    pub strategy: PlacementStrategyName,
+    /// When a `balanced` placement moves experts.
+    #[serde(default)]
+    pub rebalance: RebalanceSpec,
+}
+
+/// See [`PlacementSpec::strategy`].
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum PlacementStrategyName {
+    #[default]
+    EvenSpread,
+    Balanced,
+}
+
+/// When the balanced placement moves experts: the measured imbalance (the busiest shard's
+/// routed tokens over the mean shard's, summed over the MoE layers, each layer weighed by
+/// its load) stays at or above `imbalancePercent` for `sustainSeconds`, the last move was
+/// at least `minIntervalSeconds` ago, and the new plan lowers it by at least a twentieth.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceSpec {
+    /// Imbalance, in percent of perfect balance (100), from which a move is worth its
+    /// cost. Default 115.
+    #[serde(default = "default_imbalance_percent")]
+    #[schemars(range(min = 101, max = 10000))]
+    pub imbalance_percent: i32,
+    /// Seconds the imbalance must hold before a move (a burst does not move experts).
+    /// Default 30.
+    #[serde(default = "default_sustain_seconds")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub sustain_seconds: i32,
+    /// Least seconds between the starts of two moves. Default 300.
+    #[serde(default = "default_min_interval_seconds")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub min_interval_seconds: i32,
+}
+
+impl Default for RebalanceSpec {
+    fn default() -> Self {
+        Self {
+            imbalance_percent: default_imbalance_percent(),
+            sustain_seconds: default_sustain_seconds(),
+            min_interval_seconds: default_min_interval_seconds(),
+        }
+    }
+}
+
+fn default_imbalance_percent() -> i32 {
+    115
+}
+
+fn default_sustain_seconds() -> i32 {
+    30
+}
+
+fn default_min_interval_seconds() -> i32 {
+    300
 }
 
 fn yes() -> bool {
@@ -1051,4 +1132,56 @@ pub struct PlacementSummary {
     pub revision: String,
     /// Number of shards the experts are spread over.
     pub shards: i32,
+    /// With `experts.placement.strategy: balanced`: the placement the operator planned
+    /// from the measured load, and its last move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balanced: Option<BalancedPlacementStatus>,
+}
+
+/// `status.placement.balanced`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BalancedPlacementStatus {
+    /// The placement file's revision (`b<n>`, the n-th move; empty before the first).
+    #[serde(default)]
+    pub revision: String,
+    /// `Measuring` (no move yet or since the last one finished), `Moving` (shards load what
+    /// they gain; the frontends switch once every shard reports the revision) or
+    /// `Waiting` (a move is wanted but held back; `message` says why).
+    pub phase: String,
+    /// The busiest shard's load over the mean shard's on the last minute's traffic with
+    /// the current placement (decimal; 1 is perfect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imbalance: Option<String>,
+    /// The same figure before and after the last move, on the traffic it was planned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imbalance_before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imbalance_after: Option<String>,
+    /// Expert slots per shard and MoE layer.
+    #[serde(default)]
+    pub slots_per_shard: i32,
+    /// The hottest experts over all MoE layers and the shards holding them.
+    #[serde(default)]
+    pub hottest: Vec<HotExpertStatus>,
+    /// When the last move started, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebalance_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What the operator is waiting for, or why it cannot measure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One hot expert in [`BalancedPlacementStatus::hottest`].
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HotExpertStatus {
+    pub layer: i32,
+    pub expert: i32,
+    /// Its share of its layer's routed tokens (decimal).
+    pub share: String,
+    /// Shard indices holding it (more than one: replicas, rows split between them).
+    pub shards: Vec<i32>,
 }

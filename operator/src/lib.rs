@@ -15,13 +15,17 @@
 //! - [`leader`]: leader election on a Lease; [`metrics`]: Prometheus and health endpoints.
 //! - [`autoscale`]: the autoscaler: polls the frontends' legitimate demand, decides
 //!   (pure), writes the scale subresource and status (leader only).
+//! - [`fleet`]: what the leader's per-ModelDeployment loops share (the autoscaler's and
+//!   the placement loop's): one loop per object, the ready pods, a poll of their JSON
+//!   endpoints.
 //! - [`http`]: a plain HTTP GET for the workers' and the operator's small endpoints.
-//! - [`placement`]: expert placement from measured load (pure): the even spread, and the
-//!   balanced placement with replicas of the hottest experts.
+//! - [`placement`]: expert placement from measured load: the planner (pure: the even
+//!   spread, and the balanced placement with replicas of the hottest experts) and the
+//!   loop that moves experts while serving (leader only).
 //!
-//! Dependencies point one way: `reconcile` and `autoscale` use `build`, `status` and
-//! `metrics`; none of those uses them (metrics takes an error's `reason()`, not the
-//! error), and neither uses the other.
+//! Dependencies point one way: `reconcile`, `autoscale` and `placement` use `build`,
+//! `status`, `metrics` and `fleet`; none of those uses them (metrics takes an error's
+//! `reason()`, not the error), and none of the three uses another.
 //!
 //! This crate depends on `kube` and `k8s-openapi`, never on the inference engine, so
 //! the operator image stays free of candle and CUDA.
@@ -30,6 +34,7 @@
 pub mod api;
 pub mod autoscale;
 pub mod build;
+pub mod fleet;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -43,6 +43,29 @@ enum Command {
     /// Exit 0 when an operator's readiness endpoint answers 200, else 1 with the reason
     /// (the Helm chart's `helm test` runs this against the operator's metrics Service).
     CheckReady(CheckReadyArgs),
+    /// Plan a placement file from frontends' expert load (`GET /expert-load`), as the
+    /// balanced placement would: the file on stdout (a shard's `--placement`), the
+    /// imbalance of the even spread and of the plan on stderr.
+    PlanPlacement(PlanPlacementArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PlanPlacementArgs {
+    /// `GET /expert-load` reports, one per frontend; their loads are added up.
+    #[arg(long = "load", value_name = "FILE", required = true)]
+    loads: Vec<std::path::PathBuf>,
+    /// Expert shards to place over.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
+    shards: u32,
+    /// Spare expert slots per MoE layer, over all shards (`spec.experts.redundantExperts`).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    redundant_experts: u32,
+    /// `balanced`, or `even-spread` (the operator's default layout, for comparison).
+    #[arg(long, default_value = "balanced", value_parser = ["balanced", "even-spread"])]
+    strategy: String,
+    /// The revision written into the file.
+    #[arg(long, default_value = "manual")]
+    revision: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,7 +140,51 @@ async fn main() -> std::process::ExitCode {
         Command::Run(args) => run(args).await,
         Command::CheckReady(args) => check_ready(args).await,
         Command::Simulate(args) => simulate(args),
+        Command::PlanPlacement(args) => plan_placement(args),
     })
+}
+
+/// `plan-placement`: the loads added up, planned, the file printed.
+fn plan_placement(args: PlanPlacementArgs) -> anyhow::Result<()> {
+    use switchyard_operator::placement::decide::{self, LoadReport, Placement};
+    let mut reports = Vec::new();
+    for path in &args.loads {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("--load {}", path.display()))?;
+        let report: LoadReport = serde_json::from_str(&text)
+            .with_context(|| format!("--load {}: not a GET /expert-load report", path.display()))?;
+        reports.push(report);
+    }
+    let loads = decide::merge(&reports);
+    anyhow::ensure!(
+        !loads.is_empty(),
+        "--load: the reports list no MoE layer with routed tokens"
+    );
+    let shards = args.shards as usize;
+    let even = Placement::even(&loads, shards).map_err(|e| anyhow::anyhow!("--shards: {e}"))?;
+    let (plan, slots) = if args.strategy == "balanced" {
+        Placement::balanced(&loads, shards, args.redundant_experts as usize)
+            .map_err(|e| anyhow::anyhow!("--shards / --redundant-experts: {e}"))?
+    } else {
+        let slots = loads
+            .values()
+            .map(|v| v.len().div_ceil(shards))
+            .max()
+            .unwrap_or(0);
+        (even.clone(), slots)
+    };
+    eprintln!(
+        "{} MoE layer(s), {:.0} routed tokens per layer; {shards} shards × {slots} slots: \
+         imbalance (busiest shard / mean) {:.3} on the even spread, {:.3} with this plan \
+         ({} replicas beyond one per expert)",
+        loads.len(),
+        decide::tokens_per_layer(&loads),
+        even.imbalance(&loads),
+        plan.imbalance(&loads),
+        plan.extra_replicas()
+    );
+    println!("{}", decide::file(&args.revision, &plan, None));
+    Ok(())
 }
 
 /// `simulate`: both policies over each scenario; the table on stdout.
@@ -396,20 +463,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         std::future::ready(())
     });
     tokio::spawn(pod_watch);
+    let shared = |controller: &str| switchyard_operator::fleet::Shared {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: controller.into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        metrics: metrics.clone(),
+        deployments: store.clone(),
+        pods: pods.clone(),
+    };
     tokio::spawn(autoscale::run::run(
-        autoscale::run::Shared {
-            client: client.clone(),
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: autoscale::run::FIELD_MANAGER.into(),
-                    instance: Some(identity.clone()),
-                },
-            ),
-            metrics: metrics.clone(),
-            deployments: store.clone(),
-            pods,
-        },
+        shared(autoscale::run::FIELD_MANAGER),
+        stopped(),
+    ));
+    // The balanced expert placement (leader only): the same caches.
+    tokio::spawn(switchyard_operator::placement::run::run(
+        shared(switchyard_operator::placement::run::FIELD_MANAGER),
         stopped(),
     ));
 

@@ -236,6 +236,8 @@ pub fn derive(
             .map(|revision| PlacementSummary {
                 revision,
                 shards: shards_desired,
+                // The placement loop's, written under its own field manager.
+                balanced: None,
             }),
         // The autoscaler's, written by it under its own field manager.
         autoscaling: None,

@@ -18,6 +18,11 @@ use serde::{Deserialize, Serialize};
 pub const CONFIG_DIR: &str = "/etc/switchyard";
 /// Key in the ConfigMap and file name in [`CONFIG_DIR`].
 pub const CONFIG_FILE: &str = "worker.json";
+/// Where an expert shard finds the balanced placement's file (a ConfigMap the operator
+/// rewrites).
+pub const PLACEMENT_DIR: &str = "/etc/switchyard/placement";
+/// The balanced placement file's name in [`PLACEMENT_DIR`] (and its ConfigMap key).
+pub const PLACEMENT_FILE: &str = "placement.json";
 /// Where the model volume is mounted in both roles.
 pub const MODEL_MOUNT: &str = "/models";
 /// Where the API-key Secret is mounted on frontends.
@@ -207,10 +212,15 @@ impl ShardsConfig {
 pub struct PlacementConfig {
     /// How experts are assigned; see [`PlacementStrategy`].
     pub strategy: PlacementStrategy,
-    /// Extra expert slots per MoE layer for replicas of hot experts.
-    pub redundant_experts: u32,
-    /// Changes whenever the placement changes (it rolls the pods).
+    /// Changes whenever the placement changes (it rolls the pods). With `balanced` the
+    /// operator moves experts through [`PlacementConfig::file`] instead, rolling nothing.
     pub revision: String,
+    /// With `balanced`: the placement file the operator rewrites as the load moves
+    /// (mounted from a ConfigMap, re-read by the shards while they run). Until it exists,
+    /// or while it lists another number of shards than `shards.count`, shards hold the
+    /// even spread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// Placement strategies.
@@ -221,6 +231,10 @@ pub enum PlacementStrategy {
     /// shards ([`even_spread`]). The operator cannot read the checkpoint, so the expert
     /// count is applied by the worker, which can.
     EvenSpread,
+    /// Experts placed where the measured load is, replicas of the hottest in the
+    /// spare slots (`spec.experts.redundantExperts`): the operator plans from the frontends' expert load
+    /// and writes [`PlacementConfig::file`]; the even spread until it has.
+    Balanced,
 }
 
 /// Expert ids `0..num_experts` in `shards` contiguous blocks whose sizes differ by at most

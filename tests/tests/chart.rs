@@ -368,6 +368,9 @@ fn expected_operator_grants() -> BTreeSet<(String, String, String)> {
         ("", "pods", "get"),
         ("", "pods", "list"),
         ("", "pods", "watch"),
+        // The placement loop: the balanced placement's ConfigMap goes when the strategy
+        // returns to evenSpread (placement/run.rs).
+        ("", "configmaps", "delete"),
     ];
     for (group, resource) in owned {
         for verb in ["get", "list", "watch", "create", "patch"] {

@@ -69,6 +69,7 @@ async fn examples_are_accepted_and_defaults_are_filled_in_by_the_api_server() {
     // No shards: the frontends hold the whole model (a dense checkpoint needs nothing else).
     assert_eq!(spec["experts"]["shards"], 0);
     assert_eq!(spec["experts"]["redundantExperts"], 0);
+    assert_eq!(spec["experts"]["placement"]["strategy"], "evenSpread");
     assert_eq!(spec["serving"]["port"], 50051);
     assert_eq!(spec["serving"]["maxTokensPerRequest"], 4096);
     assert_eq!(spec["model"]["dtype"], "bf16");
@@ -233,10 +234,22 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.experts.replicaShards",
     ),
     (
-        "redundant experts, not supported yet",
+        "spare expert slots without the balanced placement",
         "experts.redundantExperts",
         "8",
         "spec.experts.redundantExperts",
+    ),
+    (
+        "a rebalance threshold at perfect balance",
+        "experts",
+        "{shards: 2, placement: {strategy: balanced, rebalance: {imbalancePercent: 100}}}",
+        "spec.experts.placement.rebalance.imbalancePercent",
+    ),
+    (
+        "an unknown placement strategy",
+        "experts",
+        "{shards: 2, placement: {strategy: random}}",
+        "spec.experts.placement.strategy",
     ),
     (
         "expert-shard autoscaling without shards to copy",
@@ -282,29 +295,46 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
-/// Fields whose feature is not built yet are refused saying so, not accepted and ignored.
+/// Spare expert slots act only with the balanced placement, and are refused saying so
+/// without it, not accepted and ignored; the balanced placement's defaults fill in.
 #[tokio::test]
-async fn fields_whose_feature_is_not_built_are_refused_as_not_supported_yet() {
+async fn spare_expert_slots_need_the_balanced_placement_whose_defaults_fill_in() {
     let ns = namespace_with_crd("crd-unbuilt").await;
     let api = api(&ns);
-    for (i, (path, value, says)) in [(
-        "experts.redundantExperts",
-        "1",
-        "experts.redundantExperts is not supported yet",
-    )]
-    .into_iter()
-    .enumerate()
-    {
-        let mut obj = valid_with(path, value);
-        obj.metadata.name = Some(format!("unbuilt-{i}"));
-        match api.create(&PostParams::default(), &obj).await {
-            Err(kube::Error::Api(status)) => {
-                assert_eq!(status.code, 422, "{status:?}");
-                assert!(status.message.contains(says), "{}", status.message);
-            }
-            other => panic!("{path}: {value}: expected a refusal, got {other:?}"),
+    let mut obj = valid_with("experts", "{shards: 2, redundantExperts: 1}");
+    obj.metadata.name = Some("unbuilt-0".into());
+    match api.create(&PostParams::default(), &obj).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{status:?}");
+            assert!(
+                status.message.contains(
+                    "experts.redundantExperts needs experts.placement.strategy: balanced"
+                ),
+                "{}",
+                status.message
+            );
         }
+        other => panic!("expected a refusal, got {other:?}"),
     }
+    let mut obj = valid_with(
+        "experts",
+        "{shards: 2, redundantExperts: 2, placement: {strategy: balanced}}",
+    );
+    obj.metadata.name = Some("balanced".into());
+    let created = api
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("spare slots with the balanced placement");
+    let r = &created.data["spec"]["experts"]["placement"]["rebalance"];
+    assert_eq!(
+        (
+            r["imbalancePercent"].as_i64(),
+            r["sustainSeconds"].as_i64(),
+            r["minIntervalSeconds"].as_i64()
+        ),
+        (Some(115), Some(30), Some(300)),
+        "{r}"
+    );
     // Their inert defaults are accepted, and so is the frontend autoscaler.
     let mut obj = valid_with(
         "autoscaling",

@@ -61,7 +61,7 @@ mod tests {
       "serving": {"port": 50051, "maxBatchSize": 64, "maxBatchTokens": 8192, "maxTokensPerRequest": 4096},
       "admission": {"tiers": [], "maxQueued": 256, "defaultDeadlineSeconds": 30},
       "shards": {"count": 2, "service": "md-experts.ns.svc", "podPrefix": "md-experts-", "port": 50051},
-      "placement": {"strategy": "evenSpread", "redundantExperts": 0, "revision": "abc"}
+      "placement": {"strategy": "evenSpread", "revision": "abc"}
     }"#;
 
     fn write(name: &str, text: &str) -> PathBuf {

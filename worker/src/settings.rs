@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use switchyard_proto::worker_config::{AdmissionConfig, WorkerConfig};
+use switchyard_proto::worker_config::{AdmissionConfig, PlacementStrategy, WorkerConfig};
 
 use crate::StartError;
 use crate::admission::AdmissionOptions;
@@ -571,10 +571,26 @@ impl ShardSettings {
                 path: path.clone(),
                 shard,
             },
-            (None, Some(c)) => PlacementSource::EvenSpread {
-                shards: c.shards.count.max(1),
-                shard,
-                revision: c.placement.revision.clone(),
+            (None, Some(c)) => match (c.placement.strategy, &c.placement.file) {
+                (PlacementStrategy::EvenSpread, _) => PlacementSource::EvenSpread {
+                    shards: c.shards.count.max(1),
+                    shard,
+                    revision: c.placement.revision.clone(),
+                },
+                (PlacementStrategy::Balanced, Some(file)) => PlacementSource::Balanced {
+                    path: PathBuf::from(file),
+                    shards: c.shards.count.max(1),
+                    shard,
+                    revision: c.placement.revision.clone(),
+                },
+                (PlacementStrategy::Balanced, None) => {
+                    return Err(SettingsError::Invalid {
+                        flag: "--config",
+                        message: "worker.json: placement.strategy balanced needs \
+                                  placement.file, the placement file the operator writes"
+                            .into(),
+                    });
+                }
             },
             (None, None) => match args.shard_count {
                 Some(n) => PlacementSource::EvenSpread {
@@ -726,7 +742,7 @@ mod tests {
             },
             placement: PlacementConfig {
                 strategy: PlacementStrategy::EvenSpread,
-                redundant_experts: 0,
+                file: None,
                 revision: "rev1".into(),
             },
         }
@@ -830,6 +846,28 @@ mod tests {
                 revision: "rev1".into()
             }
         );
+
+        // The balanced placement: the operator's file, the even spread until it exists.
+        let mut balanced = config.clone();
+        balanced.placement.strategy = PlacementStrategy::Balanced;
+        balanced.placement.file = Some("/etc/switchyard/placement/placement.json".into());
+        let shard_args = parse(&["--shard-index", "1"]).shard;
+        let s = ShardSettings::resolve(&ModelArgs::default(), &shard_args, Some(&balanced))
+            .expect("settings");
+        assert_eq!(
+            s.placement,
+            PlacementSource::Balanced {
+                path: "/etc/switchyard/placement/placement.json".into(),
+                shards: 2,
+                shard: 1,
+                revision: "rev1".into()
+            }
+        );
+        balanced.placement.file = None;
+        let e = ShardSettings::resolve(&ModelArgs::default(), &shard_args, Some(&balanced))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("balanced needs placement.file"), "{e}");
     }
 
     #[test]

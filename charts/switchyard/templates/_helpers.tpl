@@ -165,9 +165,10 @@ tests/tests/chart.rs pins the exact set, so a change here is deliberate.
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Owned Services (client + headless shard Service), the placement ConfigMap and the
+# Owned Services (client + headless shard Service), the worker ConfigMap and the
 # workers' ServiceAccount: reconcile.rs apply (server-side apply: patch, create) and
-# main.rs .owns() (list, watch).
+# main.rs .owns() (list, watch). placement/run.rs writes the balanced placement's
+# ConfigMap (<md>-placement) the same way, and reads it back (get) when it starts.
 - apiGroups: [""]
   resources: ["services", "configmaps", "serviceaccounts"]
   verbs: ["get", "list", "watch", "create", "patch"]
@@ -193,6 +194,11 @@ tests/tests/chart.rs pins the exact set, so a change here is deliberate.
   verbs: ["delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
+  verbs: ["delete"]
+# placement/run.rs: the balanced placement's ConfigMap goes when the strategy returns to
+# evenSpread or the shards to 0.
+- apiGroups: [""]
+  resources: ["configmaps"]
   verbs: ["delete"]
 # spec.monitoring.podMonitor (reconcile.rs apply_dynamic and prune), where the Prometheus
 # Operator's CRD is installed (found by discovery, which needs no grant): server-side

@@ -19,26 +19,25 @@
 //! frontends removed on scale-down drain (`spec.serving.drainSeconds`) without cutting a
 //! stream.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 
 use super::decide::ANONYMOUS;
-use super::sample::{self, Target};
+use super::sample;
 use super::{Decision, Policy, Reason, Sample, decide};
 use crate::api::{
     AutoscalingMode, AutoscalingSpec, AutoscalingStatus, ModelDeployment, ModelDeploymentSpec,
     ScalingDecision, TierDemandStatus,
 };
-use crate::build::{self, Component, METRICS_PORT, METRICS_PORT_NAME, Names};
-use crate::metrics::Metrics;
+use crate::build::{Component, Names};
+use crate::fleet::{self, targets};
+pub use crate::fleet::{Shared, frontend_pods_selector, targets_in};
 
 /// The autoscaler's field manager (status.autoscaling, its conditions, the scale writes).
 pub const FIELD_MANAGER: &str = "switchyard-autoscaler";
@@ -56,79 +55,15 @@ pub const DEFAULT_BUDGET_PERCENT: i32 = 50;
 /// The worker's name for its built-in tier (no `admission.defaultTier`).
 const BUILT_IN_TIER: &str = "default";
 
-/// What every loop shares.
-#[derive(Clone)]
-pub struct Shared {
-    pub client: Client,
-    pub recorder: Recorder,
-    pub metrics: Arc<Metrics>,
-    /// The controller's ModelDeployment cache.
-    pub deployments: Store<ModelDeployment>,
-    /// Frontend pods of every ModelDeployment in scope.
-    pub pods: Store<Pod>,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").finish_non_exhaustive()
-    }
-}
-
-/// Label selector of the pods [`Shared::pods`] must hold: every Switchyard frontend and
-/// expert-shard pod (pods do not carry `managed-by`: the operator manages their
-/// workloads, not them; each carries its ModelDeployment's label and its component, which
-/// [`targets`] filters on).
-pub fn frontend_pods_selector() -> String {
-    format!(
-        "app.kubernetes.io/name=switchyard,app.kubernetes.io/component in ({},{}),{}",
-        Component::Frontend.as_str(),
-        Component::ExpertShard.as_str(),
-        build::MODEL_DEPLOYMENT_LABEL
-    )
-}
-
 /// Keeps one loop running per enabled ModelDeployment until `stopped` completes.
 pub async fn run(shared: Shared, stopped: impl std::future::Future<Output = ()>) {
-    let mut loops: HashMap<ObjectRef<ModelDeployment>, (String, tokio::task::JoinHandle<()>)> =
-        HashMap::new();
-    let supervise = async {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let deployments = shared.deployments.state();
-            // A loop stops by itself when its object is disabled (clearing its status);
-            // one whose object is gone or replaced is stopped here.
-            let present: HashMap<_, _> = deployments
-                .iter()
-                .map(|md| (ObjectRef::from_obj(&**md), md.uid().unwrap_or_default()))
-                .collect();
-            loops.retain(|key, (uid, handle)| {
-                let keep = !handle.is_finished() && present.get(key) == Some(uid);
-                if !keep {
-                    handle.abort();
-                }
-                keep
-            });
-            let enabled = deployments
-                .iter()
-                .filter(|md| enabled(md).is_some())
-                .map(|md| (ObjectRef::from_obj(&**md), md.uid().unwrap_or_default()));
-            for (key, uid) in enabled {
-                loops.entry(key.clone()).or_insert_with(|| {
-                    let shared = shared.clone();
-                    let task = tokio::spawn(scale_loop(shared, key, uid.clone()));
-                    (uid, task)
-                });
-            }
-        }
-    };
-    tokio::select! {
-        () = supervise => {}
-        () = stopped => {}
-    }
-    for (_, (_, handle)) in loops {
-        handle.abort();
-    }
+    fleet::supervise(
+        shared,
+        |md| enabled(md).is_some(),
+        |shared, key, uid| tokio::spawn(scale_loop(shared, key, uid)),
+        stopped,
+    )
+    .await;
 }
 
 fn enabled(md: &ModelDeployment) -> Option<&AutoscalingSpec> {
@@ -212,56 +147,6 @@ pub fn tiers_status(
 
 /// The ready, running `component` pods of `names`' deployment, with their metrics
 /// address (the container port named `metrics`, else the default one).
-fn targets(pods: &Store<Pod>, names: &Names, component: Component) -> Vec<Target> {
-    targets_in(pods.state().iter().map(|p| &**p), names, component)
-}
-
-/// [`targets`] among `pods`.
-pub fn targets_in<'a>(
-    pods: impl Iterator<Item = &'a Pod>,
-    names: &Names,
-    component: Component,
-) -> Vec<Target> {
-    let mut targets: Vec<Target> = pods
-        .filter(|p| p.namespace().as_deref() == Some(names.namespace.as_str()))
-        .filter(|p| p.labels().get(build::MODEL_DEPLOYMENT_LABEL) == Some(&names.deployment))
-        .filter(|p| {
-            p.labels()
-                .get("app.kubernetes.io/component")
-                .map(String::as_str)
-                == Some(component.as_str())
-        })
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter_map(|p| {
-            let status = p.status.as_ref()?;
-            let ready = status
-                .conditions
-                .iter()
-                .flatten()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            let ip = status.pod_ip.as_ref().filter(|_| ready)?;
-            let port = p
-                .spec
-                .iter()
-                .flat_map(|s| &s.containers)
-                .flat_map(|c| c.ports.iter().flatten())
-                .find(|port| port.name.as_deref() == Some(METRICS_PORT_NAME))
-                .map_or(METRICS_PORT, |port| port.container_port);
-            let host = if ip.contains(':') {
-                format!("[{ip}]")
-            } else {
-                ip.clone()
-            };
-            Some(Target {
-                pod: p.name_any(),
-                authority: format!("{host}:{port}"),
-            })
-        })
-        .collect();
-    targets.sort_by(|a, b| a.pod.cmp(&b.pod));
-    targets
-}
-
 /// One ModelDeployment's loop; returns when it is gone, replaced or disabled.
 async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String) {
     let started = Instant::now();

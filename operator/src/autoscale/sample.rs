@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{Sample, TenantDemand};
+use crate::fleet::poll_json;
+pub use crate::fleet::{Poll, Target};
 
 /// What one frontend reports.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -81,59 +83,14 @@ pub struct ReportTenant {
     pub refused_per_second: Refused,
 }
 
-/// A ready frontend to poll.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub pod: String,
-    /// `ip:port` of its metrics port.
-    pub authority: String,
-}
-
-/// The answers of one poll.
-#[derive(Debug)]
-pub struct Poll<R = Report> {
-    pub reports: Vec<R>,
-    /// `pod: why` for each pod that did not answer usefully.
-    pub failures: Vec<String>,
-}
-
 /// Polls every frontend's `/demand` at once; each has `timeout`.
-pub async fn poll(targets: &[Target], timeout: Duration) -> Poll {
+pub async fn poll(targets: &[Target], timeout: Duration) -> Poll<Report> {
     poll_json(targets, "/demand", timeout).await
 }
 
 /// Polls every shard's `/load` at once; each has `timeout`.
 pub async fn poll_shards(targets: &[Target], timeout: Duration) -> Poll<ShardLoad> {
     poll_json(targets, "/load", timeout).await
-}
-
-async fn poll_json<R: serde::de::DeserializeOwned>(
-    targets: &[Target],
-    path: &str,
-    timeout: Duration,
-) -> Poll<R> {
-    let answers = futures::future::join_all(targets.iter().map(|t| async move {
-        let result = match crate::http::get(&t.authority, path, timeout).await {
-            Ok((200, body)) => {
-                serde_json::from_slice::<R>(&body).map_err(|e| format!("unreadable {path}: {e}"))
-            }
-            Ok((status, _)) => Err(format!("{path} answered HTTP {status}")),
-            Err(e) => Err(format!("{path} at {}: {e}", t.authority)),
-        };
-        result.map_err(|why| format!("{}: {why}", t.pod))
-    }))
-    .await;
-    let mut poll = Poll {
-        reports: Vec::new(),
-        failures: Vec::new(),
-    };
-    for answer in answers {
-        match answer {
-            Ok(report) => poll.reports.push(report),
-            Err(why) => poll.failures.push(why),
-        }
-    }
-    poll
 }
 
 /// What one expert shard reports (`GET /load`; the worker's

@@ -1,12 +1,15 @@
 //! `worker.json`: the spec, translated into the worker contract.
 
 use switchyard_proto::worker_config::{
-    API_KEYS_DIR, AdmissionConfig, CONFIG_VERSION, MODEL_MOUNT, ModelConfig, PlacementConfig,
-    PlacementStrategy, QuotaScopeConfig, ServingConfig, ShardsConfig, TierConfig, WorkerConfig,
+    API_KEYS_DIR, AdmissionConfig, CONFIG_VERSION, MODEL_MOUNT, ModelConfig, PLACEMENT_DIR,
+    PLACEMENT_FILE, PlacementConfig, PlacementStrategy, QuotaScopeConfig, ServingConfig,
+    ShardsConfig, TierConfig, WorkerConfig,
 };
 
 use super::Names;
-use crate::api::{Dtype, ModelDeployment, Priority, Quantization, QuotaScopeMode};
+use crate::api::{
+    Dtype, ModelDeployment, PlacementStrategyName, Priority, Quantization, QuotaScopeMode,
+};
 
 /// The worker configuration for `md`. Every number was bounded by the CRD schema, so the
 /// conversions to unsigned types cannot fail for objects the API server accepted; a
@@ -99,15 +102,19 @@ pub fn worker_config(md: &ModelDeployment, names: &Names) -> WorkerConfig {
             port: u16::try_from(serving.port).unwrap_or_default(),
         },
         placement: {
-            let strategy = PlacementStrategy::EvenSpread;
-            let redundant_experts = unsigned(spec.experts.redundant_experts);
+            let strategy = match spec.experts.placement.strategy {
+                PlacementStrategyName::EvenSpread => PlacementStrategy::EvenSpread,
+                PlacementStrategyName::Balanced => PlacementStrategy::Balanced,
+            };
+            // The balanced placement moves experts through its own file, re-read by the
+            // running shards (the spare slots, `redundantExperts`, only change what the
+            // operator plans): its revision, and so the pods, change only with the strategy
+            // and the shard count.
             PlacementConfig {
                 strategy,
-                redundant_experts,
-                revision: config_hash(&format!(
-                    "{strategy:?}/{}/{redundant_experts}",
-                    spec.experts.shards
-                )),
+                revision: config_hash(&format!("{strategy:?}/{}", spec.experts.shards)),
+                file: (strategy == PlacementStrategy::Balanced)
+                    .then(|| format!("{PLACEMENT_DIR}/{PLACEMENT_FILE}")),
             }
         },
     }

@@ -13,6 +13,8 @@
 //!   ├─ PDB             <md>-frontend, <md>-experts *
 //!   └─ NetworkPolicy   <md>-frontend (anyone → gRPC port), <md>-experts * (frontends only)
 //!                                        * only with experts.shards ≥ 1
+//!   (ConfigMap <md>-placement, the balanced placement's file: written by the placement
+//!    loop, crate::placement::run, not here; the shard pods mount it, optional)
 //! ```
 //!
 //! With `experts.shards: 0` the frontends hold the whole model (a dense checkpoint, or a
@@ -133,6 +135,8 @@ pub struct Names {
     pub frontend_peers: String,
     pub experts: String,
     pub config: String,
+    /// The balanced placement's file, written by the placement loop (not reconcile).
+    pub placement: String,
     pub service_account: String,
 }
 
@@ -154,6 +158,7 @@ impl Names {
             frontend_peers: format!("{name}-frontend-peers"),
             experts: format!("{name}-experts"),
             config: format!("{name}-config"),
+            placement: format!("{name}-placement"),
             service_account: format!("{name}-worker"),
             deployment: name,
             namespace,

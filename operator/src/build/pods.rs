@@ -12,14 +12,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use switchyard_proto::worker_config::{
     API_KEYS_DIR, CONFIG_DIR, CONFIG_FILE, ENV_POD_IP, ENV_POD_NAME, ENV_POD_NAMESPACE,
-    ENV_SHARD_INDEX, MODEL_MOUNT, TLS_DIR,
+    ENV_SHARD_INDEX, MODEL_MOUNT, PLACEMENT_DIR, TLS_DIR,
 };
 
 use super::{
     CONFIG_HASH_ANNOTATION, Component, Defaults, GRPC_PORT_NAME, METRICS_PORT, METRICS_PORT_NAME,
     Names, labels,
 };
-use crate::api::{ModelDeployment, PodSettings, PullPolicy};
+use crate::api::{ModelDeployment, PlacementStrategyName, PodSettings, PullPolicy};
 
 /// The non-root user the worker runs as (the distroless `nonroot` user).
 const RUN_AS: i64 = 65532;
@@ -100,6 +100,22 @@ pub fn template(
         mount("model", MODEL_MOUNT, model_sub_path),
         mount("tmp", "/tmp", None),
     ];
+    // The balanced placement's file: optional, so shards start on the even spread before
+    // the operator has written one; a volume (not a sub-path) so rewrites reach them.
+    if component == Component::ExpertShard
+        && spec.experts.placement.strategy == PlacementStrategyName::Balanced
+    {
+        volumes.push(Volume {
+            name: "placement".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.placement.clone(),
+                optional: Some(true),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("placement", PLACEMENT_DIR, None));
+    }
     if let (Component::Frontend, Some(secret)) = (component, &spec.admission.api_key_secret) {
         volumes.push(secret_volume("api-keys", &secret.name));
         mounts.push(mount("api-keys", API_KEYS_DIR, None));

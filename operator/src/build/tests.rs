@@ -294,7 +294,10 @@ fn the_full_example_asks_for_gpus_and_mounts_api_keys_on_frontends_only() {
         config.shards.service,
         "deepseek-v2-lite-experts.serving.svc"
     );
-    assert_eq!(config.placement.redundant_experts, 0);
+    assert_eq!(
+        config.placement.file.as_deref(),
+        Some("/etc/switchyard/placement/placement.json")
+    );
     assert_eq!(config.admission.tiers.len(), 3);
     assert_eq!(config.admission.tiers[0].requests_per_minute, Some(60));
     assert_eq!(config.admission.tiers[2].requests_per_minute, None);
@@ -390,6 +393,72 @@ fn shard_copies_are_more_pods_of_the_same_template_and_roll_nothing() {
         shards(&d).statefulset.spec.replicas
     };
     assert_eq!((replicas(&base), replicas(&copied)), (Some(2), Some(5)));
+}
+
+#[test]
+fn the_balanced_placement_mounts_its_file_on_shards_and_its_moves_roll_nothing() {
+    let base = sharded(2);
+    let mut balanced = base.clone();
+    balanced.spec.experts.placement.strategy = crate::api::PlacementStrategyName::Balanced;
+    let d = desired(&balanced, &Defaults::default()).unwrap();
+    let config: WorkerConfig =
+        serde_json::from_str(&d.config.data.as_ref().unwrap()[CONFIG_FILE]).unwrap();
+    assert_eq!(
+        config.placement.strategy,
+        switchyard_proto::worker_config::PlacementStrategy::Balanced
+    );
+    assert_eq!(
+        config.placement.file.as_deref(),
+        Some("/etc/switchyard/placement/placement.json")
+    );
+    let shard_pod = pod(&shards(&d).statefulset.spec.template);
+    let volume = shard_pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "placement")
+        .expect("the placement volume");
+    let source = volume.config_map.as_ref().expect("a ConfigMap");
+    assert_eq!(
+        (source.name.as_str(), source.optional),
+        ("olmoe-tiny-placement", Some(true)),
+        "optional: shards start on the even spread before the first move"
+    );
+    let mounted = shard_pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "placement")
+        .expect("mounted");
+    assert_eq!(
+        (mounted.mount_path.as_str(), mounted.sub_path.as_deref()),
+        ("/etc/switchyard/placement", None),
+        "a directory, not a sub-path: rewrites reach the running shard"
+    );
+    let frontend_pod = pod(&d.frontend.spec.template);
+    assert!(
+        !frontend_pod
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == "placement"),
+        "frontends learn the placement from the shards"
+    );
+    // The strategy is a placement change (pods roll once); spare slots only change what
+    // the operator plans, and reach the shards through the file.
+    assert_ne!(role_hashes(&base).1, role_hashes(&balanced).1);
+    let mut spare = balanced.clone();
+    spare.spec.experts.redundant_experts = 4;
+    assert_eq!(role_hashes(&balanced), role_hashes(&spare));
+    // The even spread mounts nothing.
+    let d = desired(&base, &Defaults::default()).unwrap();
+    assert!(
+        !pod(&shards(&d).statefulset.spec.template)
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == "placement")
+    );
 }
 
 #[test]

@@ -17,6 +17,11 @@
 //!   `shards.count`): contiguous near-equal blocks of every MoE layer's experts. A shard
 //!   whose index is past the count (`spec.experts.replicaShards`) copies block
 //!   `index mod count`.
+//! - the operator's **balanced** placement (`worker.json`: `placement.strategy: balanced`
+//!   and `placement.file`): a placement file the operator rewrites from the measured
+//!   expert load, as above. Until the file exists, or while it lists another number of
+//!   shards than `shards.count` (the count just changed), the even spread; a copy
+//!   (`replicaShards`) takes entry `index mod count`.
 //! - nothing: the shard holds every routed expert (single-shard setups and tests).
 //!
 //! Every id is checked against the checkpoint: an expert it lacks, or a layer that is not
@@ -57,6 +62,18 @@ pub enum PlacementSource {
         /// This shard's index.
         shard: u32,
         /// The placement revision the operator wrote.
+        revision: String,
+    },
+    /// The operator's balanced placement: entry `shard mod shards` of the file at `path`
+    /// when it exists and lists `shards` entries, else the even spread.
+    Balanced {
+        /// The file the operator rewrites (re-read on change).
+        path: PathBuf,
+        /// Shards in the deployment.
+        shards: u32,
+        /// This shard's index.
+        shard: u32,
+        /// The even spread's revision (worker.json's).
         revision: String,
     },
 }
@@ -191,6 +208,58 @@ impl PlacementSource {
                 })?;
                 parse(path, &text, *shard, cfg)
             }
+            PlacementSource::Balanced {
+                path,
+                shards,
+                shard,
+                revision,
+            } => {
+                let even = || {
+                    PlacementSource::EvenSpread {
+                        shards: *shards,
+                        shard: *shard,
+                        revision: revision.clone(),
+                    }
+                    .resolve(cfg)
+                };
+                let text = match std::fs::read_to_string(path) {
+                    Ok(text) => text,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return even(),
+                    Err(source) => {
+                        return Err(PlacementError::Io {
+                            path: path.clone(),
+                            source,
+                        });
+                    }
+                };
+                let entries = serde_json::from_str::<PlacementFile>(&text)
+                    .map(|f| f.shards.len())
+                    .map_err(|e| PlacementError::Invalid {
+                        path: path.clone(),
+                        message: format!("not valid: {e}"),
+                    })?;
+                if entries != *shards as usize {
+                    tracing::warn!(
+                        file = %path.display(),
+                        entries,
+                        shards,
+                        "the placement file was planned for another shard count; holding the \
+                         even spread until the operator rewrites it"
+                    );
+                    return even();
+                }
+                parse(path, &text, *shard % (*shards).max(1), cfg)
+            }
+        }
+    }
+
+    /// The file re-read while the shard runs, if the placement comes from one.
+    pub fn watched_file(&self) -> Option<&Path> {
+        match self {
+            PlacementSource::File { path, .. } | PlacementSource::Balanced { path, .. } => {
+                Some(path)
+            }
+            PlacementSource::All | PlacementSource::EvenSpread { .. } => None,
         }
     }
 }
@@ -493,5 +562,58 @@ mod tests {
         let all = PlacementSource::All.resolve(&cfg()).expect("valid");
         assert_eq!(all.len(), 3 * 8);
         assert!(all.holds(1, 7) && !all.holds(0, 0));
+    }
+
+    #[test]
+    fn the_balanced_source_holds_the_even_spread_until_the_operators_file_fits_the_count() {
+        let dir = std::env::temp_dir().join(format!("balanced-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("placement.json");
+        let _ = std::fs::remove_file(&path);
+        let src = |shard| PlacementSource::Balanced {
+            path: path.clone(),
+            shards: 2,
+            shard,
+            revision: "even".into(),
+        };
+        assert_eq!(src(0).watched_file(), Some(path.as_path()));
+        // No file yet: the even spread, under worker.json's revision.
+        let a = src(1).resolve(&cfg()).expect("valid");
+        assert_eq!(
+            (a.revision.as_str(), &a.layers[&3]),
+            ("even", &BTreeSet::from([4, 5, 6, 7]))
+        );
+        // A file for 3 shards (the count just changed): still the even spread.
+        std::fs::write(
+            &path,
+            r#"{"revision": "b1", "shards": [{"experts": {"*": "0-7"}}, {"experts": {"*": "0-7"}}, {"experts": {"*": "0"}}]}"#,
+        )
+        .expect("write");
+        assert_eq!(src(1).resolve(&cfg()).expect("valid").revision, "even");
+        // The operator's file for 2 shards: entry `shard`, and a copy takes entry `shard mod 2`.
+        std::fs::write(
+            &path,
+            r#"{"revision": "b2", "shards": [{"experts": {"*": "0-4"}}, {"experts": {"*": "0,5-7"}, "draining": {"*": "4"}}]}"#,
+        )
+        .expect("write");
+        let b = src(1).resolve(&cfg()).expect("valid");
+        assert_eq!(b.revision, "b2");
+        assert_eq!(b.layers[&3], BTreeSet::from([0, 5, 6, 7]));
+        assert_eq!(b.draining[&3], BTreeSet::from([4]));
+        assert_eq!(
+            src(3).resolve(&cfg()).expect("valid"),
+            b,
+            "a copy of shard 1"
+        );
+        // A broken file is an error (the running shard keeps what it holds).
+        std::fs::write(&path, "{").expect("write");
+        assert!(
+            src(0)
+                .resolve(&cfg())
+                .unwrap_err()
+                .to_string()
+                .contains("not valid")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -240,7 +240,35 @@ impl RemoteExperts {
     }
 }
 
+/// A shard as a frontend last saw it (`GET /expert-load`'s `shards`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardSeen {
+    /// Its address.
+    pub address: String,
+    /// Whether it answered the last `Describe` and is not benched.
+    pub up: bool,
+    /// The placement revision its last `Describe` reported.
+    pub placement_revision: String,
+}
+
 impl RemoteExperts {
+    /// Every shard this frontend knows, as last described.
+    pub fn shards_seen(&self) -> Vec<ShardSeen> {
+        self.inner
+            .links()
+            .iter()
+            .map(|l| {
+                let s = l.lock();
+                ShardSeen {
+                    address: l.addr.clone(),
+                    up: s.up,
+                    placement_revision: s.revision.clone(),
+                }
+            })
+            .collect()
+    }
+
     /// `Err(why)` while some routed expert has no reachable holder (requests that need
     /// it would fail): what the frontend's readiness reports.
     pub fn readiness(&self) -> Result<(), String> {
@@ -324,7 +352,15 @@ impl Inner {
                 .links
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            links.retain(|l| addrs.contains(&l.addr));
+            links.retain(|l| {
+                let kept = addrs.contains(&l.addr);
+                if !kept {
+                    // Gone from discovery (a pod replaced, with a new address): its `up`
+                    // series goes too, or it would read 1 for a shard no longer called.
+                    let _ = self.metrics.up.remove_label_values(&[l.addr.as_str()]);
+                }
+                kept
+            });
             for a in &addrs {
                 if links.iter().any(|l| &l.addr == a) {
                     continue;

@@ -220,9 +220,9 @@ impl ShardService {
                 me.sample_busy();
             }
         });
-        if let PlacementSource::File { path, .. } = &self.inner.opts.placement {
+        if let Some(path) = self.inner.opts.placement.watched_file() {
             let me = self.clone();
-            let path = path.clone();
+            let path = path.to_path_buf();
             tokio::spawn(async move {
                 let mut last = std::fs::read(&path).ok();
                 let mut tick = tokio::time::interval(poll);
@@ -308,6 +308,15 @@ impl ShardService {
             queue_depth: s.queued.load(Ordering::Relaxed),
             rows_processed_total: s.rows_total.load(Ordering::Relaxed),
             expert_rows_processed_total: s.expert_rows_total.load(Ordering::Relaxed),
+        }
+    }
+
+    /// [`Self::load`] with the placement revision held (`GET /load`): the operator moves
+    /// experts on once every shard reports the revision it wrote.
+    pub fn load_report(&self) -> LoadReport {
+        LoadReport {
+            load: self.load(),
+            placement_revision: self.holding().assignment.revision.clone(),
         }
     }
 
@@ -534,6 +543,15 @@ pub struct Load {
     pub queue_depth: u32,
     pub rows_processed_total: u64,
     pub expert_rows_processed_total: u64,
+}
+
+/// `GET /load`: the [`Load`] and the placement revision the shard holds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadReport {
+    #[serde(flatten)]
+    pub load: Load,
+    pub placement_revision: String,
 }
 
 impl From<Load> for pb::ShardLoad {

@@ -57,6 +57,11 @@ pub struct ExpertLoadReport {
     pub covered_seconds: u64,
     /// Layers that routed tokens in the window.
     pub layers: Vec<LayerLoad>,
+    /// The expert shards this frontend calls and the placement revision each reported
+    /// when last asked (each second): the operator finishes moving experts only once
+    /// every frontend sees every shard at the revision it wrote. Empty without shards.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<crate::experts::remote::ShardSeen>,
 }
 
 impl ExpertLoad {
@@ -152,6 +157,7 @@ impl ExpertLoad {
             window_seconds: WINDOW_SECONDS,
             covered_seconds: self.second(now).saturating_add(1).min(WINDOW_SECONDS),
             layers,
+            shards: Vec::new(),
         }
     }
 }

@@ -88,6 +88,8 @@ pub struct Started {
     /// With expert shards: `Err` while no reachable shard holds some routed expert (the
     /// readiness probe then reports NOT_SERVING). `None`: every expert is in process.
     pub readiness: Option<crate::server::Readiness>,
+    /// The expert shards it calls, when it has them (what each holds, for `/expert-load`).
+    pub remote: Option<crate::experts::remote::RemoteExperts>,
 }
 
 /// The demand report (`GET /demand`): admission's, with the frontend's KV cache use and
@@ -317,9 +319,9 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
         metrics.clone(),
         admission.clone(),
     );
-    let readiness = remote_experts.map(|remote: crate::experts::remote::RemoteExperts| {
-        crate::server::Readiness::new(move || remote.readiness())
-    });
+    let readiness = remote_experts
+        .clone()
+        .map(|remote| crate::server::Readiness::new(move || remote.readiness()));
     Ok(Started {
         service,
         metrics,
@@ -327,5 +329,6 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
         kv_blocks,
         admission,
         readiness,
+        remote: remote_experts,
     })
 }

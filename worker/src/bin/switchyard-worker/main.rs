@@ -170,11 +170,13 @@ async fn start_frontend(
                 .unwrap_or_else(|e| format!("{{\"error\": \"encoding the demand report: {e}\"}}"))
         })),
     };
-    let expert_metrics = started.metrics.clone();
+    let (expert_metrics, remote) = (started.metrics.clone(), started.remote.clone());
     let expert_load = switchyard_edge::metrics::JsonEndpoint {
         path: "/expert-load",
         body: switchyard_edge::metrics::JsonBody::Now(std::sync::Arc::new(move || {
-            serde_json::to_string(&expert_metrics.expert_load(std::time::Instant::now()))
+            let mut report = expert_metrics.expert_load(std::time::Instant::now());
+            report.shards = remote.as_ref().map(|r| r.shards_seen()).unwrap_or_default();
+            serde_json::to_string(&report)
                 .unwrap_or_else(|e| format!("{{\"error\": \"encoding the expert load: {e}\"}}"))
         })),
     };
@@ -208,7 +210,7 @@ async fn start_shard(
     let load = switchyard_edge::metrics::JsonEndpoint {
         path: "/load",
         body: switchyard_edge::metrics::JsonBody::Now(std::sync::Arc::new(move || {
-            serde_json::to_string(&service.load())
+            serde_json::to_string(&service.load_report())
                 .unwrap_or_else(|e| format!("{{\"error\": \"encoding the load report: {e}\"}}"))
         })),
     };
