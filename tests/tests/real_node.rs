@@ -94,13 +94,23 @@ async fn generate_stream(
     endpoint: &str,
     max_tokens: u32,
     pace: Duration,
+    on_chunk: impl FnMut(usize),
+) -> Result<Vec<u32>, String> {
+    generate_stream_of(endpoint, greedy(max_tokens), pace, on_chunk).await
+}
+
+/// [`generate_stream`] of `request`.
+async fn generate_stream_of(
+    endpoint: &str,
+    request: pb::GenerateRequest,
+    pace: Duration,
     mut on_chunk: impl FnMut(usize),
 ) -> Result<Vec<u32>, String> {
     let mut client = InferenceClient::connect(endpoint.to_string())
         .await
         .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
     let mut stream = client
-        .generate_stream(greedy(max_tokens))
+        .generate_stream(request)
         .await
         .map_err(|s| format!("GenerateStream: {s}"))?
         .into_inner();
@@ -1772,6 +1782,21 @@ async fn installed_with_helm_it_serves_through_the_service_and_uninstalls_cleanl
         t,
     );
 
+    // 7c8. Experts placed where the load is (`balanced_placement`).
+    let t = Instant::now();
+    balanced_placement(
+        node,
+        &client,
+        namespace,
+        [&frontend_selector, &shard_selector],
+        &endpoint,
+    )
+    .await;
+    step(
+        "experts moved to the measured load while streams ran, none failed, nothing restarted",
+        t,
+    );
+
     // 7e0. Shadow mode first: the autoscaler on in mode Shadow, the same spike as 7e below.
     // The recommendation (3, Panic) shows in status within about a second while the count
     // never moves; switched to Active mid-spike, the recommendation is applied. Then the
@@ -3417,6 +3442,303 @@ async fn wait_shards_up(
     )
     .await
     .expect("every frontend Ready, counting every shard up");
+}
+
+/// A prompt whose greedy continuation routes unevenly over the fixture's experts: on the
+/// even spread over 2 shards the busiest shard carries about 1.45× the mean, the balanced
+/// plan with 2 spare slots about 1.01× (measured in process on the qwen3_moe fixture).
+const SKEWED_PROMPT: &str = "0 1 2 3 4 5 6 7 8 9";
+
+/// Step 7c8: the balanced placement, driven by the operator. The ModelDeployment switches
+/// to `experts.placement.strategy: balanced` with 2 spare slots (the pods roll once, onto
+/// the even spread); then streams of a prompt that routes unevenly run back to back. The
+/// operator reads the frontends' expert load, writes placement b1 (phase 1: each shard
+/// loads what it gains and keeps what it loses), waits until every shard and frontend has
+/// it, and writes phase 2. Every stream, those across the move included, ends with the
+/// tokens it gives on the even spread; no pod restarts; status.placement.balanced and two
+/// Events tell the move. Back on the even spread the placement ConfigMap and status go.
+async fn balanced_placement(
+    node: &RealNode,
+    client: &kube::Client,
+    namespace: &str,
+    [frontend_selector, shard_selector]: [&str; 2],
+    endpoint: &str,
+) {
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), namespace);
+    let request = || switchyard_tests::worker::greedy_request(SKEWED_PROMPT, 200);
+    let rolled = |selector: &str, before: Vec<String>, count: usize| {
+        let (client, selector) = (client.clone(), selector.to_string());
+        move || {
+            let (client, selector, before) = (client.clone(), selector.clone(), before.clone());
+            async move {
+                let ready = pod_ips(&client, namespace, &selector).await;
+                let all = uids_of(&client, namespace, &selector).await;
+                Ok(ready.len() == count
+                    && all.len() == count
+                    && all.iter().all(|u| !before.contains(u)))
+            }
+        }
+    };
+    let (frontends, shards) = (
+        uids_of(client, namespace, frontend_selector).await,
+        uids_of(client, namespace, shard_selector).await,
+    );
+    // A threshold no load reaches first: no move until the streams run (the frontends
+    // still hold earlier steps' load, and the first stream's must not move experts before
+    // the streams that are to span the move have started).
+    let threshold = |percent: i32| {
+        serde_json::json!({"experts": {"redundantExperts": 2, "placement": {
+            "strategy": "balanced",
+            "rebalance": {"imbalancePercent": percent, "sustainSeconds": 0, "minIntervalSeconds": 600},
+        }}})
+    };
+    patch_spec(&mds, threshold(10_000), "experts.placement").await;
+    for (selector, before, what) in [
+        (
+            shard_selector,
+            shards,
+            "the shards rolled onto the balanced strategy",
+        ),
+        (
+            frontend_selector,
+            frontends,
+            "the frontend rolled onto the balanced strategy",
+        ),
+    ] {
+        let count = before.len();
+        node.wait_for(
+            client,
+            namespace,
+            selector,
+            what,
+            POD_TIMEOUT,
+            rolled(selector, before, count),
+        )
+        .await
+        .expect(what);
+    }
+    wait_shards_up(node, client, namespace, frontend_selector, 2).await;
+    let (frontends, shards) = (
+        uids_of(client, namespace, frontend_selector).await,
+        uids_of(client, namespace, shard_selector).await,
+    );
+    let want = generate_stream_of(endpoint, request(), Duration::ZERO, |_| {})
+        .await
+        .expect("the skewed prompt on the even spread");
+
+    // The move, watched from status while the streams run; the threshold is lowered (no
+    // pod rolls for it) once the first stream is under way.
+    let balanced = |md: &ModelDeployment| {
+        md.status
+            .as_ref()
+            .and_then(|s| s.placement.as_ref())
+            .and_then(|p| p.balanced.clone())
+    };
+    let started = Instant::now();
+    let watch = {
+        let mds = mds.clone();
+        tokio::spawn(async move {
+            let (mut moving, mut done) = (None, None);
+            while done.is_none() && started.elapsed() < POD_TIMEOUT {
+                if let Ok(md) = mds.get(MD).await
+                    && let Some(b) = balanced(&md)
+                    && b.revision == "b1"
+                {
+                    if b.phase == "Moving" {
+                        moving.get_or_insert(started.elapsed());
+                    } else {
+                        done = Some(started.elapsed());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (moving, done)
+        })
+    };
+    let lower = {
+        let mds = mds.clone();
+        let spec = threshold(110);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            patch_spec(&mds, spec, "experts.placement.rebalance.imbalancePercent").await;
+            started.elapsed()
+        })
+    };
+    let mut streams = Vec::new();
+    while !watch.is_finished() || streams.is_empty() {
+        let from = started.elapsed();
+        let got = generate_stream_of(endpoint, request(), Duration::from_millis(20), |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("stream {} during the placement move: {e}", streams.len()));
+        assert_eq!(
+            got,
+            want,
+            "stream {}: the tokens of the even spread",
+            streams.len()
+        );
+        streams.push((from, started.elapsed()));
+    }
+    let lowered = lower.await.expect("the threshold lowered");
+    let (moving, done) = watch.await.expect("the status watch");
+    let done = done.unwrap_or_else(|| {
+        panic!("placement b1 not in place within {POD_TIMEOUT:?} (seen moving at {moving:?})")
+    });
+    let moving = moving.unwrap_or(done);
+    let across = streams
+        .iter()
+        .filter(|(from, to)| *from < done && *to > moving)
+        .count();
+    assert!(
+        across > 0,
+        "no stream ran during the move ({moving:?}..{done:?}): {streams:?}"
+    );
+
+    // What the move left: the file in phase 2, every shard at b1, nothing restarted.
+    let md = mds.get(MD).await.expect("the ModelDeployment");
+    let b = balanced(&md).expect("status.placement.balanced");
+    let figure = |v: &Option<String>| -> f64 {
+        v.as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let (before, after) = (figure(&b.imbalance_before), figure(&b.imbalance_after));
+    assert!(
+        before > 1.1 && after < before,
+        "imbalance {before} → {after}: {b:?}"
+    );
+    assert_eq!(b.slots_per_shard, 5, "⌈(8 experts + 2) / 2⌉");
+    assert!(
+        !b.hottest.is_empty() && b.last_rebalance_time.is_some() && b.reason.is_some(),
+        "{b:?}"
+    );
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), namespace);
+    let file = configmaps
+        .get(&format!("{MD}-placement"))
+        .await
+        .expect("the placement ConfigMap")
+        .data
+        .and_then(|d| d.get("placement.json").cloned())
+        .expect("placement.json");
+    let file: serde_json::Value = serde_json::from_str(&file).expect("the placement file");
+    assert_eq!(file["revision"], "b1");
+    assert!(
+        file["shards"]
+            .as_array()
+            .is_some_and(|s| s.len() == 2 && s.iter().all(|e| e.get("draining").is_none())),
+        "phase 2: nothing left draining: {file}"
+    );
+    for (name, ip) in pod_ips(client, namespace, shard_selector).await {
+        let load = http_get(&ip, 9090, "/load").await.expect("a shard's /load");
+        assert!(
+            load.contains("\"placementRevision\":\"b1\""),
+            "shard {name} holds b1: {load}"
+        );
+    }
+    assert_eq!(
+        uids_of(client, namespace, shard_selector).await,
+        shards,
+        "no shard restarted"
+    );
+    assert_eq!(
+        uids_of(client, namespace, frontend_selector).await,
+        frontends,
+        "no frontend restarted"
+    );
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), namespace);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default().fields(&format!("involvedObject.name={MD}")))
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in ["Rebalancing", "Rebalanced"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} Event: {reasons:?}"
+        );
+    }
+    check_every_frontends_accounting(client, namespace, frontend_selector, "a placement move")
+        .await;
+    let _ = writeln!(
+        std::io::stderr(),
+        "switchyard-tests: real node: balanced placement: imbalance {before} → {after}; \
+         threshold lowered {:.1}s, b1 seen moving {:.1}s and in place {:.1}s into the streams; \
+         {} streams of 200 tokens (s: {}), {across} across the move, all with the even \
+         spread's tokens; nothing restarted",
+        lowered.as_secs_f64(),
+        moving.as_secs_f64(),
+        done.as_secs_f64(),
+        streams.len(),
+        streams
+            .iter()
+            .map(|(from, to)| format!("{:.1}–{:.1}", from.as_secs_f64(), to.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    // Back to the even spread: the pods roll once more, the file and the status go.
+    let (frontends, shards) = (
+        uids_of(client, namespace, frontend_selector).await,
+        uids_of(client, namespace, shard_selector).await,
+    );
+    patch_spec(
+        &mds,
+        serde_json::json!({"experts": {"redundantExperts": 0, "placement": {"strategy": "evenSpread"}}}),
+        "experts.placement back to evenSpread",
+    )
+    .await;
+    for (selector, before, what) in [
+        (
+            shard_selector,
+            shards,
+            "the shards rolled back onto the even spread",
+        ),
+        (
+            frontend_selector,
+            frontends,
+            "the frontend rolled back onto the even spread",
+        ),
+    ] {
+        let count = before.len();
+        node.wait_for(
+            client,
+            namespace,
+            selector,
+            what,
+            POD_TIMEOUT,
+            rolled(selector, before, count),
+        )
+        .await
+        .expect(what);
+    }
+    node.wait_for(
+        client,
+        namespace,
+        shard_selector,
+        "the placement ConfigMap and status.placement.balanced gone",
+        POD_TIMEOUT,
+        || {
+            let (configmaps, mds) = (configmaps.clone(), mds.clone());
+            async move {
+                let cm = configmaps
+                    .get_opt(&format!("{MD}-placement"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let md = mds.get(MD).await.map_err(|e| e.to_string())?;
+                Ok(cm.is_none() && balanced(&md).is_none())
+            }
+        },
+    )
+    .await
+    .expect("the placement ConfigMap and status gone");
+    wait_shards_up(node, client, namespace, frontend_selector, 2).await;
+    let back = generate_stream_of(endpoint, request(), Duration::ZERO, |_| {})
+        .await
+        .expect("the skewed prompt back on the even spread");
+    assert_eq!(back, want);
 }
 
 /// Step 7c3: a shard that answers slowly. With shard 0's copy up, shard 0's own pod is
