@@ -3,10 +3,11 @@
 //! ```text
 //!  dispatch(layer, rows, routes)            (engine thread; returns at once)
 //!    └─ task on the runtime: plan → one Forward per shard, all at once
-//!         plan: per routed expert, the up shard holding it with the least outstanding
-//!               work (rows in flight + rows planned), ties to the lowest address
-//!               (a shard draining an expert, during a placement move, only when no
-//!               shard holds it as its own)
+//!         plan: an expert with one holder goes to it; a replicated one's rows, the
+//!               most rows first, in pieces of at least 32 rows, each to the holder
+//!               with the least outstanding work (rows in flight + rows planned), ties to the lowest address (a shard
+//!               draining an expert, during a placement move, only when no shard holds
+//!               it as its own)
 //!         a call fails → that shard is benched (backoff) and its experts re-planned on
 //!               the other holders; none left → Unavailable for the rows that need them
 //!         a shard answers NOT_FOUND (its placement changed under this frontend) → it is
@@ -15,9 +16,12 @@
 //!  refresh task: resolve DNS (optional), Describe each shard every `refresh`
 //! ```
 //!
-//! Results do not depend on which replica served an expert: replicas compute the same
-//! function, each shard sums its experts in ascending order, and the frontend adds the
-//! shards' partial sums in the order of their smallest expert, whichever shard it was.
+//! Results do not depend on which copy of a whole shard served (`replicaShards`): copies
+//! compute the same function, each shard sums its experts in ascending order, and the
+//! frontend adds the shards' partial sums in the order of their smallest expert, whichever
+//! shard it was. With per-expert replicas (the balanced placement) a row's experts can be
+//! grouped over the shards differently from call to call, which changes only the rounding
+//! of its sum (in f32, the last bits; the real-node move kept every greedy token).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,6 +101,9 @@ pub struct RemoteOptions {
     /// How long start-up waits for every routed expert to have a holder.
     pub wait: Duration,
 }
+
+/// The fewest rows of a replicated expert worth sending to one more of its holders.
+const SPLIT_ROWS: usize = 32;
 
 /// Routed experts on expert shards.
 #[derive(Debug, Clone)]
@@ -505,9 +512,10 @@ impl Inner {
         Err(self.unavailable(layer, &todo, &BTreeSet::new(), &self.links()))
     }
 
-    /// Picks a holder for each expert of `pairs`: among up, not excluded shards holding
-    /// it, the one with the least outstanding plus already planned rows. Returns the
-    /// pairs per chosen shard, and the experts with no holder.
+    /// Picks holders for the rows of `pairs`: among up, not excluded shards holding each
+    /// expert, the only one, or (replicated experts, the most rows first, row by row) the
+    /// one with the least outstanding plus already planned rows. Returns the pairs per
+    /// chosen shard, and the experts with no holder.
     #[allow(clippy::type_complexity)]
     fn plan(
         &self,
@@ -535,6 +543,16 @@ impl Inner {
         let mut planned = vec![0u64; links.len()];
         let mut out: BTreeMap<usize, Vec<(u32, u32, f32)>> = BTreeMap::new();
         let mut missing = BTreeSet::new();
+        let load =
+            |i: usize, planned: &[u64]| links[i].outstanding.load(Ordering::Relaxed) + planned[i];
+        // Experts with one holder go there; replicated ones after, the most rows first, in
+        // pieces of at least SPLIT_ROWS rows, each piece to the holder with the least
+        // outstanding plus planned rows: the rows of a hot expert are split over its
+        // replicas as the balanced placement assumes and fill in around what the other
+        // experts put on each shard, while an expert with few rows goes whole to one holder
+        // (each holder that computes an expert reads all of its weights, which costs as
+        // much as a few dozen rows on a CPU).
+        let mut replicated: Vec<(u32, Vec<(u32, u32, f32)>, Vec<usize>)> = Vec::new();
         for (expert, ps) in by_expert {
             let holders: Vec<usize> = usable
                 .iter()
@@ -550,20 +568,29 @@ impl Inner {
             } else {
                 holders
             };
-            let best = holders.into_iter().min_by_key(|i| {
-                (
-                    links[*i].outstanding.load(Ordering::Relaxed) + planned[*i],
-                    *i,
-                )
-            });
-            match best {
-                Some(i) => {
-                    planned[i] += ps.len() as u64;
-                    out.entry(i).or_default().extend(ps);
-                }
-                None => {
+            match holders.as_slice() {
+                [] => {
                     missing.insert(expert);
                 }
+                [i] => {
+                    planned[*i] += ps.len() as u64;
+                    out.entry(*i).or_default().extend(ps);
+                }
+                _ => replicated.push((expert, ps, holders)),
+            }
+        }
+        replicated.sort_by_key(|(expert, ps, _)| (std::cmp::Reverse(ps.len()), *expert));
+        for (_, ps, holders) in replicated {
+            let pieces = (ps.len() / SPLIT_ROWS).clamp(1, holders.len());
+            let size = ps.len().div_ceil(pieces);
+            for piece in ps.chunks(size) {
+                let i = holders
+                    .iter()
+                    .copied()
+                    .min_by_key(|&i| (load(i, &planned), i))
+                    .unwrap_or(holders[0]);
+                planned[i] += piece.len() as u64;
+                out.entry(i).or_default().extend_from_slice(piece);
             }
         }
         let plan = out
