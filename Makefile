@@ -108,6 +108,10 @@ fixtures: ## Regenerate the tiny HF checkpoints + transformers references in wor
 	"$$venv/bin/pip" install --quiet --disable-pip-version-check -r hack/fixtures/requirements.txt; \
 	"$$venv/bin/python" hack/fixtures/generate.py
 
+.PHONY: bench-placement
+bench-placement: ## Expert placement under a skewed router: even spread vs balanced vs balanced + spare slots, 2/4 shards (docs/benchmarks.md)
+	bash hack/bench/placement.sh
+
 .PHONY: bench-experts
 bench-experts: ## Expert-parallel figures: one MoE layer on 2/4 shards, decode on 2 shards (docs/benchmarks.md)
 	hack/bench/expert-parallel.sh

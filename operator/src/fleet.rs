@@ -97,6 +97,19 @@ pub async fn supervise(
     }
 }
 
+/// The ModelDeployment a loop was started for, from the cache: `None` once it is gone or
+/// replaced by another object of the same name (another `uid`).
+pub fn current(
+    shared: &Shared,
+    key: &ObjectRef<ModelDeployment>,
+    uid: &str,
+) -> Option<Arc<ModelDeployment>> {
+    shared
+        .deployments
+        .get(key)
+        .filter(|md| md.uid().as_deref() == Some(uid))
+}
+
 /// The ready pods of `component` of the ModelDeployment `names` names, by name.
 pub fn targets(pods: &Store<Pod>, names: &Names, component: Component) -> Vec<Target> {
     targets_in(pods.state().iter().map(|p| &**p), names, component)

@@ -3479,6 +3479,29 @@ async fn balanced_placement(
             }
         }
     };
+    // Waits until every pod of both roles was replaced (the same count, all Ready).
+    let wait_rolled = |shards: Vec<String>, frontends: Vec<String>, onto: &'static str| {
+        let rolled = &rolled;
+        async move {
+            for (selector, before, role) in [
+                (shard_selector, shards, "shards"),
+                (frontend_selector, frontends, "frontend"),
+            ] {
+                let what = format!("the {role} rolled onto {onto}");
+                let count = before.len();
+                node.wait_for(
+                    client,
+                    namespace,
+                    selector,
+                    &what,
+                    POD_TIMEOUT,
+                    rolled(selector, before, count),
+                )
+                .await
+                .expect(&what);
+            }
+        }
+    };
     let (frontends, shards) = (
         uids_of(client, namespace, frontend_selector).await,
         uids_of(client, namespace, shard_selector).await,
@@ -3493,38 +3516,27 @@ async fn balanced_placement(
         }}})
     };
     patch_spec(&mds, threshold(10_000), "experts.placement").await;
-    for (selector, before, what) in [
-        (
-            shard_selector,
-            shards,
-            "the shards rolled onto the balanced strategy",
-        ),
-        (
-            frontend_selector,
-            frontends,
-            "the frontend rolled onto the balanced strategy",
-        ),
-    ] {
-        let count = before.len();
-        node.wait_for(
-            client,
-            namespace,
-            selector,
-            what,
-            POD_TIMEOUT,
-            rolled(selector, before, count),
-        )
-        .await
-        .expect(what);
-    }
+    wait_rolled(shards, frontends, "the balanced strategy").await;
     wait_shards_up(node, client, namespace, frontend_selector, 2).await;
     let (frontends, shards) = (
         uids_of(client, namespace, frontend_selector).await,
         uids_of(client, namespace, shard_selector).await,
     );
-    let want = generate_stream_of(endpoint, request(), Duration::ZERO, |_| {})
-        .await
-        .expect("the skewed prompt on the even spread");
+    // Unpaced streams: their tokens/s before, during and after the move is the dip.
+    let timed = || async {
+        let t = Instant::now();
+        let got = generate_stream_of(endpoint, request(), Duration::ZERO, |_| {}).await;
+        (got, t.elapsed())
+    };
+    let rate = |took: Duration| 200.0 / took.as_secs_f64();
+    let (want, took) = timed().await;
+    let want = want.expect("the skewed prompt on the even spread");
+    let mut rates_before = vec![rate(took)];
+    for _ in 0..2 {
+        let (got, took) = timed().await;
+        assert_eq!(got.as_ref(), Ok(&want), "the even spread, again");
+        rates_before.push(rate(took));
+    }
 
     // The move, watched from status while the streams run; the threshold is lowered (no
     // pod rolls for it) once the first stream is under way.
@@ -3567,7 +3579,7 @@ async fn balanced_placement(
     let mut streams = Vec::new();
     while !watch.is_finished() || streams.is_empty() {
         let from = started.elapsed();
-        let got = generate_stream_of(endpoint, request(), Duration::from_millis(20), |_| {})
+        let got = generate_stream_of(endpoint, request(), Duration::ZERO, |_| {})
             .await
             .unwrap_or_else(|e| panic!("stream {} during the placement move: {e}", streams.len()));
         assert_eq!(
@@ -3592,6 +3604,22 @@ async fn balanced_placement(
         across > 0,
         "no stream ran during the move ({moving:?}..{done:?}): {streams:?}"
     );
+    let rates_during: Vec<f64> = streams
+        .iter()
+        .filter(|(from, to)| *from < done && *to > moving)
+        .map(|(from, to)| rate(*to - *from))
+        .collect();
+    let mut rates_after = Vec::new();
+    for _ in 0..3 {
+        let (got, took) = timed().await;
+        assert_eq!(got.as_ref(), Ok(&want), "on placement b1");
+        rates_after.push(rate(took));
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
 
     // What the move left: the file in phase 2, every shard at b1, nothing restarted.
     let md = mds.get(MD).await.expect("the ModelDeployment");
@@ -3666,17 +3694,16 @@ async fn balanced_placement(
         std::io::stderr(),
         "switchyard-tests: real node: balanced placement: imbalance {before} → {after}; \
          threshold lowered {:.1}s, b1 seen moving {:.1}s and in place {:.1}s into the streams; \
-         {} streams of 200 tokens (s: {}), {across} across the move, all with the even \
-         spread's tokens; nothing restarted",
+         {} streams of 200 tokens, {across} across the move, all with the even \
+         spread's tokens; nothing restarted; tokens/s of one stream (median): {:.0} before, \
+         {:.0} during, {:.0} after the move",
         lowered.as_secs_f64(),
         moving.as_secs_f64(),
         done.as_secs_f64(),
         streams.len(),
-        streams
-            .iter()
-            .map(|(from, to)| format!("{:.1}–{:.1}", from.as_secs_f64(), to.as_secs_f64()))
-            .collect::<Vec<_>>()
-            .join(", ")
+        median(&rates_before),
+        median(&rates_during),
+        median(&rates_after),
     );
 
     // Back to the even spread: the pods roll once more, the file and the status go.
@@ -3690,30 +3717,7 @@ async fn balanced_placement(
         "experts.placement back to evenSpread",
     )
     .await;
-    for (selector, before, what) in [
-        (
-            shard_selector,
-            shards,
-            "the shards rolled back onto the even spread",
-        ),
-        (
-            frontend_selector,
-            frontends,
-            "the frontend rolled back onto the even spread",
-        ),
-    ] {
-        let count = before.len();
-        node.wait_for(
-            client,
-            namespace,
-            selector,
-            what,
-            POD_TIMEOUT,
-            rolled(selector, before, count),
-        )
-        .await
-        .expect(what);
-    }
+    wait_rolled(shards, frontends, "the even spread").await;
     node.wait_for(
         client,
         namespace,

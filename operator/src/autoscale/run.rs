@@ -162,11 +162,7 @@ async fn scale_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: String
     tracing::info!(deployment = %key, "autoscaler started");
     loop {
         let tick = Instant::now();
-        let Some(md) = shared
-            .deployments
-            .get(&key)
-            .filter(|md| md.uid().as_deref() == Some(uid.as_str()))
-        else {
+        let Some(md) = fleet::current(&shared, &key, &uid) else {
             break;
         };
         let Some(spec) = enabled(&md).cloned() else {

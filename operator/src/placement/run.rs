@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
+use kube::Resource;
 use switchyard_proto::worker_config::PLACEMENT_FILE;
 
 use super::decide::{self, LoadReport, Placement, Policy, ShardReport, Verdict};
@@ -95,11 +95,7 @@ async fn placement_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: St
     let mut tick = tokio::time::interval(POLL);
     loop {
         tick.tick().await;
-        let Some(md) = shared
-            .deployments
-            .get(&key)
-            .filter(|md| md.uid().as_deref() == Some(uid.as_str()))
-        else {
+        let Some(md) = fleet::current(&shared, &key, &uid) else {
             break;
         };
         let Ok(names) = Names::new(&md) else { break };

@@ -73,6 +73,15 @@ pub enum Tool {
         /// The model id the shards serve (default: the directory's name).
         #[arg(long)]
         model_id: Option<String>,
+        /// Skewed routes: the expert of popularity rank r is chosen with weight
+        /// 1/(r+1)^S (real routers are skewed); unset: every expert equally likely.
+        #[arg(long, value_parser = zipf_exponent)]
+        zipf: Option<f64>,
+        /// Also write the routes' load per expert over 20 000 tokens, as a frontend's
+        /// `GET /expert-load` reports it, to this file (for `switchyard-operator
+        /// plan-placement`), and exit without timing anything.
+        #[arg(long)]
+        load_out: Option<PathBuf>,
     },
     /// Perplexity of a checkpoint on a text file, computed as llama.cpp's
     /// `llama-perplexity` does by default (chunks of --ctx tokens, the second half of each
@@ -131,6 +140,16 @@ pub enum Tool {
 
 /// For the offline tools: routed experts on the shards `spec` names (blocking; called
 /// from a blocking thread of the runtime).
+/// `--zipf`: a finite exponent ≥ 0.
+fn zipf_exponent(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.0 => Ok(s),
+        _ => Err(format!(
+            "{v:?}: a Zipf exponent is a number ≥ 0 (1.0 is a typical skew)"
+        )),
+    }
+}
+
 fn tool_remote_experts(
     cfg: &switchyard_worker::model::ModelConfig,
     ckpt: &switchyard_worker::model::checkpoint::Checkpoint,
@@ -264,9 +283,22 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
             tokens,
             iterations,
             model_id,
+            zipf,
+            load_out,
         } => {
             let device = candle_core::Device::Cpu;
             let cfg = switchyard_worker::model::config::load(&model)?;
+            let routing = zipf.map_or(
+                experts::bench::Routing::Uniform,
+                experts::bench::Routing::Zipf,
+            );
+            if let Some(path) = load_out {
+                let report = experts::bench::load_report(&cfg, routing, 20_000);
+                std::fs::write(&path, report.to_string())
+                    .map_err(|e| anyhow::anyhow!("--load-out {}: {e}", path.display()))?;
+                eprintln!("the routes' load per expert written to {}", path.display());
+                return Ok(());
+            }
             let ckpt = switchyard_worker::model::checkpoint::Checkpoint::open(&model)?;
             let precision =
                 switchyard_worker::model::precision_for(candle_core::DType::F32, &device);
@@ -289,7 +321,8 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                 };
             let mut results = Vec::new();
             for t in tokens {
-                let stats = experts::bench::layer_latency(backend.as_ref(), &cfg, t, iterations)?;
+                let stats =
+                    experts::bench::layer_latency(backend.as_ref(), &cfg, t, iterations, routing)?;
                 eprintln!(
                     "{t} tokens: p50 {:.0} us, p99 {:.0} us, mean {:.0} us",
                     stats.p50_us, stats.p99_us, stats.mean_us
@@ -305,6 +338,7 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                     "experts": cfg.moe.as_ref().map(|m| m.num_experts),
                     "expert_shards": expert_shards,
                     "wire": expert_wire_dtype,
+                    "zipf": zipf,
                     "results": results,
                 })
             );
