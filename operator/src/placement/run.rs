@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Resource;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
-use kube::Resource;
 use switchyard_proto::worker_config::PLACEMENT_FILE;
 
 use super::decide::{self, LoadReport, Placement, Policy, ShardReport, Verdict};
