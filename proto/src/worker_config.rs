@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused() {
         let err = serde_json::from_str::<PlacementConfig>(
-            r#"{"strategy":"evenSpread","redundantExperts":0,"revision":"r","extra":1}"#,
+            r#"{"strategy":"evenSpread","revision":"r","extra":1}"#,
         )
         .unwrap_err();
         assert!(err.to_string().contains("unknown field `extra`"), "{err}");
