@@ -111,16 +111,16 @@ impl Placement {
         shards: usize,
         redundant: usize,
     ) -> Result<(Self, usize), PlanError> {
-        let mut slots = 0;
         let layers = loads
             .iter()
             .map(|(&l, v)| {
-                let s = (v.len() + redundant).div_ceil(shards.max(1));
-                slots = slots.max(s);
-                Ok((l, plan::balanced(v, shards, s)?))
+                Ok((
+                    l,
+                    plan::balanced(v, shards, layer_slots(v.len(), shards, redundant))?,
+                ))
             })
             .collect::<Result<_, PlanError>>()?;
-        Ok((Self { shards, layers }, slots))
+        Ok((Self { shards, layers }, slots(loads, shards, redundant)))
     }
 
     /// The busiest shard's load over the mean shard's, summed over the layers (each
@@ -181,6 +181,20 @@ impl Placement {
     }
 }
 
+/// Slots per shard for a layer of `experts` experts: ⌈(experts + redundant) / shards⌉.
+fn layer_slots(experts: usize, shards: usize, redundant: usize) -> usize {
+    (experts + redundant).div_ceil(shards.max(1))
+}
+
+/// Slots per shard of the widest layer in `loads` (what status reports).
+pub fn slots(loads: &Loads, shards: usize, redundant: usize) -> usize {
+    loads
+        .values()
+        .map(|v| layer_slots(v.len(), shards, redundant))
+        .max()
+        .unwrap_or(0)
+}
+
 /// When to move ([`crate::api::RebalanceSpec`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
@@ -201,12 +215,13 @@ pub enum Verdict {
     Hold(String),
 }
 
-/// Whether to move, given the imbalance `now` with the current placement and the plan's
-/// `planned` on the same loads, since when `now` has been at or above the threshold, and
-/// when the last move started.
+/// Whether to move, given the imbalance `now` with the current placement, since when it
+/// has been at or above the threshold, when the last move started, and the plan's
+/// imbalance on the same loads: `planned` is called (the plan made) only once every other
+/// condition holds, so a balanced load costs no planning.
 pub fn verdict(
     now: f64,
-    planned: f64,
+    planned: impl FnOnce() -> f64,
     above_since: Option<Instant>,
     last_move: Option<Instant>,
     at: Instant,
@@ -236,6 +251,7 @@ pub fn verdict(
             ));
         }
     }
+    let planned = planned();
     if planned > now * (1.0 - MIN_GAIN) {
         return Verdict::Hold(format!(
             "imbalance {now:.3}, and the best plan gives {planned:.3}: not enough of a gain to move experts"
@@ -541,17 +557,24 @@ mod tests {
             Verdict::Move => panic!("moved; expected a hold on {what}"),
         };
         hold(
-            verdict(1.1, 1.0, Some(t0), None, at, &p),
+            verdict(1.1, || 1.0, Some(t0), None, at, &p),
             "below the threshold",
         );
         hold(
-            verdict(1.5, 1.0, Some(at - Duration::from_secs(10)), None, at, &p),
+            verdict(
+                1.5,
+                || 1.0,
+                Some(at - Duration::from_secs(10)),
+                None,
+                at,
+                &p,
+            ),
             "has held 10 s of the 30 s",
         );
         hold(
             verdict(
                 1.5,
-                1.0,
+                || 1.0,
                 Some(t0),
                 Some(at - Duration::from_secs(60)),
                 at,
@@ -560,14 +583,26 @@ mod tests {
             "the last move started 60 s ago",
         );
         hold(
-            verdict(1.5, 1.45, Some(t0), None, at, &p),
+            verdict(1.5, || 1.45, Some(t0), None, at, &p),
             "not enough of a gain",
         );
-        assert_eq!(verdict(1.5, 1.0, Some(t0), None, at, &p), Verdict::Move);
+        assert_eq!(verdict(1.5, || 1.0, Some(t0), None, at, &p), Verdict::Move);
+        // Below the threshold nothing is planned.
+        hold(
+            verdict(
+                1.1,
+                || panic!("planned below the threshold"),
+                Some(t0),
+                None,
+                at,
+                &p,
+            ),
+            "below the threshold",
+        );
         assert_eq!(
             verdict(
                 1.5,
-                1.0,
+                || 1.0,
                 Some(t0),
                 Some(at - Duration::from_secs(300)),
                 at,

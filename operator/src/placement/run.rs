@@ -71,6 +71,12 @@ pub fn policy(spec: &RebalanceSpec) -> Policy {
     }
 }
 
+/// What a measurement leads to: hold (why), or move to a plan (and its imbalance).
+enum Next {
+    Hold(String),
+    Move(Placement, f64),
+}
+
 /// A move under way: the placement written in phase 1 and the one it replaces.
 #[derive(Debug)]
 struct Moving {
@@ -209,23 +215,24 @@ async fn placement_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: St
         }
 
         if moving.is_none() && !loads.is_empty() {
-            let planned = Placement::balanced(&loads, shards, redundant);
             let here = match &current {
                 Some((_, p)) => Ok(p.clone()),
                 None => Placement::even(&loads, shards),
             };
-            match (planned, here) {
-                (Ok((plan, slots)), Ok(here)) => {
+            match here {
+                Ok(here) => {
                     let measured = here.imbalance(&loads);
-                    let planned_imbalance = plan.imbalance(&loads);
                     status.imbalance = Some(format!("{measured:.3}"));
-                    status.slots_per_shard = i32::try_from(slots).unwrap_or(i32::MAX);
+                    status.slots_per_shard =
+                        i32::try_from(decide::slots(&loads, shards, redundant)).unwrap_or(i32::MAX);
                     status.hottest = hottest(&loads, &here);
                     if measured >= policy.threshold {
                         above_since.get_or_insert(now);
                     } else {
                         above_since = None;
                     }
+                    // The plan is made only when the verdict needs it.
+                    let mut planned: Option<Result<(Placement, f64), String>> = None;
                     let tokens = decide::tokens_per_layer(&loads);
                     let verdict = if tokens < decide::MIN_TOKENS_PER_LAYER {
                         Verdict::Hold(format!(
@@ -233,17 +240,26 @@ async fn placement_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: St
                             decide::MIN_TOKENS_PER_LAYER
                         ))
                     } else {
-                        decide::verdict(
-                            measured,
-                            planned_imbalance,
-                            above_since,
-                            last_move,
-                            now,
-                            &policy,
-                        )
+                        let plan = || match Placement::balanced(&loads, shards, redundant) {
+                            Ok((plan, _)) => {
+                                let imbalance = plan.imbalance(&loads);
+                                planned = Some(Ok((plan, imbalance)));
+                                imbalance
+                            }
+                            Err(e) => {
+                                planned = Some(Err(format!("cannot plan: {e}")));
+                                f64::INFINITY
+                            }
+                        };
+                        decide::verdict(measured, plan, above_since, last_move, now, &policy)
                     };
-                    match verdict {
-                        Verdict::Hold(why) => {
+                    let next = match (verdict, planned) {
+                        (_, Some(Err(why))) | (Verdict::Hold(why), _) => Next::Hold(why),
+                        (Verdict::Move, Some(Ok((plan, imbalance)))) => Next::Move(plan, imbalance),
+                        (Verdict::Move, None) => Next::Hold("no plan was made".into()),
+                    };
+                    match next {
+                        Next::Hold(why) => {
                             status.phase = if measured >= policy.threshold {
                                 "Waiting".into()
                             } else {
@@ -251,7 +267,7 @@ async fn placement_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: St
                             };
                             status.message = Some(why);
                         }
-                        Verdict::Move => {
+                        Next::Move(plan, planned_imbalance) => {
                             let revision = format!(
                                 "b{}",
                                 current.as_ref().map_or(0, |(r, _)| decide::move_number(r)) + 1
@@ -304,7 +320,7 @@ async fn placement_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: St
                         }
                     }
                 }
-                (Err(e), _) | (_, Err(e)) => {
+                Err(e) => {
                     status.message = Some(format!("cannot plan: {e}"));
                 }
             }
