@@ -3412,9 +3412,19 @@ async fn check_every_frontends_accounting(
     }
 }
 
-/// Waits until every frontend pod is Ready and counts `shards` expert shards up
-/// (reachable, not benched): `switchyard_expert_shard_up` is 1 for each. (A frontend
-/// reports not ready while some expert has no reachable holder.)
+/// How long [`wait_shards_up`]'s state must hold: more than a readiness probe's
+/// failureThreshold × period (3 × 1 s), so that a verdict the kubelet reaches late (a
+/// shard's probes that timed out while it was stopped, counted after it runs again) has
+/// come and gone before the next step relies on the Service.
+const SETTLE: Duration = Duration::from_secs(4);
+
+/// Waits until the fleet has settled after a shard fault, for [`SETTLE`] without a break:
+/// every shard pod Ready (the frontends find shards through the Ready-only headless
+/// Service, so a shard the kubelet still counts unready drops out of their view), every
+/// frontend pod Ready and answering `/readyz` 200 itself (its pod condition can lag), and
+/// each frontend counting `shards` expert shards up (reachable, not benched):
+/// `switchyard_expert_shard_up` is 1 for each. (A frontend reports not ready while some
+/// expert has no reachable holder.)
 async fn wait_shards_up(
     node: &RealNode,
     client: &kube::Client,
@@ -3423,43 +3433,96 @@ async fn wait_shards_up(
     shards: usize,
 ) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let shard_selector = frontend_selector.replace(
+        "app.kubernetes.io/component=frontend",
+        "app.kubernetes.io/component=expert-shard",
+    );
+    let held_since = std::cell::Cell::new(None::<Instant>);
+    let state = || {
+        let (pods, shard_selector) = (pods.clone(), shard_selector.clone());
+        async move {
+            let live = |selector: String| {
+                let pods = pods.clone();
+                async move {
+                    let items = pods
+                        .list(&ListParams::default().labels(&selector))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items;
+                    Ok::<_, String>(
+                        items
+                            .into_iter()
+                            .filter(|p| p.metadata.deletion_timestamp.is_none())
+                            .collect::<Vec<_>>(),
+                    )
+                }
+            };
+            let shard_pods = live(shard_selector).await?;
+            if let Some(p) = shard_pods
+                .iter()
+                .find(|p| !switchyard_tests::node::is_pod_ready(p))
+            {
+                return Err(format!(
+                    "shard pod {} not Ready",
+                    p.metadata.name.as_deref().unwrap_or("?")
+                ));
+            }
+            let frontends = live(frontend_selector.to_string()).await?;
+            if frontends.is_empty() {
+                return Err("no frontend pod".into());
+            }
+            for p in frontends {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                if !switchyard_tests::node::is_pod_ready(&p) {
+                    return Err(format!("frontend {name} not Ready"));
+                }
+                let ip = p.status.and_then(|s| s.pod_ip).unwrap_or_default();
+                let readyz = http_get(&ip, 9090, "/readyz").await?;
+                if !readyz.starts_with("HTTP/1.1 200") && !readyz.starts_with("HTTP/1.0 200") {
+                    return Err(format!(
+                        "frontend {name}'s /readyz: {}",
+                        readyz.lines().last().unwrap_or_default()
+                    ));
+                }
+                let text = http_get(&ip, 9090, "/metrics").await?;
+                let up = text
+                    .lines()
+                    .filter(|l| l.starts_with("switchyard_expert_shard_up{"))
+                    .filter(|l| l.ends_with(" 1"))
+                    .count();
+                if up != shards {
+                    return Err(format!("frontend {name}: {up} of {shards} shards up"));
+                }
+            }
+            Ok(())
+        }
+    };
     node.wait_for(
         client,
         namespace,
         frontend_selector,
-        "every frontend Ready, counting every shard up",
+        "every pod Ready, every frontend counting every shard up, for 4 s",
         POD_TIMEOUT,
         || {
-            let pods = pods.clone();
+            let now = state();
+            let held_since = &held_since;
             async move {
-                let live = pods
-                    .list(&ListParams::default().labels(frontend_selector))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .items
-                    .into_iter()
-                    .filter(|p| p.metadata.deletion_timestamp.is_none())
-                    .count();
-                let ready = frontend_metrics(client, namespace, frontend_selector).await;
-                if live == 0 || ready.len() != live {
-                    return Err(format!("{} of {live} frontend(s) Ready", ready.len()));
-                }
-                for (name, text) in ready {
-                    let up = text
-                        .lines()
-                        .filter(|l| l.starts_with("switchyard_expert_shard_up{"))
-                        .filter(|l| l.ends_with(" 1"))
-                        .count();
-                    if up != shards {
-                        return Err(format!("frontend {name}: {up} of {shards} shards up"));
+                match now.await {
+                    Ok(()) => {
+                        let since = held_since.get().unwrap_or_else(Instant::now);
+                        held_since.set(Some(since));
+                        Ok(since.elapsed() >= SETTLE)
+                    }
+                    Err(why) => {
+                        held_since.set(None);
+                        Err(why)
                     }
                 }
-                Ok(true)
             }
         },
     )
     .await
-    .expect("every frontend Ready, counting every shard up");
+    .expect("every pod Ready, every frontend counting every shard up");
 }
 
 /// A prompt whose greedy continuation routes unevenly over the fixture's experts: on the
