@@ -1161,6 +1161,12 @@ pub struct BalancedPlacementStatus {
     /// Expert slots per shard and MoE layer.
     #[serde(default)]
     pub slots_per_shard: i32,
+    /// How many shards the placement file in force spreads the experts over (unset
+    /// before the operator has written one). Differs from `spec.experts.shards` while a
+    /// change of the count is moved: the shard pods past a smaller count stay until the
+    /// others hold their experts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<i32>,
     /// The hottest experts over all MoE layers and the shards holding them.
     #[serde(default)]
     pub hottest: Vec<HotExpertStatus>,
@@ -1184,4 +1190,28 @@ pub struct HotExpertStatus {
     pub share: String,
     /// Shard indices holding it (more than one: replicas, rows split between them).
     pub shards: Vec<i32>,
+}
+
+impl ModelDeployment {
+    /// The expert-shard pods to run: the shards and their copies (`replicaShards`); with
+    /// the balanced placement, at least as many shards as its file in force spreads the
+    /// experts over (`status.placement.balanced.shards`), so a smaller count takes pods
+    /// away only once the operator has moved their experts onto the others. 0 without
+    /// shards.
+    pub fn shard_pods(&self) -> i32 {
+        let experts = &self.spec.experts;
+        if experts.shards <= 0 {
+            return 0;
+        }
+        let placed = match experts.placement.strategy {
+            PlacementStrategyName::EvenSpread => None,
+            PlacementStrategyName::Balanced => self
+                .status
+                .as_ref()
+                .and_then(|s| s.placement.as_ref())
+                .and_then(|p| p.balanced.as_ref())
+                .and_then(|b| b.shards),
+        };
+        experts.shards.max(placed.unwrap_or(0)) + experts.replica_shards.max(0)
+    }
 }

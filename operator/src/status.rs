@@ -110,11 +110,7 @@ pub fn derive(
         })
         .unwrap_or((0, 0, 0, false));
     // The shards and their copies (`replicaShards`): every pod of the StatefulSet.
-    let shards_desired = if spec.experts.shards > 0 {
-        spec.experts.shards + spec.experts.replica_shards
-    } else {
-        0
-    };
+    let shards_desired = md.shard_pods();
     let (e_replicas, e_ready, e_updated, e_current) = observed
         .experts
         .map(|s| {

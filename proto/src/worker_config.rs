@@ -66,15 +66,33 @@ impl WorkerConfig {
     /// version, the deployment (the model id), the checkpoint, the shard count and the
     /// placement. The operator rolls shards only when this changes, so a frontend-only
     /// change (a tier quota, a serving limit) does not restart them and reload their
-    /// weights.
+    /// weights. With the balanced placement the shard count is left out: the placement
+    /// file decides what each running shard holds, and the operator moves experts through
+    /// it when the count changes, rolling no shard.
     pub fn shard_contract(&self) -> serde_json::Value {
+        let count = match self.placement.strategy {
+            PlacementStrategy::EvenSpread => Some(self.shards.count),
+            PlacementStrategy::Balanced => None,
+        };
         serde_json::json!({
             "version": self.version,
             "deployment": self.deployment,
             "model": self.model,
-            "shardCount": self.shards.count,
+            "shardCount": count,
             "placement": self.placement,
         })
+    }
+
+    /// What a frontend reads: all of the file but the shard count, of which it reads only
+    /// whether there are shards (it finds them through `shards.service` and asks each
+    /// what it holds), and the placement's revision (which follows the count). The
+    /// operator rolls frontends only when this changes, so a change of the shard count
+    /// restarts no frontend.
+    pub fn frontend_contract(&self) -> serde_json::Value {
+        let mut file = self.clone();
+        file.shards.count = file.shards.count.min(1);
+        file.placement.revision.clear();
+        serde_json::to_value(file).unwrap_or_default()
     }
 }
 
@@ -216,9 +234,9 @@ pub struct PlacementConfig {
     /// operator moves experts through [`PlacementConfig::file`] instead, rolling nothing.
     pub revision: String,
     /// With `balanced`: the placement file the operator rewrites as the load moves
-    /// (mounted from a ConfigMap, re-read by the shards while they run). Until it exists,
-    /// or while it lists another number of shards than `shards.count`, shards hold the
-    /// even spread.
+    /// (mounted from a ConfigMap, re-read by the shards while they run): shard `i` holds
+    /// entry `i mod n` of its `n` entries. Until it exists, shards hold the even spread
+    /// over `shards.count`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
 }

@@ -3537,7 +3537,9 @@ const SKEWED_PROMPT: &str = "0 1 2 3 4 5 6 7 8 9";
 /// loads what it gains and keeps what it loses), waits until every shard and frontend has
 /// it, and writes phase 2. Every stream, those across the move included, ends with the
 /// tokens it gives on the even spread; no pod restarts; status.placement.balanced and two
-/// Events tell the move. Back on the even spread the placement ConfigMap and status go.
+/// Events tell the move. Then `experts.shards` goes 2 → 3 → 2 under streams: two more
+/// moves (b2, b3), no frontend and no staying shard restarted, the third pod removed only
+/// once b3 is in place. Back on the even spread the placement ConfigMap and status go.
 async fn balanced_placement(
     node: &RealNode,
     client: &kube::Client,
@@ -3786,6 +3788,85 @@ async fn balanced_placement(
         median(&rates_during),
         median(&rates_after),
     );
+
+    // A new shard count under the balanced placement is a move, not a roll: 2 → 3 → 2
+    // shards while streams run back to back. Every stream keeps the even spread's
+    // tokens; no frontend restarts, nor any shard pod that stays; the third pod comes as
+    // a copy, takes its own experts in b2, and goes only after b3 has moved them away.
+    for (to, revision) in [(3_usize, "b2"), (2, "b3")] {
+        let t = Instant::now();
+        let (frontends, shards) = (
+            uids_of(client, namespace, frontend_selector).await,
+            uids_of(client, namespace, shard_selector).await,
+        );
+        patch_spec(
+            &mds,
+            serde_json::json!({"experts": {"shards": to}}),
+            "experts.shards",
+        )
+        .await;
+        let (mut streams, mut while_moving, mut pods_seen) = (0, 0, shards.len());
+        loop {
+            let got = generate_stream_of(endpoint, request(), Duration::ZERO, |_| {})
+                .await
+                .unwrap_or_else(|e| panic!("stream {streams} while the shards go to {to}: {e}"));
+            assert_eq!(got, want, "stream {streams} while the shards go to {to}");
+            streams += 1;
+            let b = balanced(&mds.get(MD).await.expect("the ModelDeployment"));
+            let pods = uids_of(client, namespace, shard_selector).await.len();
+            pods_seen = pods_seen.max(pods);
+            if b.as_ref().is_some_and(|b| b.phase == "Moving") {
+                while_moving += 1;
+            }
+            if b.as_ref().is_some_and(|b| {
+                b.revision == revision && b.phase != "Moving" && b.shards == Some(to as i32)
+            }) && pods == to
+                && pod_ips(client, namespace, shard_selector).await.len() == to
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < POD_TIMEOUT,
+                "the shards not moved to {to} within {POD_TIMEOUT:?}: {b:?}, {pods} shard pods"
+            );
+        }
+        let took = t.elapsed();
+        let shards_now = uids_of(client, namespace, shard_selector).await;
+        let (fewer, more) = if to > shards.len() {
+            (&shards, &shards_now)
+        } else {
+            (&shards_now, &shards)
+        };
+        assert!(
+            fewer.iter().all(|u| more.contains(u)),
+            "no shard pod that stays restarted (before {shards:?}, after {shards_now:?})"
+        );
+        assert_eq!(
+            uids_of(client, namespace, frontend_selector).await,
+            frontends,
+            "no frontend restarted for a new shard count"
+        );
+        assert!(
+            while_moving > 0,
+            "no stream ran while {revision} moved ({streams} streams)"
+        );
+        for (name, ip) in pod_ips(client, namespace, shard_selector).await {
+            let load = http_get(&ip, 9090, "/load").await.expect("a shard's /load");
+            assert!(
+                load.contains(&format!("\"placementRevision\":\"{revision}\"")),
+                "shard {name} holds {revision}: {load}"
+            );
+        }
+        wait_shards_up(node, client, namespace, frontend_selector, to).await;
+        let _ = writeln!(
+            std::io::stderr(),
+            "switchyard-tests: real node: balanced placement: experts.shards → {to} moved \
+             ({revision}) in {:.1}s under {streams} streams ({while_moving} while moving), \
+             all with the even spread's tokens; at most {pods_seen} shard pods; no frontend \
+             and no staying shard restarted",
+            took.as_secs_f64()
+        );
+    }
 
     // Back to the even spread: the pods roll once more, the file and the status go.
     let (frontends, shards) = (

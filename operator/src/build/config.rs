@@ -108,11 +108,15 @@ pub fn worker_config(md: &ModelDeployment, names: &Names) -> WorkerConfig {
             };
             // The balanced placement moves experts through its own file, re-read by the
             // running shards (the spare slots, `redundantExperts`, only change what the
-            // operator plans): its revision, and so the pods, change only with the strategy
-            // and the shard count.
+            // operator plans, and a new shard count is a move): its revision, and so the
+            // pods, change only with the strategy. The even spread's changes with the count.
+            let revision = match strategy {
+                PlacementStrategy::EvenSpread => format!("{strategy:?}/{}", spec.experts.shards),
+                PlacementStrategy::Balanced => format!("{strategy:?}"),
+            };
             PlacementConfig {
                 strategy,
-                revision: config_hash(&format!("{strategy:?}/{}", spec.experts.shards)),
+                revision: config_hash(&revision),
                 file: (strategy == PlacementStrategy::Balanced)
                     .then(|| format!("{PLACEMENT_DIR}/{PLACEMENT_FILE}")),
             }

@@ -348,9 +348,10 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
     let placement_revision = config.placement.revision.clone();
     let config_json =
         serde_json::to_string_pretty(&config).expect("the worker config always serializes to JSON");
-    // Each role rolls only when what it reads changes: frontends read all of worker.json,
-    // shards only their part of it (`WorkerConfig::shard_contract`).
-    let frontend_hash = config_hash(&config_json);
+    // Each role rolls only when what it reads changes: frontends all of worker.json but
+    // the shard count (`WorkerConfig::frontend_contract`), shards their part of it
+    // (`WorkerConfig::shard_contract`).
+    let frontend_hash = config_hash(&config.frontend_contract().to_string());
     let shard_hash = config_hash(&config.shard_contract().to_string());
     let meta = |name: &str, component: Option<Component>| {
         object_meta(name, &names, component, owner.clone())
@@ -386,8 +387,9 @@ pub fn desired(md: &ModelDeployment, defaults: &Defaults) -> Result<Desired, Bui
         metadata: meta(&names.experts, Some(Component::ExpertShard)),
         spec: StatefulSetSpec {
             // The copies (replicaShards) are more pods of the same template: changing
-            // their number rolls nothing.
-            replicas: Some(spec.experts.shards + spec.experts.replica_shards),
+            // their number rolls nothing. A balanced placement keeps the shards its file
+            // still uses (`ModelDeployment::shard_pods`).
+            replicas: Some(md.shard_pods()),
             selector: label_selector(&experts_selector),
             service_name: Some(names.experts.clone()),
             // Shards keep no per-request state: start and replace them all at once.

@@ -343,15 +343,17 @@ fn shards_admit_only_this_deployments_frontends_on_the_grpc_port() {
     );
 }
 
+/// The config hash on a pod template.
+fn template_hash(t: &PodTemplateSpec) -> String {
+    t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH_ANNOTATION].clone()
+}
+
 /// The config hashes on the two pod templates: (frontends, shards).
 fn role_hashes(md: &ModelDeployment) -> (String, String) {
     let d = desired(md, &Defaults::default()).unwrap();
-    let annotation = |t: &PodTemplateSpec| {
-        t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH_ANNOTATION].clone()
-    };
     (
-        annotation(&d.frontend.spec.template),
-        annotation(&shards(&d).statefulset.spec.template),
+        template_hash(&d.frontend.spec.template),
+        template_hash(&shards(&d).statefulset.spec.template),
     )
 }
 
@@ -364,11 +366,19 @@ fn a_config_change_rolls_the_pods_and_a_replica_change_does_not() {
     let mut resharded = base.clone();
     resharded.spec.experts.shards = 3;
     let (before, after) = (role_hashes(&base), role_hashes(&resharded));
-    assert_ne!(
+    assert_eq!(
         before.0, after.0,
-        "frontends address every shard: they roll"
+        "frontends find the shards through the Service and ask each what it holds: they stay"
     );
-    assert_ne!(before.1, after.1, "the placement changed: shards roll");
+    assert_ne!(before.1, after.1, "the even spread changed: shards roll");
+    let mut unsharded = base.clone();
+    unsharded.spec.experts.shards = 0;
+    let d = desired(&unsharded, &Defaults::default()).unwrap();
+    assert_ne!(
+        before.0,
+        template_hash(&d.frontend.spec.template),
+        "frontends that now hold every expert roll"
+    );
     let mut new_dtype = base.clone();
     new_dtype.spec.model.dtype = crate::api::Dtype::F16;
     let after = role_hashes(&new_dtype);
@@ -450,6 +460,39 @@ fn the_balanced_placement_mounts_its_file_on_shards_and_its_moves_roll_nothing()
     let mut spare = balanced.clone();
     spare.spec.experts.redundant_experts = 4;
     assert_eq!(role_hashes(&balanced), role_hashes(&spare));
+    // So does a new shard count: the operator moves experts through the file, and the
+    // StatefulSet keeps the shards the file in force still uses.
+    let replicas = |md: &ModelDeployment| {
+        let d = desired(md, &Defaults::default()).unwrap();
+        shards(&d).statefulset.spec.replicas
+    };
+    let mut fewer = balanced.clone();
+    fewer.spec.experts.shards = 1;
+    assert_eq!(role_hashes(&balanced), role_hashes(&fewer));
+    assert_eq!(replicas(&fewer), Some(1), "no file yet: the spec's count");
+    fewer.status = Some(crate::api::ModelDeploymentStatus {
+        placement: Some(crate::api::PlacementSummary {
+            balanced: Some(crate::api::BalancedPlacementStatus {
+                shards: Some(2),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    fewer.spec.experts.replica_shards = 1;
+    assert_eq!(
+        replicas(&fewer),
+        Some(3),
+        "the file still spreads over 2: both stay until their experts moved, plus the copy"
+    );
+    let mut more = fewer.clone();
+    more.spec.experts.shards = 4;
+    assert_eq!(
+        replicas(&more),
+        Some(5),
+        "more shards than the file: the spec's"
+    );
     // The even spread mounts nothing.
     let d = desired(&base, &Defaults::default()).unwrap();
     assert!(

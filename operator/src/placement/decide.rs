@@ -45,11 +45,17 @@ pub struct ShardSeen {
 
 /// A frontend's `GET /expert-load`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LoadReport {
     #[serde(default)]
     pub layers: Vec<LayerReport>,
     #[serde(default)]
     pub shards: Vec<ShardSeen>,
+    /// The model's MoE layers and routed experts per layer (frontends with shards).
+    #[serde(default)]
+    pub moe_layers: Vec<usize>,
+    #[serde(default)]
+    pub experts: usize,
 }
 
 /// A shard's `GET /load`, the part read here.
@@ -64,10 +70,18 @@ pub struct ShardReport {
 /// Routed tokens per expert, per MoE layer (decoder index), summed over the frontends.
 pub type Loads = BTreeMap<usize, Vec<f64>>;
 
-/// The reports' loads added up; a layer's expert count is the longest report of it.
+/// The reports' loads added up; a layer's expert count is the longest report of it. Every
+/// MoE layer a frontend names is there, at zero when it routed nothing yet (the
+/// placement can be written down before any traffic).
 pub fn merge(reports: &[LoadReport]) -> Loads {
     let mut loads = Loads::new();
     for r in reports {
+        for &l in &r.moe_layers {
+            let sum = loads.entry(l).or_default();
+            if sum.len() < r.experts {
+                sum.resize(r.experts, 0.0);
+            }
+        }
         for l in &r.layers {
             let sum = loads.entry(l.layer).or_default();
             if sum.len() < l.load.len() {
@@ -167,6 +181,38 @@ impl Placement {
             .sum()
     }
 
+    /// The first `shards` shards of a phase-1 file read back ([`read_file`]): a move to
+    /// fewer shards lists the ones it empties past the new count. `None` when one of those
+    /// still holds an expert of its own (not a move this loop wrote).
+    pub fn first(&self, shards: usize) -> Option<Placement> {
+        if shards == 0 || shards > self.shards {
+            return None;
+        }
+        let mut layers = BTreeMap::new();
+        for (&l, p) in &self.layers {
+            if p.shards.iter().skip(shards).any(|held| !held.is_empty()) {
+                return None;
+            }
+            let kept: Vec<BTreeSet<u32>> = p.shards.iter().take(shards).cloned().collect();
+            let mut replicas = vec![Vec::new(); p.replicas.len()];
+            for (s, held) in kept.iter().enumerate() {
+                for &e in held {
+                    if let Some(r) = replicas.get_mut(e as usize) {
+                        r.push(s as u32);
+                    }
+                }
+            }
+            layers.insert(
+                l,
+                LayerPlacement {
+                    shards: kept,
+                    replicas,
+                },
+            );
+        }
+        Some(Placement { shards, layers })
+    }
+
     /// Replicas beyond one per expert, over all layers.
     pub fn extra_replicas(&self) -> usize {
         self.layers
@@ -261,19 +307,23 @@ pub fn verdict(
 }
 
 /// The placement file (`shards[i]`: shard i's experts per layer; every layer of
-/// `placement` listed, `"*"` for none). With `old`, phase 1 of a move: each shard also
+/// `placement` listed, `""` for none). With `old`, phase 1 of a move: each shard also
 /// lists, as `draining`, what it holds in `old` and loses, so it keeps serving those
-/// until the second write (without `old`) frees them.
+/// until the second write (without `old`) frees them. A move between shard counts lists
+/// the larger count: a shard past the new count holds nothing of its own and drains all
+/// it held; a shard past the old count held entry `i mod old count` (a pod reads entry
+/// `i mod n` of a file of `n`) and drains what of it the plan does not give it.
 pub fn file(revision: &str, placement: &Placement, old: Option<&Placement>) -> String {
-    let shards: Vec<serde_json::Value> = (0..placement.shards)
+    let entries = placement.shards.max(old.map_or(0, |o| o.shards));
+    let shards: Vec<serde_json::Value> = (0..entries)
         .map(|s| {
             let mut experts = serde_json::Map::new();
             let mut draining = serde_json::Map::new();
             for (l, p) in &placement.layers {
                 let held = p.shards.get(s).cloned().unwrap_or_default();
                 let lost: BTreeSet<u32> = old
-                    .and_then(|o| o.layers.get(l))
-                    .and_then(|o| o.shards.get(s))
+                    .and_then(|o| Some((o.layers.get(l)?, o.shards.max(1))))
+                    .and_then(|(o, count)| o.shards.get(s % count))
                     .map(|o| o.difference(&held).copied().collect())
                     .unwrap_or_default();
                 experts.insert(l.to_string(), ids(&held).into());
@@ -496,6 +546,8 @@ mod tests {
                 })
                 .collect(),
             shards: Vec::new(),
+            moe_layers: Vec::new(),
+            experts: 0,
         }
     }
 
@@ -670,6 +722,8 @@ mod tests {
                     placement_revision: (*r).into(),
                 })
                 .collect(),
+            moe_layers: Vec::new(),
+            experts: 0,
         };
         let both = [shard(0, "b2"), shard(1, "b2")];
         let err = confirmed("b2", 2, &[shard(0, "b2"), shard(1, "b1")], &[]).unwrap_err();
@@ -720,5 +774,64 @@ mod tests {
         let hot = hottest(&loads, &plan, 2);
         assert_eq!(hot[0], (1, 0, 0.6, vec![0, 1]));
         assert_eq!((hot[1].1, hot[1].2), (7, 0.1));
+    }
+
+    #[test]
+    fn idle_moe_layers_are_merged_at_zero() {
+        let mut idle = report(&[]);
+        idle.moe_layers = vec![1, 3];
+        idle.experts = 4;
+        let loads = merge(&[idle, report(&[(3, &[1, 0, 0, 2])])]);
+        assert_eq!(loads[&1], vec![0.0; 4]);
+        assert_eq!(loads[&3], vec![1.0, 0.0, 0.0, 2.0]);
+        assert_eq!(tokens_per_layer(&loads), 1.5);
+        let even = Placement::even(&loads, 2).expect("even");
+        assert_eq!(even.imbalance(&merge(&[report(&[])])), 1.0);
+        assert_eq!(even.layers[&1].shards[1], BTreeSet::from([2, 3]));
+    }
+
+    /// A change of the shard count is a move: phase 1 lists the larger count, every pod
+    /// keeps (draining) what it held, and the file read back gives the new placement.
+    #[test]
+    fn a_move_between_shard_counts_keeps_every_expert_held_in_phase_one() {
+        let loads = merge(&[report(&[(0, &[5, 1, 1, 1, 1, 1]), (2, &[1; 6])])]);
+        let two = Placement::even(&loads, 2).expect("two");
+        let three = Placement::even(&loads, 3).expect("three");
+        let held = |text: &str, shard: usize, layer: &str| -> (String, String) {
+            let v: serde_json::Value = serde_json::from_str(text).expect("json");
+            let e = &v["shards"][shard];
+            (
+                e["experts"][layer].as_str().unwrap_or("").to_string(),
+                e["draining"][layer].as_str().unwrap_or("").to_string(),
+            )
+        };
+        // 2 → 3: shard 2 (until now a copy of entry 2 mod 2 = 0) gains 4-5 and drains 0-2.
+        let grow = file("b1", &three, Some(&two));
+        assert_eq!(held(&grow, 0, "0"), ("0-1".into(), "2".into()));
+        assert_eq!(held(&grow, 1, "0"), ("2-3".into(), "4-5".into()));
+        assert_eq!(held(&grow, 2, "0"), ("4-5".into(), "0-2".into()));
+        // 3 → 2: three entries; shard 2 holds nothing of its own and drains all it held.
+        let shrink = file("b2", &two, Some(&three));
+        let w = read_file(&shrink).expect("read back");
+        assert_eq!((w.placement.shards, w.draining), (3, true));
+        assert_eq!(held(&shrink, 2, "2"), (String::new(), "4-5".into()));
+        assert_eq!(held(&shrink, 1, "2"), ("3-5".into(), "2".into()));
+        // Every expert of every layer is held (as its own or draining) by some entry.
+        for layer in ["0", "2"] {
+            let mut all = BTreeSet::new();
+            for s in 0..3 {
+                let (own, drain) = held(&shrink, s, layer);
+                all.extend(parse_ids(&own).expect("ids"));
+                all.extend(parse_ids(&drain).expect("ids"));
+            }
+            assert_eq!(all, (0..6).collect::<BTreeSet<u32>>(), "layer {layer}");
+        }
+        // A loop resuming phase 1 finds the 2-shard target in the first 2 entries.
+        assert_eq!(w.placement.first(2).expect("first two").layers, two.layers);
+        // Not a move this loop wrote: an entry past the count still holds its own.
+        assert!(read_file(&grow).expect("grow").placement.first(2).is_none());
+        // Phase 2 lists the new count only.
+        let w = read_file(&file("b2", &two, None)).expect("phase 2");
+        assert_eq!((w.placement.shards, w.draining), (2, false));
     }
 }

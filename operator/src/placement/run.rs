@@ -15,9 +15,12 @@
 //! The file lives in the ConfigMap `<md>-placement` (key `placement.json`), which the
 //! shard pods mount (optional): written here by server-side apply, never by reconcile. A
 //! loop that starts (a new leader, a restart) reads it back, and resumes a move it finds
-//! in phase 1. Shards hold the even spread until the first move, and whenever the file
-//! lists another shard count than the spec's (the count just changed: the loop plans
-//! afresh from the even spread of the new count).
+//! in phase 1. Shards hold the even spread until the file exists: the loop writes it
+//! (`b0`, the even spread written down) as soon as the frontends report the model's
+//! layers. A change of `experts.shards` rolls no pod and is a move like any other,
+//! started at once: phase 1 lists the larger count (the pods past a smaller count drain
+//! everything), phase 2 the new one, and `status.placement.balanced.shards` keeps the
+//! StatefulSet at the larger count until phase 2 is written.
 
 use std::time::{Duration, Instant};
 
@@ -71,17 +74,19 @@ pub fn policy(spec: &RebalanceSpec) -> Policy {
     }
 }
 
-/// What a measurement leads to: hold (why), or move to a plan (and its imbalance).
+/// What a measurement leads to: hold (why), or move to a plan (its imbalance, and why).
 enum Next {
     Hold(String),
-    Move(Placement, f64),
+    Move(Placement, f64, String),
 }
 
-/// A move under way: the placement written in phase 1 and the one it replaces.
+/// A move under way: the placement written in phase 1, and how many shards that file
+/// lists (the larger of the two counts when the count changes).
 #[derive(Debug)]
 struct Moving {
     revision: String,
     to: Placement,
+    entries: usize,
     started: Instant,
 }
 
@@ -119,35 +124,47 @@ async fn placement_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: St
             break;
         }
         let shards = usize::try_from(md.spec.experts.shards).unwrap_or(0);
-        let pods = shards + usize::try_from(md.spec.experts.replica_shards).unwrap_or(0);
+        let copies = usize::try_from(md.spec.experts.replica_shards).unwrap_or(0);
         let redundant = usize::try_from(md.spec.experts.redundant_experts).unwrap_or(0);
         let policy = policy(&md.spec.experts.placement.rebalance);
 
         // What the file says now: read once per loop (a new leader resumes from it).
         if !resumed {
+            // Until the file could be read: status.placement.balanced.shards, which keeps
+            // the shard pods a move still uses, is written only from what it says.
+            let found = match configmaps.get_opt(&names.placement).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(deployment = %key, error = %e, "cannot read the placement ConfigMap yet");
+                    continue;
+                }
+            };
             resumed = true;
-            if let Ok(Some(cm)) = configmaps.get_opt(&names.placement).await
+            if let Some(cm) = found
                 && let Some(text) = cm.data.as_ref().and_then(|d| d.get(PLACEMENT_FILE))
                 && let Some(w) = decide::read_file(text)
-                && w.placement.shards == shards
             {
                 tracing::info!(deployment = %key, revision = %w.revision, draining = w.draining, "resuming from the placement file");
                 status.revision.clone_from(&w.revision);
+                status.shards = i32::try_from(w.placement.shards).ok();
                 if w.draining {
-                    moving = Some(Moving {
-                        revision: w.revision.clone(),
-                        to: w.placement.clone(),
-                        started: Instant::now(),
-                    });
+                    // Phase 1 of a move to fewer shards lists the ones it empties too.
+                    let to = if w.placement.shards > shards {
+                        w.placement.first(shards)
+                    } else {
+                        Some(w.placement.clone())
+                    };
+                    if let Some(to) = to {
+                        moving = Some(Moving {
+                            revision: w.revision.clone(),
+                            entries: w.placement.shards,
+                            to,
+                            started: Instant::now(),
+                        });
+                    }
                 }
                 current = Some((w.revision, w.placement));
             }
-        }
-        if current.as_ref().is_some_and(|(_, p)| p.shards != shards) {
-            // The shard count changed: the pods rolled onto the even spread of the new count.
-            tracing::info!(deployment = %key, shards, "shard count changed; planning from the even spread");
-            current = None;
-            moving = None;
         }
 
         let frontends = targets(&shared.pods, &names, Component::Frontend);
@@ -180,7 +197,7 @@ async fn placement_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: St
             } else if frontends.is_empty() {
                 Err("no ready frontend to confirm the move".into())
             } else {
-                decide::confirmed(&m.revision, pods, &s_poll.reports, &named)
+                decide::confirmed(&m.revision, m.entries + copies, &s_poll.reports, &named)
             };
             match check {
                 Ok(()) => {
@@ -195,13 +212,20 @@ async fn placement_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: St
                             &md,
                             "Rebalanced",
                             format!(
-                                "placement {} in place on all {pods} shard pods after {:.1} s; the experts moved away are freed",
+                                "placement {} in place on all {} shard pods after {:.1} s; the experts moved away are freed{}",
                                 m.revision,
-                                took.as_secs_f64()
+                                m.entries + copies,
+                                took.as_secs_f64(),
+                                if m.entries > m.to.shards {
+                                    format!(", and the shard pods past {} go", m.to.shards)
+                                } else {
+                                    String::new()
+                                }
                             ),
                         )
                         .await;
                         current = Some((m.revision.clone(), m.to.clone()));
+                        status.shards = i32::try_from(m.to.shards).ok();
                         moving = None;
                         status.phase = "Measuring".into();
                         status.message = None;
@@ -214,117 +238,151 @@ async fn placement_loop(shared: Shared, key: ObjectRef<ModelDeployment>, uid: St
             }
         }
 
-        if moving.is_none() && !loads.is_empty() {
-            let here = match &current {
-                Some((_, p)) => Ok(p.clone()),
-                None => Placement::even(&loads, shards),
-            };
-            match here {
-                Ok(here) => {
-                    let measured = here.imbalance(&loads);
-                    status.imbalance = Some(format!("{measured:.3}"));
-                    status.slots_per_shard =
-                        i32::try_from(decide::slots(&loads, shards, redundant)).unwrap_or(i32::MAX);
-                    status.hottest = hottest(&loads, &here);
-                    if measured >= policy.threshold {
-                        above_since.get_or_insert(now);
-                    } else {
-                        above_since = None;
-                    }
-                    // The plan is made only when the verdict needs it.
-                    let mut planned: Option<Result<(Placement, f64), String>> = None;
-                    let tokens = decide::tokens_per_layer(&loads);
-                    let verdict = if tokens < decide::MIN_TOKENS_PER_LAYER {
-                        Verdict::Hold(format!(
-                            "{tokens:.0} routed tokens per MoE layer in the last minute: at least {} needed to plan",
-                            decide::MIN_TOKENS_PER_LAYER
-                        ))
-                    } else {
-                        let plan = || match Placement::balanced(&loads, shards, redundant) {
-                            Ok((plan, _)) => {
-                                let imbalance = plan.imbalance(&loads);
-                                planned = Some(Ok((plan, imbalance)));
-                                imbalance
-                            }
-                            Err(e) => {
-                                planned = Some(Err(format!("cannot plan: {e}")));
-                                f64::INFINITY
-                            }
-                        };
-                        decide::verdict(measured, plan, above_since, last_move, now, &policy)
-                    };
-                    let next = match (verdict, planned) {
-                        (_, Some(Err(why))) | (Verdict::Hold(why), _) => Next::Hold(why),
-                        (Verdict::Move, Some(Ok((plan, imbalance)))) => Next::Move(plan, imbalance),
-                        (Verdict::Move, None) => Next::Hold("no plan was made".into()),
-                    };
-                    match next {
-                        Next::Hold(why) => {
-                            status.phase = if measured >= policy.threshold {
-                                "Waiting".into()
-                            } else {
-                                "Measuring".into()
-                            };
-                            status.message = Some(why);
+        if moving.is_none() && !loads.is_empty() && current.is_none() {
+            // No file yet: the even spread written down (b0), the base every move, and every
+            // change of the shard count, starts from. The shards hold it already.
+            match Placement::even(&loads, shards) {
+                Ok(even) => {
+                    match write_file(&shared, &md, &names, decide::file("b0", &even, None)).await {
+                        Ok(()) => {
+                            tracing::info!(deployment = %key, shards, "placement file written: the even spread (b0)");
+                            status.revision = "b0".into();
+                            status.shards = i32::try_from(shards).ok();
+                            current = Some(("b0".into(), even));
                         }
-                        Next::Move(plan, planned_imbalance) => {
-                            let revision = format!(
-                                "b{}",
-                                current.as_ref().map_or(0, |(r, _)| decide::move_number(r)) + 1
-                            );
-                            let body = decide::file(&revision, &plan, Some(&here));
-                            match write_file(&shared, &md, &names, body).await {
-                                Err(e) => {
-                                    status.message =
-                                        Some(format!("writing the placement ConfigMap: {e}"));
-                                }
-                                Ok(()) => {
-                                    let moved = plan.gained_over(&here);
-                                    let reason = format!(
-                                        "imbalance {measured:.3} ≥ {:.3} for {} s; the plan gives {planned_imbalance:.3}",
-                                        policy.threshold,
-                                        above_since.map_or(0, |t| now
-                                            .saturating_duration_since(t)
-                                            .as_secs())
-                                    );
-                                    tracing::info!(deployment = %key, %revision, measured, planned = planned_imbalance, moved, "moving experts");
-                                    announce(
-                                        &shared,
-                                        &md,
-                                        "Rebalancing",
-                                        format!(
-                                            "placement {revision}: {reason}; {moved} (layer, expert) pairs load onto new shards, {} replicas beyond one per expert; shards keep what they lose until every shard and frontend has {revision}",
-                                            plan.extra_replicas()
-                                        ),
-                                    )
-                                    .await;
-                                    status.revision.clone_from(&revision);
-                                    status.phase = "Moving".into();
-                                    status.imbalance_before = Some(format!("{measured:.3}"));
-                                    status.imbalance_after =
-                                        Some(format!("{planned_imbalance:.3}"));
-                                    status.last_rebalance_time =
-                                        Some(Time(k8s_openapi::jiff::Timestamp::now()));
-                                    status.reason = Some(reason);
-                                    status.message = None;
-                                    status.hottest = hottest(&loads, &plan);
-                                    last_move = Some(now);
-                                    above_since = None;
-                                    moving = Some(Moving {
-                                        revision,
-                                        to: plan,
-                                        started: now,
-                                    });
-                                }
-                            }
+                        Err(e) => {
+                            status.message = Some(format!("writing the placement ConfigMap: {e}"));
                         }
                     }
                 }
-                Err(e) => {
-                    status.message = Some(format!("cannot plan: {e}"));
+                Err(e) => status.message = Some(format!("cannot plan: {e}")),
+            }
+        }
+        if moving.is_none()
+            && !loads.is_empty()
+            && let Some((here_revision, here)) = current.clone()
+        {
+            let measured = here.imbalance(&loads);
+            status.imbalance = Some(format!("{measured:.3}"));
+            status.slots_per_shard =
+                i32::try_from(decide::slots(&loads, shards, redundant)).unwrap_or(i32::MAX);
+            status.hottest = hottest(&loads, &here);
+            if measured >= policy.threshold {
+                above_since.get_or_insert(now);
+            } else {
+                above_since = None;
+            }
+            let tokens = decide::tokens_per_layer(&loads);
+            let next = if here.shards != shards {
+                // experts.shards changed: move at once, onto the plan for the new count (the
+                // even spread of it while the load is too thin to plan from).
+                let plan = if tokens >= decide::MIN_TOKENS_PER_LAYER {
+                    Placement::balanced(&loads, shards, redundant).map(|(p, _)| p)
+                } else {
+                    Placement::even(&loads, shards)
+                };
+                match plan {
+                    Ok(plan) => {
+                        let imbalance = plan.imbalance(&loads);
+                        Next::Move(
+                            plan,
+                            imbalance,
+                            format!(
+                                "experts.shards changed from {} to {shards}; imbalance {measured:.3}, the plan gives {imbalance:.3}",
+                                here.shards
+                            ),
+                        )
+                    }
+                    Err(e) => Next::Hold(format!("cannot plan for {shards} shards: {e}")),
+                }
+            } else {
+                // The plan is made only when the verdict needs it.
+                let mut planned: Option<Result<(Placement, f64), String>> = None;
+                let verdict = if tokens < decide::MIN_TOKENS_PER_LAYER {
+                    Verdict::Hold(format!(
+                        "{tokens:.0} routed tokens per MoE layer in the last minute: at least {} needed to plan",
+                        decide::MIN_TOKENS_PER_LAYER
+                    ))
+                } else {
+                    let plan = || match Placement::balanced(&loads, shards, redundant) {
+                        Ok((plan, _)) => {
+                            let imbalance = plan.imbalance(&loads);
+                            planned = Some(Ok((plan, imbalance)));
+                            imbalance
+                        }
+                        Err(e) => {
+                            planned = Some(Err(format!("cannot plan: {e}")));
+                            f64::INFINITY
+                        }
+                    };
+                    decide::verdict(measured, plan, above_since, last_move, now, &policy)
+                };
+                match (verdict, planned) {
+                    (_, Some(Err(why))) | (Verdict::Hold(why), _) => Next::Hold(why),
+                    (Verdict::Move, Some(Ok((plan, imbalance)))) => {
+                        let reason = format!(
+                            "imbalance {measured:.3} ≥ {:.3} for {} s; the plan gives {imbalance:.3}",
+                            policy.threshold,
+                            above_since.map_or(0, |t| now.saturating_duration_since(t).as_secs())
+                        );
+                        Next::Move(plan, imbalance, reason)
+                    }
+                    (Verdict::Move, None) => Next::Hold("no plan was made".into()),
+                }
+            };
+            match next {
+                Next::Hold(why) => {
+                    status.phase = if measured >= policy.threshold {
+                        "Waiting".into()
+                    } else {
+                        "Measuring".into()
+                    };
+                    status.message = Some(why);
+                }
+                Next::Move(plan, planned_imbalance, reason) => {
+                    let revision = format!("b{}", decide::move_number(&here_revision) + 1);
+                    let entries = plan.shards.max(here.shards);
+                    let body = decide::file(&revision, &plan, Some(&here));
+                    match write_file(&shared, &md, &names, body).await {
+                        Err(e) => {
+                            status.message = Some(format!("writing the placement ConfigMap: {e}"));
+                        }
+                        Ok(()) => {
+                            let moved = plan.gained_over(&here);
+                            tracing::info!(deployment = %key, %revision, measured, planned = planned_imbalance, moved, from = here.shards, to = plan.shards, "moving experts");
+                            announce(
+                                &shared,
+                                &md,
+                                "Rebalancing",
+                                format!(
+                                    "placement {revision}: {reason}; {moved} (layer, expert) pairs load onto new shards, {} replicas beyond one per expert; shards keep what they lose until every shard and frontend has {revision}",
+                                    plan.extra_replicas()
+                                ),
+                            )
+                            .await;
+                            status.revision.clone_from(&revision);
+                            status.phase = "Moving".into();
+                            status.imbalance_before = Some(format!("{measured:.3}"));
+                            status.imbalance_after = Some(format!("{planned_imbalance:.3}"));
+                            status.last_rebalance_time =
+                                Some(Time(k8s_openapi::jiff::Timestamp::now()));
+                            status.reason = Some(reason);
+                            status.message = None;
+                            status.hottest = hottest(&loads, &plan);
+                            status.shards = i32::try_from(entries).ok();
+                            last_move = Some(now);
+                            above_since = None;
+                            moving = Some(Moving {
+                                revision,
+                                to: plan,
+                                entries,
+                                started: now,
+                            });
+                        }
+                    }
                 }
             }
-        } else if moving.is_none() {
+        } else if moving.is_none() && loads.is_empty() {
             status.imbalance = None;
             status.hottest.clear();
             status.message = Some(if frontends.is_empty() {

@@ -64,12 +64,15 @@ pub enum PlacementSource {
         /// The placement revision the operator wrote.
         revision: String,
     },
-    /// The operator's balanced placement: entry `shard mod shards` of the file at `path`
-    /// when it exists and lists `shards` entries, else the even spread.
+    /// The operator's balanced placement: entry `shard mod n` of the file at `path`, `n`
+    /// its entries, when it exists; the even spread over `shards` until then. The file's
+    /// count, not worker.json's, decides: a shard-count change rolls no shard pod, and the
+    /// operator moves experts between the running ones through the file (a pod added before
+    /// the file lists it copies entry `shard mod n` meanwhile).
     Balanced {
         /// The file the operator rewrites (re-read on change).
         path: PathBuf,
-        /// Shards in the deployment.
+        /// Shards in the deployment when this pod started (the even spread's count).
         shards: u32,
         /// This shard's index.
         shard: u32,
@@ -238,17 +241,14 @@ impl PlacementSource {
                         path: path.clone(),
                         message: format!("not valid: {e}"),
                     })?;
-                if entries != *shards as usize {
-                    tracing::warn!(
-                        file = %path.display(),
-                        entries,
-                        shards,
-                        "the placement file was planned for another shard count; holding the \
-                         even spread until the operator rewrites it"
-                    );
-                    return even();
+                if entries == 0 {
+                    return Err(PlacementError::Invalid {
+                        path: path.clone(),
+                        message: "shards is empty: no entry to hold".into(),
+                    });
                 }
-                parse(path, &text, *shard % (*shards).max(1), cfg)
+                let entries = u32::try_from(entries).unwrap_or(u32::MAX);
+                parse(path, &text, *shard % entries, cfg)
             }
         }
     }
@@ -565,7 +565,7 @@ mod tests {
     }
 
     #[test]
-    fn the_balanced_source_holds_the_even_spread_until_the_operators_file_fits_the_count() {
+    fn the_balanced_source_holds_the_even_spread_until_the_operator_writes_its_file() {
         let dir = std::env::temp_dir().join(format!("balanced-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("placement.json");
@@ -583,13 +583,20 @@ mod tests {
             (a.revision.as_str(), &a.layers[&3]),
             ("even", &BTreeSet::from([4, 5, 6, 7]))
         );
-        // A file for 3 shards (the count just changed): still the even spread.
+        // The file's count decides, not the count this pod started with: a file for 3
+        // shards (the count grew) gives shard 1 entry 1, and a pod past it (index 4) entry
+        // 4 mod 3.
         std::fs::write(
             &path,
-            r#"{"revision": "b1", "shards": [{"experts": {"*": "0-7"}}, {"experts": {"*": "0-7"}}, {"experts": {"*": "0"}}]}"#,
+            r#"{"revision": "b1", "shards": [{"experts": {"*": "0-7"}}, {"experts": {"*": "1-7"}}, {"experts": {"*": "0"}}]}"#,
         )
         .expect("write");
-        assert_eq!(src(1).resolve(&cfg()).expect("valid").revision, "even");
+        let grown = src(1).resolve(&cfg()).expect("valid");
+        assert_eq!(
+            (grown.revision.as_str(), &grown.layers[&3]),
+            ("b1", &BTreeSet::from([1, 2, 3, 4, 5, 6, 7]))
+        );
+        assert_eq!(src(4).resolve(&cfg()).expect("valid"), grown);
         // The operator's file for 2 shards: entry `shard`, and a copy takes entry `shard mod 2`.
         std::fs::write(
             &path,
@@ -605,7 +612,16 @@ mod tests {
             b,
             "a copy of shard 1"
         );
-        // A broken file is an error (the running shard keeps what it holds).
+        // A file with no entry, or a broken one, is an error (the running shard keeps
+        // what it holds).
+        std::fs::write(&path, r#"{"revision": "b3", "shards": []}"#).expect("write");
+        assert!(
+            src(0)
+                .resolve(&cfg())
+                .unwrap_err()
+                .to_string()
+                .contains("shards is empty")
+        );
         std::fs::write(&path, "{").expect("write");
         assert!(
             src(0)

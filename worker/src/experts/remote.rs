@@ -276,6 +276,14 @@ impl RemoteExperts {
             .collect()
     }
 
+    /// The model's MoE layers (decoder indices) and routed experts per layer.
+    pub fn shape(&self) -> (Vec<usize>, usize) {
+        (
+            self.inner.moe_layers.clone(),
+            self.inner.num_experts as usize,
+        )
+    }
+
     /// `Err(why)` while some routed expert has no reachable holder (requests that need
     /// it would fail): what the frontend's readiness reports.
     pub fn readiness(&self) -> Result<(), String> {

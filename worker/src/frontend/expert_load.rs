@@ -62,6 +62,17 @@ pub struct ExpertLoadReport {
     /// every frontend sees every shard at the revision it wrote. Empty without shards.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<crate::experts::remote::ShardSeen>,
+    /// With expert shards: the model's MoE layers and routed experts per layer, so the
+    /// operator can write the placement down before any token has been routed. Empty
+    /// and 0 without shards.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub moe_layers: Vec<usize>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub experts: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl ExpertLoad {
@@ -158,6 +169,8 @@ impl ExpertLoad {
             covered_seconds: self.second(now).saturating_add(1).min(WINDOW_SECONDS),
             layers,
             shards: Vec::new(),
+            moe_layers: Vec::new(),
+            experts: 0,
         }
     }
 }

@@ -175,7 +175,10 @@ async fn start_frontend(
         path: "/expert-load",
         body: switchyard_edge::metrics::JsonBody::Now(std::sync::Arc::new(move || {
             let mut report = expert_metrics.expert_load(std::time::Instant::now());
-            report.shards = remote.as_ref().map(|r| r.shards_seen()).unwrap_or_default();
+            if let Some(r) = &remote {
+                report.shards = r.shards_seen();
+                (report.moe_layers, report.experts) = r.shape();
+            }
             serde_json::to_string(&report)
                 .unwrap_or_else(|e| format!("{{\"error\": \"encoding the expert load: {e}\"}}"))
         })),
