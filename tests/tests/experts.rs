@@ -530,6 +530,50 @@ async fn a_copy_of_a_shard_holds_its_experts_serves_rows_and_reports_its_load() 
         .expect("frontend");
     assert_eq!(generate_all(&frontend, 6).await, reference);
 
+    // The frontend's expert load names the model's shape and, per layer, the shard
+    // imbalance on what the shards hold: experts 0-3 on shards 0 and 2 (their tokens
+    // split over both), 4-7 on shard 1.
+    let body = frontend.http("/expert-load").await.expect("/expert-load");
+    let report: serde_json::Value =
+        serde_json::from_str(body.split_once("\r\n\r\n").map_or("", |(_, b)| b)).expect("JSON");
+    assert_eq!(report["experts"], 8, "{report}");
+    assert!(
+        report["moeLayers"]
+            .as_array()
+            .is_some_and(|l| !l.is_empty()),
+        "{report}"
+    );
+    let text = frontend.metrics().await.expect("/metrics");
+    let layers = report["layers"].as_array().expect("layers");
+    assert!(!layers.is_empty(), "tokens were routed: {report}");
+    for layer in layers {
+        let load: Vec<f64> = layer["load"]
+            .as_array()
+            .expect("load")
+            .iter()
+            .map(|v| v.as_f64().expect("a count"))
+            .collect();
+        let (copied, alone) = (
+            load[..4].iter().sum::<f64>() / 2.0,
+            load[4..].iter().sum::<f64>(),
+        );
+        let want = copied.max(alone) / ((2.0 * copied + alone) / 3.0);
+        let got = layer["shardImbalance"].as_f64().expect("shardImbalance");
+        assert!(
+            (got - want).abs() < 1e-9,
+            "layer {layer}: {got} against {want}"
+        );
+        let gauge = switchyard_tests::worker::metric_value(
+            &text,
+            &format!(
+                "switchyard_expert_shard_imbalance{{layer=\"{}\"}}",
+                layer["layer"]
+            ),
+        )
+        .expect("the shard imbalance gauge");
+        assert!((gauge - want).abs() < 1e-6, "gauge {gauge} against {want}");
+    }
+
     for (i, shard) in shards.iter().enumerate() {
         let body = shard.http("/load").await.expect("/load");
         let (head, json) = body.split_once("\r\n\r\n").expect("an HTTP response");

@@ -276,6 +276,43 @@ impl RemoteExperts {
             .collect()
     }
 
+    /// Per MoE layer, the experts each up shard serves: what it holds as its own, and
+    /// what it drains that no up shard holds as its own (as calls are planned).
+    pub fn holders(&self) -> BTreeMap<usize, Vec<BTreeSet<u32>>> {
+        let links = self.inner.links();
+        let states: Vec<_> = links.iter().map(|l| l.lock()).collect();
+        let up: Vec<_> = states.iter().filter(|s| s.up).collect();
+        self.inner
+            .moe_layers
+            .iter()
+            .map(|&layer| {
+                let l = layer as u32;
+                let owned: HashSet<u32> = up
+                    .iter()
+                    .filter_map(|s| s.holds.get(&l))
+                    .flatten()
+                    .copied()
+                    .collect();
+                let per_shard = up
+                    .iter()
+                    .map(|s| {
+                        let mut held: BTreeSet<u32> =
+                            s.holds.get(&l).into_iter().flatten().copied().collect();
+                        held.extend(
+                            s.draining
+                                .get(&l)
+                                .into_iter()
+                                .flatten()
+                                .filter(|e| !owned.contains(e)),
+                        );
+                        held
+                    })
+                    .collect();
+                (layer, per_shard)
+            })
+            .collect()
+    }
+
     /// The model's MoE layers (decoder indices) and routed experts per layer.
     pub fn shape(&self) -> (Vec<usize>, usize) {
         (

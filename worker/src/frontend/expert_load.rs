@@ -39,6 +39,39 @@ pub struct LayerLoad {
     pub top: Vec<HotExpert>,
     /// Tokens per expert, by expert id.
     pub load: Vec<u64>,
+    /// With expert shards: the busiest shard's tokens over the mean shard's
+    /// ([`shard_imbalance`], on the placement the shards report).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard_imbalance: Option<f64>,
+}
+
+/// One layer's shard imbalance: the busiest shard's routed tokens over the mean shard's,
+/// each expert's tokens split evenly over the shards holding it (`holders[s]`: the experts
+/// shard `s` holds in the layer; an expert no shard holds counts for none). 1 when even or
+/// without load; `None` without shards.
+pub fn shard_imbalance(load: &[u64], holders: &[std::collections::BTreeSet<u32>]) -> Option<f64> {
+    if holders.is_empty() {
+        return None;
+    }
+    let mut copies = vec![0_u32; load.len()];
+    for &e in holders.iter().flatten() {
+        if let Some(c) = copies.get_mut(e as usize) {
+            *c += 1;
+        }
+    }
+    let per_shard: Vec<f64> = holders
+        .iter()
+        .map(|held| {
+            held.iter()
+                .filter_map(|&e| {
+                    Some(*load.get(e as usize)? as f64 / f64::from(copies[e as usize]))
+                })
+                .sum()
+        })
+        .collect();
+    let mean = per_shard.iter().sum::<f64>() / per_shard.len() as f64;
+    let busiest = per_shard.iter().copied().fold(0.0, f64::max);
+    Some(if mean > 0.0 { busiest / mean } else { 1.0 })
 }
 
 /// An expert and its share of its layer's routed tokens.
@@ -161,6 +194,7 @@ impl ExpertLoad {
                     imbalance: max as f64 / mean,
                     top,
                     load,
+                    shard_imbalance: None,
                 })
             })
             .collect();
@@ -213,6 +247,23 @@ mod tests {
         l.add(at(90), 1, &[3]);
         assert_eq!(l.report(at(90)).layers[0].load, vec![0, 0, 0, 1]);
         assert!(l.report(at(200)).layers.is_empty());
+    }
+
+    #[test]
+    fn the_shard_imbalance_splits_a_replicated_experts_tokens_over_its_holders() {
+        use std::collections::BTreeSet;
+        let load = [60, 20, 10, 10];
+        // Even spread over 2: 80 against 20, a mean of 50.
+        let even = [BTreeSet::from([0, 1]), BTreeSet::from([2, 3])];
+        assert_eq!(shard_imbalance(&load, &even), Some(1.6));
+        // Expert 0 on both: 30 + 20 = 50 and 30 + 10 + 10 = 50.
+        let replicated = [BTreeSet::from([0, 1]), BTreeSet::from([0, 2, 3])];
+        assert_eq!(shard_imbalance(&load, &replicated), Some(1.0));
+        // A shard holding nothing of the layer still counts in the mean.
+        let idle = [BTreeSet::from([0, 1, 2, 3]), BTreeSet::new()];
+        assert_eq!(shard_imbalance(&load, &idle), Some(2.0));
+        assert_eq!(shard_imbalance(&[0; 4], &even), Some(1.0));
+        assert_eq!(shard_imbalance(&load, &[]), None);
     }
 
     #[test]

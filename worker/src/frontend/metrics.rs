@@ -27,6 +27,7 @@
 //! | `switchyard_engine_step_duration_seconds` | histogram | |
 //! | `switchyard_expert_tokens_total` | counter | `layer`, `expert` |
 //! | `switchyard_expert_load_imbalance` | gauge: the busiest expert's routed tokens over the mean expert's in the last minute (`GET /expert-load` has the loads) | `layer` |
+//! | `switchyard_expert_shard_imbalance` | gauge, with expert shards: the busiest shard's share of the layer's routed tokens over the mean shard's, in the last minute, on the placement the shards report | `layer` |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -118,6 +119,10 @@ pub struct FrontendMetrics {
     /// last set from it.
     expert_window: std::sync::Mutex<(ExpertLoad, Option<std::time::Instant>)>,
     expert_imbalance: prometheus::GaugeVec,
+    shard_imbalance: prometheus::GaugeVec,
+    /// With expert shards: the shards, which say what each holds
+    /// ([`Self::set_placement`]).
+    placement: OnceLock<crate::experts::remote::RemoteExperts>,
 }
 
 impl FrontendMetrics {
@@ -242,8 +247,19 @@ impl FrontendMetrics {
             &["layer"],
         )
         .expect("static metric options are valid");
-        let collectors: [Box<dyn Collector>; 20] = [
+        let shard_imbalance = prometheus::GaugeVec::new(
+            Opts::new(
+                "expert_shard_imbalance",
+                "With expert shards: routed tokens of the busiest shard over the mean shard's, \
+                 per decoder layer, in the last minute, each expert's tokens split evenly over \
+                 the shards holding it (1 when even)",
+            ),
+            &["layer"],
+        )
+        .expect("static metric options are valid");
+        let collectors: [Box<dyn Collector>; 21] = [
             Box::new(expert_imbalance.clone()),
+            Box::new(shard_imbalance.clone()),
             Box::new(preemptions.clone()),
             Box::new(prefix_queried.clone()),
             Box::new(prefix_hits.clone()),
@@ -304,7 +320,15 @@ impl FrontendMetrics {
                 None,
             )),
             expert_imbalance,
+            shard_imbalance,
+            placement: OnceLock::new(),
         }
+    }
+
+    /// The expert shards (what each holds): [`Self::expert_load`] then reports each
+    /// layer's shard imbalance. Set once; later calls are ignored.
+    pub fn set_placement(&self, shards: crate::experts::remote::RemoteExperts) {
+        let _ = self.placement.set(shards);
     }
 
     /// The registry holding every metric, for [`crate::telemetry::serve_metrics`] (a clone shares it).
@@ -460,11 +484,27 @@ impl FrontendMetrics {
             w.1 = Some(now);
             w.0.report(now)
         };
+        let mut report = report;
+        if let Some(shards) = self.placement.get() {
+            let placement = shards.holders();
+            for l in &mut report.layers {
+                l.shard_imbalance = placement
+                    .get(&l.layer)
+                    .and_then(|holders| super::expert_load::shard_imbalance(&l.load, holders));
+            }
+        }
         self.expert_imbalance.reset();
+        self.shard_imbalance.reset();
         for l in &report.layers {
+            let layer = l.layer.to_string();
             self.expert_imbalance
-                .with_label_values(&[l.layer.to_string()])
+                .with_label_values(&[layer.as_str()])
                 .set(l.imbalance);
+            if let Some(s) = l.shard_imbalance {
+                self.shard_imbalance
+                    .with_label_values(&[layer.as_str()])
+                    .set(s);
+            }
         }
         report
     }

@@ -163,6 +163,9 @@ pub fn start(opts: &FrontendOptions) -> Result<Started, StartError> {
                     }
                 },
             );
+            if let Some(remote) = &backend {
+                metrics.set_placement(remote.clone());
+            }
             remote_experts = backend;
             match (loaded, failure) {
                 (Ok(l), _) => l,
