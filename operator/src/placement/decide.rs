@@ -193,22 +193,8 @@ impl Placement {
             if p.shards.iter().skip(shards).any(|held| !held.is_empty()) {
                 return None;
             }
-            let kept: Vec<BTreeSet<u32>> = p.shards.iter().take(shards).cloned().collect();
-            let mut replicas = vec![Vec::new(); p.replicas.len()];
-            for (s, held) in kept.iter().enumerate() {
-                for &e in held {
-                    if let Some(r) = replicas.get_mut(e as usize) {
-                        r.push(s as u32);
-                    }
-                }
-            }
-            layers.insert(
-                l,
-                LayerPlacement {
-                    shards: kept,
-                    replicas,
-                },
-            );
+            let kept = p.shards.iter().take(shards).cloned().collect();
+            layers.insert(l, LayerPlacement::from_shards(kept, p.replicas.len()));
         }
         Some(Placement { shards, layers })
     }
@@ -415,19 +401,7 @@ pub fn read_file(text: &str) -> Option<Written> {
                 .flatten()
                 .max()
                 .map_or(0, |&m| m as usize + 1);
-            let mut replicas = vec![Vec::new(); experts];
-            for (s, held) in per_shard.iter().enumerate() {
-                for &e in held {
-                    replicas[e as usize].push(s as u32);
-                }
-            }
-            (
-                l,
-                LayerPlacement {
-                    shards: per_shard,
-                    replicas,
-                },
-            )
+            (l, LayerPlacement::from_shards(per_shard, experts))
         })
         .collect();
     Some(Written {

@@ -33,6 +33,20 @@ pub struct LayerPlacement {
 }
 
 impl LayerPlacement {
+    /// The placement of a layer of `experts` experts whose shard `s` holds `shards[s]`
+    /// (ids past `experts` are left out of `replicas`).
+    pub fn from_shards(shards: Vec<BTreeSet<u32>>, experts: usize) -> Self {
+        let mut replicas = vec![Vec::new(); experts];
+        for (s, held) in shards.iter().enumerate() {
+            for &e in held {
+                if let Some(r) = replicas.get_mut(e as usize) {
+                    r.push(s as u32);
+                }
+            }
+        }
+        Self { shards, replicas }
+    }
+
     /// Per shard: the load it carries when each expert's load is split evenly over its
     /// replicas.
     pub fn shard_loads(&self, loads: &[f64]) -> Vec<f64> {
