@@ -13,6 +13,7 @@ use super::checkpoint::Weights;
 use super::config::ModelConfig;
 use super::family::QkNorm;
 use super::layers::{Linear, RmsNorm, Rotary};
+use super::simd::attend::Cached;
 
 /// One layer's keys and values, `[slots, kv_heads, head_dim]` each, written in place.
 #[derive(Debug)]
@@ -430,42 +431,54 @@ fn decode_attention_cpu(
     let (ko, vo) = (k_layout.start_offset(), v_layout.start_offset());
     let (kd, vd) = (&kc.as_slice::<f32>()?[ko..], &vc.as_slice::<f32>()?[vo..]);
     let mut out = vec![0f32; n * h * hd];
-    // One task per sequence and head, so that a single sequence's heads (batch 1) still
-    // spread over every core.
+    // One task per sequence and KV head: its query heads (the GQA group) read each cached
+    // row once. With fewer such tasks than threads (batch 1 of a model with few KV heads),
+    // one task per query head, so that every core has work.
+    let per = if n * kvh >= rayon::current_num_threads() {
+        group
+    } else {
+        1
+    };
+    let simd = super::simd::attend::available(hd);
     let avx2 = super::simd::Isa::detect() >= super::simd::Isa::Avx2;
-    out.par_chunks_mut(hd).enumerate().for_each(|(i, oh)| {
-        let (seq, head) = (&batch.seqs[i / h], i % h);
-        let one = Head {
-            q: &qv[(seq.start * h + head) * hd..][..hd],
-            k: kd,
-            v: vd,
-            slots: &seq.slots,
-            stride: kvh * hd,
-            offset: (head / group) * hd,
-            scale,
-        };
-        if avx2 {
-            // SAFETY: the CPU has AVX2 and FMA (`Isa::detect`); the function takes slices.
-            #[allow(unsafe_code)]
-            unsafe {
-                one.attend_avx2(oh)
+    out.par_chunks_mut(per * hd)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (i, oh)| {
+            let (seq, head) = (&batch.seqs[i * per / h], i * per % h);
+            let kv = Cached {
+                k: kd,
+                v: vd,
+                slots: &seq.slots,
+                stride: kvh * hd,
+                offset: (head / group) * hd,
+            };
+            let q = &qv[(seq.start * h + head) * hd..][..per * hd];
+            if simd {
+                super::simd::attend::attend(q, hd, kv, scale, scores, oh);
+                return;
             }
-        } else {
-            one.attend(oh)
-        }
-    });
+            for (q, oh) in q.chunks_exact(hd).zip(oh.chunks_exact_mut(hd)) {
+                let one = Head { q, kv, scale };
+                if avx2 {
+                    // SAFETY: the CPU has AVX2 and FMA (`Isa::detect`); the function takes
+                    // slices.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        one.attend_avx2(oh)
+                    }
+                } else {
+                    one.attend(oh)
+                }
+            }
+        });
     Ok(Some(Tensor::from_vec(out, (n, h * hd), q.device())?))
 }
 
-/// One query head against its KV head's cached rows.
+/// One query head against its KV head's cached rows: the loop for CPUs without AVX-512
+/// and head widths [`super::simd::attend`] does not take.
 struct Head<'a> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    slots: &'a [u32],
-    /// Floats per cache slot (all KV heads), and this KV head's offset in a slot.
-    stride: usize,
-    offset: usize,
+    kv: Cached<'a>,
     scale: f32,
 }
 
@@ -474,19 +487,20 @@ impl Head<'_> {
     #[inline(always)]
     fn attend(&self, out: &mut [f32]) {
         let hd = self.q.len();
+        let kv = &self.kv;
         let row = |store: &'_ [f32], slot: u32| -> std::ops::Range<usize> {
-            let at = slot as usize * self.stride + self.offset;
+            let at = slot as usize * kv.stride + kv.offset;
             debug_assert!(at + hd <= store.len());
             at..at + hd
         };
-        let mut scores: Vec<f32> = self
+        let mut scores: Vec<f32> = kv
             .slots
             .iter()
-            .map(|&slot| dot(self.q, &self.k[row(self.k, slot)]) * self.scale)
+            .map(|&slot| dot(self.q, &kv.k[row(kv.k, slot)]) * self.scale)
             .collect();
         softmax_in_place(&mut scores);
-        for (&p, &slot) in scores.iter().zip(self.slots) {
-            axpy(out, p, &self.v[row(self.v, slot)]);
+        for (&p, &slot) in scores.iter().zip(kv.slots) {
+            axpy(out, p, &kv.v[row(kv.v, slot)]);
         }
     }
 

@@ -508,7 +508,7 @@ mod x86 {
     ) {
         let bytes = B::KIND.bytes();
         let row_bytes = B::KIND.row_bytes(k);
-        let wr: [&[u8]; NR] = std::array::from_fn(|c| &w[c * row_bytes..(c + 1) * row_bytes]);
+        let wr = crate::model::simd::rows::<u8, NR>(w, row_bytes);
         let next = &w[(NR * row_bytes).min(w.len())..];
         let gk = k / 32;
         let offset = _mm256_set1_epi8(B::OFFSET as i8);
@@ -573,7 +573,7 @@ mod x86 {
         let small = MR * NR <= 8;
         let bytes = B::KIND.bytes();
         let row_bytes = B::KIND.row_bytes(k);
-        let wr: [&[u8]; NR] = std::array::from_fn(|c| &w[c * row_bytes..(c + 1) * row_bytes]);
+        let wr = crate::model::simd::rows::<u8, NR>(w, row_bytes);
         let next = &w[(NR * row_bytes).min(w.len())..];
         let gk = k / 32;
         let offset = _mm512_set1_epi8(B::OFFSET as i8);

@@ -22,6 +22,7 @@
 //! Block-quantized weights ([`Rows::Blocks`]) take [`blocks`]' integer kernels, on CPUs with
 //! AVX512-VNNI, against activations quantized to 8 bits once per call.
 
+pub mod attend;
 pub mod blocks;
 
 use half::bf16;
@@ -305,6 +306,18 @@ fn tiles(
     }
 }
 
+/// The first `N` rows of a `[rows, len]` slice, for the kernels. A loop, not
+/// `std::array::from_fn`: its closure, compiled with a kernel's target features, would not
+/// be inlined into it (a call per tile, every value through memory).
+#[inline(always)]
+fn rows<T, const N: usize>(s: &[T], len: usize) -> [&[T]; N] {
+    let mut r = [&s[..0]; N];
+    for (j, r) in r.iter_mut().enumerate() {
+        *r = &s[j * len..(j + 1) * len];
+    }
+    r
+}
+
 /// The AVX2 path for one band: each weight row (widened to f32 in an L1 buffer when bf16)
 /// against the input rows, four at a time.
 fn avx2_band(x: &[f32], rows: usize, k: usize, w: Rows<'_>, out: &mut [f32]) {
@@ -487,6 +500,10 @@ pub mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     fn sums<const MR: usize, const NR: usize>(a: &[[__m512; MR]; NR], acc: &mut [[f32; 4]; 4]) {
+        if MR * NR == 1 {
+            acc[0][0] = hsum1(a[0][0]);
+            return;
+        }
         let mut v = [_mm512_setzero_ps(); 16];
         for c in 0..NR {
             for j in 0..MR {
@@ -504,23 +521,42 @@ pub mod x86 {
         }
     }
 
+    /// The sum of `v`'s lanes in exactly the order [`hsum16`] adds them (floating-point
+    /// addition commutes, so only the grouping must match): within each 128-bit block
+    /// `(l0 + l2) + (l1 + l3)`, then `(b0 + b1) + (b2 + b3)` over the blocks. Eight
+    /// instructions for a one-by-one tile (a dense weight row at batch 1), where the whole
+    /// tree would take about 45 for one useful sum.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hsum1(v: __m512) -> f32 {
+        let t = _mm512_add_ps(v, _mm512_permute_ps::<0b01_00_11_10>(v));
+        let u = _mm512_add_ps(t, _mm512_permute_ps::<0b10_11_00_01>(t));
+        let w = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b10_11_00_01>(u, u));
+        let z = _mm512_add_ps(w, _mm512_shuffle_f32x4::<0b01_00_11_10>(w, w));
+        _mm512_cvtss_f32(z)
+    }
+
     /// Lane `i` of the result is the sum of `v[i]`'s lanes.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn hsum16(v: &[__m512; 16]) -> __m512 {
+    pub(super) fn hsum16(v: &[__m512; 16]) -> __m512 {
+        // Loops rather than `std::array::from_fn`: its closure would carry AVX-512 and so
+        // could not be inlined into it, leaving a call per tile with every vector in memory.
         // Pairs: per 128-bit block, [a0+a2, b0+b2, a1+a3, b1+b3].
-        let s1: [__m512; 8] = std::array::from_fn(|p| {
+        let mut s1 = [_mm512_setzero_ps(); 8];
+        for (p, s) in s1.iter_mut().enumerate() {
             let (a, b) = (v[2 * p], v[2 * p + 1]);
-            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
-        });
+            *s = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        }
         // Quads: per block, the block sums of v[4q], v[4q + 1], v[4q + 2], v[4q + 3].
-        let s2: [__m512; 4] = std::array::from_fn(|q| {
+        let mut s2 = [_mm512_setzero_ps(); 4];
+        for (q, s) in s2.iter_mut().enumerate() {
             let (c, d) = (_mm512_castps_pd(s1[2 * q]), _mm512_castps_pd(s1[2 * q + 1]));
-            _mm512_add_ps(
+            *s = _mm512_add_ps(
                 _mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
                 _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)),
-            )
-        });
+            );
+        }
         // Across the four blocks: block q of the result holds quad q's totals.
         let fold = |x: __m512, y: __m512| {
             _mm512_add_ps(
@@ -543,12 +579,6 @@ pub mod x86 {
         }
     }
 
-    /// Row `j` of a `[rows, k]` slice.
-    #[inline(always)]
-    fn row<T>(s: &[T], j: usize, k: usize) -> &[T] {
-        &s[j * k..(j + 1) * k]
-    }
-
     #[target_feature(enable = "avx512f,avx512bw")]
     fn f32_tile<const MR: usize, const NR: usize>(
         x: &[f32],
@@ -556,8 +586,7 @@ pub mod x86 {
         k: usize,
         acc: &mut [[f32; 4]; 4],
     ) {
-        let xr: [&[f32]; MR] = std::array::from_fn(|j| row(x, j, k));
-        let wr: [&[f32]; NR] = std::array::from_fn(|c| row(w, c, k));
+        let (xr, wr) = (super::rows::<f32, MR>(x, k), super::rows::<f32, NR>(w, k));
         let next = &w[(NR * k).min(w.len())..];
         let mut a = [[_mm512_setzero_ps(); MR]; NR];
         for i in (0..k).step_by(16) {
@@ -583,8 +612,7 @@ pub mod x86 {
         k: usize,
         acc: &mut [[f32; 4]; 4],
     ) {
-        let xr: [&[f32]; MR] = std::array::from_fn(|j| row(x, j, k));
-        let wr: [&[bf16]; NR] = std::array::from_fn(|c| row(w, c, k));
+        let (xr, wr) = (super::rows::<f32, MR>(x, k), super::rows::<bf16, NR>(w, k));
         let next = &w[(NR * k).min(w.len())..];
         let mut a = [[_mm512_setzero_ps(); MR]; NR];
         for i in (0..k).step_by(16) {
@@ -612,8 +640,7 @@ pub mod x86 {
         k: usize,
         acc: &mut [[f32; 4]; 4],
     ) {
-        let xr: [&[bf16]; MR] = std::array::from_fn(|j| row(x, j, k));
-        let wr: [&[bf16]; NR] = std::array::from_fn(|c| row(w, c, k));
+        let (xr, wr) = (super::rows::<bf16, MR>(x, k), super::rows::<bf16, NR>(w, k));
         let next = &w[(NR * k).min(w.len())..];
         let mut a = [[_mm512_setzero_ps(); MR]; NR];
         for i in (0..k).step_by(32) {
