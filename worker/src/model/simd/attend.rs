@@ -324,13 +324,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::model::simd::tests::lcg;
 
     /// Against f64 sums of the same operands, for group sizes and context lengths that
     /// leave partial tiles, head widths of 1 to 8 vectors, and slots out of order in a

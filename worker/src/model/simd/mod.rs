@@ -765,7 +765,8 @@ pub mod x86 {
 mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
+    /// Deterministic values in [-1, 1), for the kernels' tests.
+    pub(super) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
