@@ -100,16 +100,22 @@ async fn cancel_while_queued(f: &FrontendProcess, tokens: u32) {
     drop(queued);
 }
 
-/// Starts a long streaming request and returns once its first token arrived (so it holds
-/// the engine slot); the stream keeps running in the background.
+/// New tokens of the request that holds the engine in [`occupy`]: near the fixture's
+/// 512-position context, so that it runs as long as the model allows. The fixture decodes
+/// 300 tokens in under half a second (2026-12-07), so a test must do what needs the engine
+/// busy within a few hundred milliseconds of `occupy` returning, and occupy it again for a
+/// later phase.
+const LONG: u32 = 500;
+
+/// Starts a long streaming request ([`LONG`] tokens) and returns once its first token
+/// arrived (so it holds the engine slot); the stream keeps running in the background.
 async fn occupy(
     f: &FrontendProcess,
     key: &str,
-    tokens: u32,
 ) -> tokio::task::JoinHandle<Result<(), tonic::Status>> {
     let mut c = client(f).await;
     let mut stream = c
-        .generate_stream(request(Some(key), tokens))
+        .generate_stream(request(Some(key), LONG))
         .await
         .expect("long request")
         .into_inner();
@@ -291,7 +297,7 @@ async fn a_full_queue_sheds_with_pushback_lowest_band_first() {
     let dir = TempDir::new("admission").expect("dir");
     // One request in the engine, one in the queue.
     let f = frontend(dir.path(), 1, 1).await;
-    let running = occupy(&f, PRO_KEY, 400).await;
+    let running = occupy(&f, PRO_KEY).await;
     // A low-priority request waits in the queue...
     let mut c = client(&f).await;
     let low = {
@@ -339,7 +345,7 @@ async fn a_full_queue_sheds_with_pushback_lowest_band_first() {
 async fn a_queued_request_that_cannot_start_in_time_expires() {
     let dir = TempDir::new("admission").expect("dir");
     let f = frontend(dir.path(), 8, 1).await;
-    let running = occupy(&f, PRO_KEY, 400).await;
+    let running = occupy(&f, PRO_KEY).await;
     let mut c = client(&f).await;
     let mut r = request(Some(PRO_KEY), 2);
     r.set_timeout(Duration::from_millis(300));
@@ -784,24 +790,31 @@ async fn after_a_run_of_every_outcome_the_metric_families_agree() {
     r.get_mut().priority = 7;
     let err = c.generate(r).await.expect_err("priority");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    // shed (queue full, and evicted for a higher band), expired, cancelled.
-    let running = occupy(&f, PRO_KEY, 300).await;
+    // shed (queue full, and evicted for a higher band), expired: all within about 250 ms
+    // of the engine being occupied (see `LONG`).
+    let running = occupy(&f, PRO_KEY).await;
     let low = {
         let mut c = c.clone();
         tokio::spawn(async move { c.generate(request(Some(LOW_KEY), 2)).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let err = c
         .generate(request(Some(LOW_KEY), 2))
         .await
         .expect_err("full");
     assert_eq!(err.code(), tonic::Code::Unavailable);
     let mut expiring = request(Some(PRO_KEY), 2);
-    expiring.set_timeout(Duration::from_millis(300));
+    expiring.set_timeout(Duration::from_millis(150));
     let err = c.generate(expiring).await.expect_err("expired");
     assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
     let err = low.await.expect("join").expect_err("evicted");
     assert_eq!(err.code(), tonic::Code::Unavailable);
+    running
+        .await
+        .expect("join")
+        .expect("the long one completes");
+    // cancelled: while queued behind a newly occupied engine.
+    let running = occupy(&f, PRO_KEY).await;
     cancel_while_queued(&f, 2).await;
     running
         .await
