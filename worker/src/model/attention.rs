@@ -486,21 +486,13 @@ impl Head<'_> {
     /// `out ← softmax(q·Kᵀ · scale) · V`.
     #[inline(always)]
     fn attend(&self, out: &mut [f32]) {
-        let hd = self.q.len();
-        let kv = &self.kv;
-        let row = |store: &'_ [f32], slot: u32| -> std::ops::Range<usize> {
-            let at = slot as usize * kv.stride + kv.offset;
-            debug_assert!(at + hd <= store.len());
-            at..at + hd
-        };
-        let mut scores: Vec<f32> = kv
-            .slots
-            .iter()
-            .map(|&slot| dot(self.q, &kv.k[row(kv.k, slot)]) * self.scale)
+        let (hd, kv) = (self.q.len(), &self.kv);
+        let mut scores: Vec<f32> = (0..kv.slots.len())
+            .map(|t| dot(self.q, kv.rows(t, hd).0) * self.scale)
             .collect();
         softmax_in_place(&mut scores);
-        for (&p, &slot) in scores.iter().zip(kv.slots) {
-            axpy(out, p, &kv.v[row(kv.v, slot)]);
+        for (t, &p) in scores.iter().enumerate() {
+            axpy(out, p, kv.rows(t, hd).1);
         }
     }
 

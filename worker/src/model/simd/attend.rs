@@ -8,9 +8,9 @@
 //! heads by up to 64 of their outputs in registers over one pass through the positions.
 //!
 //! Against the per-head loop it replaces (8-wide dot products, a lane sum per score, libm's
-//! `expf` per position), a bench-model decode step at batch 32 spends a quarter of the
-//! time here (`docs/benchmarks.md`). Head widths that are not a multiple of 16 keep that
-//! loop.
+//! `expf` per position), attention's share of a bench-model decode step fell from 11 % to
+//! about 5 % (bf16, batch 1) and from 7.9 % to 4.1 % (f32, batch 32; `docs/benchmarks.md`).
+//! Head widths that are not a multiple of 16 keep that loop.
 
 use super::Isa;
 
@@ -31,7 +31,7 @@ pub struct Cached<'a> {
 impl Cached<'_> {
     /// Position `t`'s key and value rows, `hd` wide.
     #[inline(always)]
-    fn rows(&self, t: usize, hd: usize) -> (&[f32], &[f32]) {
+    pub fn rows(&self, t: usize, hd: usize) -> (&[f32], &[f32]) {
         let at = self.slots[t] as usize * self.stride + self.offset;
         (&self.k[at..at + hd], &self.v[at..at + hd])
     }
@@ -197,7 +197,7 @@ mod x86 {
             for tb in (0..ctx).step_by(4) {
                 // The cache's rows are a slot apart (every KV head's row between them), so
                 // the hardware prefetchers lose the stream at each page: ask for the rows
-                // two tiles ahead, and their values for the pass below (once, on the
+                // `AHEAD` positions on, and their values for the pass below (once, on the
                 // first tile of heads).
                 for t in (tb + AHEAD..tb + AHEAD + 4).take_while(|t| *t < ctx) {
                     let (kr, vr) = kv.rows(t, hd);
@@ -213,14 +213,14 @@ mod x86 {
                 let mut a = [_mm512_setzero_ps(); 16];
                 for d in 0..vecs {
                     // No `std::array::from_fn` in the kernels: see `simd::rows`.
-                    let mut kv = [_mm512_setzero_ps(); 4];
-                    for (t, v) in kv.iter_mut().enumerate() {
+                    let mut kvec = [_mm512_setzero_ps(); 4];
+                    for (t, v) in kvec.iter_mut().enumerate() {
                         *v = load(kr[t], 16 * d);
                     }
                     for g in 0..4 {
                         let qv = load(qr[g], 16 * d);
                         for t in 0..4 {
-                            a[g * 4 + t] = _mm512_fmadd_ps(qv, kv[t], a[g * 4 + t]);
+                            a[g * 4 + t] = _mm512_fmadd_ps(qv, kvec[t], a[g * 4 + t]);
                         }
                     }
                 }
