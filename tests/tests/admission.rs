@@ -691,7 +691,11 @@ async fn under_overload_with_deadlines_requests_are_refused_before_they_start_la
                 let mut c = InferenceClient::connect(endpoint).await.expect("connect");
                 let mut seen = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let mut r = request(Some("modest-key-0123456789"), 32);
+                    // A request must run well under its 1 s deadline, yet a full queue (16
+                    // ahead of it, 2 at a time) must take longer than that: both hold when
+                    // a run takes 0.11 to 1 s. 150 tokens take about 0.33 s on the
+                    // fixture (32 took 0.07 s after 1e287aa, and nothing expired).
+                    let mut r = request(Some("modest-key-0123456789"), 150);
                     r.set_timeout(Duration::from_secs(1));
                     match c.generate(r).await {
                         Ok(_) => seen.push((tonic::Code::Ok, String::new())),
