@@ -105,8 +105,13 @@ impl Recorder {
 /// writes counted, as a weight read is one stream).
 pub fn copy_bandwidth() -> f64 {
     let n = 64 << 20; // f32s = 256 MiB
-    let src = vec![1.0f32; n];
+    // On the pages the weights are on (`model::pages`): zeroed allocations are not yet
+    // touched, so advised before they are written.
+    let mut src = vec![0.0f32; n];
     let mut dst = vec![0.0f32; n];
+    crate::model::pages::advise(&src);
+    crate::model::pages::advise(&dst);
+    src.fill(1.0);
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();
@@ -124,7 +129,9 @@ pub fn copy_bandwidth() -> f64 {
 pub fn read_bandwidth() -> f64 {
     use rayon::prelude::*;
     let n = 128 << 20; // f32s = 512 MiB
-    let data = vec![1.0f32; n];
+    let mut data = vec![0.0f32; n];
+    crate::model::pages::advise(&data);
+    data.fill(1.0);
     let mut best = f64::MAX;
     for _ in 0..5 {
         let t = Instant::now();

@@ -190,14 +190,19 @@ fn load(
     assignment: &Assignment,
     reuse: Option<&LocalExperts>,
 ) -> Result<LocalExperts, ModelError> {
-    LocalExperts::load_subset(
+    let experts = LocalExperts::load_subset(
         cfg,
         ckpt,
         precision,
         device,
         &|l, e| assignment.serves(l, e),
         reuse,
-    )
+    )?;
+    if device.is_cpu() {
+        // Runs on while the shard serves (see `model::pages`).
+        drop(crate::model::pages::in_background("the shard's experts"));
+    }
+    Ok(experts)
 }
 
 impl ShardService {

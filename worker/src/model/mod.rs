@@ -18,6 +18,7 @@
 //! - [`mla`]: DeepSeek's multi-head latent attention over a cache of latents.
 //! - [`router`]: the routing rules and [`router::Routes`] (pure, a leaf module).
 //! - [`moe`]: the [`moe::ExpertBackend`] trait, its in-process implementation, the MoE block.
+//! - [`pages`]: the loaded weights moved onto 2 MB pages, and the KV cache advised to them.
 //! - [`transformer`]: the decoder stack.
 //! - [`demo`]: the deterministic random checkpoint `make demo` runs.
 //!
@@ -34,6 +35,7 @@ pub mod layers;
 pub mod matmul;
 pub mod mla;
 pub mod moe;
+pub mod pages;
 pub mod perplexity;
 pub mod quant;
 pub mod router;
@@ -190,6 +192,8 @@ pub struct LoadedModel {
     pub transformer: Transformer,
     /// The dtypes found in the weight files.
     pub saved_dtypes: Vec<String>,
+    /// The weights' move onto 2 MB pages, running (CPU only; see [`pages`]).
+    pub pages: Option<pages::Backing>,
 }
 
 impl LoadedModel {
@@ -233,7 +237,11 @@ impl LoadedModel {
         let precision = precision_for(dtype, device).with_quant(quant);
         let experts = experts(&config, &ckpt, precision)?;
         let transformer = Transformer::load(&config, &ckpt, experts, precision, device)?;
+        let pages = device
+            .is_cpu()
+            .then(|| pages::in_background("the model's weights"));
         Ok(Self {
+            pages,
             dir: dir.to_path_buf(),
             saved_dtypes: ckpt.saved_dtypes().into_iter().collect(),
             config,

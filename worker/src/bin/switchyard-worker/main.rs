@@ -83,6 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let startup = switchyard_worker::telemetry::Startup::begin();
     switchyard_edge::logging::init(&args.log)?;
     switchyard_worker::model::matmul::int8_activations_setting().map_err(anyhow::Error::msg)?;
+    switchyard_worker::model::pages::setting().map_err(anyhow::Error::msg)?;
     if let Some(tool) = args.command {
         return tokio::task::spawn_blocking(move || tools::run(tool))
             .await

@@ -216,7 +216,7 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                 read / 1e9,
                 model.display()
             );
-            let loaded = match &expert_shards {
+            let mut loaded = match &expert_shards {
                 None => LoadedModel::load(&model, dtype, quant, &device)?,
                 Some(spec) => {
                     let id = model_id.clone().unwrap_or_else(|| default_model_id(&model));
@@ -239,6 +239,13 @@ pub fn run(tool: Tool) -> anyhow::Result<()> {
                     )?
                 }
             };
+            // Measured on the pages the engine serves from once settled.
+            if let Some(pages) = loaded.pages.take() {
+                eprintln!("moving the weights to 2 MB pages...");
+                if let Some(done) = pages.wait() {
+                    eprintln!("{done}");
+                }
+            }
             let vocab = loaded.config.vocab_size;
             let config = loaded.config.clone();
             let dtype_name = format!("{:?}", loaded.transformer.precision().weights).to_lowercase();
