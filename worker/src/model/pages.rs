@@ -3,9 +3,10 @@
 //! A decode step streams every weight it uses once: 366 MB per token for the bf16 bench
 //! model at batch 1, 89 000 pages of 4 KB. Each page costs a TLB miss and a page walk, and
 //! the CPU's prefetchers stop at page boundaries, so on 4 KB pages the stream restarts every
-//! 4 KB. On 2 MB pages (transparent huge pages) the same bytes span 183 pages: in-process
-//! interleaved runs of `switchyard-worker bench` on the 2-vCPU EPYC measured decode 6 %
-//! faster at batch 1 and 8 in bf16 (docs/benchmarks.md).
+//! 4 KB. On 2 MB pages (transparent huge pages) the same bytes span 183 pages. On the
+//! 2-vCPU EPYC the machine's read bandwidth went from 42 to 60 GB/s, and `switchyard-worker
+//! bench` runs with and without, interleaved, decoded 6 to 13 % faster at batch 1 in bf16
+//! and f32 (docs/benchmarks.md, the sixth run against llama.cpp).
 //!
 //! The weights are copied out of the checkpoint into anonymous memory at load, by candle,
 //! on 4 KB pages (distributions set THP to `madvise`, and nothing advised it). Once a model
