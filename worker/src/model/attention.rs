@@ -36,15 +36,7 @@ impl PagedKv {
             .collect::<Result<Vec<(Tensor, Tensor)>>>()?;
         // Decode reads every cached row of a sequence per step: 2 MB pages as they fill.
         for t in layers.iter().flat_map(|(k, v)| [k, v]) {
-            let (storage, _) = t.storage_and_layout();
-            if let candle_core::Storage::Cpu(cpu) = &*storage {
-                match cpu {
-                    candle_core::CpuStorage::F32(v) => super::pages::advise(v),
-                    candle_core::CpuStorage::BF16(v) => super::pages::advise(v),
-                    candle_core::CpuStorage::F16(v) => super::pages::advise(v),
-                    _ => {}
-                }
-            }
+            super::pages::advise_tensor(t);
         }
         Ok(Self { layers })
     }

@@ -135,15 +135,18 @@ fn parse(value: Option<&str>) -> Result<bool, String> {
     }
 }
 
-/// Whether to use 2 MB pages: [`setting`], and the node's THP mode not `never`.
+/// Whether to use 2 MB pages: [`setting`], and the node's THP mode not `never` (read once).
 fn wanted() -> Result<(), &'static str> {
-    if !setting().unwrap_or(true) {
-        return Err("off by SWITCHYARD_HUGE_PAGES=0");
-    }
-    match std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled") {
-        Ok(mode) if mode.contains("[never]") => Err("the node's THP mode is never"),
-        _ => Ok(()),
-    }
+    static WANTED: std::sync::OnceLock<Result<(), &'static str>> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| {
+        if !setting().unwrap_or(true) {
+            return Err("off by SWITCHYARD_HUGE_PAGES=0");
+        }
+        match std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled") {
+            Ok(mode) if mode.contains("[never]") => Err("the node's THP mode is never"),
+            _ => Ok(()),
+        }
+    })
 }
 
 /// Collapses this process's fully resident anonymous mappings into 2 MB pages (see the
@@ -160,26 +163,21 @@ pub fn back_weights() -> Collapsed {
         done.refused = Some("no /proc/self/smaps");
         return done;
     };
-    let mut refusals = 0;
-    let mut tried = 0;
+    let mut refusal = None;
     for m in anonymous(&smaps) {
         // Fully resident only: collapsing a sparse range would fill its holes.
         if m.resident < m.end - m.start {
             continue;
         }
         let Some((a, b)) = m.aligned() else { continue };
-        tried += 1;
         done.eligible += (b - a) as u64;
         match madvise(a, b - a, libc::MADV_HUGEPAGE).and_then(|()| madvise(a, b - a, COLLAPSE)) {
             Ok(()) => done.huge += (b - a) as u64,
-            Err(e) => {
-                refusals += 1;
-                done.refused = Some(e);
-            }
+            Err(e) => refusal = Some(e),
         }
     }
-    if refusals < tried {
-        done.refused = None;
+    if done.huge == 0 {
+        done.refused = refusal;
     }
     done.took = started.elapsed();
     done
@@ -230,6 +228,18 @@ fn idle_priority() {
 #[cfg(not(target_os = "linux"))]
 fn idle_priority() {}
 
+/// [`advise`] on a CPU tensor's storage (of a float type); other tensors are left alone.
+pub fn advise_tensor(t: &candle_core::Tensor) {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, _) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => advise(v),
+        Storage::Cpu(CpuStorage::BF16(v)) => advise(v),
+        Storage::Cpu(CpuStorage::F16(v)) => advise(v),
+        _ => {}
+    }
+}
+
 /// Marks `buf` (not yet written) so that the kernel backs it with 2 MB pages as it is first
 /// touched. Best effort: a refusal leaves 4 KB pages.
 pub fn advise<T>(buf: &[T]) {
@@ -260,12 +270,15 @@ fn madvise(addr: usize, len: usize, advice: libc::c_int) -> Result<(), &'static 
     if r == 0 {
         return Ok(());
     }
-    Err(match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::EINVAL) => "MADV_COLLAPSE refused (EINVAL): kernel older than 6.1",
-        Some(libc::EAGAIN) => "MADV_COLLAPSE refused (EAGAIN): no free 2 MB blocks",
-        Some(libc::ENOMEM) => "MADV_COLLAPSE refused (ENOMEM): out of memory",
-        Some(libc::EPERM) => "MADV_COLLAPSE refused (EPERM): THP disabled for this process",
-        _ => "MADV_COLLAPSE refused",
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    Err(match (advice, errno) {
+        (COLLAPSE, Some(libc::EINVAL)) => "MADV_COLLAPSE refused (EINVAL): kernel older than 6.1",
+        (COLLAPSE, Some(libc::EAGAIN)) => "MADV_COLLAPSE refused (EAGAIN): no free 2 MB blocks",
+        (COLLAPSE, Some(libc::ENOMEM)) => "MADV_COLLAPSE refused (ENOMEM): out of memory",
+        (COLLAPSE, _) => "MADV_COLLAPSE refused",
+        (_, Some(libc::EINVAL)) => "MADV_HUGEPAGE refused (EINVAL): no THP in this kernel",
+        (_, Some(libc::EPERM)) => "MADV_HUGEPAGE refused (EPERM): THP disabled for this process",
+        _ => "MADV_HUGEPAGE refused",
     })
 }
 
